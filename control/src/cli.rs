@@ -1,0 +1,181 @@
+//! The command-line flags every component shares (stolon's names, store-format.md), their
+//! `ST*_` environment variables, opening the store from them, and tracing set-up.
+
+use crate::model::GoDuration;
+use crate::store::etcd::{EtcdConfig, EtcdStore};
+use crate::store::timed::Timed;
+use crate::store::{ClusterStore, Store, StoreError};
+use clap::{Args, Parser};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// Name of the cluster (required)
+    #[arg(long)]
+    pub cluster_name: String,
+    /// Store backend type; only etcdv3 is supported
+    #[arg(long, default_value = "etcdv3", value_parser = ["etcdv3"])]
+    pub store_backend: String,
+    /// Comma-separated list of store endpoints
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    pub store_endpoints: String,
+    /// Timeout of every store request (Go duration: 5s, 500ms)
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub store_timeout: Duration,
+    /// Store key prefix; the cluster lives under PREFIX/CLUSTER-NAME
+    #[arg(long, default_value = "stolon/cluster")]
+    pub store_prefix: String,
+    /// Certificate file for client identification to the store
+    #[arg(long)]
+    pub store_cert_file: Option<PathBuf>,
+    /// Private key file for client identification to the store
+    #[arg(long)]
+    pub store_key: Option<PathBuf>,
+    /// CA file to verify the store's certificate
+    #[arg(long)]
+    pub store_ca_file: Option<PathBuf>,
+    /// Skip store certificate verification (not supported: give --store-ca-file)
+    #[arg(long)]
+    pub store_skip_tls_verify: bool,
+    /// etcd user for authentication
+    #[arg(long)]
+    pub store_user: Option<String>,
+    /// File holding the etcd user's password (trailing newline ignored)
+    #[arg(long)]
+    pub store_password_file: Option<PathBuf>,
+    /// Address for the Prometheus metrics endpoint (host:port); off when unset
+    #[arg(long)]
+    pub metrics_listen_address: Option<String>,
+    /// Log level: error, warn, info, debug
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+    /// Log format
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = GoDuration::parse(s)?;
+    if d.is_negative() {
+        return Err(format!("duration {s:?} must not be negative"));
+    }
+    Ok(d.as_std())
+}
+
+/// Reads a secret from a file, dropping one trailing newline. An empty secret is an error
+/// naming the file (never its content).
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read password file {}: {e}", path.display()))?;
+    let secret = raw
+        .strip_suffix('\n')
+        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+        .unwrap_or(&raw);
+    if secret.is_empty() {
+        return Err(format!("password file {} is empty", path.display()));
+    }
+    Ok(secret.to_string())
+}
+
+impl CommonArgs {
+    pub fn etcd_config(&self) -> Result<EtcdConfig, StoreError> {
+        let password = match &self.store_password_file {
+            Some(p) => Some(read_secret_file(p).map_err(StoreError::Config)?),
+            None => None,
+        };
+        Ok(EtcdConfig {
+            endpoints: self
+                .store_endpoints
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect(),
+            ca_file: self.store_ca_file.clone(),
+            cert_file: self.store_cert_file.clone(),
+            key_file: self.store_key.clone(),
+            skip_tls_verify: self.store_skip_tls_verify,
+            user: self.store_user.clone(),
+            password,
+            connect_timeout: self.store_timeout,
+        })
+    }
+
+    /// Connects to the store; every call on it times out after `--store-timeout`.
+    pub async fn open_store(&self) -> Result<Arc<dyn Store>, StoreError> {
+        let etcd = EtcdStore::connect(&self.etcd_config()?).await?;
+        Ok(Arc::new(Timed::new(etcd, self.store_timeout)))
+    }
+
+    pub async fn open_cluster_store(&self) -> Result<ClusterStore, StoreError> {
+        let store = self.open_store().await?;
+        Ok(ClusterStore::new(
+            store,
+            &self.store_prefix,
+            &self.cluster_name,
+        ))
+    }
+
+    /// Sets up tracing once for the process, as text or JSON on stderr.
+    pub fn init_tracing(&self) {
+        init_tracing(&self.log_level, self.log_format == "json");
+    }
+}
+
+pub fn init_tracing(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Adds an environment variable to every flag of `cmd` and its subcommands: `PREFIX` +
+/// the flag name upper-cased with `_` (stolon's `STKEEPER_CLUSTER_NAME` and so on).
+pub fn with_env_prefix(cmd: clap::Command, prefix: &str) -> clap::Command {
+    let cmd = cmd.mut_args(|a| {
+        let id = a.get_id().as_str();
+        if a.get_long().is_none() || id == "help" || id == "version" {
+            return a;
+        }
+        let name = format!("{prefix}{}", id.to_uppercase().replace('-', "_"));
+        a.env(name)
+    });
+    cmd.mut_subcommands(|sub| with_env_prefix(sub, prefix))
+}
+
+/// Parses `T` from the process arguments, with `prefix` environment variables.
+pub fn parse_with_env<T: Parser>(prefix: &str) -> T {
+    parse_from_with_env(prefix, std::env::args_os())
+}
+
+pub fn parse_from_with_env<T, I, A>(prefix: &str, args: I) -> T
+where
+    T: Parser,
+    I: IntoIterator<Item = A>,
+    A: Into<std::ffi::OsString> + Clone,
+{
+    let matches = with_env_prefix(T::command(), prefix).get_matches_from(args);
+    match T::from_arg_matches(&matches) {
+        Ok(v) => v,
+        Err(e) => e.exit(),
+    }
+}
+
+/// Like [`parse_from_with_env`] but returns the error instead of exiting (tests).
+pub fn try_parse_from_with_env<T, I, A>(prefix: &str, args: I) -> Result<T, clap::Error>
+where
+    T: Parser,
+    I: IntoIterator<Item = A>,
+    A: Into<std::ffi::OsString> + Clone,
+{
+    let matches = with_env_prefix(T::command(), prefix).try_get_matches_from(args)?;
+    T::from_arg_matches(&matches)
+}

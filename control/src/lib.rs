@@ -1,0 +1,6 @@
+//! The control plane: the cluster model, the store adapter and the shared command line.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod model;
+pub mod store;

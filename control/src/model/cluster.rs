@@ -1,0 +1,342 @@
+//! `ClusterData`: the one document under `P/clusterdata` (store-format.md), in stolon's
+//! formatVersion 1 encoding. Unknown fields are kept in `extra` on every object.
+
+use super::serde_util::{is_default, nullable, port, GoDuration, Timestamp};
+use super::spec::ArchiveRecoverySettings;
+use super::spec::{ClusterSpec, NewConfig, PgParameters, PitrConfig, StandbySettings};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+pub const FORMAT_VERSION: u64 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterData {
+    pub format_version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_time: Option<Timestamp>,
+    pub cluster: Cluster,
+    #[serde(default, deserialize_with = "nullable")]
+    pub keepers: BTreeMap<String, Keeper>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub dbs: BTreeMap<String, Db>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub proxy: Proxy,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterPhase {
+    #[default]
+    Initializing,
+    Normal,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cluster {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_time: Option<Timestamp>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: ClusterSpec,
+    #[serde(default)]
+    pub status: ClusterStatus,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub current_generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ClusterPhase>,
+    /// The master db's UID.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub master: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostgresBinaryVersion {
+    #[serde(rename = "Maj", default)]
+    pub maj: u32,
+    #[serde(rename = "Min", default)]
+    pub min: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Keeper {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_time: Option<Timestamp>,
+    /// Empty in stolon; kept as raw JSON so a future field survives a rewrite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub status: KeeperStatus,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeeperStatus {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_healthy_time: Option<Timestamp>,
+    #[serde(rename = "bootUUID", default, skip_serializing_if = "is_default")]
+    pub boot_uuid: String,
+    #[serde(default)]
+    pub postgres_binary_version: PostgresBinaryVersion,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub force_fail: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub can_be_master: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub can_be_synchronous_replica: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbInitMode {
+    None,
+    New,
+    Existing,
+    Pitr,
+    Resync,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbRole {
+    Master,
+    Standby,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FollowType {
+    Internal,
+    External,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FollowConfig {
+    #[serde(rename = "type")]
+    pub kind: FollowType,
+    /// The followed db when `kind` is internal.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub dbuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_settings: Option<StandbySettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_recovery_settings: Option<ArchiveRecoverySettings>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Db {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_time: Option<Timestamp>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: DbSpec,
+    #[serde(default)]
+    pub status: DbStatus,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DbSpec {
+    #[serde(rename = "keeperUID", default, skip_serializing_if = "is_default")]
+    pub keeper_uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub request_timeout: GoDuration,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub max_standbys: u16,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub synchronous_replication: bool,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub use_pgrewind: bool,
+    #[serde(default)]
+    pub additional_wal_senders: u16,
+    #[serde(default, deserialize_with = "nullable")]
+    pub additional_replication_slots: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_mode: Option<DbInitMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_config: Option<NewConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pitr_config: Option<PitrConfig>,
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "nullable"
+    )]
+    pub pg_parameters: PgParameters,
+    #[serde(rename = "pgHBA", default)]
+    pub pg_hba: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<DbRole>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_config: Option<FollowConfig>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub followers: Vec<String>,
+    #[serde(
+        rename = "includePreviousConfig",
+        default,
+        skip_serializing_if = "is_default"
+    )]
+    pub include_previous_config: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub synchronous_standbys: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub external_synchronous_standbys: Vec<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelineHistoryEntry {
+    #[serde(rename = "timelineID", default, skip_serializing_if = "is_default")]
+    pub timeline_id: u64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub switch_point: u64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DbStatus {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub current_generation: i64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub listen_address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "port")]
+    pub port: Option<u16>,
+    /// Spelled `systemdID` in stolon's encoding (sic).
+    #[serde(rename = "systemdID", default, skip_serializing_if = "is_default")]
+    pub system_id: String,
+    #[serde(rename = "timelineID", default, skip_serializing_if = "is_default")]
+    pub timeline_id: u64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub x_log_pos: u64,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nullable"
+    )]
+    pub timelines_history: Vec<TimelineHistoryEntry>,
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "nullable"
+    )]
+    pub pg_parameters: PgParameters,
+    #[serde(default, deserialize_with = "nullable")]
+    pub synchronous_standbys: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub older_wal_file: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Proxy {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_time: Option<Timestamp>,
+    #[serde(default)]
+    pub spec: ProxySpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Map<String, Value>>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySpec {
+    /// The db proxies route to; empty while proxies must be fenced.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub master_db_uid: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nullable"
+    )]
+    pub enabled_proxies: Vec<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ClusterData {
+    /// A new cluster document in phase initializing, as `stolonctl init` writes it.
+    pub fn new(uid: impl Into<String>, spec: ClusterSpec, now: Timestamp) -> Self {
+        ClusterData {
+            format_version: FORMAT_VERSION,
+            change_time: Some(now),
+            cluster: Cluster {
+                uid: uid.into(),
+                generation: 1,
+                change_time: Some(now),
+                spec,
+                status: ClusterStatus {
+                    phase: Some(ClusterPhase::Initializing),
+                    ..Default::default()
+                },
+                extra: Map::new(),
+            },
+            keepers: BTreeMap::new(),
+            dbs: BTreeMap::new(),
+            proxy: Proxy::default(),
+            extra: Map::new(),
+        }
+    }
+
+    /// The address proxies must route to: the db named by `proxy.spec.masterDbUid`, when it
+    /// exists and has a listen address and port. `None` means "no master".
+    pub fn proxy_master_address(&self) -> Option<(&str, u16)> {
+        let uid = &self.proxy.spec.master_db_uid;
+        if uid.is_empty() {
+            return None;
+        }
+        let db = self.dbs.get(uid)?;
+        let port = db.status.port?;
+        if db.status.listen_address.is_empty() {
+            return None;
+        }
+        Some((db.status.listen_address.as_str(), port))
+    }
+}

@@ -1,0 +1,101 @@
+//! The short-lived documents each component publishes under a lease: KeeperInfo,
+//! SentinelInfo and ProxyInfo (store-format.md).
+
+use super::cluster::{PostgresBinaryVersion, TimelineHistoryEntry};
+use super::serde_util::{is_default, nanos, nullable, port, GoDuration};
+use super::spec::PgParameters;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeeperInfo {
+    /// A new random value on every publish: the sentinel counts an info as fresh only when
+    /// this changed.
+    #[serde(rename = "infoUID", default, skip_serializing_if = "is_default")]
+    pub info_uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub uid: String,
+    #[serde(rename = "clusterUID", default, skip_serializing_if = "is_default")]
+    pub cluster_uid: String,
+    #[serde(rename = "bootUUID", default, skip_serializing_if = "is_default")]
+    pub boot_uuid: String,
+    #[serde(default)]
+    pub postgres_binary_version: PostgresBinaryVersion,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_state: Option<PostgresState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub can_be_master: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub can_be_synchronous_replica: Option<bool>,
+    /// Ours: higher is preferred among equally up-to-date candidates.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub priority: i32,
+    /// Ours: the keeper has fenced its master.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fenced: bool,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresState {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub generation: i64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub listen_address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "port")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub healthy: bool,
+    #[serde(rename = "systemID", default, skip_serializing_if = "is_default")]
+    pub system_id: String,
+    #[serde(rename = "timelineID", default, skip_serializing_if = "is_default")]
+    pub timeline_id: u64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub x_log_pos: u64,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nullable"
+    )]
+    pub timelines_history: Vec<TimelineHistoryEntry>,
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "nullable"
+    )]
+    pub pg_parameters: PgParameters,
+    #[serde(default, deserialize_with = "nullable")]
+    pub synchronous_standbys: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub older_wal_file: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentinelInfo {
+    #[serde(rename = "UID")]
+    pub uid: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProxyInfo {
+    #[serde(rename = "infoUID", default, skip_serializing_if = "is_default")]
+    pub info_uid: String,
+    #[serde(rename = "UID", default)]
+    pub uid: String,
+    /// The proxy generation this proxy has applied (closed the old connections for).
+    #[serde(rename = "Generation", default)]
+    pub generation: i64,
+    /// Go `time.Duration`: integer nanoseconds.
+    #[serde(rename = "ProxyTimeout", default, with = "nanos")]
+    pub proxy_timeout: GoDuration,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}

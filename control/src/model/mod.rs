@@ -1,0 +1,74 @@
+//! The cluster model of store-format.md: the `clusterdata` document, the spec, and the
+//! infos components publish. Reading accepts the Go stolon's encoding (omitempty, ports as
+//! strings, `null` slices) and keeps unknown fields so a rewrite loses nothing.
+
+pub mod cluster;
+pub mod info;
+pub mod serde_util;
+pub mod spec;
+
+pub use cluster::*;
+pub use info::*;
+pub use serde_util::{GoDuration, Timestamp};
+pub use spec::*;
+
+use serde::de::DeserializeOwned;
+
+/// Why a document could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("malformed {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unsupported clusterdata formatVersion {found} (this build reads {FORMAT_VERSION})")]
+    FormatVersion { found: u64 },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+}
+
+impl ModelError {
+    /// A closure for `map_err` that tags a serde error with what was being read.
+    pub fn json(what: &'static str) -> impl Fn(serde_json::Error) -> ModelError {
+        move |source| ModelError::Json { what, source }
+    }
+}
+
+/// Decodes a JSON document of type `T`, naming `what` in the error.
+pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, ModelError> {
+    serde_json::from_slice(bytes).map_err(ModelError::json(what))
+}
+
+impl ClusterData {
+    /// Reads a clusterdata document, rejecting formats this build does not understand.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ModelError> {
+        // Check the shape and version first, so a future format gets the right error
+        // rather than a confusing type error.
+        let value: serde_json::Value = decode("clusterdata", bytes)?;
+        let not_object = || ModelError::Json {
+            what: "clusterdata",
+            source: serde::de::Error::custom("invalid type: expected a JSON object"),
+        };
+        let obj = value.as_object().ok_or_else(not_object)?;
+        match obj.get("formatVersion").and_then(|v| v.as_u64()) {
+            Some(FORMAT_VERSION) => {}
+            Some(found) => return Err(ModelError::FormatVersion { found }),
+            None => {
+                return Err(ModelError::Json {
+                    what: "clusterdata",
+                    source: serde::de::Error::custom(
+                        "formatVersion missing or not an unsigned integer",
+                    ),
+                })
+            }
+        }
+        serde_json::from_value(value).map_err(ModelError::json("clusterdata"))
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

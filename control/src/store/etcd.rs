@@ -1,0 +1,274 @@
+//! The etcd v3 implementation of [`Store`] (crate `etcd-client`), with TLS, client
+//! certificates and user/password authentication.
+
+use super::*;
+use etcd_client::{
+    Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions,
+    EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use std::path::PathBuf;
+
+/// How to reach etcd. Secrets (the password) are never logged: `Debug` redacts them.
+#[derive(Clone, Default)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub skip_tls_verify: bool,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| StoreError::Config(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+impl EtcdConfig {
+    fn connect_options(&self) -> Result<ConnectOptions> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout.max(Duration::from_millis(100)))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        if self.skip_tls_verify {
+            return Err(StoreError::Config(
+                "--store-skip-tls-verify is not supported: give the CA with --store-ca-file".into(),
+            ));
+        }
+        let tls_wanted = self.ca_file.is_some()
+            || self.cert_file.is_some()
+            || self.endpoints.iter().any(|e| e.starts_with("https://"));
+        if tls_wanted {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
+            }
+            match (&self.cert_file, &self.key_file) {
+                (Some(cert), Some(key)) => {
+                    let cert = read_file("certificate file", cert)?;
+                    let key = read_file("key file", key)?;
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(StoreError::Config(
+                        "--store-cert-file and --store-key must be given together".into(),
+                    ))
+                }
+            }
+            opts = opts.with_tls(tls);
+        }
+        if let Some(user) = &self.user {
+            let password = self.password.clone().unwrap_or_default();
+            opts = opts.with_user(user.clone(), password);
+        }
+        Ok(opts)
+    }
+}
+
+impl EtcdStore {
+    pub async fn connect(config: &EtcdConfig) -> Result<Self> {
+        if config.endpoints.is_empty() {
+            return Err(StoreError::Config("no store endpoints given".into()));
+        }
+        let opts = config.connect_options()?;
+        let client = Client::connect(&config.endpoints, Some(opts))
+            .await
+            .map_err(unavailable)?;
+        Ok(EtcdStore { client })
+    }
+}
+
+fn convert_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
+fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> i64 {
+    h.map(|h| h.revision()).unwrap_or(0)
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(key, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.kvs().first().map(convert_kv))
+    }
+
+    async fn get_prefix(&self, prefix: &str) -> Result<Range> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unavailable)?;
+        Ok(Range {
+            kvs: resp.kvs().iter().map(convert_kv).collect(),
+            revision: header_revision(resp.header()),
+        })
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResponse> {
+        let when: Vec<EtcdCompare> = compares
+            .into_iter()
+            .map(|c| match c {
+                Compare::ModRevision { key, revision } => {
+                    EtcdCompare::mod_revision(key, CompareOp::Equal, revision)
+                }
+                Compare::CreateRevision { key, revision } => {
+                    EtcdCompare::create_revision(key, CompareOp::Equal, revision)
+                }
+            })
+            .collect();
+        let then: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value, lease } => {
+                    let opts = lease.map(|l| PutOptions::new().with_lease(l));
+                    TxnOp::put(key, value, opts)
+                }
+                Op::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        let resp = self
+            .client
+            .kv_client()
+            .txn(Txn::new().when(when).and_then(then))
+            .await
+            .map_err(unavailable)?;
+        Ok(TxnResponse {
+            succeeded: resp.succeeded(),
+            revision: header_revision(resp.header()),
+        })
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let resp = self
+            .client
+            .lease_client()
+            .grant(secs, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        // The client's keep_alive sends one request and checks the answered TTL.
+        match self.client.lease_client().keep_alive(lease).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+                Err(StoreError::LeaseNotFound(lease))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        match self.client.lease_client().revoke(lease).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Err(StoreError::LeaseNotFound(lease)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn watch_prefix(&self, prefix: &str, start_revision: i64) -> Result<WatchStream> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start_revision)
+            .with_progress_notify();
+        let stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::pin(futures::stream::unfold(Some(stream), next_batch)))
+    }
+
+    async fn compact(&self, revision: i64) -> Result<()> {
+        self.client
+            .kv_client()
+            .compact(revision, Some(CompactionOptions::new().with_physical()))
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+type EtcdWatch = etcd_client::WatchStream;
+
+/// One step of the watch stream: the next batch with events or progress, or the end.
+async fn next_batch(state: Option<EtcdWatch>) -> Option<(Result<WatchBatch>, Option<EtcdWatch>)> {
+    let mut stream = state?;
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return None,
+            Err(e) => return Some((Err(unavailable(e)), None)),
+        };
+        if resp.canceled() {
+            let err = if resp.compact_revision() > 0 {
+                StoreError::Compacted {
+                    compact_revision: resp.compact_revision(),
+                }
+            } else {
+                StoreError::Unavailable(format!("watch canceled: {}", resp.cancel_reason()))
+            };
+            return Some((Err(err), None));
+        }
+        if resp.created() && resp.events().is_empty() {
+            continue;
+        }
+        let events = resp
+            .events()
+            .iter()
+            .filter_map(|e| {
+                let kv = convert_kv(e.kv()?);
+                let kind = match e.event_type() {
+                    EventType::Put => EventKind::Put,
+                    EventType::Delete => EventKind::Delete,
+                };
+                Some(Event { kind, kv })
+            })
+            .collect();
+        let batch = WatchBatch {
+            events,
+            header_revision: header_revision(resp.header()),
+        };
+        return Some((Ok(batch), Some(stream)));
+    }
+}

@@ -1,0 +1,152 @@
+//! The store: a small key-value trait with etcd v3 semantics (revisions, compare-and-swap
+//! transactions, leases, watches), its etcd implementation, a fault-injecting in-memory one
+//! for simulations, and the logic every component shares on top of it (watch resume,
+//! leader election, lease-held infos, typed clusterdata access).
+
+pub mod cluster;
+pub mod election;
+pub mod etcd;
+pub mod mem;
+pub mod publish;
+pub mod timed;
+pub mod watch;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use std::time::Duration;
+
+pub use cluster::{CasOutcome, ClusterStore, Infos};
+pub use election::{Election, Leadership};
+pub use publish::LeasedKey;
+pub use watch::{WatchUpdate, Watcher};
+
+pub type LeaseId = i64;
+
+/// One key with its etcd revisions. `create_revision` 0 never appears on a live key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    /// 0 when the key is not attached to a lease.
+    pub lease: LeaseId,
+}
+
+/// A transaction guard; each compares for equality. Revision 0 means "the key is absent".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Compare {
+    ModRevision { key: String, revision: i64 },
+    CreateRevision { key: String, revision: i64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxnResponse {
+    pub succeeded: bool,
+    /// The store revision after the transaction (unchanged if it failed).
+    pub revision: i64,
+}
+
+/// The keys under a prefix at one store revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Range {
+    pub kvs: Vec<KeyValue>,
+    pub revision: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// A change to one key; for a delete, `kv` holds the key and the deleting revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub kv: KeyValue,
+}
+
+/// What a raw watch stream yields: the events of one or more revisions, in order, and the
+/// store revision the response was sent at (a progress notification has no events).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchBatch {
+    pub events: Vec<Event>,
+    pub header_revision: i64,
+}
+
+pub type WatchStream = BoxStream<'static, Result<WatchBatch, StoreError>>;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("store request {op} timed out after {timeout:?}")]
+    Timeout { op: &'static str, timeout: Duration },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("watch start revision was compacted (compact revision {compact_revision})")]
+    Compacted { compact_revision: i64 },
+    #[error("lease {0} not found (expired or revoked)")]
+    LeaseNotFound(LeaseId),
+    #[error("malformed document at {key}: {reason}")]
+    Malformed { key: String, reason: String },
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// A fixed-cardinality label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout { .. } => "timeout",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Compacted { .. } => "compacted",
+            StoreError::LeaseNotFound(_) => "lease_not_found",
+            StoreError::Malformed { .. } => "malformed",
+            StoreError::Config(_) => "config",
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The primitive operations, with etcd v3 semantics. Implementations: [`etcd::EtcdStore`],
+/// [`mem::MemStore`]; [`timed::Timed`] adds the per-call timeout.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
+    /// Every key starting with `prefix`, sorted by key, and the store revision.
+    async fn get_prefix(&self, prefix: &str) -> Result<Range>;
+    /// Applies `ops` atomically if every compare holds.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResponse>;
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;
+    /// Refreshes a lease once; `LeaseNotFound` when it has expired or was revoked.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()>;
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
+    /// Events on keys under `prefix` from `start_revision` (inclusive). A start revision that
+    /// was compacted yields `Compacted`; the stream ends or errs when the connection breaks.
+    async fn watch_prefix(&self, prefix: &str, start_revision: i64) -> Result<WatchStream>;
+    /// Drops history before `revision` (tests and maintenance).
+    async fn compact(&self, revision: i64) -> Result<()>;
+}
+
+impl Op {
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+            lease: None,
+        }
+    }
+}

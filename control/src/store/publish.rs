@@ -1,0 +1,75 @@
+//! A key held under a lease: the infos keepers, sentinels and proxies publish. Each put
+//! refreshes the lease (or grants a new one if it expired), so a component that publishes
+//! every interval keeps its key, and one that stops loses it after the TTL.
+
+use super::*;
+use std::sync::Arc;
+
+pub struct LeasedKey {
+    store: Arc<dyn Store>,
+    key: String,
+    ttl: Duration,
+    lease: Option<LeaseId>,
+}
+
+impl LeasedKey {
+    pub fn new(store: Arc<dyn Store>, key: impl Into<String>, ttl: Duration) -> Self {
+        LeasedKey {
+            store,
+            key: key.into(),
+            ttl,
+            lease: None,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Writes `value` under the lease; returns the store revision of the write, which the
+    /// caller can use as the time of its last acknowledged publish.
+    pub async fn put(&mut self, value: Vec<u8>) -> Result<i64> {
+        for _ in 0..2 {
+            let lease = self.ensure_lease().await?;
+            let op = Op::Put {
+                key: self.key.clone(),
+                value: value.clone(),
+                lease: Some(lease),
+            };
+            match self.store.txn(vec![], vec![op]).await {
+                Ok(r) => return Ok(r.revision),
+                // The lease expired between the refresh and the put: take a new one.
+                Err(StoreError::LeaseNotFound(_)) => self.lease = None,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "could not keep a lease for {}",
+            self.key
+        )))
+    }
+
+    async fn ensure_lease(&mut self) -> Result<LeaseId> {
+        if let Some(lease) = self.lease {
+            match self.store.keep_alive(lease).await {
+                Ok(()) => return Ok(lease),
+                Err(StoreError::LeaseNotFound(_)) => self.lease = None,
+                Err(e) => return Err(e),
+            }
+        }
+        let lease = self.store.grant_lease(self.ttl).await?;
+        self.lease = Some(lease);
+        Ok(lease)
+    }
+
+    /// Removes the key now (a clean stop), by revoking its lease.
+    pub async fn revoke(&mut self) -> Result<()> {
+        if let Some(lease) = self.lease.take() {
+            match self.store.revoke_lease(lease).await {
+                Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! A single-member etcd on loopback ports below 32768, with its data in a temp dir; stopped
+//! on Drop. It can be stopped and restarted on the same ports and data (an etcd outage),
+//! frozen with SIGSTOP, and thawed.
+
+use crate::ports::{free_port, PortGuard};
+use crate::process::ChildGuard;
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Etcd {
+    dir: tempfile::TempDir,
+    client: PortGuard,
+    peer: PortGuard,
+    child: Option<ChildGuard>,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it reports healthy. Retries on new ports if the chosen
+    /// ones were taken in the meantime.
+    pub fn start() -> Result<Etcd> {
+        let mut last_err = None;
+        for _ in 0..5 {
+            let mut e = Etcd {
+                dir: crate::temp_dir("etcd")?,
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+            };
+            match e.launch() {
+                Ok(()) => return Ok(e),
+                Err(err) => last_err = Some(err),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client.0)
+    }
+
+    pub fn client_port(&self) -> u16 {
+        self.client.0
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let client = format!("http://127.0.0.1:{}", self.client.0);
+        let peer = format!("http://127.0.0.1:{}", self.peer.0);
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=test")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--heartbeat-interval=50")
+            .arg("--election-timeout=500")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = ChildGuard::spawn("etcd", &mut cmd)
+            .context("spawning etcd (is etcd-server installed?)")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if child.exited() {
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join("\n");
+                bail!("etcd exited during start-up: {tail}");
+            }
+            if self.healthy() {
+                self.child = Some(child);
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("etcd did not become healthy within 20s")
+    }
+
+    /// etcd's own /health answer on the client port.
+    pub fn healthy(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client.0)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    /// Stops etcd (SIGTERM, then SIGKILL) and keeps its data for a restart.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Kills etcd with SIGKILL, keeping its data.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill();
+        }
+    }
+
+    /// Starts a stopped etcd again on the same ports and data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.launch()
+    }
+
+    pub fn freeze(&self) -> Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    pub fn thaw(&self) -> Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&self, sig: Signal) -> Result<()> {
+        match &self.child {
+            Some(c) => Ok(c.signal(sig)?),
+            None => bail!("etcd is not running"),
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,71 @@
+//! Ports for test servers, below 32768 so they never collide with the kernel's ephemeral
+//! source ports (32768-60999 here). A port is checked free by binding it; the guard keeps a
+//! process-wide reservation so two tests in one process do not get the same port.
+
+use rand::Rng;
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::sync::Mutex;
+
+const LOW: u16 = 15000;
+const HIGH: u16 = 32767;
+
+static TAKEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A reserved port; released for reuse by this process on drop.
+#[derive(Debug)]
+pub struct PortGuard(pub u16);
+
+impl Drop for PortGuard {
+    fn drop(&mut self) {
+        if let Ok(mut t) = TAKEN.lock() {
+            if let Some(set) = t.as_mut() {
+                set.remove(&self.0);
+            }
+        }
+    }
+}
+
+/// A port in 15000..=32767 that was free on 127.0.0.1 a moment ago. Retries random ports
+/// until one binds. Another process may still take it before the server binds: spawners
+/// retry with a new port when their server fails to bind.
+pub fn free_port() -> PortGuard {
+    let mut rng = rand::thread_rng();
+    for _ in 0..10_000 {
+        let p = rng.gen_range(LOW..=HIGH);
+        let mut t = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+        let set = t.get_or_insert_with(HashSet::new);
+        if set.contains(&p) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            set.insert(p);
+            return PortGuard(p);
+        }
+    }
+    panic!("no free port found in {LOW}..={HIGH}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_distinct_and_in_range() {
+        let ports: Vec<PortGuard> = (0..50).map(|_| free_port()).collect();
+        let set: HashSet<u16> = ports.iter().map(|p| p.0).collect();
+        assert_eq!(set.len(), 50);
+        assert!(ports.iter().all(|p| (LOW..=HIGH).contains(&p.0)));
+    }
+
+    #[test]
+    fn a_bound_port_is_skipped() {
+        let held = free_port();
+        let _listener = TcpListener::bind(("127.0.0.1", held.0)).expect("bind");
+        drop(held); // released in the set, but still bound by the listener
+        for _ in 0..200 {
+            let p = free_port();
+            assert!(TcpListener::bind(("127.0.0.1", p.0)).is_ok());
+        }
+    }
+}
