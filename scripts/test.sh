@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, checks formatting and lints, and runs every
+# test (unit, integration against real etcd and PostgreSQL, and end-to-end scenarios).
+# `--long` adds the repetitions and the full scenario matrix (not run in CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+long=0
+for a in "$@"; do
+  case "$a" in
+    --long) long=1 ;;
+    *) echo "usage: scripts/test.sh [--long]" >&2; exit 2 ;;
+  esac
+done
+
+bash scripts/deps.sh
+start=$(date +%s)
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test"
+if [ "$long" -eq 1 ]; then
+  STOLON_TEST_LONG=1 cargo test --workspace -- --include-ignored
+else
+  cargo test --workspace
+fi
+echo "== all tests passed in $(( $(date +%s) - start ))s"
