@@ -110,3 +110,69 @@ async fn tls_options_are_checked() {
     let err = EtcdStore::connect(&half).await.err().expect("must fail");
     assert!(err.to_string().contains("together"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_client_certificates() {
+    let tls = testkit::TlsFiles::generate().expect("certs");
+    let etcd = Etcd::start_tls(&tls).expect("etcd with tls");
+    let cfg = EtcdConfig {
+        endpoints: vec![etcd.endpoint()],
+        ca_file: Some(tls.ca.clone()),
+        cert_file: Some(tls.client_cert.clone()),
+        key_file: Some(tls.client_key.clone()),
+        connect_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(Timed::new(
+        EtcdStore::connect(&cfg).await.expect("connect"),
+        Duration::from_secs(3),
+    ));
+    common::cas_race(store).await;
+    // Without a client certificate the server refuses.
+    let no_cert = EtcdConfig {
+        cert_file: None,
+        key_file: None,
+        ..cfg
+    };
+    let res = async {
+        let s = Timed::new(EtcdStore::connect(&no_cert).await?, Duration::from_secs(3));
+        s.get("x").await
+    }
+    .await;
+    assert!(
+        res.is_err(),
+        "a client without a certificate must be refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_revoked_leader_lease_hands_over_at_once() {
+    let etcd = Etcd::start().expect("etcd");
+    let store = connect(&etcd).await;
+    let cs = control::store::ClusterStore::new(store.clone(), "stolon/cluster", "revoke");
+    let ttl = Duration::from_secs(20);
+    let a = cs.election(ttl).campaign(b"a").await.expect("a leads");
+    let cs_b = cs.clone();
+    let b_task = tokio::spawn(async move { cs_b.election(ttl).campaign(b"b").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b_task.is_finished());
+    store.revoke_lease(a.lease).await.expect("kill A's lease");
+    let b = tokio::time::timeout(Duration::from_secs(5), b_task)
+        .await
+        .expect("B leads well before A's TTL")
+        .expect("join")
+        .expect("campaign");
+    tokio::time::timeout(Duration::from_secs(10), a.lost())
+        .await
+        .expect("A notices");
+    assert!(a.is_lost());
+    let guarded = store
+        .txn(
+            vec![a.guard()],
+            vec![control::store::Op::put("k", b"a".to_vec())],
+        )
+        .await
+        .expect("txn");
+    assert!(!guarded.succeeded);
+    assert!(b.create_revision > a.create_revision);
+}

@@ -17,12 +17,27 @@ pub struct Etcd {
     client: PortGuard,
     peer: PortGuard,
     child: Option<ChildGuard>,
+    /// With TLS the client port speaks https and requires a client certificate.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it reports healthy. Retries on new ports if the chosen
     /// ones were taken in the meantime.
     pub fn start() -> Result<Etcd> {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving clients over TLS only, with client certificates required.
+    pub fn start_tls(tls: &crate::TlsFiles) -> Result<Etcd> {
+        Self::start_with(Some((
+            tls.server_cert.clone(),
+            tls.server_key.clone(),
+            tls.ca.clone(),
+        )))
+    }
+
+    fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Result<Etcd> {
         let mut last_err = None;
         for _ in 0..5 {
             let mut e = Etcd {
@@ -30,6 +45,7 @@ impl Etcd {
                 client: free_port(),
                 peer: free_port(),
                 child: None,
+                tls: tls.clone(),
             };
             match e.launch() {
                 Ok(()) => return Ok(e),
@@ -40,7 +56,8 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client.0)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client.0)
     }
 
     pub fn client_port(&self) -> u16 {
@@ -56,7 +73,7 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let client = format!("http://127.0.0.1:{}", self.client.0);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer.0);
         let mut cmd = Command::new("etcd");
         cmd.arg("--name=test")
@@ -71,6 +88,14 @@ impl Etcd {
             .arg(format!("--initial-cluster=test={peer}"))
             .arg("--heartbeat-interval=50")
             .arg("--election-timeout=500")
+            .args(self.tls.iter().flat_map(|(cert, key, ca)| {
+                [
+                    format!("--cert-file={}", cert.display()),
+                    format!("--key-file={}", key.display()),
+                    format!("--trusted-ca-file={}", ca.display()),
+                    "--client-cert-auth".to_string(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -94,6 +119,9 @@ impl Etcd {
 
     /// etcd's own /health answer on the client port.
     pub fn healthy(&self) -> bool {
+        if self.tls.is_some() {
+            return self.healthy_tls();
+        }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client.0)) else {
             return false;
         };
@@ -104,6 +132,25 @@ impl Etcd {
         let mut body = String::new();
         let _ = s.read_to_string(&mut body);
         body.contains("\"health\":\"true\"")
+    }
+
+    fn healthy_tls(&self) -> bool {
+        let Some((cert, key, ca)) = &self.tls else {
+            return false;
+        };
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .arg(format!("--cacert={}", ca.display()))
+            .arg(format!("--cert={}", cert.display()))
+            .arg(format!("--key={}", key.display()))
+            .args(["--dial-timeout=1s", "endpoint", "health"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
     }
 
     /// Stops etcd (SIGTERM, then SIGKILL) and keeps its data for a restart.

@@ -7,11 +7,13 @@ pub mod etcd;
 pub mod ports;
 pub mod postgres;
 pub mod process;
+pub mod tls;
 
 pub use etcd::Etcd;
 pub use ports::{free_port, PortGuard};
 pub use postgres::Postgres;
 pub use process::ChildGuard;
+pub use tls::TlsFiles;
 
 /// A directory for test data: on tmpfs (`/dev/shm`) when available, since tests that kill
 /// processes gain nothing from durable disks and a lot from speed.
