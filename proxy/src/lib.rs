@@ -1,1 +1,12 @@
-//! proxy
+//! stolon-proxy: accepts PostgreSQL clients, parses the startup phase, and relays them to
+//! the one master named in the store; severs every session to an old master at once.
+#![deny(unsafe_code)]
+
+pub mod conn;
+pub mod discovery;
+pub mod fence;
+pub mod metrics;
+pub mod protocol;
+pub mod relay;
+pub mod route;
+pub mod server;

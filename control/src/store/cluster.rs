@@ -36,6 +36,11 @@ pub struct Infos<T> {
     pub revision: i64,
 }
 
+/// A proxy's info TTL: max(2 x proxyTimeout, 20 s).
+pub fn info_ttl_for_proxy(proxy_timeout: Duration) -> Duration {
+    info_ttl(proxy_timeout)
+}
+
 /// The info lease TTL for a component republishing every `interval`.
 pub fn info_ttl(interval: Duration) -> Duration {
     (interval * 2).max(MIN_INFO_TTL)

@@ -1,0 +1,261 @@
+//! One client connection: read the first packet within a deadline, act on it (answer
+//! GSSENCRequest 'N', forward a CancelRequest, pass SSL/TLS through, route a startup), or
+//! answer with a PostgreSQL ErrorResponse and close cleanly.
+
+use crate::metrics::{CloseReason, Metrics};
+use crate::protocol::{self, sqlstate, Startup};
+use crate::relay::{relay, End};
+use crate::route::{NoMaster, Route, Routes};
+use socket2::{SockRef, TcpKeepalive};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Clone, Debug)]
+pub struct ConnConfig {
+    /// How long a client may take to send its first packet.
+    pub startup_timeout: Duration,
+    /// How long connecting to the master may take.
+    pub connect_timeout: Duration,
+    /// TCP keepalive for client sockets (`None`: the OS default).
+    pub keepalive: Option<TcpKeepalive>,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            startup_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            keepalive: None,
+        }
+    }
+}
+
+pub struct Ctx {
+    pub routes: Arc<Routes>,
+    pub metrics: Arc<Metrics>,
+    pub config: ConnConfig,
+}
+
+/// A refusal: the SQLSTATE and message sent to the client, and the metric reason.
+struct Reject {
+    code: &'static str,
+    message: String,
+    reason: CloseReason,
+}
+
+fn reject(code: &'static str, message: impl Into<String>, reason: CloseReason) -> Reject {
+    Reject {
+        code,
+        message: message.into(),
+        reason,
+    }
+}
+
+/// What the startup phase leads to.
+enum Next {
+    /// Connect to the master, replay these bytes, relay.
+    Relay(Vec<u8>),
+    /// A CancelRequest: forward these bytes to the master and close.
+    Cancel(Vec<u8>),
+    /// The client went away during the startup phase.
+    Gone,
+}
+
+pub fn tune(sock: &TcpStream, keepalive: Option<&TcpKeepalive>) {
+    let _ = sock.set_nodelay(true);
+    if let Some(ka) = keepalive {
+        let _ = SockRef::from(sock).set_tcp_keepalive(ka);
+    }
+}
+
+/// Serves one accepted client to the end, recording why it closed.
+pub async fn serve(mut client: TcpStream, ctx: &Ctx) {
+    tune(&client, ctx.config.keepalive.as_ref());
+    let reason = match serve_inner(&mut client, ctx).await {
+        Ok(reason) => reason,
+        Err(r) => {
+            tracing::debug!(code = r.code, message = %r.message, "rejecting client");
+            send_error_and_close(client, r.code, &r.message).await;
+            r.reason
+        }
+    };
+    ctx.metrics.closed(reason);
+}
+
+async fn serve_inner(client: &mut TcpStream, ctx: &Ctx) -> Result<CloseReason, Reject> {
+    let deadline = ctx.config.startup_timeout;
+    let next = match tokio::time::timeout(deadline, startup_phase(client)).await {
+        Ok(next) => next?,
+        Err(_) => {
+            return Err(reject(
+                sqlstate::PROTOCOL_VIOLATION,
+                "no startup packet received in time",
+                CloseReason::RejectedTimeout,
+            ))
+        }
+    };
+    let bytes = match next {
+        Next::Gone => return Ok(CloseReason::ClientGone),
+        Next::Cancel(bytes) => {
+            forward_cancel(ctx, &bytes).await;
+            return Ok(CloseReason::Cancel);
+        }
+        Next::Relay(bytes) => bytes,
+    };
+    // One route snapshot for the whole session.
+    let route = ctx.routes.load();
+    let master = match &route.master {
+        Ok(m) => m.clone(),
+        Err(why) => return Err(no_master(*why)),
+    };
+    let _session = route.sessions.token();
+    let server = connect(&master, ctx.config.connect_timeout).await?;
+    tune(&server, None);
+    session(client, server, bytes, &route, ctx).await
+}
+
+async fn session(
+    client: &mut TcpStream,
+    mut server: TcpStream,
+    replay: Vec<u8>,
+    route: &Route,
+    ctx: &Ctx,
+) -> Result<CloseReason, Reject> {
+    // A swap between the snapshot and here must not let a single byte reach the old master.
+    if route.token.is_cancelled() {
+        return Ok(CloseReason::Severed);
+    }
+    if server.write_all(&replay).await.is_err() {
+        return Err(reject(
+            sqlstate::CONNECTION_FAILURE,
+            "the primary closed the connection",
+            CloseReason::BackendUnreachable,
+        ));
+    }
+    drop(replay);
+    ctx.metrics.active.inc();
+    let end = relay(client, &server, &route.token, &ctx.metrics).await;
+    ctx.metrics.active.dec();
+    Ok(match end {
+        End::ClientClosed => CloseReason::ClientClosed,
+        End::ServerClosed => CloseReason::ServerClosed,
+        End::Severed => CloseReason::Severed,
+        End::Error(e) => {
+            tracing::debug!(error = %e, "relay ended with an error");
+            CloseReason::IoError
+        }
+    })
+}
+
+fn no_master(why: NoMaster) -> Reject {
+    let detail = match why {
+        NoMaster::Starting => "the proxy has not read the cluster state yet",
+        NoMaster::NoCluster => "the cluster is not initialised",
+        NoMaster::BadDocument => "the cluster state cannot be read",
+        NoMaster::NotEnabled => "this proxy is not enabled by the sentinel yet",
+        NoMaster::NoMasterDb => "no master is elected",
+        NoMaster::StoreLost => "the proxy lost contact with the store",
+        NoMaster::Stopping => "the proxy is shutting down",
+    };
+    reject(
+        sqlstate::CANNOT_CONNECT_NOW,
+        format!("no primary available: {detail}"),
+        CloseReason::RejectedNoMaster,
+    )
+}
+
+async fn connect(master: &str, timeout: Duration) -> Result<TcpStream, Reject> {
+    match tokio::time::timeout(timeout, TcpStream::connect(master)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => {
+            tracing::warn!(master, error = %e, "cannot connect to the primary");
+            Err(reject(
+                sqlstate::CONNECTION_FAILURE,
+                "could not connect to the primary",
+                CloseReason::BackendUnreachable,
+            ))
+        }
+        Err(_) => Err(reject(
+            sqlstate::CONNECTION_FAILURE,
+            "timed out connecting to the primary",
+            CloseReason::BackendUnreachable,
+        )),
+    }
+}
+
+/// Reads packets until one decides the session. Bytes after the decisive packet (a
+/// pipelining client) are kept and replayed.
+async fn startup_phase(client: &mut TcpStream) -> Result<Next, Reject> {
+    let mut buf: Vec<u8> = Vec::with_capacity(512);
+    loop {
+        match protocol::parse(&buf) {
+            Err(e) => {
+                return Err(reject(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    e.to_string(),
+                    CloseReason::RejectedProtocol,
+                ))
+            }
+            Ok(Some((Startup::GssEncRequest, len))) => {
+                // No GSS encryption here: 'N', then the client goes on in the clear.
+                buf.drain(..len);
+                if client.write_all(b"N").await.is_err() {
+                    return Ok(Next::Gone);
+                }
+                continue;
+            }
+            Ok(Some((Startup::Cancel { .. }, len))) => {
+                buf.truncate(len);
+                return Ok(Next::Cancel(buf));
+            }
+            Ok(Some((Startup::SslRequest | Startup::DirectTls | Startup::Startup { .. }, _))) => {
+                return Ok(Next::Relay(buf));
+            }
+            Ok(None) => {}
+        }
+        // The parser refuses an oversize length as soon as the first 4 bytes are in, so
+        // the buffer stays bounded by MAX_STARTUP_PACKET plus one read.
+        match client.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Ok(Next::Gone),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Forwards a CancelRequest to the current master. PostgreSQL answers a cancel with
+/// nothing, and so does the proxy; an unknown key is harmless to PostgreSQL.
+async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
+    let route = ctx.routes.load();
+    let Ok(master) = &route.master else { return };
+    if let Ok(Ok(mut s)) =
+        tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(&**master)).await
+    {
+        let _ = s.write_all(packet).await;
+        let _ = s.shutdown().await;
+        // Wait for PostgreSQL to close, so the cancel is processed before we return.
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
+    }
+}
+
+/// Sends the ErrorResponse, then closes without a reset: shut down our side, and read and
+/// discard what the client still sends for a short while, so unread input does not turn
+/// the close into an RST that could destroy the error message in flight.
+pub async fn send_error_and_close(mut client: TcpStream, code: &str, message: &str) {
+    let msg = protocol::error_response(code, message);
+    if client.write_all(&msg).await.is_err() {
+        return;
+    }
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,272 @@
+//! Discovery and fencing: watch `P/clusterdata` and apply every change at once; every
+//! proxyCheckInterval read it again and publish ProxyInfo (proof of contact both ways);
+//! fence (sever everything, refuse, optionally stop listening) once there was no successful
+//! contact for proxyTimeout. ProxyInfo is published right after a new generation is applied
+//! and the old master's sessions are closed.
+
+use crate::fence::StoreContact;
+use crate::metrics::Metrics;
+use crate::route::{desired, Desired, NoMaster, Routes};
+use control::model::{ClusterData, GoDuration, ProxyInfo};
+use control::store::{info_ttl_for_proxy, ClusterStore, EventKind, LeasedKey, StoreError};
+use control::store::{WatchUpdate, Watcher};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long to wait for severed sessions to close before reporting the generation anyway
+/// (they were told to close; this only bounds a stuck task).
+const SEVER_WAIT: Duration = Duration::from_secs(2);
+/// Pause before retrying a broken watch.
+const WATCH_RETRY: Duration = Duration::from_millis(200);
+
+pub struct Discovery {
+    pub store: ClusterStore,
+    pub uid: String,
+    pub routes: Arc<Routes>,
+    pub metrics: Arc<Metrics>,
+    /// True while listeners should be open.
+    pub listening: watch::Sender<bool>,
+    /// `--stop-listening`: close the listeners while fenced.
+    pub stop_listening: bool,
+}
+
+struct State {
+    contact: StoreContact,
+    check_interval: Duration,
+    info: LeasedKey,
+    /// The generation last reported in ProxyInfo.
+    published: Option<i64>,
+    /// The route the store asks for, before fencing is applied.
+    wanted: Desired,
+    fenced: bool,
+}
+
+impl Discovery {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let proxy_timeout = control::model::defaults::PROXY_TIMEOUT.as_std();
+        let mut st = State {
+            contact: StoreContact::new(proxy_timeout),
+            check_interval: control::model::defaults::PROXY_CHECK_INTERVAL.as_std(),
+            info: self
+                .store
+                .proxy_info_key(&self.uid, info_ttl_for_proxy(proxy_timeout)),
+            published: None,
+            wanted: Desired {
+                generation: 0,
+                master: Err(NoMaster::Starting),
+            },
+            fenced: true,
+        };
+        let key = self.store.clusterdata_key();
+        let mut watcher: Option<Watcher> = None;
+        let mut watch_retry_at: Option<Instant> = None;
+        let mut next_check = Instant::now();
+        loop {
+            let fence_at = if st.fenced {
+                None
+            } else {
+                st.contact.deadline()
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(next_check) => {
+                    if let Some(rev) = self.check(&mut st).await {
+                        if watcher.is_none() {
+                            watcher = Some(Watcher::from_revision(self.store.store().clone(), key.clone(), rev + 1));
+                        }
+                    }
+                    next_check = Instant::now() + st.check_interval;
+                }
+                update = next_update(&mut watcher, watch_retry_at) => {
+                    watch_retry_at = None;
+                    match update {
+                        Ok(u) => self.on_watch(&mut st, u, &key).await,
+                        Err(e) => {
+                            self.metrics.store_error(e.kind());
+                            tracing::debug!(error = %e, "clusterdata watch failed; retrying");
+                            watch_retry_at = Some(Instant::now() + WATCH_RETRY);
+                        }
+                    }
+                }
+                _ = sleep_until_opt(fence_at) => {
+                    if st.contact.is_fenced(Instant::now()) {
+                        tracing::warn!(timeout = ?st.contact.timeout(), "no store contact within proxyTimeout: fencing");
+                        st.fenced = true;
+                        self.apply(&mut st).await;
+                    }
+                }
+            }
+        }
+        self.routes.apply(0, Err(NoMaster::Stopping));
+        let _ = st.info.revoke().await;
+    }
+
+    /// Reads clusterdata and publishes ProxyInfo; on success of both counts as contact from
+    /// the moment the read was sent. Returns the clusterdata revision read.
+    async fn check(&self, st: &mut State) -> Option<i64> {
+        let sent = Instant::now();
+        let read = self.store.get_cluster_data().await;
+        let (doc, revision) = match read {
+            Ok(Some((cd, rev))) => (Ok(Some(cd)), rev),
+            Ok(None) => (Ok(None), 0),
+            Err(StoreError::Malformed { key, reason }) => {
+                tracing::error!(%key, %reason, "clusterdata cannot be read: not routing");
+                self.metrics.store_error("malformed");
+                (Err(()), self.current_revision().await?)
+            }
+            Err(e) => {
+                self.metrics.store_error(e.kind());
+                tracing::warn!(error = %e, "cannot read clusterdata");
+                return None;
+            }
+        };
+        self.set_wanted(st, doc);
+        // Apply (and sever) before reporting anything about the new generation.
+        self.apply(st).await;
+        if self.publish(st).await {
+            st.contact.ok(sent);
+            if st.fenced {
+                tracing::info!("store contact established: routing");
+                st.fenced = false;
+                self.apply(st).await;
+            }
+        }
+        Some(revision)
+    }
+
+    /// The revision of the clusterdata key even when its content is bad.
+    async fn current_revision(&self) -> Option<i64> {
+        let kv = self
+            .store
+            .store()
+            .get(&self.store.clusterdata_key())
+            .await
+            .ok()?;
+        Some(kv.map_or(0, |kv| kv.mod_revision))
+    }
+
+    async fn on_watch(&self, st: &mut State, update: WatchUpdate, key: &str) {
+        let value = match update {
+            WatchUpdate::Progress(_) => return,
+            WatchUpdate::Events(events) => match events.iter().rev().find(|e| e.kv.key == key) {
+                Some(e) if e.kind == EventKind::Put => Some(e.kv.value.clone()),
+                Some(_) => None,
+                None => return,
+            },
+            WatchUpdate::Resync(range) => range
+                .kvs
+                .into_iter()
+                .find(|kv| kv.key == key)
+                .map(|kv| kv.value),
+        };
+        let doc = match value {
+            None => Ok(None),
+            Some(v) => ClusterData::from_json(&v).map(Some).map_err(|e| {
+                tracing::error!(error = %e, "clusterdata cannot be read: not routing");
+                self.metrics.store_error("malformed");
+            }),
+        };
+        self.set_wanted(st, doc);
+        self.apply(st).await;
+    }
+
+    fn set_wanted(&self, st: &mut State, doc: Result<Option<ClusterData>, ()>) {
+        st.wanted = match doc {
+            Ok(cd) => {
+                if let Some(cd) = &cd {
+                    let spec = &cd.cluster.spec;
+                    st.contact.set_timeout(spec.proxy_timeout().as_std());
+                    st.check_interval = spec
+                        .proxy_check_interval()
+                        .as_std()
+                        .max(Duration::from_millis(100));
+                }
+                desired(cd.as_ref(), &self.uid)
+            }
+            Err(()) => Desired {
+                generation: 0,
+                master: Err(NoMaster::BadDocument),
+            },
+        };
+    }
+
+    /// Installs the wanted route (none while fenced), waits for severed sessions to close,
+    /// then reports the generation if it changed.
+    async fn apply(&self, st: &mut State) {
+        let master = if st.fenced {
+            Err(NoMaster::StoreLost)
+        } else {
+            st.wanted.master.clone()
+        };
+        let routing = master.is_ok();
+        if let Some(old) = self.routes.apply(st.wanted.generation, master) {
+            let _ = tokio::time::timeout(SEVER_WAIT, old.sessions.wait()).await;
+            tracing::info!(
+                generation = st.wanted.generation,
+                "old master's sessions closed"
+            );
+        }
+        self.metrics.generation.set(st.wanted.generation);
+        self.metrics.routing.set(i64::from(routing));
+        let _ = self.listening.send_if_modified(|l| {
+            let want = !(st.fenced && self.stop_listening);
+            let changed = *l != want;
+            *l = want;
+            changed
+        });
+        if !st.fenced && st.published != Some(st.wanted.generation) {
+            let sent = Instant::now();
+            if self.publish(st).await {
+                st.contact.ok(sent);
+            }
+        }
+    }
+
+    /// Publishes ProxyInfo with a fresh infoUID and the applied generation.
+    async fn publish(&self, st: &mut State) -> bool {
+        let info = ProxyInfo {
+            info_uid: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            uid: self.uid.clone(),
+            // While fenced the proxy holds no session at all, so reporting the wanted
+            // generation is true: nothing of an older generation is open.
+            generation: st.wanted.generation,
+            proxy_timeout: GoDuration::from_std(st.contact.timeout()),
+            extra: Default::default(),
+        };
+        let value = serde_json::to_vec(&info).unwrap_or_default();
+        match st.info.put(value).await {
+            Ok(_) => {
+                st.published = Some(info.generation);
+                true
+            }
+            Err(e) => {
+                self.metrics.store_error(e.kind());
+                tracing::warn!(error = %e, "cannot publish proxy info");
+                false
+            }
+        }
+    }
+}
+
+async fn next_update(
+    watcher: &mut Option<Watcher>,
+    retry_at: Option<Instant>,
+) -> Result<WatchUpdate, StoreError> {
+    let Some(w) = watcher else {
+        return std::future::pending().await;
+    };
+    if let Some(at) = retry_at {
+        tokio::time::sleep_until(at).await;
+    }
+    w.next().await
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

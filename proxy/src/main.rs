@@ -1,0 +1,193 @@
+//! `stolon-proxy`: the binary. Flags are stolon-proxy's, plus the engine and limits; every
+//! flag can also come from `STPROXY_<FLAG>`.
+
+use anyhow::Context;
+use clap::{ArgAction, Parser};
+use control::cli::{parse_duration, parse_with_env, CommonArgs};
+use proxy::conn::{ConnConfig, Ctx};
+use proxy::discovery::Discovery;
+use proxy::metrics::Metrics;
+use proxy::route::Routes;
+use proxy::server::{self, Engine, Listen, Shared};
+use socket2::TcpKeepalive;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Routes PostgreSQL clients to the cluster's one master, as stolon-proxy does, and closes
+/// every session to an old master the moment the master changes. It refuses clients (with
+/// a PostgreSQL error) while there is no master or while it cannot reach the store.
+#[derive(Parser, Debug)]
+#[command(name = "stolon-proxy", version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to listen on for clients
+    #[arg(long, default_value = "127.0.0.1")]
+    listen_address: String,
+    /// Port to listen on for clients
+    #[arg(long, default_value_t = 5432)]
+    port: u16,
+    /// Close the listener while the proxy cannot reach the store (true/false)
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true")]
+    stop_listening: bool,
+    /// TCP keepalive idle time in seconds for client connections (0: OS default)
+    #[arg(long, default_value_t = 0)]
+    tcp_keepalive_idle: u64,
+    /// TCP keepalive probe count for client connections (0: OS default)
+    #[arg(long, default_value_t = 0)]
+    tcp_keepalive_count: u32,
+    /// TCP keepalive probe interval in seconds for client connections (0: OS default)
+    #[arg(long, default_value_t = 0)]
+    tcp_keepalive_interval: u64,
+    /// Relay engine; auto picks the fastest measured one
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: Engine,
+    /// Relay threads (default: one per core)
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Most client sessions at once; more get SQLSTATE 53300
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Time a client has to send its first packet
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    startup_timeout: Duration,
+    /// Time allowed to connect to the master
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// On SIGTERM, how long to wait for sessions to end (SIGINT exits at once)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// This proxy's UID in the store (default: random)
+    #[arg(long)]
+    uid: Option<String>,
+}
+
+impl Args {
+    fn keepalive(&self) -> Option<TcpKeepalive> {
+        if self.tcp_keepalive_idle == 0
+            && self.tcp_keepalive_interval == 0
+            && self.tcp_keepalive_count == 0
+        {
+            return None;
+        }
+        let mut ka = TcpKeepalive::new();
+        if self.tcp_keepalive_idle > 0 {
+            ka = ka.with_time(Duration::from_secs(self.tcp_keepalive_idle));
+        }
+        if self.tcp_keepalive_interval > 0 {
+            ka = ka.with_interval(Duration::from_secs(self.tcp_keepalive_interval));
+        }
+        if self.tcp_keepalive_count > 0 {
+            ka = ka.with_retries(self.tcp_keepalive_count);
+        }
+        Some(ka)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Args = parse_with_env("STPROXY_");
+    args.common.init_tracing();
+    let addr: SocketAddr = format!("{}:{}", args.listen_address, args.port)
+        .parse()
+        .or_else(|_| format!("[{}]:{}", args.listen_address, args.port).parse())
+        .with_context(|| format!("invalid --listen-address {:?}", args.listen_address))?;
+    let uid = args
+        .uid
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args, addr, uid))
+}
+
+async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let routes = Arc::new(Routes::default());
+    let store = args
+        .common
+        .open_cluster_store()
+        .await
+        .context("cannot set up the store client")?;
+    let (listening_tx, listening_rx) = tokio::sync::watch::channel(false);
+    let stop_discovery = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
+    tracing::info!(%uid, cluster = %args.common.cluster_name, "stolon-proxy starting");
+
+    if let Some(maddr) = &args.common.metrics_listen_address {
+        let l = tokio::net::TcpListener::bind(maddr)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen-address {maddr}"))?;
+        tokio::spawn(proxy::metrics::serve(
+            l,
+            metrics.clone(),
+            routes.clone(),
+            stop_discovery.clone(),
+        ));
+    }
+    let discovery = Discovery {
+        store,
+        uid,
+        routes: routes.clone(),
+        metrics: metrics.clone(),
+        listening: listening_tx,
+        stop_listening: args.stop_listening,
+    };
+    let discovery = tokio::spawn(discovery.run(stop_discovery.clone()));
+
+    let shared = Arc::new(Shared {
+        ctx: Arc::new(Ctx {
+            routes,
+            metrics,
+            config: ConnConfig {
+                startup_timeout: args.startup_timeout,
+                connect_timeout: args.connect_timeout,
+                keepalive: args.keepalive(),
+            },
+        }),
+        listening: listening_rx,
+        limit: Arc::new(tokio::sync::Semaphore::new(args.max_connections)),
+        stop_accepting: stop_accepting.clone(),
+    });
+    let listen = Listen {
+        addr,
+        engine: args.engine,
+        threads: args.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        grace: args.shutdown_grace,
+    };
+    let engines = server::start(&listen, shared)?;
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!(grace = ?args.shutdown_grace, "SIGTERM: draining sessions"),
+        _ = int.recv() => {
+            tracing::info!("SIGINT: exiting now");
+            std::process::exit(0);
+        }
+    }
+    stop_accepting.cancel();
+    // Keep routing (and fencing) while sessions drain; a second signal cuts it short.
+    let drained = tokio::task::spawn_blocking(move || {
+        for h in engines {
+            let _ = h.join();
+        }
+    });
+    tokio::select! {
+        _ = drained => {}
+        _ = term.recv() => tracing::warn!("second SIGTERM: exiting now"),
+        _ = int.recv() => tracing::warn!("SIGINT: exiting now"),
+    }
+    stop_discovery.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), discovery).await;
+    tracing::info!("stopped");
+    Ok(())
+}

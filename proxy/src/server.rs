@@ -1,0 +1,199 @@
+//! Listeners and relay engines. `tokio-tpc`: one current-thread runtime per core, each with
+//! its own SO_REUSEPORT listener, so both sockets of a session stay on one thread and no
+//! task ever migrates. `tokio-mt`: one multi-thread runtime with one listener. Listeners
+//! open only while discovery says so (after the first store read; closed while fenced with
+//! --stop-listening). Connections over the limit get 53300.
+
+use crate::conn::{self, Ctx};
+use crate::metrics::CloseReason;
+use crate::protocol::sqlstate;
+use socket2::{Domain, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// Chosen by measurement (see README): currently tokio-tpc.
+    Auto,
+    /// A current-thread tokio runtime per core with SO_REUSEPORT listeners.
+    TokioTpc,
+    /// One multi-thread tokio runtime.
+    TokioMt,
+}
+
+impl Engine {
+    pub fn resolve(self) -> Engine {
+        match self {
+            Engine::Auto => Engine::TokioTpc,
+            e => e,
+        }
+    }
+}
+
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    pub threads: usize,
+    /// How long SIGTERM waits for sessions to end.
+    pub grace: Duration,
+}
+
+pub struct Shared {
+    pub ctx: Arc<Ctx>,
+    pub listening: watch::Receiver<bool>,
+    pub limit: Arc<Semaphore>,
+    /// Cancelled on SIGTERM: stop accepting, then drain.
+    pub stop_accepting: CancellationToken,
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.set_nodelay(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Starts the engine's threads; each returns when accepting stopped and its sessions
+/// drained (or the grace period ran out).
+pub fn start(
+    listen: &Listen,
+    shared: Arc<Shared>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let engine = listen.engine.resolve();
+    tracing::info!(?engine, threads = listen.threads, addr = %listen.addr, "relay engine");
+    let mut handles = Vec::new();
+    match engine {
+        Engine::TokioTpc | Engine::Auto => {
+            for i in 0..listen.threads.max(1) {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let (shared, addr, grace) = (shared.clone(), listen.addr, listen.grace);
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("relay-{i}"))
+                        .spawn(move || rt.block_on(run_listener(addr, true, shared, grace)))?,
+                );
+            }
+        }
+        Engine::TokioMt => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(listen.threads.max(1))
+                .thread_name("relay")
+                .enable_all()
+                .build()?;
+            let (addr, grace) = (listen.addr, listen.grace);
+            handles.push(
+                std::thread::Builder::new()
+                    .name("relay-main".into())
+                    .spawn(move || rt.block_on(run_listener(addr, false, shared, grace)))?,
+            );
+        }
+    }
+    Ok(handles)
+}
+
+async fn run_listener(addr: SocketAddr, reuse_port: bool, shared: Arc<Shared>, grace: Duration) {
+    let tracker = TaskTracker::new();
+    accept_loop(addr, reuse_port, &shared, &tracker).await;
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            left = tracker.len(),
+            "grace period over: closing remaining sessions"
+        );
+    }
+}
+
+/// Waits until the listener should be open; false when stopping.
+async fn wait_listening(rx: &mut watch::Receiver<bool>, stop: &CancellationToken) -> bool {
+    loop {
+        if *rx.borrow_and_update() {
+            return true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            r = rx.changed() => if r.is_err() { return false },
+        }
+    }
+}
+
+async fn accept_loop(addr: SocketAddr, reuse_port: bool, shared: &Shared, tracker: &TaskTracker) {
+    let mut listening = shared.listening.clone();
+    let stop = &shared.stop_accepting;
+    'outer: loop {
+        if !wait_listening(&mut listening, stop).await {
+            return;
+        }
+        let listener = match bind(addr, reuse_port) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen; retrying in 1s");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        tracing::info!(%addr, "listening");
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listening.changed() => {
+                    if r.is_err() { return }
+                    if !*listening.borrow_and_update() {
+                        tracing::warn!(%addr, "fenced: stopped listening");
+                        continue 'outer;
+                    }
+                }
+                r = listener.accept() => match r {
+                    Ok((sock, _peer)) => admit(sock, shared, tracker),
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn admit(sock: TcpStream, shared: &Shared, tracker: &TaskTracker) {
+    let ctx = shared.ctx.clone();
+    ctx.metrics.accepted.inc();
+    match shared.limit.clone().try_acquire_owned() {
+        Ok(permit) => {
+            tracker.spawn(async move {
+                conn::serve(sock, &ctx).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            tracker.spawn(async move {
+                reject_over_limit(sock).await;
+                ctx.metrics.closed(CloseReason::RejectedLimit);
+            });
+        }
+    }
+}
+
+async fn reject_over_limit(sock: TcpStream) {
+    conn::send_error_and_close(
+        sock,
+        sqlstate::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already (proxy connection limit reached)",
+    )
+    .await;
+}
