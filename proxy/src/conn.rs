@@ -73,8 +73,9 @@ pub fn tune(sock: &TcpStream, keepalive: Option<&TcpKeepalive>) {
 /// Serves one accepted client to the end, recording why it closed.
 pub async fn serve(mut client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
-    let reason = match serve_inner(&mut client, ctx).await {
-        Ok(reason) => reason,
+    let reason = match prepare(&mut client, ctx).await {
+        Ok(Prepared::Done(reason)) => reason,
+        Ok(Prepared::Session { server, route }) => session(client, server, &route, ctx).await,
         Err(r) => {
             tracing::debug!(code = r.code, message = %r.message, "rejecting client");
             send_error_and_close(client, r.code, &r.message).await;
@@ -84,7 +85,16 @@ pub async fn serve(mut client: TcpStream, ctx: &Ctx) {
     ctx.metrics.closed(reason);
 }
 
-async fn serve_inner(client: &mut TcpStream, ctx: &Ctx) -> Result<CloseReason, Reject> {
+enum Prepared {
+    Done(CloseReason),
+    /// Connected to the master of `route`, the startup bytes replayed.
+    Session {
+        server: TcpStream,
+        route: Arc<Route>,
+    },
+}
+
+async fn prepare(client: &mut TcpStream, ctx: &Ctx) -> Result<Prepared, Reject> {
     let deadline = ctx.config.startup_timeout;
     let next = match tokio::time::timeout(deadline, startup_phase(client)).await {
         Ok(next) => next?,
@@ -97,10 +107,10 @@ async fn serve_inner(client: &mut TcpStream, ctx: &Ctx) -> Result<CloseReason, R
         }
     };
     let bytes = match next {
-        Next::Gone => return Ok(CloseReason::ClientGone),
+        Next::Gone => return Ok(Prepared::Done(CloseReason::ClientGone)),
         Next::Cancel(bytes) => {
             forward_cancel(ctx, &bytes).await;
-            return Ok(CloseReason::Cancel);
+            return Ok(Prepared::Done(CloseReason::Cancel));
         }
         Next::Relay(bytes) => bytes,
     };
@@ -110,35 +120,35 @@ async fn serve_inner(client: &mut TcpStream, ctx: &Ctx) -> Result<CloseReason, R
         Ok(m) => m.clone(),
         Err(why) => return Err(no_master(*why)),
     };
-    let _session = route.sessions.token();
-    let server = connect(&master, ctx.config.connect_timeout).await?;
+    let mut server = connect(&master, ctx.config.connect_timeout).await?;
     tune(&server, None);
-    session(client, server, bytes, &route, ctx).await
-}
-
-async fn session(
-    client: &mut TcpStream,
-    mut server: TcpStream,
-    replay: Vec<u8>,
-    route: &Route,
-    ctx: &Ctx,
-) -> Result<CloseReason, Reject> {
-    // A swap between the snapshot and here must not let a single byte reach the old master.
-    if route.token.is_cancelled() {
-        return Ok(CloseReason::Severed);
-    }
-    if server.write_all(&replay).await.is_err() {
+    if server.write_all(&bytes).await.is_err() {
         return Err(reject(
             sqlstate::CONNECTION_FAILURE,
             "the primary closed the connection",
             CloseReason::BackendUnreachable,
         ));
     }
-    drop(replay);
+    Ok(Prepared::Session { server, route })
+}
+
+async fn session(client: TcpStream, server: TcpStream, route: &Route, ctx: &Ctx) -> CloseReason {
+    let _task = route.sessions.token();
+    let (client, server) = (Arc::new(client), Arc::new(server));
+    // Registered sockets are cut by a sever; a route severed since the snapshot refuses
+    // the registration, so not one byte of the session reaches the old master.
+    let Some(_registration) = route.sockets.register(client.clone(), server.clone()) else {
+        return CloseReason::Severed;
+    };
+    if route.token.is_cancelled() {
+        return CloseReason::Severed;
+    }
     ctx.metrics.active.inc();
-    let end = relay(client, &server, &route.token, &ctx.metrics).await;
+    let end = relay(&client, &server, &route.token, &ctx.metrics).await;
     ctx.metrics.active.dec();
-    Ok(match end {
+    match end {
+        // The sockets may have been cut before the task saw the cancel.
+        _ if route.token.is_cancelled() || route.sockets.is_severed() => CloseReason::Severed,
         End::ClientClosed => CloseReason::ClientClosed,
         End::ServerClosed => CloseReason::ServerClosed,
         End::Severed => CloseReason::Severed,
@@ -146,7 +156,7 @@ async fn session(
             tracing::debug!(error = %e, "relay ended with an error");
             CloseReason::IoError
         }
-    })
+    }
 }
 
 fn no_master(why: NoMaster) -> Reject {

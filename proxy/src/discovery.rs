@@ -202,10 +202,15 @@ impl Discovery {
             st.wanted.master.clone()
         };
         let routing = master.is_ok();
-        if let Some(old) = self.routes.apply(st.wanted.generation, master) {
+        let swapped_at = Instant::now();
+        if let Some((old, stats)) = self.routes.apply(st.wanted.generation, master) {
             let _ = tokio::time::timeout(SEVER_WAIT, old.sessions.wait()).await;
             tracing::info!(
                 generation = st.wanted.generation,
+                severed = stats.sessions,
+                clients_cut_us = stats.clients_cut.as_micros() as u64,
+                sockets_cut_us = stats.all_cut.as_micros() as u64,
+                sever_us = swapped_at.elapsed().as_micros() as u64,
                 "old master's sessions closed"
             );
         }

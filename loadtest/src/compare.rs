@@ -1,0 +1,190 @@
+//! Side by side, in one run: rounds alternate the targets (rotating their order), each
+//! workload's TPS is taken as a ratio to direct PostgreSQL in the same round, and the
+//! proxy's CPU time per transaction is read from /proc.
+
+use crate::pgbench::{self, Outcome, Workload, WORKLOADS};
+use crate::procstat::cpu_seconds;
+use crate::targets::{self, Target};
+use anyhow::Result;
+use std::collections::BTreeMap;
+
+pub struct Options {
+    pub rounds: usize,
+    pub seconds: u32,
+    pub scale: u32,
+    pub engines: Vec<String>,
+    pub peers: bool,
+    pub workloads: Option<Vec<String>>,
+    pub out: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+struct Sample {
+    round: usize,
+    outcome: Outcome,
+    cpu_us_per_tx: Option<f64>,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let pg = testkit::Postgres::start(&[("max_connections", "300"), ("shared_buffers", "256MB")])?;
+    eprintln!(
+        "postgres on {}; initialising pgbench scale {}",
+        pg.port(),
+        opts.scale
+    );
+    pgbench::init(pg.port(), opts.scale)?;
+    let etcd = testkit::Etcd::start()?;
+    let logs = testkit::temp_dir("bench-logs")?;
+    let uids: Vec<String> = opts.engines.iter().map(|e| format!("bench-{e}")).collect();
+    write_clusterdata(&etcd, pg.port(), &uids)?;
+
+    let mut targets = vec![Target::direct(&pg)];
+    for (engine, uid) in opts.engines.iter().zip(&uids) {
+        targets.push(targets::stolon_proxy(
+            &etcd,
+            "bench",
+            uid,
+            engine,
+            logs.path(),
+        )?);
+    }
+    if opts.peers {
+        targets.push(targets::haproxy(pg.port())?);
+        targets.push(targets::pgbouncer(pg.port())?);
+    }
+    // Wait until every proxy routes (they listen only after reading the store).
+    std::thread::sleep(std::time::Duration::from_secs(1));
+
+    let workloads: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| {
+            opts.workloads
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|n| n == w.name))
+        })
+        .collect();
+    let mut samples: BTreeMap<(&str, String), Vec<Sample>> = BTreeMap::new();
+    for round in 0..opts.rounds {
+        for w in &workloads {
+            let n = targets.len();
+            for i in 0..n {
+                let t = &targets[(i + round) % n];
+                let cpu0 = t.pid.map(cpu_seconds);
+                let outcome = pgbench::run(t.port, w, opts.seconds)?;
+                let cpu_us_per_tx = t
+                    .pid
+                    .zip(cpu0)
+                    .map(|(pid, c0)| (cpu_seconds(pid) - c0) * 1e6 / outcome.transactions.max(1.0));
+                eprintln!(
+                    "round {round} {:<22} {:<16} tps {:>9.1}  lat {:>7.3} ms  cpu/tx {}",
+                    w.name,
+                    t.name,
+                    outcome.tps,
+                    outcome.latency_ms,
+                    cpu_us_per_tx.map_or("-".into(), |c| format!("{c:.1} us"))
+                );
+                samples
+                    .entry((w.name, t.name.clone()))
+                    .or_default()
+                    .push(Sample {
+                        round,
+                        outcome,
+                        cpu_us_per_tx,
+                    });
+            }
+        }
+    }
+    let report = summarise(&workloads, &targets, &samples, opts);
+    println!("{report}");
+    if let Some(out) = &opts.out {
+        std::fs::write(out, &report)?;
+    }
+    Ok(())
+}
+
+fn write_clusterdata(etcd: &testkit::Etcd, pg_port: u16, uids: &[String]) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cfg = control::store::etcd::EtcdConfig {
+            endpoints: vec![etcd.endpoint()],
+            connect_timeout: std::time::Duration::from_secs(2),
+            ..Default::default()
+        };
+        let store = std::sync::Arc::new(control::store::etcd::EtcdStore::connect(&cfg).await?);
+        let cs = control::store::ClusterStore::new(store, "stolon/cluster", "bench");
+        cs.put_cluster_data(&targets::routing_clusterdata(pg_port, uids), 0, None)
+            .await?;
+        Ok(())
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
+}
+
+fn summarise(
+    workloads: &[&Workload],
+    targets: &[Target],
+    samples: &BTreeMap<(&str, String), Vec<Sample>>,
+    opts: &Options,
+) -> String {
+    let mut out = format!(
+        "### stolon-proxy vs direct / HAProxy / PgBouncer: {} rounds x {} s, pgbench scale {}\n\n\
+         | workload | target | TPS ratio to direct: median (min-max) | median TPS | added latency (ms) | CPU per tx (us) |\n\
+         |---|---|---|---|---|---|\n",
+        opts.rounds, opts.seconds, opts.scale
+    );
+    for w in workloads {
+        let direct = &samples[&(w.name, "direct".to_string())];
+        let by_round = |s: &Sample| {
+            direct
+                .iter()
+                .find(|d| d.round == s.round)
+                .map(|d| d.outcome)
+        };
+        for t in targets {
+            let Some(ss) = samples.get(&(w.name, t.name.clone())) else {
+                continue;
+            };
+            let ratios: Vec<f64> = ss
+                .iter()
+                .filter_map(|s| by_round(s).map(|d| s.outcome.tps / d.tps))
+                .collect();
+            let added: Vec<f64> = ss
+                .iter()
+                .filter_map(|s| by_round(s).map(|d| s.outcome.latency_ms - d.latency_ms))
+                .collect();
+            let cpu: Vec<f64> = ss.iter().filter_map(|s| s.cpu_us_per_tx).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
+            out += &format!(
+                "| {} | {} | {:.3} ({:.3}-{:.3}) | {:.0} | {:.4} | {} |\n",
+                w.name,
+                t.name,
+                median(ratios.clone()),
+                lo,
+                hi,
+                median(ss.iter().map(|s| s.outcome.tps).collect()),
+                median(added),
+                if cpu.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.1}", median(cpu))
+                }
+            );
+        }
+    }
+    out
+}

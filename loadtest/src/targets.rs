@@ -1,0 +1,184 @@
+//! What pgbench runs against: PostgreSQL itself, stolon-proxy (one process per engine,
+//! routed through a real etcd and clusterdata), HAProxy in TCP mode, PgBouncer in session
+//! mode. Every server is a child process stopped on Drop.
+
+use anyhow::{bail, Context, Result};
+use control::model::ClusterData;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use testkit::postgres::{as_pg_user, chown_to_pg_user};
+use testkit::{free_port, ChildGuard, Etcd, PortGuard, Postgres};
+
+pub struct Target {
+    pub name: String,
+    pub port: u16,
+    /// The process whose CPU time is charged to this target (none for direct).
+    pub pid: Option<u32>,
+    _guard: Option<ChildGuard>,
+    _port: Option<PortGuard>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    pub fn direct(pg: &Postgres) -> Target {
+        Target {
+            name: "direct".into(),
+            port: pg.port(),
+            pid: None,
+            _guard: None,
+            _port: None,
+            _dir: None,
+        }
+    }
+}
+
+fn wait_port(port: u16, child: &mut ChildGuard, what: &str) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if child.exited() {
+            bail!("{what} exited during start-up");
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not listen on {port} within 20s")
+}
+
+/// The stolon-proxy binary next to this one (cargo puts both in target/<profile>/).
+pub fn proxy_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("stolon-proxy");
+    if !p.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release --workspace)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A clusterdata routing proxy `uid` to PostgreSQL on `pg_port`.
+pub fn routing_clusterdata(pg_port: u16, uids: &[String]) -> ClusterData {
+    let doc = serde_json::json!({
+        "formatVersion": 1,
+        "cluster": {"uid": "bench", "generation": 1, "spec": {"initMode": "new"},
+                    "status": {"phase": "normal", "master": "db0"}},
+        "dbs": {"db0": {"uid": "db0", "status": {"healthy": true, "listenAddress": "127.0.0.1", "port": pg_port.to_string()}},
+                "db1": {"uid": "db1", "status": {"healthy": true, "listenAddress": "127.0.0.1", "port": pg_port.to_string()}}},
+        "proxy": {"generation": 1, "spec": {"masterDbUid": "db0", "enabledProxies": uids}}
+    });
+    ClusterData::from_json(doc.to_string().as_bytes()).expect("valid clusterdata")
+}
+
+pub fn stolon_proxy(
+    etcd: &Etcd,
+    cluster: &str,
+    uid: &str,
+    engine: &str,
+    log_dir: &std::path::Path,
+) -> Result<Target> {
+    let port = free_port();
+    let log = std::fs::File::create(log_dir.join(format!("{uid}.log")))?;
+    let mut cmd = Command::new(proxy_binary()?);
+    cmd.args([
+        "--cluster-name",
+        cluster,
+        "--store-endpoints",
+        &etcd.endpoint(),
+    ])
+    .args([
+        "--port",
+        &port.0.to_string(),
+        "--uid",
+        uid,
+        "--engine",
+        engine,
+    ])
+    .args(["--log-level", "info", "--log-format", "json"])
+    .stdin(Stdio::null())
+    .stdout(log.try_clone()?)
+    .stderr(log);
+    let mut child = ChildGuard::spawn("stolon-proxy", &mut cmd)?;
+    wait_port(port.0, &mut child, "stolon-proxy")?;
+    Ok(Target {
+        name: format!("stolon-{engine}"),
+        port: port.0,
+        pid: Some(child.pid()),
+        _guard: Some(child),
+        _port: Some(port),
+        _dir: None,
+    })
+}
+
+pub fn haproxy(pg_port: u16) -> Result<Target> {
+    let dir = testkit::temp_dir("haproxy")?;
+    let port = free_port();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+             listen pg\n  bind 127.0.0.1:{}\n  server pg0 127.0.0.1:{pg_port}\n",
+            port.0
+        ),
+    )?;
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = ChildGuard::spawn("haproxy", &mut cmd).context("starting haproxy")?;
+    wait_port(port.0, &mut child, "haproxy")?;
+    Ok(Target {
+        name: "haproxy".into(),
+        port: port.0,
+        pid: Some(child.pid()),
+        _guard: Some(child),
+        _port: Some(port),
+        _dir: Some(dir),
+    })
+}
+
+pub fn pgbouncer(pg_port: u16) -> Result<Target> {
+    let dir = testkit::temp_dir("pgbouncer")?;
+    let port = free_port();
+    let d = dir.path();
+    std::fs::write(d.join("userlist.txt"), "\"postgres\" \"\"\n")?;
+    std::fs::write(
+        d.join("pgbouncer.ini"),
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {}\nunix_socket_dir = {}\n\
+             auth_type = trust\nauth_file = {}\npool_mode = session\nmax_client_conn = 2000\n\
+             default_pool_size = 100\nignore_startup_parameters = extra_float_digits\n\
+             logfile = {}\n",
+            port.0,
+            d.display(),
+            d.join("userlist.txt").display(),
+            d.join("pgbouncer.log").display()
+        ),
+    )?;
+    chown_to_pg_user(d)?;
+    let mut cmd = Command::new("pgbouncer");
+    as_pg_user(&mut cmd)
+        .arg(d.join("pgbouncer.ini"))
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = ChildGuard::spawn("pgbouncer", &mut cmd).context("starting pgbouncer")?;
+    wait_port(port.0, &mut child, "pgbouncer")?;
+    Ok(Target {
+        name: "pgbouncer".into(),
+        port: port.0,
+        pid: Some(child.pid()),
+        _guard: Some(child),
+        _port: Some(port),
+        _dir: Some(dir),
+    })
+}
