@@ -10,6 +10,18 @@ use std::time::{Duration, Instant};
 use testkit::postgres::{as_pg_user, chown_to_pg_user};
 use testkit::{free_port, ChildGuard, Etcd, PortGuard, Postgres};
 
+/// Finds a program in PATH or the sbin directories (Debian puts haproxy and pgbouncer in
+/// /usr/sbin, which is not on every user's PATH).
+fn find_program(name: &str) -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"])
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.is_file());
+    found.with_context(|| format!("{name} not found: install it (scripts/deps.sh)"))
+}
+
 pub struct Target {
     pub name: String,
     pub port: u16,
@@ -125,7 +137,7 @@ pub fn haproxy(pg_port: u16) -> Result<Target> {
             port.0
         ),
     )?;
-    let mut cmd = Command::new("haproxy");
+    let mut cmd = Command::new(find_program("haproxy")?);
     cmd.arg("-f")
         .arg(&cfg)
         .arg("-db")
@@ -164,7 +176,7 @@ pub fn pgbouncer(pg_port: u16) -> Result<Target> {
         ),
     )?;
     chown_to_pg_user(d)?;
-    let mut cmd = Command::new("pgbouncer");
+    let mut cmd = Command::new(find_program("pgbouncer")?);
     as_pg_user(&mut cmd)
         .arg(d.join("pgbouncer.ini"))
         .current_dir(d)
