@@ -94,7 +94,8 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
-    let report = summarise(&workloads, &targets, &samples, opts);
+    let mut report = summarise(&workloads, &targets, &samples, opts);
+    report += &verdicts(&workloads, &targets, &samples);
     println!("{report}");
     if let Some(out) = &opts.out {
         std::fs::write(out, &report)?;
@@ -184,6 +185,85 @@ fn summarise(
                     format!("{:.1}", median(cpu))
                 }
             );
+        }
+    }
+    out
+}
+
+/// Per-round TPS ratios to direct of one target on one workload.
+fn ratios(
+    samples: &BTreeMap<(&str, String), Vec<Sample>>,
+    workload: &str,
+    target: &str,
+) -> Vec<f64> {
+    let Some(direct) = samples.get(&(workload, "direct".to_string())) else {
+        return vec![];
+    };
+    let Some(ss) = samples.get(&(workload, target.to_string())) else {
+        return vec![];
+    };
+    ss.iter()
+        .filter_map(|s| {
+            let d = direct.iter().find(|d| d.round == s.round)?;
+            Some(s.outcome.tps / d.outcome.tps)
+        })
+        .collect()
+}
+
+fn spread(v: &[f64]) -> f64 {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        hi - lo
+    }
+}
+
+/// "Beats" as the proxy issue defines it: a higher median ratio, by more than the
+/// round-to-round spread (the larger of the two targets' max-min ranges).
+fn verdicts(
+    workloads: &[&Workload],
+    targets: &[Target],
+    samples: &BTreeMap<(&str, String), Vec<Sample>>,
+) -> String {
+    let engines: Vec<&str> = targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| n.starts_with("stolon-"))
+        .collect();
+    let peers: Vec<&str> = targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| *n == "haproxy" || *n == "pgbouncer")
+        .collect();
+    if engines.is_empty() || peers.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n| workload | engine | peer | engine median | peer median | margin | spread | beats? |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for w in workloads {
+        for e in &engines {
+            let er = ratios(samples, w.name, e);
+            for p in &peers {
+                let pr = ratios(samples, w.name, p);
+                let (em, pm) = (median(er.clone()), median(pr.clone()));
+                let sp = spread(&er).max(spread(&pr));
+                let margin = em - pm;
+                let verdict = if margin > sp {
+                    "yes"
+                } else if margin > 0.0 {
+                    "higher, within spread"
+                } else {
+                    "no"
+                };
+                out += &format!(
+                    "| {} | {e} | {p} | {em:.3} | {pm:.3} | {margin:+.3} | {sp:.3} | {verdict} |\n",
+                    w.name
+                );
+            }
         }
     }
     out

@@ -146,6 +146,10 @@ async fn session(client: TcpStream, server: TcpStream, route: &Route, ctx: &Ctx)
     ctx.metrics.active.inc();
     let end = relay(&client, &server, &route.token, &ctx.metrics).await;
     ctx.metrics.active.dec();
+    close_reason(end, route)
+}
+
+fn close_reason(end: End, route: &Route) -> CloseReason {
     match end {
         // The sockets may have been cut before the task saw the cancel.
         _ if route.token.is_cancelled() || route.sockets.is_severed() => CloseReason::Severed,
@@ -157,6 +161,59 @@ async fn session(client: TcpStream, server: TcpStream, route: &Route, ctx: &Ctx)
             CloseReason::IoError
         }
     }
+}
+
+/// Like [`serve`], relaying over io_uring: must run inside a tokio-uring runtime.
+pub async fn serve_uring(mut client: TcpStream, ctx: &Ctx) {
+    tune(&client, ctx.config.keepalive.as_ref());
+    let reason = match prepare(&mut client, ctx).await {
+        Ok(Prepared::Done(reason)) => reason,
+        Ok(Prepared::Session { server, route }) => session_uring(client, server, &route, ctx).await,
+        Err(r) => {
+            send_error_and_close(client, r.code, &r.message).await;
+            r.reason
+        }
+    };
+    ctx.metrics.closed(reason);
+}
+
+async fn session_uring(
+    client: TcpStream,
+    server: TcpStream,
+    route: &Route,
+    ctx: &Ctx,
+) -> CloseReason {
+    let _task = route.sessions.token();
+    // The sockets leave the epoll reactor for the ring; extra handles on them serve the
+    // sever registry and half-closes.
+    let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
+        return CloseReason::IoError;
+    };
+    let (Ok(client_ctl), Ok(server_ctl)) = (client.try_clone(), server.try_clone()) else {
+        return CloseReason::IoError;
+    };
+    let (client_ctl, server_ctl) = (Arc::new(client_ctl), Arc::new(server_ctl));
+    let Some(_registration) = route
+        .sockets
+        .register(client_ctl.clone(), server_ctl.clone())
+    else {
+        return CloseReason::Severed;
+    };
+    if route.token.is_cancelled() {
+        return CloseReason::Severed;
+    }
+    ctx.metrics.active.inc();
+    let end = crate::uring::relay(
+        client,
+        server,
+        &client_ctl,
+        &server_ctl,
+        &route.token,
+        &ctx.metrics,
+    )
+    .await;
+    ctx.metrics.active.dec();
+    close_reason(end, route)
 }
 
 fn no_master(why: NoMaster) -> Reject {

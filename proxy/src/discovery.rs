@@ -108,14 +108,21 @@ impl Discovery {
     /// the moment the read was sent. Returns the clusterdata revision read.
     async fn check(&self, st: &mut State) -> Option<i64> {
         let sent = Instant::now();
-        let read = self.store.get_cluster_data().await;
+        let Ok(read) =
+            tokio::time::timeout_at(store_deadline(st), self.store.get_cluster_data()).await
+        else {
+            self.metrics.store_error("timeout");
+            tracing::warn!("clusterdata read still pending at the fence deadline");
+            return None;
+        };
         let (doc, revision) = match read {
             Ok(Some((cd, rev))) => (Ok(Some(cd)), rev),
             Ok(None) => (Ok(None), 0),
             Err(StoreError::Malformed { key, reason }) => {
                 tracing::error!(%key, %reason, "clusterdata cannot be read: not routing");
                 self.metrics.store_error("malformed");
-                (Err(()), self.current_revision().await?)
+                let rev = tokio::time::timeout_at(store_deadline(st), self.current_revision());
+                (Err(()), rev.await.ok().flatten()?)
             }
             Err(e) => {
                 self.metrics.store_error(e.kind());
@@ -204,7 +211,8 @@ impl Discovery {
         let routing = master.is_ok();
         let swapped_at = Instant::now();
         if let Some((old, stats)) = self.routes.apply(st.wanted.generation, master) {
-            let _ = tokio::time::timeout(SEVER_WAIT, old.sessions.wait()).await;
+            let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
+            let _ = tokio::time::timeout_at(until, old.sessions.wait()).await;
             tracing::info!(
                 generation = st.wanted.generation,
                 severed = stats.sessions,
@@ -242,7 +250,12 @@ impl Discovery {
             extra: Default::default(),
         };
         let value = serde_json::to_vec(&info).unwrap_or_default();
-        match st.info.put(value).await {
+        let deadline = store_deadline(st);
+        let put = tokio::time::timeout_at(deadline, st.info.put(value)).await;
+        match put.unwrap_or(Err(StoreError::Timeout {
+            op: "publish proxy info",
+            timeout: Duration::ZERO,
+        })) {
             Ok(_) => {
                 st.published = Some(info.generation);
                 true
@@ -254,6 +267,15 @@ impl Discovery {
             }
         }
     }
+}
+
+/// How long a store call inside the loop may wait: never past the fence deadline, since
+/// the loop cannot fence while it waits. Unbounded (an hour) once fenced.
+fn store_deadline(st: &State) -> Instant {
+    if st.fenced {
+        return Instant::now() + Duration::from_secs(3600);
+    }
+    st.contact.deadline().unwrap_or_else(Instant::now)
 }
 
 async fn next_update(

@@ -10,3 +10,4 @@ pub mod protocol;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod uring;

@@ -7,9 +7,9 @@ use arc_swap::ArcSwap;
 use control::model::ClusterData;
 use std::collections::HashMap;
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -81,15 +81,27 @@ pub struct Route {
     pub sockets: Arc<SessionSockets>,
 }
 
+/// A handle on a session's socket, whatever engine relays it.
+pub type SocketHandle = Arc<dyn AsFd + Send + Sync>;
+
 /// Live sessions' (client, server) sockets by session id.
-type SocketMap = HashMap<u64, (Arc<TcpStream>, Arc<TcpStream>)>;
+type SocketMap = HashMap<u64, (SocketHandle, SocketHandle)>;
 
 /// The client and server sockets of the live sessions of one route.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SessionSockets {
     next: AtomicU64,
     /// `None` once severed: later registrations are refused.
     live: Mutex<Option<SocketMap>>,
+}
+
+impl std::fmt::Debug for SessionSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let live = self.lock().as_ref().map(|m| m.len());
+        f.debug_struct("SessionSockets")
+            .field("live", &live)
+            .finish()
+    }
 }
 
 /// Unregisters a session's sockets when the session ends.
@@ -127,8 +139,8 @@ impl SessionSockets {
     /// relay).
     pub fn register(
         self: &Arc<Self>,
-        client: Arc<TcpStream>,
-        server: Arc<TcpStream>,
+        client: SocketHandle,
+        server: SocketHandle,
     ) -> Option<Registration> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.lock().as_mut()?.insert(id, (client, server));
@@ -147,11 +159,11 @@ impl SessionSockets {
             return SeverStats::default();
         };
         for (client, _) in map.values() {
-            let _ = socket2::SockRef::from(&**client).shutdown(Shutdown::Both);
+            let _ = socket2::SockRef::from(&client.as_fd()).shutdown(Shutdown::Both);
         }
         let clients_cut = start.elapsed();
         for (_, server) in map.values() {
-            let _ = socket2::SockRef::from(&**server).shutdown(Shutdown::Both);
+            let _ = socket2::SockRef::from(&server.as_fd()).shutdown(Shutdown::Both);
         }
         SeverStats {
             sessions: map.len(),

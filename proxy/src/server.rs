@@ -24,6 +24,9 @@ pub enum Engine {
     TokioTpc,
     /// One multi-thread tokio runtime.
     TokioMt,
+    /// A tokio-uring runtime per core relaying over io_uring; falls back to tokio-tpc
+    /// where io_uring is unavailable.
+    IoUring,
 }
 
 impl Engine {
@@ -70,20 +73,41 @@ pub fn start(
     listen: &Listen,
     shared: Arc<Shared>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-    let engine = listen.engine.resolve();
+    let mut engine = listen.engine.resolve();
+    if engine == Engine::IoUring {
+        if let Err(e) = crate::uring::probe() {
+            tracing::warn!(error = %e, "io_uring is unavailable here: falling back to tokio-tpc (epoll)");
+            engine = Engine::TokioTpc;
+        }
+    }
     tracing::info!(?engine, threads = listen.threads, addr = %listen.addr, "relay engine");
     let mut handles = Vec::new();
+    let (addr, grace) = (listen.addr, listen.grace);
     match engine {
         Engine::TokioTpc | Engine::Auto => {
             for i in 0..listen.threads.max(1) {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                let (shared, addr, grace) = (shared.clone(), listen.addr, listen.grace);
+                let shared = shared.clone();
                 handles.push(
                     std::thread::Builder::new()
                         .name(format!("relay-{i}"))
-                        .spawn(move || rt.block_on(run_listener(addr, true, shared, grace)))?,
+                        .spawn(move || {
+                            rt.block_on(run_listener(addr, true, shared, grace, false))
+                        })?,
+                );
+            }
+        }
+        Engine::IoUring => {
+            for i in 0..listen.threads.max(1) {
+                let shared = shared.clone();
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("uring-{i}"))
+                        .spawn(move || {
+                            tokio_uring::start(run_listener(addr, true, shared, grace, true))
+                        })?,
                 );
             }
         }
@@ -93,20 +117,25 @@ pub fn start(
                 .thread_name("relay")
                 .enable_all()
                 .build()?;
-            let (addr, grace) = (listen.addr, listen.grace);
             handles.push(
                 std::thread::Builder::new()
                     .name("relay-main".into())
-                    .spawn(move || rt.block_on(run_listener(addr, false, shared, grace)))?,
+                    .spawn(move || rt.block_on(run_listener(addr, false, shared, grace, false)))?,
             );
         }
     }
     Ok(handles)
 }
 
-async fn run_listener(addr: SocketAddr, reuse_port: bool, shared: Arc<Shared>, grace: Duration) {
+async fn run_listener(
+    addr: SocketAddr,
+    reuse_port: bool,
+    shared: Arc<Shared>,
+    grace: Duration,
+    uring: bool,
+) {
     let tracker = TaskTracker::new();
-    accept_loop(addr, reuse_port, &shared, &tracker).await;
+    accept_loop(addr, reuse_port, &shared, &tracker, uring).await;
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -129,7 +158,13 @@ async fn wait_listening(rx: &mut watch::Receiver<bool>, stop: &CancellationToken
     }
 }
 
-async fn accept_loop(addr: SocketAddr, reuse_port: bool, shared: &Shared, tracker: &TaskTracker) {
+async fn accept_loop(
+    addr: SocketAddr,
+    reuse_port: bool,
+    shared: &Shared,
+    tracker: &TaskTracker,
+    uring: bool,
+) {
     let mut listening = shared.listening.clone();
     let stop = &shared.stop_accepting;
     'outer: loop {
@@ -158,7 +193,7 @@ async fn accept_loop(addr: SocketAddr, reuse_port: bool, shared: &Shared, tracke
                     }
                 }
                 r = listener.accept() => match r {
-                    Ok((sock, _peer)) => admit(sock, shared, tracker),
+                    Ok((sock, _peer)) => admit(sock, shared, tracker, uring),
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
@@ -170,10 +205,17 @@ async fn accept_loop(addr: SocketAddr, reuse_port: bool, shared: &Shared, tracke
     }
 }
 
-fn admit(sock: TcpStream, shared: &Shared, tracker: &TaskTracker) {
+fn admit(sock: TcpStream, shared: &Shared, tracker: &TaskTracker, uring: bool) {
     let ctx = shared.ctx.clone();
     ctx.metrics.accepted.inc();
     match shared.limit.clone().try_acquire_owned() {
+        Ok(permit) if uring => {
+            // io_uring streams are not Send: the session stays on this runtime's LocalSet.
+            tracker.spawn_local(async move {
+                conn::serve_uring(sock, &ctx).await;
+                drop(permit);
+            });
+        }
         Ok(permit) => {
             tracker.spawn(async move {
                 conn::serve(sock, &ctx).await;

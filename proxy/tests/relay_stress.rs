@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 async fn ping_pong(sessions: usize, round_trips: usize) {
     let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (baddr, faddr) = (backend.local_addr().expect("addr"), front.local_addr().expect("addr"));
+    let (baddr, faddr) = (
+        backend.local_addr().expect("addr"),
+        front.local_addr().expect("addr"),
+    );
     // The backend answers each 5-byte request with a 20-byte reply, like a tiny query.
     tokio::spawn(async move {
         while let Ok((mut s, _)) = backend.accept().await {

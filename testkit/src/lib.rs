@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod ports;
 pub mod postgres;
 pub mod process;
+pub mod seccomp;
 pub mod tls;
 
 pub use etcd::Etcd;

@@ -1,0 +1,121 @@
+//! Discovery and fencing over the in-memory store on a paused clock: the proxy fences
+//! within proxyTimeout of its last contact even when store calls hang instead of failing,
+//! and routes again once the store answers.
+
+use control::model::ClusterData;
+use control::store::mem::{Faults, MemStore};
+use control::store::{ClusterStore, Store};
+use proxy::discovery::Discovery;
+use proxy::metrics::Metrics;
+use proxy::route::{NoMaster, Routes};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+fn doc() -> ClusterData {
+    let v = serde_json::json!({
+        "formatVersion": 1,
+        "cluster": {"uid": "c", "spec": {"initMode": "new", "proxyCheckInterval": "500ms", "proxyTimeout": "3s"}},
+        "dbs": {"db0": {"uid": "db0", "status": {"listenAddress": "127.0.0.1", "port": "5432"}}},
+        "proxy": {"generation": 1, "spec": {"masterDbUid": "db0", "enabledProxies": ["p1"]}}
+    });
+    ClusterData::from_json(v.to_string().as_bytes()).expect("doc")
+}
+
+struct Sim {
+    mem: MemStore,
+    routes: Arc<Routes>,
+    listening: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
+}
+
+async fn start() -> Sim {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let cs = ClusterStore::new(store, "stolon/cluster", "sim");
+    cs.put_cluster_data(&doc(), 0, None).await.expect("put");
+    let routes = Arc::new(Routes::default());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
+    let d = Discovery {
+        store: cs,
+        uid: "p1".into(),
+        routes: routes.clone(),
+        metrics: Arc::new(Metrics::default()),
+        listening: tx,
+        stop_listening: true,
+    };
+    tokio::spawn(d.run(stop.clone()));
+    Sim {
+        mem,
+        routes,
+        listening: rx,
+        stop,
+    }
+}
+
+async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() <= limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+async fn fences_then_recovers(faults: Option<Faults>) {
+    let sim = start().await;
+    let routed = |s: &Sim| s.routes.load().master.is_ok();
+    assert!(
+        wait_until(Duration::from_secs(2), || routed(&sim))
+            .await
+            .is_some(),
+        "routes"
+    );
+    assert!(*sim.listening.borrow());
+    let outage = Instant::now();
+    match &faults {
+        Some(f) => sim.mem.set_faults(f.clone()),
+        None => sim.mem.set_unavailable(true),
+    }
+    // Last contact was at most one check interval before the outage: fenced by then + 3s.
+    let fenced = wait_until(Duration::from_secs(4), || {
+        matches!(sim.routes.load().master, Err(NoMaster::StoreLost))
+    })
+    .await;
+    let fenced = fenced.expect("not fenced within proxyTimeout of the outage");
+    assert!(
+        fenced <= Duration::from_millis(3010),
+        "fenced {fenced:?} after the outage"
+    );
+    assert!(
+        fenced >= Duration::from_millis(2400),
+        "fenced too early: {fenced:?}"
+    );
+    assert!(!*sim.listening.borrow(), "stopped listening");
+    assert!(outage.elapsed() < Duration::from_secs(4));
+    sim.mem.set_faults(Faults::default());
+    sim.mem.set_unavailable(false);
+    // Calls that were hanging finish within their delay; after that it routes again.
+    let back = wait_until(Duration::from_secs(90), || routed(&sim)).await;
+    assert!(back.is_some(), "routes again after the store returns");
+    assert!(*sim.listening.borrow());
+    sim.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn fences_when_store_calls_fail() {
+    fences_then_recovers(None).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fences_when_store_calls_hang() {
+    let hang = Faults {
+        delay: Some((Duration::from_secs(60), Duration::from_secs(61))),
+        ..Default::default()
+    };
+    fences_then_recovers(Some(hang)).await;
+}

@@ -1,0 +1,100 @@
+//! Every relay engine serves real PostgreSQL traffic; the io_uring engine falls back to
+//! epoll, and says so, when io_uring_setup is denied by a seccomp filter.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use testkit::{free_port, ChildGuard};
+
+async fn serves_with(engine: &str) -> String {
+    let s = Setup::new(1).await;
+    s.route_to("db0", &["p1"], 1).await;
+    let proxy = Proxy::spawn(&s.etcd, "p1", &["--engine", engine]);
+    assert!(
+        wait_routed(&proxy, s.pgs[0].port()).await,
+        "{}",
+        proxy.log_text()
+    );
+    // Some traffic, severing included.
+    let c = proxy.connect().await.expect("connect");
+    for i in 0..200 {
+        let row = c
+            .query_one("select $1::int + 1", &[&i])
+            .await
+            .expect("query");
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+    }
+    s.route_to("", &["p1"], 2).await;
+    assert!(
+        wait_for(Duration::from_secs(3), || async {
+            c.simple_query("select 1").await.is_err()
+        })
+        .await
+    );
+    proxy.log_text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_mt_engine_serves() {
+    let log = serves_with("tokio-mt").await;
+    assert!(log.contains("TokioMt"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_uring_engine_serves_where_available() {
+    if let Err(e) = proxy::uring::probe() {
+        eprintln!("io_uring unavailable here ({e}): the fallback test covers this machine");
+        return;
+    }
+    let log = serves_with("io-uring").await;
+    assert!(log.contains("IoUring"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_uring_denied_by_seccomp_falls_back_to_epoll_and_serves() {
+    let s = Setup::new(1).await;
+    s.route_to("db0", &["p1"], 1).await;
+    let port = free_port();
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-proxy"));
+    cmd.args([
+        "--cluster-name",
+        CLUSTER,
+        "--store-endpoints",
+        &s.etcd.endpoint(),
+    ])
+    .args([
+        "--port",
+        &port.0.to_string(),
+        "--uid",
+        "p1",
+        "--engine",
+        "io-uring",
+    ])
+    .stdin(Stdio::null())
+    .stdout(log.reopen().expect("log"))
+    .stderr(log.reopen().expect("log"));
+    testkit::seccomp::deny_syscalls(&mut cmd, &[testkit::seccomp::SYS_IO_URING_SETUP])
+        .expect("seccomp");
+    let _child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
+        port.0
+    );
+    let served = wait_for(Duration::from_secs(15), || async {
+        match connect(&conninfo).await {
+            Ok(c) => server_port(&c).await.ok() == Some(s.pgs[0].port()),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(served, "{text}");
+    assert!(text.contains("io_uring is unavailable here"), "{text}");
+    assert!(
+        text.contains("TokioTpc"),
+        "the engine it fell back to is logged: {text}"
+    );
+}
