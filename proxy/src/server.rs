@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
-    /// Chosen by measurement (see README): currently tokio-tpc.
+    /// Chosen by measurement: tokio-tpc. In `loadtest compare` (README, Benchmarks) the
+    /// tokio-uring engine was not faster on any workload and slower at one client.
     Auto,
     /// A current-thread tokio runtime per core with SO_REUSEPORT listeners.
     TokioTpc,
