@@ -7,28 +7,14 @@ use proxy::route::{NoMaster, Routes};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-fn startup_packet() -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in [
+fn parser(c: &mut Criterion) {
+    let startup = protocol::startup_message(&[
         ("user", "app_user"),
         ("database", "orders"),
         ("application_name", "pgbench"),
         ("client_encoding", "UTF8"),
         ("DateStyle", "ISO"),
-    ] {
-        body.extend(k.as_bytes());
-        body.push(0);
-        body.extend(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    p.extend(body);
-    p
-}
-
-fn parser(c: &mut Criterion) {
-    let startup = startup_packet();
+    ]);
     let ssl = [0u8, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
     let mut g = c.benchmark_group("startup_parser");
     g.bench_function("startup_message_5_params", |b| {

@@ -65,22 +65,14 @@ fn start_fake_backend() -> Result<(u16, std::thread::JoinHandle<()>)> {
     Ok((port, handle))
 }
 
-fn startup_packet() -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for kv in ["user", "postgres", "database", "postgres"] {
-        body.extend(kv.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    p.extend(body);
-    p
-}
-
 /// Opens a session and reads until ReadyForQuery.
 async fn open_session(port: u16) -> Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(&startup_packet()).await?;
+    s.write_all(&proxy::protocol::startup_message(&[
+        ("user", "postgres"),
+        ("database", "postgres"),
+    ]))
+    .await?;
     loop {
         let mut head = [0u8; 5];
         s.read_exact(&mut head).await?;
@@ -165,7 +157,7 @@ pub fn run(opts: &Options) -> Result<()> {
     println!(
         "### sever time, {} sessions, {} tries, engine {}, backend {}\n\n\
          | measure | p50 | p99 | max |\n|---|---|---|---|\n\
-         | clusterdata write returned -> last session closed (ms) | {:.2} | {:.2} | {:.2} |\n\
+         | clusterdata write returned -> last session closed (ms; 0: closed before the write's reply arrived) | {:.2} | {:.2} | {:.2} |\n\
          | watch event -> every client socket shut down (FIN sent), proxy log (ms) | {:.2} | {:.2} | {:.2} |\n\
          | watch event -> every session task ended, proxy log (ms) | {:.2} | {:.2} | {:.2} |\n\
          | proxy RSS per idle session (KiB) | {:.2} | {:.2} | {:.2} |\n",

@@ -135,6 +135,21 @@ fn parse_startup_message(version: u32, body: &[u8]) -> Result<Startup<'_>, Parse
     }
 }
 
+/// A protocol 3.0 StartupMessage with these parameters (clients, tests and benchmarks).
+pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (u32::from(PROTOCOL_MAJOR) << 16).to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend(k.as_bytes());
+        body.push(0);
+        body.extend(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(body);
+    packet
+}
+
 /// An ErrorResponse ('E') with severity FATAL, the SQLSTATE and the message, as the server
 /// sends it before closing (fields S, V, C, M; zero-terminated).
 pub fn error_response(sqlstate: &str, message: &str) -> Vec<u8> {

@@ -6,8 +6,10 @@
 
 use crate::metrics::{Direction, Metrics};
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +40,20 @@ pub async fn relay(
 ) -> End {
     let c2s = pipe(client, server, metrics, Direction::ClientToServer);
     let s2c = pipe(server, client, metrics, Direction::ServerToClient);
+    drive(c2s, s2c, client, server, token).await
+}
+
+/// The session state machine every engine shares: runs both directions; when one reaches
+/// EOF its half-close is passed on (shutdown of the other side's write) and the other
+/// direction goes on, so an answer in flight still arrives. Ends when both are done, on
+/// the first error, or at once when `token` is cancelled.
+pub async fn drive(
+    c2s: impl Future<Output = io::Result<()>>,
+    s2c: impl Future<Output = io::Result<()>>,
+    client: &impl AsFd,
+    server: &impl AsFd,
+    token: &CancellationToken,
+) -> End {
     tokio::pin!(c2s, s2c);
     let (mut c_done, mut s_done) = (false, false);
     loop {

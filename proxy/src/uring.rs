@@ -10,7 +10,6 @@
 use crate::metrics::{Direction, Metrics};
 use crate::relay::End;
 use std::io;
-use std::net::Shutdown;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -39,26 +38,7 @@ pub async fn relay(
     let s = tokio_uring::net::TcpStream::from_std(server);
     let c2s = pipe(&c, &s, metrics, Direction::ClientToServer);
     let s2c = pipe(&s, &c, metrics, Direction::ServerToClient);
-    tokio::pin!(c2s, s2c);
-    let (mut c_done, mut s_done) = (false, false);
-    loop {
-        tokio::select! {
-            biased;
-            _ = token.cancelled() => return End::Severed,
-            r = &mut c2s, if !c_done => {
-                if let Err(e) = r { return End::Error(e) }
-                c_done = true;
-                let _ = server_ctl.shutdown(Shutdown::Write);
-                if s_done { return End::ClientClosed }
-            }
-            r = &mut s2c, if !s_done => {
-                if let Err(e) = r { return End::Error(e) }
-                s_done = true;
-                let _ = client_ctl.shutdown(Shutdown::Write);
-                if c_done { return End::ServerClosed }
-            }
-        }
-    }
+    crate::relay::drive(c2s, s2c, client_ctl, server_ctl, token).await
 }
 
 async fn pipe(

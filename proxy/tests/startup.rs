@@ -41,20 +41,6 @@ fn parse_error(bytes: &[u8]) -> (String, String) {
     (code, msg)
 }
 
-fn startup_packet(user: &str) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", "postgres")] {
-        body.extend(k.as_bytes());
-        body.push(0);
-        body.extend(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    p.extend(body);
-    p
-}
-
 async fn routed(extra: &[&str]) -> (Setup, Proxy) {
     let s = Setup::new(1).await;
     s.route_to("db0", &["p1"], 1).await;
@@ -107,7 +93,11 @@ async fn gssenc_request_gets_n_then_the_startup_goes_through() {
     let mut one = [0u8; 1];
     c.read_exact(&mut one).expect("answer");
     assert_eq!(&one, b"N");
-    c.write_all(&startup_packet("postgres")).expect("startup");
+    c.write_all(&proxy::protocol::startup_message(&[
+        ("user", "postgres"),
+        ("database", "postgres"),
+    ]))
+    .expect("startup");
     let mut head = [0u8; 9];
     c.read_exact(&mut head)
         .expect("auth answer from PostgreSQL");

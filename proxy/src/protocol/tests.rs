@@ -95,6 +95,12 @@ fn startup_message_3_0_and_3_2() {
 }
 
 #[test]
+fn startup_message_builder_matches_the_layout() {
+    let params = [("user", "app"), ("database", "db1")];
+    assert_eq!(startup_message(&params), startup(196_608, &params));
+}
+
+#[test]
 fn direct_tls_client_hello() {
     let hello = [0x16, 0x03, 0x01, 0x00, 0xf4, 0x01];
     for n in 1..hello.len() {
