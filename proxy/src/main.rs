@@ -183,8 +183,15 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
     });
     tokio::select! {
         _ = drained => {}
-        _ = term.recv() => tracing::warn!("second SIGTERM: exiting now"),
-        _ = int.recv() => tracing::warn!("SIGINT: exiting now"),
+        // Exit for real: returning would wait for the draining threads.
+        _ = term.recv() => {
+            tracing::warn!("second SIGTERM: exiting now");
+            std::process::exit(0);
+        }
+        _ = int.recv() => {
+            tracing::warn!("SIGINT: exiting now");
+            std::process::exit(0);
+        }
     }
     stop_discovery.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), discovery).await;

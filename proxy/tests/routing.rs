@@ -86,7 +86,12 @@ async fn no_master_not_enabled_and_unknown_db_are_refused_with_57p03() {
         .await
     );
     let err = proxy.connect().await.expect_err("refused");
-    let db = err.as_db_error().expect("an ErrorResponse, not a reset");
+    let db = err.as_db_error().unwrap_or_else(|| {
+        panic!(
+            "an ErrorResponse, not a reset: {err:?}\n{}",
+            proxy.log_text()
+        )
+    });
     assert_eq!(db.code().code(), "57P03");
     assert!(
         db.message().contains("no primary available"),
@@ -175,7 +180,7 @@ async fn unreachable_master_is_08006() {
     let proxy = Proxy::spawn(&s.etcd, "p1", &[]);
     assert!(
         wait_for(Duration::from_secs(10), || async {
-            proxy.http_get("/health").0 == 200
+            proxy.http_get("/health").0 == 200 && proxy_listens(&proxy)
         })
         .await
     );

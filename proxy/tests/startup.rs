@@ -147,7 +147,7 @@ async fn ssl_is_passed_through_end_to_end() {
     let proxy = Proxy::spawn(&etcd, "p1", &[]);
     assert!(
         wait_for(Duration::from_secs(10), || async {
-            proxy.http_get("/health").0 == 200
+            proxy.http_get("/health").0 == 200 && proxy_listens(&proxy)
         })
         .await
     );
@@ -203,6 +203,25 @@ async fn sigterm_drains_and_sigint_exits_at_once() {
         wait_exit(&mut proxy.child, Duration::from_secs(10)),
         "exits once drained"
     );
+
+    // SIGINT while a drain is still waiting on a session: exits at once all the same.
+    let (_s3, mut proxy3) = routed(&["--shutdown-grace", "60s"]).await;
+    let session = proxy3.connect().await.expect("connect");
+    proxy3
+        .child
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .expect("term");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!proxy3.child.exited(), "draining");
+    proxy3
+        .child
+        .signal(nix::sys::signal::Signal::SIGINT)
+        .expect("int");
+    assert!(
+        wait_exit(&mut proxy3.child, Duration::from_secs(3)),
+        "SIGINT during a drain exits at once"
+    );
+    drop(session);
 
     let (_s2, mut proxy2) = routed(&["--shutdown-grace", "60s"]).await;
     let session = proxy2.connect().await.expect("connect");

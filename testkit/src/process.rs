@@ -14,8 +14,11 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
-    /// Spawns `cmd` as the leader of a new process group.
+    /// Spawns `cmd` as the leader of a new process group. The child also gets SIGKILL if
+    /// the spawning thread dies (a test run killed by a timeout skips every Drop, and its
+    /// servers would otherwise live on, holding ports).
     pub fn spawn(name: &str, cmd: &mut Command) -> std::io::Result<Self> {
+        die_with_parent(cmd);
         let child = cmd.process_group(0).spawn()?;
         Ok(ChildGuard {
             child: Some(child),
@@ -79,5 +82,17 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: runs between fork and exec; prctl(PR_SET_PDEATHSIG) is a single syscall that
+    // neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
     }
 }

@@ -239,3 +239,9 @@ pub async fn connect_error_code(proxy: &Proxy) -> Option<String> {
         Err(e) => e.as_db_error().map(|d| d.code().code().to_string()),
     }
 }
+
+/// The client port accepts connections. /health can answer 200 a moment before the
+/// listener threads have bound the port.
+pub fn proxy_listens(proxy: &Proxy) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).is_ok()
+}
