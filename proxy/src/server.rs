@@ -70,10 +70,27 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
 
 /// Starts the engine's threads; each returns when accepting stopped and its sessions
 /// drained (or the grace period ran out).
+/// Fails if something already listens on `addr`. The per-core listeners use SO_REUSEPORT,
+/// which would otherwise silently share the port with any other process of the same user
+/// that listens with it too (an old proxy, an HAProxy), splitting the clients between them.
+pub fn check_port_free(addr: SocketAddr) -> std::io::Result<()> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(probe) => {
+            drop(probe);
+            Ok(())
+        }
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr}: {e} (is another proxy or server using it?)"),
+        )),
+    }
+}
+
 pub fn start(
     listen: &Listen,
     shared: Arc<Shared>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    check_port_free(listen.addr)?;
     let mut engine = listen.engine.resolve();
     if engine == Engine::IoUring {
         if let Err(e) = crate::uring::probe() {

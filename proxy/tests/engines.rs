@@ -98,3 +98,37 @@ async fn io_uring_denied_by_seccomp_falls_back_to_epoll_and_serves() {
         "the engine it fell back to is logged: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_to_share_a_port_another_process_listens_on() {
+    let s = Setup::new(0).await;
+    // Another listener with SO_REUSEPORT, as HAProxy binds.
+    let port = free_port();
+    let other =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    other.set_reuse_port(true).expect("reuseport");
+    other
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port.0)).into())
+        .expect("bind");
+    other.listen(16).expect("listen");
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-proxy"));
+    cmd.args([
+        "--cluster-name",
+        CLUSTER,
+        "--store-endpoints",
+        &s.etcd.endpoint(),
+    ])
+    .args(["--port", &port.0.to_string(), "--uid", "p1"])
+    .stdin(Stdio::null())
+    .stdout(log.reopen().expect("log"))
+    .stderr(log.reopen().expect("log"));
+    let mut child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn");
+    let start = std::time::Instant::now();
+    while !child.exited() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(child.exited(), "must not start on a port in use: {text}");
+    assert!(text.contains("cannot listen on"), "{text}");
+}
