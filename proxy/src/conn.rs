@@ -43,6 +43,9 @@ struct Reject {
     code: &'static str,
     message: String,
     reason: CloseReason,
+    /// The client speaks TLS already (direct TLS): an ErrorResponse would land inside its
+    /// handshake, so it only gets a clean close.
+    silent: bool,
 }
 
 fn reject(code: &'static str, message: impl Into<String>, reason: CloseReason) -> Reject {
@@ -50,6 +53,7 @@ fn reject(code: &'static str, message: impl Into<String>, reason: CloseReason) -
         code,
         message: message.into(),
         reason,
+        silent: false,
     }
 }
 
@@ -78,7 +82,8 @@ pub async fn serve(mut client: TcpStream, ctx: &Ctx) {
         Ok(Prepared::Session { server, route }) => session(client, server, &route, ctx).await,
         Err(r) => {
             tracing::debug!(code = r.code, message = %r.message, "rejecting client");
-            send_error_and_close(client, r.code, &r.message).await;
+            let message = (!r.silent).then_some((r.code, r.message.as_str()));
+            close_with(client, message).await;
             r.reason
         }
     };
@@ -118,7 +123,11 @@ async fn prepare(client: &mut TcpStream, ctx: &Ctx) -> Result<Prepared, Reject> 
     let route = ctx.routes.load();
     let master = match &route.master {
         Ok(m) => m.clone(),
-        Err(why) => return Err(no_master(*why)),
+        Err(why) => {
+            let mut r = no_master(*why);
+            r.silent = bytes.first() == Some(&protocol::TLS_HANDSHAKE);
+            return Err(r);
+        }
     };
     let mut server = connect(&master, ctx.config.connect_timeout).await?;
     tune(&server, None);
@@ -170,7 +179,8 @@ pub async fn serve_uring(mut client: TcpStream, ctx: &Ctx) {
         Ok(Prepared::Done(reason)) => reason,
         Ok(Prepared::Session { server, route }) => session_uring(client, server, &route, ctx).await,
         Err(r) => {
-            send_error_and_close(client, r.code, &r.message).await;
+            let message = (!r.silent).then_some((r.code, r.message.as_str()));
+            close_with(client, message).await;
             r.reason
         }
     };
@@ -310,10 +320,17 @@ async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
 /// Sends the ErrorResponse, then closes without a reset: shut down our side, and read and
 /// discard what the client still sends for a short while, so unread input does not turn
 /// the close into an RST that could destroy the error message in flight.
-pub async fn send_error_and_close(mut client: TcpStream, code: &str, message: &str) {
-    let msg = protocol::error_response(code, message);
-    if client.write_all(&msg).await.is_err() {
-        return;
+pub async fn send_error_and_close(client: TcpStream, code: &str, message: &str) {
+    close_with(client, Some((code, message))).await;
+}
+
+/// Closes cleanly, after an ErrorResponse when one is given.
+async fn close_with(mut client: TcpStream, error: Option<(&str, &str)>) {
+    if let Some((code, message)) = error {
+        let msg = protocol::error_response(code, message);
+        if client.write_all(&msg).await.is_err() {
+            return;
+        }
     }
     let _ = client.shutdown().await;
     let mut sink = [0u8; 1024];

@@ -246,3 +246,24 @@ fn wait_exit(child: &mut testkit::ChildGuard, limit: Duration) -> bool {
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_without_a_master_gets_a_clean_close_not_an_error_inside_tls() {
+    let s = Setup::new(1).await;
+    s.route_to("", &["p1"], 1).await;
+    let proxy = Proxy::spawn(&s.etcd, "p1", &[]);
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            connect_error_code(&proxy).await.as_deref() == Some("57P03")
+        })
+        .await
+    );
+    let mut c = raw(&proxy);
+    // The start of a TLS ClientHello record.
+    c.write_all(&[0x16, 0x03, 0x01, 0x00, 0x20, 0x01, 0x00, 0x00, 0x1c])
+        .expect("write");
+    assert!(
+        read_to_eof(&mut c).is_empty(),
+        "nothing written into the TLS stream"
+    );
+}
