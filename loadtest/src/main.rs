@@ -33,7 +33,7 @@ enum Cmd {
         /// pgbench scale factor
         #[arg(long, default_value_t = 10)]
         scale: u32,
-        /// stolon-proxy engines to run (comma list)
+        /// stolon-proxy engines to run (comma list; `engine:threads` pins the thread count)
         #[arg(long, default_value = "tokio-tpc,tokio-mt", value_delimiter = ',')]
         engines: Vec<String>,
         /// Leave out HAProxy and PgBouncer

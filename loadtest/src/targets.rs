@@ -89,12 +89,20 @@ pub fn stolon_proxy(
     etcd: &Etcd,
     cluster: &str,
     uid: &str,
-    engine: &str,
+    spec: &str,
     log_dir: &std::path::Path,
 ) -> Result<Target> {
     let port = free_port();
     let log = std::fs::File::create(log_dir.join(format!("{uid}.log")))?;
     let mut cmd = Command::new(proxy_binary()?);
+    // `engine:threads` pins the relay thread count (default: one per core).
+    let (engine_name, threads) = match spec.split_once(':') {
+        Some((e, t)) => (e, Some(t)),
+        None => (spec, None),
+    };
+    if let Some(t) = threads {
+        cmd.args(["--threads", t]);
+    }
     cmd.args([
         "--cluster-name",
         cluster,
@@ -107,7 +115,7 @@ pub fn stolon_proxy(
         "--uid",
         uid,
         "--engine",
-        engine,
+        engine_name,
     ])
     .args(["--log-level", "info", "--log-format", "json"])
     .stdin(Stdio::null())
@@ -116,7 +124,7 @@ pub fn stolon_proxy(
     let mut child = ChildGuard::spawn("stolon-proxy", &mut cmd)?;
     wait_port(port.0, &mut child, "stolon-proxy")?;
     Ok(Target {
-        name: format!("stolon-{engine}"),
+        name: format!("stolon-{spec}"),
         port: port.0,
         pid: Some(child.pid()),
         _guard: Some(child),
