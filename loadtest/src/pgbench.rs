@@ -41,22 +41,17 @@ pub struct Outcome {
     pub transactions: f64,
 }
 
+/// pgbench connecting to `port` as the superuser over TCP.
+fn pgbench(port: u16) -> Command {
+    let mut cmd = Command::new(pg_bin_dir().join("pgbench"));
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .stdin(Stdio::null());
+    cmd
+}
+
 pub fn init(port: u16, scale: u32) -> Result<()> {
-    let out = Command::new(pg_bin_dir().join("pgbench"))
-        .args([
-            "-i",
-            "-q",
-            "-s",
-            &scale.to_string(),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .stdin(Stdio::null())
+    let out = pgbench(port)
+        .args(["-i", "-q", "-s", &scale.to_string(), "postgres"])
         .output()
         .context("running pgbench -i")?;
     if !out.status.success() {
@@ -69,21 +64,10 @@ pub fn init(port: u16, scale: u32) -> Result<()> {
 }
 
 pub fn run(port: u16, workload: &Workload, seconds: u32) -> Result<Outcome> {
-    let out = Command::new(pg_bin_dir().join("pgbench"))
-        .args([
-            "-n",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-T",
-            &seconds.to_string(),
-        ])
+    let out = pgbench(port)
+        .args(["-n", "-T", &seconds.to_string()])
         .args(workload.args)
         .arg("postgres")
-        .stdin(Stdio::null())
         .output()
         .context("running pgbench")?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -137,7 +137,12 @@ fn parse_startup_message(version: u32, body: &[u8]) -> Result<Startup<'_>, Parse
 
 /// A protocol 3.0 StartupMessage with these parameters (clients, tests and benchmarks).
 pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = (u32::from(PROTOCOL_MAJOR) << 16).to_be_bytes().to_vec();
+    startup_packet(u32::from(PROTOCOL_MAJOR) << 16, params)
+}
+
+/// A startup packet with any version code (tests also build invalid ones).
+fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
     for (k, v) in params {
         body.extend(k.as_bytes());
         body.push(0);

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use testkit::{free_port, ChildGuard};
 
@@ -58,24 +57,8 @@ async fn io_uring_denied_by_seccomp_falls_back_to_epoll_and_serves() {
     s.route_to("db0", &["p1"], 1).await;
     let port = free_port();
     let log = tempfile::NamedTempFile::new().expect("log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-proxy"));
-    cmd.args([
-        "--cluster-name",
-        CLUSTER,
-        "--store-endpoints",
-        &s.etcd.endpoint(),
-    ])
-    .args([
-        "--port",
-        &port.0.to_string(),
-        "--uid",
-        "p1",
-        "--engine",
-        "io-uring",
-    ])
-    .stdin(Stdio::null())
-    .stdout(log.reopen().expect("log"))
-    .stderr(log.reopen().expect("log"));
+    let mut cmd = proxy_command(&s.etcd, "p1", port.0, &log);
+    cmd.args(["--engine", "io-uring"]);
     testkit::seccomp::deny_syscalls(&mut cmd, &[testkit::seccomp::SYS_IO_URING_SETUP])
         .expect("seccomp");
     let _child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn");
@@ -112,17 +95,7 @@ async fn refuses_to_share_a_port_another_process_listens_on() {
         .expect("bind");
     other.listen(16).expect("listen");
     let log = tempfile::NamedTempFile::new().expect("log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-proxy"));
-    cmd.args([
-        "--cluster-name",
-        CLUSTER,
-        "--store-endpoints",
-        &s.etcd.endpoint(),
-    ])
-    .args(["--port", &port.0.to_string(), "--uid", "p1"])
-    .stdin(Stdio::null())
-    .stdout(log.reopen().expect("log"))
-    .stderr(log.reopen().expect("log"));
+    let mut cmd = proxy_command(&s.etcd, "p1", port.0, &log);
     let mut child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn");
     let start = std::time::Instant::now();
     while !child.exited() && start.elapsed() < Duration::from_secs(10) {

@@ -8,15 +8,7 @@ fn packet(code: u32, body: &[u8]) -> Vec<u8> {
 }
 
 fn startup(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (k, v) in params {
-        body.extend(k.as_bytes());
-        body.push(0);
-        body.extend(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    packet(version, &body)
+    startup_packet(version, params)
 }
 
 /// The linkerd-style check: every proper prefix is incomplete, the whole packet and any
@@ -96,8 +88,12 @@ fn startup_message_3_0_and_3_2() {
 
 #[test]
 fn startup_message_builder_matches_the_layout() {
-    let params = [("user", "app"), ("database", "db1")];
-    assert_eq!(startup_message(&params), startup(196_608, &params));
+    // Spelled out from the protocol docs: Int32 length, Int32 196608, name\0value\0..., \0.
+    let want: &[u8] = b"\0\0\0\x1f\0\x03\0\0user\0app\0database\0db1\0\0";
+    assert_eq!(
+        startup_message(&[("user", "app"), ("database", "db1")]),
+        want
+    );
 }
 
 #[test]

@@ -27,30 +27,13 @@ impl Proxy {
         let port = free_port();
         let metrics_port = free_port();
         let log = tempfile::NamedTempFile::new().expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-proxy"));
-        cmd.args([
-            "--cluster-name",
-            CLUSTER,
-            "--store-endpoints",
-            &etcd.endpoint(),
-        ])
-        .args([
-            "--port",
-            &port.0.to_string(),
-            "--uid",
-            uid,
-            "--log-level",
-            "debug",
-        ])
-        .args([
-            "--metrics-listen-address",
-            &format!("127.0.0.1:{}", metrics_port.0),
-        ])
-        .args(["--store-timeout", "1s"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log.reopen().expect("log"))
-        .stderr(log.reopen().expect("log"));
+        let mut cmd = proxy_command(etcd, uid, port.0, &log);
+        cmd.args(["--log-level", "debug", "--store-timeout", "1s"])
+            .args([
+                "--metrics-listen-address",
+                &format!("127.0.0.1:{}", metrics_port.0),
+            ])
+            .args(extra);
         let child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn proxy");
         Proxy {
             child,
@@ -91,6 +74,22 @@ impl Proxy {
             .unwrap_or(0);
         (code, out)
     }
+}
+
+/// The stolon-proxy command for this test cluster on `port`, logging to `log`.
+pub fn proxy_command(etcd: &Etcd, uid: &str, port: u16, log: &tempfile::NamedTempFile) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-proxy"));
+    cmd.args([
+        "--cluster-name",
+        CLUSTER,
+        "--store-endpoints",
+        &etcd.endpoint(),
+    ])
+    .args(["--port", &port.to_string(), "--uid", uid])
+    .stdin(Stdio::null())
+    .stdout(log.reopen().expect("log"))
+    .stderr(log.reopen().expect("log"));
+    cmd
 }
 
 pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
