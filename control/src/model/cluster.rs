@@ -62,8 +62,53 @@ pub struct ClusterStatus {
     /// The master db's UID.
     #[serde(default, skip_serializing_if = "is_default")]
     pub master: String,
+    /// Ours: the progress of the last planned switchover (store-format.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<SwitchoverStatus>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A planned switchover request, written by `stolonctl switchover` to `P/switchover`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverRequest {
+    #[serde(rename = "targetKeeperUID")]
+    pub target_keeper_uid: String,
+    pub requested_at: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchoverPhase {
+    /// Proxies fenced; the old master is being stopped cleanly and turned into a standby.
+    Stopping,
+    /// The target was promoted.
+    Completed,
+    /// Refused or abandoned; `reason` says why.
+    Failed,
+}
+
+/// Progress of a planned switchover, kept in `cluster.status.switchover`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverStatus {
+    #[serde(rename = "targetKeeperUID")]
+    pub target_keeper_uid: String,
+    /// Identifies the request this status answers.
+    pub requested_at: Timestamp,
+    pub phase: SwitchoverPhase,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub old_master_db_uid: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub target_db_uid: String,
+    /// The old master's last WAL position once it stopped; the target is promoted only
+    /// after replaying up to here.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub stop_position: u64,
+    pub started_at: Timestamp,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

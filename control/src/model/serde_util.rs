@@ -197,6 +197,22 @@ impl Timestamp {
     pub fn now() -> Self {
         Timestamp(OffsetDateTime::now_utc())
     }
+
+    /// `self + d`, saturating at the ends of the representable range.
+    pub fn plus(self, d: GoDuration) -> Self {
+        Timestamp(self.0.saturating_add(time::Duration::nanoseconds(d.0)))
+    }
+
+    /// How long after `earlier` this is (negative if before), in Go duration units.
+    pub fn since(self, earlier: Timestamp) -> GoDuration {
+        let nanos = (self.0 - earlier.0).whole_nanoseconds();
+        GoDuration(nanos.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+    }
+
+    /// Nanoseconds since the Unix epoch (for deterministic identifiers).
+    pub fn unix_nanos(self) -> i128 {
+        self.0.unix_timestamp_nanos()
+    }
 }
 
 impl Serialize for Timestamp {

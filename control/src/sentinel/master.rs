@@ -1,0 +1,204 @@
+//! Phase normal: detect a failed master, elect the best standby, and keep the master's spec
+//! in line with the cluster spec.
+
+use super::health::converged;
+use super::{ReasonKind, Round};
+use crate::model::{ClusterRole, Db, DbRole, DbSpec, FollowConfig, FollowType};
+
+impl Round<'_> {
+    pub(super) fn normal(&mut self) {
+        self.update_proxies_enabled();
+        if self.switchover_step() {
+            return;
+        }
+        let master = self.cd.cluster.status.master.clone();
+        if let Some(why) = self.master_failure(&master) {
+            self.reason(ReasonKind::MasterFailed, format!("master {master}: {why}"));
+            match self.candidates(&master).first().cloned() {
+                Some(new) => self.failover(&master, &new),
+                None => {
+                    let why = self.no_candidate_reason(&master);
+                    self.reason(ReasonKind::NoEligibleStandby, why);
+                }
+            }
+        }
+        let master = self.cd.cluster.status.master.clone();
+        if !self.cd.dbs.contains_key(&master) {
+            return;
+        }
+        self.update_master_spec(&master);
+        self.remove_dead_keepers(&master);
+        self.update_standbys(&master);
+        self.update_sync_standbys(&master);
+        self.publish_master(&master);
+    }
+
+    /// Why the master counts as failed, if it does.
+    fn master_failure(&self, master: &str) -> Option<String> {
+        let Some(db) = self.cd.dbs.get(master) else {
+            return Some("no such db".into());
+        };
+        if self.db_failed(master) {
+            return Some(format!(
+                "unhealthy for failInterval (keeper {})",
+                db.spec.keeper_uid
+            ));
+        }
+        let timeout = self.cd.cluster.spec.convergence_timeout();
+        if self.unconverged_for(master, timeout) {
+            return Some("not converged within convergenceTimeout".into());
+        }
+        None
+    }
+
+    /// Standbys that may become master, best first: healthy, converged, same system id, on
+    /// the master's timeline, keeper allowed to be master; async: lag <= maxStandbyLag;
+    /// sync: in the master's reported in-sync set and in its spec's set. Ordered by the
+    /// highest WAL position, then keeper priority, then UID.
+    pub(super) fn candidates(&self, master: &str) -> Vec<String> {
+        let Some(m) = self.cd.dbs.get(master) else {
+            return Vec::new();
+        };
+        let mut out: Vec<&Db> = self
+            .cd
+            .dbs
+            .values()
+            .filter(|db| db.uid != master && self.eligible(m, db).is_ok())
+            .collect();
+        out.sort_by(|a, b| {
+            b.status
+                .x_log_pos
+                .cmp(&a.status.x_log_pos)
+                .then_with(|| {
+                    self.keeper_rank(&a.spec.keeper_uid)
+                        .cmp(&self.keeper_rank(&b.spec.keeper_uid))
+                })
+        });
+        out.into_iter().map(|db| db.uid.clone()).collect()
+    }
+
+    /// Whether `db` may replace master `m`, or why not.
+    pub(super) fn eligible(&self, m: &Db, db: &Db) -> Result<(), &'static str> {
+        let keeper = self.cd.keepers.get(&db.spec.keeper_uid);
+        if db.spec.role != Some(DbRole::Standby) {
+            return Err("not a standby");
+        }
+        if !self.db_good(&db.uid) {
+            return Err("unhealthy");
+        }
+        if !converged(db) {
+            return Err("not converged");
+        }
+        if keeper.is_none_or(|k| k.status.can_be_master == Some(false)) {
+            return Err("keeper cannot be master");
+        }
+        if !m.status.system_id.is_empty() && db.status.system_id != m.status.system_id {
+            return Err("different system id");
+        }
+        if db.status.timeline_id != m.status.timeline_id {
+            return Err("not on the master's timeline");
+        }
+        if m.spec.synchronous_replication {
+            let reported = m.status.synchronous_standbys.contains(&db.uid);
+            let wanted = m.spec.synchronous_standbys.contains(&db.uid);
+            if !(reported && wanted) {
+                return Err("not in the synchronous standby set");
+            }
+        } else {
+            let lag = m.status.x_log_pos.saturating_sub(db.status.x_log_pos);
+            if lag > u64::from(self.cd.cluster.spec.max_standby_lag()) {
+                return Err("lags more than maxStandbyLag");
+            }
+        }
+        Ok(())
+    }
+
+    fn no_candidate_reason(&self, master: &str) -> String {
+        let Some(m) = self.cd.dbs.get(master) else {
+            return "the master db is gone and no standby is known".into();
+        };
+        let why: Vec<String> = self
+            .cd
+            .dbs
+            .values()
+            .filter(|db| db.uid != master)
+            .map(|db| format!("{}: {}", db.uid, self.eligible(m, db).err().unwrap_or("?")))
+            .collect();
+        if why.is_empty() {
+            "no standby exists".into()
+        } else {
+            format!("no eligible standby ({})", why.join(", "))
+        }
+    }
+
+    /// Makes `new` the master. The proxies are fenced in the same write: masterDbUid is
+    /// emptied and the generation bumped, and `publish_master` names the new master only once
+    /// every enabled proxy has acknowledged.
+    pub(super) fn failover(&mut self, old: &str, new: &str) {
+        let pos = self.cd.dbs[new].status.x_log_pos;
+        self.reason(
+            ReasonKind::Failover,
+            format!("electing {new} (WAL position {pos}) to replace {old}"),
+        );
+        let old_sync = self
+            .cd
+            .dbs
+            .get(old)
+            .map(|db| db.spec.synchronous_standbys.clone())
+            .unwrap_or_default();
+        self.promote(new);
+        if self.cd.dbs.contains_key(old) {
+            let spec = self.standby_spec(&self.cd.dbs[old].spec, new);
+            self.set_db_spec(old, spec);
+        }
+        // Keep the old in-sync set (minus the new master) so that commits on the new master
+        // keep waiting for a standby that has everything.
+        let mut spec = self.cd.dbs[new].spec.clone();
+        spec.synchronous_standbys = old_sync.into_iter().filter(|u| u != new).collect();
+        self.set_db_spec(new, spec);
+    }
+
+    /// Names `new` master in the cluster status and its spec, and fences the proxies.
+    pub(super) fn promote(&mut self, new: &str) {
+        self.cd.cluster.status.master = new.to_string();
+        self.fence_proxies();
+        let mut spec = self.cd.dbs[new].spec.clone();
+        self.apply_master_role(&mut spec);
+        self.set_db_spec(new, spec);
+    }
+
+    fn apply_master_role(&self, spec: &mut DbSpec) {
+        if self.cd.cluster.spec.role() == ClusterRole::Standby {
+            spec.role = Some(DbRole::Standby);
+            spec.follow_config = Some(self.external_follow_config());
+        } else {
+            spec.role = Some(DbRole::Master);
+            spec.follow_config = None;
+        }
+    }
+
+    /// A standby's spec following `master`.
+    pub(super) fn standby_spec(&self, base: &DbSpec, master: &str) -> DbSpec {
+        let mut spec = self.managed_spec(base);
+        spec.role = Some(DbRole::Standby);
+        spec.follow_config = Some(FollowConfig {
+            kind: FollowType::Internal,
+            dbuid: master.to_string(),
+            standby_settings: None,
+            archive_recovery_settings: None,
+        });
+        spec.followers.clear();
+        spec.synchronous_replication = false;
+        spec.synchronous_standbys.clear();
+        spec.additional_replication_slots.clear();
+        spec
+    }
+
+    fn update_master_spec(&mut self, master: &str) {
+        let mut spec = self.managed_spec(&self.cd.dbs[master].spec);
+        self.apply_master_role(&mut spec);
+        spec.additional_replication_slots =
+            self.cd.cluster.spec.additional_master_replication_slots.clone();
+        self.set_db_spec(master, spec);
+    }
+}

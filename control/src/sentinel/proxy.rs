@@ -1,0 +1,100 @@
+//! The proxy fencing handshake (architecture.md "Safety" 1): to change master the proxies
+//! are first told there is none (masterDbUid emptied, generation bumped); the new master is
+//! published only once every enabled proxy has reported that generation in its info, or its
+//! info stopped changing for 2 x its proxyTimeout (it has fenced itself by then).
+
+use super::health::converged;
+use super::{ReasonKind, Round};
+use crate::model::{DbRole, FollowType, GoDuration};
+
+impl Round<'_> {
+    /// A proxy is active while its infoUID changed within 2 x its ProxyTimeout.
+    fn proxy_active(&self, uid: &str) -> bool {
+        let Some(info) = self.obs.proxies.get(uid) else {
+            return false;
+        };
+        let timeout = if info.proxy_timeout.0 > 0 {
+            info.proxy_timeout
+        } else {
+            self.cd.cluster.spec.proxy_timeout()
+        };
+        let expiry = GoDuration(timeout.0.saturating_mul(2));
+        self.mem
+            .proxies
+            .get(uid)
+            .is_some_and(|s| self.elapsed(s.since) < expiry)
+    }
+
+    /// enabledProxies := the active proxies.
+    pub(super) fn update_proxies_enabled(&mut self) {
+        let active: Vec<String> = self
+            .obs
+            .proxies
+            .keys()
+            .filter(|u| self.proxy_active(u))
+            .cloned()
+            .collect();
+        if self.cd.proxy.spec.enabled_proxies != active {
+            self.cd.proxy.spec.enabled_proxies = active;
+        }
+    }
+
+    /// Tells every proxy there is no master: they close their connections and ack the new
+    /// generation.
+    pub(super) fn fence_proxies(&mut self) {
+        self.cd.proxy.spec.master_db_uid.clear();
+        self.cd.proxy.generation += 1;
+        self.cd.proxy.change_time = Some(self.now);
+    }
+
+    /// Publishes the master to the proxies once it runs as master (converged) and every
+    /// enabled proxy acknowledged the current generation.
+    pub(super) fn publish_master(&mut self, master: &str) {
+        if self.cd.proxy.spec.master_db_uid == master {
+            return;
+        }
+        if !self.cd.proxy.spec.master_db_uid.is_empty() {
+            // Never move proxies from one master to another without the handshake.
+            self.fence_proxies();
+        }
+        let db = &self.cd.dbs[master];
+        let runs_as_master = match db.spec.role {
+            Some(DbRole::Master) => true,
+            // A standby cluster's master follows the external primary.
+            Some(DbRole::Standby) => db
+                .spec
+                .follow_config
+                .as_ref()
+                .is_some_and(|f| f.kind == FollowType::External),
+            None => false,
+        };
+        if !(runs_as_master && converged(db) && self.db_good(master)) {
+            return;
+        }
+        let generation = self.cd.proxy.generation;
+        let lagging: Vec<&String> = self
+            .cd
+            .proxy
+            .spec
+            .enabled_proxies
+            .iter()
+            .filter(|u| {
+                self.obs
+                    .proxies
+                    .get(*u)
+                    .is_none_or(|i| i.generation < generation)
+            })
+            .collect();
+        if !lagging.is_empty() {
+            let detail = format!("master {master} waits for proxies {lagging:?} to ack generation {generation}");
+            self.reason(ReasonKind::WaitingForProxies, detail);
+            return;
+        }
+        self.cd.proxy.spec.master_db_uid = master.to_string();
+        self.cd.proxy.change_time = Some(self.now);
+        self.reason(
+            ReasonKind::MasterPublished,
+            format!("proxies route to {master} (generation {generation})"),
+        );
+    }
+}

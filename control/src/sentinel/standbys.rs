@@ -1,0 +1,196 @@
+//! Standbys: every other db follows the master; invalid ones are removed (other system id,
+//! forked timeline, WAL gone); free healthy keepers get a new db up to maxStandbysPerSender;
+//! extra standbys are removed (failed ones first); dead keepers are removed after
+//! deadKeeperRemovalInterval, never the master's.
+
+use super::health::converged;
+use super::{ReasonKind, Round};
+use crate::model::{Db, DbInitMode, DbSpec};
+
+/// The first LSN of a WAL segment file name (`TTTTTTTTXXXXXXXXYYYYYYYY`), assuming the default
+/// 16 MiB segments. `None` when the name is not a WAL segment name.
+pub(super) fn wal_file_start(name: &str) -> Option<u64> {
+    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+    let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
+    const SEGMENT: u64 = 16 * 1024 * 1024;
+    Some((log << 32) + seg * SEGMENT)
+}
+
+/// Whether `db`'s history has diverged from the master's: it is on an older timeline and went
+/// past the point where the master switched away from it, or it is on a timeline the master
+/// never was on.
+pub(super) fn forked(master: &Db, db: &Db) -> bool {
+    let (m, s) = (&master.status, &db.status);
+    if s.timeline_id == 0 || m.timeline_id == 0 || s.timeline_id == m.timeline_id {
+        return false;
+    }
+    if s.timeline_id > m.timeline_id {
+        return true;
+    }
+    match m
+        .timelines_history
+        .iter()
+        .find(|h| h.timeline_id == s.timeline_id)
+    {
+        Some(entry) => s.x_log_pos > entry.switch_point,
+        // The master's history is unknown for that timeline: cannot tell, keep it.
+        None => false,
+    }
+}
+
+impl Round<'_> {
+    /// Why a standby cannot follow the master at all, if so.
+    fn invalid_standby(&self, master: &Db, db: &Db) -> Option<&'static str> {
+        let (m, s) = (&master.status, &db.status);
+        if !m.system_id.is_empty() && !s.system_id.is_empty() && m.system_id != s.system_id {
+            return Some("different system id");
+        }
+        if forked(master, db) {
+            // With pg_rewind the keeper gets convergenceTimeout to rewind it first.
+            let rewind = self.cd.cluster.spec.use_pgrewind();
+            let timeout = self.cd.cluster.spec.convergence_timeout();
+            if !rewind || self.unconverged_for(&db.uid, timeout) {
+                return Some("forked from the master's timeline");
+            }
+        }
+        let oldest = wal_file_start(&m.older_wal_file);
+        if oldest.is_some_and(|o| s.x_log_pos > 0 && s.x_log_pos < o) && !self.db_good(&db.uid) {
+            return Some("needs WAL the master no longer has");
+        }
+        None
+    }
+
+    pub(super) fn update_standbys(&mut self, master: &str) {
+        let master_db = self.cd.dbs[master].clone();
+        let others: Vec<String> = self
+            .cd
+            .dbs
+            .keys()
+            .filter(|u| *u != master)
+            .cloned()
+            .collect();
+        for uid in others {
+            let db = &self.cd.dbs[&uid];
+            if let Some(why) = self.invalid_standby(&master_db, db) {
+                let keeper = db.spec.keeper_uid.clone();
+                self.cd.dbs.remove(&uid);
+                self.reason(
+                    ReasonKind::DbRemoved,
+                    format!("db {uid} on keeper {keeper}: {why}; it will be resynced"),
+                );
+                continue;
+            }
+            let spec = self.standby_spec(&db.spec, master);
+            self.set_db_spec(&uid, spec);
+        }
+        let master_ok = self.db_good(master) && converged(&self.cd.dbs[master]);
+        if master_ok {
+            self.add_standbys(master);
+        }
+        self.remove_extra_standbys(master);
+        let mut followers: Vec<String> = self.standbys(master);
+        followers.sort();
+        let mut spec = self.cd.dbs[master].spec.clone();
+        spec.followers = followers;
+        self.set_db_spec(master, spec);
+    }
+
+    /// Standby dbs (every db but the master).
+    fn standbys(&self, master: &str) -> Vec<String> {
+        self.cd
+            .dbs
+            .keys()
+            .filter(|u| *u != master)
+            .cloned()
+            .collect()
+    }
+
+    fn wanted_standbys(&self) -> usize {
+        let spec = &self.cd.cluster.spec;
+        usize::from(spec.max_standbys().min(spec.max_standbys_per_sender()))
+    }
+
+    /// New standby dbs on free healthy keepers while fewer than wanted standbys are healthy.
+    fn add_standbys(&mut self, master: &str) {
+        let good = self
+            .standbys(master)
+            .iter()
+            .filter(|u| !self.db_failed(u))
+            .count();
+        let missing = self.wanted_standbys().saturating_sub(good);
+        let mut free: Vec<String> = self
+            .cd
+            .keepers
+            .keys()
+            .filter(|k| self.keeper_alive(k) && self.db_of_keeper(k).is_none())
+            .cloned()
+            .collect();
+        free.sort_by_key(|k| self.keeper_rank(k));
+        for keeper in free.into_iter().take(missing) {
+            let base = DbSpec {
+                keeper_uid: keeper.clone(),
+                init_mode: Some(DbInitMode::Resync),
+                ..Default::default()
+            };
+            let spec = self.standby_spec(&base, master);
+            let uid = self.add_db(spec);
+            self.reason(
+                ReasonKind::StandbyAdded,
+                format!("new standby db {uid} on keeper {keeper}"),
+            );
+        }
+    }
+
+    /// Removes standbys beyond the wanted count: failed ones first, then those not in the
+    /// synchronous set, then the furthest behind.
+    fn remove_extra_standbys(&mut self, master: &str) {
+        let wanted = self.wanted_standbys();
+        let mut standbys = self.standbys(master);
+        if standbys.len() <= wanted {
+            return;
+        }
+        let sync = self.cd.dbs[master].spec.synchronous_standbys.clone();
+        standbys.sort_by_key(|u| {
+            let db = &self.cd.dbs[u];
+            (
+                !self.db_failed(u),
+                sync.contains(u),
+                db.status.x_log_pos,
+                std::cmp::Reverse(u.clone()),
+            )
+        });
+        let extra = standbys.len() - wanted;
+        for uid in standbys.into_iter().take(extra) {
+            self.cd.dbs.remove(&uid);
+            self.reason(
+                ReasonKind::DbRemoved,
+                format!("db {uid}: more standbys than maxStandbysPerSender"),
+            );
+        }
+    }
+
+    /// Keepers silent for deadKeeperRemovalInterval are forgotten with their dbs, except the
+    /// master's keeper.
+    pub(super) fn remove_dead_keepers(&mut self, master: &str) {
+        let interval = self.cd.cluster.spec.dead_keeper_removal_interval();
+        let master_keeper = self.cd.dbs[master].spec.keeper_uid.clone();
+        let dead: Vec<String> = self
+            .cd
+            .keepers
+            .keys()
+            .filter(|k| **k != master_keeper && self.keeper_silence(k) >= interval)
+            .cloned()
+            .collect();
+        for keeper in dead {
+            self.cd.keepers.remove(&keeper);
+            self.cd.dbs.retain(|_, db| db.spec.keeper_uid != keeper);
+            self.reason(
+                ReasonKind::KeeperRemoved,
+                format!("keeper {keeper} silent for deadKeeperRemovalInterval"),
+            );
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! A planned switchover requested through `P/switchover`: fence the proxies and turn the old
+//! master into a standby of the target (its keeper stops it cleanly, so every WAL record is
+//! sent); once the old master reports its final position and the target has replayed up to
+//! it, promote the target. Progress is kept in `cluster.status.switchover`; the daemon
+//! deletes the request once it is completed or failed. A switchover that does not finish
+//! within convergenceTimeout is abandoned and the old master restored.
+
+use super::health::converged;
+use super::{ReasonKind, Round};
+use crate::model::{SwitchoverPhase, SwitchoverRequest, SwitchoverStatus};
+
+impl Round<'_> {
+    /// Runs the switchover state machine; true while one is in progress (the rest of the
+    /// normal round must then wait).
+    pub(super) fn switchover_step(&mut self) -> bool {
+        if let Some(req) = self.obs.switchover.clone() {
+            let answered = self.cd.cluster.status.switchover.as_ref().is_some_and(|s| {
+                s.requested_at == req.requested_at && s.target_keeper_uid == req.target_keeper_uid
+            });
+            if !answered {
+                self.start_switchover(&req);
+            }
+        }
+        match self.cd.cluster.status.switchover.clone() {
+            Some(st) if st.phase == SwitchoverPhase::Stopping => self.continue_switchover(st),
+            _ => false,
+        }
+    }
+
+    fn switchover_refusal(&self, req: &SwitchoverRequest) -> Result<(String, String), String> {
+        let master = self.cd.cluster.status.master.clone();
+        let m = self.cd.dbs.get(&master).ok_or("there is no master")?;
+        if !(self.db_good(&master) && converged(m)) {
+            return Err("the master is not healthy and converged".into());
+        }
+        let target = self
+            .db_of_keeper(&req.target_keeper_uid)
+            .ok_or_else(|| format!("keeper {} has no db", req.target_keeper_uid))?;
+        if target.uid == master {
+            return Err(format!("keeper {} is already master", req.target_keeper_uid));
+        }
+        match self.eligible(m, target) {
+            // It will catch up before promotion: lag does not matter for a planned switch.
+            Ok(()) | Err("lags more than maxStandbyLag") => Ok((master, target.uid.clone())),
+            Err(why) => Err(format!("target db {} is not eligible: {why}", target.uid)),
+        }
+    }
+
+    fn start_switchover(&mut self, req: &SwitchoverRequest) {
+        let mut status = SwitchoverStatus {
+            target_keeper_uid: req.target_keeper_uid.clone(),
+            requested_at: req.requested_at,
+            phase: SwitchoverPhase::Stopping,
+            old_master_db_uid: String::new(),
+            target_db_uid: String::new(),
+            stop_position: 0,
+            started_at: self.now,
+            reason: String::new(),
+        };
+        match self.switchover_refusal(req) {
+            Err(why) => {
+                status.phase = SwitchoverPhase::Failed;
+                status.reason = why.clone();
+                self.reason(ReasonKind::Switchover, format!("switchover refused: {why}"));
+            }
+            Ok((master, target)) => {
+                self.fence_proxies();
+                let spec = self.standby_spec(&self.cd.dbs[&master].spec, &target);
+                self.set_db_spec(&master, spec);
+                self.reason(
+                    ReasonKind::Switchover,
+                    format!("switchover {master} -> {target}: stopping the old master"),
+                );
+                status.old_master_db_uid = master;
+                status.target_db_uid = target;
+            }
+        }
+        self.cd.cluster.status.switchover = Some(status);
+    }
+
+    fn continue_switchover(&mut self, mut st: SwitchoverStatus) -> bool {
+        let timeout = self.cd.cluster.spec.convergence_timeout();
+        let (old, target) = (st.old_master_db_uid.clone(), st.target_db_uid.clone());
+        let finish = |round: &mut Self, st: SwitchoverStatus| {
+            round.cd.cluster.status.switchover = Some(st);
+        };
+        if !self.cd.dbs.contains_key(&old) || !self.cd.dbs.contains_key(&target) {
+            st.phase = SwitchoverPhase::Failed;
+            st.reason = "a db involved disappeared".into();
+            finish(self, st);
+            return false;
+        }
+        if self.elapsed(st.started_at) >= timeout {
+            // The normal round restores the old master's role (it is still the master).
+            st.phase = SwitchoverPhase::Failed;
+            st.reason = "not completed within convergenceTimeout".into();
+            self.reason(ReasonKind::Switchover, "switchover abandoned: timeout");
+            finish(self, st);
+            return false;
+        }
+        let old_db = &self.cd.dbs[&old];
+        if st.stop_position == 0 && converged(old_db) && self.keeper_alive(&old_db.spec.keeper_uid)
+        {
+            st.stop_position = old_db.status.x_log_pos;
+        }
+        let target_db = &self.cd.dbs[&target];
+        let caught_up = st.stop_position > 0 && target_db.status.x_log_pos >= st.stop_position;
+        if !(caught_up && self.db_good(&target)) {
+            finish(self, st);
+            return true;
+        }
+        self.promote(&target);
+        st.phase = SwitchoverPhase::Completed;
+        self.reason(
+            ReasonKind::Switchover,
+            format!("switchover: {target} promoted at {}", st.stop_position),
+        );
+        finish(self, st);
+        false
+    }
+}

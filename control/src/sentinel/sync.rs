@@ -1,0 +1,130 @@
+//! Synchronous replication: the master's synchronous standby set, changed in two steps so
+//! that at every moment each member of the set the master reports has every acknowledged
+//! commit: first the new members are added (the keeper renders `N (all members)`, so commits
+//! wait for all), and only once the master reports the larger set are the old ones dropped.
+
+use super::health::converged;
+use super::{ReasonKind, Round};
+use crate::model::{FollowType, DbRole};
+use std::collections::BTreeSet;
+
+/// A standby name no server uses: while it is in the set, commits wait (fewer than
+/// minSynchronousStandbys real ones are available), as stolon's `stolonfakestandby`.
+pub const PLACEHOLDER_STANDBY: &str = "stolonfakestandby";
+
+fn as_set(v: &[String]) -> BTreeSet<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+impl Round<'_> {
+    /// Standbys fit to be synchronous: following the master, healthy, converged, on a keeper
+    /// that allows it. Best first.
+    fn sync_candidates(&self, master: &str) -> Vec<String> {
+        let mut out: Vec<&crate::model::Db> = self
+            .cd
+            .dbs
+            .values()
+            .filter(|db| {
+                let follows = db.spec.role == Some(DbRole::Standby)
+                    && db.spec.follow_config.as_ref().is_some_and(|f| {
+                        f.kind == FollowType::Internal && f.dbuid == master
+                    });
+                let keeper_ok = self
+                    .cd
+                    .keepers
+                    .get(&db.spec.keeper_uid)
+                    .is_some_and(|k| k.status.can_be_synchronous_replica != Some(false));
+                follows && keeper_ok && self.db_good(&db.uid) && converged(db)
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.status.x_log_pos.cmp(&a.status.x_log_pos).then_with(|| {
+                self.keeper_rank(&a.spec.keeper_uid)
+                    .cmp(&self.keeper_rank(&b.spec.keeper_uid))
+            })
+        });
+        out.into_iter().map(|db| db.uid.clone()).collect()
+    }
+
+    /// The set we want: current good members kept (stability), then the best others up to
+    /// maxSynchronousStandbys; below minSynchronousStandbys, current members are kept even if
+    /// unhealthy, then the placeholder blocks commits.
+    fn desired_sync(&self, master: &str, current: &[String]) -> Vec<String> {
+        let spec = &self.cd.cluster.spec;
+        let (min, max) = (
+            usize::from(spec.min_synchronous_standbys()),
+            usize::from(spec.max_synchronous_standbys()),
+        );
+        let good = self.sync_candidates(master);
+        let mut out: Vec<String> = current
+            .iter()
+            .filter(|u| good.contains(u))
+            .take(max)
+            .cloned()
+            .collect();
+        for u in &good {
+            if out.len() >= max {
+                break;
+            }
+            if !out.contains(u) {
+                out.push(u.clone());
+            }
+        }
+        for u in current {
+            if out.len() >= min {
+                break;
+            }
+            if u != PLACEHOLDER_STANDBY && !out.contains(u) && self.cd.dbs.contains_key(u) {
+                out.push(u.clone());
+            }
+        }
+        if out.len() < min {
+            out.push(PLACEHOLDER_STANDBY.to_string());
+        }
+        out
+    }
+
+    pub(super) fn update_sync_standbys(&mut self, master: &str) {
+        let db = &self.cd.dbs[master];
+        let mut spec = db.spec.clone();
+        if !self.cd.cluster.spec.synchronous_replication() {
+            spec.synchronous_replication = false;
+            spec.synchronous_standbys.clear();
+            self.set_db_spec(master, spec);
+            return;
+        }
+        spec.synchronous_replication = true;
+        let current = spec.synchronous_standbys.clone();
+        let desired = self.desired_sync(master, &current);
+        let next = if as_set(&desired) == as_set(&current) {
+            current.clone()
+        } else if current.is_empty() {
+            desired
+        } else if as_set(&db.status.synchronous_standbys) != as_set(&current) || !converged(db)
+        {
+            self.reason(
+                ReasonKind::SyncStandbysChanged,
+                format!("waiting for master {master} to apply synchronous standbys {current:?}"),
+            );
+            current.clone()
+        } else {
+            let additions: Vec<&String> =
+                desired.iter().filter(|u| !current.contains(u)).collect();
+            if additions.is_empty() {
+                desired
+            } else {
+                let mut union = current.clone();
+                union.extend(additions.into_iter().cloned());
+                union
+            }
+        };
+        if next != current {
+            self.reason(
+                ReasonKind::SyncStandbysChanged,
+                format!("synchronous standbys of {master}: {current:?} -> {next:?}"),
+            );
+        }
+        spec.synchronous_standbys = next;
+        self.set_db_spec(master, spec);
+    }
+}
