@@ -3,5 +3,5 @@
 
 pub mod cli;
 pub mod model;
-pub mod store;
 pub mod sentinel;
+pub mod store;

@@ -53,12 +53,7 @@ impl Round<'_> {
             .proxies
             .iter()
             .map(|(uid, i)| (uid, i.info_uid.as_str()));
-        observe_infos(
-            &mut self.mem.proxies,
-            proxies,
-            std::iter::empty(),
-            self.now,
-        );
+        observe_infos(&mut self.mem.proxies, proxies, std::iter::empty(), self.now);
     }
 
     /// Drops memory of keepers, proxies and dbs that no longer exist anywhere.
@@ -70,7 +65,9 @@ impl Round<'_> {
         self.mem
             .proxies
             .retain(|uid, _| obs.proxies.contains_key(uid));
-        self.mem.db_last_good.retain(|uid, _| cd.dbs.contains_key(uid));
+        self.mem
+            .db_last_good
+            .retain(|uid, _| cd.dbs.contains_key(uid));
         self.mem
             .unconverged_since
             .retain(|uid, _| cd.dbs.contains_key(uid));
@@ -101,7 +98,10 @@ impl Round<'_> {
 
     /// Sort key preferring higher priority, then the lower UID (deterministic).
     pub(super) fn keeper_rank(&self, uid: &str) -> (std::cmp::Reverse<i32>, String) {
-        (std::cmp::Reverse(self.keeper_priority(uid)), uid.to_string())
+        (
+            std::cmp::Reverse(self.keeper_priority(uid)),
+            uid.to_string(),
+        )
     }
 
     /// Adds keepers that published an info and refreshes every keeper's status.

@@ -134,7 +134,13 @@ impl Round<'_> {
 
     /// A standby cluster's master follows the external primary of `standbyConfig`.
     pub(super) fn external_follow_config(&self) -> FollowConfig {
-        let standby = self.cd.cluster.spec.standby_config.clone().unwrap_or_default();
+        let standby = self
+            .cd
+            .cluster
+            .spec
+            .standby_config
+            .clone()
+            .unwrap_or_default();
         FollowConfig {
             kind: FollowType::External,
             dbuid: String::new(),

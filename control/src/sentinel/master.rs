@@ -66,13 +66,10 @@ impl Round<'_> {
             .filter(|db| db.uid != master && self.eligible(m, db).is_ok())
             .collect();
         out.sort_by(|a, b| {
-            b.status
-                .x_log_pos
-                .cmp(&a.status.x_log_pos)
-                .then_with(|| {
-                    self.keeper_rank(&a.spec.keeper_uid)
-                        .cmp(&self.keeper_rank(&b.spec.keeper_uid))
-                })
+            b.status.x_log_pos.cmp(&a.status.x_log_pos).then_with(|| {
+                self.keeper_rank(&a.spec.keeper_uid)
+                    .cmp(&self.keeper_rank(&b.spec.keeper_uid))
+            })
         });
         out.into_iter().map(|db| db.uid.clone()).collect()
     }
@@ -197,8 +194,12 @@ impl Round<'_> {
     fn update_master_spec(&mut self, master: &str) {
         let mut spec = self.managed_spec(&self.cd.dbs[master].spec);
         self.apply_master_role(&mut spec);
-        spec.additional_replication_slots =
-            self.cd.cluster.spec.additional_master_replication_slots.clone();
+        spec.additional_replication_slots = self
+            .cd
+            .cluster
+            .spec
+            .additional_master_replication_slots
+            .clone();
         self.set_db_spec(master, spec);
     }
 }

@@ -12,6 +12,8 @@ mod health;
 mod init;
 mod master;
 mod proxy;
+#[doc(hidden)]
+pub mod sim;
 mod standbys;
 mod switchover;
 mod sync;
@@ -124,7 +126,10 @@ pub fn decide(
     if memory.rounds == 0 {
         // A new leader does not know how long infos have been unchanged: acting now could
         // fail a healthy master whose infos it has simply not watched long enough.
-        round.reason(ReasonKind::FirstRound, "first round as leader: observing only");
+        round.reason(
+            ReasonKind::FirstRound,
+            "first round as leader: observing only",
+        );
         return (cd.clone(), round.mem, round.reasons);
     }
     if let Err(e) = cd.cluster.spec.validate() {

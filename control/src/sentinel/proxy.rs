@@ -86,7 +86,9 @@ impl Round<'_> {
             })
             .collect();
         if !lagging.is_empty() {
-            let detail = format!("master {master} waits for proxies {lagging:?} to ack generation {generation}");
+            let detail = format!(
+                "master {master} waits for proxies {lagging:?} to ack generation {generation}"
+            );
             self.reason(ReasonKind::WaitingForProxies, detail);
             return;
         }

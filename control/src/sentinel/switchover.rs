@@ -37,7 +37,10 @@ impl Round<'_> {
             .db_of_keeper(&req.target_keeper_uid)
             .ok_or_else(|| format!("keeper {} has no db", req.target_keeper_uid))?;
         if target.uid == master {
-            return Err(format!("keeper {} is already master", req.target_keeper_uid));
+            return Err(format!(
+                "keeper {} is already master",
+                req.target_keeper_uid
+            ));
         }
         match self.eligible(m, target) {
             // It will catch up before promotion: lag does not matter for a planned switch.

@@ -5,7 +5,7 @@
 
 use super::health::converged;
 use super::{ReasonKind, Round};
-use crate::model::{FollowType, DbRole};
+use crate::model::{DbRole, FollowType};
 use std::collections::BTreeSet;
 
 /// A standby name no server uses: while it is in the set, commits wait (fewer than
@@ -20,23 +20,24 @@ impl Round<'_> {
     /// Standbys fit to be synchronous: following the master, healthy, converged, on a keeper
     /// that allows it. Best first.
     fn sync_candidates(&self, master: &str) -> Vec<String> {
-        let mut out: Vec<&crate::model::Db> = self
-            .cd
-            .dbs
-            .values()
-            .filter(|db| {
-                let follows = db.spec.role == Some(DbRole::Standby)
-                    && db.spec.follow_config.as_ref().is_some_and(|f| {
-                        f.kind == FollowType::Internal && f.dbuid == master
-                    });
-                let keeper_ok = self
-                    .cd
-                    .keepers
-                    .get(&db.spec.keeper_uid)
-                    .is_some_and(|k| k.status.can_be_synchronous_replica != Some(false));
-                follows && keeper_ok && self.db_good(&db.uid) && converged(db)
-            })
-            .collect();
+        let mut out: Vec<&crate::model::Db> =
+            self.cd
+                .dbs
+                .values()
+                .filter(|db| {
+                    let follows =
+                        db.spec.role == Some(DbRole::Standby)
+                            && db.spec.follow_config.as_ref().is_some_and(|f| {
+                                f.kind == FollowType::Internal && f.dbuid == master
+                            });
+                    let keeper_ok = self
+                        .cd
+                        .keepers
+                        .get(&db.spec.keeper_uid)
+                        .is_some_and(|k| k.status.can_be_synchronous_replica != Some(false));
+                    follows && keeper_ok && self.db_good(&db.uid) && converged(db)
+                })
+                .collect();
         out.sort_by(|a, b| {
             b.status.x_log_pos.cmp(&a.status.x_log_pos).then_with(|| {
                 self.keeper_rank(&a.spec.keeper_uid)
@@ -100,16 +101,14 @@ impl Round<'_> {
             current.clone()
         } else if current.is_empty() {
             desired
-        } else if as_set(&db.status.synchronous_standbys) != as_set(&current) || !converged(db)
-        {
+        } else if as_set(&db.status.synchronous_standbys) != as_set(&current) || !converged(db) {
             self.reason(
                 ReasonKind::SyncStandbysChanged,
                 format!("waiting for master {master} to apply synchronous standbys {current:?}"),
             );
             current.clone()
         } else {
-            let additions: Vec<&String> =
-                desired.iter().filter(|u| !current.contains(u)).collect();
+            let additions: Vec<&String> = desired.iter().filter(|u| !current.contains(u)).collect();
             if additions.is_empty() {
                 desired
             } else {

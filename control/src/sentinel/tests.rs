@@ -1,0 +1,819 @@
+//! Table tests of `decide`, one or more per rule of issue 4, on the simulated world.
+
+use super::sim::{test_spec, KeeperSim, World};
+use super::*;
+use crate::model::{
+    ClusterInitMode, ClusterRole, ClusterSpec, DbInitMode, DbRole, ExistingConfig, FollowType,
+    PitrConfig, StandbyConfig, StandbySettings, SwitchoverPhase,
+};
+
+const S: GoDuration = GoDuration::from_secs(1);
+
+fn secs(n: i64) -> GoDuration {
+    GoDuration::from_secs(n)
+}
+
+fn sync_spec(min: u16, max: u16) -> ClusterSpec {
+    ClusterSpec {
+        synchronous_replication: Some(true),
+        min_synchronous_standbys: Some(min),
+        max_synchronous_standbys: Some(max),
+        ..test_spec()
+    }
+}
+
+/// A healthy cluster of `n` keepers with the master on k0 (priority makes init pick k0).
+fn cluster(spec: ClusterSpec, n: usize) -> World {
+    let mut w = World::new(spec);
+    for i in 0..n {
+        let k = KeeperSim {
+            priority: if i == 0 { 10 } else { 0 },
+            ..Default::default()
+        };
+        w.keepers.insert(format!("k{i}"), k);
+    }
+    w.add_proxy("p0");
+    assert!(w.run_until(300, |w| w.settled()), "{:#?}", w.reasons);
+    assert_eq!(w.master_keeper(), "k0");
+    w
+}
+
+fn db_uid(w: &World, keeper: &str) -> String {
+    w.db_of(keeper).map(|d| d.uid.clone()).unwrap_or_default()
+}
+
+/// Kills the master's keeper and PostgreSQL and runs until a new master is published.
+fn kill_master_and_fail_over(w: &mut World) -> String {
+    let old = w.master_keeper();
+    w.keeper(&old).alive = false;
+    assert!(
+        w.run_until(60, |w| w.master_keeper() != old
+            && w.proxy_master() == w.master()),
+        "no failover: {:#?}",
+        w.reasons
+    );
+    w.master_keeper()
+}
+
+// ---- initialisation ----
+
+#[test]
+fn first_round_as_leader_only_observes() {
+    let mut w = World::new(test_spec());
+    w.keepers.insert("k0".into(), KeeperSim::default());
+    w.act_keepers();
+    let before = w.cd.clone();
+    w.round();
+    assert_eq!(w.cd, before);
+    assert!(w.has_reason(ReasonKind::FirstRound));
+    w.step(S);
+    assert!(w.has_reason(ReasonKind::InitStarted), "{:?}", w.reasons);
+}
+
+#[test]
+fn init_new_picks_the_highest_priority_keeper_and_becomes_normal() {
+    let mut w = World::new(test_spec());
+    for (k, p) in [("a", 0), ("b", 5), ("c", 1)] {
+        let sim = KeeperSim {
+            priority: p,
+            ..Default::default()
+        };
+        w.keepers.insert(k.into(), sim);
+    }
+    w.add_proxy("p0");
+    assert!(w.run_until(60, |w| w.settled()));
+    assert_eq!(w.master_keeper(), "b");
+    let master = &w.cd.dbs[w.master()];
+    assert_eq!(master.spec.init_mode, Some(DbInitMode::None));
+    assert_eq!(w.cd.cluster.status.phase, Some(ClusterPhase::Normal));
+    assert_eq!(w.cd.dbs.len(), 3, "the others got standbys");
+}
+
+#[test]
+fn init_new_retries_on_another_keeper_after_init_timeout() {
+    let mut w = World::new(test_spec());
+    w.keepers.insert(
+        "a".into(),
+        KeeperSim {
+            converges: false,
+            priority: 9,
+            ..Default::default()
+        },
+    );
+    w.keepers.insert("b".into(), KeeperSim::default());
+    w.run(5);
+    assert_eq!(w.master_keeper(), "a");
+    w.run_until(120, |w| w.has_reason(ReasonKind::InitRetry));
+    assert_eq!(w.master_keeper(), "b", "{:?}", w.reasons);
+    assert!(w.run_until(30, |w| w.cd.cluster.status.phase
+        == Some(ClusterPhase::Normal)));
+}
+
+#[test]
+fn init_skips_keepers_that_cannot_be_master() {
+    let mut w = World::new(test_spec());
+    let no = KeeperSim {
+        can_be_master: Some(false),
+        priority: 100,
+        ..Default::default()
+    };
+    w.keepers.insert("a".into(), no);
+    w.keepers.insert("b".into(), KeeperSim::default());
+    w.run(3);
+    assert_eq!(w.master_keeper(), "b");
+}
+
+#[test]
+fn init_existing_uses_the_configured_keeper_once_alive() {
+    let spec = ClusterSpec {
+        init_mode: Some(ClusterInitMode::Existing),
+        existing_config: Some(ExistingConfig {
+            keeper_uid: "b".into(),
+        }),
+        ..test_spec()
+    };
+    let mut w = World::new(spec);
+    w.keepers.insert("a".into(), KeeperSim::default());
+    w.run(3);
+    assert!(w.master().is_empty(), "must wait for keeper b");
+    w.keepers.insert("b".into(), KeeperSim::default());
+    w.run(1);
+    assert_eq!(w.master_keeper(), "b");
+    let db = &w.cd.dbs[w.master()];
+    assert_eq!(db.spec.init_mode, Some(DbInitMode::Existing));
+    assert!(db.spec.include_previous_config);
+}
+
+#[test]
+fn init_pitr_creates_a_pitr_db_with_the_config() {
+    let pitr = PitrConfig {
+        data_restore_command: "cp -a /backup/. %d".into(),
+        ..Default::default()
+    };
+    let spec = ClusterSpec {
+        init_mode: Some(ClusterInitMode::Pitr),
+        pitr_config: Some(pitr.clone()),
+        ..test_spec()
+    };
+    let mut w = World::new(spec);
+    w.keepers.insert("a".into(), KeeperSim::default());
+    w.run(2);
+    let db = &w.cd.dbs[w.master()];
+    assert_eq!(db.spec.init_mode, Some(DbInitMode::Pitr));
+    assert_eq!(db.spec.pitr_config, Some(pitr));
+    assert_eq!(db.spec.role, Some(DbRole::Master));
+}
+
+#[test]
+fn standby_cluster_master_follows_the_external_primary() {
+    let settings = StandbySettings {
+        primary_conninfo: "host=10.0.0.1 port=5432".into(),
+        ..Default::default()
+    };
+    let spec = ClusterSpec {
+        init_mode: Some(ClusterInitMode::Pitr),
+        role: Some(ClusterRole::Standby),
+        pitr_config: Some(PitrConfig {
+            data_restore_command: "true".into(),
+            ..Default::default()
+        }),
+        standby_config: Some(StandbyConfig {
+            standby_settings: Some(settings.clone()),
+            archive_recovery_settings: None,
+        }),
+        ..test_spec()
+    };
+    let mut w = World::new(spec);
+    w.keepers.insert("a".into(), KeeperSim::default());
+    w.keepers.insert("b".into(), KeeperSim::default());
+    w.add_proxy("p0");
+    assert!(w.run_until(60, |w| w.settled()), "{:#?}", w.reasons);
+    let m = &w.cd.dbs[w.master()];
+    assert_eq!(m.spec.role, Some(DbRole::Standby));
+    let f = m.spec.follow_config.as_ref().expect("follow config");
+    assert_eq!(f.kind, FollowType::External);
+    assert_eq!(f.standby_settings.as_ref(), Some(&settings));
+    // Promoting the standby cluster (stolonctl promote) makes its master a real master.
+    w.cd.cluster.spec.role = Some(ClusterRole::Master);
+    w.step(S);
+    let m = &w.cd.dbs[w.master()];
+    assert_eq!(m.spec.role, Some(DbRole::Master));
+    assert!(m.spec.follow_config.is_none());
+}
+
+#[test]
+fn init_merges_reported_pg_parameters_only_when_asked() {
+    for (merge, expect) in [(true, Some("100")), (false, None)] {
+        let spec = ClusterSpec {
+            merge_pg_parameters: Some(merge),
+            pg_parameters: [("work_mem".to_string(), "8MB".to_string())].into(),
+            ..test_spec()
+        };
+        let mut w = World::new(spec);
+        w.keepers.insert("a".into(), KeeperSim::default());
+        assert!(w.run_until(30, |w| w.cd.cluster.status.phase
+            == Some(ClusterPhase::Normal)));
+        let params = &w.cd.cluster.spec.pg_parameters;
+        assert_eq!(params.get("max_connections").map(String::as_str), expect);
+        assert_eq!(params.get("work_mem").map(String::as_str), Some("8MB"));
+    }
+}
+
+// ---- health ----
+
+#[test]
+fn an_info_whose_info_uid_does_not_change_is_stale() {
+    let mut w = cluster(test_spec(), 2);
+    // k1 frozen: its key stays in the store, unchanged.
+    w.keeper("k1").alive = false;
+    w.run(9);
+    assert!(
+        w.cd.keepers["k1"].status.healthy,
+        "healthy within failInterval"
+    );
+    w.run(2);
+    assert!(!w.cd.keepers["k1"].status.healthy);
+    assert!(w.keeper_infos.contains_key("k1"), "the key still exists");
+}
+
+#[test]
+fn keeper_infos_of_another_cluster_are_ignored() {
+    let mut w = cluster(test_spec(), 1);
+    let mut info = w.keeper_infos["k0"].clone();
+    info.uid = "stranger".into();
+    info.cluster_uid = "other-cluster".into();
+    w.keeper_infos.insert("stranger".into(), info);
+    w.round();
+    assert!(!w.cd.keepers.contains_key("stranger"));
+}
+
+#[test]
+fn a_master_with_unhealthy_postgres_fails_after_fail_interval_not_before() {
+    let mut w = cluster(test_spec(), 2);
+    w.keeper("k0").pg_healthy = false;
+    w.run(9);
+    assert_eq!(w.master_keeper(), "k0", "no failover within failInterval");
+    w.run(2);
+    assert_eq!(w.master_keeper(), "k1");
+}
+
+#[test]
+fn force_fail_fails_over_at_once_and_lasts_one_round() {
+    let mut w = cluster(test_spec(), 2);
+    w.cd.keepers.get_mut("k0").expect("k0").status.force_fail = true;
+    w.step(S);
+    assert_eq!(w.master_keeper(), "k1");
+    assert!(
+        !w.cd.keepers["k0"].status.force_fail,
+        "cleared after one round"
+    );
+    w.step(S);
+    assert!(w.cd.keepers["k0"].status.healthy);
+}
+
+#[test]
+fn a_new_leader_does_not_fail_over_in_its_first_rounds() {
+    let mut w = cluster(test_spec(), 2);
+    w.keeper("k0").alive = false;
+    w.run(20);
+    let old = w.master_keeper();
+    assert_eq!(old, "k1", "failed over");
+    // A new leader with empty memory: infos look fresh until failInterval passes.
+    w.keeper("k0").alive = true;
+    w.run(3);
+    w.keeper("k1").alive = false;
+    w.mem = SentinelMemory::default();
+    w.step(S);
+    assert!(w.has_reason(ReasonKind::FirstRound));
+    w.run(8);
+    assert_eq!(w.master_keeper(), "k1", "a new leader waits a failInterval");
+    w.run(5);
+    assert_eq!(w.master_keeper(), "k0");
+}
+
+// ---- failover ----
+
+#[test]
+fn a_dead_master_is_replaced_by_the_standby_with_the_highest_wal_position() {
+    let mut w = cluster(test_spec(), 3);
+    w.write(100);
+    w.keeper("k1").replicates = false;
+    w.run(2);
+    w.write(50);
+    w.run(2);
+    assert!(w.keepers["k2"].xlog > w.keepers["k1"].xlog);
+    assert_eq!(kill_master_and_fail_over(&mut w), "k2");
+}
+
+#[test]
+fn equal_wal_positions_are_broken_by_priority_then_uid() {
+    let mut w = cluster(test_spec(), 3);
+    w.keeper("k2").priority = 3;
+    w.run(2);
+    assert_eq!(kill_master_and_fail_over(&mut w), "k2");
+    let mut w = cluster(test_spec(), 3);
+    assert_eq!(
+        kill_master_and_fail_over(&mut w),
+        "k1",
+        "then the lower uid"
+    );
+}
+
+#[test]
+fn a_keeper_that_cannot_be_master_is_never_elected() {
+    let mut w = cluster(test_spec(), 3);
+    w.keeper("k1").can_be_master = Some(false);
+    w.keeper("k1").priority = 50;
+    w.keeper("k2").replicates = false;
+    w.write(10);
+    w.run(2);
+    assert_eq!(kill_master_and_fail_over(&mut w), "k2");
+}
+
+#[test]
+fn async_a_standby_lagging_more_than_max_standby_lag_is_not_elected() {
+    let mut w = cluster(test_spec(), 2);
+    w.keeper("k1").replicates = false;
+    w.write(2 * 1024 * 1024);
+    w.run(2);
+    w.keeper("k0").alive = false;
+    w.run(30);
+    assert_eq!(w.master_keeper(), "k0");
+    assert!(w.has_reason(ReasonKind::NoEligibleStandby));
+    let why = &w
+        .reasons
+        .iter()
+        .find(|r| r.kind == ReasonKind::NoEligibleStandby);
+    assert!(
+        why.is_some_and(|r| r.detail.contains("maxStandbyLag")),
+        "{why:?}"
+    );
+}
+
+#[test]
+fn a_standby_on_another_timeline_or_not_converged_is_not_elected() {
+    let mut w = cluster(test_spec(), 3);
+    // The master moved to timeline 2; k1 (not applying anything) is still on 1.
+    w.keeper("k0").timeline = 2;
+    w.keeper("k0").history = vec![crate::model::TimelineHistoryEntry {
+        timeline_id: 1,
+        switch_point: u64::MAX,
+        reason: String::new(),
+    }];
+    w.keeper("k1").converges = false;
+    w.run(1);
+    w.keeper("k2").converges = false;
+    let k2 = db_uid(&w, "k2");
+    // Make k2's spec change so it is not converged.
+    w.cd.dbs.get_mut(&k2).expect("k2 db").generation += 1;
+    w.keeper("k0").alive = false;
+    w.run(20);
+    assert_eq!(w.master_keeper(), "k0");
+    let detail = &w
+        .reasons
+        .iter()
+        .find(|r| r.kind == ReasonKind::NoEligibleStandby)
+        .expect("reason")
+        .detail;
+    assert!(
+        detail.contains("timeline") && detail.contains("not converged"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_master_that_does_not_converge_within_convergence_timeout_is_failed() {
+    let mut w = cluster(test_spec(), 2);
+    w.keeper("k0").converges = false;
+    w.cd.cluster
+        .spec
+        .pg_parameters
+        .insert("work_mem".into(), "1MB".into());
+    w.run(25);
+    assert_eq!(w.master_keeper(), "k0");
+    w.run(10);
+    assert_eq!(w.master_keeper(), "k1");
+    assert!(w
+        .reasons
+        .iter()
+        .chain(std::iter::empty())
+        .all(|r| r.kind != ReasonKind::NoEligibleStandby));
+}
+
+#[test]
+fn without_standbys_there_is_no_failover_and_a_reason() {
+    let mut w = cluster(test_spec(), 1);
+    w.keeper("k0").alive = false;
+    w.run(15);
+    assert_eq!(w.master_keeper(), "k0");
+    assert!(w.has_reason(ReasonKind::NoEligibleStandby));
+}
+
+#[test]
+fn sync_only_a_member_of_the_in_sync_set_is_elected() {
+    let mut w = cluster(sync_spec(1, 1), 3);
+    let master = w.cd.dbs[w.master()].clone();
+    assert_eq!(master.spec.synchronous_standbys.len(), 1);
+    let sync_db = master.spec.synchronous_standbys[0].clone();
+    let sync_keeper = w.cd.dbs[&sync_db].spec.keeper_uid.clone();
+    let other = if sync_keeper == "k1" { "k2" } else { "k1" };
+    // The other standby is ahead (async standbys may be), and has the higher priority.
+    w.keeper(other).priority = 100;
+    w.keeper(&sync_keeper).replicates = false;
+    w.write(10);
+    w.run(2);
+    assert_eq!(kill_master_and_fail_over(&mut w), sync_keeper);
+}
+
+#[test]
+fn sync_no_failover_when_the_in_sync_standby_is_gone() {
+    let mut w = cluster(sync_spec(1, 1), 3);
+    let sync_db = w.cd.dbs[w.master()].spec.synchronous_standbys[0].clone();
+    let sync_keeper = w.cd.dbs[&sync_db].spec.keeper_uid.clone();
+    w.keeper(&sync_keeper).alive = false;
+    w.keeper("k0").alive = false;
+    w.run(30);
+    assert_eq!(w.master_keeper(), "k0");
+    assert!(w.has_reason(ReasonKind::NoEligibleStandby));
+}
+
+// ---- proxy handshake ----
+
+#[test]
+fn failover_fences_proxies_and_publishes_only_after_every_proxy_acked() {
+    let mut w = cluster(test_spec(), 2);
+    w.add_proxy("p1");
+    w.run(2);
+    assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0", "p1"]);
+    let generation = w.cd.proxy.generation;
+    w.proxies.get_mut("p1").expect("p1").slow = true;
+    w.keeper("k0").alive = false;
+    w.run_until(30, |w| w.master_keeper() == "k1");
+    assert_eq!(w.proxy_master(), "", "fenced in the same write");
+    assert_eq!(w.cd.proxy.generation, generation + 1);
+    w.run(5);
+    assert_eq!(w.proxy_master(), "", "p1 has not acked");
+    assert!(w.has_reason(ReasonKind::WaitingForProxies));
+    w.proxies.get_mut("p1").expect("p1").slow = false;
+    w.run(2);
+    assert_eq!(w.proxy_master(), w.master());
+}
+
+#[test]
+fn a_silent_proxy_expires_after_twice_its_timeout_and_is_disabled() {
+    let mut w = cluster(test_spec(), 2);
+    w.add_proxy("p1");
+    w.run(2);
+    w.proxies.get_mut("p1").expect("p1").alive = false;
+    w.keeper("k0").alive = false;
+    w.run(12);
+    assert_eq!(w.master_keeper(), "k1");
+    assert_eq!(w.proxy_master(), "", "p1 not expired yet");
+    w.run(12);
+    assert_eq!(w.proxy_master(), w.master());
+    assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0"]);
+    // Thawed: re-enabled.
+    w.proxies.get_mut("p1").expect("p1").alive = true;
+    w.run(2);
+    assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0", "p1"]);
+}
+
+// ---- standbys ----
+
+#[test]
+fn a_free_keeper_gets_a_resync_standby_following_the_master() {
+    let mut w = cluster(test_spec(), 1);
+    w.keepers.insert("k9".into(), KeeperSim::default());
+    w.run(2);
+    let db = w.db_of("k9").expect("standby on k9").clone();
+    assert_eq!(db.spec.init_mode, Some(DbInitMode::Resync));
+    assert_eq!(db.spec.role, Some(DbRole::Standby));
+    let follow = db.spec.follow_config.expect("follows");
+    assert_eq!(follow.dbuid, w.master());
+    assert!(w.cd.dbs[w.master()].spec.followers.contains(&db.uid));
+}
+
+#[test]
+fn max_standbys_per_sender_caps_standbys_and_lowering_it_removes_one() {
+    let spec = ClusterSpec {
+        max_standbys_per_sender: Some(2),
+        ..test_spec()
+    };
+    let mut w = cluster(spec, 4);
+    assert_eq!(w.cd.dbs.len(), 3, "master + 2");
+    w.cd.cluster.spec.max_standbys_per_sender = Some(1);
+    w.step(S);
+    assert_eq!(w.cd.dbs.len(), 2);
+    assert!(w.has_reason(ReasonKind::DbRemoved));
+}
+
+#[test]
+fn a_failed_standby_is_replaced_on_a_free_keeper() {
+    let spec = ClusterSpec {
+        max_standbys_per_sender: Some(1),
+        ..test_spec()
+    };
+    let mut w = cluster(spec, 3);
+    let standby_keeper =
+        w.cd.dbs
+            .values()
+            .find(|d| d.uid != w.master())
+            .map(|d| d.spec.keeper_uid.clone())
+            .expect("standby");
+    w.keeper(&standby_keeper).alive = false;
+    w.run(12);
+    let free = if standby_keeper == "k1" { "k2" } else { "k1" };
+    assert!(w.db_of(free).is_some(), "{:#?}", w.reasons);
+    assert!(w.db_of(&standby_keeper).is_none(), "failed extra removed");
+}
+
+#[test]
+fn a_standby_with_another_system_id_is_removed_and_resynced() {
+    let mut w = cluster(test_spec(), 2);
+    let old = db_uid(&w, "k1");
+    w.keeper("k1").system_id = "other".into();
+    w.step(S);
+    assert!(!w.cd.dbs.contains_key(&old));
+    assert!(w.has_reason(ReasonKind::DbRemoved));
+    assert!(w.db_of("k1").is_some(), "a new db on the same keeper");
+    assert!(w.run_until(10, |w| w.settled()));
+}
+
+#[test]
+fn a_forked_standby_is_resynced_at_once_without_rewind_and_later_with_it() {
+    for rewind in [false, true] {
+        let spec = ClusterSpec {
+            use_pgrewind: Some(rewind),
+            ..test_spec()
+        };
+        let mut w = cluster(spec, 3);
+        // k1 lags, the master dies, k2 is elected; then k0 comes back ahead of the fork.
+        w.write(500);
+        w.run(2);
+        kill_master_and_fail_over(&mut w);
+        assert_eq!(w.master_keeper(), "k1");
+        let old = db_uid(&w, "k0");
+        w.keeper("k0").xlog += 100; // had unreplicated WAL past the switch point
+        w.keeper("k0").converges = false; // not rewound
+        w.keeper("k0").alive = true;
+        w.run(2);
+        assert_eq!(w.cd.dbs.contains_key(&old), rewind, "rewind={rewind}");
+        if rewind {
+            w.run(30);
+            assert!(
+                !w.cd.dbs.contains_key(&old),
+                "resynced after convergenceTimeout"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_standby_that_needs_wal_the_master_no_longer_has_is_resynced() {
+    let mut w = cluster(test_spec(), 2);
+    let old = db_uid(&w, "k1");
+    w.keeper("k1").pg_healthy = false;
+    w.keeper("k1").replicates = false;
+    w.write(3 << 24);
+    w.run(1);
+    w.keeper("k0").older_wal_file = "000000010000000000000003".into();
+    w.run(2);
+    assert!(!w.cd.dbs.contains_key(&old));
+    assert!(w.db_of("k1").is_some(), "a new db to resync");
+}
+
+#[test]
+fn a_dead_keeper_is_removed_after_the_interval_but_never_the_masters() {
+    let spec = ClusterSpec {
+        dead_keeper_removal_interval: Some(secs(60)),
+        ..test_spec()
+    };
+    let mut w = cluster(spec, 3);
+    w.keeper("k2").alive = false;
+    w.keeper("k2").published = false;
+    w.run(50);
+    assert!(w.cd.keepers.contains_key("k2"));
+    w.run(15);
+    assert!(!w.cd.keepers.contains_key("k2"));
+    assert!(w.has_reason(ReasonKind::KeeperRemoved) || w.db_of("k2").is_none());
+    // The master's keeper, silent as long, stays (no standby to elect).
+    w.keeper("k1").alive = false;
+    w.keeper("k0").alive = false;
+    w.run(100);
+    assert!(w.cd.keepers.contains_key(&w.master_keeper()));
+}
+
+#[test]
+fn the_old_master_rejoins_as_a_standby_of_the_new_one() {
+    let mut w = cluster(test_spec(), 2);
+    let old = db_uid(&w, "k0");
+    kill_master_and_fail_over(&mut w);
+    let db = &w.cd.dbs[&old];
+    assert_eq!(db.spec.role, Some(DbRole::Standby));
+    assert_eq!(
+        db.spec.follow_config.as_ref().map(|f| f.dbuid.as_str()),
+        Some(w.master())
+    );
+    w.keeper("k0").alive = true;
+    assert!(w.run_until(20, |w| w.settled()));
+}
+
+// ---- synchronous replication ----
+
+#[test]
+fn sync_the_set_is_changed_in_two_steps() {
+    let mut w = cluster(sync_spec(1, 1), 3);
+    let master = w.master().to_string();
+    let first = w.cd.dbs[&master].spec.synchronous_standbys.clone();
+    let first_keeper = w.cd.dbs[&first[0]].spec.keeper_uid.clone();
+    w.keeper(&first_keeper).pg_healthy = false;
+    let mut seen = vec![first.clone()];
+    for _ in 0..20 {
+        w.step(S);
+        let cur = w.cd.dbs[&master].spec.synchronous_standbys.clone();
+        if seen.last() != Some(&cur) {
+            seen.push(cur);
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[1].len(), 2, "first the union");
+    assert!(seen[1].contains(&first[0]));
+    assert_eq!(seen[2].len(), 1);
+    assert_ne!(seen[2], first);
+}
+
+#[test]
+fn sync_below_min_the_failed_standby_stays_in_the_set_and_with_min_0_it_is_dropped() {
+    let mut w = cluster(sync_spec(1, 1), 2);
+    let master = w.master().to_string();
+    let k1 = db_uid(&w, "k1");
+    w.keeper("k1").alive = false;
+    w.run(60);
+    // Commits keep waiting for k1 rather than going on without any synchronous standby.
+    assert_eq!(w.cd.dbs[&master].spec.synchronous_standbys, [k1.clone()]);
+    let mut w = cluster(sync_spec(0, 1), 2);
+    let master = w.master().to_string();
+    w.keeper("k1").alive = false;
+    w.run(40);
+    assert!(w.cd.dbs[&master].spec.synchronous_standbys.is_empty());
+}
+
+#[test]
+fn sync_a_new_master_starts_with_a_placeholder_until_standbys_follow() {
+    let mut w = cluster(sync_spec(1, 1), 2);
+    let old = w.master().to_string();
+    w.keeper("k0").alive = false;
+    w.run_until(30, |w| w.master() != old);
+    let new = w.cd.dbs[w.master()].spec.synchronous_standbys.clone();
+    assert_eq!(new, [PLACEHOLDER_STANDBY]);
+}
+
+#[test]
+fn sync_a_keeper_that_cannot_be_a_synchronous_replica_is_not_chosen() {
+    let mut w = World::new(sync_spec(1, 1));
+    let k0 = KeeperSim {
+        priority: 9,
+        ..Default::default()
+    };
+    w.keepers.insert("k0".into(), k0);
+    let k1 = KeeperSim {
+        can_be_sync: Some(false),
+        priority: 5,
+        ..Default::default()
+    };
+    w.keepers.insert("k1".into(), k1);
+    w.keepers.insert("k2".into(), KeeperSim::default());
+    w.add_proxy("p0");
+    assert!(w.run_until(100, |w| w.settled()));
+    let set = w.cd.dbs[w.master()].spec.synchronous_standbys.clone();
+    assert_eq!(set, [db_uid(&w, "k2")]);
+}
+
+#[test]
+fn sync_turning_synchronous_replication_off_clears_the_set() {
+    let mut w = cluster(sync_spec(1, 2), 3);
+    w.cd.cluster.spec.synchronous_replication = Some(false);
+    w.step(S);
+    let m = &w.cd.dbs[w.master()];
+    assert!(!m.spec.synchronous_replication);
+    assert!(m.spec.synchronous_standbys.is_empty());
+}
+
+// ---- switchover ----
+
+fn request(w: &World, keeper: &str) -> SwitchoverRequest {
+    SwitchoverRequest {
+        target_keeper_uid: keeper.into(),
+        requested_at: w.now,
+    }
+}
+
+#[test]
+fn switchover_fences_stops_the_old_master_and_promotes_after_replay() {
+    let mut w = cluster(test_spec(), 3);
+    let old = w.master().to_string();
+    let target = db_uid(&w, "k2");
+    let generation = w.cd.proxy.generation;
+    w.keeper("k2").replicates = false;
+    w.write(100);
+    w.switchover = Some(request(&w, "k2"));
+    w.step(S);
+    let st = w.cd.cluster.status.switchover.clone().expect("status");
+    assert_eq!(st.phase, SwitchoverPhase::Stopping);
+    assert_eq!(w.proxy_master(), "");
+    assert!(w.cd.proxy.generation > generation);
+    assert_eq!(w.cd.dbs[&old].spec.role, Some(DbRole::Standby));
+    w.run(5);
+    assert_eq!(
+        w.master(),
+        old,
+        "target has not replayed the old master's WAL"
+    );
+    w.keeper("k2").replicates = true;
+    // Catch up with the stopped master's position.
+    let pos = w.keepers["k0"].xlog;
+    w.keeper("k2").xlog = pos;
+    assert!(w.run_until(10, |w| w.master() == target));
+    let st = w.cd.cluster.status.switchover.clone().expect("status");
+    assert_eq!(st.phase, SwitchoverPhase::Completed);
+    assert_eq!(st.stop_position, pos);
+    w.switchover = None;
+    assert!(w.run_until(20, |w| w.settled()));
+}
+
+#[test]
+fn switchover_to_an_ineligible_or_unknown_keeper_is_refused() {
+    let mut w = cluster(sync_spec(1, 1), 3);
+    let master = w.master().to_string();
+    let sync = w.cd.dbs[&master].spec.synchronous_standbys[0].clone();
+    let not_sync =
+        w.cd.dbs
+            .values()
+            .find(|d| d.uid != master && d.uid != sync)
+            .map(|d| d.spec.keeper_uid.clone())
+            .expect("async standby");
+    for target in ["nobody", "k0", not_sync.as_str()] {
+        w.switchover = Some(request(&w, target));
+        w.step(S);
+        let st = w.cd.cluster.status.switchover.clone().expect("status");
+        assert_eq!(st.phase, SwitchoverPhase::Failed, "{target}");
+        assert_eq!(w.master(), master);
+        w.now = w.now.plus(S);
+    }
+}
+
+#[test]
+fn switchover_not_done_within_convergence_timeout_restores_the_old_master() {
+    let mut w = cluster(test_spec(), 2);
+    let old = w.master().to_string();
+    w.keeper("k1").replicates = false;
+    w.write(100);
+    w.switchover = Some(request(&w, "k1"));
+    w.run(35);
+    let st = w.cd.cluster.status.switchover.clone().expect("status");
+    assert_eq!(st.phase, SwitchoverPhase::Failed);
+    assert_eq!(w.master(), old);
+    assert_eq!(w.cd.dbs[&old].spec.role, Some(DbRole::Master));
+    w.keeper("k1").replicates = true;
+    assert!(w.run_until(20, |w| w.settled()));
+}
+
+// ---- spec changes ----
+
+#[test]
+fn a_pg_parameter_change_reaches_every_db_with_a_new_generation() {
+    let mut w = cluster(test_spec(), 3);
+    let gens: Vec<i64> = w.cd.dbs.values().map(|d| d.generation).collect();
+    w.cd.cluster
+        .spec
+        .pg_parameters
+        .insert("work_mem".into(), "64MB".into());
+    w.step(S);
+    for (db, g) in w.cd.dbs.values().zip(gens) {
+        assert_eq!(db.generation, g + 1);
+        assert_eq!(db.spec.pg_parameters["work_mem"], "64MB");
+    }
+}
+
+#[test]
+fn an_invalid_spec_changes_nothing_and_says_why() {
+    let mut w = cluster(test_spec(), 2);
+    w.cd.cluster.spec.max_synchronous_standbys = Some(0);
+    let before = w.cd.clone();
+    w.keeper("k0").alive = false;
+    w.run(20);
+    assert_eq!(
+        w.cd.dbs.keys().collect::<Vec<_>>(),
+        before.dbs.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(w.master(), before.cluster.status.master);
+    assert!(w.has_reason(ReasonKind::BadSpec));
+}
+
+#[test]
+fn nothing_changes_in_a_settled_cluster_without_new_facts() {
+    let w = cluster(test_spec(), 3);
+    let obs = w.observations();
+    let (cd, _, _) = decide(&w.cd, &w.mem, &obs, w.now);
+    assert_eq!(cd, w.cd, "no write when nothing happened");
+}
