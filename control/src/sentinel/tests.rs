@@ -650,7 +650,7 @@ fn sync_below_min_the_failed_standby_stays_in_the_set_and_with_min_0_it_is_dropp
     w.keeper("k1").alive = false;
     w.run(60);
     // Commits keep waiting for k1 rather than going on without any synchronous standby.
-    assert_eq!(w.cd.dbs[&master].spec.synchronous_standbys, [k1.clone()]);
+    assert_eq!(w.cd.dbs[&master].spec.synchronous_standbys, [k1]);
     let mut w = cluster(sync_spec(0, 1), 2);
     let master = w.master().to_string();
     w.keeper("k1").alive = false;
