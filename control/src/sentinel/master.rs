@@ -2,7 +2,7 @@
 //! in line with the cluster spec.
 
 use super::health::converged;
-use super::{ReasonKind, Round};
+use super::{mutated, Mutation, ReasonKind, Round};
 use crate::model::{ClusterRole, Db, DbRole, DbSpec, FollowConfig, FollowType};
 
 impl Round<'_> {
@@ -65,8 +65,15 @@ impl Round<'_> {
             .values()
             .filter(|db| db.uid != master && self.eligible(m, db).is_ok())
             .collect();
+        let lowest_first = mutated(Mutation::LowestWal);
         out.sort_by(|a, b| {
-            b.status.x_log_pos.cmp(&a.status.x_log_pos).then_with(|| {
+            let by_wal = b.status.x_log_pos.cmp(&a.status.x_log_pos);
+            let by_wal = if lowest_first {
+                by_wal.reverse()
+            } else {
+                by_wal
+            };
+            by_wal.then_with(|| {
                 self.keeper_rank(&a.spec.keeper_uid)
                     .cmp(&self.keeper_rank(&b.spec.keeper_uid))
             })
@@ -95,7 +102,7 @@ impl Round<'_> {
         if db.status.timeline_id != m.status.timeline_id {
             return Err("not on the master's timeline");
         }
-        if m.spec.synchronous_replication {
+        if m.spec.synchronous_replication && !mutated(Mutation::IgnoreSyncSet) {
             let reported = m.status.synchronous_standbys.contains(&db.uid);
             let wanted = m.spec.synchronous_standbys.contains(&db.uid);
             if !(reported && wanted) {
@@ -153,6 +160,9 @@ impl Round<'_> {
         let mut spec = self.cd.dbs[new].spec.clone();
         spec.synchronous_standbys = old_sync.into_iter().filter(|u| u != new).collect();
         self.set_db_spec(new, spec);
+        if mutated(Mutation::SkipProxyHandshake) {
+            self.cd.proxy.spec.master_db_uid = new.to_string();
+        }
     }
 
     /// Names `new` master in the cluster status and its spec, and fences the proxies.

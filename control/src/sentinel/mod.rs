@@ -14,6 +14,8 @@ mod master;
 mod proxy;
 #[doc(hidden)]
 pub mod sim;
+#[cfg(test)]
+mod simulation;
 mod standbys;
 mod switchover;
 mod sync;
@@ -29,6 +31,40 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 pub use sync::PLACEHOLDER_STANDBY;
+
+/// Deliberately broken variants of the rules, switched on only by the simulation tests to
+/// show that the simulation catches them. Always off outside `cfg(test)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Mutation {
+    None,
+    /// Publish the new master in the failover write, without fencing the proxies first.
+    SkipProxyHandshake,
+    /// Elect the standby with the lowest WAL position (the Go stolon's async flaw).
+    LowestWal,
+    /// Ignore the synchronous standby set when electing.
+    IgnoreSyncSet,
+}
+
+#[cfg(test)]
+thread_local! {
+    static MUTATION: std::cell::Cell<Mutation> = const { std::cell::Cell::new(Mutation::None) };
+}
+
+#[cfg(test)]
+pub(crate) fn set_mutation(m: Mutation) {
+    MUTATION.with(|c| c.set(m));
+}
+
+fn mutated(m: Mutation) -> bool {
+    #[cfg(test)]
+    return MUTATION.with(|c| c.get()) == m;
+    #[cfg(not(test))]
+    {
+        let _ = m;
+        false
+    }
+}
 
 /// What the sentinel read from the store for this round.
 #[derive(Clone, Debug, Default)]

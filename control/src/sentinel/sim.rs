@@ -297,9 +297,31 @@ impl World {
         }
     }
 
+    /// The members of a master's applied synchronous set that PostgreSQL reports as
+    /// synchronous: streaming (caught up with the master's WAL) on its timeline. A member that
+    /// is still catching up is not, as in `pg_stat_replication.sync_state`.
+    fn reported_sync(&self, master: &KeeperSim) -> Vec<String> {
+        master
+            .sync_standbys
+            .iter()
+            .filter(|m| {
+                self.keepers.values().any(|s| {
+                    s.db == **m
+                        && s.pg_healthy
+                        && s.replicates
+                        && s.role == Some(DbRole::Standby)
+                        && s.timeline == master.timeline
+                        && s.xlog >= master.xlog
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
     fn keeper_info(&mut self, uid: &str) -> KeeperInfo {
         let info_uid = self.next_id("i");
         let k = &self.keepers[uid];
+        let reported_sync = self.reported_sync(k);
         let state = (!k.db.is_empty()).then(|| PostgresState {
             uid: k.db.clone(),
             generation: k.generation,
@@ -311,7 +333,7 @@ impl World {
             x_log_pos: k.xlog,
             timelines_history: k.history.clone(),
             pg_parameters: [("max_connections".to_string(), "100".to_string())].into(),
-            synchronous_standbys: k.sync_standbys.clone(),
+            synchronous_standbys: reported_sync,
             older_wal_file: k.older_wal_file.clone(),
             ..Default::default()
         });
@@ -372,19 +394,30 @@ impl World {
             });
             k.timeline += 1;
         }
+        let follows = db.spec.follow_config.as_ref().and_then(|f| {
+            (f.kind == FollowType::Internal)
+                .then(|| master.as_ref().filter(|m| m.uid == f.dbuid))
+                .flatten()
+        });
+        if let Some(m) = follows {
+            let (mt, sp) = (m.status.timeline_id, switch_point(m, k.timeline));
+            let forked = k.timeline > mt || (k.timeline < mt && k.xlog > sp);
+            if forked && !db.spec.use_pgrewind {
+                // Cannot stream from a master it forked from: never converges.
+                return;
+            }
+            if forked {
+                // pg_rewind: back to the fork point, then the master's timeline.
+                k.xlog = k.xlog.min(sp);
+            }
+            if mt > 0 {
+                k.timeline = mt;
+                k.history = m.status.timelines_history.clone();
+            }
+        }
         k.role = db.spec.role;
         k.sync_standbys = db.spec.synchronous_standbys.clone();
         k.generation = db.generation;
-        if let Some(f) = db.spec.follow_config.as_ref() {
-            if f.kind == FollowType::Internal && k.timeline < master_timeline(&master, &f.dbuid) {
-                // Following a promoted master moves to its timeline (no fork: behind it).
-                let m = master.as_ref().expect("followed master");
-                if k.xlog <= switch_point(m, k.timeline) {
-                    k.timeline = m.status.timeline_id;
-                    k.history = m.status.timelines_history.clone();
-                }
-            }
-        }
     }
 
     /// Proxies read clusterdata, route to the published master while enabled, and ack the
@@ -395,22 +428,23 @@ impl World {
             if !p.published {
                 self.proxy_infos.remove(uid);
             }
-            if !p.alive {
-                if p.last_contact.is_some_and(|t| self.now.since(t) >= timeout) {
+            // Contact is a read AND a publish that succeeded, as the real proxy counts it.
+            let contact = p.alive && !p.slow && p.published;
+            if p.alive {
+                let enabled = self.cd.proxy.spec.enabled_proxies.contains(uid);
+                p.route = if enabled {
+                    self.cd.proxy.spec.master_db_uid.clone()
+                } else {
+                    String::new()
+                };
+            }
+            if !contact {
+                if p.last_contact.is_none_or(|t| self.now.since(t) >= timeout) {
                     p.route.clear();
                 }
                 continue;
             }
             p.last_contact = Some(self.now);
-            let enabled = self.cd.proxy.spec.enabled_proxies.contains(uid);
-            p.route = if enabled {
-                self.cd.proxy.spec.master_db_uid.clone()
-            } else {
-                String::new()
-            };
-            if p.slow || !p.published {
-                continue;
-            }
             p.generation = self.cd.proxy.generation;
             self.counter += 1;
             self.proxy_infos.insert(
@@ -425,13 +459,6 @@ impl World {
             );
         }
     }
-}
-
-fn master_timeline(master: &Option<Db>, uid: &str) -> u64 {
-    master
-        .as_ref()
-        .filter(|m| m.uid == uid)
-        .map_or(0, |m| m.status.timeline_id)
 }
 
 fn switch_point(master: &Db, timeline: u64) -> u64 {

@@ -1,7 +1,8 @@
 //! Synchronous replication: the master's synchronous standby set, changed in two steps so
 //! that at every moment each member of the set the master reports has every acknowledged
 //! commit: first the new members are added (the keeper renders `N (all members)`, so commits
-//! wait for all), and only once the master reports the larger set are the old ones dropped.
+//! wait for all), and only once the master reports the members to keep as synchronous
+//! (streaming, caught up) are the old ones dropped.
 
 use super::health::converged;
 use super::{ReasonKind, Round};
@@ -97,25 +98,35 @@ impl Round<'_> {
         spec.synchronous_replication = true;
         let current = spec.synchronous_standbys.clone();
         let desired = self.desired_sync(master, &current);
+        let reported = as_set(&db.status.synchronous_standbys);
+        let additions: Vec<&String> = desired.iter().filter(|u| !current.contains(u)).collect();
         let next = if as_set(&desired) == as_set(&current) {
             current.clone()
         } else if current.is_empty() {
             desired
-        } else if as_set(&db.status.synchronous_standbys) != as_set(&current) || !converged(db) {
+        } else if !converged(db) {
             self.reason(
                 ReasonKind::SyncStandbysChanged,
                 format!("waiting for master {master} to apply synchronous standbys {current:?}"),
             );
             current.clone()
+        } else if !additions.is_empty() {
+            // Step 1: add; commits now wait for the old and the new members.
+            let mut union = current.clone();
+            union.extend(additions.into_iter().cloned());
+            union
+        } else if desired
+            .iter()
+            .all(|u| u == PLACEHOLDER_STANDBY || reported.contains(u.as_str()))
+        {
+            // Step 2: the members we keep are reported in sync: drop the others.
+            desired
         } else {
-            let additions: Vec<&String> = desired.iter().filter(|u| !current.contains(u)).collect();
-            if additions.is_empty() {
-                desired
-            } else {
-                let mut union = current.clone();
-                union.extend(additions.into_iter().cloned());
-                union
-            }
+            self.reason(
+                ReasonKind::SyncStandbysChanged,
+                format!("waiting for {desired:?} to be reported in sync by master {master}"),
+            );
+            current.clone()
         };
         if next != current {
             self.reason(

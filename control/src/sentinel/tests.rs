@@ -417,9 +417,8 @@ fn sync_only_a_member_of_the_in_sync_set_is_elected() {
     let sync_db = master.spec.synchronous_standbys[0].clone();
     let sync_keeper = w.cd.dbs[&sync_db].spec.keeper_uid.clone();
     let other = if sync_keeper == "k1" { "k2" } else { "k1" };
-    // The other standby is ahead (async standbys may be), and has the higher priority.
+    // The other standby is as far (async standbys may be) and has the higher priority.
     w.keeper(other).priority = 100;
-    w.keeper(&sync_keeper).replicates = false;
     w.write(10);
     w.run(2);
     assert_eq!(kill_master_and_fail_over(&mut w), sync_keeper);
