@@ -8,7 +8,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -120,93 +119,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let registry = Arc::new(metrics.registry());
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-        };
-        let (registry, routes) = (registry.clone(), routes.clone());
-        tokio::spawn(async move {
-            let mut req = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                let mut chunk = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    let n = sock.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    req.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            });
-            if !matches!(read.await, Ok(Ok(()))) {
-                return;
-            }
-            let line = String::from_utf8_lossy(req.split(|&b| b == b'\r').next().unwrap_or(&[]))
-                .into_owned();
-            let (status, ctype, body) = respond(&line, &registry, &routes);
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
-}
-
-fn respond(
-    line: &str,
-    registry: &Registry,
-    routes: &Routes,
-) -> (&'static str, &'static str, String) {
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
-    }
-    match path {
-        "/metrics" => {
-            let mut out = String::new();
-            if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
-                return (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    "encode failed\n".into(),
-                );
-            }
-            (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                out,
-            )
+    let health: control::metrics::HealthFn = Arc::new(move || {
+        let route = routes.load();
+        match &route.master {
+            Ok(_) => Ok(format!("routing generation {}", route.generation)),
+            Err(why) => Err(format!("not routing: {why:?}")),
         }
-        "/health" => {
-            let route = routes.load();
-            match &route.master {
-                Ok(_) => (
-                    "200 OK",
-                    "text/plain",
-                    format!("routing generation {}\n", route.generation),
-                ),
-                Err(why) => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    format!("not routing: {why:?}\n"),
-                ),
-            }
-        }
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /health\n".into(),
-        ),
-    }
+    });
+    control::metrics::serve(listener, registry, health, shutdown).await
 }

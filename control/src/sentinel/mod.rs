@@ -8,6 +8,7 @@
 //! generation bumped) in the same write that names a new master, and the new master is
 //! published to proxies only once every enabled proxy reported that generation or expired.
 
+pub mod daemon;
 mod health;
 mod init;
 mod master;

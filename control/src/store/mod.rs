@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use std::time::Duration;
 
-pub use cluster::{info_ttl, info_ttl_for_proxy, CasOutcome, ClusterStore, Infos};
+pub use cluster::{info_ttl, info_ttl_for_proxy, CasOutcome, ClusterStore, Infos, LEADER_TTL};
 pub use election::{Election, Leadership};
 pub use publish::LeasedKey;
 pub use watch::{WatchUpdate, Watcher};

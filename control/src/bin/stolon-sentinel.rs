@@ -1,0 +1,112 @@
+//! `stolon-sentinel`: elects a leader among the sentinels; the leader computes the cluster
+//! view from keeper and proxy infos and writes it to `P/clusterdata`. Every flag can also
+//! come from `STSENTINEL_<FLAG>`.
+
+use anyhow::Context;
+use clap::Parser;
+use control::cli::{parse_duration, parse_with_env, CommonArgs};
+use control::model::{decode, ClusterSpec};
+use control::sentinel::daemon::{Config, Metrics, Sentinel};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Computes and publishes the cluster view (master election, standbys, proxy fencing) as
+/// stolon-sentinel does. Run two or more; one is elected leader through the store, the
+/// others wait and take over when it stops or is cut off.
+#[derive(Parser, Debug)]
+#[command(name = "stolon-sentinel", version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A JSON cluster spec file: creates the cluster with it when no clusterdata exists
+    /// (never overwrites an existing cluster)
+    #[arg(long)]
+    initial_cluster_spec: Option<PathBuf>,
+    /// This sentinel's UID in the store (default: random)
+    #[arg(long)]
+    uid: Option<String>,
+    /// TTL of the leader's session: a dead or frozen leader is replaced after this long
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    leader_ttl: Duration,
+}
+
+fn read_spec(path: &PathBuf) -> anyhow::Result<ClusterSpec> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read --initial-cluster-spec {}", path.display()))?;
+    let spec: ClusterSpec = decode("cluster spec", &bytes)
+        .with_context(|| format!("invalid --initial-cluster-spec {}", path.display()))?;
+    spec.validate()
+        .with_context(|| format!("invalid --initial-cluster-spec {}", path.display()))?;
+    Ok(spec)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Args = parse_with_env("STSENTINEL_");
+    args.common.init_tracing();
+    let initial_cluster_spec = args
+        .initial_cluster_spec
+        .as_ref()
+        .map(read_spec)
+        .transpose()?;
+    let uid = args
+        .uid
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let store = args
+            .common
+            .open_cluster_store()
+            .await
+            .context("cannot set up the store client")?;
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        if let Some(maddr) = &args.common.metrics_listen_address {
+            let l = tokio::net::TcpListener::bind(maddr)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-listen-address {maddr}"))?;
+            let m = metrics.clone();
+            let health: control::metrics::HealthFn = Arc::new(move || {
+                Ok(if m.is_leader.get() == 1 {
+                    "leader"
+                } else {
+                    "follower"
+                }
+                .to_string())
+            });
+            let registry = Arc::new(metrics.registry());
+            tokio::spawn(control::metrics::serve(
+                l,
+                registry,
+                health,
+                shutdown.clone(),
+            ));
+        }
+        tracing::info!(%uid, cluster = %args.common.cluster_name, "stolon-sentinel starting");
+        let sentinel = Sentinel::new(
+            Config {
+                uid,
+                store,
+                initial_cluster_spec,
+                leader_ttl: args.leader_ttl,
+            },
+            metrics,
+        );
+        let task = tokio::spawn(sentinel.run(shutdown.clone()));
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: resigning leadership");
+        shutdown.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        Ok(())
+    })
+}
