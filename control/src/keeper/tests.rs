@@ -1,0 +1,204 @@
+//! Table tests of `plan`.
+
+use super::*;
+use crate::model::{ClusterSpec, DbSpec, FollowConfig, Keeper, KeeperStatus, Timestamp};
+
+const ME: &str = "k1";
+const BOOT: &str = "boot-1";
+
+fn cd_with(db: Option<Db>, seen: bool, spec: ClusterSpec) -> ClusterData {
+    let mut cd = ClusterData::new("c", spec, Timestamp::now());
+    let status = KeeperStatus {
+        boot_uuid: if seen { BOOT.into() } else { "old-boot".into() },
+        ..Default::default()
+    };
+    cd.keepers.insert(
+        ME.into(),
+        Keeper {
+            uid: ME.into(),
+            status,
+            ..Default::default()
+        },
+    );
+    if let Some(db) = db {
+        cd.dbs.insert(db.uid.clone(), db);
+    }
+    cd
+}
+
+fn db(role: DbRole, init: DbInitMode, follow: Option<&str>) -> Db {
+    Db {
+        uid: "d1".into(),
+        generation: 7,
+        spec: DbSpec {
+            keeper_uid: ME.into(),
+            role: Some(role),
+            init_mode: Some(init),
+            follow_config: follow.map(|m| FollowConfig {
+                kind: FollowType::Internal,
+                dbuid: m.into(),
+                standby_settings: None,
+                archive_recovery_settings: None,
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn local(data: DataState, running: Option<PgRole>) -> LocalObserved {
+    LocalObserved {
+        data,
+        running: running.map(|role| Running {
+            role,
+            pending_restart: false,
+        }),
+        config_current: true,
+        fenced: false,
+    }
+}
+
+fn holds(uid: &str) -> DataState {
+    DataState::Present {
+        db_uid: Some(uid.into()),
+    }
+}
+
+fn run(cd: Option<&ClusterData>, silence: i64, local: &LocalObserved) -> Vec<PgAction> {
+    let view = KeeperView {
+        keeper_uid: ME,
+        boot_uuid: BOOT,
+        cd,
+        store_silence: GoDuration::from_secs(silence),
+    };
+    plan(&view, local)
+}
+
+fn from(m: &str) -> String {
+    m.to_string()
+}
+
+#[test]
+fn plan_table() {
+    let spec = ClusterSpec::default;
+    let rewind = || ClusterSpec {
+        use_pgrewind: Some(true),
+        ..Default::default()
+    };
+    let master_new = db(DbRole::Master, DbInitMode::New, None);
+    let master = db(DbRole::Master, DbInitMode::None, None);
+    let standby = db(DbRole::Standby, DbInitMode::None, Some("m"));
+    let resync = db(DbRole::Standby, DbInitMode::Resync, Some("m"));
+    let pitr = db(DbRole::Master, DbInitMode::Pitr, None);
+    let existing = db(DbRole::Master, DbInitMode::Existing, None);
+    let with_rewind = |mut d: Db| {
+        d.spec.use_pgrewind = true;
+        d
+    };
+    let pending = LocalObserved {
+        running: Some(Running {
+            role: PgRole::Primary,
+            pending_restart: true,
+        }),
+        ..local(holds("d1"), None)
+    };
+    let stale_config = LocalObserved {
+        config_current: false,
+        ..local(holds("d1"), Some(PgRole::Standby))
+    };
+    let fenced = LocalObserved {
+        fenced: true,
+        ..local(holds("d1"), None)
+    };
+    let auto = ClusterSpec {
+        automatic_pg_restart: Some(true),
+        ..Default::default()
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Option<ClusterData>, i64, LocalObserved, Vec<PgAction>)> = vec![
+        ("no clusterdata: wait",
+            None, 0, local(DataState::Missing, None),
+            vec![Wait("no clusterdata".into())]),
+        ("no db for this keeper, nothing runs: wait",
+            Some(cd_with(None, true, spec())), 0, local(DataState::Missing, None),
+            vec![Wait("no db assigned to this keeper".into())]),
+        ("no db for this keeper, PostgreSQL runs: stop it",
+            Some(cd_with(None, true, spec())), 0, local(holds("x"), Some(PgRole::Standby)),
+            vec![Stop(StopMode::Fast)]),
+        ("initMode new on an empty dir: initdb and start",
+            Some(cd_with(Some(master_new.clone()), true, spec())), 0, local(DataState::Missing, None),
+            vec![InitDb, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("initMode new over another db's data: clear first",
+            Some(cd_with(Some(master_new.clone()), true, spec())), 0, local(holds("old"), None),
+            vec![ClearData, InitDb, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("not seen by the sentinel yet: prepare but do not start",
+            Some(cd_with(Some(master_new), false, spec())), 0, local(DataState::Missing, None),
+            vec![InitDb, WriteConfig, Wait("the sentinel has not seen this keeper's boot yet".into())]),
+        ("initMode pitr: restore, then start in recovery",
+            Some(cd_with(Some(pitr), true, spec())), 0, local(DataState::Missing, None),
+            vec![RestorePitr, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("initMode existing: take over the data dir",
+            Some(cd_with(Some(existing.clone()), true, spec())), 0, local(DataState::Present { db_uid: None }, None),
+            vec![TakeOverExisting, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("initMode existing without data: refuse",
+            Some(cd_with(Some(existing), true, spec())), 0, local(DataState::Missing, None),
+            vec![Refuse("initMode existing but the data directory is missing".into())]),
+        ("existing master db, data dir wiped: refuse, never initdb",
+            Some(cd_with(Some(master.clone()), true, spec())), 0, local(DataState::Missing, None),
+            vec![Refuse("the data directory does not hold db d1 and it exists already: refusing to initialise a new one (was it wiped?)".into())]),
+        ("new standby: base backup from the master",
+            Some(cd_with(Some(resync.clone()), true, spec())), 0, local(DataState::Missing, None),
+            vec![BaseBackup { from_db: from("m") }, WriteConfig, Start, Converged(7)]),
+        ("standby over another db's data without rewind: clear and base backup",
+            Some(cd_with(Some(resync), true, spec())), 0, local(holds("old"), Some(PgRole::Primary)),
+            vec![Stop(StopMode::Fast), ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, Converged(7)]),
+        ("standby over another db's data with rewind: rewind",
+            Some(cd_with(Some(with_rewind(standby.clone())), true, rewind())), 0, local(holds("old"), None),
+            vec![Rewind { from_db: from("m") }, WriteConfig, Start, Converged(7)]),
+        ("old master demoted to standby, no rewind: stop, base backup",
+            Some(cd_with(Some(standby.clone()), true, spec())), 0, local(holds("d1"), Some(PgRole::Primary)),
+            vec![Stop(StopMode::Fast), ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, Converged(7)]),
+        ("old master demoted to standby with rewind: stop, rewind",
+            Some(cd_with(Some(with_rewind(standby.clone())), true, rewind())), 0, local(holds("d1"), Some(PgRole::Primary)),
+            vec![Stop(StopMode::Fast), Rewind { from_db: from("m") }, WriteConfig, Start, Converged(7)]),
+        ("standby elected master: promote",
+            Some(cd_with(Some(master.clone()), true, spec())), 0, local(holds("d1"), Some(PgRole::Standby)),
+            vec![WriteConfig, Promote, SyncSlots, Converged(7)]),
+        ("master stopped: start",
+            Some(cd_with(Some(master.clone()), true, spec())), 0, local(holds("d1"), None),
+            vec![WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("standby follows a new master: config and reload, no restart",
+            Some(cd_with(Some(standby.clone()), true, spec())), 0, stale_config,
+            vec![WriteConfig, Reload, Converged(7)]),
+        ("parameter needing restart, automaticPgRestart off: no restart",
+            Some(cd_with(Some(master.clone()), true, spec())), 0, pending.clone(),
+            vec![SyncSlots, Converged(7)]),
+        ("parameter needing restart, automaticPgRestart on: restart",
+            Some(cd_with(Some(master.clone()), true, auto)), 0, pending,
+            vec![Restart, SyncSlots, Converged(7)]),
+        ("master without store contact for the fence timeout: fence",
+            Some(cd_with(Some(master.clone()), true, spec())), 10, local(holds("d1"), Some(PgRole::Primary)),
+            vec![Fence]),
+        ("a standby without store contact is not fenced",
+            Some(cd_with(Some(standby), true, spec())), 10, local(holds("d1"), Some(PgRole::Standby)),
+            vec![Converged(7)]),
+        ("fenced and still no contact: stay down",
+            Some(cd_with(Some(master.clone()), true, spec())), 12, fenced.clone(),
+            vec![Wait("fenced: no store contact".into())]),
+        ("fenced, contact back, still master: lift and start",
+            Some(cd_with(Some(master), true, spec())), 1, fenced,
+            vec![Unfence, WriteConfig, Start, SyncSlots, Converged(7)]),
+    ];
+    for (name, cd, silence, local, want) in cases {
+        assert_eq!(run(cd.as_ref(), silence, &local), want, "{name}");
+    }
+}
+
+#[test]
+fn fence_timeout_is_strictly_below_fail_interval() {
+    for secs in [1, 2, 5, 20, 60] {
+        let fi = GoDuration::from_secs(secs);
+        assert!(fence_timeout(fi) < fi);
+        assert!(fence_timeout(fi).0 > 0);
+    }
+}
