@@ -1,0 +1,375 @@
+//! PostgreSQL configuration rendered as pure strings: postgresql.conf from the db's
+//! pgParameters plus the managed ones, pg_hba.conf from the spec (or stolon's defaults, in
+//! `all` or `strict` mode), and which recovery signal file goes with them.
+
+use control::model::{ClusterData, Db, DbInitMode, DbRole, FollowType, SuReplAccessMode};
+use control::sentinel::PLACEHOLDER_STANDBY;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Parameters the keeper owns; a spec value for them is ignored.
+pub const MANAGED: &[&str] = &[
+    "listen_addresses",
+    "port",
+    "unix_socket_directories",
+    "wal_level",
+    "hot_standby",
+    "max_wal_senders",
+    "max_replication_slots",
+    "wal_log_hints",
+    "synchronous_standby_names",
+    "primary_conninfo",
+    "primary_slot_name",
+    "recovery_target_timeline",
+    "restore_command",
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_action",
+    "recovery_min_apply_delay",
+    "hba_file",
+    "ident_file",
+    "config_file",
+    "data_directory",
+];
+
+/// The smallest wal_keep_size the keeper allows, in MB: standbys restarting briefly should
+/// not need a new base backup.
+pub const WAL_KEEP_SIZE_FLOOR_MB: u64 = 128;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMethod {
+    Md5,
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+    Trust,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Trust => "trust",
+        }
+    }
+}
+
+/// Where this keeper's PostgreSQL listens and how it authenticates.
+#[derive(Clone, Debug)]
+pub struct Local {
+    pub listen_address: String,
+    pub port: u16,
+    pub socket_dir: String,
+    pub su_user: String,
+    pub su_auth: AuthMethod,
+    pub repl_user: String,
+    pub repl_auth: AuthMethod,
+    /// A libpq password file holding the replication password (for primary_conninfo).
+    pub passfile: String,
+}
+
+/// The followed master's address, for a standby.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendered {
+    pub postgresql_conf: String,
+    pub pg_hba_conf: String,
+    pub standby_signal: bool,
+    pub recovery_signal: bool,
+}
+
+/// Quotes a value for postgresql.conf.
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// The replication slot / application name of a db.
+pub fn slot_name(db_uid: &str) -> String {
+    format!("stolon_{db_uid}")
+}
+
+/// Parses a size as PostgreSQL does for MB-based settings ("128MB", "1GB", "512" = MB).
+pub fn parse_size_mb(v: &str) -> Option<u64> {
+    let v = v.trim().trim_matches('\'');
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let factor_kb: u64 = match unit.trim() {
+        "" | "MB" => 1024,
+        "kB" => 1,
+        "GB" => 1024 * 1024,
+        "TB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    Some(n.checked_mul(factor_kb)? / 1024)
+}
+
+/// `synchronous_standby_names` for a sync set: `N (stolon_a,stolon_b)` where every member
+/// must acknowledge; the placeholder keeps its name so nothing can match it.
+pub fn synchronous_standby_names(set: &[String]) -> String {
+    if set.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = set
+        .iter()
+        .map(|u| {
+            if u == PLACEHOLDER_STANDBY {
+                u.clone()
+            } else {
+                slot_name(u)
+            }
+        })
+        .collect();
+    format!("{} ({})", names.len(), names.join(","))
+}
+
+/// Renders the configuration of `db` on this keeper.
+pub fn render(
+    cd: &ClusterData,
+    db: &Db,
+    local: &Local,
+    upstream: Option<&Upstream>,
+    restricted: bool,
+) -> Rendered {
+    let spec = &db.spec;
+    let mut params: BTreeMap<String, String> = spec
+        .pg_parameters
+        .iter()
+        .filter(|(k, _)| !MANAGED.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), quote(v)))
+        .collect();
+    let set = |p: &mut BTreeMap<String, String>, k: &str, v: String| {
+        p.insert(k.to_string(), v);
+    };
+    set(
+        &mut params,
+        "listen_addresses",
+        quote(&local.listen_address),
+    );
+    set(&mut params, "port", local.port.to_string());
+    set(
+        &mut params,
+        "unix_socket_directories",
+        quote(&local.socket_dir),
+    );
+    let logical = spec.pg_parameters.get("wal_level").map(String::as_str) == Some("logical");
+    set(
+        &mut params,
+        "wal_level",
+        if logical { "logical" } else { "replica" }.into(),
+    );
+    set(&mut params, "hot_standby", "on".into());
+    let senders = u32::from(spec.max_standbys) + u32::from(spec.additional_wal_senders) + 1;
+    set(&mut params, "max_wal_senders", senders.to_string());
+    let slots = senders + spec.additional_replication_slots.len() as u32;
+    set(&mut params, "max_replication_slots", slots.to_string());
+    set(&mut params, "wal_log_hints", "on".into());
+    let keep = spec
+        .pg_parameters
+        .get("wal_keep_size")
+        .and_then(|v| parse_size_mb(v))
+        .unwrap_or(0)
+        .max(WAL_KEEP_SIZE_FLOOR_MB);
+    set(&mut params, "wal_keep_size", quote(&format!("{keep}MB")));
+    let sync = if spec.synchronous_replication {
+        synchronous_standby_names(&spec.synchronous_standbys)
+    } else {
+        String::new()
+    };
+    set(&mut params, "synchronous_standby_names", quote(&sync));
+    let (standby_signal, recovery_signal) = recovery(db, local, upstream, &mut params);
+
+    let mut conf = String::from(
+        "# Managed by stolon-keeper from the cluster spec: edits here are overwritten, and\n\
+         # ALTER SYSTEM is undone (postgresql.auto.conf is emptied).\n",
+    );
+    for (k, v) in &params {
+        let _ = writeln!(conf, "{k} = {v}");
+    }
+    Rendered {
+        postgresql_conf: conf,
+        pg_hba_conf: render_hba(cd, db, local, restricted),
+        standby_signal,
+        recovery_signal,
+    }
+}
+
+/// Recovery settings: a standby follows its upstream (or the external primary of a standby
+/// cluster); a pitr init restores from the archive up to its target and promotes.
+fn recovery(
+    db: &Db,
+    local: &Local,
+    upstream: Option<&Upstream>,
+    params: &mut BTreeMap<String, String>,
+) -> (bool, bool) {
+    let spec = &db.spec;
+    if spec.init_mode == Some(DbInitMode::Pitr) {
+        let pitr = spec.pitr_config.clone().unwrap_or_default();
+        if let Some(a) = pitr
+            .archive_recovery_settings
+            .filter(|a| !a.restore_command.is_empty())
+        {
+            params.insert("restore_command".into(), quote(&a.restore_command));
+        }
+        if let Some(t) = pitr.recovery_target_settings {
+            for (k, v) in [
+                ("recovery_target", t.recovery_target),
+                ("recovery_target_lsn", t.recovery_target_lsn),
+                ("recovery_target_name", t.recovery_target_name),
+                ("recovery_target_time", t.recovery_target_time),
+                ("recovery_target_xid", t.recovery_target_xid),
+                ("recovery_target_timeline", t.recovery_target_timeline),
+            ] {
+                if !v.is_empty() {
+                    params.insert(k.into(), quote(&v));
+                }
+            }
+        }
+        params.insert("recovery_target_action".into(), quote("promote"));
+        return (false, true);
+    }
+    if spec.role != Some(DbRole::Standby) {
+        return (false, false);
+    }
+    let follow = spec.follow_config.as_ref();
+    match (follow.map(|f| f.kind), upstream) {
+        (Some(FollowType::Internal), Some(up)) => {
+            let conninfo = format!(
+                "host={} port={} user={} passfile={} application_name={} sslmode=prefer",
+                up.host,
+                up.port,
+                local.repl_user,
+                local.passfile,
+                slot_name(&db.uid)
+            );
+            params.insert("primary_conninfo".into(), quote(&conninfo));
+            params.insert("primary_slot_name".into(), quote(&slot_name(&db.uid)));
+        }
+        (Some(FollowType::External), _) => {
+            let f = follow.expect("matched Some");
+            if let Some(s) = &f.standby_settings {
+                if !s.primary_conninfo.is_empty() {
+                    params.insert("primary_conninfo".into(), quote(&s.primary_conninfo));
+                }
+                if !s.primary_slot_name.is_empty() {
+                    params.insert("primary_slot_name".into(), quote(&s.primary_slot_name));
+                }
+                if !s.recovery_min_apply_delay.is_empty() {
+                    let d = quote(&s.recovery_min_apply_delay);
+                    params.insert("recovery_min_apply_delay".into(), d);
+                }
+            }
+            if let Some(a) = &f.archive_recovery_settings {
+                if !a.restore_command.is_empty() {
+                    params.insert("restore_command".into(), quote(&a.restore_command));
+                }
+            }
+        }
+        _ => {}
+    }
+    params.insert("recovery_target_timeline".into(), quote("latest"));
+    (true, false)
+}
+
+/// pg_hba.conf: the keeper's own local connections, superuser and replication access (from
+/// anywhere in `all` mode, from the cluster's db addresses in `strict` mode), then the
+/// spec's rules (null: stolon's default md5 rules), which are left out while `restricted`.
+pub fn render_hba(cd: &ClusterData, db: &Db, local: &Local, restricted: bool) -> String {
+    let (su, su_auth) = (&local.su_user, local.su_auth.as_str());
+    let (repl, repl_auth) = (&local.repl_user, local.repl_auth.as_str());
+    let mut out = String::from("# Managed by stolon-keeper from the cluster spec.\n");
+    let _ = writeln!(out, "local all {su} {su_auth}");
+    let _ = writeln!(out, "local replication {repl} {repl_auth}");
+    let sources: Vec<String> = match cd.cluster.spec.default_su_repl_access_mode() {
+        SuReplAccessMode::All => vec!["0.0.0.0/0".into(), "::0/0".into()],
+        SuReplAccessMode::Strict => {
+            let mut addrs: Vec<String> = cd
+                .dbs
+                .values()
+                .map(|d| d.status.listen_address.clone())
+                .filter(|a| !a.is_empty())
+                .map(|a| {
+                    if a.contains(':') {
+                        format!("{a}/128")
+                    } else {
+                        format!("{a}/32")
+                    }
+                })
+                .collect();
+            addrs.sort();
+            addrs.dedup();
+            addrs
+        }
+    };
+    for src in &sources {
+        let _ = writeln!(out, "host all {su} {src} {su_auth}");
+        let _ = writeln!(out, "host replication {repl} {src} {repl_auth}");
+    }
+    if restricted {
+        out.push_str("# Restricted: normal users wait until a synchronous standby is in sync.\n");
+        return out;
+    }
+    match &db.spec.pg_hba {
+        Some(rules) => {
+            for r in rules {
+                out.push_str(r);
+                out.push('\n');
+            }
+        }
+        None => {
+            out.push_str("host all all 0.0.0.0/0 md5\n");
+            out.push_str("host all all ::0/0 md5\n");
+        }
+    }
+    out
+}
+
+/// Parses the settings of a postgresql.conf (as initdb writes it): `name = value` lines,
+/// comments and blank lines ignored, quotes removed. Used to report init-time parameters.
+pub fn parse_conf(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = strip_comment(line).trim().to_string();
+        if line.is_empty() {
+            continue;
+        }
+        let (k, v) = match line.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None => match line.split_once(char::is_whitespace) {
+                Some((k, v)) => (k.trim(), v.trim()),
+                None => continue,
+            },
+        };
+        if k.is_empty() || k.starts_with("include") {
+            continue;
+        }
+        let v = if v.len() >= 2 && v.starts_with('\'') && v.ends_with('\'') {
+            v[1..v.len() - 1].replace("''", "'")
+        } else {
+            v.to_string()
+        };
+        out.insert(k.to_string(), v);
+    }
+    out
+}
+
+/// Drops a `#` comment that is not inside single quotes.
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '#' if !quoted => return &line[..i],
+            _ => {}
+        }
+    }
+    line
+}

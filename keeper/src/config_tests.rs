@@ -1,0 +1,230 @@
+//! Golden tests of the rendered files (`UPDATE_GOLDEN=1` rewrites them) and table tests of
+//! the small parsers.
+
+use crate::config::*;
+use control::model::{
+    ArchiveRecoverySettings, ClusterData, ClusterSpec, Db, DbInitMode, DbRole, DbSpec,
+    FollowConfig, FollowType, PitrConfig, RecoveryTargetSettings, StandbySettings,
+    SuReplAccessMode, Timestamp,
+};
+use std::path::PathBuf;
+
+fn local() -> Local {
+    Local {
+        listen_address: "10.0.0.5".into(),
+        port: 5433,
+        socket_dir: "/var/run/stolon/k1".into(),
+        su_user: "postgres".into(),
+        su_auth: AuthMethod::ScramSha256,
+        repl_user: "repluser".into(),
+        repl_auth: AuthMethod::Md5,
+        passfile: "/var/lib/stolon/k1/pgpass".into(),
+    }
+}
+
+fn cluster(spec: ClusterSpec) -> ClusterData {
+    let mut cd = ClusterData::new("c1", spec, Timestamp::now());
+    for (uid, addr) in [("m1", "10.0.0.5"), ("s1", "10.0.0.6"), ("s2", "10.0.0.7")] {
+        let mut db = Db {
+            uid: uid.into(),
+            ..Default::default()
+        };
+        db.status.listen_address = addr.into();
+        cd.dbs.insert(uid.into(), db);
+    }
+    cd
+}
+
+fn master_db() -> Db {
+    Db {
+        uid: "m1".into(),
+        spec: DbSpec {
+            role: Some(DbRole::Master),
+            max_standbys: 20,
+            additional_wal_senders: 5,
+            pg_parameters: [
+                ("max_connections", "100"),
+                ("shared_buffers", "128MB"),
+                ("log_line_prefix", "%m [%p] 'x' "),
+                ("port", "9999"),
+                ("wal_keep_size", "64MB"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn standby_db() -> Db {
+    Db {
+        uid: "s1".into(),
+        spec: DbSpec {
+            role: Some(DbRole::Standby),
+            max_standbys: 20,
+            follow_config: Some(FollowConfig {
+                kind: FollowType::Internal,
+                dbuid: "m1".into(),
+                standby_settings: None,
+                archive_recovery_settings: None,
+            }),
+            pg_parameters: [("wal_keep_size".to_string(), "1GB".to_string())].into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, actual).expect("write golden");
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 creates it)", path.display()));
+    assert_eq!(actual, want, "{name} differs from its golden file");
+}
+
+fn show(r: &Rendered) -> String {
+    format!(
+        "## postgresql.conf\n{}## pg_hba.conf\n{}## standby.signal: {}, recovery.signal: {}\n",
+        r.postgresql_conf, r.pg_hba_conf, r.standby_signal, r.recovery_signal
+    )
+}
+
+#[test]
+fn golden_master_async_default_hba() {
+    let cd = cluster(ClusterSpec::default());
+    golden(
+        "master-async.txt",
+        &show(&render(&cd, &master_db(), &local(), None, false)),
+    );
+}
+
+#[test]
+fn golden_master_sync_with_placeholder_and_strict_hba_restricted() {
+    let spec = ClusterSpec {
+        default_su_repl_access_mode: Some(SuReplAccessMode::Strict),
+        ..Default::default()
+    };
+    let cd = cluster(spec);
+    let mut db = master_db();
+    db.spec.synchronous_replication = true;
+    db.spec.synchronous_standbys = vec!["s1".into(), "stolonfakestandby".into()];
+    db.spec.pg_hba = Some(vec!["host app app 10.1.0.0/16 scram-sha-256".into()]);
+    let restricted = render(&cd, &db, &local(), None, true);
+    golden("master-sync-strict-restricted.txt", &show(&restricted));
+    let open = render(&cd, &db, &local(), None, false);
+    assert!(open
+        .pg_hba_conf
+        .ends_with("host app app 10.1.0.0/16 scram-sha-256\n"));
+    assert!(!restricted.pg_hba_conf.contains("host app app"));
+}
+
+#[test]
+fn golden_standby_following_the_master() {
+    let cd = cluster(ClusterSpec::default());
+    let up = Upstream {
+        host: "10.0.0.5".into(),
+        port: 5433,
+    };
+    let r = render(&cd, &standby_db(), &local(), Some(&up), false);
+    golden("standby.txt", &show(&r));
+}
+
+#[test]
+fn golden_pitr_with_targets_and_standby_cluster_master() {
+    let cd = cluster(ClusterSpec::default());
+    let mut db = master_db();
+    db.spec.init_mode = Some(DbInitMode::Pitr);
+    db.spec.pitr_config = Some(PitrConfig {
+        data_restore_command: "cp -a /backups/base/. %d".into(),
+        archive_recovery_settings: Some(ArchiveRecoverySettings {
+            restore_command: "cp /backups/wal/%f %p".into(),
+        }),
+        recovery_target_settings: Some(RecoveryTargetSettings {
+            recovery_target_time: "2026-11-24 10:00:00+00".into(),
+            ..Default::default()
+        }),
+    });
+    golden("pitr.txt", &show(&render(&cd, &db, &local(), None, false)));
+    let mut db = master_db();
+    db.spec.role = Some(DbRole::Standby);
+    db.spec.follow_config = Some(FollowConfig {
+        kind: FollowType::External,
+        dbuid: String::new(),
+        standby_settings: Some(StandbySettings {
+            primary_conninfo: "host=192.0.2.1 port=5432 user=repl".into(),
+            primary_slot_name: "dr_site".into(),
+            recovery_min_apply_delay: String::new(),
+        }),
+        archive_recovery_settings: None,
+    });
+    golden(
+        "standby-cluster-master.txt",
+        &show(&render(&cd, &db, &local(), None, false)),
+    );
+}
+
+#[test]
+fn synchronous_standby_names_table() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], ""),
+        (&["a"], "1 (stolon_a)"),
+        (&["a", "b"], "2 (stolon_a,stolon_b)"),
+        (&["stolonfakestandby"], "1 (stolonfakestandby)"),
+    ];
+    for (set, want) in cases {
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        assert_eq!(synchronous_standby_names(&set), *want);
+    }
+}
+
+#[test]
+fn parse_size_mb_table() {
+    for (v, want) in [
+        ("128MB", Some(128)),
+        ("1GB", Some(1024)),
+        ("512", Some(512)),
+        ("2048kB", Some(2)),
+        ("'64MB'", Some(64)),
+        ("lots", None),
+        ("", None),
+    ] {
+        assert_eq!(parse_size_mb(v), want, "{v}");
+    }
+}
+
+#[test]
+fn wal_keep_size_has_a_floor() {
+    let cd = cluster(ClusterSpec::default());
+    let r = render(&cd, &master_db(), &local(), None, false);
+    assert!(r.postgresql_conf.contains("wal_keep_size = '128MB'"));
+    let r = render(&cd, &standby_db(), &local(), None, false);
+    assert!(r.postgresql_conf.contains("wal_keep_size = '1024MB'"));
+}
+
+#[test]
+fn parse_conf_reads_what_initdb_writes() {
+    let text = "max_connections = 100\t\t\t# (change requires restart)\n\
+                shared_buffers = 128MB\n\
+                #work_mem = 4MB\n\
+                log_timezone = 'Etc/UTC'\n\
+                datestyle = 'iso, mdy'\n\
+                lc_messages = 'C.UTF-8'  # locale\n\
+                weird = 'it''s # not a comment'\n\
+                include_if_exists = 'x.conf'\n";
+    let p = parse_conf(text);
+    assert_eq!(p["max_connections"], "100");
+    assert_eq!(p["shared_buffers"], "128MB");
+    assert_eq!(p["log_timezone"], "Etc/UTC");
+    assert_eq!(p["datestyle"], "iso, mdy");
+    assert_eq!(p["weird"], "it's # not a comment");
+    assert!(!p.contains_key("work_mem"));
+    assert!(!p.contains_key("include_if_exists"));
+}
