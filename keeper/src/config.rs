@@ -132,12 +132,15 @@ pub fn synchronous_standby_names(set: &[String]) -> String {
 }
 
 /// Renders the configuration of `db` on this keeper.
+/// `pitr_recovery`: the data was restored for point-in-time recovery and has not promoted
+/// yet (after promotion the instance is an ordinary master).
 pub fn render(
     cd: &ClusterData,
     db: &Db,
     local: &Local,
     upstream: Option<&Upstream>,
     restricted: bool,
+    pitr_recovery: bool,
 ) -> Rendered {
     let spec = &db.spec;
     let mut params: BTreeMap<String, String> = spec
@@ -185,7 +188,8 @@ pub fn render(
         String::new()
     };
     set(&mut params, "synchronous_standby_names", quote(&sync));
-    let (standby_signal, recovery_signal) = recovery(db, local, upstream, &mut params);
+    let (standby_signal, recovery_signal) =
+        recovery(db, local, upstream, pitr_recovery, &mut params);
 
     let mut conf = String::from(
         "# Managed by stolon-keeper from the cluster spec: edits here are overwritten, and\n\
@@ -208,10 +212,11 @@ fn recovery(
     db: &Db,
     local: &Local,
     upstream: Option<&Upstream>,
+    pitr_recovery: bool,
     params: &mut BTreeMap<String, String>,
 ) -> (bool, bool) {
     let spec = &db.spec;
-    if spec.init_mode == Some(DbInitMode::Pitr) {
+    if pitr_recovery && spec.init_mode == Some(DbInitMode::Pitr) {
         let pitr = spec.pitr_config.clone().unwrap_or_default();
         if let Some(a) = pitr
             .archive_recovery_settings

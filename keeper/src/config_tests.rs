@@ -102,7 +102,7 @@ fn golden_master_async_default_hba() {
     let cd = cluster(ClusterSpec::default());
     golden(
         "master-async.txt",
-        &show(&render(&cd, &master_db(), &local(), None, false)),
+        &show(&render(&cd, &master_db(), &local(), None, false, false)),
     );
 }
 
@@ -117,9 +117,9 @@ fn golden_master_sync_with_placeholder_and_strict_hba_restricted() {
     db.spec.synchronous_replication = true;
     db.spec.synchronous_standbys = vec!["s1".into(), "stolonfakestandby".into()];
     db.spec.pg_hba = Some(vec!["host app app 10.1.0.0/16 scram-sha-256".into()]);
-    let restricted = render(&cd, &db, &local(), None, true);
+    let restricted = render(&cd, &db, &local(), None, true, false);
     golden("master-sync-strict-restricted.txt", &show(&restricted));
-    let open = render(&cd, &db, &local(), None, false);
+    let open = render(&cd, &db, &local(), None, false, false);
     assert!(open
         .pg_hba_conf
         .ends_with("host app app 10.1.0.0/16 scram-sha-256\n"));
@@ -133,7 +133,7 @@ fn golden_standby_following_the_master() {
         host: "10.0.0.5".into(),
         port: 5433,
     };
-    let r = render(&cd, &standby_db(), &local(), Some(&up), false);
+    let r = render(&cd, &standby_db(), &local(), Some(&up), false, false);
     golden("standby.txt", &show(&r));
 }
 
@@ -152,7 +152,9 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
             ..Default::default()
         }),
     });
-    golden("pitr.txt", &show(&render(&cd, &db, &local(), None, false)));
+    golden("pitr.txt", &show(&render(&cd, &db, &local(), None, false, true)));
+    let promoted = render(&cd, &db, &local(), None, false, false);
+    assert!(!promoted.recovery_signal && !promoted.postgresql_conf.contains("recovery_target"));
     let mut db = master_db();
     db.spec.role = Some(DbRole::Standby);
     db.spec.follow_config = Some(FollowConfig {
@@ -167,7 +169,7 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
     });
     golden(
         "standby-cluster-master.txt",
-        &show(&render(&cd, &db, &local(), None, false)),
+        &show(&render(&cd, &db, &local(), None, false, false)),
     );
 }
 
@@ -203,9 +205,9 @@ fn parse_size_mb_table() {
 #[test]
 fn wal_keep_size_has_a_floor() {
     let cd = cluster(ClusterSpec::default());
-    let r = render(&cd, &master_db(), &local(), None, false);
+    let r = render(&cd, &master_db(), &local(), None, false, false);
     assert!(r.postgresql_conf.contains("wal_keep_size = '128MB'"));
-    let r = render(&cd, &standby_db(), &local(), None, false);
+    let r = render(&cd, &standby_db(), &local(), None, false, false);
     assert!(r.postgresql_conf.contains("wal_keep_size = '1024MB'"));
 }
 

@@ -5,3 +5,10 @@
 pub mod config;
 #[cfg(test)]
 mod config_tests;
+pub mod postmaster;
+pub mod sql;
+pub mod tools;
+pub mod watchdog;
+pub mod layout;
+mod act;
+pub mod daemon;

@@ -275,6 +275,12 @@ fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgActio
             out.push(WriteConfig);
             out.push(Start);
         }
+        (Some(r), true)
+            if r.role == PgRole::Standby && db.spec.init_mode == Some(DbInitMode::Pitr) =>
+        {
+            // Point-in-time recovery promotes by itself at its target.
+            out.push(Wait("point-in-time recovery in progress".into()));
+        }
         (Some(r), true) if r.role == PgRole::Standby && db.spec.role == Some(DbRole::Master) => {
             out.push(WriteConfig);
             out.push(Promote);

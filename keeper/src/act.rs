@@ -1,0 +1,419 @@
+//! Carrying out the plan's actions on the local PostgreSQL. Each action either succeeds or
+//! returns an error that stops the rest of the plan; the loop observes and plans again.
+
+use crate::config::slot_name;
+use crate::daemon::Keeper;
+use crate::layout::{pgpass_line, write_atomic, write_secret, DbState};
+use crate::postmaster::Postmaster;
+use crate::sql;
+use anyhow::{anyhow, bail, Context};
+use control::keeper::{PgAction, StopMode};
+use control::model::{Db, DbInitMode};
+use nix::sys::signal::Signal;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+/// Long-running tools (base backup, restore) get this long.
+const LONG: Duration = Duration::from_secs(3600);
+
+impl Keeper {
+    /// Runs `actions` in order; true if any did something.
+    pub(crate) async fn execute(&mut self, actions: Vec<PgAction>) -> bool {
+        let mut acted = false;
+        for action in actions {
+            let effect = !matches!(
+                action,
+                PgAction::Wait(_) | PgAction::Refuse(_) | PgAction::Converged(_) | PgAction::SyncSlots
+            );
+            match self.act(&action).await {
+                Ok(()) => {
+                    if effect {
+                        tracing::info!(?action, "done");
+                    }
+                    acted |= effect;
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if self.problem.as_deref() != Some(msg.as_str()) {
+                        tracing::error!(?action, error = %msg, "action failed");
+                    }
+                    self.problem = Some(msg);
+                    // Give a failing step a moment before the next attempt.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return acted;
+                }
+            }
+        }
+        acted
+    }
+
+    async fn act(&mut self, action: &PgAction) -> anyhow::Result<()> {
+        match action {
+            PgAction::Fence => {
+                tracing::warn!(silence = ?self.store_silence(), "no store contact: fencing the master");
+                self.stop_pg(Signal::SIGQUIT).await;
+                self.fenced = true;
+            }
+            PgAction::Unfence => {
+                tracing::info!("store contact is back: lifting the fence");
+                self.fenced = false;
+            }
+            PgAction::Stop(mode) => {
+                let sig = match mode {
+                    StopMode::Fast => Signal::SIGINT,
+                    StopMode::Immediate => Signal::SIGQUIT,
+                };
+                self.stop_pg(sig).await;
+            }
+            PgAction::ClearData => self.clear_data()?,
+            PgAction::InitDb => self.init_db().await?,
+            PgAction::RestorePitr => self.restore_pitr().await?,
+            PgAction::TakeOverExisting => self.take_over()?,
+            PgAction::BaseBackup { from_db } => self.base_backup(from_db).await?,
+            PgAction::Rewind { from_db } => self.rewind(from_db).await?,
+            PgAction::WriteConfig => self.write_config()?,
+            PgAction::Start => self.start().await?,
+            PgAction::Promote => self.promote().await?,
+            PgAction::Reload => self.signal_pg(Signal::SIGHUP)?,
+            PgAction::Restart => {
+                self.stop_pg(Signal::SIGINT).await;
+                self.start().await?;
+            }
+            PgAction::SyncSlots => self.sync_slots().await?,
+            PgAction::Converged(generation) => {
+                if let Some(db) = self.my_db() {
+                    self.converged = Some((db.uid.clone(), *generation));
+                }
+                self.problem = None;
+            }
+            PgAction::Refuse(why) => bail!("{why}"),
+            PgAction::Wait(why) => tracing::debug!(%why, "waiting"),
+        }
+        Ok(())
+    }
+
+    fn db(&self) -> anyhow::Result<Db> {
+        self.my_db().cloned().ok_or_else(|| anyhow!("no db assigned"))
+    }
+
+    fn signal_pg(&self, sig: Signal) -> anyhow::Result<()> {
+        let pm = self.postmaster.as_ref().ok_or_else(|| anyhow!("PostgreSQL is not running"))?;
+        pm.signal(sig).context("signal postmaster")
+    }
+
+    /// Stops PostgreSQL (escalating after the timeout) and disarms the watchdog first, so
+    /// it never signals a PID the system may reuse.
+    pub(crate) async fn stop_pg(&mut self, sig: Signal) {
+        *self.shared.arm_pid.lock().expect("lock") = None;
+        if let Some(wd) = self.shared.watchdog.lock().await.as_mut() {
+            let _ = wd.disarm().await;
+        }
+        if let Some(mut pm) = self.postmaster.take() {
+            pm.stop(sig, Duration::from_secs(30)).await;
+        }
+        self.pg = None;
+    }
+
+    /// Empties the data directory (mode 0700, owned by the OS user) and forgets its db.
+    fn clear_data(&mut self) -> anyhow::Result<()> {
+        let dir = self.s.layout.pg_data();
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        }
+        self.s.layout.set_db_state(None)?;
+        self.converged = None;
+        self.make_private_dir(&dir)
+    }
+
+    fn make_private_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        self.s.tools.chown(dir)?;
+        Ok(())
+    }
+
+    /// The directories and password file the tools need.
+    fn prepare_dirs(&self) -> anyhow::Result<()> {
+        self.make_private_dir(&self.s.layout.pg_data())?;
+        self.make_private_dir(&self.s.layout.socket_dir())?;
+        let mut pass = String::new();
+        if let Some(p) = &self.s.repl_password {
+            pass += &pgpass_line(&self.s.local.repl_user, p);
+        }
+        if let Some(p) = &self.s.su_password {
+            pass += &pgpass_line(&self.s.local.su_user, p);
+        }
+        let file = self.s.layout.passfile();
+        write_secret(&file, pass.as_bytes())?;
+        self.s.tools.chown(&file)?;
+        Ok(())
+    }
+
+    async fn init_db(&mut self) -> anyhow::Result<()> {
+        let db = self.db()?;
+        self.prepare_dirs()?;
+        let pwfile = self.s.layout.dir.join("initdb.pw");
+        write_secret(&pwfile, self.s.su_password.clone().unwrap_or_default().as_bytes())?;
+        self.s.tools.chown(&pwfile)?;
+        let data = self.s.layout.pg_data();
+        let mut args: Vec<String> = vec![
+            "-D".into(),
+            data.display().to_string(),
+            "-U".into(),
+            self.s.local.su_user.clone(),
+            "--auth=trust".into(),
+        ];
+        if self.s.su_password.is_some() {
+            args.push(format!("--pwfile={}", pwfile.display()));
+        }
+        let nc = db.spec.new_config.clone().unwrap_or_default();
+        if !nc.locale.is_empty() {
+            args.push(format!("--locale={}", nc.locale));
+        }
+        if !nc.encoding.is_empty() {
+            args.push(format!("--encoding={}", nc.encoding));
+        }
+        if nc.data_checksums {
+            args.push("--data-checksums".into());
+        }
+        let r = self.s.tools.run("initdb", &args, &[], Duration::from_secs(300)).await;
+        let _ = std::fs::remove_file(&pwfile);
+        r?;
+        self.record_init(&db, false)
+    }
+
+    /// Remembers the parameters found in the new data dir and which db it holds.
+    fn record_init(&mut self, db: &Db, pitr: bool) -> anyhow::Result<()> {
+        let conf = std::fs::read_to_string(self.s.layout.pg_data().join("postgresql.conf"))
+            .unwrap_or_default();
+        self.s.layout.set_init_params(&crate::config::parse_conf(&conf))?;
+        self.s.layout.set_db_state(Some(&DbState {
+            db_uid: db.uid.clone(),
+            pitr_pending: pitr,
+        }))?;
+        Ok(())
+    }
+
+    async fn restore_pitr(&mut self) -> anyhow::Result<()> {
+        let db = self.db()?;
+        let cfg = db.spec.pitr_config.clone().unwrap_or_default();
+        if cfg.data_restore_command.is_empty() {
+            bail!("initMode pitr without pitrConfig.dataRestoreCommand");
+        }
+        self.prepare_dirs()?;
+        let data = self.s.layout.pg_data();
+        let command = cfg.data_restore_command.replace("%d", &data.display().to_string());
+        // The restore command is the operator's shell command, run as the OS user.
+        let mut c = std::process::Command::new("/bin/sh");
+        c.arg("-c")
+            .arg(&command)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some((uid, gid)) = self.s.tools.os_user {
+            std::os::unix::process::CommandExt::uid(&mut c, uid.as_raw());
+            std::os::unix::process::CommandExt::gid(&mut c, gid.as_raw());
+        }
+        let cmd = tokio::process::Command::from(c);
+        crate::tools::run_command("dataRestoreCommand", cmd, LONG).await?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+        for f in ["postmaster.pid", "standby.signal", "recovery.signal"] {
+            let _ = std::fs::remove_file(data.join(f));
+        }
+        self.record_init(&db, true)
+    }
+
+    fn take_over(&mut self) -> anyhow::Result<()> {
+        let db = self.db()?;
+        if db.spec.include_previous_config {
+            self.record_init(&db, false)
+        } else {
+            self.s.layout.set_init_params(&Default::default())?;
+            self.s.layout.set_db_state(Some(&DbState {
+                db_uid: db.uid.clone(),
+                pitr_pending: false,
+            }))?;
+            Ok(())
+        }
+    }
+
+    /// The followed master's address from the cluster view.
+    fn upstream(&self, from_db: &str) -> anyhow::Result<(String, u16)> {
+        let m = self
+            .cd
+            .as_ref()
+            .and_then(|cd| cd.dbs.get(from_db))
+            .ok_or_else(|| anyhow!("followed db {from_db} is not in the cluster view"))?;
+        let port = m.status.port.ok_or_else(|| anyhow!("db {from_db} has no port yet"))?;
+        if m.status.listen_address.is_empty() {
+            bail!("db {from_db} has no address yet");
+        }
+        Ok((m.status.listen_address.clone(), port))
+    }
+
+    async fn base_backup(&mut self, from_db: &str) -> anyhow::Result<()> {
+        let db = self.db()?;
+        let (host, port) = self.upstream(from_db)?;
+        self.prepare_dirs()?;
+        let data = self.s.layout.pg_data();
+        let passfile = self.s.layout.passfile().display().to_string();
+        let args = [
+            "-D".to_string(),
+            data.display().to_string(),
+            "-h".into(),
+            host,
+            "-p".into(),
+            port.to_string(),
+            "-U".into(),
+            self.s.local.repl_user.clone(),
+            "-X".into(),
+            "stream".into(),
+            "--checkpoint=fast".into(),
+            "-w".into(),
+        ];
+        let started = std::time::Instant::now();
+        let r = self
+            .s
+            .tools
+            .run("pg_basebackup", &args, &[("PGPASSFILE", &passfile)], LONG)
+            .await;
+        if let Err(e) = r {
+            // A partial copy must not look like data.
+            let _ = self.clear_data();
+            return Err(e.into());
+        }
+        tracing::info!(elapsed = ?started.elapsed(), from = %from_db, "base backup done");
+        self.s.layout.set_db_state(Some(&DbState {
+            db_uid: db.uid.clone(),
+            pitr_pending: false,
+        }))?;
+        Ok(())
+    }
+
+    /// pg_rewind from the followed master; on failure a fresh base backup.
+    async fn rewind(&mut self, from_db: &str) -> anyhow::Result<()> {
+        let db = self.db()?;
+        let (host, port) = self.upstream(from_db)?;
+        self.prepare_dirs()?;
+        let source = format!(
+            "host={host} port={port} user={} dbname=postgres passfile={}",
+            self.s.local.su_user,
+            self.s.layout.passfile().display()
+        );
+        let args = [
+            "-D".to_string(),
+            self.s.layout.pg_data().display().to_string(),
+            format!("--source-server={source}"),
+        ];
+        match self.s.tools.run("pg_rewind", &args, &[], LONG).await {
+            Ok(_) => {
+                tracing::info!(from = %from_db, "pg_rewind done");
+                self.s.layout.set_db_state(Some(&DbState {
+                    db_uid: db.uid.clone(),
+                    pitr_pending: false,
+                }))?;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pg_rewind failed: taking a fresh base backup");
+                self.clear_data()?;
+                self.base_backup(from_db).await
+            }
+        }
+    }
+
+    /// Writes the rendered files and empties postgresql.auto.conf (ALTER SYSTEM undone).
+    fn write_config(&mut self) -> anyhow::Result<()> {
+        let r = self.rendered().ok_or_else(|| anyhow!("no db to configure"))?;
+        let dir = self.s.layout.pg_data();
+        let files = [
+            ("postgresql.conf", r.postgresql_conf.as_str()),
+            ("pg_hba.conf", r.pg_hba_conf.as_str()),
+            ("postgresql.auto.conf", "# Emptied by stolon-keeper: set parameters in the cluster spec.\n"),
+        ];
+        for (name, text) in files {
+            let path = dir.join(name);
+            write_atomic(&path, text.as_bytes())?;
+            self.s.tools.chown(&path)?;
+        }
+        for (name, wanted) in [("standby.signal", r.standby_signal), ("recovery.signal", r.recovery_signal)] {
+            let path = dir.join(name);
+            if wanted {
+                std::fs::write(&path, b"")?;
+                self.s.tools.chown(&path)?;
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the postmaster and waits until it answers (dbWaitReadyTimeout).
+    async fn start(&mut self) -> anyhow::Result<()> {
+        if self.postmaster.is_some() {
+            return Ok(());
+        }
+        let db = self.db()?;
+        self.prepare_dirs()?;
+        let master_sync = db.spec.role == Some(control::model::DbRole::Master)
+            && db.spec.synchronous_replication
+            && !db.spec.synchronous_standbys.is_empty();
+        if master_sync && !self.restricted {
+            // Until the sync standbys are back in sync, only superuser and replication.
+            self.restricted = true;
+            self.write_config()?;
+        }
+        let pm = Postmaster::spawn(&self.s.tools, &self.s.layout.pg_data(), &self.s.layout.log())?;
+        self.postmaster = Some(pm);
+        let timeout = self
+            .cd
+            .as_ref()
+            .map(|cd| cd.cluster.spec.db_wait_ready_timeout().as_std())
+            .unwrap_or(Duration::from_secs(60));
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.postmaster.as_mut().is_some_and(|p| p.has_exited()) {
+                self.postmaster = None;
+                bail!("PostgreSQL exited during start (see {})", self.s.layout.log().display());
+            }
+            if let Ok(client) = self.conn().connect(Duration::from_secs(1)).await {
+                if db.spec.init_mode == Some(DbInitMode::New) || db.spec.role == Some(control::model::DbRole::Master) {
+                    let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+                    if !in_recovery {
+                        sql::ensure_repl_role(&client, &self.s.local.repl_user, self.s.repl_password.as_deref()).await?;
+                    }
+                }
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("PostgreSQL did not accept connections within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn promote(&mut self) -> anyhow::Result<()> {
+        let client = self.conn().connect(Duration::from_secs(2)).await?;
+        if !sql::promote(&client, Duration::from_secs(60)).await? {
+            bail!("promotion did not finish within 60 s");
+        }
+        sql::ensure_repl_role(&client, &self.s.local.repl_user, self.s.repl_password.as_deref()).await?;
+        Ok(())
+    }
+
+    /// Slots for this master's followers and the spec's extra ones; stale `stolon_*` go.
+    async fn sync_slots(&mut self) -> anyhow::Result<()> {
+        let db = self.db()?;
+        if self.pg.as_ref().is_none_or(|p| p.in_recovery) {
+            return Ok(());
+        }
+        let mut wanted: Vec<String> = db.spec.followers.iter().map(|f| slot_name(f)).collect();
+        wanted.extend(db.spec.additional_replication_slots.iter().cloned());
+        let client = self.conn().connect(Duration::from_secs(2)).await?;
+        sql::sync_slots(&client, &wanted).await?;
+        Ok(())
+    }
+}

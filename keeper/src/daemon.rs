@@ -1,0 +1,456 @@
+//! The keeper's loop: observe the local PostgreSQL, plan (`control::keeper::plan`), act,
+//! publish; then wait for a clusterdata event, the postmaster's exit, the fence deadline or
+//! the sleepInterval tick. KeeperInfo is published by its own task at once after a change
+//! and every sleepInterval; each acknowledged publish extends the watchdog's fence deadline.
+
+use crate::config::{self, Local, Rendered, Upstream};
+use crate::layout::Layout;
+use crate::postmaster::{self, Postmaster};
+use crate::sql::{self, PgState};
+use crate::tools::Tools;
+use crate::watchdog::Watchdog;
+use control::keeper::{fence_timeout, followed_db, my_db, plan, KeeperView, LocalObserved};
+use control::keeper::{DataState, PgRole, Running};
+use control::model::{ClusterData, Db, GoDuration, KeeperInfo, PostgresBinaryVersion, PostgresState};
+use control::store::{info_ttl, ClusterStore, WatchUpdate, Watcher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Everything fixed at start (flags).
+pub struct Settings {
+    pub uid: String,
+    pub layout: Layout,
+    pub tools: Tools,
+    pub local: Local,
+    pub advertise_address: String,
+    pub advertise_port: u16,
+    pub su_password: Option<String>,
+    pub repl_password: Option<String>,
+    pub can_be_master: bool,
+    pub can_be_sync: bool,
+    pub priority: i32,
+    pub store: ClusterStore,
+    /// This binary, started again as the fencing watchdog.
+    pub exe: PathBuf,
+}
+
+/// State shared with the publisher task.
+pub(crate) struct Shared {
+    pub info: Mutex<KeeperInfo>,
+    /// Send time of the last acknowledged KeeperInfo write.
+    pub last_ack: Mutex<Option<Instant>>,
+    pub publish_now: Notify,
+    pub sleep_ms: AtomicU64,
+    pub fence_ns: AtomicU64,
+    /// The postmaster to fence, while it runs as primary.
+    pub arm_pid: Mutex<Option<i32>>,
+    pub watchdog: tokio::sync::Mutex<Option<Watchdog>>,
+}
+
+pub struct Keeper {
+    pub(crate) s: Settings,
+    pub(crate) boot_uuid: String,
+    pub(crate) started: Instant,
+    pub(crate) postmaster: Option<Postmaster>,
+    pub(crate) cd: Option<ClusterData>,
+    pub(crate) fenced: bool,
+    /// (db uid, generation) of the last fully applied spec.
+    pub(crate) converged: Option<(String, i64)>,
+    /// Only superuser and replication may connect (master restarted with sync standbys).
+    pub(crate) restricted: bool,
+    pub(crate) problem: Option<String>,
+    pub(crate) pg: Option<PgState>,
+    pub(crate) pg_version: PostgresBinaryVersion,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Keeper {
+    pub fn new(s: Settings, pg_version: PostgresBinaryVersion) -> Keeper {
+        let shared = Arc::new(Shared {
+            info: Mutex::new(KeeperInfo::default()),
+            last_ack: Mutex::new(None),
+            publish_now: Notify::new(),
+            sleep_ms: AtomicU64::new(5000),
+            fence_ns: AtomicU64::new(fence_timeout(GoDuration::from_secs(20)).0 as u64),
+            arm_pid: Mutex::new(None),
+            watchdog: tokio::sync::Mutex::new(None),
+        });
+        Keeper {
+            s,
+            boot_uuid: uuid::Uuid::new_v4().to_string(),
+            started: Instant::now(),
+            postmaster: None,
+            cd: None,
+            fenced: false,
+            converged: None,
+            restricted: false,
+            problem: None,
+            pg: None,
+            pg_version,
+            shared,
+        }
+    }
+
+    /// Runs until `shutdown`, then stops PostgreSQL cleanly.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        if let Some(pid) = postmaster::running_pid(&self.s.layout.pg_data()) {
+            tracing::warn!(pid, "adopting a PostgreSQL left running by an earlier keeper");
+            self.postmaster = Some(Postmaster::Adopted(pid));
+        }
+        *self.shared.watchdog.lock().await = Some(Watchdog::spawn(&self.s.exe)?);
+        let (cd_tx, mut cd_rx) = watch::channel(None);
+        tokio::spawn(watch_cluster_data(self.s.store.clone(), cd_tx, shutdown.clone()));
+        let publisher = tokio::spawn(publish(
+            self.s.store.clone(),
+            self.s.uid.clone(),
+            self.shared.clone(),
+            shutdown.clone(),
+        ));
+        self.refresh_info();
+        loop {
+            self.cd = cd_rx.borrow_and_update().clone();
+            self.update_timing();
+            let acted = self.round().await;
+            self.refresh_info();
+            if acted {
+                continue;
+            }
+            let fence_at = self.fence_deadline();
+            let sleep = Duration::from_millis(self.shared.sleep_ms.load(Ordering::Relaxed));
+            let exited = async {
+                match self.postmaster.as_mut() {
+                    Some(pm) => pm.exited().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = cd_rx.changed() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep_until(fence_at) => {}
+                _ = exited => {
+                    tracing::warn!("PostgreSQL exited");
+                    self.postmaster = None;
+                    self.pg = None;
+                }
+            }
+        }
+        self.stop_pg(nix::sys::signal::Signal::SIGINT).await;
+        publisher.abort();
+        let _ = self.s.store.keeper_info_key(&self.s.uid, Duration::from_secs(20)).revoke().await;
+        Ok(())
+    }
+
+    /// sleepInterval and the fence timeout from the current spec.
+    fn update_timing(&self) {
+        if let Some(cd) = &self.cd {
+            let spec = &cd.cluster.spec;
+            let ms = spec.sleep_interval().as_std().as_millis().clamp(100, 60_000) as u64;
+            self.shared.sleep_ms.store(ms, Ordering::Relaxed);
+            let fence = fence_timeout(spec.fail_interval()).0.max(0) as u64;
+            self.shared.fence_ns.store(fence, Ordering::Relaxed);
+        }
+    }
+
+    fn fence_timeout(&self) -> Duration {
+        Duration::from_nanos(self.shared.fence_ns.load(Ordering::Relaxed))
+    }
+
+    /// Time since the send time of the last acknowledged publish (or since start).
+    pub(crate) fn store_silence(&self) -> Duration {
+        let ack = *self.shared.last_ack.lock().expect("lock");
+        ack.unwrap_or(self.started).elapsed()
+    }
+
+    /// When a running master must be fenced if no publish is acknowledged before.
+    fn fence_deadline(&self) -> Instant {
+        let ack = *self.shared.last_ack.lock().expect("lock");
+        let primary = self.pg.as_ref().is_some_and(|p| !p.in_recovery);
+        if !primary || self.fenced {
+            return Instant::now() + Duration::from_secs(3600);
+        }
+        ack.unwrap_or(self.started) + self.fence_timeout() + Duration::from_millis(1)
+    }
+
+    /// Observe, plan, act once; true if something was done (observe again at once).
+    async fn round(&mut self) -> bool {
+        let Some(local) = self.observe().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return false;
+        };
+        let view = KeeperView {
+            keeper_uid: &self.s.uid,
+            boot_uuid: &self.boot_uuid,
+            cd: self.cd.as_ref(),
+            store_silence: GoDuration::from_std(self.store_silence()),
+        };
+        let actions = plan(&view, &local);
+        tracing::debug!(?actions, "plan");
+        self.execute(actions).await
+    }
+
+    /// What runs locally; `None` while PostgreSQL runs but cannot answer yet (starting).
+    async fn observe(&mut self) -> Option<LocalObserved> {
+        if self.postmaster.as_mut().is_some_and(|pm| pm.has_exited()) {
+            tracing::warn!("PostgreSQL exited");
+            self.postmaster = None;
+            self.pg = None;
+        }
+        let data = if self.s.layout.has_data() {
+            DataState::Present {
+                db_uid: self.s.layout.db_state().map(|s| s.db_uid),
+            }
+        } else {
+            DataState::Missing
+        };
+        let running = match &self.postmaster {
+            None => None,
+            Some(_) => match self.query_state().await {
+                Some(st) => Some(Running {
+                    role: if st.in_recovery { PgRole::Standby } else { PgRole::Primary },
+                    pending_restart: st.pending_restart,
+                }),
+                // Cannot answer: keep fencing decisions on the last known role.
+                None => match &self.pg {
+                    Some(st) if !st.in_recovery => Some(Running {
+                        role: PgRole::Primary,
+                        pending_restart: false,
+                    }),
+                    _ => return None,
+                },
+            },
+        };
+        self.after_observe();
+        Some(LocalObserved {
+            data,
+            running,
+            config_current: self.config_current(),
+            fenced: self.fenced,
+        })
+    }
+
+    async fn query_state(&mut self) -> Option<PgState> {
+        let conn = self.conn();
+        let client = conn.connect(Duration::from_secs(2)).await.ok()?;
+        let st = tokio::time::timeout(
+            Duration::from_secs(5),
+            sql::state(&client, &self.s.layout.pg_data()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        self.pg = Some(st.clone());
+        Some(st)
+    }
+
+    pub(crate) fn conn(&self) -> sql::Conn {
+        sql::Conn {
+            socket_dir: self.s.local.socket_dir.clone(),
+            port: self.s.local.port,
+            user: self.s.local.su_user.clone(),
+            password: self.s.su_password.clone(),
+        }
+    }
+
+    /// Housekeeping on what was observed: a promoted pitr db, the sync restriction.
+    fn after_observe(&mut self) {
+        let Some(st) = &self.pg else { return };
+        if !st.in_recovery {
+            if let Some(mut ds) = self.s.layout.db_state().filter(|d| d.pitr_pending) {
+                ds.pitr_pending = false;
+                let _ = self.s.layout.set_db_state(Some(&ds));
+            }
+        }
+        if self.restricted {
+            let wanted: Vec<String> = self
+                .my_db()
+                .map(|db| db.spec.synchronous_standbys.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|u| u != control::sentinel::PLACEHOLDER_STANDBY)
+                .collect();
+            if wanted.iter().all(|u| st.sync_standbys.contains(u)) {
+                tracing::info!("synchronous standbys in sync: admitting all users again");
+                self.restricted = false;
+            }
+        }
+    }
+
+    pub(crate) fn my_db(&self) -> Option<&Db> {
+        my_db(self.cd.as_ref()?, &self.s.uid)
+    }
+
+    /// The configuration the current view asks for, if this keeper has a db.
+    pub(crate) fn rendered(&self) -> Option<Rendered> {
+        let cd = self.cd.as_ref()?;
+        let db = my_db(cd, &self.s.uid)?;
+        let upstream = followed_db(db)
+            .and_then(|m| cd.dbs.get(m))
+            .and_then(|m| {
+                Some(Upstream {
+                    host: Some(m.status.listen_address.clone()).filter(|a| !a.is_empty())?,
+                    port: m.status.port?,
+                })
+            });
+        let pitr = self.s.layout.db_state().is_some_and(|d| d.pitr_pending);
+        Some(config::render(cd, db, &self.s.local, upstream.as_ref(), self.restricted, pitr))
+    }
+
+    fn config_current(&self) -> bool {
+        let Some(r) = self.rendered() else {
+            return true;
+        };
+        let dir = self.s.layout.pg_data();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let auto_empty = read("postgresql.auto.conf")
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        read("postgresql.conf") == r.postgresql_conf
+            && read("pg_hba.conf") == r.pg_hba_conf
+            && dir.join("standby.signal").exists() == r.standby_signal
+            && auto_empty
+    }
+
+    /// The info to publish, from the latest observation.
+    pub(crate) fn refresh_info(&self) {
+        let db_uid = self.s.layout.db_state().map(|s| s.db_uid);
+        let st = self.pg.clone().unwrap_or_default();
+        let running = self.postmaster.is_some() && self.pg.is_some();
+        let state = db_uid.map(|uid| PostgresState {
+            generation: match &self.converged {
+                Some((u, g)) if *u == uid => *g,
+                _ => 0,
+            },
+            uid,
+            listen_address: self.s.advertise_address.clone(),
+            port: Some(self.s.advertise_port),
+            healthy: running && !self.fenced,
+            system_id: st.system_id,
+            timeline_id: st.timeline,
+            x_log_pos: st.xlog_pos,
+            timelines_history: st.history,
+            pg_parameters: self.s.layout.init_params(),
+            synchronous_standbys: st.sync_standbys,
+            older_wal_file: st.older_wal_file,
+            ..Default::default()
+        });
+        let info = KeeperInfo {
+            uid: self.s.uid.clone(),
+            cluster_uid: self.cd.as_ref().map(|c| c.cluster.uid.clone()).unwrap_or_default(),
+            boot_uuid: self.boot_uuid.clone(),
+            postgres_binary_version: self.pg_version.clone(),
+            postgres_state: state,
+            can_be_master: Some(self.s.can_be_master),
+            can_be_synchronous_replica: Some(self.s.can_be_sync),
+            priority: self.s.priority,
+            fenced: self.fenced,
+            ..Default::default()
+        };
+        let primary = running && self.pg.as_ref().is_some_and(|p| !p.in_recovery) && !self.fenced;
+        *self.shared.arm_pid.lock().expect("lock") =
+            self.postmaster.as_ref().and_then(|p| p.pid()).filter(|_| primary);
+        let changed = {
+            let mut cur = self.shared.info.lock().expect("lock");
+            let changed = *cur != info;
+            *cur = info;
+            changed
+        };
+        if changed {
+            self.shared.publish_now.notify_one();
+        }
+    }
+}
+
+/// Keeps the latest readable clusterdata in `tx` (a malformed one is logged and skipped).
+async fn watch_cluster_data(
+    store: ClusterStore,
+    tx: watch::Sender<Option<ClusterData>>,
+    shutdown: CancellationToken,
+) {
+    let key = store.clusterdata_key();
+    while !shutdown.is_cancelled() {
+        // Read, then watch from the revision after the one read (nothing missed between).
+        let start = match store.get_cluster_data().await {
+            Ok(Some((cd, rev))) => {
+                tx.send_replace(Some(cd));
+                rev + 1
+            }
+            Ok(None) => match store.store().get_prefix(&key).await {
+                Ok(range) => range.revision + 1,
+                Err(_) => continue,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read clusterdata");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut watcher = Watcher::from_revision(store.store().clone(), key.clone(), start);
+        loop {
+            let update = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                u = watcher.next() => u,
+            };
+            match update {
+                Ok(WatchUpdate::Events(events)) => {
+                    if let Some(ev) = events.last() {
+                        match ClusterData::from_json(&ev.kv.value) {
+                            Ok(cd) => drop(tx.send_replace(Some(cd))),
+                            Err(e) => tracing::error!(error = %e, "malformed clusterdata: keeping the last good one"),
+                        }
+                    }
+                }
+                Ok(WatchUpdate::Resync(_)) => break,
+                Ok(WatchUpdate::Progress(_)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "clusterdata watch failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Publishes KeeperInfo at once when asked and every sleepInterval, each time with a new
+/// infoUID; an acknowledged write extends the watchdog's fence deadline.
+async fn publish(store: ClusterStore, uid: String, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut key = store.keeper_info_key(&uid, info_ttl(Duration::from_secs(5)));
+    loop {
+        let sleep = Duration::from_millis(shared.sleep_ms.load(Ordering::Relaxed));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = shared.publish_now.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+        }
+        let mut info = shared.info.lock().expect("lock").clone();
+        info.info_uid = uuid::Uuid::new_v4().simple().to_string();
+        let sent = Instant::now();
+        let bytes = serde_json::to_vec(&info).unwrap_or_default();
+        match key.put(bytes).await {
+            Ok(_) => {
+                *shared.last_ack.lock().expect("lock") = Some(sent);
+                let pid = *shared.arm_pid.lock().expect("lock");
+                let fence = Duration::from_nanos(shared.fence_ns.load(Ordering::Relaxed));
+                let mut wd = shared.watchdog.lock().await;
+                if let Some(wd) = wd.as_mut() {
+                    // The watchdog is the backstop: a little after the keeper's own deadline.
+                    let within = (fence + fence / 4).saturating_sub(sent.elapsed());
+                    let r = match pid {
+                        Some(pid) => wd.arm(pid, within).await,
+                        None => wd.disarm().await,
+                    };
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "fencing watchdog unreachable");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot publish keeper info"),
+        }
+    }
+}

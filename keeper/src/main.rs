@@ -1,0 +1,200 @@
+//! `stolon-keeper`: the binary. Flags are stolon-keeper's; each can also come from
+//! `STKEEPER_<FLAG>`. Passwords come from files (`--pg-*-passwordfile`) or the environment;
+//! the plain password flags are accepted for compatibility and warn.
+
+use anyhow::{bail, Context};
+use clap::{ArgAction, Parser};
+use control::cli::{parse_with_env, read_secret_file, CommonArgs};
+use control::model::PostgresBinaryVersion;
+use keeper::config::{AuthMethod, Local};
+use keeper::daemon::{Keeper, Settings};
+use keeper::layout::Layout;
+use keeper::tools::{self, Tools};
+use std::path::PathBuf;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Runs one PostgreSQL instance and makes it follow the cluster view computed by the
+/// sentinel: initialises, starts, promotes, rebuilds standbys, and fences a master that
+/// loses the store.
+#[derive(Parser, Debug)]
+#[command(name = "stolon-keeper", version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Keeper UID (default: generated once and kept in the data dir)
+    #[arg(long)]
+    uid: Option<String>,
+    /// The keeper's directory (PostgreSQL data in <data-dir>/postgres)
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address PostgreSQL listens on
+    #[arg(long, default_value = "127.0.0.1")]
+    pg_listen_address: String,
+    /// Port PostgreSQL listens on
+    #[arg(long, default_value_t = 5432)]
+    pg_port: u16,
+    /// Address other keepers and proxies use (default: --pg-listen-address)
+    #[arg(long)]
+    pg_advertise_address: Option<String>,
+    /// Port other keepers and proxies use (default: --pg-port)
+    #[arg(long)]
+    pg_advertise_port: Option<u16>,
+    /// Directory of the PostgreSQL binaries (default: PG_BIN_PATH, pg_config --bindir, or the
+    /// newest /usr/lib/postgresql/<major>/bin)
+    #[arg(long)]
+    pg_bin_path: Option<PathBuf>,
+    /// Replication user
+    #[arg(long, default_value = "repluser")]
+    pg_repl_username: String,
+    /// Replication password (visible in the process list: prefer --pg-repl-passwordfile)
+    #[arg(long)]
+    pg_repl_password: Option<String>,
+    /// File holding the replication password
+    #[arg(long)]
+    pg_repl_passwordfile: Option<PathBuf>,
+    /// Replication authentication method
+    #[arg(long, value_enum, default_value = "md5")]
+    pg_repl_auth_method: AuthMethod,
+    /// Superuser name
+    #[arg(long, default_value = "postgres")]
+    pg_su_username: String,
+    /// Superuser password (visible in the process list: prefer --pg-su-passwordfile)
+    #[arg(long)]
+    pg_su_password: Option<String>,
+    /// File holding the superuser password
+    #[arg(long)]
+    pg_su_passwordfile: Option<PathBuf>,
+    /// Superuser authentication method
+    #[arg(long, value_enum, default_value = "md5")]
+    pg_su_auth_method: AuthMethod,
+    /// Whether this keeper may become master
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true")]
+    can_be_master: bool,
+    /// Whether this keeper may be a synchronous standby
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true")]
+    can_be_synchronous_replica: bool,
+    /// Preference among equally up-to-date failover candidates (higher wins)
+    #[arg(long, default_value_t = 0)]
+    priority: i32,
+    /// OS user that runs PostgreSQL when the keeper runs as root
+    #[arg(long, default_value = "postgres")]
+    pg_os_user: String,
+}
+
+/// A password from its file, the environment or (with a warning) the flag. Required unless
+/// the method is trust.
+fn password(
+    what: &str,
+    flag_name: &str,
+    value: &Option<String>,
+    file: &Option<PathBuf>,
+    method: AuthMethod,
+) -> anyhow::Result<Option<String>> {
+    if let Some(f) = file {
+        return Ok(Some(read_secret_file(f).map_err(anyhow::Error::msg)?));
+    }
+    if value.is_some() && std::env::args().any(|a| a.starts_with(flag_name)) {
+        tracing::warn!("{flag_name} puts the {what} password in the process list: use {flag_name}file or the environment");
+    }
+    match value {
+        Some(v) if v.is_empty() => bail!("the {what} password is empty"),
+        Some(v) => Ok(Some(v.clone())),
+        None if method == AuthMethod::Trust => Ok(None),
+        None => bail!("the {what} password is required with {} authentication: pass {flag_name}file", method.as_str()),
+    }
+}
+
+fn keeper_uid(args: &Args, layout: &Layout) -> anyhow::Result<String> {
+    if let Some(uid) = &args.uid {
+        return Ok(uid.clone());
+    }
+    let path = layout.dir.join("keeper-uid");
+    if let Ok(uid) = std::fs::read_to_string(&path) {
+        return Ok(uid.trim().to_string());
+    }
+    let uid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    std::fs::write(&path, &uid).with_context(|| format!("write {}", path.display()))?;
+    Ok(uid)
+}
+
+fn pg_version(tools: &Tools) -> PostgresBinaryVersion {
+    let out = std::process::Command::new(tools.bin_dir.join("postgres"))
+        .arg("--version")
+        .output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let ver = text.split_whitespace().last().unwrap_or("");
+    let mut parts = ver.split('.').map(|p| p.parse().unwrap_or(0));
+    PostgresBinaryVersion {
+        maj: parts.next().unwrap_or(0),
+        min: parts.next().unwrap_or(0),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some(keeper::watchdog::MODE_ARG) {
+        keeper::watchdog::run();
+        return Ok(());
+    }
+    let args: Args = parse_with_env("STKEEPER_");
+    args.common.init_tracing();
+    let layout = Layout::new(&args.data_dir);
+    let _lock = layout.lock()?;
+    let uid = keeper_uid(&args, &layout)?;
+    let su_password = password("superuser", "--pg-su-password", &args.pg_su_password, &args.pg_su_passwordfile, args.pg_su_auth_method)?;
+    let repl_password = password("replication", "--pg-repl-password", &args.pg_repl_password, &args.pg_repl_passwordfile, args.pg_repl_auth_method)?;
+    let tools = Tools {
+        bin_dir: tools::find_bin_dir(args.pg_bin_path.as_deref())?,
+        os_user: tools::os_user(&args.pg_os_user)?,
+    };
+    if tools.os_user.is_some() {
+        tools.chown(&layout.dir)?;
+    }
+    let local = Local {
+        listen_address: args.pg_listen_address.clone(),
+        port: args.pg_port,
+        socket_dir: layout.socket_dir().display().to_string(),
+        su_user: args.pg_su_username.clone(),
+        su_auth: args.pg_su_auth_method,
+        repl_user: args.pg_repl_username.clone(),
+        repl_auth: args.pg_repl_auth_method,
+        passfile: layout.passfile().display().to_string(),
+    };
+    let version = pg_version(&tools);
+    // One thread: the postmaster's parent-death signal follows the spawning thread, which
+    // must live as long as the process.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let store = args.common.open_cluster_store().await.context("cannot set up the store client")?;
+        tracing::info!(%uid, data_dir = %args.data_dir.display(), pg = ?version, "stolon-keeper starting");
+        let settings = Settings {
+            uid,
+            layout,
+            tools,
+            local,
+            advertise_address: args.pg_advertise_address.clone().unwrap_or(args.pg_listen_address.clone()),
+            advertise_port: args.pg_advertise_port.unwrap_or(args.pg_port),
+            su_password,
+            repl_password,
+            can_be_master: args.can_be_master,
+            can_be_sync: args.can_be_synchronous_replica,
+            priority: args.priority,
+            store,
+            exe: std::env::current_exe()?,
+        };
+        let shutdown = CancellationToken::new();
+        let keeper = tokio::spawn(Keeper::new(settings, version).run(shutdown.clone()));
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping PostgreSQL and exiting");
+        shutdown.cancel();
+        keeper.await??;
+        Ok(())
+    })
+}

@@ -1,0 +1,216 @@
+//! What the keeper asks its PostgreSQL over the private unix socket as the superuser: its
+//! state for KeeperInfo, and the few changes it makes (roles, slots, promote).
+
+use control::model::TimelineHistoryEntry;
+use std::path::Path;
+use std::time::Duration;
+use tokio_postgres::{Client, Config, NoTls};
+
+/// How to reach the local PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub socket_dir: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+/// The state of a running PostgreSQL, as published.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PgState {
+    pub in_recovery: bool,
+    pub system_id: String,
+    pub timeline: u64,
+    pub xlog_pos: u64,
+    pub history: Vec<TimelineHistoryEntry>,
+    /// db UIDs of the standbys PostgreSQL reports as synchronous and streaming.
+    pub sync_standbys: Vec<String>,
+    pub older_wal_file: String,
+    pub pending_restart: bool,
+}
+
+impl Conn {
+    pub async fn connect(&self, timeout: Duration) -> Result<Client, tokio_postgres::Error> {
+        let mut cfg = Config::new();
+        cfg.host_path(&self.socket_dir)
+            .port(self.port)
+            .user(&self.user)
+            .dbname("postgres")
+            .application_name("stolon-keeper")
+            .connect_timeout(timeout);
+        if let Some(p) = &self.password {
+            cfg.password(p);
+        }
+        let (client, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+/// Parses an LSN such as `0/3000148`.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Parses a timeline history file: `<tli>\t<switch lsn>\t<reason>` lines.
+pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let tli = f.next()?.trim().parse().ok()?;
+            let lsn = parse_lsn(f.next()?.trim())?;
+            Some(TimelineHistoryEntry {
+                timeline_id: tli,
+                switch_point: lsn,
+                reason: f.next().unwrap_or("").trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Reads the state to publish. `data_dir` gives the timeline history files.
+pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), \
+             CASE WHEN pg_is_in_recovery() \
+                  THEN COALESCE(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn())::text \
+                  ELSE pg_current_wal_lsn()::text END, \
+             CASE WHEN pg_is_in_recovery() \
+                  THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), \
+                                (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
+                  ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
+             (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0",
+            &[],
+        )
+        .await?;
+    let in_recovery: bool = row.get(0);
+    let lsn: Option<String> = row.get(2);
+    let timeline: i64 = row.get::<_, Option<i64>>(3).unwrap_or(0);
+    let sync = client
+        .query(
+            "SELECT application_name FROM pg_stat_replication \
+             WHERE sync_state IN ('sync', 'quorum') AND state = 'streaming'",
+            &[],
+        )
+        .await?;
+    let older = client
+        .query_one(
+            "SELECT COALESCE(min(name), '') FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'",
+            &[],
+        )
+        .await?;
+    let timeline = u64::try_from(timeline).unwrap_or(0);
+    Ok(PgState {
+        in_recovery,
+        system_id: row.get::<_, Option<String>>(1).unwrap_or_default(),
+        timeline,
+        xlog_pos: lsn.as_deref().and_then(parse_lsn).unwrap_or(0),
+        history: read_history(data_dir, timeline),
+        sync_standbys: sync
+            .iter()
+            .filter_map(|r| r.get::<_, String>(0).strip_prefix("stolon_").map(str::to_string))
+            .collect(),
+        older_wal_file: older.get(0),
+        pending_restart: row.get(4),
+    })
+}
+
+fn read_history(data_dir: &Path, timeline: u64) -> Vec<TimelineHistoryEntry> {
+    if timeline <= 1 {
+        return Vec::new();
+    }
+    let file = data_dir.join("pg_wal").join(format!("{timeline:08X}.history"));
+    std::fs::read_to_string(file)
+        .map(|t| parse_history(&t))
+        .unwrap_or_default()
+}
+
+/// Quotes a string literal for SQL (standard_conforming_strings is on since 9.1).
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Quotes an identifier for SQL.
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Creates (or updates) the replication role after initdb.
+pub async fn ensure_repl_role(
+    client: &Client,
+    user: &str,
+    password: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+        .await?
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    let pw = password.map(|p| format!(" PASSWORD {}", literal(p))).unwrap_or_default();
+    // The statement holds a password: it is never logged by the keeper.
+    let sql = format!("{verb} ROLE {} WITH LOGIN REPLICATION{pw}", ident(user));
+    client.batch_execute(&sql).await
+}
+
+/// Physical replication slots: creates `wanted`, drops stale `stolon_*` ones, leaves the
+/// others alone.
+pub async fn sync_slots(client: &Client, wanted: &[String]) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical'",
+            &[],
+        )
+        .await?;
+    let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    for slot in wanted.iter().filter(|s| !have.contains(s)) {
+        client
+            .execute("SELECT pg_create_physical_replication_slot($1)", &[slot])
+            .await?;
+        tracing::info!(%slot, "created replication slot");
+    }
+    for slot in have.iter().filter(|s| s.starts_with("stolon_") && !wanted.contains(s)) {
+        let r = client
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await;
+        match r {
+            Ok(_) => tracing::info!(%slot, "dropped stale replication slot"),
+            // Active (a standby still streams): try again next round.
+            Err(e) => tracing::debug!(%slot, error = %e, "cannot drop slot yet"),
+        }
+    }
+    Ok(())
+}
+
+/// Promotes a standby and waits up to `wait` for the end of recovery.
+pub async fn promote(client: &Client, wait: Duration) -> Result<bool, tokio_postgres::Error> {
+    let secs = i32::try_from(wait.as_secs().max(1)).unwrap_or(60);
+    let row = client.query_one("SELECT pg_promote(true, $1)", &[&secs]).await?;
+    Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_and_history_parse() {
+        assert_eq!(parse_lsn("0/3000148"), Some(0x3000148));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("x"), None);
+        let h = parse_history("1\t0/3000148\tno recovery target specified\n\n2\t0/5000000\tbefore 2000-01-01\n");
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].timeline_id, 1);
+        assert_eq!(h[0].switch_point, 0x3000148);
+        assert_eq!(h[1].reason, "before 2000-01-01");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(literal("a'b"), "'a''b'");
+        assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

@@ -1,0 +1,156 @@
+//! Running PostgreSQL's tools: a cleared environment, stdin null, stderr captured into the
+//! error, a timeout, and the unprivileged OS user when the keeper runs as root (PostgreSQL
+//! refuses to run as root).
+
+use nix::unistd::{Gid, Uid};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("{tool}: could not run: {source}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} failed ({status}): {stderr}")]
+    Failed {
+        tool: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{tool} did not finish within {timeout:?}")]
+    Timeout { tool: String, timeout: Duration },
+}
+
+/// Who runs the tools and where they are.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    pub bin_dir: PathBuf,
+    /// The OS user to run as (set when the keeper is root).
+    pub os_user: Option<(Uid, Gid)>,
+}
+
+/// The OS user to run PostgreSQL as: `name` when this process is root, else none (run as
+/// ourselves).
+pub fn os_user(name: &str) -> anyhow::Result<Option<(Uid, Gid)>> {
+    if !Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let user = nix::unistd::User::from_name(name)?
+        .ok_or_else(|| anyhow::anyhow!("running as root, but OS user {name:?} does not exist (--pg-os-user)"))?;
+    Ok(Some((user.uid, user.gid)))
+}
+
+/// Finds PostgreSQL's binaries: the flag, `PG_BIN_PATH`, `pg_config --bindir`, then the
+/// newest `/usr/lib/postgresql/<major>/bin`.
+pub fn find_bin_dir(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("PG_BIN_PATH") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && dir.join("postgres").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((major, bin))
+        })
+        .collect();
+    majors.sort();
+    majors
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow::anyhow!("PostgreSQL binaries not found: pass --pg-bin-path"))
+}
+
+impl Tools {
+    /// A command for `tool` with a clean environment, run as the OS user.
+    pub fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(tool));
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("LC_ALL", "C.UTF-8")
+            .stdin(Stdio::null());
+        if let Some((uid, gid)) = self.os_user {
+            cmd.uid(uid.as_raw()).gid(gid.as_raw());
+        }
+        cmd
+    }
+
+    /// Runs `tool` with `args` and extra environment, within `timeout`; returns stdout.
+    pub async fn run<I, S>(
+        &self,
+        tool: &str,
+        args: I,
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<String, ToolError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = self.command(tool);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_command(tool, cmd, timeout).await
+    }
+
+    /// Makes `path` belong to the OS user (files the tools must read or write).
+    pub fn chown(&self, path: &Path) -> std::io::Result<()> {
+        if let Some((uid, gid)) = self.os_user {
+            nix::unistd::chown(path, Some(uid), Some(gid)).map_err(std::io::Error::from)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a prepared command within `timeout`, turning a failure into an error with stderr.
+pub async fn run_command(
+    tool: &str,
+    mut cmd: Command,
+    timeout: Duration,
+) -> Result<String, ToolError> {
+    let child = cmd.spawn().map_err(|source| ToolError::Spawn {
+        tool: tool.to_string(),
+        source,
+    })?;
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(r) => r.map_err(|source| ToolError::Spawn {
+            tool: tool.to_string(),
+            source,
+        })?,
+        Err(_) => {
+            return Err(ToolError::Timeout {
+                tool: tool.to_string(),
+                timeout,
+            })
+        }
+    };
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(ToolError::Failed {
+            tool: tool.to_string(),
+            status: out.status.to_string(),
+            stderr: stderr.trim().chars().take(2000).collect(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
