@@ -1,0 +1,202 @@
+//! Shared helpers for the keeper tests: etcd, keeper and sentinel processes with their logs
+//! in a temp dir, SQL through TCP, waiting with deadlines.
+#![allow(dead_code)]
+
+use control::model::{ClusterData, KeeperInfo};
+use control::store::etcd::{EtcdConfig, EtcdStore};
+use control::store::timed::Timed;
+use control::store::{ClusterStore, Store};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use testkit::{free_port, ChildGuard, Etcd, PortGuard};
+
+pub const CLUSTER: &str = "kt";
+pub const SU_PASSWORD: &str = "su-secret";
+pub const REPL_PASSWORD: &str = "repl-secret";
+
+pub struct Env {
+    pub etcd: Etcd,
+    pub dir: tempfile::TempDir,
+    pub store: ClusterStore,
+}
+
+pub struct KeeperProc {
+    pub uid: String,
+    pub port: PortGuard,
+    pub dir: PathBuf,
+    pub child: Option<ChildGuard>,
+    pub log: PathBuf,
+}
+
+impl Env {
+    pub async fn new() -> Env {
+        let etcd = Etcd::start().expect("etcd");
+        let dir = testkit::temp_dir("keeper").expect("tmp");
+        // The PostgreSQL OS user must reach the keeper dirs below.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::write(dir.path().join("su.pw"), format!("{SU_PASSWORD}\n")).expect("pw");
+        std::fs::write(dir.path().join("repl.pw"), REPL_PASSWORD).expect("pw");
+        let cfg = EtcdConfig {
+            endpoints: vec![etcd.endpoint()],
+            connect_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let s = EtcdStore::connect(&cfg).await.expect("connect");
+        let s: Arc<dyn Store> = Arc::new(Timed::new(s, Duration::from_secs(2)));
+        let store = ClusterStore::new(s, "stolon/cluster", CLUSTER);
+        Env { etcd, dir, store }
+    }
+
+    pub fn common_args(&self) -> Vec<String> {
+        vec![
+            "--cluster-name".into(),
+            CLUSTER.into(),
+            "--store-endpoints".into(),
+            self.etcd.endpoint(),
+            "--log-level".into(),
+            "debug".into(),
+        ]
+    }
+
+    fn log_file(&self, name: &str) -> (PathBuf, std::fs::File) {
+        let path = self.dir.path().join(format!("{name}.log"));
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("log");
+        (path, f)
+    }
+
+    pub fn keeper(&self, uid: &str, extra: &[&str]) -> KeeperProc {
+        let port = free_port();
+        let dir = self.dir.path().join(uid);
+        let mut k = KeeperProc {
+            uid: uid.into(),
+            port,
+            dir,
+            child: None,
+            log: PathBuf::new(),
+        };
+        self.start_keeper(&mut k, extra);
+        k
+    }
+
+    pub fn start_keeper(&self, k: &mut KeeperProc, extra: &[&str]) {
+        let (log, f) = self.log_file(&k.uid);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-keeper"));
+        cmd.args(self.common_args())
+            .args(["--uid", &k.uid, "--pg-port", &k.port.0.to_string()])
+            .arg("--data-dir")
+            .arg(&k.dir)
+            .arg("--pg-su-passwordfile")
+            .arg(self.dir.path().join("su.pw"))
+            .arg("--pg-repl-passwordfile")
+            .arg(self.dir.path().join("repl.pw"))
+            .args(extra)
+            .env("PG_BIN_PATH", testkit::postgres::pg_bin_dir())
+            .stdout(Stdio::from(f.try_clone().expect("log")))
+            .stderr(Stdio::from(f));
+        k.child = Some(ChildGuard::spawn(&k.uid, &mut cmd).expect("spawn keeper"));
+        k.log = log;
+    }
+
+    pub fn sentinel(&self, spec_json: &str) -> ChildGuard {
+        let spec = self.dir.path().join("spec.json");
+        std::fs::write(&spec, spec_json).expect("spec");
+        let (_, f) = self.log_file("sentinel");
+        let mut cmd = Command::new(sentinel_bin());
+        cmd.args(self.common_args())
+            .args(["--leader-ttl", "3s"])
+            .arg("--initial-cluster-spec")
+            .arg(&spec)
+            .stdout(Stdio::from(f.try_clone().expect("log")))
+            .stderr(Stdio::from(f));
+        ChildGuard::spawn("sentinel", &mut cmd).expect("spawn sentinel")
+    }
+
+    pub async fn cluster_data(&self) -> Option<(ClusterData, i64)> {
+        self.store.get_cluster_data().await.ok().flatten()
+    }
+
+    pub async fn keeper_info(&self, uid: &str) -> Option<KeeperInfo> {
+        self.store.keeper_infos().await.ok()?.items.remove(uid)
+    }
+
+    /// Prints the logs (for a failing test).
+    pub fn dump_logs(&self) {
+        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("==== {} (last 60 lines)", p.display());
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            let pg = e.path().join("postgres.log");
+            if let Ok(text) = std::fs::read_to_string(&pg) {
+                eprintln!("==== {}", pg.display());
+                for l in text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// The sentinel binary, built by cargo for the control crate's tests.
+pub fn sentinel_bin() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_stolon-keeper"));
+    exe.with_file_name("stolon-sentinel")
+}
+
+/// Connects as the superuser over TCP.
+pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password(SU_PASSWORD)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Polls `f` every 100 ms until it yields, or panics after `timeout` (dumping logs).
+pub async fn wait_for<T>(env: &Env, what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            env.dump_logs();
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The postmaster PID from a keeper's data dir.
+pub fn postmaster_pid(dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.join("postgres/postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// True if a write commits on the PostgreSQL at `port`.
+pub async fn can_write(port: u16) -> bool {
+    match connect(port).await {
+        Ok(c) => c
+            .batch_execute("CREATE TABLE IF NOT EXISTS t (v int); INSERT INTO t VALUES (1)")
+            .await
+            .is_ok(),
+        Err(_) => false,
+    }
+}
