@@ -24,7 +24,10 @@ impl Keeper {
         for action in actions {
             let effect = !matches!(
                 action,
-                PgAction::Wait(_) | PgAction::Refuse(_) | PgAction::Converged(_) | PgAction::SyncSlots
+                PgAction::Wait(_)
+                    | PgAction::Refuse(_)
+                    | PgAction::Converged(_)
+                    | PgAction::SyncSlots
             );
             match self.act(&action).await {
                 Ok(()) => {
@@ -94,11 +97,16 @@ impl Keeper {
     }
 
     fn db(&self) -> anyhow::Result<Db> {
-        self.my_db().cloned().ok_or_else(|| anyhow!("no db assigned"))
+        self.my_db()
+            .cloned()
+            .ok_or_else(|| anyhow!("no db assigned"))
     }
 
     fn signal_pg(&self, sig: Signal) -> anyhow::Result<()> {
-        let pm = self.postmaster.as_ref().ok_or_else(|| anyhow!("PostgreSQL is not running"))?;
+        let pm = self
+            .postmaster
+            .as_ref()
+            .ok_or_else(|| anyhow!("PostgreSQL is not running"))?;
         pm.signal(sig).context("signal postmaster")
     }
 
@@ -154,7 +162,10 @@ impl Keeper {
         let db = self.db()?;
         self.prepare_dirs()?;
         let pwfile = self.s.layout.dir.join("initdb.pw");
-        write_secret(&pwfile, self.s.su_password.clone().unwrap_or_default().as_bytes())?;
+        write_secret(
+            &pwfile,
+            self.s.su_password.clone().unwrap_or_default().as_bytes(),
+        )?;
         self.s.tools.chown(&pwfile)?;
         let data = self.s.layout.pg_data();
         let mut args: Vec<String> = vec![
@@ -177,7 +188,11 @@ impl Keeper {
         if nc.data_checksums {
             args.push("--data-checksums".into());
         }
-        let r = self.s.tools.run("initdb", &args, &[], Duration::from_secs(300)).await;
+        let r = self
+            .s
+            .tools
+            .run("initdb", &args, &[], Duration::from_secs(300))
+            .await;
         let _ = std::fs::remove_file(&pwfile);
         r?;
         self.record_init(&db, false)
@@ -187,7 +202,9 @@ impl Keeper {
     fn record_init(&mut self, db: &Db, pitr: bool) -> anyhow::Result<()> {
         let conf = std::fs::read_to_string(self.s.layout.pg_data().join("postgresql.conf"))
             .unwrap_or_default();
-        self.s.layout.set_init_params(&crate::config::parse_conf(&conf))?;
+        self.s
+            .layout
+            .set_init_params(&crate::config::parse_conf(&conf))?;
         self.s.layout.set_db_state(Some(&DbState {
             db_uid: db.uid.clone(),
             pitr_pending: pitr,
@@ -203,7 +220,9 @@ impl Keeper {
         }
         self.prepare_dirs()?;
         let data = self.s.layout.pg_data();
-        let command = cfg.data_restore_command.replace("%d", &data.display().to_string());
+        let command = cfg
+            .data_restore_command
+            .replace("%d", &data.display().to_string());
         // The restore command is the operator's shell command, run as the OS user.
         let mut c = std::process::Command::new("/bin/sh");
         c.arg("-c")
@@ -247,7 +266,10 @@ impl Keeper {
             .as_ref()
             .and_then(|cd| cd.dbs.get(from_db))
             .ok_or_else(|| anyhow!("followed db {from_db} is not in the cluster view"))?;
-        let port = m.status.port.ok_or_else(|| anyhow!("db {from_db} has no port yet"))?;
+        let port = m
+            .status
+            .port
+            .ok_or_else(|| anyhow!("db {from_db} has no port yet"))?;
         if m.status.listen_address.is_empty() {
             bail!("db {from_db} has no address yet");
         }
@@ -327,19 +349,27 @@ impl Keeper {
 
     /// Writes the rendered files and empties postgresql.auto.conf (ALTER SYSTEM undone).
     fn write_config(&mut self) -> anyhow::Result<()> {
-        let r = self.rendered().ok_or_else(|| anyhow!("no db to configure"))?;
+        let r = self
+            .rendered()
+            .ok_or_else(|| anyhow!("no db to configure"))?;
         let dir = self.s.layout.pg_data();
         let files = [
             ("postgresql.conf", r.postgresql_conf.as_str()),
             ("pg_hba.conf", r.pg_hba_conf.as_str()),
-            ("postgresql.auto.conf", "# Emptied by stolon-keeper: set parameters in the cluster spec.\n"),
+            (
+                "postgresql.auto.conf",
+                "# Emptied by stolon-keeper: set parameters in the cluster spec.\n",
+            ),
         ];
         for (name, text) in files {
             let path = dir.join(name);
             write_atomic(&path, text.as_bytes())?;
             self.s.tools.chown(&path)?;
         }
-        for (name, wanted) in [("standby.signal", r.standby_signal), ("recovery.signal", r.recovery_signal)] {
+        for (name, wanted) in [
+            ("standby.signal", r.standby_signal),
+            ("recovery.signal", r.recovery_signal),
+        ] {
             let path = dir.join(name);
             if wanted {
                 std::fs::write(&path, b"")?;
@@ -366,7 +396,11 @@ impl Keeper {
             self.restricted = true;
             self.write_config()?;
         }
-        let pm = Postmaster::spawn(&self.s.tools, &self.s.layout.pg_data(), &self.s.layout.log())?;
+        let pm = Postmaster::spawn(
+            &self.s.tools,
+            &self.s.layout.pg_data(),
+            &self.s.layout.log(),
+        )?;
         self.postmaster = Some(pm);
         let timeout = self
             .cd
@@ -377,13 +411,26 @@ impl Keeper {
         loop {
             if self.postmaster.as_mut().is_some_and(|p| p.has_exited()) {
                 self.postmaster = None;
-                bail!("PostgreSQL exited during start (see {})", self.s.layout.log().display());
+                bail!(
+                    "PostgreSQL exited during start (see {})",
+                    self.s.layout.log().display()
+                );
             }
             if let Ok(client) = self.conn().connect(Duration::from_secs(1)).await {
-                if db.spec.init_mode == Some(DbInitMode::New) || db.spec.role == Some(control::model::DbRole::Master) {
-                    let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+                if db.spec.init_mode == Some(DbInitMode::New)
+                    || db.spec.role == Some(control::model::DbRole::Master)
+                {
+                    let in_recovery: bool = client
+                        .query_one("SELECT pg_is_in_recovery()", &[])
+                        .await?
+                        .get(0);
                     if !in_recovery {
-                        sql::ensure_repl_role(&client, &self.s.local.repl_user, self.s.repl_password.as_deref()).await?;
+                        sql::ensure_repl_role(
+                            &client,
+                            &self.s.local.repl_user,
+                            self.s.repl_password.as_deref(),
+                        )
+                        .await?;
                     }
                 }
                 return Ok(());
@@ -400,7 +447,12 @@ impl Keeper {
         if !sql::promote(&client, Duration::from_secs(60)).await? {
             bail!("promotion did not finish within 60 s");
         }
-        sql::ensure_repl_role(&client, &self.s.local.repl_user, self.s.repl_password.as_deref()).await?;
+        sql::ensure_repl_role(
+            &client,
+            &self.s.local.repl_user,
+            self.s.repl_password.as_deref(),
+        )
+        .await?;
         Ok(())
     }
 

@@ -152,7 +152,10 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
             ..Default::default()
         }),
     });
-    golden("pitr.txt", &show(&render(&cd, &db, &local(), None, false, true)));
+    golden(
+        "pitr.txt",
+        &show(&render(&cd, &db, &local(), None, false, true)),
+    );
     let promoted = render(&cd, &db, &local(), None, false, false);
     assert!(!promoted.recovery_signal && !promoted.postgresql_conf.contains("recovery_target"));
     let mut db = master_db();

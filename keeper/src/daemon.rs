@@ -11,7 +11,9 @@ use crate::tools::Tools;
 use crate::watchdog::Watchdog;
 use control::keeper::{fence_timeout, followed_db, my_db, plan, KeeperView, LocalObserved};
 use control::keeper::{DataState, PgRole, Running};
-use control::model::{ClusterData, Db, GoDuration, KeeperInfo, PostgresBinaryVersion, PostgresState};
+use control::model::{
+    ClusterData, Db, GoDuration, KeeperInfo, PostgresBinaryVersion, PostgresState,
+};
 use control::store::{info_ttl, ClusterStore, WatchUpdate, Watcher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,12 +101,19 @@ impl Keeper {
     /// Runs until `shutdown`, then stops PostgreSQL cleanly.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Some(pid) = postmaster::running_pid(&self.s.layout.pg_data()) {
-            tracing::warn!(pid, "adopting a PostgreSQL left running by an earlier keeper");
+            tracing::warn!(
+                pid,
+                "adopting a PostgreSQL left running by an earlier keeper"
+            );
             self.postmaster = Some(Postmaster::Adopted(pid));
         }
         *self.shared.watchdog.lock().await = Some(Watchdog::spawn(&self.s.exe)?);
         let (cd_tx, mut cd_rx) = watch::channel(None);
-        tokio::spawn(watch_cluster_data(self.s.store.clone(), cd_tx, shutdown.clone()));
+        tokio::spawn(watch_cluster_data(
+            self.s.store.clone(),
+            cd_tx,
+            shutdown.clone(),
+        ));
         let publisher = tokio::spawn(publish(
             self.s.store.clone(),
             self.s.uid.clone(),
@@ -142,7 +151,12 @@ impl Keeper {
         }
         self.stop_pg(nix::sys::signal::Signal::SIGINT).await;
         publisher.abort();
-        let _ = self.s.store.keeper_info_key(&self.s.uid, Duration::from_secs(20)).revoke().await;
+        let _ = self
+            .s
+            .store
+            .keeper_info_key(&self.s.uid, Duration::from_secs(20))
+            .revoke()
+            .await;
         Ok(())
     }
 
@@ -150,7 +164,11 @@ impl Keeper {
     fn update_timing(&self) {
         if let Some(cd) = &self.cd {
             let spec = &cd.cluster.spec;
-            let ms = spec.sleep_interval().as_std().as_millis().clamp(100, 60_000) as u64;
+            let ms = spec
+                .sleep_interval()
+                .as_std()
+                .as_millis()
+                .clamp(100, 60_000) as u64;
             self.shared.sleep_ms.store(ms, Ordering::Relaxed);
             let fence = fence_timeout(spec.fail_interval()).0.max(0) as u64;
             self.shared.fence_ns.store(fence, Ordering::Relaxed);
@@ -212,7 +230,11 @@ impl Keeper {
             None => None,
             Some(_) => match self.query_state().await {
                 Some(st) => Some(Running {
-                    role: if st.in_recovery { PgRole::Standby } else { PgRole::Primary },
+                    role: if st.in_recovery {
+                        PgRole::Standby
+                    } else {
+                        PgRole::Primary
+                    },
                     pending_restart: st.pending_restart,
                 }),
                 // Cannot answer: keep fencing decisions on the last known role.
@@ -289,16 +311,21 @@ impl Keeper {
     pub(crate) fn rendered(&self) -> Option<Rendered> {
         let cd = self.cd.as_ref()?;
         let db = my_db(cd, &self.s.uid)?;
-        let upstream = followed_db(db)
-            .and_then(|m| cd.dbs.get(m))
-            .and_then(|m| {
-                Some(Upstream {
-                    host: Some(m.status.listen_address.clone()).filter(|a| !a.is_empty())?,
-                    port: m.status.port?,
-                })
-            });
+        let upstream = followed_db(db).and_then(|m| cd.dbs.get(m)).and_then(|m| {
+            Some(Upstream {
+                host: Some(m.status.listen_address.clone()).filter(|a| !a.is_empty())?,
+                port: m.status.port?,
+            })
+        });
         let pitr = self.s.layout.db_state().is_some_and(|d| d.pitr_pending);
-        Some(config::render(cd, db, &self.s.local, upstream.as_ref(), self.restricted, pitr))
+        Some(config::render(
+            cd,
+            db,
+            &self.s.local,
+            upstream.as_ref(),
+            self.restricted,
+            pitr,
+        ))
     }
 
     fn config_current(&self) -> bool {
@@ -341,7 +368,11 @@ impl Keeper {
         });
         let info = KeeperInfo {
             uid: self.s.uid.clone(),
-            cluster_uid: self.cd.as_ref().map(|c| c.cluster.uid.clone()).unwrap_or_default(),
+            cluster_uid: self
+                .cd
+                .as_ref()
+                .map(|c| c.cluster.uid.clone())
+                .unwrap_or_default(),
             boot_uuid: self.boot_uuid.clone(),
             postgres_binary_version: self.pg_version.clone(),
             postgres_state: state,
@@ -352,8 +383,11 @@ impl Keeper {
             ..Default::default()
         };
         let primary = running && self.pg.as_ref().is_some_and(|p| !p.in_recovery) && !self.fenced;
-        *self.shared.arm_pid.lock().expect("lock") =
-            self.postmaster.as_ref().and_then(|p| p.pid()).filter(|_| primary);
+        *self.shared.arm_pid.lock().expect("lock") = self
+            .postmaster
+            .as_ref()
+            .and_then(|p| p.pid())
+            .filter(|_| primary);
         let changed = {
             let mut cur = self.shared.info.lock().expect("lock");
             let changed = *cur != info;
@@ -401,7 +435,9 @@ async fn watch_cluster_data(
                     if let Some(ev) = events.last() {
                         match ClusterData::from_json(&ev.kv.value) {
                             Ok(cd) => drop(tx.send_replace(Some(cd))),
-                            Err(e) => tracing::error!(error = %e, "malformed clusterdata: keeping the last good one"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "malformed clusterdata: keeping the last good one")
+                            }
                         }
                     }
                 }
@@ -419,7 +455,12 @@ async fn watch_cluster_data(
 
 /// Publishes KeeperInfo at once when asked and every sleepInterval, each time with a new
 /// infoUID; an acknowledged write extends the watchdog's fence deadline.
-async fn publish(store: ClusterStore, uid: String, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn publish(
+    store: ClusterStore,
+    uid: String,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let mut key = store.keeper_info_key(&uid, info_ttl(Duration::from_secs(5)));
     loop {
         let sleep = Duration::from_millis(shared.sleep_ms.load(Ordering::Relaxed));

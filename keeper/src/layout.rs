@@ -135,8 +135,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let layout = Layout::new(dir.path());
         let _held = layout.lock().expect("first lock");
-        let err = Layout::new(dir.path()).lock().err().expect("second lock must fail");
-        assert!(err.to_string().contains("in use by another keeper"), "{err}");
+        let err = Layout::new(dir.path())
+            .lock()
+            .err()
+            .expect("second lock must fail");
+        assert!(
+            err.to_string().contains("in use by another keeper"),
+            "{err}"
+        );
     }
 
     #[test]

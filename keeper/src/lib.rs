@@ -2,13 +2,13 @@
 //! cluster view (`control::keeper::plan` decides; this crate acts).
 #![deny(unsafe_code)]
 
+mod act;
 pub mod config;
 #[cfg(test)]
 mod config_tests;
+pub mod daemon;
+pub mod layout;
 pub mod postmaster;
 pub mod sql;
 pub mod tools;
 pub mod watchdog;
-pub mod layout;
-mod act;
-pub mod daemon;

@@ -103,7 +103,10 @@ fn password(
         Some(v) if v.is_empty() => bail!("the {what} password is empty"),
         Some(v) => Ok(Some(v.clone())),
         None if method == AuthMethod::Trust => Ok(None),
-        None => bail!("the {what} password is required with {} authentication: pass {flag_name}file", method.as_str()),
+        None => bail!(
+            "the {what} password is required with {} authentication: pass {flag_name}file",
+            method.as_str()
+        ),
     }
 }
 
@@ -124,7 +127,9 @@ fn pg_version(tools: &Tools) -> PostgresBinaryVersion {
     let out = std::process::Command::new(tools.bin_dir.join("postgres"))
         .arg("--version")
         .output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     let ver = text.split_whitespace().last().unwrap_or("");
     let mut parts = ver.split('.').map(|p| p.parse().unwrap_or(0));
     PostgresBinaryVersion {
@@ -143,8 +148,20 @@ fn main() -> anyhow::Result<()> {
     let layout = Layout::new(&args.data_dir);
     let _lock = layout.lock()?;
     let uid = keeper_uid(&args, &layout)?;
-    let su_password = password("superuser", "--pg-su-password", &args.pg_su_password, &args.pg_su_passwordfile, args.pg_su_auth_method)?;
-    let repl_password = password("replication", "--pg-repl-password", &args.pg_repl_password, &args.pg_repl_passwordfile, args.pg_repl_auth_method)?;
+    let su_password = password(
+        "superuser",
+        "--pg-su-password",
+        &args.pg_su_password,
+        &args.pg_su_passwordfile,
+        args.pg_su_auth_method,
+    )?;
+    let repl_password = password(
+        "replication",
+        "--pg-repl-password",
+        &args.pg_repl_password,
+        &args.pg_repl_passwordfile,
+        args.pg_repl_auth_method,
+    )?;
     let tools = Tools {
         bin_dir: tools::find_bin_dir(args.pg_bin_path.as_deref())?,
         os_user: tools::os_user(&args.pg_os_user)?,
@@ -165,7 +182,9 @@ fn main() -> anyhow::Result<()> {
     let version = pg_version(&tools);
     // One thread: the postmaster's parent-death signal follows the spawning thread, which
     // must live as long as the process.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let store = args.common.open_cluster_store().await.context("cannot set up the store client")?;
         tracing::info!(%uid, data_dir = %args.data_dir.display(), pg = ?version, "stolon-keeper starting");

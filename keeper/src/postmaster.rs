@@ -25,7 +25,10 @@ pub fn running_pid(data_dir: &Path) -> Option<i32> {
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     // A stale file may name a PID reused by another program.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_postgres = cmdline.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"postgres"));
+    let is_postgres = cmdline
+        .split(|b| *b == 0)
+        .next()
+        .is_some_and(|a| a.ends_with(b"postgres"));
     (alive(pid) && is_postgres).then_some(pid)
 }
 
@@ -36,14 +39,20 @@ fn alive(pid: i32) -> bool {
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
 impl Postmaster {
     /// Starts `postgres -D data_dir` as a child; its output goes to `log`.
     pub fn spawn(tools: &Tools, data_dir: &Path, log: &Path) -> std::io::Result<Postmaster> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let mut std_cmd = std::process::Command::new(tools.bin_dir.join("postgres"));
         std_cmd
             .arg("-D")

@@ -112,7 +112,11 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
         history: read_history(data_dir, timeline),
         sync_standbys: sync
             .iter()
-            .filter_map(|r| r.get::<_, String>(0).strip_prefix("stolon_").map(str::to_string))
+            .filter_map(|r| {
+                r.get::<_, String>(0)
+                    .strip_prefix("stolon_")
+                    .map(str::to_string)
+            })
             .collect(),
         older_wal_file: older.get(0),
         pending_restart: row.get(4),
@@ -123,7 +127,9 @@ fn read_history(data_dir: &Path, timeline: u64) -> Vec<TimelineHistoryEntry> {
     if timeline <= 1 {
         return Vec::new();
     }
-    let file = data_dir.join("pg_wal").join(format!("{timeline:08X}.history"));
+    let file = data_dir
+        .join("pg_wal")
+        .join(format!("{timeline:08X}.history"));
     std::fs::read_to_string(file)
         .map(|t| parse_history(&t))
         .unwrap_or_default()
@@ -150,7 +156,9 @@ pub async fn ensure_repl_role(
         .await?
         .is_some();
     let verb = if exists { "ALTER" } else { "CREATE" };
-    let pw = password.map(|p| format!(" PASSWORD {}", literal(p))).unwrap_or_default();
+    let pw = password
+        .map(|p| format!(" PASSWORD {}", literal(p)))
+        .unwrap_or_default();
     // The statement holds a password: it is never logged by the keeper.
     let sql = format!("{verb} ROLE {} WITH LOGIN REPLICATION{pw}", ident(user));
     client.batch_execute(&sql).await
@@ -172,7 +180,10 @@ pub async fn sync_slots(client: &Client, wanted: &[String]) -> Result<(), tokio_
             .await?;
         tracing::info!(%slot, "created replication slot");
     }
-    for slot in have.iter().filter(|s| s.starts_with("stolon_") && !wanted.contains(s)) {
+    for slot in have
+        .iter()
+        .filter(|s| s.starts_with("stolon_") && !wanted.contains(s))
+    {
         let r = client
             .execute("SELECT pg_drop_replication_slot($1)", &[slot])
             .await;
@@ -188,7 +199,9 @@ pub async fn sync_slots(client: &Client, wanted: &[String]) -> Result<(), tokio_
 /// Promotes a standby and waits up to `wait` for the end of recovery.
 pub async fn promote(client: &Client, wait: Duration) -> Result<bool, tokio_postgres::Error> {
     let secs = i32::try_from(wait.as_secs().max(1)).unwrap_or(60);
-    let row = client.query_one("SELECT pg_promote(true, $1)", &[&secs]).await?;
+    let row = client
+        .query_one("SELECT pg_promote(true, $1)", &[&secs])
+        .await?;
     Ok(row.get(0))
 }
 
@@ -201,7 +214,9 @@ mod tests {
         assert_eq!(parse_lsn("0/3000148"), Some(0x3000148));
         assert_eq!(parse_lsn("1/0"), Some(1 << 32));
         assert_eq!(parse_lsn("x"), None);
-        let h = parse_history("1\t0/3000148\tno recovery target specified\n\n2\t0/5000000\tbefore 2000-01-01\n");
+        let h = parse_history(
+            "1\t0/3000148\tno recovery target specified\n\n2\t0/5000000\tbefore 2000-01-01\n",
+        );
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].timeline_id, 1);
         assert_eq!(h[0].switch_point, 0x3000148);

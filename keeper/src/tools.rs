@@ -41,8 +41,9 @@ pub fn os_user(name: &str) -> anyhow::Result<Option<(Uid, Gid)>> {
     if !Uid::effective().is_root() {
         return Ok(None);
     }
-    let user = nix::unistd::User::from_name(name)?
-        .ok_or_else(|| anyhow::anyhow!("running as root, but OS user {name:?} does not exist (--pg-os-user)"))?;
+    let user = nix::unistd::User::from_name(name)?.ok_or_else(|| {
+        anyhow::anyhow!("running as root, but OS user {name:?} does not exist (--pg-os-user)")
+    })?;
     Ok(Some((user.uid, user.gid)))
 }
 
@@ -55,7 +56,10 @@ pub fn find_bin_dir(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("PG_BIN_PATH") {
         return Ok(PathBuf::from(p));
     }
-    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if out.status.success() && dir.join("postgres").exists() {
             return Ok(dir);

@@ -10,9 +10,12 @@ const SPEC: &str = r#"{"initMode": "new", "sleepInterval": "1s", "failInterval":
     "pgParameters": {"work_mem": "4MB", "fsync": "off"}}"#;
 
 async fn master_ready(env: &Env, port: u16) {
-    wait_for(env, "the master to take writes", Duration::from_secs(60), async || {
-        can_write(port).await.then_some(())
-    })
+    wait_for(
+        env,
+        "the master to take writes",
+        Duration::from_secs(60),
+        async || can_write(port).await.then_some(()),
+    )
     .await;
 }
 
@@ -29,8 +32,21 @@ async fn init_crash_restart_and_reload() {
         (cd.cluster.status.phase == Some(control::model::ClusterPhase::Normal)).then_some(cd)
     })
     .await;
-    assert_eq!(cd.cluster.spec.pg_parameters.get("work_mem").map(String::as_str), Some("4MB"));
-    assert!(cd.cluster.spec.pg_parameters.contains_key("max_connections"), "initdb's parameters merged");
+    assert_eq!(
+        cd.cluster
+            .spec
+            .pg_parameters
+            .get("work_mem")
+            .map(String::as_str),
+        Some("4MB")
+    );
+    assert!(
+        cd.cluster
+            .spec
+            .pg_parameters
+            .contains_key("max_connections"),
+        "initdb's parameters merged"
+    );
     let info = env.keeper_info("k1").await.expect("info");
     let ps = info.postgres_state.expect("state");
     assert!(ps.healthy && !ps.system_id.is_empty() && ps.timeline_id == 1 && ps.x_log_pos > 0);
@@ -39,10 +55,17 @@ async fn init_crash_restart_and_reload() {
     // kill -9 the postmaster: the keeper (its parent) restarts it at once.
     let pid = postmaster_pid(&k.dir).expect("pid");
     let killed = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
-    wait_for(&env, "a write after the crash", Duration::from_secs(30), async || {
-        can_write(k.port.0).await.then_some(())
-    })
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    wait_for(
+        &env,
+        "a write after the crash",
+        Duration::from_secs(30),
+        async || can_write(k.port.0).await.then_some(()),
+    )
     .await;
     let recovered = killed.elapsed();
     eprintln!("kill -9 of the postmaster to the first successful write: {recovered:?}");
@@ -51,28 +74,60 @@ async fn init_crash_restart_and_reload() {
     // A parameter change is applied by reload: same postmaster.
     let pid = postmaster_pid(&k.dir).expect("pid");
     let (mut cd, rev) = env.cluster_data().await.expect("cd");
-    cd.cluster.spec.pg_parameters.insert("work_mem".into(), "8MB".into());
-    env.store.put_cluster_data(&cd, rev, None).await.expect("put");
-    wait_for(&env, "work_mem = 8MB", Duration::from_secs(20), async || {
-        let c = connect(k.port.0).await.ok()?;
-        let v: String = c.query_one("SHOW work_mem", &[]).await.ok()?.get(0);
-        (v == "8MB").then_some(())
-    })
+    cd.cluster
+        .spec
+        .pg_parameters
+        .insert("work_mem".into(), "8MB".into());
+    env.store
+        .put_cluster_data(&cd, rev, None)
+        .await
+        .expect("put");
+    wait_for(
+        &env,
+        "work_mem = 8MB",
+        Duration::from_secs(20),
+        async || {
+            let c = connect(k.port.0).await.ok()?;
+            let v: String = c.query_one("SHOW work_mem", &[]).await.ok()?.get(0);
+            (v == "8MB").then_some(())
+        },
+    )
     .await;
     assert_eq!(postmaster_pid(&k.dir), Some(pid), "reloaded, not restarted");
 
     // ALTER SYSTEM has no lasting effect.
     let c = connect(k.port.0).await.expect("connect");
-    c.batch_execute("ALTER SYSTEM SET work_mem = '64MB'").await.expect("alter system");
+    c.batch_execute("ALTER SYSTEM SET work_mem = '64MB'")
+        .await
+        .expect("alter system");
     let (mut cd, rev) = env.cluster_data().await.expect("cd");
-    cd.cluster.spec.pg_parameters.insert("statement_timeout".into(), "1min".into());
-    env.store.put_cluster_data(&cd, rev, None).await.expect("put");
-    wait_for(&env, "statement_timeout applied", Duration::from_secs(20), async || {
-        let c = connect(k.port.0).await.ok()?;
-        let v: String = c.query_one("SHOW statement_timeout", &[]).await.ok()?.get(0);
-        (v == "1min").then_some(())
-    })
+    cd.cluster
+        .spec
+        .pg_parameters
+        .insert("statement_timeout".into(), "1min".into());
+    env.store
+        .put_cluster_data(&cd, rev, None)
+        .await
+        .expect("put");
+    wait_for(
+        &env,
+        "statement_timeout applied",
+        Duration::from_secs(20),
+        async || {
+            let c = connect(k.port.0).await.ok()?;
+            let v: String = c
+                .query_one("SHOW statement_timeout", &[])
+                .await
+                .ok()?
+                .get(0);
+            (v == "1min").then_some(())
+        },
+    )
     .await;
-    let v: String = c.query_one("SHOW work_mem", &[]).await.expect("show").get(0);
+    let v: String = c
+        .query_one("SHOW work_mem", &[])
+        .await
+        .expect("show")
+        .get(0);
     assert_eq!(v, "8MB", "ALTER SYSTEM undone");
 }

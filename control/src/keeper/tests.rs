@@ -78,6 +78,9 @@ fn from(m: &str) -> String {
     m.to_string()
 }
 
+/// (name, clusterdata, store silence in seconds, local state, expected plan)
+type Case = (&'static str, Option<ClusterData>, i64, LocalObserved, Vec<PgAction>);
+
 #[test]
 fn plan_table() {
     let spec = ClusterSpec::default;
@@ -115,7 +118,7 @@ fn plan_table() {
         ..Default::default()
     };
     #[rustfmt::skip]
-    let cases: Vec<(&str, Option<ClusterData>, i64, LocalObserved, Vec<PgAction>)> = vec![
+    let cases: Vec<Case> = vec![
         ("no clusterdata: wait",
             None, 0, local(DataState::Missing, None),
             vec![Wait("no clusterdata".into())]),

@@ -36,7 +36,8 @@ impl Env {
         let etcd = Etcd::start().expect("etcd");
         let dir = testkit::temp_dir("keeper").expect("tmp");
         // The PostgreSQL OS user must reach the keeper dirs below.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         std::fs::write(dir.path().join("su.pw"), format!("{SU_PASSWORD}\n")).expect("pw");
         std::fs::write(dir.path().join("repl.pw"), REPL_PASSWORD).expect("pw");
         let cfg = EtcdConfig {
@@ -63,7 +64,11 @@ impl Env {
 
     fn log_file(&self, name: &str) -> (PathBuf, std::fs::File) {
         let path = self.dir.path().join(format!("{name}.log"));
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("log");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("log");
         (path, f)
     }
 
@@ -124,7 +129,11 @@ impl Env {
 
     /// Prints the logs (for a failing test).
     pub fn dump_logs(&self) {
-        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "log") {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
@@ -135,11 +144,22 @@ impl Env {
                 }
             }
         }
-        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let pg = e.path().join("postgres.log");
             if let Ok(text) = std::fs::read_to_string(&pg) {
                 eprintln!("==== {}", pg.display());
-                for l in text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev() {
+                for l in text
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
                     eprintln!("{l}");
                 }
             }
@@ -170,7 +190,12 @@ pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres
 }
 
 /// Polls `f` every 100 ms until it yields, or panics after `timeout` (dumping logs).
-pub async fn wait_for<T>(env: &Env, what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn wait_for<T>(
+    env: &Env,
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
