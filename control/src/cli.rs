@@ -125,10 +125,14 @@ impl CommonArgs {
 }
 
 pub fn init_tracing(level: &str, json: bool) {
+    // `--log-level debug` is about our components, not the gRPC/HTTP2 stack's frames.
+    let directives =
+        format!("{level},h2=info,tower=info,hyper=info,tonic=info,tokio_postgres=info");
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directives));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()

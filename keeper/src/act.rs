@@ -330,6 +330,10 @@ impl Keeper {
             self.s.layout.pg_data().display().to_string(),
             format!("--source-server={source}"),
         ];
+        // Make sure the source's control file shows its current timeline (see promote).
+        if let Err(e) = self.checkpoint_upstream(&host, port).await {
+            tracing::warn!(error = %e, "cannot checkpoint the rewind source");
+        }
         match self.s.tools.run("pg_rewind", &args, &[], LONG).await {
             Ok(_) => {
                 tracing::info!(from = %from_db, "pg_rewind done");
@@ -345,6 +349,24 @@ impl Keeper {
                 self.base_backup(from_db).await
             }
         }
+    }
+
+    async fn checkpoint_upstream(&self, host: &str, port: u16) -> anyhow::Result<()> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(host)
+            .port(port)
+            .user(&self.s.local.su_user)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(p) = &self.s.su_password {
+            cfg.password(p);
+        }
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client.batch_execute("CHECKPOINT").await?;
+        Ok(())
     }
 
     /// Writes the rendered files and empties postgresql.auto.conf (ALTER SYSTEM undone).
@@ -447,6 +469,9 @@ impl Keeper {
         if !sql::promote(&client, Duration::from_secs(60)).await? {
             bail!("promotion did not finish within 60 s");
         }
+        // The control file names the new timeline only after a checkpoint; pg_rewind on the
+        // old master reads it and would otherwise find "no rewind required".
+        client.batch_execute("CHECKPOINT").await?;
         sql::ensure_repl_role(
             &client,
             &self.s.local.repl_user,

@@ -230,7 +230,7 @@ async fn base_backup_promote_rewind_and_fallback() {
     .await;
     assert_ne!(postmaster_pid(&k1.dir), k1_pid, "restarted as a standby");
     let log = std::fs::read_to_string(&k1.log).unwrap_or_default();
-    assert!(log.contains("pg_rewind done"), "k1 used pg_rewind");
+    assert!(log.contains("pg_rewind done"), "k1 used pg_rewind:\n{log}");
 
     // Back to d1: k2's pg_rewind is broken, so it falls back to a fresh base backup.
     update(&env, |cd| {

@@ -217,7 +217,12 @@ fn plan_new_data(db: &Db, local: &LocalObserved) -> Vec<PgAction> {
         out.push(Stop(StopMode::Fast));
     }
     let present = matches!(local.data, DataState::Present { .. });
-    let init_mode = db.spec.init_mode.unwrap_or(DbInitMode::None);
+    let mut init_mode = db.spec.init_mode.unwrap_or(DbInitMode::None);
+    if !acts_as_master(db) && followed_db(db).is_some() {
+        // A standby is always made from its master, whatever init mode is left in its spec:
+        // initdb would make a different database.
+        init_mode = DbInitMode::Resync;
+    }
     match init_mode {
         DbInitMode::New | DbInitMode::Pitr => {
             if present {
@@ -282,8 +287,11 @@ fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgActio
             out.push(Wait("point-in-time recovery in progress".into()));
         }
         (Some(r), true) if r.role == PgRole::Standby && db.spec.role == Some(DbRole::Master) => {
-            out.push(WriteConfig);
+            // Promote first: PostgreSQL removes standby.signal itself and fails (crashes
+            // the promotion) if it is already gone. Then the master's configuration.
             out.push(Promote);
+            out.push(WriteConfig);
+            out.push(Reload);
         }
         (Some(r), false) if r.role == PgRole::Primary => {
             // An old master turned standby: it may have WAL the new master lacks.

@@ -79,7 +79,13 @@ fn from(m: &str) -> String {
 }
 
 /// (name, clusterdata, store silence in seconds, local state, expected plan)
-type Case = (&'static str, Option<ClusterData>, i64, LocalObserved, Vec<PgAction>);
+type Case = (
+    &'static str,
+    Option<ClusterData>,
+    i64,
+    LocalObserved,
+    Vec<PgAction>,
+);
 
 #[test]
 fn plan_table() {
@@ -131,6 +137,9 @@ fn plan_table() {
         ("initMode new on an empty dir: initdb and start",
             Some(cd_with(Some(master_new.clone()), true, spec())), 0, local(DataState::Missing, None),
             vec![InitDb, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("a standby with a stale initMode new: base backup, never initdb",
+            Some(cd_with(Some(db(DbRole::Standby, DbInitMode::New, Some("m"))), true, spec())), 0, local(DataState::Missing, None),
+            vec![BaseBackup { from_db: from("m") }, WriteConfig, Start, Converged(7)]),
         ("initMode new over another db's data: clear first",
             Some(cd_with(Some(master_new.clone()), true, spec())), 0, local(holds("old"), None),
             vec![ClearData, InitDb, WriteConfig, Start, SyncSlots, Converged(7)]),
@@ -169,7 +178,7 @@ fn plan_table() {
             vec![Stop(StopMode::Fast), Rewind { from_db: from("m") }, WriteConfig, Start, Converged(7)]),
         ("standby elected master: promote",
             Some(cd_with(Some(master.clone()), true, spec())), 0, local(holds("d1"), Some(PgRole::Standby)),
-            vec![WriteConfig, Promote, SyncSlots, Converged(7)]),
+            vec![Promote, WriteConfig, Reload, SyncSlots, Converged(7)]),
         ("master stopped: start",
             Some(cd_with(Some(master.clone()), true, spec())), 0, local(holds("d1"), None),
             vec![WriteConfig, Start, SyncSlots, Converged(7)]),

@@ -137,8 +137,16 @@ impl Env {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "log") {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(60).collect();
-                eprintln!("==== {} (last 60 lines)", p.display());
+                eprintln!("==== {} (warnings and errors)", p.display());
+                for l in text
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(40)
+                {
+                    eprintln!("{l}");
+                }
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("==== {} (last 30 lines)", p.display());
                 for l in tail.into_iter().rev() {
                     eprintln!("{l}");
                 }
@@ -151,6 +159,19 @@ impl Env {
         {
             let pg = e.path().join("postgres.log");
             if let Ok(text) = std::fs::read_to_string(&pg) {
+                eprintln!("==== {} (PANIC/FATAL/crash)", pg.display());
+                for l in text
+                    .lines()
+                    .filter(|l| {
+                        l.contains("PANIC")
+                            || l.contains("FATAL")
+                            || l.contains("terminated by")
+                            || l.contains("crash")
+                    })
+                    .take(20)
+                {
+                    eprintln!("{l}");
+                }
                 eprintln!("==== {}", pg.display());
                 for l in text
                     .lines()
@@ -191,7 +212,7 @@ pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres
 
 /// Polls `f` every 100 ms until it yields, or panics after `timeout` (dumping logs).
 pub async fn wait_for<T>(
-    env: &Env,
+    _env: &Env,
     what: &str,
     timeout: Duration,
     mut f: impl AsyncFnMut() -> Option<T>,
@@ -202,7 +223,6 @@ pub async fn wait_for<T>(
             return v;
         }
         if Instant::now() >= deadline {
-            env.dump_logs();
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -223,5 +243,14 @@ pub async fn can_write(port: u16) -> bool {
             .await
             .is_ok(),
         Err(_) => false,
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A failing test shows what the processes said.
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
     }
 }
