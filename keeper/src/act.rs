@@ -20,6 +20,12 @@ const LONG: Duration = Duration::from_secs(3600);
 impl Keeper {
     /// Runs `actions` in order; true if any did something.
     pub(crate) async fn execute(&mut self, actions: Vec<PgAction>) -> bool {
+        // A plan that ends waiting (or refusing) is not worth re-planning at once: wait for
+        // an event instead of spinning.
+        let waits = matches!(
+            actions.last(),
+            Some(PgAction::Wait(_) | PgAction::Refuse(_))
+        );
         let mut acted = false;
         for action in actions {
             let effect = !matches!(
@@ -34,7 +40,7 @@ impl Keeper {
                     if effect {
                         tracing::info!(?action, "done");
                     }
-                    acted |= effect;
+                    acted |= effect && !waits;
                 }
                 Err(e) => {
                     let msg = format!("{e:#}");
@@ -108,6 +114,24 @@ impl Keeper {
             .as_ref()
             .ok_or_else(|| anyhow!("PostgreSQL is not running"))?;
         pm.signal(sig).context("signal postmaster")
+    }
+
+    /// Arms the watchdog for `pid` from the last acknowledged publish (or from now), and
+    /// keeps the publisher re-arming it.
+    async fn arm_watchdog(&self, pid: Option<i32>) {
+        let Some(pid) = pid else { return };
+        *self.shared.arm_pid.lock().expect("lock") = Some(pid);
+        let within = self.watchdog_window();
+        tracing::debug!(
+            pid,
+            ?within,
+            "fencing watchdog armed before the master runs"
+        );
+        if let Some(wd) = self.shared.watchdog.lock().await.as_mut() {
+            if let Err(e) = wd.arm(pid, within).await {
+                tracing::error!(error = %e, "fencing watchdog unreachable");
+            }
+        }
     }
 
     /// Stops PostgreSQL (escalating after the timeout) and disarms the watchdog first, so
@@ -423,6 +447,11 @@ impl Keeper {
             &self.s.layout.pg_data(),
             &self.s.layout.log(),
         )?;
+        if db.spec.role == Some(control::model::DbRole::Master) {
+            // Armed before it can take a write: a keeper frozen right now must not leave
+            // an unfenced master behind.
+            self.arm_watchdog(pm.pid()).await;
+        }
         self.postmaster = Some(pm);
         let timeout = self
             .cd
@@ -466,6 +495,8 @@ impl Keeper {
 
     async fn promote(&mut self) -> anyhow::Result<()> {
         let client = self.conn().connect(Duration::from_secs(2)).await?;
+        self.arm_watchdog(self.postmaster.as_ref().and_then(|p| p.pid()))
+            .await;
         if !sql::promote(&client, Duration::from_secs(60)).await? {
             bail!("promotion did not finish within 60 s");
         }

@@ -127,6 +127,8 @@ impl Keeper {
             let acted = self.round().await;
             self.refresh_info();
             if acted {
+                // Let the publisher report the change before the next round.
+                tokio::task::yield_now().await;
                 continue;
             }
             let fence_at = self.fence_deadline();
@@ -183,6 +185,13 @@ impl Keeper {
     pub(crate) fn store_silence(&self) -> Duration {
         let ack = *self.shared.last_ack.lock().expect("lock");
         ack.unwrap_or(self.started).elapsed()
+    }
+
+    /// How long the watchdog may wait from now: a quarter past the keeper's own fence
+    /// deadline, counted from the send time of the last acknowledged publish.
+    pub(crate) fn watchdog_window(&self) -> Duration {
+        let fence = self.fence_timeout();
+        (fence + fence / 4).saturating_sub(self.store_silence())
     }
 
     /// When a running master must be fenced if no publish is acknowledged before.
@@ -482,6 +491,7 @@ async fn publish(
                 if let Some(wd) = wd.as_mut() {
                     // The watchdog is the backstop: a little after the keeper's own deadline.
                     let within = (fence + fence / 4).saturating_sub(sent.elapsed());
+                    tracing::debug!(?pid, ?within, "fencing watchdog deadline");
                     let r = match pid {
                         Some(pid) => wd.arm(pid, within).await,
                         None => wd.disarm().await,

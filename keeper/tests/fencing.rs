@@ -1,0 +1,184 @@
+//! Self-fencing and the keeper's process guarantees, with real PostgreSQL 15, etcd and a
+//! sentinel: a master that loses the store fences itself (an open superuser session with
+//! `default_transaction_read_only = off` cannot commit, nor can a new one) and resumes when
+//! the store is back; a frozen keeper's master is fenced by the watchdog; a killed keeper
+//! leaves no PostgreSQL running; a restarted keeper adopts a running PostgreSQL; PostgreSQL is
+//! not started before the sentinel has seen the keeper's new boot.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use std::time::{Duration, Instant};
+
+/// failInterval 4 s: the fence timeout is 2 s.
+const SPEC: &str = r#"{"initMode": "new", "sleepInterval": "1s", "failInterval": "4s",
+    "pgParameters": {"fsync": "off"}}"#;
+
+async fn writable(env: &Env, port: u16, what: &str) {
+    wait_for(env, what, Duration::from_secs(60), async || {
+        can_write(port).await.then_some(())
+    })
+    .await;
+}
+
+/// Polls until nothing can be written at `port` any more; returns how long it took.
+async fn until_unwritable(env: &Env, port: u16, what: &str) -> Duration {
+    let start = Instant::now();
+    wait_for(env, what, Duration::from_secs(20), async || {
+        (!can_write(port).await).then_some(())
+    })
+    .await;
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_cut_from_the_store_fences_itself_and_resumes() {
+    let mut env = Env::new().await;
+    let _sentinel = env.sentinel(SPEC);
+    let k = env.keeper("k1", &[]);
+    writable(&env, k.port.0, "the master").await;
+    let session = connect(k.port.0).await.expect("session");
+    session
+        .batch_execute("SET default_transaction_read_only = off; CREATE TABLE acked (v int); INSERT INTO acked VALUES (1)")
+        .await
+        .expect("write");
+
+    env.etcd.stop();
+    let stopped = Instant::now();
+    let took = until_unwritable(&env, k.port.0, "the fence").await;
+    eprintln!(
+        "etcd stopped -> master refuses writes in {took:?} (fence timeout 2 s, failInterval 4 s)"
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(4),
+        "fenced before failInterval: {:?}",
+        stopped.elapsed()
+    );
+    let r = session.batch_execute("INSERT INTO acked VALUES (2)").await;
+    assert!(r.is_err(), "the open superuser session cannot commit");
+
+    env.etcd.restart().expect("etcd back");
+    writable(&env, k.port.0, "the master again").await;
+    let c = connect(k.port.0).await.expect("connect");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM acked", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        n, 1,
+        "the acknowledged write survived, the refused one is not there"
+    );
+    wait_for(
+        &env,
+        "the keeper to report the fence lifted",
+        Duration::from_secs(10),
+        async || (!env.keeper_info("k1").await?.fenced).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_or_killed_keeper_leaves_no_writable_master_and_adoption() {
+    let env = Env::new().await;
+    let _sentinel = env.sentinel(SPEC);
+    let mut k = env.keeper("k1", &[]);
+    writable(&env, k.port.0, "the master").await;
+
+    // Frozen keeper (here as soon as PostgreSQL answers, possibly before the keeper has
+    // published anything as master): the watchdog, a separate process, fences it.
+    k.child
+        .as_ref()
+        .expect("keeper")
+        .signal(Signal::SIGSTOP)
+        .expect("SIGSTOP");
+    let took = until_unwritable(&env, k.port.0, "the watchdog's fence").await;
+    eprintln!("keeper frozen -> master refuses writes in {took:?}");
+    k.child
+        .as_ref()
+        .expect("keeper")
+        .signal(Signal::SIGCONT)
+        .expect("SIGCONT");
+    writable(&env, k.port.0, "the master after the thaw").await;
+
+    // Killed keeper: PostgreSQL goes with it (parent-death signal, watchdog).
+    let pid = postmaster_pid(&k.dir).expect("pid");
+    k.child.as_mut().expect("keeper").kill();
+    let took = until_unwritable(&env, k.port.0, "PostgreSQL to go with its keeper").await;
+    eprintln!("keeper killed -> master refuses writes in {took:?}");
+    wait_for(
+        &env,
+        "the postmaster to be gone",
+        Duration::from_secs(10),
+        async || {
+            let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err();
+            gone.then_some(())
+        },
+    )
+    .await;
+
+    // A PostgreSQL found running (started by hand here) is adopted, not started twice.
+    let pg_data = k.dir.join("postgres");
+    let mut pg_ctl = std::process::Command::new(testkit::postgres::pg_bin_dir().join("pg_ctl"));
+    pg_ctl
+        .arg("-D")
+        .arg(&pg_data)
+        .args(["-w", "-l"])
+        .arg(k.dir.join("manual.log"))
+        .arg("start");
+    testkit::postgres::as_pg_user(&mut pg_ctl);
+    let out = pg_ctl.output().expect("pg_ctl");
+    assert!(
+        out.status.success(),
+        "pg_ctl start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manual = postmaster_pid(&k.dir).expect("manual pid");
+    env.start_keeper(&mut k, &[]);
+    writable(&env, k.port.0, "the adopted master").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        postmaster_pid(&k.dir),
+        Some(manual),
+        "adopted, not restarted"
+    );
+    let log = std::fs::read_to_string(&k.log).unwrap_or_default();
+    assert!(log.contains("adopting a PostgreSQL"), "{log}");
+    // The adopted master is stopped with the keeper's own shutdown (no stray server).
+    k.child
+        .as_mut()
+        .expect("keeper")
+        .stop(Duration::from_secs(20));
+    until_unwritable(
+        &env,
+        k.port.0,
+        "the adopted PostgreSQL to stop with SIGTERM",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_waits_until_the_sentinel_saw_the_new_boot() {
+    let env = Env::new().await;
+    let mut sentinel = env.sentinel(SPEC);
+    let mut k = env.keeper("k1", &[]);
+    writable(&env, k.port.0, "the master").await;
+    sentinel.kill();
+    k.child.as_mut().expect("keeper").kill();
+    until_unwritable(&env, k.port.0, "PostgreSQL gone with the keeper").await;
+    env.start_keeper(&mut k, &[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !can_write(k.port.0).await,
+        "not started: the sentinel has not seen this boot"
+    );
+    let info = env
+        .keeper_info("k1")
+        .await
+        .expect("info published meanwhile");
+    let (cd, _) = env.cluster_data().await.expect("cd");
+    assert_ne!(cd.keepers["k1"].status.boot_uuid, info.boot_uuid);
+    let _sentinel = env.sentinel(SPEC);
+    writable(&env, k.port.0, "the master once the sentinel saw the boot").await;
+}
