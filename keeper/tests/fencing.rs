@@ -34,6 +34,7 @@ async fn until_unwritable(env: &Env, port: u16, what: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_cut_from_the_store_fences_itself_and_resumes() {
+    let _serial = serial().await;
     let mut env = Env::new().await;
     let _sentinel = env.sentinel(SPEC);
     let k = env.keeper("k1", &[]);
@@ -81,6 +82,7 @@ async fn a_master_cut_from_the_store_fences_itself_and_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_or_killed_keeper_leaves_no_writable_master_and_adoption() {
+    let _serial = serial().await;
     let env = Env::new().await;
     let _sentinel = env.sentinel(SPEC);
     let mut k = env.keeper("k1", &[]);
@@ -160,6 +162,7 @@ async fn frozen_or_killed_keeper_leaves_no_writable_master_and_adoption() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_waits_until_the_sentinel_saw_the_new_boot() {
+    let _serial = serial().await;
     let env = Env::new().await;
     let mut sentinel = env.sentinel(SPEC);
     let mut k = env.keeper("k1", &[]);

@@ -21,6 +21,7 @@ async fn master_ready(env: &Env, port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_crash_restart_and_reload() {
+    let _serial = serial().await;
     let env = Env::new().await;
     let _sentinel = env.sentinel(SPEC);
     let k = env.keeper("k1", &[]);

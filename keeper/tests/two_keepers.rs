@@ -123,6 +123,7 @@ fn broken_rewind_bin(env: &Env) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_backup_promote_rewind_and_fallback() {
+    let _serial = serial().await;
     let env = Env::new().await;
     let spec = ClusterSpec {
         sleep_interval: Some(GoDuration::from_secs(1)),

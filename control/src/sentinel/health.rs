@@ -163,7 +163,16 @@ impl Round<'_> {
                 .filter(|ps| ps.uid == uid);
             let good = alive && state.is_some_and(|ps| ps.healthy);
             let db = self.cd.dbs.get_mut(&uid).expect("uid from keys");
-            if let Some(ps) = state {
+            // A PostgreSQL that is not running reports nothing useful (a wiped or stopped
+            // instance says timeline 0): keep the last known facts, which elections and
+            // fork checks compare against.
+            if let Some(ps) = state.filter(|ps| !ps.healthy) {
+                if !ps.listen_address.is_empty() {
+                    db.status.listen_address = ps.listen_address.clone();
+                    db.status.port = ps.port;
+                }
+            }
+            if let Some(ps) = state.filter(|ps| ps.healthy) {
                 let st = &mut db.status;
                 st.current_generation = ps.generation;
                 st.listen_address = ps.listen_address.clone();

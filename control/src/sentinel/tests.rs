@@ -816,3 +816,15 @@ fn nothing_changes_in_a_settled_cluster_without_new_facts() {
     let (cd, _, _) = decide(&w.cd, &w.mem, &obs, w.now);
     assert_eq!(cd, w.cd, "no write when nothing happened");
 }
+
+#[test]
+fn a_stopped_master_reporting_zeroes_keeps_its_last_known_timeline() {
+    // A keeper whose PostgreSQL is down (e.g. its data dir was wiped) reports timeline 0 and
+    // WAL position 0: the master's last known facts must stay the reference.
+    let mut w = cluster(test_spec(), 2);
+    w.keeper("k0").pg_healthy = false;
+    w.keeper("k0").timeline = 0;
+    w.keeper("k0").xlog = 0;
+    w.run(12);
+    assert_eq!(w.master_keeper(), "k1", "{:#?}", w.reasons);
+}

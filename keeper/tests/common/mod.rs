@@ -254,3 +254,11 @@ impl Drop for Env {
         }
     }
 }
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Held for a whole test: the tests of one binary run one at a time, since their timings
+/// (fence deadlines, failIntervals) must not compete for 2 cores with each other.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
