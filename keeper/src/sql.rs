@@ -37,6 +37,9 @@ impl Conn {
             .user(&self.user)
             .dbname("postgres")
             .application_name("stolon-keeper")
+            // The keeper's own writes (roles) must not wait for synchronous standbys that
+            // may not exist yet; they are re-applied on every start anyway.
+            .options("-c synchronous_commit=local")
             .connect_timeout(timeout);
         if let Some(p) = &self.password {
             cfg.password(p);

@@ -196,14 +196,43 @@ async fn base_backup_promote_rewind_and_fallback() {
         created.elapsed()
     );
 
-    // Promote d2; d1 (the old master) must be rewound to follow it.
+    // A third keeper, standby of d1 too, to follow the new master without a restart.
+    let k3 = env.keeper("k3", &[]);
+    update(&env, |cd| {
+        cd.dbs.insert(
+            "d3".into(),
+            db("d3", "k3", DbRole::Standby, DbInitMode::Resync, Some("d1")),
+        );
+        bump(cd, "d1", |d| {
+            d.spec.followers = vec!["d2".into(), "d3".into()]
+        });
+    })
+    .await;
+    wait_for(
+        &env,
+        "k3 streaming from k1",
+        Duration::from_secs(120),
+        async || (in_recovery(k3.port.0).await? && count(k3.port.0).await? == rows).then_some(()),
+    )
+    .await;
+    let k3_pid = postmaster_pid(&k3.dir);
+
+    // Promote d2; d1 (the old master) must be rewound to follow it; d3 follows it as is.
     let k1_pid = postmaster_pid(&k1.dir);
     update(&env, |cd| {
         cd.cluster.status.master = "d2".into();
         bump(cd, "d2", |d| {
             d.spec.role = Some(DbRole::Master);
             d.spec.follow_config = None;
-            d.spec.followers = vec!["d1".into()];
+            d.spec.followers = vec!["d1".into(), "d3".into()];
+        });
+        bump(cd, "d3", |d| {
+            d.spec.follow_config = Some(FollowConfig {
+                kind: FollowType::Internal,
+                dbuid: "d2".into(),
+                standby_settings: None,
+                archive_recovery_settings: None,
+            });
         });
         bump(cd, "d1", |d| {
             d.spec.role = Some(DbRole::Standby);
@@ -230,6 +259,23 @@ async fn base_backup_promote_rewind_and_fallback() {
     )
     .await;
     assert_ne!(postmaster_pid(&k1.dir), k1_pid, "restarted as a standby");
+    let c = connect(k2.port.0).await.expect("connect");
+    c.batch_execute("INSERT INTO t VALUES (42)")
+        .await
+        .expect("write on the new master");
+    let rows = rows + 1;
+    wait_for(
+        &env,
+        "k3 following k2",
+        Duration::from_secs(60),
+        async || (count(k3.port.0).await? == rows).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        postmaster_pid(&k3.dir),
+        k3_pid,
+        "k3 followed the new master without a restart"
+    );
     let log = std::fs::read_to_string(&k1.log).unwrap_or_default();
     assert!(log.contains("pg_rewind done"), "k1 used pg_rewind:\n{log}");
 
