@@ -77,7 +77,14 @@ async fn a_wiped_master_data_dir_is_refused_and_the_standby_takes_over() {
         async || in_recovery(k1.port.0).await?.then_some(()),
     )
     .await;
-    assert_eq!(system_id(k1.port.0).await, Some(sysid.clone()));
+    let k1_sysid = wait_for(
+        &env,
+        "k1's system id",
+        Duration::from_secs(30),
+        async || system_id(k1.port.0).await,
+    )
+    .await;
+    assert_eq!(k1_sysid, sysid, "a base backup of the same database");
     assert_eq!(system_id(k2.port.0).await, Some(sysid));
     let log = std::fs::read_to_string(&k1.log).unwrap_or_default();
     assert_eq!(
