@@ -53,7 +53,16 @@ async fn init_crash_restart_and_reload() {
     assert!(ps.healthy && !ps.system_id.is_empty() && ps.timeline_id == 1 && ps.x_log_pos > 0);
     assert_eq!(info.postgres_binary_version.maj, 15);
 
-    // kill -9 the postmaster: the keeper (its parent) restarts it at once.
+    // kill -9 the postmaster: the keeper (its parent) restarts it at once. Timed to the
+    // first write that commits through stolon-proxy.
+    let (_proxy, proxy_port) = env.proxy();
+    wait_for(
+        &env,
+        "a write through the proxy",
+        Duration::from_secs(30),
+        async || can_write(proxy_port.0).await.then_some(()),
+    )
+    .await;
     let pid = postmaster_pid(&k.dir).expect("pid");
     let killed = Instant::now();
     nix::sys::signal::kill(
@@ -63,13 +72,13 @@ async fn init_crash_restart_and_reload() {
     .expect("kill");
     wait_for(
         &env,
-        "a write after the crash",
+        "a write through the proxy after the crash",
         Duration::from_secs(30),
-        async || can_write(k.port.0).await.then_some(()),
+        async || can_write(proxy_port.0).await.then_some(()),
     )
     .await;
     let recovered = killed.elapsed();
-    eprintln!("kill -9 of the postmaster to the first successful write: {recovered:?}");
+    eprintln!("kill -9 of the postmaster to the first write committed through stolon-proxy: {recovered:?}");
     assert_ne!(postmaster_pid(&k.dir), Some(pid));
 
     // A parameter change is applied by reload: same postmaster.

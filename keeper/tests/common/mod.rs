@@ -188,10 +188,38 @@ impl Env {
     }
 }
 
+impl Env {
+    /// A stolon-proxy on a free port; returns its process and port.
+    pub fn proxy(&self) -> (ChildGuard, PortGuard) {
+        let port = free_port();
+        let (_, f) = self.log_file("proxy");
+        let exe = PathBuf::from(env!("CARGO_BIN_EXE_stolon-keeper")).with_file_name("stolon-proxy");
+        assert!(
+            exe.exists(),
+            "{} missing: cargo build --workspace --bins",
+            exe.display()
+        );
+        let mut cmd = Command::new(exe);
+        cmd.args(self.common_args())
+            .args(["--port", &port.0.to_string(), "--uid", "p1"])
+            .stdout(Stdio::from(f.try_clone().expect("log")))
+            .stderr(Stdio::from(f));
+        (
+            ChildGuard::spawn("proxy", &mut cmd).expect("spawn proxy"),
+            port,
+        )
+    }
+}
+
 /// The sentinel binary, built by cargo for the control crate's tests.
 pub fn sentinel_bin() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_stolon-keeper"));
-    exe.with_file_name("stolon-sentinel")
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_stolon-keeper")).with_file_name("stolon-sentinel");
+    assert!(
+        exe.exists(),
+        "{} missing: cargo build --workspace --bins",
+        exe.display()
+    );
+    exe
 }
 
 /// Connects as the superuser over TCP.
