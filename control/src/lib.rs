@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod ctl;
 pub mod keeper;
 pub mod metrics;
 pub mod model;

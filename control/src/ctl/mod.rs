@@ -1,0 +1,236 @@
+//! `stolonctl`'s commands over the cluster store. Every change of clusterdata is a
+//! compare-and-swap on its revision, retried on a conflict; errors name the problem and the fix.
+
+pub mod status;
+
+use crate::model::{decode, ClusterData, ClusterRole, ClusterSpec, SwitchoverRequest, Timestamp};
+use crate::store::{CasOutcome, ClusterStore, Compare, Op, StoreError};
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Reads the clusterdata, or explains how to create it.
+pub async fn cluster_data(store: &ClusterStore) -> Result<(ClusterData, i64)> {
+    let found = store
+        .get_cluster_data()
+        .await
+        .map_err(|e| store_error(store, e))?;
+    found.ok_or_else(|| {
+        anyhow!(
+            "no cluster at {}: create it with `stolonctl init` (or check --cluster-name / --store-prefix)",
+            store.prefix()
+        )
+    })
+}
+
+/// Adds the fix to a store error.
+pub fn store_error(store: &ClusterStore, e: StoreError) -> anyhow::Error {
+    match e {
+        StoreError::Timeout { .. } | StoreError::Unavailable(_) => anyhow!(
+            "cannot reach the store ({e}): is etcd running at --store-endpoints? (cluster {})",
+            store.prefix()
+        ),
+        other => anyhow!(other),
+    }
+}
+
+/// Applies `change` with a compare-and-swap, re-reading and retrying on conflicts.
+pub async fn modify(
+    store: &ClusterStore,
+    mut change: impl FnMut(&mut ClusterData) -> Result<()>,
+) -> Result<ClusterData> {
+    for _ in 0..10 {
+        let (mut cd, rev) = cluster_data(store).await?;
+        change(&mut cd)?;
+        cd.change_time = Some(Timestamp::now());
+        match store
+            .put_cluster_data(&cd, rev, None)
+            .await
+            .map_err(|e| store_error(store, e))?
+        {
+            CasOutcome::Written(_) => return Ok(cd),
+            CasOutcome::Conflict => continue,
+        }
+    }
+    bail!("clusterdata kept changing underneath: try again")
+}
+
+/// A spec from a JSON argument, a file, or `-` (stdin).
+pub fn read_spec_input(
+    arg: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<serde_json::Value> {
+    let text = match (arg, file) {
+        (Some("-"), _) => std::io::read_to_string(std::io::stdin())?,
+        (Some(s), None) => s.to_string(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+        }
+        (None, None) => bail!("give the spec as an argument, with -f FILE, or - for stdin"),
+        (Some(_), Some(_)) => bail!("give the spec either as an argument or with -f, not both"),
+    };
+    serde_json::from_str(&text).context("the spec is not valid JSON")
+}
+
+fn parse_spec(v: serde_json::Value) -> Result<ClusterSpec> {
+    let spec: ClusterSpec = serde_json::from_value(v).context("invalid cluster spec")?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// `init`: creates the cluster; an existing one is replaced only with `force`.
+pub async fn init(store: &ClusterStore, spec: serde_json::Value, force: bool) -> Result<String> {
+    let spec = parse_spec(spec)?;
+    let uid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let cd = ClusterData::new(uid.clone(), spec, Timestamp::now());
+    let existing = store
+        .get_cluster_data()
+        .await
+        .map_err(|e| store_error(store, e))?;
+    let rev = match (existing, force) {
+        (None, _) => 0,
+        (Some(_), false) => bail!(
+            "a cluster already exists at {}: `stolonctl init --force -y` replaces it (its data is lost to the cluster)",
+            store.prefix()
+        ),
+        (Some((_, rev)), true) => rev,
+    };
+    match store
+        .put_cluster_data(&cd, rev, None)
+        .await
+        .map_err(|e| store_error(store, e))?
+    {
+        CasOutcome::Written(_) => Ok(uid),
+        CasOutcome::Conflict => bail!("the cluster changed meanwhile: nothing written, try again"),
+    }
+}
+
+/// `update`: replaces the spec, or merges a JSON merge patch into it; validated.
+pub async fn update(
+    store: &ClusterStore,
+    input: serde_json::Value,
+    patch: bool,
+) -> Result<ClusterSpec> {
+    let cd = modify(store, |cd| {
+        let old = &cd.cluster.spec;
+        let new = if patch {
+            old.merge_patch(&input)?
+        } else {
+            parse_spec(input.clone())?
+        };
+        new.validate()?;
+        old.validate_update(&new)?;
+        cd.cluster.spec = new;
+        Ok(())
+    })
+    .await?;
+    Ok(cd.cluster.spec)
+}
+
+pub async fn failkeeper(store: &ClusterStore, uid: &str) -> Result<()> {
+    modify(store, |cd| {
+        let k = cd
+            .keepers
+            .get_mut(uid)
+            .ok_or_else(|| anyhow!("no keeper {uid} in the cluster (see `stolonctl status`)"))?;
+        k.status.force_fail = true;
+        Ok(())
+    })
+    .await
+    .map(drop)
+}
+
+pub async fn removekeeper(store: &ClusterStore, uid: &str) -> Result<()> {
+    modify(store, |cd| {
+        if !cd.keepers.contains_key(uid) {
+            bail!("no keeper {uid} in the cluster (see `stolonctl status`)");
+        }
+        let master = cd.dbs.get(&cd.cluster.status.master).map(|d| d.spec.keeper_uid.as_str());
+        if master == Some(uid) {
+            bail!("keeper {uid} hosts the master: fail it over first (`stolonctl failkeeper {uid}` or `stolonctl switchover`)");
+        }
+        cd.keepers.remove(uid);
+        cd.dbs.retain(|_, db| db.spec.keeper_uid != uid);
+        Ok(())
+    })
+    .await
+    .map(drop)
+}
+
+/// `promote`: a standby cluster becomes a master cluster.
+pub async fn promote(store: &ClusterStore) -> Result<()> {
+    modify(store, |cd| {
+        if cd.cluster.spec.role() != ClusterRole::Standby {
+            bail!("the cluster is not a standby cluster: nothing to promote");
+        }
+        cd.cluster.spec.role = Some(ClusterRole::Master);
+        Ok(())
+    })
+    .await
+    .map(drop)
+}
+
+/// `clusterdata write`: replaces the document (must parse as clusterdata).
+pub async fn write_cluster_data(store: &ClusterStore, bytes: &[u8]) -> Result<()> {
+    let cd = ClusterData::from_json(bytes).context("not a valid clusterdata document")?;
+    let rev = store
+        .get_cluster_data()
+        .await
+        .map_err(|e| store_error(store, e))?
+        .map_or(0, |(_, r)| r);
+    match store
+        .put_cluster_data(&cd, rev, None)
+        .await
+        .map_err(|e| store_error(store, e))?
+    {
+        CasOutcome::Written(_) => Ok(()),
+        CasOutcome::Conflict => bail!("the cluster changed meanwhile: nothing written, try again"),
+    }
+}
+
+/// Writes a switchover request (create-if-absent); returns it.
+pub async fn request_switchover(store: &ClusterStore, target: &str) -> Result<SwitchoverRequest> {
+    let (cd, _) = cluster_data(store).await?;
+    if !cd.keepers.contains_key(target) {
+        bail!("no keeper {target} in the cluster (see `stolonctl status`)");
+    }
+    let req = SwitchoverRequest {
+        target_keeper_uid: target.to_string(),
+        requested_at: Timestamp::now(),
+    };
+    let key = store.switchover_key();
+    let value = serde_json::to_vec(&req)?;
+    let r = store
+        .store()
+        .txn(
+            vec![Compare::CreateRevision {
+                key: key.clone(),
+                revision: 0,
+            }],
+            vec![Op::put(key.clone(), value)],
+        )
+        .await
+        .map_err(|e| store_error(store, e))?;
+    if !r.succeeded {
+        let pending = store.store().get(&key).await.ok().flatten();
+        let what = pending
+            .and_then(|kv| decode::<SwitchoverRequest>("switchover", &kv.value).ok())
+            .map(|r| {
+                format!(
+                    "to {} requested at {:?}",
+                    r.target_keeper_uid, r.requested_at
+                )
+            })
+            .unwrap_or_default();
+        bail!("a switchover is already pending ({what}); wait for it or delete {key}");
+    }
+    Ok(req)
+}
+
+/// The standby a switchover goes to by default: healthy, converged, furthest ahead.
+pub fn default_target(cd: &ClusterData) -> Option<String> {
+    cd.dbs
+        .values()
+        .filter(|d| d.uid != cd.cluster.status.master)
+        .filter(|d| d.status.healthy && d.status.current_generation == d.generation)
+        .max_by_key(|d| d.status.x_log_pos)
+        .map(|d| d.spec.keeper_uid.clone())
+}
