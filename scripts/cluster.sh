@@ -12,8 +12,8 @@ ETCD_PEER_PORT=${STOLON_DEMO_ETCD_PEER_PORT:-12380}
 CLUSTER=${STOLON_DEMO_CLUSTER:-demo}
 ENDPOINT="http://127.0.0.1:$ETCD_PORT"
 PROXY_PORT=${STOLON_DEMO_PROXY_PORT:-25430}
-KEEPER_PORTS=(25432 25433 25434)
-BIN=$ROOT/target/release
+read -r -a KEEPER_PORTS <<<"${STOLON_DEMO_KEEPER_PORTS:-25432 25433 25434}"
+BIN=${STOLON_DEMO_BIN:-$ROOT/target/release}
 COMMON=(--cluster-name "$CLUSTER" --store-endpoints "$ENDPOINT")
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -142,13 +142,20 @@ demo_failover() {
   local old
   old=$(master_keeper) || { echo "no master to fail over" >&2; return 1; }
   local rows; rows=$(psql_proxy -c "SELECT count(*) FROM demo")
+  # Async replication: wait until both standbys replayed everything, so the demo shows a
+  # failover without loss (a write acknowledged just before the kill may be lost in async
+  # mode, within maxStandbyLag; synchronous replication loses none).
+  for _ in $(seq 1 100); do
+    [ "$(psql_proxy -c "SELECT count(*) FROM pg_stat_replication WHERE replay_lsn >= pg_current_wal_lsn()" 2>/dev/null)" = 2 ] && break
+    sleep 0.1
+  done
   echo "master is $old ($rows rows in table demo); kill -9 $old (pid $(cat "$DIR/pids/$old"))"
   kill -KILL "$(cat "$DIR/pids/$old")"
   rm -f "$DIR/pids/$old"
   local took
   took=$(wait_writable 60) || { echo "no write through the proxy within 60 s" >&2; return 1; }
   echo "writes go through the proxy again after ${took}s; new master: $(master_keeper)"
-  echo "rows before: $rows, now: $(psql_proxy -c "SELECT count(*) FROM demo") (one more written since)"
+  echo "rows before the kill: $rows; now: $(psql_proxy -c "SELECT count(*) FROM demo") (one written since)"
   start_keeper "${old#keeper}"
   echo "$old restarted: it rejoins as a standby of the new master"
 }
@@ -169,11 +176,15 @@ stop() {
   echo "stopped"
 }
 
+ctl() { "$BIN/stolonctl" "${COMMON[@]}" "$@"; }
+
 up() {
-  step "installing what is missing"
-  bash scripts/deps.sh
-  step "building (release)"
-  cargo build --release --workspace
+  if [ -z "${STOLON_DEMO_SKIP_BUILD:-}" ]; then
+    step "installing what is missing"
+    bash scripts/deps.sh
+    step "building (release)"
+    cargo build --release --workspace
+  fi
   step "starting etcd"
   start_etcd
   step "starting three keepers, two sentinels and a proxy"
@@ -181,16 +192,24 @@ up() {
   step "waiting for the first write through the proxy"
   wait_writable 120 >/dev/null || { echo "the cluster did not come up; logs in $DIR/logs" >&2; exit 1; }
   echo "master: $(master_keeper)"
+  step "waiting for the standbys"
+  for _ in $(seq 1 600); do
+    [ "$(ctl status -f json 2>/dev/null | grep -c '"pg_healthy": true')" = 3 ] && break
+    sleep 0.1
+  done
+  ctl status
   step "failover demo"
   demo_failover
   step "status"
   status || true
+  ctl status || true
   cat <<EOT
 
 Connect through the proxy (the superuser password is in $DIR/secrets/su.pw):
   PGPASSWORD=\$(cat $DIR/secrets/su.pw) psql "postgresql://postgres@127.0.0.1:$PROXY_PORT/postgres"
   status:    scripts/cluster.sh status
-  failover:  scripts/cluster.sh failover
+  failover:  scripts/cluster.sh demo --failover
+  admin:     $BIN/stolonctl --cluster-name $CLUSTER --store-endpoints $ENDPOINT status
   stop:      scripts/cluster.sh stop
 EOT
 }
@@ -199,6 +218,7 @@ case "${1:-up}" in
   up) up ;;
   status) status ;;
   failover) demo_failover ;;
+  demo) demo_failover ;;
   stop) stop ;;
-  *) echo "usage: scripts/cluster.sh [up|status|failover|stop]" >&2; exit 2 ;;
+  *) echo "usage: scripts/cluster.sh [up|status|demo --failover|stop]" >&2; exit 2 ;;
 esac

@@ -306,7 +306,7 @@ impl Keeper {
         self.prepare_dirs()?;
         let data = self.s.layout.pg_data();
         let passfile = self.s.layout.passfile().display().to_string();
-        let args = [
+        let mut args = vec![
             "-D".to_string(),
             data.display().to_string(),
             "-h".into(),
@@ -319,13 +319,21 @@ impl Keeper {
             "stream".into(),
             "--checkpoint=fast".into(),
             "-w".into(),
+            format!("--slot={}", slot_name(&db.uid)),
+            // The slot exists from the start of the copy, so the standby streams at once
+            // (the master's keeper would create it only once the view lists the follower).
+            "--create-slot".into(),
         ];
         let started = std::time::Instant::now();
-        let r = self
-            .s
-            .tools
-            .run("pg_basebackup", &args, &[("PGPASSFILE", &passfile)], LONG)
-            .await;
+        let env = [("PGPASSFILE", passfile.as_str())];
+        let mut r = self.s.tools.run("pg_basebackup", &args, &env, LONG).await;
+        if matches!(&r, Err(crate::tools::ToolError::Failed { stderr, .. }) if stderr.contains("already exists"))
+        {
+            args.pop();
+            let _ = self.clear_data();
+            self.prepare_dirs()?;
+            r = self.s.tools.run("pg_basebackup", &args, &env, LONG).await;
+        }
         if let Err(e) = r {
             // A partial copy must not look like data.
             let _ = self.clear_data();

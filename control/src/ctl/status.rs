@@ -157,7 +157,9 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(out, "{}  generation {}", r.uid, r.generation);
     }
     let _ = writeln!(out, "\n=== keepers ===");
-    out.push_str("UID          HEALTHY  ADDRESS                PG HEALTHY ROLE     GENERATION  LAG\n");
+    out.push_str(
+        "UID          HEALTHY  ADDRESS                PG HEALTHY ROLE     GENERATION  LAG\n",
+    );
     for k in &s.keepers {
         let _ = writeln!(
             out,
