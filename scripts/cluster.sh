@@ -136,11 +136,28 @@ status() {
     | sed '/^$/d; s/^/  /' || true
 }
 
-# Kills the master's keeper (and so its PostgreSQL) and times the first write through the
-# proxy on the new master; then brings the old keeper back as a standby.
+pgbench_bin() {
+  local b=${PG_BIN_PATH:-/usr/lib/postgresql/15/bin}/pgbench
+  [ -x "$b" ] && echo "$b" || command -v pgbench
+}
+
+pgbench_proxy() {
+  PGPASSWORD=$(cat "$DIR/secrets/su.pw") "$(pgbench_bin)" -h 127.0.0.1 -p "$PROXY_PORT" -U postgres "$@" postgres
+}
+
+# Kills the master's keeper (and so its PostgreSQL) while pgbench runs through the proxy,
+# times the first write through the proxy on the new master, then brings the old keeper
+# back as a standby.
 demo_failover() {
   local old
   old=$(master_keeper) || { echo "no master to fail over" >&2; return 1; }
+  if [ -n "$(pgbench_bin)" ]; then
+    pgbench_proxy -i -s 1 -q >"$DIR/logs/pgbench-init.log" 2>&1 || true
+    pgbench_proxy -n -c 4 -j 2 -T 20 -P 1 >"$DIR/logs/pgbench.log" 2>&1 &
+    local bench=$!
+    sleep 3
+    echo "pgbench through the proxy before the kill: $(grep -E '^progress' "$DIR/logs/pgbench.log" | tail -n 1)"
+  fi
   local rows; rows=$(psql_proxy -c "SELECT count(*) FROM demo")
   # Async replication: wait until both standbys replayed everything, so the demo shows a
   # failover without loss (a write acknowledged just before the kill may be lost in async
@@ -158,6 +175,11 @@ demo_failover() {
   echo "rows before the kill: $rows; now: $(psql_proxy -c "SELECT count(*) FROM demo") (one written since)"
   start_keeper "${old#keeper}"
   echo "$old restarted: it rejoins as a standby of the new master"
+  if [ -n "${bench:-}" ]; then
+    wait "$bench" 2>/dev/null || true
+    echo "pgbench's clients cut by the proxy when the master died: $(grep -cE 'client [0-9]+ aborted' "$DIR/logs/pgbench.log") of 4 (log $DIR/logs/pgbench.log)"
+    echo "pgbench through the proxy on the new master: $(pgbench_proxy -n -c 4 -j 2 -T 3 2>&1 | grep -E '^tps' | head -n 1)"
+  fi
 }
 
 stop() {
