@@ -58,6 +58,8 @@ spawn() {
   fi
   "$@" >>"$DIR/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$DIR/pids/$name"
+  # Not the shell's job any more: no "Killed" notice when the demo kills it.
+  disown $! 2>/dev/null || true
   echo "$name started (pid $!, log $DIR/logs/$name.log)"
 }
 
