@@ -83,15 +83,7 @@ async fn init_crash_restart_and_reload() {
 
     // A parameter change is applied by reload: same postmaster.
     let pid = postmaster_pid(&k.dir).expect("pid");
-    let (mut cd, rev) = env.cluster_data().await.expect("cd");
-    cd.cluster
-        .spec
-        .pg_parameters
-        .insert("work_mem".into(), "8MB".into());
-    env.store
-        .put_cluster_data(&cd, rev, None)
-        .await
-        .expect("put");
+    set_pg_parameter(&env, "work_mem", "8MB").await;
     wait_for(
         &env,
         "work_mem = 8MB",
@@ -110,15 +102,7 @@ async fn init_crash_restart_and_reload() {
     c.batch_execute("ALTER SYSTEM SET work_mem = '64MB'")
         .await
         .expect("alter system");
-    let (mut cd, rev) = env.cluster_data().await.expect("cd");
-    cd.cluster
-        .spec
-        .pg_parameters
-        .insert("statement_timeout".into(), "1min".into());
-    env.store
-        .put_cluster_data(&cd, rev, None)
-        .await
-        .expect("put");
+    set_pg_parameter(&env, "statement_timeout", "1min").await;
     wait_for(
         &env,
         "statement_timeout applied",

@@ -98,15 +98,7 @@ async fn sync_standby_slots_restart_and_restricted_access() {
 
     // A parameter that needs a restart, with automaticPgRestart.
     let pid = postmaster_pid(&k1.dir);
-    let (mut cd, rev) = env.cluster_data().await.expect("cd");
-    cd.cluster
-        .spec
-        .pg_parameters
-        .insert("max_locks_per_transaction".into(), "128".into());
-    env.store
-        .put_cluster_data(&cd, rev, None)
-        .await
-        .expect("put");
+    set_pg_parameter(&env, "max_locks_per_transaction", "128").await;
     wait_for(
         &env,
         "the restart with the new parameter",

@@ -290,3 +290,22 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
+
+/// Sets one pgParameter in the cluster spec with a compare-and-swap, retrying when the
+/// sentinel wrote in between.
+pub async fn set_pg_parameter(env: &Env, name: &str, value: &str) {
+    for _ in 0..50 {
+        let (mut cd, rev) = env.cluster_data().await.expect("cd");
+        cd.cluster
+            .spec
+            .pg_parameters
+            .insert(name.into(), value.into());
+        if let Ok(control::store::CasOutcome::Written(_)) =
+            env.store.put_cluster_data(&cd, rev, None).await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("could not update the spec");
+}
