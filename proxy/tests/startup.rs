@@ -108,8 +108,19 @@ async fn gssenc_request_gets_n_then_the_startup_goes_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_gives_53300() {
     let (_s, proxy) = routed(&["--max-connections", "2"]).await;
-    let a = proxy.connect().await.expect("first");
-    let b = proxy.connect().await.expect("second");
+    // The probe sessions of `routed` release their permits asynchronously: retry briefly.
+    let mut sessions = Vec::new();
+    for _ in 0..50 {
+        match proxy.connect().await {
+            Ok(c) => sessions.push(c),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        if sessions.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(sessions.len(), 2, "two sessions within the limit");
+    let (a, b) = (sessions.remove(0), sessions.remove(0));
     assert_eq!(connect_error_code(&proxy).await.as_deref(), Some("53300"));
     drop((a, b));
     assert!(
