@@ -118,7 +118,7 @@ fn keeper_uid(args: &Args, layout: &Layout) -> anyhow::Result<String> {
     if let Ok(uid) = std::fs::read_to_string(&path) {
         return Ok(uid.trim().to_string());
     }
-    let uid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let uid = control::model::short_uid();
     std::fs::write(&path, &uid).with_context(|| format!("write {}", path.display()))?;
     Ok(uid)
 }

@@ -8,14 +8,6 @@ use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-async fn in_recovery(port: u16) -> Option<bool> {
-    let c = connect(port).await.ok()?;
-    c.query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .ok()
-        .map(|r| r.get(0))
-}
-
 async fn system_id(port: u16) -> Option<String> {
     let c = connect(port).await.ok()?;
     let row = c

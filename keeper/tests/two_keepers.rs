@@ -84,14 +84,6 @@ fn bump(cd: &mut ClusterData, uid: &str, f: impl Fn(&mut Db)) {
     db.generation += 1;
 }
 
-async fn in_recovery(port: u16) -> Option<bool> {
-    let c = connect(port).await.ok()?;
-    c.query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .ok()
-        .map(|r| r.get(0))
-}
-
 async fn count(port: u16) -> Option<i64> {
     let c = connect(port).await.ok()?;
     c.query_one("SELECT count(*) FROM t", &[])

@@ -241,7 +241,7 @@ impl Discovery {
     /// Publishes ProxyInfo with a fresh infoUID and the applied generation.
     async fn publish(&self, st: &mut State) -> bool {
         let info = ProxyInfo {
-            info_uid: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            info_uid: control::model::short_uid(),
             uid: self.uid.clone(),
             // While fenced the proxy holds no session at all, so reporting the wanted
             // generation is true: nothing of an older generation is open.

@@ -95,10 +95,7 @@ fn main() -> anyhow::Result<()> {
         .parse()
         .or_else(|_| format!("[{}]:{}", args.listen_address, args.port).parse())
         .with_context(|| format!("invalid --listen-address {:?}", args.listen_address))?;
-    let uid = args
-        .uid
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
+    let uid = args.uid.clone().unwrap_or_else(control::model::short_uid);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

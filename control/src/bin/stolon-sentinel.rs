@@ -51,10 +51,7 @@ fn main() -> anyhow::Result<()> {
         .as_ref()
         .map(read_spec)
         .transpose()?;
-    let uid = args
-        .uid
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
+    let uid = args.uid.clone().unwrap_or_else(control::model::short_uid);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

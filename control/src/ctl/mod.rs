@@ -79,7 +79,7 @@ fn parse_spec(v: serde_json::Value) -> Result<ClusterSpec> {
 /// `init`: creates the cluster; an existing one is replaced only with `force`.
 pub async fn init(store: &ClusterStore, spec: serde_json::Value, force: bool) -> Result<String> {
     let spec = parse_spec(spec)?;
-    let uid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let uid = crate::model::short_uid();
     let cd = ClusterData::new(uid.clone(), spec, Timestamp::now());
     let existing = store
         .get_cluster_data()

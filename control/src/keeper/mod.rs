@@ -124,20 +124,6 @@ pub fn my_db<'a>(cd: &'a ClusterData, keeper_uid: &str) -> Option<&'a Db> {
     cd.dbs.values().find(|db| db.spec.keeper_uid == keeper_uid)
 }
 
-/// Whether this db is the one that takes writes (or, in a standby cluster, the one that
-/// follows the external primary).
-fn acts_as_master(db: &Db) -> bool {
-    match db.spec.role {
-        Some(DbRole::Master) => true,
-        Some(DbRole::Standby) => db
-            .spec
-            .follow_config
-            .as_ref()
-            .is_some_and(|f| f.kind == FollowType::External),
-        None => false,
-    }
-}
-
 /// The next actions for this keeper.
 pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
     let fail_interval = view
@@ -202,7 +188,7 @@ pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
             return out;
         }
     }
-    if acts_as_master(db) {
+    if db.acts_as_master() {
         out.push(SyncSlots);
     }
     out.push(Converged(db.generation));
@@ -218,7 +204,7 @@ fn plan_new_data(db: &Db, local: &LocalObserved) -> Vec<PgAction> {
     }
     let present = matches!(local.data, DataState::Present { .. });
     let mut init_mode = db.spec.init_mode.unwrap_or(DbInitMode::None);
-    if !acts_as_master(db) && followed_db(db).is_some() {
+    if !db.acts_as_master() && followed_db(db).is_some() {
         // A standby is always made from its master, whatever init mode is left in its spec:
         // initdb would make a different database.
         init_mode = DbInitMode::Resync;
@@ -273,7 +259,7 @@ fn plan_new_data(db: &Db, local: &LocalObserved) -> Vec<PgAction> {
 /// configuration.
 fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgAction> {
     let mut out = Vec::new();
-    let master = acts_as_master(db);
+    let master = db.acts_as_master();
     let auto_restart = cd.cluster.spec.automatic_pg_restart();
     match (&local.running, master) {
         (None, _) => {

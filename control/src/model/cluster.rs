@@ -346,6 +346,22 @@ pub struct ProxySpec {
     pub extra: Map<String, Value>,
 }
 
+impl Db {
+    /// Whether this db is the one that takes writes (or, in a standby cluster, the one that
+    /// follows the external primary).
+    pub fn acts_as_master(&self) -> bool {
+        match self.spec.role {
+            Some(DbRole::Master) => true,
+            Some(DbRole::Standby) => self
+                .spec
+                .follow_config
+                .as_ref()
+                .is_some_and(|f| f.kind == FollowType::External),
+            None => false,
+        }
+    }
+}
+
 impl ClusterData {
     /// A new cluster document in phase initializing, as `stolonctl init` writes it.
     pub fn new(uid: impl Into<String>, spec: ClusterSpec, now: Timestamp) -> Self {

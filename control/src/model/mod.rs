@@ -14,6 +14,11 @@ pub use spec::*;
 
 use serde::de::DeserializeOwned;
 
+/// A new random 8-hex-digit UID, the form stolon uses for clusters, dbs and components.
+pub fn short_uid() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
+}
+
 /// Why a document could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

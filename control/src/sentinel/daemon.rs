@@ -296,7 +296,7 @@ impl Sentinel {
             );
             return Ok(());
         };
-        let uid = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        let uid = crate::model::short_uid();
         let cd = ClusterData::new(uid, spec.clone(), self.clock.now());
         match self
             .cfg

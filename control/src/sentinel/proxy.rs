@@ -5,7 +5,7 @@
 
 use super::health::converged;
 use super::{ReasonKind, Round};
-use crate::model::{DbRole, FollowType, GoDuration};
+use crate::model::GoDuration;
 
 impl Round<'_> {
     /// A proxy is active while its infoUID changed within 2 x its ProxyTimeout.
@@ -58,16 +58,8 @@ impl Round<'_> {
             self.fence_proxies();
         }
         let db = &self.cd.dbs[master];
-        let runs_as_master = match db.spec.role {
-            Some(DbRole::Master) => true,
-            // A standby cluster's master follows the external primary.
-            Some(DbRole::Standby) => db
-                .spec
-                .follow_config
-                .as_ref()
-                .is_some_and(|f| f.kind == FollowType::External),
-            None => false,
-        };
+        // A standby cluster's master follows the external primary: it counts too.
+        let runs_as_master = db.acts_as_master();
         if !(runs_as_master && converged(db) && self.db_good(master)) {
             return;
         }

@@ -230,11 +230,12 @@ impl Run {
                 .keepers
                 .get(&d.spec.keeper_uid)
                 .is_some_and(|k| k.status.can_be_master != Some(false));
+            // Converged: it reported the generation its spec had before this round.
             let base = d.uid != old
-                && prev
-                    .dbs
-                    .get(&d.uid)
-                    .is_some_and(|p| p.spec.role == Some(DbRole::Standby))
+                && prev.dbs.get(&d.uid).is_some_and(|p| {
+                    p.spec.role == Some(DbRole::Standby)
+                        && d.status.current_generation == p.generation
+                })
                 && d.status.healthy
                 && d.status.system_id == o.status.system_id
                 && d.status.timeline_id == o.status.timeline_id
@@ -248,8 +249,15 @@ impl Run {
             }
         };
         if !eligible(n) {
+            let p = &prev.dbs[new];
             return Err(format!(
-                "elected {new}, which was not eligible: {:?}",
+                "elected {new}, which was not eligible: prev role {:?} gen {} (reports {}), \
+                 old master status {:?}, old master spec sync {:?}, new {:?}",
+                p.spec.role,
+                p.generation,
+                n.status.current_generation,
+                o.status,
+                old_spec_sync,
                 n.status
             ));
         }

@@ -96,6 +96,12 @@ impl Round<'_> {
             return;
         }
         spec.synchronous_replication = true;
+        if !self.db_good(master) {
+            // A failed master's set is what guards the election: changing it now would make
+            // a standby "wanted" that the master never waited for.
+            self.set_db_spec(master, spec);
+            return;
+        }
         let current = spec.synchronous_standbys.clone();
         let desired = self.desired_sync(master, &current);
         let reported = as_set(&db.status.synchronous_standbys);

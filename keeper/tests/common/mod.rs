@@ -309,3 +309,12 @@ pub async fn set_pg_parameter(env: &Env, name: &str, value: &str) {
     }
     panic!("could not update the spec");
 }
+
+/// Whether the PostgreSQL at `port` is a standby; `None` if it does not answer.
+pub async fn in_recovery(port: u16) -> Option<bool> {
+    let c = connect(port).await.ok()?;
+    c.query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0))
+}
