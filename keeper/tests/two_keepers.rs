@@ -11,6 +11,16 @@ use control::model::{
 };
 use std::time::{Duration, Instant};
 
+/// A follow config for an internal master.
+fn following(master: &str) -> FollowConfig {
+    FollowConfig {
+        kind: FollowType::Internal,
+        dbuid: master.into(),
+        standby_settings: None,
+        archive_recovery_settings: None,
+    }
+}
+
 fn db(uid: &str, keeper: &str, role: DbRole, init: DbInitMode, follow: Option<&str>) -> Db {
     Db {
         uid: uid.into(),
@@ -23,12 +33,7 @@ fn db(uid: &str, keeper: &str, role: DbRole, init: DbInitMode, follow: Option<&s
             additional_wal_senders: 2,
             use_pgrewind: true,
             pg_parameters: [("fsync".to_string(), "off".to_string())].into(),
-            follow_config: follow.map(|m| FollowConfig {
-                kind: FollowType::Internal,
-                dbuid: m.into(),
-                standby_settings: None,
-                archive_recovery_settings: None,
-            }),
+            follow_config: follow.map(following),
             ..Default::default()
         },
         ..Default::default()
@@ -219,22 +224,12 @@ async fn base_backup_promote_rewind_and_fallback() {
             d.spec.followers = vec!["d1".into(), "d3".into()];
         });
         bump(cd, "d3", |d| {
-            d.spec.follow_config = Some(FollowConfig {
-                kind: FollowType::Internal,
-                dbuid: "d2".into(),
-                standby_settings: None,
-                archive_recovery_settings: None,
-            });
+            d.spec.follow_config = Some(following("d2"));
         });
         bump(cd, "d1", |d| {
             d.spec.role = Some(DbRole::Standby);
             d.spec.followers.clear();
-            d.spec.follow_config = Some(FollowConfig {
-                kind: FollowType::Internal,
-                dbuid: "d2".into(),
-                standby_settings: None,
-                archive_recovery_settings: None,
-            });
+            d.spec.follow_config = Some(following("d2"));
         });
     })
     .await;
@@ -282,12 +277,7 @@ async fn base_backup_promote_rewind_and_fallback() {
         bump(cd, "d2", |d| {
             d.spec.role = Some(DbRole::Standby);
             d.spec.followers.clear();
-            d.spec.follow_config = Some(FollowConfig {
-                kind: FollowType::Internal,
-                dbuid: "d1".into(),
-                standby_settings: None,
-                archive_recovery_settings: None,
-            });
+            d.spec.follow_config = Some(following("d1"));
         });
     })
     .await;
