@@ -152,13 +152,8 @@ impl Keeper {
             }
         }
         self.stop_pg(nix::sys::signal::Signal::SIGINT).await;
-        publisher.abort();
-        let _ = self
-            .s
-            .store
-            .keeper_info_key(&self.s.uid, Duration::from_secs(20))
-            .revoke()
-            .await;
+        // The publisher removes the info (revokes its lease) as it stops.
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
         Ok(())
     }
 
@@ -470,11 +465,20 @@ async fn publish(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let mut key = store.keeper_info_key(&uid, info_ttl(Duration::from_secs(5)));
+    // The lease TTL follows sleepInterval (max(2 x interval, 20 s)): a new key when it changes.
+    let mut ttl_for = Duration::ZERO;
+    let mut key = store.keeper_info_key(&uid, info_ttl(ttl_for));
     loop {
         let sleep = Duration::from_millis(shared.sleep_ms.load(Ordering::Relaxed));
+        if sleep != ttl_for {
+            ttl_for = sleep;
+            key = store.keeper_info_key(&uid, info_ttl(sleep));
+        }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                let _ = key.revoke().await;
+                return;
+            }
             _ = shared.publish_now.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
         }
