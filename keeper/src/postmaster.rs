@@ -9,7 +9,7 @@ use crate::tools::Tools;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -130,9 +130,4 @@ impl Postmaster {
         }
         self.exited().await;
     }
-}
-
-/// The log file of the postmaster, beside the data directory.
-pub fn log_path(keeper_dir: &Path) -> PathBuf {
-    keeper_dir.join("postgres.log")
 }

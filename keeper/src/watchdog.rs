@@ -98,7 +98,8 @@ fn fire(pid: i32, why: &str) {
 
 /// The keeper's handle on its watchdog process.
 pub struct Watchdog {
-    child: tokio::process::Child,
+    /// Held so the process is killed when the keeper drops it (kill_on_drop).
+    _child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
 }
 
@@ -117,7 +118,10 @@ impl Watchdog {
             .stdin
             .take()
             .ok_or_else(|| std::io::Error::other("watchdog has no stdin"))?;
-        Ok(Watchdog { child, stdin })
+        Ok(Watchdog {
+            _child: child,
+            stdin,
+        })
     }
 
     /// Fence `pid` unless re-armed within `within`.
@@ -131,9 +135,5 @@ impl Watchdog {
     pub async fn disarm(&mut self) -> std::io::Result<()> {
         self.stdin.write_all(b"disarm\n").await?;
         self.stdin.flush().await
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
     }
 }

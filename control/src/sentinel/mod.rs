@@ -249,10 +249,7 @@ impl Round<'_> {
 
     /// The db hosted by a keeper, if any.
     fn db_of_keeper(&self, keeper_uid: &str) -> Option<&Db> {
-        self.cd
-            .dbs
-            .values()
-            .find(|db| db.spec.keeper_uid == keeper_uid)
+        crate::keeper::my_db(&self.cd, keeper_uid)
     }
 
     /// The managed fields of a db spec, taken from the cluster spec; the rest of `base` is
