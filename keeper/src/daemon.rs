@@ -386,12 +386,16 @@ impl Keeper {
             fenced: self.fenced,
             ..Default::default()
         };
-        let primary = running && self.pg.as_ref().is_some_and(|p| !p.in_recovery) && !self.fenced;
-        *self.shared.arm_pid.lock().expect("lock") = self
-            .postmaster
-            .as_ref()
-            .and_then(|p| p.pid())
-            .filter(|_| primary);
+        {
+            let mut arm = self.shared.arm_pid.lock().expect("lock");
+            *arm = match (&self.postmaster, &self.pg) {
+                (Some(pm), Some(st)) => pm.pid().filter(|_| !st.in_recovery && !self.fenced),
+                // Started but not observed yet: keep what Start/Promote armed, or a keeper
+                // frozen right now would leave its new master unfenced.
+                (Some(_), None) => *arm,
+                (None, _) => None,
+            };
+        }
         let changed = {
             let mut cur = self.shared.info.lock().expect("lock");
             let changed = *cur != info;
