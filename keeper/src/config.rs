@@ -175,6 +175,12 @@ pub fn render(
     let slots = senders + spec.additional_replication_slots.len() as u32;
     set(&mut params, "max_replication_slots", slots.to_string());
     set(&mut params, "wal_log_hints", "on".into());
+    // After a failover a standby re-pointed at the new master may ask for its slot before
+    // the master has created it; PostgreSQL's default 5 s before the next try would hold
+    // synchronous commits that long.
+    params
+        .entry("wal_retrieve_retry_interval".into())
+        .or_insert_with(|| "'1s'".into());
     let keep = spec
         .pg_parameters
         .get("wal_keep_size")

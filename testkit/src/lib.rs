@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod etcd;
+pub mod netns;
 pub mod ports;
 pub mod postgres;
 pub mod process;

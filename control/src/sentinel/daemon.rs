@@ -95,6 +95,9 @@ pub struct Sentinel {
     cfg: Config,
     metrics: Arc<Metrics>,
     clock: Clock,
+    /// Last round's reasons: a reason repeated round after round (waiting for a standby,
+    /// say) is logged once at its level and then at debug, not on every watch event.
+    last_reasons: std::sync::Mutex<Vec<String>>,
 }
 
 impl Sentinel {
@@ -103,6 +106,7 @@ impl Sentinel {
             cfg,
             metrics,
             clock: Clock::new(),
+            last_reasons: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -197,7 +201,20 @@ impl Sentinel {
         self.metrics.rounds.inc();
         let (next, mem, reasons) = decide(&cd, memory, &snap.obs, self.clock.now());
         *memory = mem;
+        let details: Vec<String> = reasons.iter().map(|r| r.detail.clone()).collect();
+        let last = match self.last_reasons.lock() {
+            Ok(mut l) => std::mem::replace(&mut *l, details),
+            Err(_) => Vec::new(),
+        };
         for r in &reasons {
+            match r.kind {
+                ReasonKind::Failover => {}
+                _ if last.contains(&r.detail) => {
+                    tracing::debug!(kind = ?r.kind, detail = %r.detail, "decision (unchanged)");
+                    continue;
+                }
+                _ => {}
+            }
             match r.kind {
                 ReasonKind::InitWaiting | ReasonKind::WaitingForProxies => {
                     tracing::debug!(kind = ?r.kind, detail = %r.detail, "decision")

@@ -1,0 +1,86 @@
+//! "The cluster converges back to healthy": one routed master that every running proxy
+//! reaches, every running keeper's db healthy and converged, every standby streaming.
+
+use crate::cluster::Cluster;
+use crate::sql;
+use anyhow::{bail, ensure, Context, Result};
+use control::model::DbRole;
+use std::time::{Duration, Instant};
+
+impl Cluster {
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let err = match self.health().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if Instant::now() > deadline {
+                bail!("not healthy after {timeout:?}: {err:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// One check of the healthy state; the error says what is missing.
+    pub async fn health(&self) -> Result<()> {
+        let (cd, _) = self.data().await.context("no clusterdata")?;
+        let master = &cd.cluster.status.master;
+        ensure!(!master.is_empty(), "no master db");
+        ensure!(
+            &cd.proxy.spec.master_db_uid == master,
+            "proxies are not routed to the master db {master}"
+        );
+        let mdb = cd.dbs.get(master).context("master db missing")?;
+        let mk = mdb.spec.keeper_uid.clone();
+        let mut standbys = 0;
+        for k in self.keepers.iter().filter(|k| k.child.is_some()) {
+            let db = cd
+                .dbs
+                .values()
+                .find(|d| d.spec.keeper_uid == k.uid)
+                .with_context(|| format!("keeper {} has no db", k.uid))?;
+            ensure!(db.status.healthy, "db of keeper {} is not healthy", k.uid);
+            ensure!(
+                db.status.current_generation == db.generation,
+                "db of keeper {} has not converged",
+                k.uid
+            );
+            if k.uid != mk && db.spec.role == Some(DbRole::Standby) {
+                standbys += 1;
+            }
+        }
+        let (addr, port) = self.pg_addr(&mk);
+        let streaming: i64 = sql::query_text(
+            &addr,
+            port,
+            "SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'",
+        )
+        .await
+        .context("asking the master for its standbys")?
+        .parse()?;
+        ensure!(
+            streaming >= standbys,
+            "{streaming} of {standbys} standbys stream"
+        );
+        for (i, p) in self.proxies.iter().enumerate() {
+            if p.child.is_none() {
+                continue;
+            }
+            let (addr, pport) = self.proxy_addr(i);
+            let answer = sql::query_text(
+                &addr,
+                pport,
+                "SELECT inet_server_port()::text || ' ' || pg_is_in_recovery()::text",
+            )
+            .await
+            .with_context(|| format!("through proxy {}", p.name))?;
+            ensure!(
+                answer == format!("{port} false"),
+                "proxy {} reaches {answer}, not the master at port {port}",
+                p.name
+            );
+        }
+        Ok(())
+    }
+}

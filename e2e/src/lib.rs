@@ -1,0 +1,30 @@
+//! The end-to-end HA suite's harness: a `Cluster` of real processes (etcd, keepers running
+//! PostgreSQL, sentinels, proxies), optionally each in its own network namespace; a
+//! `Checker` that writes through the proxies and probes every PostgreSQL while a nemesis
+//! runs; and the invariants every scenario ends with (`Cluster::finish`).
+//!
+//! The scenarios themselves are the tests in `e2e/tests/`, one per line of
+//! `scenarios.md`. They need root (namespaces, the `postgres` OS user) and the workspace's
+//! binaries (`cargo build --workspace --bins`, which `cargo test --workspace` does).
+
+pub mod checker;
+pub mod cluster;
+mod health;
+pub mod sql;
+pub mod verify;
+
+pub use checker::{Checker, Report};
+pub use cluster::{Cluster, Opts};
+pub use verify::Outcome;
+
+/// Serializes the scenarios of one test binary: their timings (fence deadlines,
+/// failIntervals) must not compete for 2 cores with another scenario.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
+/// Whether the long matrix and repetitions run (`scripts/test.sh --long`).
+pub fn long() -> bool {
+    std::env::var_os("STOLON_TEST_LONG").is_some()
+}
