@@ -213,6 +213,7 @@ async fn probe(t: Target, stop: CancellationToken, probes: Arc<Mutex<Vec<Write>>
     }
 }
 
+#[derive(Debug)]
 pub struct Report {
     pub acks: Vec<Write>,
     pub probes: Vec<Write>,
@@ -244,6 +245,16 @@ impl Report {
             prev = e;
         }
         gap
+    }
+
+    /// Writes (writers' and probes') that ended within [from, to], with their target.
+    pub fn writes_between(&self, from: Instant, to: Instant) -> Vec<(String, String)> {
+        self.acks
+            .iter()
+            .chain(&self.probes)
+            .filter(|w| w.end >= from && w.end <= to)
+            .map(|w| (w.via.clone(), w.backend.clone()))
+            .collect()
     }
 
     /// Every acknowledged write, writers' and probes', by backend.

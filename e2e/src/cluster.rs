@@ -31,9 +31,15 @@ pub struct Opts {
     pub spec: Value,
     pub netns: bool,
     pub etcd_members: usize,
-    /// Extra flags for keeper i (0-based).
+    /// Extra flags for keeper i (0-based). `NO_PASSWORD_FILES` among them drops the
+    /// default `--pg-su-passwordfile` and `--pg-repl-passwordfile`.
     pub keeper_args: Vec<Vec<String>>,
+    /// Environment for every process.
+    pub env: Vec<(String, String)>,
 }
+
+/// In `Opts::keeper_args`: start that keeper without the default password files.
+pub const NO_PASSWORD_FILES: &str = "--e2e-no-password-files";
 
 impl Default for Opts {
     fn default() -> Self {
@@ -45,6 +51,7 @@ impl Default for Opts {
             netns: false,
             etcd_members: 1,
             keeper_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -108,6 +115,7 @@ pub struct Cluster {
     pub sentinels: Vec<Proc>,
     pub proxies: Vec<Proc>,
     pub spec: Value,
+    pub env: Vec<(String, String)>,
 }
 
 /// Where the workspace's binaries are: next to this test binary's `deps/` directory.
@@ -134,15 +142,19 @@ impl Cluster {
         let c = Cluster::launch(&opts).await?;
         c.wait_healthy(Duration::from_secs(120)).await?;
         let (addr, port) = c.proxy_addr(0);
-        sql::exec(
-            &addr,
-            port,
-            "CREATE TABLE IF NOT EXISTS e2e_acked (id bigint PRIMARY KEY);
-             CREATE TABLE IF NOT EXISTS e2e_probe (id bigserial, src text, at timestamptz DEFAULT now())",
-            Duration::from_secs(10),
-        )
-        .await
-        .context("creating the checker's tables")?;
+        // With synchronous replication the first commit also waits for a standby in sync.
+        c.wait_for("the checker's tables", Duration::from_secs(90), async || {
+            sql::exec(
+                &addr,
+                port,
+                "CREATE TABLE IF NOT EXISTS e2e_acked (id bigint PRIMARY KEY);
+                 CREATE TABLE IF NOT EXISTS e2e_probe (id bigserial, src text, at timestamptz DEFAULT now())",
+                Duration::from_secs(5),
+            )
+            .await
+            .ok()
+        })
+        .await?;
         Ok(c)
     }
 
@@ -195,6 +207,7 @@ impl Cluster {
             sentinels: Vec::new(),
             proxies: Vec::new(),
             spec,
+            env: opts.env.clone(),
         };
         for i in 1..=opts.sentinels {
             c.add_sentinel(&format!("s{i}"))?;
@@ -253,6 +266,7 @@ impl Cluster {
         };
         cmd.args(args)
             .env("PG_BIN_PATH", testkit::postgres::pg_bin_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -324,12 +338,16 @@ impl Cluster {
             port.0.to_string(),
             "--data-dir".into(),
             dir.display().to_string(),
-            "--pg-su-passwordfile".into(),
-            self.dir.join("su.pw").display().to_string(),
-            "--pg-repl-passwordfile".into(),
-            self.dir.join("repl.pw").display().to_string(),
         ]);
-        args.extend(extra);
+        if !extra.iter().any(|a| a == NO_PASSWORD_FILES) {
+            args.extend([
+                "--pg-su-passwordfile".into(),
+                self.dir.join("su.pw").display().to_string(),
+                "--pg-repl-passwordfile".into(),
+                self.dir.join("repl.pw").display().to_string(),
+            ]);
+        }
+        args.extend(extra.into_iter().filter(|a| a != NO_PASSWORD_FILES));
         let child = self.spawn(uid, &host, &bin("stolon-keeper"), &args)?;
         self.keepers.push(Keeper {
             uid: uid.into(),
@@ -415,6 +433,27 @@ impl Cluster {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// The PID of one of a keeper's PostgreSQL auxiliary processes, by its title
+    /// (`startup`, `walreceiver`, ...).
+    pub fn pg_process(&self, uid: &str, title: &str) -> Option<i32> {
+        let pm = self.postmaster_pid(uid)?;
+        let prefix = format!("postgres: {title}");
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok());
+            let cmd = std::fs::read_to_string(e.path().join("cmdline")).unwrap_or_default();
+            if ppid == Some(pm) && cmd.starts_with(&prefix) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
     /// Sends `sig` to a keeper and, with `pg`, to its PostgreSQL (the postmaster's process
     /// group: every backend).
     pub fn signal_keeper(&self, uid: &str, sig: Signal, pg: bool) -> Result<()> {
@@ -449,8 +488,18 @@ impl Cluster {
 
     /// Starts a stopped keeper again with its flags and data dir.
     pub fn restart_keeper(&mut self, uid: &str) -> Result<()> {
+        self.restart_keeper_with(uid, |_| {})
+    }
+
+    /// Starts a keeper again (stopping it first if it runs) with its flags changed by `f`.
+    pub fn restart_keeper_with(
+        &mut self,
+        uid: &str,
+        f: impl FnOnce(&mut Vec<String>),
+    ) -> Result<()> {
         let (host, args) = {
-            let k = self.keeper(uid);
+            let k = self.keeper_mut(uid);
+            f(&mut k.args);
             (k.host.clone(), k.args.clone())
         };
         let child = self.spawn(uid, &host, &bin("stolon-keeper"), &args)?;
@@ -458,6 +507,69 @@ impl Cluster {
             old.kill();
         }
         Ok(())
+    }
+
+    /// Changes the port a keeper's PostgreSQL listens on (applied by restart_keeper).
+    pub fn move_keeper_port(&mut self, uid: &str) -> u16 {
+        let port = free_port();
+        let k = self.keeper_mut(uid);
+        let p = port.0;
+        if let Some(i) = k.args.iter().position(|a| a == "--pg-port") {
+            k.args[i + 1] = p.to_string();
+        }
+        k.port = p;
+        k._port = port;
+        p
+    }
+
+    pub fn keeper_log(&self, uid: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{uid}.log"))).unwrap_or_default()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        self.keeper_log(name)
+    }
+
+    /// The db the cluster view gives keeper `uid`.
+    pub async fn db_of(&self, uid: &str) -> Option<control::model::Db> {
+        let (cd, _) = self.data().await?;
+        cd.dbs.into_values().find(|d| d.spec.keeper_uid == uid)
+    }
+
+    /// Runs `sql` on keeper `uid`'s PostgreSQL and returns the first column as text.
+    pub async fn query(&self, uid: &str, sql: &str) -> Result<String> {
+        let (addr, port) = self.pg_addr(uid);
+        sql::query_text(&addr, port, sql).await
+    }
+
+    /// Runs statements on the current master through the first running proxy.
+    pub async fn exec_via_proxy(&self, sql: &str) -> Result<()> {
+        let i = self
+            .proxies
+            .iter()
+            .position(|p| p.child.is_some())
+            .context("no proxy runs")?;
+        let (addr, port) = self.proxy_addr(i);
+        sql::exec(&addr, port, sql, Duration::from_secs(60)).await
+    }
+
+    /// Polls `f` every 100 ms until it yields, or fails after `timeout` saying `what`.
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl AsyncFnMut() -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn proc_mut(&mut self, name: &str) -> &mut Proc {

@@ -7,10 +7,44 @@ use anyhow::{bail, ensure, Context, Result};
 use control::model::DbRole;
 use std::time::{Duration, Instant};
 
+/// Whether the process is gone (exited, or a zombie not yet reaped).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 impl Cluster {
+    /// Fails fast when a process the cluster started has died (a bad flag, say).
+    pub fn all_alive(&self) -> Result<()> {
+        let procs = self.keepers.iter().map(|k| (&k.uid, &k.child)).chain(
+            self.sentinels
+                .iter()
+                .chain(&self.proxies)
+                .map(|p| (&p.name, &p.child)),
+        );
+        for (name, child) in procs {
+            if let Some(c) = child {
+                if gone(c.pid()) {
+                    let log = self.log(name);
+                    let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                    bail!(
+                        "{name} exited: {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
+            self.all_alive()?;
             let err = match self.health().await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
@@ -24,6 +58,7 @@ impl Cluster {
 
     /// One check of the healthy state; the error says what is missing.
     pub async fn health(&self) -> Result<()> {
+        self.all_alive()?;
         let (cd, _) = self.data().await.context("no clusterdata")?;
         let master = &cd.cluster.status.master;
         ensure!(!master.is_empty(), "no master db");
@@ -33,13 +68,13 @@ impl Cluster {
         );
         let mdb = cd.dbs.get(master).context("master db missing")?;
         let mk = mdb.spec.keeper_uid.clone();
-        let mut standbys = 0;
+        let mut standbys: i64 = 0;
+        let mut free = Vec::new();
         for k in self.keepers.iter().filter(|k| k.child.is_some()) {
-            let db = cd
-                .dbs
-                .values()
-                .find(|d| d.spec.keeper_uid == k.uid)
-                .with_context(|| format!("keeper {} has no db", k.uid))?;
+            let Some(db) = cd.dbs.values().find(|d| d.spec.keeper_uid == k.uid) else {
+                free.push(k.uid.clone());
+                continue;
+            };
             ensure!(db.status.healthy, "db of keeper {} is not healthy", k.uid);
             ensure!(
                 db.status.current_generation == db.generation,
@@ -50,6 +85,13 @@ impl Cluster {
                 standbys += 1;
             }
         }
+        // A running keeper without a db is fine only when the standbys are capped.
+        let spec = &cd.cluster.spec;
+        let cap = spec.max_standbys().min(spec.max_standbys_per_sender());
+        ensure!(
+            free.is_empty() || standbys >= i64::from(cap),
+            "keepers {free:?} have no db though only {standbys} standbys run"
+        );
         let (addr, port) = self.pg_addr(&mk);
         let streaming: i64 = sql::query_text(
             &addr,

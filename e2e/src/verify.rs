@@ -21,6 +21,7 @@ pub struct Outcome {
     pub resumed: Option<Duration>,
     pub max_gap: Duration,
     pub master: String,
+    pub report: Report,
 }
 
 impl Cluster {
@@ -55,11 +56,18 @@ impl Cluster {
             resumed: report.resumed_after(&backend),
             max_gap: report.max_gap(),
             master,
+            report,
         };
+        let r = &outcome.report;
+        let before = r
+            .acks
+            .iter()
+            .filter(|a| r.nemesis.is_none_or(|n| a.end <= n))
+            .count();
         eprintln!(
-            "E2E {name}: {} acknowledged writes, {} lost (allowed by async), writes resumed on \
-             the final master {} after the nemesis, longest gap {:?}, final master {}, \
-             writes per backend {:?}, writes before/after the nemesis {}/{}",
+            "E2E {name}: {} acknowledged writes ({before} before the nemesis), {} lost \
+             (allowed by async), writes resumed on the final master {} after the nemesis, \
+             longest gap {:?}, final master {}, writes per backend {:?}",
             outcome.acked,
             outcome.missing,
             outcome
@@ -68,19 +76,9 @@ impl Cluster {
                 .unwrap_or_else(|| "-".into()),
             outcome.max_gap,
             outcome.master,
-            report.backends(),
-            report
-                .acks
-                .iter()
-                .filter(|a| report.nemesis.is_none_or(|n| a.end <= n))
-                .count(),
-            report
-                .acks
-                .iter()
-                .filter(|a| report.nemesis.is_some_and(|n| a.end > n))
-                .count(),
+            r.backends(),
         );
-        if report.acks.is_empty() {
+        if r.acks.is_empty() {
             bail!("no write was acknowledged at all");
         }
         Ok(outcome)

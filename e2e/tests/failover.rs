@@ -1,48 +1,587 @@
-//! Failover scenarios (scenarios.md, "Failover"): each runs the acknowledged-write checker
-//! and the single-master check through `Cluster::finish`.
+//! Failover scenarios (scenarios.md, "Failover"), one test per line. Each runs the
+//! acknowledged-write checker and the single-master check, and ends healthy
+//! (`Cluster::finish`).
 
 use e2e::{serial, Checker, Cluster, Opts};
-use serde_json::json;
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
 use std::time::Duration;
 
-fn sync_spec() -> serde_json::Value {
+const MIN: Duration = Duration::from_secs(60);
+
+fn sync_spec() -> Value {
     json!({"synchronousReplication": true, "minSynchronousStandbys": 1, "maxSynchronousStandbys": 1})
 }
 
-async fn kill_master_keeper_and_postgres(name: &str, spec: serde_json::Value) {
-    let mut c = Cluster::start(Opts {
+fn opts(spec: Value) -> Opts {
+    Opts {
         spec,
         ..Default::default()
-    })
-    .await
-    .expect("cluster");
-    let mut checker = Checker::start(&c);
+    }
+}
+
+/// A cluster with writes flowing: the checker has 50 acknowledged writes.
+async fn running(o: Opts) -> (Cluster, Checker) {
+    let c = Cluster::start(o).await.expect("cluster");
+    let checker = Checker::start(&c);
     assert!(
-        checker.wait_acks(50, Duration::from_secs(20)).await,
-        "writes before the kill"
+        checker.wait_acks(50, Duration::from_secs(30)).await,
+        "writes before the nemesis"
     );
+    (c, checker)
+}
+
+async fn kill_master(name: &str, spec: Value, rewind: bool) -> Cluster {
+    let mut spec = spec;
+    spec["usePgrewind"] = json!(rewind);
+    let (mut c, mut checker) = running(opts(spec)).await;
     let old = c.master().await.expect("master");
     checker.nemesis();
     c.kill_keeper(&old, true);
-    let new = c
-        .wait_master_change(&old, Duration::from_secs(60))
-        .await
-        .expect("failover");
-    assert_ne!(new, old);
+    let new = c.wait_master_change(&old, MIN).await.expect("failover");
+    // The old master comes back and rejoins as a standby of the new one.
     c.restart_keeper(&old)
         .expect("restart the old master's keeper");
     let out = c.finish(name, checker).await.expect("invariants");
-    assert_ne!(out.master, old, "a standby was elected");
+    assert_eq!(out.master, new);
+    let db = c
+        .db_of(&old)
+        .await
+        .expect("the old master's keeper has a db");
+    assert_eq!(db.spec.role, Some(control::model::DbRole::Standby));
+    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_master_keeper_and_postgres_async() {
     let _s = serial().await;
-    kill_master_keeper_and_postgres("kill9_master_async", json!({})).await;
+    kill_master("kill9_master_async", json!({}), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_master_keeper_and_postgres_sync() {
     let _s = serial().await;
-    kill_master_keeper_and_postgres("kill9_master_sync", sync_spec()).await;
+    kill_master("kill9_master_sync", sync_spec(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_master_rejoins_with_pg_rewind() {
+    let _s = serial().await;
+    let c = kill_master("old_master_rejoins_rewind", json!({}), true).await;
+    let old = c
+        .keepers
+        .iter()
+        .find(|k| c.keeper_log(&k.uid).contains("done action=Rewind"));
+    assert!(old.is_some(), "the old master rejoined by pg_rewind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_master_rejoins_with_a_base_backup() {
+    let _s = serial().await;
+    let c = kill_master("old_master_rejoins_basebackup", json!({}), false).await;
+    for k in &c.keepers {
+        assert!(!c.keeper_log(&k.uid).contains("done action=Rewind"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_alone_is_restarted_without_failover() {
+    let _s = serial().await;
+    let (c, mut checker) = running(Opts::default()).await;
+    let m = c.master().await.expect("master");
+    let pid = c.postmaster_pid(&m).expect("pid");
+    checker.nemesis();
+    c.crash_postgres(&m).expect("kill -9 postgres");
+    c.wait_for("a new postmaster", MIN, async || {
+        c.postmaster_pid(&m).filter(|p| *p != pid)
+    })
+    .await
+    .expect("restarted");
+    let out = c
+        .finish("postgres_crash", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, m, "no failover");
+    let failovers = c.log("s1").matches("kind=Failover").count();
+    assert_eq!(failovers, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stolonctl_failkeeper_forces_a_failover() {
+    let _s = serial().await;
+    let (c, mut checker) = running(Opts::default()).await;
+    let m = c.master().await.expect("master");
+    checker.nemesis();
+    let out = c.ctl(&["failkeeper", &m]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Well before failInterval would have done it (the keeper is healthy).
+    c.wait_master_change(&m, Duration::from_secs(4))
+        .await
+        .expect("failover");
+    let out = c.finish("failkeeper", checker).await.expect("invariants");
+    assert_ne!(out.master, m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_under_load_loses_nothing() {
+    let _s = serial().await;
+    let (c, mut checker) = running(opts(sync_spec())).await;
+    let m = c.master().await.expect("master");
+    let target = c
+        .keepers
+        .iter()
+        .map(|k| k.uid.clone())
+        .find(|k| *k != m)
+        .expect("a standby");
+    checker.nemesis();
+    let out = c.ctl(&["switchover", "--to", &target, "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.finish("switchover", checker).await.expect("invariants");
+    assert_eq!(out.master, target);
+    assert_eq!(out.missing, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_changes_address_before_fail_interval_and_stays_master() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(Opts::default()).await;
+    let m = c.master().await.expect("master");
+    checker.nemesis();
+    c.kill_keeper(&m, true);
+    let port = c.move_keeper_port(&m);
+    c.restart_keeper(&m).expect("restart on a new port");
+    let cd_port = c
+        .wait_for("the new port in the cluster view", MIN, async || {
+            let db = c.db_of(&m).await?;
+            (db.status.port == Some(port)).then_some(port)
+        })
+        .await
+        .expect("new port");
+    assert_eq!(cd_port, port);
+    let out = c.finish("master_moves", checker).await.expect("invariants");
+    assert_eq!(out.master, m, "still the master");
+    assert_eq!(c.log("s1").matches("kind=Failover").count(), 0);
+    // The standbys follow the master at its new port.
+    for k in c.keepers.iter().filter(|k| k.uid != m) {
+        let conninfo = c
+            .query(&k.uid, "SELECT current_setting('primary_conninfo')")
+            .await
+            .expect("conninfo");
+        assert!(conninfo.contains(&format!("port={port}")), "{conninfo}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_standby_is_replaced_and_lowering_max_standbys_per_sender_removes_one() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(Opts {
+        keepers: 4,
+        spec: json!({"maxStandbys": 2}),
+        ..Default::default()
+    })
+    .await;
+    let m = c.master().await.expect("master");
+    let mut standbys = Vec::new();
+    let mut free = None;
+    for k in &c.keepers {
+        match c.db_of(&k.uid).await {
+            Some(_) if k.uid != m => standbys.push(k.uid.clone()),
+            None => free = Some(k.uid.clone()),
+            _ => {}
+        }
+    }
+    let free = free.expect("one keeper without a db (maxStandbys 2)");
+    assert_eq!(standbys.len(), 2);
+    checker.nemesis();
+    c.kill_keeper(&standbys[0], true);
+    c.wait_for("a standby on the free keeper", MIN, async || {
+        let db = c.db_of(&free).await?;
+        db.status.healthy.then_some(())
+    })
+    .await
+    .expect("replaced");
+    c.update_spec(|s| s["maxStandbysPerSender"] = json!(1))
+        .await
+        .expect("spec");
+    c.wait_for("one standby left", MIN, async || {
+        let (cd, _) = c.data().await?;
+        let n = cd.dbs.values().filter(|d| d.spec.keeper_uid != m).count();
+        (n == 1).then_some(())
+    })
+    .await
+    .expect("a standby removed");
+    c.restart_keeper(&standbys[0]).expect("restart");
+    c.finish("standby_replaced", checker)
+        .await
+        .expect("invariants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_keeper_is_removed_but_never_the_masters() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(Opts {
+        spec: json!({"maxStandbys": 1, "deadKeeperRemovalInterval": "6s"}),
+        ..Default::default()
+    })
+    .await;
+    let m = c.master().await.expect("master");
+    let mut others = Vec::new();
+    for k in &c.keepers {
+        if k.uid != m {
+            others.push((k.uid.clone(), c.db_of(&k.uid).await.is_some()));
+        }
+    }
+    let free = others
+        .iter()
+        .find(|(_, db)| !db)
+        .expect("a keeper without db")
+        .0
+        .clone();
+    let standby = others
+        .iter()
+        .find(|(_, db)| *db)
+        .expect("a standby")
+        .0
+        .clone();
+    checker.nemesis();
+    c.kill_keeper(&free, true);
+    c.wait_for("the dead free keeper removed", MIN, async || {
+        let (cd, _) = c.data().await?;
+        (!cd.keepers.contains_key(&free)).then_some(())
+    })
+    .await
+    .expect("removed");
+    // Master and standby dead: no failover is possible, and neither keeper is removed.
+    c.kill_keeper(&standby, true);
+    c.kill_keeper(&m, true);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (cd, _) = c.data().await.expect("cd");
+    assert!(cd.keepers.contains_key(&m), "the master's keeper stays");
+    c.restart_keeper(&m).expect("restart");
+    c.restart_keeper(&standby).expect("restart");
+    c.restart_keeper(&free).expect("restart");
+    let out = c
+        .finish("dead_keeper_removed", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_master_data_dir_is_refused_and_a_standby_is_elected() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(Opts::default()).await;
+    let m = c.master().await.expect("master");
+    checker.nemesis();
+    c.kill_keeper(&m, true);
+    std::fs::remove_dir_all(c.keeper(&m).dir.join("postgres")).expect("wipe");
+    c.restart_keeper(&m).expect("restart");
+    let new = c.wait_master_change(&m, MIN).await.expect("failover");
+    assert!(c.keeper_log(&m).contains("refusing to initialise"));
+    let out = c.finish("wiped_master", checker).await.expect("invariants");
+    assert_eq!(out.master, new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_wal_is_gone_is_resynced() {
+    let _s = serial().await;
+    let (mut c, checker) = running(Opts {
+        keepers: 2,
+        spec: json!({"pgParameters": {"max_slot_wal_keep_size": "32MB"}}),
+        ..Default::default()
+    })
+    .await;
+    let m = c.master().await.expect("master");
+    let s = if m == "k1" { "k2" } else { "k1" };
+    let old_db = c.db_of(s).await.expect("db").uid;
+    c.kill_keeper(s, true);
+    // More WAL than wal_keep_size (floor 128 MB) and the slot's limit keep.
+    for _ in 0..4 {
+        c.exec_via_proxy(
+            "CREATE TABLE IF NOT EXISTS big (v text);
+             INSERT INTO big SELECT repeat('x', 500) FROM generate_series(1, 120000);
+             TRUNCATE big; SELECT pg_switch_wal(); CHECKPOINT",
+        )
+        .await
+        .expect("wal");
+    }
+    c.restart_keeper(s).expect("restart");
+    c.wait_for(
+        "a new db for the standby",
+        Duration::from_secs(90),
+        async || {
+            let db = c.db_of(s).await?;
+            (db.uid != old_db && db.status.healthy).then_some(())
+        },
+    )
+    .await
+    .expect("resynced");
+    c.finish("wal_gone_resync", checker)
+        .await
+        .expect("invariants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_lagging_more_than_max_standby_lag_is_not_elected() {
+    let _s = serial().await;
+    let (mut c, checker) = running(Opts {
+        keepers: 2,
+        spec: json!({"maxStandbyLag": 65536}),
+        ..Default::default()
+    })
+    .await;
+    let m = c.master().await.expect("master");
+    let s = if m == "k1" { "k2" } else { "k1" };
+    let receiver: i32 = c
+        .query(s, "SELECT pid::text FROM pg_stat_wal_receiver")
+        .await
+        .expect("walreceiver")
+        .parse()
+        .expect("pid");
+    let rpid = nix::unistd::Pid::from_raw(receiver);
+    nix::sys::signal::kill(rpid, Signal::SIGSTOP).expect("stop walreceiver");
+    c.exec_via_proxy("CREATE TABLE lag AS SELECT repeat('x', 500) v FROM generate_series(1, 2000)")
+        .await
+        .expect("wal");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.kill_keeper(&m, true);
+    // Three failIntervals: no failover to the lagging standby. Its walreceiver stays
+    // stopped meanwhile: the WAL it did not read still sits in its socket buffer and would
+    // let it catch up from a dead master.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let _ = nix::sys::signal::kill(rpid, Signal::SIGCONT);
+    let (cd, _) = c.data().await.expect("cd");
+    let routed = cd
+        .dbs
+        .get(&cd.proxy.spec.master_db_uid)
+        .map(|d| d.spec.keeper_uid.clone());
+    assert_ne!(
+        routed.as_deref(),
+        Some(s),
+        "the lagging standby was elected"
+    );
+    assert!(c.log("s1").contains("maxStandbyLag") || c.log("s1").contains("lag"));
+    c.restart_keeper(&m).expect("restart");
+    let out = c
+        .finish("lagging_not_elected", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, m);
+}
+
+fn signal_pid(pid: i32, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_elected_standby_dies_before_promotion_and_the_old_master_is_reelected() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(Opts {
+        keepers: 2,
+        ..Default::default()
+    })
+    .await;
+    let m = c.master().await.expect("master");
+    let s = if m == "k1" { "k2" } else { "k1" };
+    // The standby's startup process frozen: it reports healthy and is elected, but a
+    // promotion can never finish.
+    let startup = c.pg_process(s, "startup").expect("startup process");
+    signal_pid(startup, Signal::SIGSTOP);
+    checker.nemesis();
+    c.kill_keeper(&m, true);
+    c.wait_for("the standby elected", MIN, async || {
+        let db = c.db_of(s).await?;
+        (db.spec.role == Some(control::model::DbRole::Master)).then_some(())
+    })
+    .await
+    .expect("elected");
+    c.kill_keeper(s, true);
+    signal_pid(startup, Signal::SIGKILL);
+    c.restart_keeper(&m).expect("the old master back");
+    c.wait_for(
+        "the old master re-elected",
+        Duration::from_secs(120),
+        async || {
+            (c.master().await.as_deref() == Some(m.as_str()) && c.health().await.is_ok())
+                .then_some(())
+        },
+    )
+    .await
+    .expect("re-elected");
+    c.restart_keeper(s).expect("restart");
+    let out = c
+        .finish_with("elected_dies_before_promotion", checker, true)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, m);
+}
+
+async fn sync_set(c: &Cluster) -> Vec<String> {
+    let (cd, _) = c.data().await.expect("cd");
+    let m = &cd.dbs[&cd.cluster.status.master];
+    m.spec
+        .synchronous_standbys
+        .iter()
+        .filter_map(|d| cd.dbs.get(d).map(|d| d.spec.keeper_uid.clone()))
+        .collect()
+}
+
+/// k_lag's WAL stops at what it has on disk: its walreceiver is frozen while writes go on,
+/// then killed (its socket buffer, which would let it catch up, is lost with it).
+async fn make_lag(c: &Cluster, k_lag: &str) {
+    let wr = c.pg_process(k_lag, "walreceiver").expect("walreceiver");
+    signal_pid(wr, Signal::SIGSTOP);
+    c.exec_via_proxy(
+        "CREATE TABLE fork AS SELECT repeat('x', 100) v FROM generate_series(1, 1000)",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal_pid(wr, Signal::SIGKILL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeline_fork_async_the_standby_ahead_resyncs() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(Opts::default()).await;
+    let m = c.master().await.expect("master");
+    let others: Vec<String> = c
+        .keepers
+        .iter()
+        .map(|k| k.uid.clone())
+        .filter(|k| *k != m)
+        .collect();
+    let (lag, ahead) = (others[0].clone(), others[1].clone());
+    make_lag(&c, &lag).await;
+    c.signal_keeper(&ahead, Signal::SIGSTOP, true)
+        .expect("freeze the one ahead");
+    checker.nemesis();
+    c.kill_keeper(&m, true);
+    let new = c.wait_master_change(&m, MIN).await.expect("failover");
+    assert_eq!(
+        new, lag,
+        "the lagging standby, the only healthy one, is elected"
+    );
+    c.signal_keeper(&ahead, Signal::SIGCONT, true)
+        .expect("thaw");
+    c.restart_keeper(&m).expect("restart");
+    let out = c
+        .finish("timeline_fork_async", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, lag);
+    let log = c.keeper_log(&ahead);
+    assert!(
+        log.contains("done action=BaseBackup") || log.contains("done action=Rewind"),
+        "the standby that was ahead resynced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeline_fork_sync_the_lagging_standby_is_never_elected() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(Opts {
+        spec: json!({"synchronousReplication": true, "minSynchronousStandbys": 1,
+            "maxSynchronousStandbys": 1}),
+        ..Default::default()
+    })
+    .await;
+    let m = c.master().await.expect("master");
+    let set = sync_set(&c).await;
+    let in_sync = set.first().expect("a synchronous standby").clone();
+    let lag = c
+        .keepers
+        .iter()
+        .map(|k| k.uid.clone())
+        .find(|k| *k != m && *k != in_sync)
+        .expect("an async standby");
+    make_lag(&c, &lag).await;
+    c.signal_keeper(&in_sync, Signal::SIGSTOP, true)
+        .expect("freeze the sync standby");
+    checker.nemesis();
+    c.kill_keeper(&m, true);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_ne!(
+        c.master().await.as_deref(),
+        Some(lag.as_str()),
+        "never the lagging one"
+    );
+    c.signal_keeper(&in_sync, Signal::SIGCONT, true)
+        .expect("thaw");
+    let new = c.wait_master_change(&m, MIN).await.expect("failover");
+    assert_eq!(new, in_sync);
+    c.restart_keeper(&m).expect("restart");
+    let out = c
+        .finish("timeline_fork_sync", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.missing, 0);
+}
+
+async fn app_can_connect(c: &Cluster, uid: &str) -> bool {
+    let (addr, port) = c.pg_addr(uid);
+    e2e::sql::connect_as(&addr, port, "app", "app-pw", Duration::from_secs(2))
+        .await
+        .is_ok()
+}
+
+async fn master_restart_in_sync_mode(min: u16) {
+    let (mut c, checker) = running(Opts {
+        keepers: 2,
+        spec: json!({"synchronousReplication": true, "minSynchronousStandbys": min,
+            "maxSynchronousStandbys": 1}),
+        ..Default::default()
+    })
+    .await;
+    let m = c.master().await.expect("master");
+    let s = if m == "k1" { "k2" } else { "k1" };
+    c.exec_via_proxy("CREATE ROLE app LOGIN PASSWORD 'app-pw'")
+        .await
+        .expect("role");
+    assert!(app_can_connect(&c, &m).await);
+    c.kill_keeper(s, true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = c.postmaster_pid(&m).expect("pid");
+    c.crash_postgres(&m).expect("crash");
+    c.wait_for("the master back", MIN, async || {
+        (c.postmaster_pid(&m) != Some(pid) && c.query(&m, "SELECT 'up'").await.is_ok())
+            .then_some(())
+    })
+    .await
+    .expect("back");
+    if min == 0 {
+        assert!(
+            app_can_connect(&c, &m).await,
+            "minSynchronousStandbys 0: admitted at once"
+        );
+    } else {
+        assert!(
+            !app_can_connect(&c, &m).await,
+            "normal users wait for a sync standby"
+        );
+    }
+    c.restart_keeper(s).expect("restart");
+    c.wait_for("normal users admitted", MIN, async || {
+        app_can_connect(&c, &m).await.then_some(())
+    })
+    .await
+    .expect("admitted");
+    c.finish(&format!("sync_restart_min{min}"), checker)
+        .await
+        .expect("invariants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_master_restart_in_sync_mode_normal_users_wait_for_a_sync_standby() {
+    let _s = serial().await;
+    master_restart_in_sync_mode(1).await;
+    master_restart_in_sync_mode(0).await;
 }

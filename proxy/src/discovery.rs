@@ -64,6 +64,7 @@ impl Discovery {
         let mut watcher: Option<Watcher> = None;
         let mut watch_retry_at: Option<Instant> = None;
         let mut next_check = Instant::now();
+        let mut last_check = Instant::now();
         loop {
             let fence_at = if st.fenced {
                 None
@@ -73,6 +74,7 @@ impl Discovery {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(next_check) => {
+                    last_check = Instant::now();
                     if let Some(rev) = self.check(&mut st).await {
                         if watcher.is_none() {
                             watcher = Some(Watcher::from_revision(self.store.store().clone(), key.clone(), rev + 1));
@@ -83,7 +85,14 @@ impl Discovery {
                 update = next_update(&mut watcher, watch_retry_at) => {
                     watch_retry_at = None;
                     match update {
-                        Ok(u) => self.on_watch(&mut st, u, &key).await,
+                        Ok(u) => {
+                            self.on_watch(&mut st, u, &key).await;
+                            // A spec seen first by the watch (the cluster created after the
+                            // first check) may shorten proxyCheckInterval and proxyTimeout:
+                            // check by the new interval, or contact lapses before the next
+                            // check and the proxy fences itself for nothing.
+                            next_check = next_check.min(last_check + st.check_interval);
+                        }
                         Err(e) => {
                             self.metrics.store_error(e.kind());
                             tracing::debug!(error = %e, "clusterdata watch failed; retrying");
