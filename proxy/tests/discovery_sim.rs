@@ -31,10 +31,16 @@ struct Sim {
 }
 
 async fn start() -> Sim {
+    start_with(true).await
+}
+
+async fn start_with(cluster_exists: bool) -> Sim {
     let mem = MemStore::new();
     let store: Arc<dyn Store> = Arc::new(mem.clone());
     let cs = ClusterStore::new(store, "stolon/cluster", "sim");
-    cs.put_cluster_data(&doc(), 0, None).await.expect("put");
+    if cluster_exists {
+        cs.put_cluster_data(&doc(), 0, None).await.expect("put");
+    }
     let routes = Arc::new(Routes::default());
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = CancellationToken::new();
@@ -118,4 +124,28 @@ async fn fences_when_store_calls_hang() {
         ..Default::default()
     };
     fences_then_recovers(Some(hang)).await;
+}
+
+/// The cluster is created after the proxy's first read (defaults: check every 5 s, time out
+/// after 15 s); the watch brings a spec with a 3 s proxyTimeout. The proxy must check by the
+/// new interval at once, not keep its 5 s schedule and fence itself when 3 s pass.
+#[tokio::test(start_paused = true)]
+async fn a_shorter_proxy_timeout_seen_by_the_watch_does_not_fence_a_healthy_proxy() {
+    let sim = start_with(false).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let store: Arc<dyn Store> = Arc::new(sim.mem.clone());
+    let cs = ClusterStore::new(store, "stolon/cluster", "sim");
+    cs.put_cluster_data(&doc(), 0, None).await.expect("put");
+    assert!(
+        wait_until(Duration::from_secs(2), || sim.routes.load().master.is_ok())
+            .await
+            .is_some(),
+        "routes once the cluster exists"
+    );
+    let fenced = wait_until(Duration::from_secs(20), || {
+        sim.routes.load().master.is_err() || !*sim.listening.borrow()
+    })
+    .await;
+    assert_eq!(fenced, None, "a healthy proxy fenced itself");
+    sim.stop.cancel();
 }
