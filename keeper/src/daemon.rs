@@ -240,12 +240,16 @@ impl Keeper {
                         PgRole::Primary
                     },
                     pending_restart: st.pending_restart,
+                    timeline: st.timeline,
+                    xlog_pos: st.xlog_pos,
                 }),
                 // Cannot answer: keep fencing decisions on the last known role.
                 None => match &self.pg {
                     Some(st) if !st.in_recovery => Some(Running {
                         role: PgRole::Primary,
                         pending_restart: false,
+                        timeline: 0,
+                        xlog_pos: 0,
                     }),
                     _ => return None,
                 },

@@ -46,6 +46,9 @@ pub struct Running {
     pub role: PgRole,
     /// A parameter changed that needs a restart (`pg_settings.pending_restart`).
     pub pending_restart: bool,
+    /// Its timeline and WAL position (0 when unknown).
+    pub timeline: u64,
+    pub xlog_pos: u64,
 }
 
 /// What the keeper observes locally.
@@ -255,6 +258,13 @@ fn plan_new_data(db: &Db, local: &LocalObserved) -> Vec<PgAction> {
     out
 }
 
+/// Whether the running standby's history diverged from the db it follows.
+fn forked_from_followed(cd: &ClusterData, db: &Db, r: &Running) -> bool {
+    followed_db(db)
+        .and_then(|m| cd.dbs.get(m))
+        .is_some_and(|m| m.status.forked_from(r.timeline, r.xlog_pos))
+}
+
 /// The data directory holds this db: bring the running instance to the wanted role and
 /// configuration.
 fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgAction> {
@@ -279,8 +289,10 @@ fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgActio
             out.push(WriteConfig);
             out.push(Reload);
         }
-        (Some(r), false) if r.role == PgRole::Primary => {
-            // An old master turned standby: it may have WAL the new master lacks.
+        (Some(r), false) if r.role == PgRole::Primary || forked_from_followed(cd, db, r) => {
+            // An old master turned standby may have WAL the new master lacks; so may a
+            // standby that was ahead of the one elected, or an old master that crashed and
+            // came back as a standby (PostgreSQL then waits forever for WAL at the fork).
             let from = followed_db(db).unwrap_or_default().to_string();
             out.push(Stop(StopMode::Fast));
             if db.spec.use_pgrewind {

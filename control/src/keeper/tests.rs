@@ -52,6 +52,8 @@ fn local(data: DataState, running: Option<PgRole>) -> LocalObserved {
         running: running.map(|role| Running {
             role,
             pending_restart: false,
+            timeline: 0,
+            xlog_pos: 0,
         }),
         config_current: true,
         fenced: false,
@@ -108,6 +110,8 @@ fn plan_table() {
         running: Some(Running {
             role: PgRole::Primary,
             pending_restart: true,
+            timeline: 0,
+            xlog_pos: 0,
         }),
         ..local(holds("d1"), None)
     };
@@ -206,6 +210,59 @@ fn plan_table() {
     ];
     for (name, cd, silence, local, want) in cases {
         assert_eq!(run(cd.as_ref(), silence, &local), want, "{name}");
+    }
+}
+
+/// A standby of master "m", which is on timeline 2 after switching from timeline 1 at 1000.
+fn standby_at(timeline: u64, pos: u64, rewind: bool) -> (ClusterData, LocalObserved) {
+    let mut d = db(DbRole::Standby, DbInitMode::None, Some("m"));
+    d.spec.use_pgrewind = rewind;
+    let mut cd = cd_with(Some(d), true, ClusterSpec::default());
+    let mut m = db(DbRole::Master, DbInitMode::None, None);
+    m.uid = "m".into();
+    m.spec.keeper_uid = "k2".into();
+    m.status.timeline_id = 2;
+    m.status.timelines_history = vec![crate::model::TimelineHistoryEntry {
+        timeline_id: 1,
+        switch_point: 1000,
+        reason: String::new(),
+    }];
+    cd.dbs.insert("m".into(), m);
+    let mut l = local(holds("d1"), Some(PgRole::Standby));
+    if let Some(r) = l.running.as_mut() {
+        r.timeline = timeline;
+        r.xlog_pos = pos;
+    }
+    (cd, l)
+}
+
+#[test]
+fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt() {
+    let rebuilt = vec![
+        Stop(StopMode::Fast),
+        ClearData,
+        BaseBackup { from_db: from("m") },
+        WriteConfig,
+        Start,
+        Converged(7),
+    ];
+    let rewound = vec![
+        Stop(StopMode::Fast),
+        Rewind { from_db: from("m") },
+        WriteConfig,
+        Start,
+        Converged(7),
+    ];
+    let cases = [
+        ("past the switch point, no rewind", 1, 1500, false, rebuilt),
+        ("past the switch point, rewind", 1, 1500, true, rewound),
+        ("before the switch point: it can follow", 1, 900, true, vec![Converged(7)]),
+        ("on the master's timeline", 2, 5000, true, vec![Converged(7)]),
+        ("position unknown", 0, 0, true, vec![Converged(7)]),
+    ];
+    for (name, tl, pos, rewind, want) in cases {
+        let (cd, l) = standby_at(tl, pos, rewind);
+        assert_eq!(run(Some(&cd), 0, &l), want, "{name}");
     }
 }
 

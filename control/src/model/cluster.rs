@@ -313,6 +313,25 @@ pub struct DbStatus {
     pub extra: Map<String, Value>,
 }
 
+impl DbStatus {
+    /// Whether a history at `(timeline, pos)` has diverged from this (master's) one: it is
+    /// on an older timeline and went past the point where this one switched away from it,
+    /// or on a timeline this one never was on. Unknown facts (zeroes, a timeline missing
+    /// from this history) count as not forked.
+    pub fn forked_from(&self, timeline: u64, pos: u64) -> bool {
+        if timeline == 0 || self.timeline_id == 0 || timeline == self.timeline_id {
+            return false;
+        }
+        if timeline > self.timeline_id {
+            return true;
+        }
+        self.timelines_history
+            .iter()
+            .find(|h| h.timeline_id == timeline)
+            .is_some_and(|entry| pos > entry.switch_point)
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Proxy {

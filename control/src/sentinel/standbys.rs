@@ -19,26 +19,11 @@ pub(super) fn wal_file_start(name: &str) -> Option<u64> {
     Some((log << 32) + seg * SEGMENT)
 }
 
-/// Whether `db`'s history has diverged from the master's: it is on an older timeline and went
-/// past the point where the master switched away from it, or it is on a timeline the master
-/// never was on.
+/// Whether `db`'s history has diverged from the master's (see `DbStatus::forked_from`).
 pub(super) fn forked(master: &Db, db: &Db) -> bool {
-    let (m, s) = (&master.status, &db.status);
-    if s.timeline_id == 0 || m.timeline_id == 0 || s.timeline_id == m.timeline_id {
-        return false;
-    }
-    if s.timeline_id > m.timeline_id {
-        return true;
-    }
-    match m
-        .timelines_history
-        .iter()
-        .find(|h| h.timeline_id == s.timeline_id)
-    {
-        Some(entry) => s.x_log_pos > entry.switch_point,
-        // The master's history is unknown for that timeline: cannot tell, keep it.
-        None => false,
-    }
+    master
+        .status
+        .forked_from(db.status.timeline_id, db.status.x_log_pos)
 }
 
 impl Round<'_> {
