@@ -174,10 +174,27 @@ async fn writer(
             }
             // A refused or hung write is not acknowledged: start over on a new session.
             _ => {
-                client = None;
+                cancel(client.take());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// Drops a session whose statement hangs, cancelling the statement first: a commit waiting
+/// for a synchronous standby would otherwise hold its backend (and a connection slot) for
+/// as long as the wait lasts, and the suite's retries would exhaust max_connections.
+fn cancel(client: Option<Client>) {
+    if let Some(c) = client {
+        let token = c.cancel_token();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                token.cancel_query(tokio_postgres::NoTls),
+            )
+            .await;
+            drop(c);
+        });
     }
 }
 
@@ -208,7 +225,7 @@ async fn probe(t: Target, stop: CancellationToken, probes: Arc<Mutex<Vec<Write>>
                 }
             }
             Ok(Err(_)) => {} // a standby refuses: keep the session
-            Err(_) => client = None,
+            Err(_) => cancel(client.take()),
         }
     }
 }
@@ -273,14 +290,68 @@ impl Report {
     }
 }
 
-/// Two backends accepted writes at the same time: their write intervals overlap, or (unless
-/// the scenario expects a master to come back) a backend accepted writes before and after
-/// another one did.
+/// Two masters at once, as the issue defines it:
+/// - through the proxies (writers and proxy probes), two backends' writes overlap in time,
+///   or (unless the scenario expects a master to come back) a backend took writes before
+///   and after another one did (A..B..A);
+/// - directly, a backend that had been the proxies' master took a write after another
+///   backend took one through the proxies: an old master still writable after a new one
+///   was promoted (what self-fencing prevents). A PostgreSQL the proxies never routed to
+///   is not judged on direct writes: no client of the system can reach it.
 pub fn split_brain(writes: &[Write], master_may_return: bool) -> Option<String> {
-    let mut by_start: Vec<&Write> = writes.iter().collect();
+    let (direct, proxied): (Vec<&Write>, Vec<&Write>) =
+        writes.iter().partition(|w| w.via.starts_with("direct "));
+    if let Some(e) = overlap(&proxied) {
+        return Some(e);
+    }
+    let mut by_end = proxied.clone();
+    by_end.sort_by_key(|w| w.end);
+    if !master_may_return {
+        let mut runs: Vec<&Write> = Vec::new();
+        for w in &by_end {
+            if runs.last().is_none_or(|r| r.backend != w.backend) {
+                if let Some(earlier) = runs.iter().find(|r| r.backend == w.backend) {
+                    let between = runs.last().copied().unwrap_or(w);
+                    return Some(format!(
+                        "{} accepted writes (via {}), then {} (via {}), then {} again (via {})",
+                        earlier.backend,
+                        earlier.via,
+                        between.backend,
+                        between.via,
+                        w.backend,
+                        w.via
+                    ));
+                }
+                runs.push(w);
+            }
+        }
+    }
+    for d in &direct {
+        // The proxies' master before d: the last proxied write that ended before d began.
+        let replaced_by = by_end
+            .iter()
+            .rev()
+            .find(|p| p.end < d.start && p.backend != d.backend);
+        let Some(newer) = replaced_by else { continue };
+        let was_master = by_end
+            .iter()
+            .any(|p| p.backend == d.backend && p.end < newer.start);
+        if was_master {
+            return Some(format!(
+                "old master {} took a direct write after {} took one through {}",
+                d.backend, newer.backend, newer.via
+            ));
+        }
+    }
+    None
+}
+
+/// Two writes on different backends whose intervals overlap.
+fn overlap(writes: &[&Write]) -> Option<String> {
+    let mut by_start = writes.to_vec();
     by_start.sort_by_key(|w| w.start);
-    // The latest end so far per backend: a later-starting write of another backend that
-    // starts before it overlaps.
+    // The latest-ending write so far per backend: a later-starting write of another
+    // backend that starts before it ends overlaps it.
     let mut last_end: BTreeMap<&str, &Write> = BTreeMap::new();
     for w in &by_start {
         for (b, prev) in &last_end {
@@ -296,24 +367,6 @@ pub fn split_brain(writes: &[Write], master_may_return: bool) -> Option<String> 
             *e = w;
         }
     }
-    if master_may_return {
-        return None;
-    }
-    let mut by_end: Vec<&Write> = writes.iter().collect();
-    by_end.sort_by_key(|w| w.end);
-    let mut runs: Vec<&Write> = Vec::new();
-    for w in by_end {
-        if runs.last().is_none_or(|r| r.backend != w.backend) {
-            if let Some(earlier) = runs.iter().find(|r| r.backend == w.backend) {
-                let between = runs.last().map(|r| r.backend.as_str()).unwrap_or("");
-                return Some(format!(
-                    "{} accepted writes (via {}), then {between}, then {} again (via {})",
-                    earlier.backend, earlier.via, w.backend, w.via
-                ));
-            }
-            runs.push(w);
-        }
-    }
     None
 }
 
@@ -322,10 +375,18 @@ mod tests {
     use super::*;
 
     fn w(backend: &str, t0: Instant, start_ms: u64, end_ms: u64) -> Write {
+        via(backend, "p1", t0, start_ms, end_ms)
+    }
+
+    fn d(backend: &str, t0: Instant, start_ms: u64, end_ms: u64) -> Write {
+        via(backend, &format!("direct {backend}"), t0, start_ms, end_ms)
+    }
+
+    fn via(backend: &str, via: &str, t0: Instant, start_ms: u64, end_ms: u64) -> Write {
         Write {
             id: 0,
             backend: backend.into(),
-            via: "p1".into(),
+            via: via.into(),
             lsn: 0,
             start: t0 + Duration::from_millis(start_ms),
             end: t0 + Duration::from_millis(end_ms),
@@ -371,6 +432,29 @@ mod tests {
                 vec![w("a", t, 0, 50), w("b", t, 10, 20)],
                 true,
                 true,
+            ),
+            (
+                "an old master takes a direct write after the new one took one",
+                vec![w("a", t, 0, 5), w("b", t, 100, 105), d("a", t, 200, 205)],
+                false,
+                true,
+            ),
+            (
+                "direct writes on the master before a failover",
+                vec![
+                    d("a", t, 0, 5),
+                    w("a", t, 10, 15),
+                    w("b", t, 100, 105),
+                    d("b", t, 110, 115),
+                ],
+                false,
+                false,
+            ),
+            (
+                "a PostgreSQL the proxies never routed to",
+                vec![w("a", t, 0, 5), d("c", t, 50, 55), w("a", t, 100, 105)],
+                false,
+                false,
             ),
         ];
         for (name, writes, may_return, broken) in cases {

@@ -68,7 +68,7 @@ impl Cluster {
         );
         let mdb = cd.dbs.get(master).context("master db missing")?;
         let mk = mdb.spec.keeper_uid.clone();
-        let mut standbys: i64 = 0;
+        let mut standbys: Vec<String> = Vec::new();
         let mut free = Vec::new();
         for k in self.keepers.iter().filter(|k| k.child.is_some()) {
             let Some(db) = cd.dbs.values().find(|d| d.spec.keeper_uid == k.uid) else {
@@ -81,30 +81,39 @@ impl Cluster {
                 "db of keeper {} has not converged",
                 k.uid
             );
-            if k.uid != mk && db.spec.role == Some(DbRole::Standby) {
-                standbys += 1;
+            if k.uid != mk {
+                ensure!(
+                    db.spec.role == Some(DbRole::Standby),
+                    "keeper {} holds a db that is not a standby",
+                    k.uid
+                );
+                standbys.push(db.uid.clone());
             }
         }
         // A running keeper without a db is fine only when the standbys are capped.
         let spec = &cd.cluster.spec;
         let cap = spec.max_standbys().min(spec.max_standbys_per_sender());
         ensure!(
-            free.is_empty() || standbys >= i64::from(cap),
-            "keepers {free:?} have no db though only {standbys} standbys run"
+            free.is_empty() || standbys.len() >= usize::from(cap),
+            "keepers {free:?} have no db though only {} standbys run",
+            standbys.len()
         );
+        // Every standby streams from the master (its application_name is stolon_<db>).
         let (addr, port) = self.pg_addr(&mk);
-        let streaming: i64 = sql::query_text(
+        let streaming = sql::query_text(
             &addr,
             port,
-            "SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'",
+            "SELECT coalesce(string_agg(application_name, ','), '') FROM pg_stat_replication \
+             WHERE state = 'streaming'",
         )
         .await
-        .context("asking the master for its standbys")?
-        .parse()?;
-        ensure!(
-            streaming >= standbys,
-            "{streaming} of {standbys} standbys stream"
-        );
+        .context("asking the master for its standbys")?;
+        for db in &standbys {
+            ensure!(
+                streaming.split(',').any(|a| a == format!("stolon_{db}")),
+                "standby {db} does not stream from the master (streaming: {streaming})"
+            );
+        }
         for (i, p) in self.proxies.iter().enumerate() {
             if p.child.is_none() {
                 continue;

@@ -31,13 +31,36 @@ async fn running(o: Opts) -> (Cluster, Checker) {
     (c, checker)
 }
 
-async fn kill_master(name: &str, spec: Value, rewind: bool) -> Cluster {
+/// kill -9 of the master's keeper and PostgreSQL; a standby is elected and the old master
+/// rejoins. With `lag` the standbys first fall behind (async only), so the old master has
+/// WAL the new one lacks and must be rewound or rebuilt.
+async fn kill_master(name: &str, spec: Value, rewind: bool, lag: bool) -> Cluster {
     let mut spec = spec;
     spec["usePgrewind"] = json!(rewind);
     let (mut c, mut checker) = running(opts(spec)).await;
     let old = c.master().await.expect("master");
+    // The standbys fall behind: the old master has WAL the new one lacks and must be
+    // rewound or rebuilt when it comes back.
+    let standbys: Vec<String> = c
+        .keepers
+        .iter()
+        .map(|k| k.uid.clone())
+        .filter(|k| *k != old)
+        .collect();
+    let receivers: Vec<i32> = if lag {
+        standbys.iter().map(|s| freeze_receiver(&c, s)).collect()
+    } else {
+        Vec::new()
+    };
+    c.exec_via_proxy("CREATE TABLE ahead AS SELECT md5(v::text) v FROM generate_series(1, 2000) v")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_secs(2)).await;
     checker.nemesis();
     c.kill_keeper(&old, true);
+    for r in receivers {
+        signal_pid(r, Signal::SIGKILL);
+    }
     let new = c.wait_master_change(&old, MIN).await.expect("failover");
     // The old master comes back and rejoins as a standby of the new one.
     c.restart_keeper(&old)
@@ -55,19 +78,19 @@ async fn kill_master(name: &str, spec: Value, rewind: bool) -> Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_master_keeper_and_postgres_async() {
     let _s = serial().await;
-    kill_master("kill9_master_async", json!({}), false).await;
+    kill_master("kill9_master_async", json!({}), false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_master_keeper_and_postgres_sync() {
     let _s = serial().await;
-    kill_master("kill9_master_sync", sync_spec(), false).await;
+    kill_master("kill9_master_sync", sync_spec(), false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_master_rejoins_with_pg_rewind() {
     let _s = serial().await;
-    let c = kill_master("old_master_rejoins_rewind", json!({}), true).await;
+    let c = kill_master("old_master_rejoins_rewind", json!({}), true, true).await;
     let old = c
         .keepers
         .iter()
@@ -78,7 +101,15 @@ async fn old_master_rejoins_with_pg_rewind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_master_rejoins_with_a_base_backup() {
     let _s = serial().await;
-    let c = kill_master("old_master_rejoins_basebackup", json!({}), false).await;
+    let c = kill_master("old_master_rejoins_basebackup", json!({}), false, true).await;
+    let rebuilt = c.keepers.iter().find(|k| {
+        let log = c.keeper_log(&k.uid);
+        log.contains("done action=InitDb") && log.contains("done action=BaseBackup")
+    });
+    assert!(
+        rebuilt.is_some(),
+        "the old master rejoined by a base backup"
+    );
     for k in &c.keepers {
         assert!(!c.keeper_log(&k.uid).contains("done action=Rewind"));
     }
@@ -131,12 +162,9 @@ async fn planned_switchover_under_load_loses_nothing() {
     let _s = serial().await;
     let (c, mut checker) = running(opts(sync_spec())).await;
     let m = c.master().await.expect("master");
-    let target = c
-        .keepers
-        .iter()
-        .map(|k| k.uid.clone())
-        .find(|k| *k != m)
-        .expect("a standby");
+    // With synchronous replication only a synchronous standby is eligible.
+    let target = sync_set(&c).await.first().expect("a sync standby").clone();
+    assert_ne!(target, m);
     checker.nemesis();
     let out = c.ctl(&["switchover", "--to", &target, "--wait"]);
     assert!(
@@ -340,24 +368,17 @@ async fn a_standby_lagging_more_than_max_standby_lag_is_not_elected() {
     .await;
     let m = c.master().await.expect("master");
     let s = if m == "k1" { "k2" } else { "k1" };
-    let receiver: i32 = c
-        .query(s, "SELECT pid::text FROM pg_stat_wal_receiver")
-        .await
-        .expect("walreceiver")
-        .parse()
-        .expect("pid");
-    let rpid = nix::unistd::Pid::from_raw(receiver);
-    nix::sys::signal::kill(rpid, Signal::SIGSTOP).expect("stop walreceiver");
-    c.exec_via_proxy("CREATE TABLE lag AS SELECT repeat('x', 500) v FROM generate_series(1, 2000)")
+    let receiver = freeze_receiver(&c, s);
+    c.exec_via_proxy("CREATE TABLE lag AS SELECT md5(v::text) v FROM generate_series(1, 4000) v")
         .await
         .expect("wal");
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.kill_keeper(&m, true);
-    // Three failIntervals: no failover to the lagging standby. Its walreceiver stays
-    // stopped meanwhile: the WAL it did not read still sits in its socket buffer and would
-    // let it catch up from a dead master.
+    // The WAL the standby did not read still sits in its socket buffer: gone with the
+    // walreceiver, it cannot catch up from a dead master.
+    signal_pid(receiver, Signal::SIGKILL);
+    // Three failIntervals: no failover to the lagging standby.
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let _ = nix::sys::signal::kill(rpid, Signal::SIGCONT);
     let (cd, _) = c.data().await.expect("cd");
     let routed = cd
         .dbs
@@ -434,18 +455,23 @@ async fn sync_set(c: &Cluster) -> Vec<String> {
         .collect()
 }
 
-/// k_lag's WAL stops at what it has on disk: its walreceiver is frozen while writes go on,
-/// then killed (its socket buffer, which would let it catch up, is lost with it).
-async fn make_lag(c: &Cluster, k_lag: &str) {
-    let wr = c.pg_process(k_lag, "walreceiver").expect("walreceiver");
+/// Stops a standby's walreceiver: WAL stops arriving (what is sent meanwhile waits in its
+/// socket buffer until the receiver is killed with it). Returns the receiver's PID.
+fn freeze_receiver(c: &Cluster, uid: &str) -> i32 {
+    let wr = c.pg_process(uid, "walreceiver").expect("walreceiver");
     signal_pid(wr, Signal::SIGSTOP);
-    c.exec_via_proxy(
-        "CREATE TABLE fork AS SELECT repeat('x', 100) v FROM generate_series(1, 1000)",
-    )
-    .await
-    .expect("write");
+    wr
+}
+
+/// k_lag falls behind: its walreceiver is frozen while writes go on. Returns the receiver
+/// to kill once the master is gone.
+async fn make_lag(c: &Cluster, k_lag: &str) -> i32 {
+    let wr = freeze_receiver(c, k_lag);
+    c.exec_via_proxy("CREATE TABLE fork AS SELECT md5(v::text) v FROM generate_series(1, 1000) v")
+        .await
+        .expect("write");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    signal_pid(wr, Signal::SIGKILL);
+    wr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

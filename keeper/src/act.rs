@@ -120,6 +120,9 @@ impl Keeper {
     /// keeps the publisher re-arming it.
     async fn arm_watchdog(&self, pid: Option<i32>) {
         let Some(pid) = pid else { return };
+        if control::broken("no-self-fencing") {
+            return;
+        }
         *self.shared.arm_pid.lock().expect("lock") = Some(pid);
         let within = self.watchdog_window();
         tracing::debug!(
@@ -442,9 +445,16 @@ impl Keeper {
         }
         let db = self.db()?;
         self.prepare_dirs()?;
+        // With minSynchronousStandbys 0 the sentinel drops a missing standby from the set:
+        // normal users need not wait for it.
+        let min_sync = self
+            .cd
+            .as_ref()
+            .map_or(1, |cd| cd.cluster.spec.min_synchronous_standbys());
         let master_sync = db.spec.role == Some(control::model::DbRole::Master)
             && db.spec.synchronous_replication
-            && !db.spec.synchronous_standbys.is_empty();
+            && !db.spec.synchronous_standbys.is_empty()
+            && min_sync > 0;
         if master_sync && !self.restricted {
             // Until the sync standbys are back in sync, only superuser and replication.
             self.restricted = true;

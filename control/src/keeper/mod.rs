@@ -135,7 +135,7 @@ pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
         .unwrap_or(crate::model::defaults::FAIL_INTERVAL);
     let silent = view.store_silence >= fence_timeout(fail_interval);
     let mut out = Vec::new();
-    if silent && local.running.is_some() && !local.fenced {
+    if silent && local.running.is_some() && !local.fenced && !crate::broken("no-self-fencing") {
         // The store may already have elected another master: no writes here, whoever asks.
         let primary = local
             .running

@@ -256,8 +256,20 @@ fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt(
     let cases = [
         ("past the switch point, no rewind", 1, 1500, false, rebuilt),
         ("past the switch point, rewind", 1, 1500, true, rewound),
-        ("before the switch point: it can follow", 1, 900, true, vec![Converged(7)]),
-        ("on the master's timeline", 2, 5000, true, vec![Converged(7)]),
+        (
+            "before the switch point: it can follow",
+            1,
+            900,
+            true,
+            vec![Converged(7)],
+        ),
+        (
+            "on the master's timeline",
+            2,
+            5000,
+            true,
+            vec![Converged(7)],
+        ),
         ("position unknown", 0, 0, true, vec![Converged(7)]),
     ];
     for (name, tl, pos, rewind, want) in cases {

@@ -108,7 +108,11 @@ impl Round<'_> {
     pub(super) fn update_keepers(&mut self) {
         let cluster_uid = self.cd.cluster.uid.clone();
         for (uid, info) in &self.obs.keepers {
+            // A removed dead keeper's info may outlive it (its lease): only a changing info
+            // brings a keeper (back) in.
+            let stale = self.mem.keepers.contains_key(uid) && !self.keeper_alive(uid);
             if self.cd.keepers.contains_key(uid)
+                || stale
                 || !(info.cluster_uid.is_empty() || info.cluster_uid == cluster_uid)
             {
                 continue;

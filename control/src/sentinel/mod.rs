@@ -62,8 +62,12 @@ fn mutated(m: Mutation) -> bool {
     return MUTATION.with(|c| c.get()) == m;
     #[cfg(not(test))]
     {
-        let _ = m;
-        false
+        match m {
+            Mutation::None => false,
+            Mutation::SkipProxyHandshake => crate::broken("skip-proxy-handshake"),
+            Mutation::LowestWal => crate::broken("lowest-wal"),
+            Mutation::IgnoreSyncSet => crate::broken("ignore-sync-set"),
+        }
     }
 }
 

@@ -158,10 +158,15 @@ impl Round<'_> {
     }
 
     /// Keepers silent for deadKeeperRemovalInterval are forgotten with their dbs, except the
-    /// master's keeper.
+    /// master's keeper; and only while the master is alive: with the master gone, a dead
+    /// keeper's db (an old master's, say) may hold the newest data there is and may have to
+    /// be elected when it comes back.
     pub(super) fn remove_dead_keepers(&mut self, master: &str) {
         let interval = self.cd.cluster.spec.dead_keeper_removal_interval();
         let master_keeper = self.cd.dbs[master].spec.keeper_uid.clone();
+        if !self.keeper_alive(&master_keeper) {
+            return;
+        }
         let dead: Vec<String> = self
             .cd
             .keepers

@@ -603,6 +603,26 @@ fn a_dead_keeper_is_removed_after_the_interval_but_never_the_masters() {
 }
 
 #[test]
+fn with_the_master_dead_no_keeper_is_removed_and_the_old_master_comes_back() {
+    let spec = ClusterSpec {
+        dead_keeper_removal_interval: Some(secs(30)),
+        ..test_spec()
+    };
+    let mut w = cluster(spec, 2);
+    // Master and standby die together: the standby is elected (still within its own
+    // failInterval) and fails too. Nobody may be removed meanwhile, least of all the old
+    // master, whose data is the newest.
+    w.keeper("k0").alive = false;
+    w.keeper("k1").alive = false;
+    w.run(100);
+    assert!(w.cd.keepers.contains_key("k0") && w.cd.keepers.contains_key("k1"));
+    assert!(!w.has_reason(ReasonKind::KeeperRemoved));
+    w.keeper("k0").alive = true;
+    w.keeper("k1").alive = true;
+    assert!(w.run_until(60, |w| w.settled()), "{:#?}", w.reasons);
+}
+
+#[test]
 fn the_old_master_rejoins_as_a_standby_of_the_new_one() {
     let mut w = cluster(test_spec(), 2);
     let old = db_uid(&w, "k0");
