@@ -22,6 +22,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 if [ "$long" -eq 1 ]; then
   STOLON_TEST_LONG=1 cargo test --workspace -- --include-ignored
+  echo "== the suite catches a broken system"
+  bash scripts/e2e-broken.sh
 else
   cargo test --workspace
 fi

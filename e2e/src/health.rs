@@ -87,6 +87,15 @@ impl Cluster {
                     "keeper {} holds a db that is not a standby",
                     k.uid
                 );
+                // Streaming alone is not enough: a forked standby streams the old
+                // timeline up to the fork and stops there.
+                ensure!(
+                    db.status.timeline_id == mdb.status.timeline_id,
+                    "standby of keeper {} is on timeline {}, the master on {}",
+                    k.uid,
+                    db.status.timeline_id,
+                    mdb.status.timeline_id
+                );
                 standbys.push(db.uid.clone());
             }
         }

@@ -31,27 +31,37 @@ async fn running(o: Opts) -> (Cluster, Checker) {
     (c, checker)
 }
 
+/// Which standbys fall behind before the kill (async only: a frozen sync standby would
+/// hold every commit).
+#[derive(Clone, Copy, PartialEq)]
+enum Lag {
+    None,
+    /// One standby: the other, with the highest WAL position, must be elected.
+    One,
+    /// Every standby: the old master has WAL the new one lacks and must be rewound or
+    /// rebuilt when it comes back.
+    All,
+}
+
 /// kill -9 of the master's keeper and PostgreSQL; a standby is elected and the old master
-/// rejoins. With `lag` the standbys first fall behind (async only), so the old master has
-/// WAL the new one lacks and must be rewound or rebuilt.
-async fn kill_master(name: &str, spec: Value, rewind: bool, lag: bool) -> Cluster {
+/// rejoins.
+async fn kill_master(name: &str, spec: Value, rewind: bool, lag: Lag) -> Cluster {
     let mut spec = spec;
     spec["usePgrewind"] = json!(rewind);
     let (mut c, mut checker) = running(opts(spec)).await;
     let old = c.master().await.expect("master");
-    // The standbys fall behind: the old master has WAL the new one lacks and must be
-    // rewound or rebuilt when it comes back.
     let standbys: Vec<String> = c
         .keepers
         .iter()
         .map(|k| k.uid.clone())
         .filter(|k| *k != old)
         .collect();
-    let receivers: Vec<i32> = if lag {
-        standbys.iter().map(|s| freeze_receiver(&c, s)).collect()
-    } else {
-        Vec::new()
+    let lagging: Vec<String> = match lag {
+        Lag::None => Vec::new(),
+        Lag::One => standbys[..1].to_vec(),
+        Lag::All => standbys.clone(),
     };
+    let receivers: Vec<i32> = lagging.iter().map(|s| freeze_receiver(&c, s)).collect();
     c.exec_via_proxy("CREATE TABLE ahead AS SELECT md5(v::text) v FROM generate_series(1, 2000) v")
         .await
         .expect("write");
@@ -62,6 +72,12 @@ async fn kill_master(name: &str, spec: Value, rewind: bool, lag: bool) -> Cluste
         signal_pid(r, Signal::SIGKILL);
     }
     let new = c.wait_master_change(&old, MIN).await.expect("failover");
+    if lag == Lag::One {
+        assert_ne!(
+            new, lagging[0],
+            "the standby with the highest WAL position is elected"
+        );
+    }
     // The old master comes back and rejoins as a standby of the new one.
     c.restart_keeper(&old)
         .expect("restart the old master's keeper");
@@ -78,19 +94,19 @@ async fn kill_master(name: &str, spec: Value, rewind: bool, lag: bool) -> Cluste
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_master_keeper_and_postgres_async() {
     let _s = serial().await;
-    kill_master("kill9_master_async", json!({}), false, false).await;
+    kill_master("kill9_master_async", json!({}), false, Lag::One).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_master_keeper_and_postgres_sync() {
     let _s = serial().await;
-    kill_master("kill9_master_sync", sync_spec(), false, false).await;
+    kill_master("kill9_master_sync", sync_spec(), false, Lag::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_master_rejoins_with_pg_rewind() {
     let _s = serial().await;
-    let c = kill_master("old_master_rejoins_rewind", json!({}), true, true).await;
+    let c = kill_master("old_master_rejoins_rewind", json!({}), true, Lag::All).await;
     let old = c
         .keepers
         .iter()
@@ -101,7 +117,7 @@ async fn old_master_rejoins_with_pg_rewind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_master_rejoins_with_a_base_backup() {
     let _s = serial().await;
-    let c = kill_master("old_master_rejoins_basebackup", json!({}), false, true).await;
+    let c = kill_master("old_master_rejoins_basebackup", json!({}), false, Lag::All).await;
     let rebuilt = c.keepers.iter().find(|k| {
         let log = c.keeper_log(&k.uid);
         log.contains("done action=InitDb") && log.contains("done action=BaseBackup")
@@ -465,6 +481,7 @@ fn freeze_receiver(c: &Cluster, uid: &str) -> i32 {
 
 /// k_lag falls behind: its walreceiver is frozen while writes go on. Returns the receiver
 /// to kill once the master is gone.
+#[must_use]
 async fn make_lag(c: &Cluster, k_lag: &str) -> i32 {
     let wr = freeze_receiver(c, k_lag);
     c.exec_via_proxy("CREATE TABLE fork AS SELECT md5(v::text) v FROM generate_series(1, 1000) v")
@@ -486,11 +503,12 @@ async fn timeline_fork_async_the_standby_ahead_resyncs() {
         .filter(|k| *k != m)
         .collect();
     let (lag, ahead) = (others[0].clone(), others[1].clone());
-    make_lag(&c, &lag).await;
+    let wr = make_lag(&c, &lag).await;
     c.signal_keeper(&ahead, Signal::SIGSTOP, true)
         .expect("freeze the one ahead");
     checker.nemesis();
     c.kill_keeper(&m, true);
+    signal_pid(wr, Signal::SIGKILL);
     let new = c.wait_master_change(&m, MIN).await.expect("failover");
     assert_eq!(
         new, lag,
@@ -529,11 +547,12 @@ async fn timeline_fork_sync_the_lagging_standby_is_never_elected() {
         .map(|k| k.uid.clone())
         .find(|k| *k != m && *k != in_sync)
         .expect("an async standby");
-    make_lag(&c, &lag).await;
+    let wr = make_lag(&c, &lag).await;
     c.signal_keeper(&in_sync, Signal::SIGSTOP, true)
         .expect("freeze the sync standby");
     checker.nemesis();
     c.kill_keeper(&m, true);
+    signal_pid(wr, Signal::SIGKILL);
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert_ne!(
         c.master().await.as_deref(),

@@ -167,16 +167,21 @@ impl Net {
 
     /// Cuts the host from every other host, but the test (a client) still reaches it.
     pub fn isolate(&self, name: &str) -> Result<()> {
+        let others: Vec<&str> = self
+            .hosts
+            .iter()
+            .filter(|o| o.name != name)
+            .map(|o| o.name.as_str())
+            .collect();
+        self.isolate_from(name, &others)
+    }
+
+    /// Cuts the host from the named hosts only (both ways: its replies go nowhere).
+    pub fn isolate_from(&self, name: &str, others: &[&str]) -> Result<()> {
         let h = self.host(name);
-        for other in self.hosts.iter().filter(|o| o.name != name) {
-            ip(&[
-                "-n",
-                &h.ns,
-                "route",
-                "add",
-                "blackhole",
-                &other.ip.to_string(),
-            ])?;
+        for other in others {
+            let o = self.host(other).ip.to_string();
+            ip(&["-n", &h.ns, "route", "add", "blackhole", &o])?;
         }
         Ok(())
     }
