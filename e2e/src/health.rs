@@ -87,15 +87,6 @@ impl Cluster {
                     "keeper {} holds a db that is not a standby",
                     k.uid
                 );
-                // Streaming alone is not enough: a forked standby streams the old
-                // timeline up to the fork and stops there.
-                ensure!(
-                    db.status.timeline_id == mdb.status.timeline_id,
-                    "standby of keeper {} is on timeline {}, the master on {}",
-                    k.uid,
-                    db.status.timeline_id,
-                    mdb.status.timeline_id
-                );
                 standbys.push(db.uid.clone());
             }
         }
@@ -121,6 +112,34 @@ impl Cluster {
             ensure!(
                 streaming.split(',').any(|a| a == format!("stolon_{db}")),
                 "standby {db} does not stream from the master (streaming: {streaming})"
+            );
+        }
+        // Streaming alone is not enough: a standby that forked streams the old timeline up
+        // to the fork and stops there. Each must receive the master's timeline (asked of
+        // PostgreSQL itself: the cluster view can be a round behind).
+        let tli = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint::text";
+        let master_tli = sql::query_text(&addr, port, tli).await?;
+        for k in self
+            .keepers
+            .iter()
+            .filter(|k| k.child.is_some() && k.uid != mk)
+        {
+            if free.contains(&k.uid) {
+                continue;
+            }
+            let (a, p) = self.pg_addr(&k.uid);
+            let got = sql::query_text(
+                &a,
+                p,
+                "SELECT coalesce((SELECT received_tli FROM pg_stat_wal_receiver \
+                 WHERE status = 'streaming'), 0)::text",
+            )
+            .await
+            .with_context(|| format!("asking standby {}", k.uid))?;
+            ensure!(
+                got == master_tli,
+                "standby {} receives timeline {got}, the master is on {master_tli}",
+                k.uid
             );
         }
         for (i, p) in self.proxies.iter().enumerate() {

@@ -85,6 +85,8 @@ async fn init_existing_takes_over_a_keepers_data() {
     .await
     .expect("cluster");
     let m = c.master().await.expect("master");
+    let (cd, _) = c.data().await.expect("cd");
+    let old_uid = cd.cluster.uid;
     c.exec_via_proxy("CREATE TABLE kept AS SELECT 42 AS v")
         .await
         .expect("write");
@@ -102,7 +104,8 @@ async fn init_existing_takes_over_a_keepers_data() {
         MIN,
         async || {
             let (cd, _) = c.data().await?;
-            (cd.cluster.spec.init_mode == Some(control::model::ClusterInitMode::Existing)
+            (cd.cluster.uid != old_uid
+                && cd.cluster.spec.init_mode == Some(control::model::ClusterInitMode::Existing)
                 && c.health().await.is_ok())
             .then_some(())
         },
@@ -112,6 +115,7 @@ async fn init_existing_takes_over_a_keepers_data() {
     assert_eq!(c.master().await.as_deref(), Some(m.as_str()));
     let v = c.query(&m, "SELECT v::text FROM kept").await.expect("kept");
     assert_eq!(v, "42", "the existing data is kept");
+    assert!(c.keeper_log(&m).contains("done action=TakeOverExisting"));
     check(&c, "init_existing").await;
 }
 
@@ -191,4 +195,89 @@ async fn users_and_password_files_combinations() {
     assert!(!out.status.success());
     assert!(err.contains("empty.pw") && err.contains("empty"), "{err}");
     check(&c, "passwords").await;
+}
+
+/// A base backup taken before two marks and the WAL archive after them: a pitr cluster
+/// restores both, or with a recovery target time between them only the first.
+async fn pitr(target: bool) {
+    let archive = testkit::temp_dir("archive").expect("tmp");
+    let backup = testkit::temp_dir("backup").expect("tmp");
+    for d in [archive.path(), backup.path()] {
+        testkit::postgres::chown_to_pg_user(d).expect("chown");
+    }
+    let arch = archive.path().display().to_string();
+    let a = Cluster::start(Opts {
+        keepers: 1,
+        spec: json!({"pgParameters": {"archive_mode": "on",
+            "archive_command": format!("cp %p {arch}/%f")}}),
+        ..Default::default()
+    })
+    .await
+    .expect("source cluster");
+    let (addr, port) = a.pg_addr("k1");
+    let base = backup.path().join("base");
+    let mut bb = Command::new(testkit::postgres::pg_bin_dir().join("pg_basebackup"));
+    bb.arg("-D")
+        .arg(&base)
+        .args(["-X", "stream", "-d"])
+        .arg(format!(
+            "host={addr} port={port} user=postgres password={}",
+            e2e::sql::SU_PASSWORD
+        ));
+    testkit::postgres::as_pg_user(&mut bb);
+    let out = bb.output().expect("pg_basebackup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.exec_via_proxy("CREATE TABLE marks (v int); INSERT INTO marks VALUES (1)")
+        .await
+        .expect("mark 1");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let at = a
+        .query("k1", "SELECT now()::text")
+        .await
+        .expect("target time");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.exec_via_proxy("INSERT INTO marks VALUES (2); SELECT pg_switch_wal()")
+        .await
+        .expect("mark 2");
+    a.wait_for("the WAL archived", MIN, async || {
+        let n = a
+            .query("k1", "SELECT archived_count::text FROM pg_stat_archiver")
+            .await
+            .ok()?;
+        (n.parse::<i64>().ok()? >= 2).then_some(())
+    })
+    .await
+    .expect("archived");
+    let mut pitr = json!({
+        "dataRestoreCommand": format!("cp -a {}/. %d", base.display()),
+        "archiveRecoverySettings": {"restoreCommand": format!("cp {arch}/%f %p")}
+    });
+    if target {
+        pitr["recoveryTargetSettings"] = json!({"recoveryTargetTime": at});
+    }
+    let b = Cluster::start(Opts {
+        keepers: 2,
+        spec: json!({"initMode": "pitr", "pitrConfig": pitr}),
+        ..Default::default()
+    })
+    .await
+    .expect("pitr cluster");
+    let m = b.master().await.expect("master");
+    let marks = b
+        .query(&m, "SELECT string_agg(v::text, ',' ORDER BY v) FROM marks")
+        .await
+        .expect("marks");
+    assert_eq!(marks, if target { "1" } else { "1,2" }, "target {at}");
+    check(&b, &format!("init_pitr_target_{target}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_pitr_with_and_without_a_recovery_target_time() {
+    let _s = serial().await;
+    pitr(false).await;
+    pitr(true).await;
 }

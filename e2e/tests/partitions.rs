@@ -294,7 +294,11 @@ async fn three_member_etcd_loses_a_member_and_its_leader_during_a_failover() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    assert_eq!(elected.len(), 1, "one failover decision in all: {elected:?}");
+    assert_eq!(
+        elected.len(),
+        1,
+        "one failover decision in all: {elected:?}"
+    );
     let (cd, _) = c.data().await.expect("cd");
     assert_eq!(cd.proxy.generation, 1, "one master change published");
 }

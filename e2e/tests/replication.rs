@@ -136,9 +136,14 @@ async fn wal_level_wal_keep_size_floor_and_alter_system_undone() {
         c.query(&m, "SHOW wal_keep_size").await.expect("show"),
         "128MB"
     );
-    c.exec_via_proxy("ALTER SYSTEM SET work_mem = '11MB'; SELECT pg_reload_conf()")
+    // ALTER SYSTEM cannot run in the implicit transaction of a multi-statement query.
+    c.exec_via_proxy("ALTER SYSTEM SET work_mem = '11MB'")
         .await
         .expect("alter system");
+    c.exec_via_proxy("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    wait_setting(&c, &m, "SHOW work_mem", "11MB").await;
     // The next configuration the keeper writes empties postgresql.auto.conf.
     c.update_spec(|s| s["pgParameters"]["maintenance_work_mem"] = json!("33MB"))
         .await
@@ -151,7 +156,7 @@ async fn wal_level_wal_keep_size_floor_and_alter_system_undone() {
 async fn slots(c: &Cluster, uid: &str) -> String {
     c.query(
         uid,
-        "SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pg_replication_slots WHERE slot_name NOT LIKE 'stolon_%'",
+        "SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pg_replication_slots WHERE slot_name = 'stolon_extra1'",
     )
     .await
     .unwrap_or_default()
@@ -170,7 +175,7 @@ async fn additional_replication_slots_live_on_the_master_only_and_follow_a_failo
     let m = c.master().await.expect("master");
     let s = if m == "k1" { "k2" } else { "k1" };
     c.wait_for("extra1 on the master", MIN, async || {
-        (slots(&c, &m).await == "extra1").then_some(())
+        (slots(&c, &m).await == "stolon_extra1").then_some(())
     })
     .await
     .expect("slot");
@@ -179,7 +184,7 @@ async fn additional_replication_slots_live_on_the_master_only_and_follow_a_failo
     c.kill_keeper(&m, true);
     c.wait_master_change(&m, MIN).await.expect("failover");
     c.wait_for("extra1 on the new master", MIN, async || {
-        (slots(&c, s).await == "extra1").then_some(())
+        (slots(&c, s).await == "stolon_extra1").then_some(())
     })
     .await
     .expect("slot");

@@ -537,7 +537,15 @@ impl Keeper {
             return Ok(());
         }
         let mut wanted: Vec<String> = db.spec.followers.iter().map(|f| slot_name(f)).collect();
-        wanted.extend(db.spec.additional_replication_slots.iter().cloned());
+        // As stolon does: the spec's extra slots are managed under the stolon_ prefix, so
+        // one removed from the spec is dropped like any stale stolon_ slot, and slots users
+        // made themselves are never touched.
+        wanted.extend(
+            db.spec
+                .additional_replication_slots
+                .iter()
+                .map(|s| slot_name(s)),
+        );
         let client = self.conn().connect(Duration::from_secs(2)).await?;
         sql::sync_slots(&client, &wanted).await?;
         Ok(())

@@ -76,6 +76,36 @@ pub struct Local {
 pub struct Upstream {
     pub host: String,
     pub port: u16,
+    /// The primary's values of the parameters a hot standby may not set lower, as this
+    /// standby last replayed them (pg_controldata). See `HOT_STANDBY_FLOORS`.
+    pub floors: BTreeMap<String, u64>,
+}
+
+/// Parameters a hot standby must set at least as high as its primary: PostgreSQL aborts
+/// recovery otherwise. When the spec lowers one, the standby keeps the primary's value
+/// until it has replayed the primary's restart with the lower one.
+pub const HOT_STANDBY_FLOORS: [(&str, &str); 5] = [
+    ("max_connections setting", "max_connections"),
+    ("max_worker_processes setting", "max_worker_processes"),
+    ("max_wal_senders setting", "max_wal_senders"),
+    ("max_prepared_xacts setting", "max_prepared_transactions"),
+    ("max_locks_per_xact setting", "max_locks_per_transaction"),
+];
+
+/// The floors from `pg_controldata` output.
+pub fn parse_floors(controldata: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in controldata.lines() {
+        let Some((label, value)) = line.split_once(':') else {
+            continue;
+        };
+        if let Some((_, param)) = HOT_STANDBY_FLOORS.iter().find(|(l, _)| *l == label.trim()) {
+            if let Ok(v) = value.trim().parse::<u64>() {
+                out.insert(param.to_string(), v);
+            }
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +224,16 @@ pub fn render(
         String::new()
     };
     set(&mut params, "synchronous_standby_names", quote(&sync));
+    if let Some(up) = upstream {
+        for (name, floor) in &up.floors {
+            let ours = params
+                .get(name)
+                .and_then(|v| v.trim_matches('\'').parse::<u64>().ok());
+            if ours.is_some_and(|v| v < *floor) {
+                params.insert(name.clone(), floor.to_string());
+            }
+        }
+    }
     let (standby_signal, recovery_signal) =
         recovery(db, local, upstream, pitr_recovery, &mut params);
 
@@ -222,7 +262,10 @@ fn recovery(
     params: &mut BTreeMap<String, String>,
 ) -> (bool, bool) {
     let spec = &db.spec;
-    if pitr_recovery && spec.init_mode == Some(DbInitMode::Pitr) {
+    // A standby cluster's master restores its data the pitr way but then follows the
+    // external primary as a standby: no point-in-time recovery (and no promotion) there.
+    let standby_cluster = spec.role == Some(DbRole::Standby);
+    if pitr_recovery && spec.init_mode == Some(DbInitMode::Pitr) && !standby_cluster {
         let pitr = spec.pitr_config.clone().unwrap_or_default();
         if let Some(a) = pitr
             .archive_recovery_settings

@@ -132,9 +132,41 @@ fn golden_standby_following_the_master() {
     let up = Upstream {
         host: "10.0.0.5".into(),
         port: 5433,
+        floors: Default::default(),
     };
     let r = render(&cd, &standby_db(), &local(), Some(&up), false, false);
     golden("standby.txt", &show(&r));
+}
+
+#[test]
+fn a_standby_keeps_the_primarys_higher_hot_standby_settings() {
+    let mut spec = ClusterSpec::default();
+    spec.pg_parameters
+        .insert("max_connections".into(), "77".into());
+    spec.pg_parameters
+        .insert("max_locks_per_transaction".into(), "128".into());
+    let cd = cluster(spec.clone());
+    let mut db = standby_db();
+    db.spec.pg_parameters = spec.pg_parameters.clone();
+    let controldata = "max_connections setting:              100\n\
+                       max_locks_per_xact setting:           64\n\
+                       wal_level setting:                    replica\n";
+    let up = Upstream {
+        host: "10.0.0.5".into(),
+        port: 5433,
+        floors: parse_floors(controldata),
+    };
+    let r = render(&cd, &db, &local(), Some(&up), false, false);
+    // Lowered in the spec, still 100 on the primary as replayed: 100 until it is not.
+    assert!(
+        r.postgresql_conf.contains("max_connections = 100\n"),
+        "{}",
+        r.postgresql_conf
+    );
+    // Raised in the spec: the spec's value.
+    assert!(r
+        .postgresql_conf
+        .contains("max_locks_per_transaction = '128'\n"));
 }
 
 #[test]
@@ -174,6 +206,14 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
         "standby-cluster-master.txt",
         &show(&render(&cd, &db, &local(), None, false, false)),
     );
+    // Right after its pitr-style restore (init mode pitr, restore pending) a standby
+    // cluster's master is a standby of the external primary, not a point-in-time recovery.
+    db.spec.init_mode = Some(DbInitMode::Pitr);
+    let restored = render(&cd, &db, &local(), None, false, true);
+    assert!(restored.standby_signal && !restored.recovery_signal);
+    assert!(restored
+        .postgresql_conf
+        .contains("primary_conninfo = 'host=192.0.2.1"));
 }
 
 #[test]

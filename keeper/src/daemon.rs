@@ -69,6 +69,8 @@ pub struct Keeper {
     pub(crate) pg: Option<PgState>,
     pub(crate) pg_version: PostgresBinaryVersion,
     pub(crate) shared: Arc<Shared>,
+    /// A standby's hot-standby floors, from pg_controldata (see `config::Upstream`).
+    pub(crate) floors: std::collections::BTreeMap<String, u64>,
 }
 
 impl Keeper {
@@ -95,6 +97,7 @@ impl Keeper {
             pg: None,
             pg_version,
             shared,
+            floors: Default::default(),
         }
     }
 
@@ -255,6 +258,7 @@ impl Keeper {
                 },
             },
         };
+        self.refresh_floors().await;
         self.after_observe();
         Some(LocalObserved {
             data,
@@ -311,6 +315,30 @@ impl Keeper {
         }
     }
 
+    /// For a standby, the primary's hot-standby settings as this data dir last replayed them.
+    async fn refresh_floors(&mut self) {
+        let standby = self.my_db().is_some_and(|db| followed_db(db).is_some());
+        if !standby || !self.s.layout.has_data() {
+            self.floors.clear();
+            return;
+        }
+        let dir = self.s.layout.pg_data();
+        match self
+            .s
+            .tools
+            .run(
+                "pg_controldata",
+                [dir.as_os_str()],
+                &[],
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(out) => self.floors = config::parse_floors(&out),
+            Err(e) => tracing::debug!(error = %e, "pg_controldata failed: keeping the last floors"),
+        }
+    }
+
     pub(crate) fn my_db(&self) -> Option<&Db> {
         my_db(self.cd.as_ref()?, &self.s.uid)
     }
@@ -323,6 +351,7 @@ impl Keeper {
             Some(Upstream {
                 host: Some(m.status.listen_address.clone()).filter(|a| !a.is_empty())?,
                 port: m.status.port?,
+                floors: self.floors.clone(),
             })
         });
         let pitr = self.s.layout.db_state().is_some_and(|d| d.pitr_pending);

@@ -84,7 +84,7 @@ async fn sync_standby_slots_restart_and_restricted_access() {
         .uid
         .clone();
     let want = vec![
-        "extra_slot".to_string(),
+        "stolon_extra_slot".to_string(),
         format!("stolon_{standby}"),
         "user_slot".into(),
     ];
