@@ -41,16 +41,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until the cluster is healthy and stays so for 2 s: right after a failover a
+    /// standby can look fine for a moment before its keeper finds it forked and rebuilds it.
     pub async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        let mut healthy_since: Option<Instant> = None;
         loop {
             self.all_alive()?;
             let err = match self.health().await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
+                Ok(()) => {
+                    let since = *healthy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= Duration::from_secs(2) {
+                        return Ok(());
+                    }
+                    None
+                }
+                Err(e) => {
+                    healthy_since = None;
+                    Some(e)
+                }
             };
             if Instant::now() > deadline {
-                bail!("not healthy after {timeout:?}: {err:#}");
+                match err {
+                    Some(e) => bail!("not healthy after {timeout:?}: {e:#}"),
+                    None => bail!("healthy only intermittently within {timeout:?}"),
+                }
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

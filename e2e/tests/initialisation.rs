@@ -221,8 +221,8 @@ async fn pitr(target: bool) {
         .arg(&base)
         .args(["-X", "stream", "-d"])
         .arg(format!(
-            "host={addr} port={port} user=postgres password={}",
-            e2e::sql::SU_PASSWORD
+            "host={addr} port={port} user=repluser password={}",
+            e2e::sql::REPL_PASSWORD
         ));
     testkit::postgres::as_pg_user(&mut bb);
     let out = bb.output().expect("pg_basebackup");

@@ -533,7 +533,12 @@ impl Keeper {
     /// Slots for this master's followers and the spec's extra ones; stale `stolon_*` go.
     async fn sync_slots(&mut self) -> anyhow::Result<()> {
         let db = self.db()?;
-        if self.pg.as_ref().is_none_or(|p| p.in_recovery) {
+        let Some(pg) = self.pg.as_ref() else {
+            return Ok(());
+        };
+        if pg.in_recovery {
+            let client = self.conn().connect(Duration::from_secs(2)).await?;
+            sql::sync_slots(&client, &[]).await?;
             return Ok(());
         }
         let mut wanted: Vec<String> = db.spec.followers.iter().map(|f| slot_name(f)).collect();

@@ -97,7 +97,8 @@ pub enum PgAction {
     Promote,
     Reload,
     Restart,
-    /// Create the replication slots of followers and the spec, drop stale `stolon_*` ones.
+    /// On a master create the replication slots of followers and the spec and drop stale
+    /// `stolon_*` ones; on a standby drop every `stolon_*` one.
     SyncSlots,
     /// The db spec of this generation is applied: report it.
     Converged(i64),
@@ -191,9 +192,10 @@ pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
             return out;
         }
     }
-    if db.acts_as_master() {
-        out.push(SyncSlots);
-    }
+    // On a master: its followers' and the spec's slots. On a standby: none of stolon's (an
+    // old master keeps its slots through a rewind or a restart, and a slot on a standby
+    // holds WAL there forever).
+    out.push(SyncSlots);
     out.push(Converged(db.generation));
     out
 }
