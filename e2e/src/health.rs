@@ -130,32 +130,29 @@ impl Cluster {
             );
         }
         // Streaming alone is not enough: a standby that forked streams the old timeline up
-        // to the fork and stops there. Each must receive the master's timeline (asked of
-        // PostgreSQL itself: the cluster view can be a round behind).
-        let tli = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint::text";
-        let master_tli = sql::query_text(&addr, port, tli).await?;
-        for k in self
-            .keepers
-            .iter()
-            .filter(|k| k.child.is_some() && k.uid != mk)
-        {
+        // to the fork and stops there. Each must replay what the master has written by now
+        // (within a few seconds), asked of PostgreSQL itself: the cluster view can be a
+        // round behind.
+        let master_lsn = sql::query_text(&addr, port, "SELECT pg_current_wal_lsn()::text").await?;
+        for k in self.keepers.iter().filter(|k| k.child.is_some() && k.uid != mk) {
             if free.contains(&k.uid) {
                 continue;
             }
             let (a, p) = self.pg_addr(&k.uid);
-            let got = sql::query_text(
-                &a,
-                p,
-                "SELECT coalesce((SELECT received_tli FROM pg_stat_wal_receiver \
-                 WHERE status = 'streaming'), 0)::text",
-            )
-            .await
-            .with_context(|| format!("asking standby {}", k.uid))?;
-            ensure!(
-                got == master_tli,
-                "standby {} receives timeline {got}, the master is on {master_tli}",
-                k.uid
-            );
+            let q = format!("SELECT (pg_last_wal_replay_lsn() >= '{master_lsn}'::pg_lsn)::text");
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let caught_up = sql::query_text(&a, p, &q).await.is_ok_and(|v| v == "true");
+                if caught_up {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "standby {} has not replayed the master's WAL up to {master_lsn}",
+                    k.uid
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         for (i, p) in self.proxies.iter().enumerate() {
             if p.child.is_none() {

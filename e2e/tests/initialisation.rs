@@ -240,15 +240,23 @@ async fn pitr(target: bool) {
         .await
         .expect("target time");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    a.exec_via_proxy("INSERT INTO marks VALUES (2); SELECT pg_switch_wal()")
+    a.exec_via_proxy("INSERT INTO marks VALUES (2)")
         .await
         .expect("mark 2");
+    // The segment holding mark 2's commit, closed and archived.
+    let segment = a
+        .query("k1", "SELECT pg_walfile_name(pg_switch_wal())")
+        .await
+        .expect("switch");
     a.wait_for("the WAL archived", MIN, async || {
-        let n = a
-            .query("k1", "SELECT archived_count::text FROM pg_stat_archiver")
+        let last = a
+            .query(
+                "k1",
+                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+            )
             .await
             .ok()?;
-        (n.parse::<i64>().ok()? >= 2).then_some(())
+        (last >= segment).then_some(())
     })
     .await
     .expect("archived");

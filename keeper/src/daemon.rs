@@ -243,7 +243,13 @@ impl Keeper {
                         PgRole::Primary
                     },
                     pending_restart: st.pending_restart,
-                    timeline: st.timeline,
+                    // The local fork check needs a timeline and a position that belong
+                    // together: only a streaming walreceiver's.
+                    timeline: if st.in_recovery {
+                        st.receiving_timeline
+                    } else {
+                        st.timeline
+                    },
                     xlog_pos: st.xlog_pos,
                 }),
                 // Cannot answer: keep fencing decisions on the last known role.

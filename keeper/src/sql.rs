@@ -27,6 +27,10 @@ pub struct PgState {
     pub sync_standbys: Vec<String>,
     pub older_wal_file: String,
     pub pending_restart: bool,
+    /// A standby's timeline as its streaming walreceiver reports it; 0 when none streams.
+    /// Unlike `timeline` it never falls back to the last restartpoint's timeline, which
+    /// paired with the current replay position can look like a fork that is none.
+    pub receiving_timeline: u64,
 }
 
 impl Conn {
@@ -86,7 +90,8 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
                   THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), \
                                 (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
                   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
-             (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0",
+             (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0, \
+             (SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming')::bigint",
             &[],
         )
         .await?;
@@ -123,6 +128,10 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
             .collect(),
         older_wal_file: older.get(0),
         pending_restart: row.get(4),
+        receiving_timeline: row
+            .get::<_, Option<i64>>(5)
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(0),
     })
 }
 
