@@ -134,7 +134,11 @@ impl Cluster {
         // (within a few seconds), asked of PostgreSQL itself: the cluster view can be a
         // round behind.
         let master_lsn = sql::query_text(&addr, port, "SELECT pg_current_wal_lsn()::text").await?;
-        for k in self.keepers.iter().filter(|k| k.child.is_some() && k.uid != mk) {
+        for k in self
+            .keepers
+            .iter()
+            .filter(|k| k.child.is_some() && k.uid != mk)
+        {
             if free.contains(&k.uid) {
                 continue;
             }

@@ -1,7 +1,9 @@
 //! Table tests of `plan`.
 
 use super::*;
-use crate::model::{ClusterSpec, DbSpec, FollowConfig, Keeper, KeeperStatus, Timestamp};
+use crate::model::{
+    ClusterSpec, DbSpec, FollowConfig, Keeper, KeeperStatus, Timestamp, FORK_SLACK,
+};
 
 const ME: &str = "k1";
 const BOOT: &str = "boot-1";
@@ -256,8 +258,27 @@ fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt(
         Converged(7),
     ];
     let cases = [
-        ("past the switch point, no rewind", 1, 1500, false, rebuilt),
-        ("past the switch point, rewind", 1, 1500, true, rewound),
+        (
+            "past the switch point, no rewind",
+            1,
+            1000 + FORK_SLACK + 1,
+            false,
+            rebuilt,
+        ),
+        (
+            "past the switch point, rewind",
+            1,
+            1000 + FORK_SLACK + 1,
+            true,
+            rewound,
+        ),
+        (
+            "one small record past it: PostgreSQL follows",
+            1,
+            1024,
+            true,
+            vec![SyncSlots, Converged(7)],
+        ),
         (
             "before the switch point: it can follow",
             1,
@@ -272,7 +293,13 @@ fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt(
             true,
             vec![SyncSlots, Converged(7)],
         ),
-        ("position unknown", 0, 0, true, vec![SyncSlots, Converged(7)]),
+        (
+            "position unknown",
+            0,
+            0,
+            true,
+            vec![SyncSlots, Converged(7)],
+        ),
     ];
     for (name, tl, pos, rewind, want) in cases {
         let (cd, l) = standby_at(tl, pos, rewind);
