@@ -206,7 +206,15 @@ async fn master_keeper_alone_frozen_or_killed_leaves_no_writable_postgres() {
         .expect("freeze keeper");
     let m2 = c.wait_master_change(&m, MIN).await.expect("failover");
     c.signal_keeper(&m, Signal::SIGCONT, false).expect("thaw");
-    c.wait_healthy(MIN).await.expect("healthy");
+    // The old master (and a standby that got its last WAL) may have forked and be rebuilt
+    // a few seconds after the failover: let that finish before the next nemesis.
+    c.wait_healthy(Duration::from_secs(120))
+        .await
+        .expect("healthy");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    c.wait_healthy(Duration::from_secs(120))
+        .await
+        .expect("healthy again");
     // Killed keeper, PostgreSQL running: it goes with its keeper.
     c.kill_keeper(&m2, false);
     let m3 = c

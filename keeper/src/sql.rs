@@ -79,6 +79,10 @@ pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
 }
 
 /// Reads the state to publish. `data_dir` gives the timeline history files.
+/// A standby's timeline is the highest one it is known to be on: the walreceiver's (while one
+/// runs), the minimum recovery point's (moved as replay writes pages) and the last
+/// restartpoint's. Any one alone can lag behind the replay position reported with it, and
+/// a lagging timeline with a current position looks like a fork to the sentinel.
 pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_postgres::Error> {
     let row = client
         .query_one(
@@ -87,7 +91,8 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
                   THEN COALESCE(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn())::text \
                   ELSE pg_current_wal_lsn()::text END, \
              CASE WHEN pg_is_in_recovery() \
-                  THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), \
+                  THEN GREATEST((SELECT received_tli FROM pg_stat_wal_receiver), \
+                                (SELECT min_recovery_end_timeline FROM pg_control_recovery()), \
                                 (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
                   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
              (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0, \

@@ -28,22 +28,34 @@ pub(super) fn forked(master: &Db, db: &Db) -> bool {
 
 impl Round<'_> {
     /// Why a standby cannot follow the master at all, if so.
-    fn invalid_standby(&self, master: &Db, db: &Db) -> Option<&'static str> {
+    fn invalid_standby(&self, master: &Db, db: &Db) -> Option<String> {
         let (m, s) = (&master.status, &db.status);
         if !m.system_id.is_empty() && !s.system_id.is_empty() && m.system_id != s.system_id {
-            return Some("different system id");
+            return Some("different system id".into());
         }
         if forked(master, db) {
             // With pg_rewind the keeper gets convergenceTimeout to rewind it first.
             let rewind = self.cd.cluster.spec.use_pgrewind();
             let timeout = self.cd.cluster.spec.convergence_timeout();
             if !rewind || self.unconverged_for(&db.uid, timeout) {
-                return Some("forked from the master's timeline");
+                return Some(format!(
+                    "forked from the master's timeline (it is at {}/{:X}, the master on \
+                     timeline {} with history {:?})",
+                    db.status.timeline_id,
+                    db.status.x_log_pos,
+                    master.status.timeline_id,
+                    master
+                        .status
+                        .timelines_history
+                        .iter()
+                        .map(|h| format!("{}@{:X}", h.timeline_id, h.switch_point))
+                        .collect::<Vec<_>>()
+                ));
             }
         }
         let oldest = wal_file_start(&m.older_wal_file);
         if oldest.is_some_and(|o| s.x_log_pos > 0 && s.x_log_pos < o) && !self.db_good(&db.uid) {
-            return Some("needs WAL the master no longer has");
+            return Some("needs WAL the master no longer has".into());
         }
         None
     }
