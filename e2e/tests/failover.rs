@@ -630,3 +630,33 @@ async fn after_a_master_restart_in_sync_mode_normal_users_wait_for_a_sync_standb
     master_restart_in_sync_mode(1).await;
     master_restart_in_sync_mode(0).await;
 }
+
+/// `--long`: the kill -9 scenario over the whole matrix (async, sync, sync with
+/// minSynchronousStandbys 0; with and without pg_rewind), each twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "matrix and repetitions: scripts/test.sh --long"]
+async fn kill9_matrix_and_repetitions() {
+    let _s = serial().await;
+    let modes = [
+        ("async", json!({})),
+        ("sync", sync_spec()),
+        (
+            "sync_min0",
+            json!({"synchronousReplication": true, "minSynchronousStandbys": 0,
+                "maxSynchronousStandbys": 1}),
+        ),
+    ];
+    for round in 0..2 {
+        for (mode, spec) in &modes {
+            for rewind in [false, true] {
+                let lag = if *mode == "async" {
+                    Lag::All
+                } else {
+                    Lag::None
+                };
+                let name = format!("matrix_{mode}_rewind_{rewind}_{round}");
+                kill_master(&name, spec.clone(), rewind, lag).await;
+            }
+        }
+    }
+}
