@@ -401,17 +401,13 @@ impl World {
         });
         if let Some(m) = follows {
             let (mt, sp) = (m.status.timeline_id, switch_point(m, k.timeline));
-            // As PostgreSQL: a last record that starts at the switch point still follows
-            // (modelled as up to FORK_SLACK past it).
-            let forked = k.timeline > mt
-                || (k.timeline < mt && k.xlog > sp.saturating_add(crate::model::FORK_SLACK));
+            let forked = k.timeline > mt || (k.timeline < mt && k.xlog > sp);
             if forked && !db.spec.use_pgrewind {
                 // Cannot stream from a master it forked from: never converges.
                 return;
             }
-            // pg_rewind (or PostgreSQL's own leniency): back to the fork point, then the
-            // master's timeline.
-            if k.timeline < mt {
+            if forked {
+                // pg_rewind: back to the fork point, then the master's timeline.
                 k.xlog = k.xlog.min(sp);
             }
             if mt > 0 {
