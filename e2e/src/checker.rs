@@ -336,7 +336,12 @@ pub fn split_brain(writes: &[Write], master_may_return: bool) -> Option<String> 
         let was_master = by_end
             .iter()
             .any(|p| p.backend == d.backend && p.end < newer.start);
-        if was_master {
+        // Elected again later (a scenario with two failovers): the proxies route to it.
+        let master_again = master_may_return
+            && by_end
+                .iter()
+                .any(|p| p.backend == d.backend && p.end > newer.end);
+        if was_master && !master_again {
             return Some(format!(
                 "old master {} took a direct write after {} took one through {}",
                 d.backend, newer.backend, newer.via
@@ -448,6 +453,17 @@ mod tests {
                     d("b", t, 110, 115),
                 ],
                 false,
+                false,
+            ),
+            (
+                "an old master elected again takes direct writes",
+                vec![
+                    w("a", t, 0, 5),
+                    w("b", t, 100, 105),
+                    w("a", t, 200, 205),
+                    d("a", t, 210, 215),
+                ],
+                true,
                 false,
             ),
             (

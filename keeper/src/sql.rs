@@ -79,6 +79,34 @@ pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
 }
 
 /// Reads the state to publish. `data_dir` gives the timeline history files.
+/// The highest timeline of a WAL file this standby holds for the segment of `pos`: the
+/// walreceiver names the files it writes by the timeline it streams, so a standby that
+/// followed a new master has that timeline's file for its replay position, and one stuck
+/// at a fork does not. Unlike the walreceiver's view it survives the master going away.
+async fn wal_file_timeline(
+    client: &Client,
+    pos: u64,
+    seg_size: u64,
+) -> Result<u64, tokio_postgres::Error> {
+    if pos == 0 || seg_size == 0 {
+        return Ok(0);
+    }
+    let segno = pos / seg_size;
+    let per_id = 0x1_0000_0000 / seg_size;
+    let suffix = format!("{:08X}{:08X}", segno / per_id, segno % per_id);
+    let row = client
+        .query_one(
+            "SELECT max(('x' || substr(name, 1, 8))::bit(32)::bigint) FROM pg_ls_waldir() \
+             WHERE length(name) = 24 AND substr(name, 9) = $1",
+            &[&suffix],
+        )
+        .await?;
+    Ok(row
+        .get::<_, Option<i64>>(0)
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(0))
+}
+
 /// A standby's timeline is the highest one it is known to be on: the walreceiver's (while one
 /// runs), the minimum recovery point's (moved as replay writes pages) and the last
 /// restartpoint's. Any one alone can lag behind the replay position reported with it, and
@@ -96,7 +124,8 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
                                 (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
                   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
              (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0, \
-             (SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming')::bigint",
+             (SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming')::bigint, \
+             (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')",
             &[],
         )
         .await?;
@@ -116,12 +145,20 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
             &[],
         )
         .await?;
-    let timeline = u64::try_from(timeline).unwrap_or(0);
+    let mut timeline = u64::try_from(timeline).unwrap_or(0);
+    let xlog_pos = lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
+    if in_recovery {
+        let seg_size = row
+            .get::<_, Option<i64>>(6)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(16 << 20);
+        timeline = timeline.max(wal_file_timeline(client, xlog_pos, seg_size).await?);
+    }
     Ok(PgState {
         in_recovery,
         system_id: row.get::<_, Option<String>>(1).unwrap_or_default(),
         timeline,
-        xlog_pos: lsn.as_deref().and_then(parse_lsn).unwrap_or(0),
+        xlog_pos,
         history: read_history(data_dir, timeline),
         sync_standbys: sync
             .iter()
