@@ -455,7 +455,10 @@ impl Keeper {
             && db.spec.synchronous_replication
             && !db.spec.synchronous_standbys.is_empty()
             && min_sync > 0;
-        if master_sync && !self.restricted {
+        // Not over a standby's data: that one starts as a standby and is promoted, and
+        // the master's configuration would make it a primary on the old timeline.
+        let standby_data = self.s.layout.pg_data().join("standby.signal").exists();
+        if master_sync && !self.restricted && !standby_data {
             // Until the sync standbys are back in sync, only superuser and replication.
             self.restricted = true;
             self.write_config()?;

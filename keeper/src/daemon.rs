@@ -271,6 +271,7 @@ impl Keeper {
             running,
             config_current: self.config_current(),
             fenced: self.fenced,
+            standby_data: self.s.layout.pg_data().join("standby.signal").exists(),
         })
     }
 

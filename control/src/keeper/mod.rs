@@ -60,6 +60,8 @@ pub struct LocalObserved {
     pub config_current: bool,
     /// The keeper fenced its master and has not lifted the fence.
     pub fenced: bool,
+    /// The data directory is a standby's (standby.signal): never promoted.
+    pub standby_data: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,6 +276,16 @@ fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgActio
     let master = db.acts_as_master();
     let auto_restart = cd.cluster.spec.automatic_pg_restart();
     match (&local.running, master) {
+        (None, true) if local.standby_data && db.spec.role == Some(DbRole::Master) => {
+            // Elected while down (or it died before its promotion): start it as the standby
+            // its data is and promote it, so it gets a new timeline. Started as a primary
+            // straight away it would go on writing the old timeline, and another copy of
+            // that timeline (the old master's) would no longer look forked.
+            out.push(Start);
+            out.push(Promote);
+            out.push(WriteConfig);
+            out.push(Reload);
+        }
         (None, _) => {
             out.push(WriteConfig);
             out.push(Start);

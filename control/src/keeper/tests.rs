@@ -57,6 +57,7 @@ fn local(data: DataState, running: Option<PgRole>) -> LocalObserved {
         }),
         config_current: true,
         fenced: false,
+        standby_data: false,
     }
 }
 
@@ -284,6 +285,20 @@ fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt(
         let (cd, l) = standby_at(tl, pos, rewind);
         assert_eq!(run(Some(&cd), 0, &l), want, "{name}");
     }
+}
+
+#[test]
+fn a_master_db_over_a_standbys_data_is_started_as_a_standby_and_promoted() {
+    let master = db(DbRole::Master, DbInitMode::None, None);
+    let cd = cd_with(Some(master), true, ClusterSpec::default());
+    let l = LocalObserved {
+        standby_data: true,
+        ..local(holds("d1"), None)
+    };
+    assert_eq!(
+        run(Some(&cd), 0, &l),
+        vec![Start, Promote, WriteConfig, Reload, SyncSlots, Converged(7)]
+    );
 }
 
 #[test]

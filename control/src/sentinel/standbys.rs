@@ -176,7 +176,10 @@ impl Round<'_> {
     pub(super) fn remove_dead_keepers(&mut self, master: &str) {
         let interval = self.cd.cluster.spec.dead_keeper_removal_interval();
         let master_keeper = self.cd.dbs[master].spec.keeper_uid.clone();
-        if !self.keeper_alive(&master_keeper) {
+        // Alive is not enough: a master keeper just restarted has a db that is not yet
+        // healthy, and a dead keeper's db may still hold the newest data.
+        let mdb = &self.cd.dbs[master];
+        if !self.keeper_alive(&master_keeper) || !mdb.status.healthy || !converged(mdb) {
             return;
         }
         let dead: Vec<String> = self
