@@ -238,12 +238,13 @@ pub struct Report {
 }
 
 impl Report {
-    /// From the nemesis to the first acknowledged write on `backend` that ended after it.
+    /// From the nemesis to the first acknowledged write on `backend` sent after it (one
+    /// sent before can still land in the microseconds before a kill takes effect).
     pub fn resumed_after(&self, backend: &str) -> Option<Duration> {
         let n = self.nemesis?;
         self.acks
             .iter()
-            .filter(|a| a.end > n && a.backend == backend)
+            .filter(|a| a.start > n && a.backend == backend)
             .map(|a| a.end - n)
             .min()
     }

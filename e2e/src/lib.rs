@@ -24,6 +24,20 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// A started cluster with writes flowing: the checker has 50 acknowledged writes (the
+/// starting point of every scenario with a nemesis).
+pub async fn running(o: Opts) -> (Cluster, Checker) {
+    let c = Cluster::start(o).await.expect("cluster");
+    let checker = Checker::start(&c);
+    assert!(
+        checker
+            .wait_acks(50, std::time::Duration::from_secs(30))
+            .await,
+        "writes before the nemesis"
+    );
+    (c, checker)
+}
+
 /// Whether the long matrix and repetitions run (`scripts/test.sh --long`).
 pub fn long() -> bool {
     std::env::var_os("STOLON_TEST_LONG").is_some()

@@ -2,7 +2,7 @@
 //! acknowledged-write checker and the single-master check, and ends healthy
 //! (`Cluster::finish`).
 
-use e2e::{serial, Checker, Cluster, Opts};
+use e2e::{running, serial, Cluster, Opts};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -18,17 +18,6 @@ fn opts(spec: Value) -> Opts {
         spec,
         ..Default::default()
     }
-}
-
-/// A cluster with writes flowing: the checker has 50 acknowledged writes.
-async fn running(o: Opts) -> (Cluster, Checker) {
-    let c = Cluster::start(o).await.expect("cluster");
-    let checker = Checker::start(&c);
-    assert!(
-        checker.wait_acks(50, Duration::from_secs(30)).await,
-        "writes before the nemesis"
-    );
-    (c, checker)
 }
 
 /// Which standbys fall behind before the kill (async only: a frozen sync standby would

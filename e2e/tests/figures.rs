@@ -62,8 +62,10 @@ async fn figure(what: &str, spec: Value, keeper_too: bool) {
 #[ignore = "figures: about 15 minutes (scripts/test.sh --long)"]
 async fn failover_figures() {
     let _s = serial().await;
-    // E2E_FIGURES=default measures only stolon's default spec.
-    let suite = std::env::var("E2E_FIGURES").as_deref() != Ok("default");
+    // E2E_FIGURES=default measures only stolon's default spec, =pgcrash only the
+    // PostgreSQL-only crash.
+    let only = std::env::var("E2E_FIGURES").unwrap_or_default();
+    let suite = only != "default" && only != "pgcrash";
     if suite {
         figure(
             "kill -9 master keeper+postgres, failInterval 5s",
@@ -72,13 +74,15 @@ async fn failover_figures() {
         )
         .await;
     }
-    figure(
-        "kill -9 master keeper+postgres, default spec (failInterval 20s)",
-        defaults(),
-        true,
-    )
-    .await;
-    if suite {
+    if only != "pgcrash" {
+        figure(
+            "kill -9 master keeper+postgres, default spec (failInterval 20s)",
+            defaults(),
+            true,
+        )
+        .await;
+    }
+    if suite || only == "pgcrash" {
         figure("kill -9 postgres only, failInterval 5s", json!({}), false).await;
     }
     figure("kill -9 postgres only, default spec", defaults(), false).await;

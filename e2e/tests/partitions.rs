@@ -3,21 +3,11 @@
 //! single-master check (which probes every PostgreSQL directly too: an isolated old master
 //! that takes a direct write after the new master took one fails it).
 
-use e2e::{serial, Checker, Cluster, Opts};
+use e2e::{running, serial, Checker, Cluster, Opts};
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 
 const MIN: Duration = Duration::from_secs(60);
-
-async fn running(o: Opts) -> (Cluster, Checker) {
-    let c = Cluster::start(o).await.expect("cluster");
-    let checker = Checker::start(&c);
-    assert!(
-        checker.wait_acks(50, Duration::from_secs(30)).await,
-        "writes before the nemesis"
-    );
-    (c, checker)
-}
 
 fn netns(proxies: usize, sentinels: usize) -> Opts {
     Opts {
