@@ -43,6 +43,31 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Attempts for a request that never connected. The client balances requests over the
+/// endpoints and keeps sending some to a dead member ("tcp connect error"), for seconds: a
+/// keeper then missed its info writes for a failInterval and was failed. Such a request
+/// reached no etcd, so sending it again (the balancer picks again) is safe, also for a
+/// compare-and-swap.
+const CONNECT_ATTEMPTS: usize = 4;
+
+fn never_connected(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("tcp connect error")
+}
+
+async fn retry_unconnected<T, F, Fut>(mut f: F) -> std::result::Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if attempt < CONNECT_ATTEMPTS && never_connected(&e) => attempt += 1,
+            r => return r,
+        }
+    }
+}
+
 fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| StoreError::Config(format!("cannot read {what} {}: {e}", path.display())))
@@ -119,22 +144,22 @@ fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> i64 {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(key, None)
-            .await
-            .map_err(unavailable)?;
+        let resp = retry_unconnected(|| {
+            let mut kv = self.client.kv_client();
+            async move { kv.get(key, None).await }
+        })
+        .await
+        .map_err(unavailable)?;
         Ok(resp.kvs().first().map(convert_kv))
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<Range> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(unavailable)?;
+        let resp = retry_unconnected(|| {
+            let mut kv = self.client.kv_client();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await
+        .map_err(unavailable)?;
         Ok(Range {
             kvs: resp.kvs().iter().map(convert_kv).collect(),
             revision: header_revision(resp.header()),
@@ -163,12 +188,14 @@ impl Store for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(key, None),
             })
             .collect();
-        let resp = self
-            .client
-            .kv_client()
-            .txn(Txn::new().when(when).and_then(then))
-            .await
-            .map_err(unavailable)?;
+        let txn = Txn::new().when(when).and_then(then);
+        let resp = retry_unconnected(|| {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .map_err(unavailable)?;
         Ok(TxnResponse {
             succeeded: resp.succeeded(),
             revision: header_revision(resp.header()),
@@ -177,18 +204,22 @@ impl Store for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let resp = self
-            .client
-            .lease_client()
-            .grant(secs, None)
-            .await
-            .map_err(unavailable)?;
+        let resp = retry_unconnected(|| {
+            let mut leases = self.client.lease_client();
+            async move { leases.grant(secs, None).await }
+        })
+        .await
+        .map_err(unavailable)?;
         Ok(resp.id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
         // The client's keep_alive sends one request and checks the answered TTL.
-        match self.client.lease_client().keep_alive(lease).await {
+        let sent = retry_unconnected(|| {
+            let mut leases = self.client.lease_client();
+            async move { leases.keep_alive(lease).await }
+        });
+        match sent.await {
             Ok(_) => Ok(()),
             Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
                 Err(StoreError::LeaseNotFound(lease))
