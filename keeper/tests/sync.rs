@@ -83,16 +83,27 @@ async fn sync_standby_slots_restart_and_restricted_access() {
         .expect("d2")
         .uid
         .clone();
-    let want = vec![
+    let mut want = vec![
         "stolon_extra_slot".to_string(),
         format!("stolon_{standby}"),
         "user_slot".into(),
     ];
+    // In the order slots() reads them (the uid is random hex).
+    want.sort();
+    let mut seen = vec![];
     wait_for(
         &env,
         "slots in order",
         Duration::from_secs(20),
-        async || (slots(k1.port.0).await == want).then_some(()),
+        async || {
+            let now = slots(k1.port.0).await;
+            if now != seen {
+                // On a timeout the last of these says what was there instead.
+                eprintln!("slots on the master: {now:?} (want {want:?})");
+                seen = now;
+            }
+            (seen == want).then_some(())
+        },
     )
     .await;
 
