@@ -14,6 +14,8 @@ pub struct Options {
     pub scale: u32,
     pub engines: Vec<String>,
     pub peers: bool,
+    /// Extra HAProxy targets pinned to these thread counts (`nbthread`), as `haproxy:N`.
+    pub haproxy_threads: Vec<u32>,
     pub workloads: Option<Vec<String>>,
     pub out: Option<std::path::PathBuf>,
 }
@@ -49,7 +51,10 @@ pub fn run(opts: &Options) -> Result<()> {
         )?);
     }
     if opts.peers {
-        targets.push(targets::haproxy(pg.port())?);
+        targets.push(targets::haproxy(pg.port(), None)?);
+        for n in &opts.haproxy_threads {
+            targets.push(targets::haproxy(pg.port(), Some(*n))?);
+        }
         targets.push(targets::pgbouncer(pg.port())?);
     }
     // Wait until every proxy routes (they listen only after reading the store).
@@ -236,7 +241,7 @@ fn verdicts(
     let peers: Vec<&str> = targets
         .iter()
         .map(|t| t.name.as_str())
-        .filter(|n| *n == "haproxy" || *n == "pgbouncer")
+        .filter(|n| n.starts_with("haproxy") || *n == "pgbouncer")
         .collect();
     if engines.is_empty() || peers.is_empty() {
         return String::new();

@@ -39,6 +39,9 @@ enum Cmd {
         /// Leave out HAProxy and PgBouncer
         #[arg(long)]
         no_peers: bool,
+        /// Also run HAProxy pinned to these thread counts (comma list), as `haproxy:N`
+        #[arg(long, value_delimiter = ',')]
+        haproxy_threads: Vec<u32>,
         /// Only these workloads (names as printed, comma list)
         #[arg(long, value_delimiter = ',')]
         workloads: Option<Vec<String>>,
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             scale,
             engines,
             no_peers,
+            haproxy_threads,
             workloads,
             out,
         } => compare::run(&compare::Options {
@@ -76,6 +80,7 @@ fn main() -> anyhow::Result<()> {
             scale,
             engines,
             peers: !no_peers,
+            haproxy_threads,
             workloads,
             out,
         }),

@@ -133,15 +133,17 @@ pub fn stolon_proxy(
     })
 }
 
-pub fn haproxy(pg_port: u16) -> Result<Target> {
+/// HAProxy in TCP mode; `threads` sets `nbthread` (default: HAProxy's own, one per core).
+pub fn haproxy(pg_port: u16, threads: Option<u32>) -> Result<Target> {
     let dir = testkit::temp_dir("haproxy")?;
     let port = free_port();
     let cfg = dir.path().join("haproxy.cfg");
     std::fs::write(
         &cfg,
         format!(
-            "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+            "global\n  maxconn 4000\n{}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
              listen pg\n  bind 127.0.0.1:{}\n  server pg0 127.0.0.1:{pg_port}\n",
+            threads.map_or(String::new(), |n| format!("  nbthread {n}\n")),
             port.0
         ),
     )?;
@@ -155,7 +157,7 @@ pub fn haproxy(pg_port: u16) -> Result<Target> {
     let mut child = ChildGuard::spawn("haproxy", &mut cmd).context("starting haproxy")?;
     wait_port(port.0, &mut child, "haproxy")?;
     Ok(Target {
-        name: "haproxy".into(),
+        name: threads.map_or("haproxy".into(), |n| format!("haproxy:{n}")),
         port: port.0,
         pid: Some(child.pid()),
         _guard: Some(child),

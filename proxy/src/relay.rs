@@ -7,9 +7,10 @@
 use crate::metrics::{Direction, Metrics};
 use std::cell::RefCell;
 use std::future::Future;
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +93,7 @@ async fn pipe(
         }
         let step = BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            let n = match src.try_read(&mut buf) {
+            let n = match read_once(src, &mut buf) {
                 Ok(0) => return Ok(None),
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Some(0)),
@@ -130,6 +131,28 @@ async fn pipe(
     };
     metrics.add_bytes(direction, unflushed);
     result
+}
+
+/// One read. A read shorter than the buffer emptied the socket's receive queue, so the
+/// readiness is cleared at once instead of by a second read that returns EAGAIN: one
+/// syscall less per message in each direction. Safe with edge-triggered epoll: bytes that
+/// arrive after the read raise a new event, and tokio does not clear readiness an event
+/// newer than the read has set (tokio's own `poll_read` does the same).
+fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let sock = socket2::SockRef::from(src);
+        let n = (&*sock).read(buf)?;
+        if n > 0 && n < buf.len() {
+            got = Some(n);
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, got) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
 }
 
 async fn drain(dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result<()> {

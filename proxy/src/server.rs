@@ -1,4 +1,4 @@
-//! Listeners and relay engines. `tokio-tpc`: one current-thread runtime per core, each with
+//! Listeners and relay engines. `tokio-tpc`: one current-thread runtime per relay thread, each with
 //! its own SO_REUSEPORT listener, so both sockets of a session stay on one thread and no
 //! task ever migrates. `tokio-mt`: one multi-thread runtime with one listener. Listeners
 //! open only while discovery says so (after the first store read; closed while fenced with

@@ -73,3 +73,60 @@ async fn no_stall_on_a_current_thread_runtime() {
 async fn no_stall_on_a_multi_thread_runtime() {
     ping_pong(16, 2000).await;
 }
+
+/// Bulk transfer both ways at once, bigger than the relay's read buffer, in odd-sized
+/// writes: every byte arrives, in order, through full reads and short ones alike.
+#[tokio::test(flavor = "current_thread")]
+async fn bulk_both_ways_arrives_intact() {
+    const LEN: usize = 3 * 1024 * 1024 + 17;
+    let pattern = |i: usize| (i * 31 % 251) as u8;
+    let data: Arc<Vec<u8>> = Arc::new((0..LEN).map(pattern).collect());
+    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (baddr, faddr) = (
+        backend.local_addr().expect("addr"),
+        front.local_addr().expect("addr"),
+    );
+    let d = data.clone();
+    // The backend sends the pattern while it reads (and checks) the client's copy.
+    let server = tokio::spawn(async move {
+        let (s, _) = backend.accept().await.expect("accept");
+        let (mut r, mut w) = s.into_split();
+        let send = async move {
+            for chunk in d.chunks(7919) {
+                w.write_all(chunk).await.expect("backend send");
+            }
+            w.shutdown().await.expect("backend shutdown");
+        };
+        let (_, got) = tokio::join!(send, read_all(&mut r));
+        got
+    });
+    tokio::spawn(async move {
+        let (c, _) = front.accept().await.expect("accept");
+        let s = TcpStream::connect(baddr).await.expect("backend");
+        let _ = relay(&c, &s, &CancellationToken::new(), &Metrics::default()).await;
+    });
+    let c = TcpStream::connect(faddr).await.expect("client");
+    let (mut r, mut w) = c.into_split();
+    let d = data.clone();
+    let send = async move {
+        for chunk in d.chunks(4099) {
+            w.write_all(chunk).await.expect("client send");
+        }
+        w.shutdown().await.expect("client shutdown");
+    };
+    let (_, from_server) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send, read_all(&mut r))
+    })
+    .await
+    .expect("the transfer stalled");
+    let from_client = server.await.expect("backend task");
+    assert!(from_server == *data, "server to client bytes differ");
+    assert!(from_client == *data, "client to server bytes differ");
+}
+
+async fn read_all(r: &mut tokio::net::tcp::OwnedReadHalf) -> Vec<u8> {
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.expect("read");
+    got
+}
