@@ -137,14 +137,25 @@ async fn wal_level_wal_keep_size_floor_and_alter_system_undone() {
         "128MB"
     );
     // ALTER SYSTEM cannot run in the implicit transaction of a multi-statement query.
+    // Its success means PostgreSQL wrote postgresql.auto.conf.
     c.exec_via_proxy("ALTER SYSTEM SET work_mem = '11MB'")
         .await
         .expect("alter system");
+    // The keeper treats a non-empty postgresql.auto.conf as drift and empties it within a
+    // cycle, without a spec change (pg_file_settings reads the files as they are now).
+    wait_setting(
+        &c,
+        &m,
+        "SELECT count(*)::text FROM pg_file_settings WHERE name = 'work_mem' \
+         AND sourcefile LIKE '%postgresql.auto.conf'",
+        "0",
+    )
+    .await;
     c.exec_via_proxy("SELECT pg_reload_conf()")
         .await
         .expect("reload");
-    wait_setting(&c, &m, "SHOW work_mem", "11MB").await;
-    // The next configuration the keeper writes empties postgresql.auto.conf.
+    assert_ne!(c.query(&m, "SHOW work_mem").await.expect("show"), "11MB");
+    // A spec change is applied by reload, and ALTER SYSTEM stays undone.
     c.update_spec(|s| s["pgParameters"]["maintenance_work_mem"] = json!("33MB"))
         .await
         .expect("spec");
