@@ -243,13 +243,13 @@ impl Keeper {
                         PgRole::Primary
                     },
                     pending_restart: st.pending_restart,
-                    // The local fork check needs a timeline and a position that belong
-                    // together: only a streaming walreceiver's.
-                    timeline: if st.in_recovery {
-                        st.receiving_timeline
-                    } else {
-                        st.timeline
-                    },
+                    // The timeline the keeper publishes: for a standby the highest of the
+                    // walreceiver's, the recovery and checkpoint ones and the WAL file's
+                    // for the replay position, so it never lags the position (no false
+                    // fork). A standby stuck at a fork streams only for milliseconds per
+                    // retry, so the streaming walreceiver's alone was almost never seen,
+                    // and such a standby was left waiting forever (CI caught it).
+                    timeline: st.timeline,
                     xlog_pos: st.xlog_pos,
                 }),
                 // Cannot answer: keep fencing decisions on the last known role.

@@ -27,10 +27,6 @@ pub struct PgState {
     pub sync_standbys: Vec<String>,
     pub older_wal_file: String,
     pub pending_restart: bool,
-    /// A standby's timeline as its streaming walreceiver reports it; 0 when none streams.
-    /// Unlike `timeline` it never falls back to the last restartpoint's timeline, which
-    /// paired with the current replay position can look like a fork that is none.
-    pub receiving_timeline: u64,
 }
 
 impl Conn {
@@ -124,7 +120,6 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
                                 (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
                   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
              (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0, \
-             (SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming')::bigint, \
              (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')",
             &[],
         )
@@ -149,7 +144,7 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
     let xlog_pos = lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
     if in_recovery {
         let seg_size = row
-            .get::<_, Option<i64>>(6)
+            .get::<_, Option<i64>>(5)
             .and_then(|s| u64::try_from(s).ok())
             .unwrap_or(16 << 20);
         timeline = timeline.max(wal_file_timeline(client, xlog_pos, seg_size).await?);
@@ -170,10 +165,6 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
             .collect(),
         older_wal_file: older.get(0),
         pending_restart: row.get(4),
-        receiving_timeline: row
-            .get::<_, Option<i64>>(5)
-            .and_then(|t| u64::try_from(t).ok())
-            .unwrap_or(0),
     })
 }
 
