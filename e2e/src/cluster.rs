@@ -502,10 +502,14 @@ impl Cluster {
             f(&mut k.args);
             (k.host.clone(), k.args.clone())
         };
-        let child = self.spawn(uid, &host, &bin("stolon-keeper"), &args)?;
-        if let Some(mut old) = self.keeper_mut(uid).child.replace(child) {
+        // The old keeper goes first, and its data dir lock with it: started while the old
+        // one (or its fencing watchdog) still held the lock, the new keeper exits at once.
+        if let Some(mut old) = self.keeper_mut(uid).child.take() {
             old.kill();
         }
+        wait_lock_free(&self.keeper(uid).dir.join("keeper.lock"));
+        let child = self.spawn(uid, &host, &bin("stolon-keeper"), &args)?;
+        self.keeper_mut(uid).child = Some(child);
         Ok(())
     }
 
@@ -695,5 +699,20 @@ impl Drop for Cluster {
                 eprintln!("logs of every process kept in {}", kept.display());
             }
         }
+    }
+}
+
+/// Waits (up to 10 s) until no process holds a keeper's data dir lock.
+fn wait_lock_free(path: &Path) {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let Ok(file) = std::fs::File::open(path) else {
+            return;
+        };
+        if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
