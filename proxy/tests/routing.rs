@@ -80,8 +80,15 @@ async fn no_master_not_enabled_and_unknown_db_are_refused_with_57p03() {
     s.route_to("db0", &["other-proxy"], 1).await;
     let proxy = Proxy::spawn(&s.etcd, "p1", &[]);
     assert!(
+        // An ErrorResponse, not just any error: before its first store read the proxy
+        // does not listen yet, and "connection refused" is no answer from it.
         wait_for(Duration::from_secs(10), || async {
-            proxy.connect().await.is_err() && proxy.http_get("/health").0 == 503
+            proxy
+                .connect()
+                .await
+                .err()
+                .is_some_and(|e| e.as_db_error().is_some())
+                && proxy.http_get("/health").0 == 503
         })
         .await
     );
