@@ -705,8 +705,8 @@ impl Drop for Cluster {
 /// Waits (up to 10 s) until no process holds a keeper's data dir lock.
 fn wait_lock_free(path: &Path) {
     use nix::fcntl::{Flock, FlockArg};
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
         let Ok(file) = std::fs::File::open(path) else {
             return;
         };
