@@ -1,26 +1,48 @@
 #!/usr/bin/env bash
-# Installs what the project needs from Debian when it is missing: etcd, protoc (etcd-client
-# builds with it), PostgreSQL 15 server binaries, and the peers the benchmarks compare
-# against (HAProxy, PgBouncer). As root it installs; otherwise it prints the one command
-# to run and fails.
+# Installs every Debian package the build, the tests and the demo use, when it is missing, and
+# assumes nothing else (a machine that has never seen the project has none of them):
+#   build:  protoc and the google/protobuf/*.proto files (etcd-client's build script needs
+#           both: protobuf-compiler AND libprotobuf-dev), a C compiler and pkg-config;
+#   run:    etcd 3 (server and etcdctl), PostgreSQL 15 server and client (psql, pgbench),
+#           iproute2 (ip netns for the partition tests), openssl (test TLS certificates),
+#           util-linux (runuser, setsid), procps;
+#   peers:  HAProxy and PgBouncer, which the benchmarks and tests compare against.
+# Each package is checked by the file the project uses, not by name only. As root it
+# installs; otherwise it prints the one command to run and fails.
 set -euo pipefail
 
 PG_BIN=${PG_BIN_PATH:-/usr/lib/postgresql/15/bin}
 missing=()
-command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
-command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
-command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
-command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
-command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
-[ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
-command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
-command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+need() { # need PACKAGE FILE-OR-COMMAND...: PACKAGE is missing when any of them is
+  local pkg=$1; shift
+  for f in "$@"; do
+    if [[ $f == /* ]]; then [ -e "$f" ] || { missing+=("$pkg"); return; }
+    else command -v "$f" >/dev/null 2>&1 || { missing+=("$pkg"); return; }
+    fi
+  done
+}
+need etcd-server etcd
+need etcd-client etcdctl
+need protobuf-compiler protoc
+need libprotobuf-dev /usr/include/google/protobuf/descriptor.proto
+need gcc cc
+need pkg-config pkg-config
+need haproxy haproxy
+need pgbouncer pgbouncer
+need postgresql-15 "$PG_BIN/postgres" "$PG_BIN/initdb" "$PG_BIN/pg_rewind" "$PG_BIN/pg_basebackup"
+need postgresql-client-15 psql pgbench
+need iproute2 ip tc
+need openssl openssl
+need util-linux runuser setsid
+need procps ps
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "deps: everything needed is installed"
   exit 0
 fi
 
+# Recommends are left out to keep the install small; everything the project uses is named
+# above (libprotobuf-dev is only a recommendation of protobuf-compiler, hence its own line).
 cmd="apt-get install -y --no-install-recommends ${missing[*]}"
 if [ "$(id -u)" -ne 0 ]; then
   echo "deps: missing packages: ${missing[*]}" >&2
@@ -39,4 +61,15 @@ for svc in etcd haproxy pgbouncer postgresql; do
     systemctl stop "$svc" || true
   fi
 done
+# Check again: a package that installed but did not bring the file we use is an error here,
+# not a confusing build failure later.
+missing=()
+need protobuf-compiler protoc
+need libprotobuf-dev /usr/include/google/protobuf/descriptor.proto
+need etcd-server etcd
+need postgresql-15 "$PG_BIN/postgres"
+if [ ${#missing[@]} -ne 0 ]; then
+  echo "deps: still missing after the install: ${missing[*]}" >&2
+  exit 1
+fi
 echo "deps: done"
