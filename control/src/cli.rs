@@ -12,13 +12,14 @@ use std::time::Duration;
 
 #[derive(Args, Clone, Debug)]
 pub struct CommonArgs {
-    /// Name of the cluster (required)
-    #[arg(long)]
+    /// Name of the cluster (required, except for `stolonctl version`)
+    #[arg(long, default_value = "")]
     pub cluster_name: String,
-    /// Store backend type; only etcdv3 is supported
-    #[arg(long, default_value = "etcdv3", value_parser = ["etcdv3"])]
+    /// Store backend type. Only etcdv3 is supported; etcd/etcdv2, consul and kubernetes are
+    /// refused with the way to migrate
+    #[arg(long, default_value = "etcdv3")]
     pub store_backend: String,
-    /// Comma-separated list of store endpoints
+    /// Comma-separated list of store endpoints (https:// for TLS)
     #[arg(long, default_value = "http://127.0.0.1:2379")]
     pub store_endpoints: String,
     /// Timeout of every store request (Go duration: 5s, 500ms)
@@ -30,13 +31,14 @@ pub struct CommonArgs {
     /// Certificate file for client identification to the store
     #[arg(long)]
     pub store_cert_file: Option<PathBuf>,
-    /// Private key file for client identification to the store
-    #[arg(long)]
+    /// Private key file for client identification to the store (also --store-key, stolon's
+    /// deprecated name)
+    #[arg(long = "store-key-file", visible_alias = "store-key")]
     pub store_key: Option<PathBuf>,
     /// CA file to verify the store's certificate
     #[arg(long)]
     pub store_ca_file: Option<PathBuf>,
-    /// Skip store certificate verification (not supported: give --store-ca-file)
+    /// Skip store certificate verification (insecure)
     #[arg(long)]
     pub store_skip_tls_verify: bool,
     /// etcd user for authentication
@@ -51,9 +53,39 @@ pub struct CommonArgs {
     /// Log level: error, warn, info, debug
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub log_level: String,
+    /// Deprecated (stolon's): the same as --log-level debug
+    #[arg(long)]
+    pub debug: bool,
+    /// Colour in the log output (default: when stderr is a terminal)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub log_color: Option<bool>,
     /// Log format
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Kubernetes resource kind (kubernetes backend only, which this build does not support)
+    #[arg(long)]
+    pub kube_resource_kind: Option<String>,
+}
+
+/// Backends of the Go stolon that this build refuses, with what to do instead.
+fn unsupported_backend(backend: &str) -> Option<String> {
+    let name = match backend {
+        "etcdv3" => return None,
+        "etcd" | "etcdv2" => "the etcd v2 API",
+        "consul" => "consul",
+        "kubernetes" => "kubernetes",
+        other => {
+            return Some(format!(
+                "unknown store backend {other:?}: the supported one is etcdv3"
+            ))
+        }
+    };
+    Some(format!(
+        "store backend {backend:?} ({name}) is not supported: the supported one is etcdv3. \
+         To migrate, read the clusterdata with the Go stolonctl (`stolonctl clusterdata read`) \
+         and write it into etcd v3 with this one (`stolonctl --store-backend etcdv3 \
+         clusterdata write -f FILE -y`), then point every component at etcd v3"
+    ))
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -80,6 +112,33 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
 }
 
 impl CommonArgs {
+    /// The checks Go stolon makes of the shared flags: a cluster name, a supported backend,
+    /// kubernetes-only flags only with that backend.
+    pub fn check(&self) -> Result<(), String> {
+        if self.cluster_name.is_empty() {
+            return Err("--cluster-name is required".into());
+        }
+        self.check_backend()?;
+        if self.kube_resource_kind.is_some() {
+            return Err(kube_only("--kube-resource-kind"));
+        }
+        Ok(())
+    }
+
+    /// The backend check alone (stolonctl's kube flags are checked by stolonctl).
+    pub fn check_backend(&self) -> Result<(), String> {
+        unsupported_backend(&self.store_backend).map_or(Ok(()), Err)
+    }
+
+    /// The log level in effect: `--debug` is `--log-level debug`.
+    pub fn effective_log_level(&self) -> &str {
+        if self.debug {
+            "debug"
+        } else {
+            &self.log_level
+        }
+    }
+
     pub fn etcd_config(&self) -> Result<EtcdConfig, StoreError> {
         let password = match &self.store_password_file {
             Some(p) => Some(read_secret_file(p).map_err(StoreError::Config)?),
@@ -105,6 +164,7 @@ impl CommonArgs {
 
     /// Connects to the store; every call on it times out after `--store-timeout`.
     pub async fn open_store(&self) -> Result<Arc<dyn Store>, StoreError> {
+        self.check().map_err(StoreError::Config)?;
         let etcd = EtcdStore::connect(&self.etcd_config()?).await?;
         Ok(Arc::new(Timed::new(etcd, self.store_timeout)))
     }
@@ -120,11 +180,31 @@ impl CommonArgs {
 
     /// Sets up tracing once for the process, as text or JSON on stderr.
     pub fn init_tracing(&self) {
-        init_tracing(&self.log_level, self.log_format == "json");
+        if self.debug {
+            eprintln!("--debug is deprecated: use --log-level debug");
+        }
+        init_tracing_with(
+            self.effective_log_level(),
+            self.log_format == "json",
+            self.log_color,
+        );
     }
 }
 
+/// The message for a kubernetes-only flag given with another backend.
+pub fn kube_only(flag: &str) -> String {
+    format!(
+        "{flag} is only used with --store-backend kubernetes, which this build does not \
+         support: remove {flag} and use --store-backend etcdv3"
+    )
+}
+
 pub fn init_tracing(level: &str, json: bool) {
+    init_tracing_with(level, json, None)
+}
+
+/// Tracing on stderr; `color` None means "when stderr is a terminal" (stolon's --log-color).
+pub fn init_tracing_with(level: &str, json: bool, color: Option<bool>) {
     // `--log-level debug` is about our components, not the gRPC/HTTP2 stack's frames.
     let directives =
         format!("{level},h2=info,tower=info,hyper=info,tonic=info,tokio_postgres=info");
@@ -132,7 +212,7 @@ pub fn init_tracing(level: &str, json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directives));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(color.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr())))
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()

@@ -2,7 +2,12 @@
 //! `run/` (the private unix socket directory), `dbstate.json` (which db the data holds),
 //! `init-params.json` (the parameters found at init, reported for mergePgParameters),
 //! `pgpass` (libpq password file for replication and pg_rewind), `postgres.log`, and
-//! `keeper.lock`, locked while a keeper runs here so two keepers cannot share it.
+//! `keeper.lock` and `lock` (Go stolon's name), locked while a keeper runs here so two
+//! keepers, ours or Go's, cannot share it.
+//!
+//! A data dir written by Go stolon's keeper (`keeperstate`, `dbstate`, `lock` beside
+//! `postgres/`) is adopted in place: [`Layout::adopt_go_state`] takes the keeper UID and
+//! the db identity from its files, so the data is neither wiped nor copied again.
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -26,7 +31,26 @@ pub struct DbState {
 }
 
 /// Held for the keeper's lifetime.
-pub struct DirLock(#[allow(dead_code)] Flock<File>);
+pub struct DirLock(#[allow(dead_code)] Vec<Flock<File>>);
+
+/// Go stolon's `keeperstate` (cmd/keeper: KeeperLocalState).
+#[derive(Deserialize)]
+struct GoKeeperState {
+    #[serde(rename = "UID", default)]
+    uid: String,
+}
+
+/// Go stolon's `dbstate` (cmd/keeper: DBLocalState); `Generation` is not needed: the
+/// keeper reports its generation from the clusterdata it applies.
+#[derive(Deserialize)]
+struct GoDbState {
+    #[serde(rename = "UID", default)]
+    uid: String,
+    #[serde(rename = "Initializing", default)]
+    initializing: bool,
+    #[serde(rename = "InitPGParameters", default)]
+    init_pg_parameters: Option<BTreeMap<String, String>>,
+}
 
 impl Layout {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -51,21 +75,67 @@ impl Layout {
         self.dir.join("init-params.json")
     }
 
-    /// Locks the directory; fails if another keeper holds it.
+    /// Locks the directory (our `keeper.lock` and Go stolon's `lock`, so a Go keeper on the
+    /// same dir is kept out too); fails if another keeper holds either.
     pub fn lock(&self) -> anyhow::Result<DirLock> {
         std::fs::create_dir_all(&self.dir)?;
+        let go = self.lock_file("lock")?;
+        let ours = self.lock_file("keeper.lock")?;
+        Ok(DirLock(vec![ours, go]))
+    }
+
+    fn lock_file(&self, name: &str) -> anyhow::Result<Flock<File>> {
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(self.dir.join("keeper.lock"))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            .open(self.dir.join(name))?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
             anyhow::anyhow!(
-                "data dir {} is in use by another keeper ({e})",
+                "data dir {} is in use by another keeper ({name} is locked: {e})",
                 self.dir.display()
             )
-        })?;
-        Ok(DirLock(lock))
+        })
+    }
+
+    /// The keeper UID kept in the data dir (ours, or Go stolon's `keeperstate`).
+    pub fn saved_uid(&self) -> Option<String> {
+        if let Ok(uid) = std::fs::read_to_string(self.dir.join("keeper-uid")) {
+            return Some(uid.trim().to_string()).filter(|u| !u.is_empty());
+        }
+        let bytes = std::fs::read(self.dir.join("keeperstate")).ok()?;
+        let st: GoKeeperState = serde_json::from_slice(&bytes).ok()?;
+        Some(st.uid).filter(|u| !u.is_empty())
+    }
+
+    pub fn save_uid(&self, uid: &str) -> std::io::Result<()> {
+        write_atomic(&self.dir.join("keeper-uid"), uid.as_bytes())
+    }
+
+    /// Takes over a data dir written by Go stolon's keeper: its `dbstate` (which db the data
+    /// holds, and the parameters found at init) becomes ours, once. The Go file is renamed
+    /// to `dbstate.adopted`, so a later removal of our state (a resync) cannot bring the old
+    /// identity back. Returns the adopted db UID.
+    pub fn adopt_go_state(&self) -> anyhow::Result<Option<String>> {
+        let go_path = self.dir.join("dbstate");
+        if self.db_state_path().exists() || !go_path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&go_path)?;
+        let go: GoDbState = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("cannot read Go stolon's {}: {e}", go_path.display()))?;
+        if go.uid.is_empty() || go.initializing {
+            // Go's keeper died while initialising this db: like Go, start over from the
+            // sentinel's view (the data is not trusted, and no identity is claimed).
+            return Ok(None);
+        }
+        self.set_init_params(&go.init_pg_parameters.unwrap_or_default())?;
+        self.set_db_state(Some(&DbState {
+            db_uid: go.uid.clone(),
+            pitr_pending: false,
+        }))?;
+        std::fs::rename(&go_path, self.dir.join("dbstate.adopted"))?;
+        Ok(Some(go.uid))
     }
 
     /// Whether the data directory holds a PostgreSQL cluster.
@@ -143,6 +213,46 @@ mod tests {
             err.to_string().contains("in use by another keeper"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_go_keeper_dir_is_adopted_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let l = Layout::new(dir.path());
+        std::fs::write(
+            dir.path().join("keeperstate"),
+            r#"{"UID":"keeper0","ClusterUID":"c1"}"#,
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("dbstate"),
+            r#"{"UID":"d1","Generation":4,"Initializing":false,"InitPGParameters":{"max_connections":"100"}}"#,
+        )
+        .expect("write");
+        assert_eq!(l.saved_uid().as_deref(), Some("keeper0"));
+        assert_eq!(l.adopt_go_state().expect("adopt").as_deref(), Some("d1"));
+        assert_eq!(l.db_state().map(|d| d.db_uid).as_deref(), Some("d1"));
+        assert_eq!(
+            l.init_params().get("max_connections").map(String::as_str),
+            Some("100")
+        );
+        // Once: our state is authoritative from now on, even after it is removed.
+        l.set_db_state(None).expect("remove");
+        assert_eq!(l.adopt_go_state().expect("again"), None);
+        assert_eq!(l.db_state(), None);
+    }
+
+    #[test]
+    fn a_go_db_that_was_initialising_is_not_adopted() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let l = Layout::new(dir.path());
+        std::fs::write(
+            dir.path().join("dbstate"),
+            r#"{"UID":"d1","Initializing":true}"#,
+        )
+        .expect("write");
+        assert_eq!(l.adopt_go_state().expect("adopt"), None);
+        assert_eq!(l.db_state(), None);
     }
 
     #[test]

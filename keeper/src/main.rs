@@ -22,9 +22,16 @@ use tokio_util::sync::CancellationToken;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Keeper UID (default: generated once and kept in the data dir)
+    /// Keeper UID: lower-case letters, digits and '_' (default: the one kept in the data
+    /// dir, Go stolon's `keeperstate` included, or a new random one)
     #[arg(long)]
     uid: Option<String>,
+    /// Deprecated (stolon's): the same as --uid
+    #[arg(long, hide = true)]
+    id: Option<String>,
+    /// Do not lock the data dir (stolon's flag; two keepers on one dir then corrupt it)
+    #[arg(long)]
+    disable_data_dir_locking: bool,
     /// The keeper's directory (PostgreSQL data in <data-dir>/postgres)
     #[arg(long)]
     data_dir: PathBuf,
@@ -56,9 +63,10 @@ struct Args {
     /// Replication authentication method
     #[arg(long, value_enum, default_value = "md5")]
     pg_repl_auth_method: AuthMethod,
-    /// Superuser name
-    #[arg(long, default_value = "postgres")]
-    pg_su_username: String,
+    /// Superuser name (default: the OS user that runs PostgreSQL: the keeper's own user as in
+    /// Go stolon, or --pg-os-user when the keeper runs as root)
+    #[arg(long)]
+    pg_su_username: Option<String>,
     /// Superuser password (visible in the process list: prefer --pg-su-passwordfile)
     #[arg(long)]
     pg_su_password: Option<String>,
@@ -110,18 +118,53 @@ fn password(
     }
 }
 
+/// Go stolon's rule for keeper UIDs (cmd/keeper: `[a-z0-9_]+`).
+fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 fn keeper_uid(args: &Args, layout: &Layout) -> anyhow::Result<String> {
-    if let Some(uid) = &args.uid {
-        return Ok(uid.clone());
+    if args.id.is_some() {
+        tracing::warn!("--id is deprecated: use --uid");
     }
-    let path = layout.dir.join("keeper-uid");
-    if let Ok(uid) = std::fs::read_to_string(&path) {
-        return Ok(uid.trim().to_string());
+    let given = args.uid.clone().or_else(|| args.id.clone());
+    let saved = layout.saved_uid();
+    let uid = match (given, saved) {
+        (Some(g), Some(s)) if g != s => bail!(
+            "keeper uid {g:?} differs from the uid {s:?} saved in {}: a data dir belongs to one keeper",
+            layout.dir.display()
+        ),
+        (Some(g), _) => g,
+        (None, Some(s)) => s,
+        (None, None) => control::model::short_uid(),
+    };
+    if !valid_uid(&uid) {
+        bail!("invalid keeper uid {uid:?}: only lower-case letters, digits and '_' are allowed");
     }
-    let uid = control::model::short_uid();
-    std::fs::write(&path, &uid).with_context(|| format!("write {}", path.display()))?;
+    layout
+        .save_uid(&uid)
+        .with_context(|| format!("write the keeper uid into {}", layout.dir.display()))?;
     Ok(uid)
 }
+
+/// The superuser's default name, as Go stolon picks it: the OS user running PostgreSQL.
+fn default_su_username(pg_os_user: &str) -> String {
+    if nix::unistd::geteuid().is_root() {
+        return pg_os_user.to_string();
+    }
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| pg_os_user.to_string())
+}
+
+/// Oldest PostgreSQL major version the keeper manages (its config and recovery handling
+/// assume 12+'s standby.signal; 13 is the oldest tested and supported).
+const MIN_PG_MAJOR: u32 = 13;
 
 fn pg_version(tools: &Tools) -> PostgresBinaryVersion {
     let out = std::process::Command::new(tools.bin_dir.join("postgres"))
@@ -145,9 +188,21 @@ fn main() -> anyhow::Result<()> {
     }
     let args: Args = parse_with_env("STKEEPER_");
     args.common.init_tracing();
+    args.common.check().map_err(anyhow::Error::msg)?;
     let layout = Layout::new(&args.data_dir);
-    let _lock = layout.lock()?;
+    let _lock = if args.disable_data_dir_locking {
+        tracing::warn!(
+            "--disable-data-dir-locking: nothing stops a second keeper on this data dir"
+        );
+        std::fs::create_dir_all(&layout.dir)?;
+        None
+    } else {
+        Some(layout.lock()?)
+    };
     let uid = keeper_uid(&args, &layout)?;
+    if let Some(db) = layout.adopt_go_state()? {
+        tracing::info!(%uid, %db, "adopted a data dir written by Go stolon's keeper");
+    }
     let su_password = password(
         "superuser",
         "--pg-su-password",
@@ -173,13 +228,24 @@ fn main() -> anyhow::Result<()> {
         listen_address: args.pg_listen_address.clone(),
         port: args.pg_port,
         socket_dir: layout.socket_dir().display().to_string(),
-        su_user: args.pg_su_username.clone(),
+        su_user: args
+            .pg_su_username
+            .clone()
+            .unwrap_or_else(|| default_su_username(&args.pg_os_user)),
         su_auth: args.pg_su_auth_method,
         repl_user: args.pg_repl_username.clone(),
         repl_auth: args.pg_repl_auth_method,
         passfile: layout.passfile().display().to_string(),
     };
     let version = pg_version(&tools);
+    if version.maj < MIN_PG_MAJOR {
+        bail!(
+            "PostgreSQL {}.{} in {} is not supported: the keeper needs PostgreSQL {MIN_PG_MAJOR} or later (give another with --pg-bin-path)",
+            version.maj,
+            version.min,
+            tools.bin_dir.display()
+        );
+    }
     // One thread: the postmaster's parent-death signal follows the spawning thread, which
     // must live as long as the process.
     let rt = tokio::runtime::Builder::new_current_thread()

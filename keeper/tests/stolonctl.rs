@@ -143,7 +143,10 @@ async fn stolonctl_on_a_real_cluster() {
     // Init picks among the keepers seen first: either may be master.
     let st: serde_json::Value =
         serde_json::from_str(&ok(&ctl(&env, &["status", "-f", "json"]))).expect("json");
-    let m = st["master_keeper"].as_str().expect("master").to_string();
+    let m = st["cluster"]["master_keeper_uid"]
+        .as_str()
+        .expect("master")
+        .to_string();
     let (s, s_port) = if m == "k1" {
         ("k2", k2.port.0)
     } else {
@@ -210,7 +213,8 @@ async fn stolonctl_on_a_real_cluster() {
                 .as_array()?
                 .iter()
                 .all(|k| {
-                    k["pg_healthy"] == true && k["current_generation"] == k["wanted_generation"]
+                    k["pg_healthy"] == true
+                        && k["pg_current_generation"] == k["pg_wanted_generation"]
                 })
                 .then_some(())
         },

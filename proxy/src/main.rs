@@ -34,13 +34,14 @@ struct Args {
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true")]
     stop_listening: bool,
-    /// TCP keepalive idle time in seconds for client connections (0: OS default)
+    /// TCP keepalive idle time in seconds for client connections. Keepalive is always on,
+    /// as in Go stolon (Go's listener turns it on): 0 means Go's default period, 15 s
     #[arg(long, default_value_t = 0)]
     tcp_keepalive_idle: u64,
     /// TCP keepalive probe count for client connections (0: OS default)
     #[arg(long, default_value_t = 0)]
     tcp_keepalive_count: u32,
-    /// TCP keepalive probe interval in seconds for client connections (0: OS default)
+    /// TCP keepalive probe interval in seconds for client connections (0: 15 s, Go's default)
     #[arg(long, default_value_t = 0)]
     tcp_keepalive_interval: u64,
     /// Relay engine; auto picks the fastest measured one
@@ -67,20 +68,20 @@ struct Args {
 }
 
 impl Args {
+    /// Keepalive for client connections: on unless the OS refuses, idle and interval 15 s
+    /// unless set (what Go's net.Listen gives stolon-proxy's sockets), count the OS's.
     fn keepalive(&self) -> Option<TcpKeepalive> {
-        if self.tcp_keepalive_idle == 0
-            && self.tcp_keepalive_interval == 0
-            && self.tcp_keepalive_count == 0
-        {
-            return None;
-        }
-        let mut ka = TcpKeepalive::new();
-        if self.tcp_keepalive_idle > 0 {
-            ka = ka.with_time(Duration::from_secs(self.tcp_keepalive_idle));
-        }
-        if self.tcp_keepalive_interval > 0 {
-            ka = ka.with_interval(Duration::from_secs(self.tcp_keepalive_interval));
-        }
+        const GO_DEFAULT: Duration = Duration::from_secs(15);
+        let secs = |s: u64| {
+            if s == 0 {
+                GO_DEFAULT
+            } else {
+                Duration::from_secs(s)
+            }
+        };
+        let mut ka = TcpKeepalive::new()
+            .with_time(secs(self.tcp_keepalive_idle))
+            .with_interval(secs(self.tcp_keepalive_interval));
         if self.tcp_keepalive_count > 0 {
             ka = ka.with_retries(self.tcp_keepalive_count);
         }
@@ -88,13 +89,23 @@ impl Args {
     }
 }
 
+/// `--listen-address` may be an IP or a host name (as in Go stolon): the first address the
+/// name resolves to.
+fn listen_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("invalid --listen-address {host:?}: cannot resolve it"))?
+        .next()
+        .with_context(|| format!("--listen-address {host:?} resolves to no address"))
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Args = parse_with_env("STPROXY_");
     args.common.init_tracing();
-    let addr: SocketAddr = format!("{}:{}", args.listen_address, args.port)
-        .parse()
-        .or_else(|_| format!("[{}]:{}", args.listen_address, args.port).parse())
-        .with_context(|| format!("invalid --listen-address {:?}", args.listen_address))?;
+    args.common.check().map_err(anyhow::Error::msg)?;
+    let addr = listen_addr(&args.listen_address, args.port)?;
     let uid = args.uid.clone().unwrap_or_else(control::model::short_uid);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -46,6 +46,7 @@ fn read_spec(path: &PathBuf) -> anyhow::Result<ClusterSpec> {
 fn main() -> anyhow::Result<()> {
     let args: Args = parse_with_env("STSENTINEL_");
     args.common.init_tracing();
+    args.common.check().map_err(anyhow::Error::msg)?;
     let initial_cluster_spec = args
         .initial_cluster_spec
         .as_ref()

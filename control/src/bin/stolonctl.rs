@@ -18,8 +18,33 @@ use std::time::{Duration, Instant};
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// Path to a kubeconfig file (kubernetes backend only, which this build does not support)
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (kubernetes backend only)
+    #[arg(long)]
+    kube_context: Option<String>,
+    /// Kubernetes namespace (kubernetes backend only)
+    #[arg(long)]
+    kube_namespace: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+impl Args {
+    /// The kubernetes-only flags are refused with another backend, as the resource kind is.
+    fn check_kube_flags(&self) -> Result<()> {
+        for (flag, given) in [
+            ("--kubeconfig", self.kubeconfig.is_some()),
+            ("--kube-context", self.kube_context.is_some()),
+            ("--kube-namespace", self.kube_namespace.is_some()),
+        ] {
+            if given {
+                bail!(control::cli::kube_only(flag));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -30,14 +55,20 @@ enum Format {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create the cluster from a spec (JSON argument, -f FILE, or - for stdin)
+    /// Create the cluster from a spec (JSON argument, -f FILE, or -f - for stdin); over an
+    /// existing cluster it asks first (or takes -y), as Go stolon does
     Init {
         spec: Option<String>,
         #[arg(short = 'f', long = "file")]
         file: Option<PathBuf>,
-        /// Replace an existing cluster (needs -y)
-        #[arg(long)]
+        /// Replace an existing cluster (the default, as in Go stolon; kept for old scripts)
+        #[arg(long, hide = true)]
         force: bool,
+        /// Replace an existing cluster; with --overwrite=false an existing one is kept and
+        /// init exits 0
+        #[arg(short = 'o', long, default_value_t = true, action = clap::ArgAction::Set,
+              num_args = 0..=1, default_missing_value = "true")]
+        overwrite: bool,
         /// Do not ask for confirmation
         #[arg(short = 'y', long = "yes")]
         yes: bool,
@@ -103,21 +134,43 @@ enum ClusterdataOp {
     },
 }
 
-/// Asks on a terminal; without one (scripts, CI) `-y` is required.
+/// Asks on stdin (a terminal or a pipe, as Go stolon's askConfirmation); `yes`/`y` go on,
+/// `no`/`n` or end of input stop. With -y nothing is asked.
 fn confirm(what: &str, yes: bool) -> Result<()> {
     if yes {
         return Ok(());
     }
-    if !std::io::stdin().is_terminal() {
-        bail!("{what}: pass -y to confirm (no terminal to ask on)");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("{what}. Are you sure you want to continue? [yes/no] ");
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 {
+            let hint = if stdin.is_terminal() {
+                ""
+            } else {
+                " (no answer on stdin)"
+            };
+            bail!("not confirmed{hint}: pass -y to go on without asking");
+        }
+        match line.trim().to_ascii_lowercase().as_str() {
+            "y" | "yes" => return Ok(()),
+            "n" | "no" => bail!("aborted"),
+            _ => eprintln!("please answer yes or no"),
+        }
     }
-    eprint!("{what}. Continue? [y/N] ");
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
-    if line.trim().eq_ignore_ascii_case("y") {
-        Ok(())
+}
+
+/// `--log-level` as given; stolonctl's own default is warn, so a plain command prints only
+/// its output (the flag's default of info is for the daemons).
+fn log_level(args: &Args) -> String {
+    let given = std::env::args().any(|a| a == "--log-level" || a.starts_with("--log-level="))
+        || std::env::var_os("STOLONCTL_LOG_LEVEL").is_some();
+    if args.common.debug {
+        "debug".into()
+    } else if given {
+        args.common.log_level.clone()
     } else {
-        bail!("aborted")
+        "warn".into()
     }
 }
 
@@ -127,10 +180,11 @@ fn main() {
         println!("stolonctl {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    control::cli::init_tracing(
-        &std::env::var("STOLONCTL_LOG_LEVEL").unwrap_or("warn".into()),
-        false,
-    );
+    control::cli::init_tracing_with(&log_level(&args), false, args.common.log_color);
+    if let Err(e) = args.check_kube_flags() {
+        eprintln!("stolonctl: {e:#}");
+        std::process::exit(1);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -157,17 +211,25 @@ async fn run(args: Args) -> Result<()> {
         Cmd::Init {
             spec,
             file,
-            force,
+            force: _,
+            overwrite,
             yes,
         } => {
             let input = match (spec.as_deref(), file.as_deref()) {
                 (None, None) => serde_json::json!({"initMode": "new"}),
                 (s, f) => ctl::read_spec_input(s, f)?,
             };
-            if force {
-                confirm("this replaces the existing cluster's clusterdata", yes)?;
+            let exists = ctl::cluster_exists(&store).await?;
+            if exists && !overwrite {
+                println!("Exiting as DB is already initialized");
+                return Ok(());
             }
-            let uid = ctl::init(&store, input, force).await?;
+            if exists {
+                println!("WARNING: The current cluster data will be removed");
+                println!("WARNING: The databases managed by the keepers will be overwritten depending on the provided cluster spec.");
+                confirm("The existing cluster is replaced", yes)?;
+            }
+            let uid = ctl::init(&store, input, exists).await?;
             println!("cluster {uid} created at {}", store.prefix());
         }
         Cmd::Status { format } => {
@@ -200,6 +262,12 @@ async fn run(args: Args) -> Result<()> {
             println!("keeper {uid} removed");
         }
         Cmd::Promote { yes } => {
+            let (cd, _) = ctl::cluster_data(&store).await?;
+            if cd.cluster.spec.role() != control::model::ClusterRole::Standby {
+                // Go stolon's promote is a no-op here, and scripts rely on its exit 0.
+                println!("the cluster is already a master cluster: nothing to promote");
+                return Ok(());
+            }
             confirm(
                 "the standby cluster stops following its primary and takes writes",
                 yes,
@@ -226,7 +294,7 @@ async fn clusterdata(store: &ClusterStore, op: ClusterdataOp) -> Result<()> {
         }
         ClusterdataOp::Write { file, yes } => {
             let mut bytes = Vec::new();
-            match &file {
+            match file.as_deref().filter(|f| f.as_os_str() != "-") {
                 Some(f) => {
                     bytes =
                         std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?

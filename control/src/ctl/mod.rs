@@ -59,7 +59,9 @@ pub fn read_spec_input(
     file: Option<&std::path::Path>,
 ) -> Result<serde_json::Value> {
     let text = match (arg, file) {
-        (Some("-"), _) => std::io::read_to_string(std::io::stdin())?,
+        (Some("-"), None) | (None, Some(_)) if is_stdin(arg, file) => {
+            std::io::read_to_string(std::io::stdin()).context("cannot read the spec from stdin")?
+        }
         (Some(s), None) => s.to_string(),
         (None, Some(f)) => {
             std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
@@ -68,6 +70,20 @@ pub fn read_spec_input(
         (Some(_), Some(_)) => bail!("give the spec either as an argument or with -f, not both"),
     };
     serde_json::from_str(&text).context("the spec is not valid JSON")
+}
+
+/// `-` (as the argument or as `-f -`) means stdin, as in Go stolon.
+fn is_stdin(arg: Option<&str>, file: Option<&std::path::Path>) -> bool {
+    arg == Some("-") || file.is_some_and(|f| f.as_os_str() == "-")
+}
+
+/// Whether a clusterdata document exists.
+pub async fn cluster_exists(store: &ClusterStore) -> Result<bool> {
+    Ok(store
+        .get_cluster_data()
+        .await
+        .map_err(|e| store_error(store, e))?
+        .is_some())
 }
 
 fn parse_spec(v: serde_json::Value) -> Result<ClusterSpec> {
@@ -88,7 +104,7 @@ pub async fn init(store: &ClusterStore, spec: serde_json::Value, force: bool) ->
     let rev = match (existing, force) {
         (None, _) => 0,
         (Some(_), false) => bail!(
-            "a cluster already exists at {}: `stolonctl init --force -y` replaces it (its data is lost to the cluster)",
+            "a cluster already exists at {}: `stolonctl init -y` replaces it (its data is lost to the cluster)",
             store.prefix()
         ),
         (Some((_, rev)), true) => rev,

@@ -1,5 +1,9 @@
 //! `stolonctl status`: sentinels (leader marked), proxies, keepers with their db, the master
-//! and the replication tree; as a readable table or stable JSON.
+//! and the replication tree; as a readable table or JSON. The JSON has Go stolon's schema
+//! (`sentinels[].uid/leader`, `proxies[].uid/generation`, `keepers[].uid/listen_address/
+//! healthy/pg_healthy/pg_wanted_generation/pg_current_generation`, `cluster.available/
+//! master_keeper_uid/master_db_uid`), so scripts written for it work; our extra fields
+//! (role, lag, the proxies' route, the tree) are additional keys.
 
 use super::{cluster_data, store_error};
 use crate::model::{ClusterData, DbRole};
@@ -10,17 +14,24 @@ use std::fmt::Write as _;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
-    pub cluster_uid: String,
-    pub phase: String,
     pub sentinels: Vec<SentinelRow>,
     pub proxies: Vec<ProxyRow>,
     pub keepers: Vec<KeeperRow>,
-    pub master_keeper: Option<String>,
-    pub master_db: Option<String>,
+    pub cluster: ClusterRow,
+    pub cluster_uid: String,
+    pub phase: String,
     pub proxy_master_db: Option<String>,
     pub proxy_generation: i64,
     /// master keeper -> standby keepers.
     pub tree: Vec<(String, Vec<String>)>,
+}
+
+/// Go's `ClusterStatus`: empty strings when there is no master, as Go writes them.
+#[derive(Debug, Serialize)]
+pub struct ClusterRow {
+    pub available: bool,
+    pub master_keeper_uid: String,
+    pub master_db_uid: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,13 +49,14 @@ pub struct ProxyRow {
 #[derive(Debug, Serialize)]
 pub struct KeeperRow {
     pub uid: String,
+    /// `host:port`, or Go's "(no db assigned)" / "(unknown)".
+    pub listen_address: String,
     pub healthy: bool,
-    pub db: Option<String>,
-    pub address: Option<String>,
     pub pg_healthy: bool,
+    pub pg_wanted_generation: i64,
+    pub pg_current_generation: i64,
+    pub db: Option<String>,
     pub role: Option<String>,
-    pub wanted_generation: i64,
-    pub current_generation: i64,
     /// Bytes behind the master's last reported WAL position (standbys only).
     pub lag_bytes: Option<u64>,
 }
@@ -65,18 +77,24 @@ fn keeper_rows(cd: &ClusterData) -> Vec<KeeperRow> {
                 }
                 _ => None,
             };
+            let listen_address = match db {
+                None => "(no db assigned)".to_string(),
+                Some(d) if d.status.listen_address.is_empty() => "(unknown)".to_string(),
+                Some(d) => format!(
+                    "{}:{}",
+                    d.status.listen_address,
+                    d.status.port.map(|p| p.to_string()).unwrap_or_default()
+                ),
+            };
             KeeperRow {
                 uid: k.uid.clone(),
+                listen_address,
                 healthy: k.status.healthy,
-                db: db.map(|d| d.uid.clone()),
-                address: db.and_then(|d| {
-                    let p = d.status.port?;
-                    Some(format!("{}:{p}", d.status.listen_address))
-                }),
                 pg_healthy: db.is_some_and(|d| d.status.healthy),
+                pg_wanted_generation: db.map_or(0, |d| d.generation),
+                pg_current_generation: db.map_or(0, |d| d.status.current_generation),
+                db: db.map(|d| d.uid.clone()),
                 role,
-                wanted_generation: db.map_or(0, |d| d.generation),
-                current_generation: db.map_or(0, |d| d.status.current_generation),
                 lag_bytes: lag,
             }
         })
@@ -101,7 +119,6 @@ pub async fn status(store: &ClusterStore) -> Result<Status> {
         .flatten()
         .and_then(|kv| String::from_utf8(kv.value).ok());
     let master = cd.dbs.get(&cd.cluster.status.master);
-    let master_keeper = master.map(|d| d.spec.keeper_uid.clone());
     let tree = master
         .map(|m| {
             let standbys = m
@@ -133,8 +150,13 @@ pub async fn status(store: &ClusterStore) -> Result<Status> {
             })
             .collect(),
         keepers: keeper_rows(&cd),
-        master_keeper,
-        master_db: master.map(|d| d.uid.clone()),
+        cluster: ClusterRow {
+            available: true,
+            master_keeper_uid: master
+                .map(|d| d.spec.keeper_uid.clone())
+                .unwrap_or_default(),
+            master_db_uid: master.map(|d| d.uid.clone()).unwrap_or_default(),
+        },
         proxy_master_db: Some(cd.proxy.spec.master_db_uid.clone()).filter(|s| !s.is_empty()),
         proxy_generation: cd.proxy.generation,
         tree,
@@ -166,10 +188,10 @@ pub fn render_text(s: &Status) -> String {
             "{:<12} {:<8} {:<22} {:<10} {:<8} {:<11} {}",
             k.uid,
             k.healthy,
-            k.address.as_deref().unwrap_or("-"),
+            k.listen_address,
             k.pg_healthy,
             k.role.as_deref().unwrap_or("-"),
-            format!("{}/{}", k.current_generation, k.wanted_generation),
+            format!("{}/{}", k.pg_current_generation, k.pg_wanted_generation),
             k.lag_bytes.map_or("-".to_string(), |l| format!("{l} B")),
         );
     }
@@ -177,8 +199,12 @@ pub fn render_text(s: &Status) -> String {
     let _ = writeln!(
         out,
         "master: {} (db {}); proxies route to: {}",
-        s.master_keeper.as_deref().unwrap_or("none"),
-        s.master_db.as_deref().unwrap_or("-"),
+        Some(s.cluster.master_keeper_uid.as_str())
+            .filter(|m| !m.is_empty())
+            .unwrap_or("none"),
+        Some(s.cluster.master_db_uid.as_str())
+            .filter(|m| !m.is_empty())
+            .unwrap_or("-"),
         s.proxy_master_db.as_deref().unwrap_or("none (fenced)")
     );
     for (m, standbys) in &s.tree {

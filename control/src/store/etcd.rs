@@ -3,8 +3,8 @@
 
 use super::*;
 use etcd_client::{
-    Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions,
-    EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType,
+    GetOptions, OpenSslClientConfig, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use std::path::PathBuf;
 
@@ -78,39 +78,52 @@ impl EtcdConfig {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout.max(Duration::from_millis(100)))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        if self.skip_tls_verify {
-            return Err(StoreError::Config(
-                "--store-skip-tls-verify is not supported: give the CA with --store-ca-file".into(),
-            ));
-        }
         let tls_wanted = self.ca_file.is_some()
             || self.cert_file.is_some()
+            || self.skip_tls_verify
             || self.endpoints.iter().any(|e| e.starts_with("https://"));
         if tls_wanted {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &self.ca_file {
-                tls = tls.ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
-            }
-            match (&self.cert_file, &self.key_file) {
-                (Some(cert), Some(key)) => {
-                    let cert = read_file("certificate file", cert)?;
-                    let key = read_file("key file", key)?;
-                    tls = tls.identity(Identity::from_pem(cert, key));
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(StoreError::Config(
-                        "--store-cert-file and --store-key must be given together".into(),
-                    ))
-                }
-            }
-            opts = opts.with_tls(tls);
+            opts = opts.with_openssl_tls(self.tls_config()?);
         }
         if let Some(user) = &self.user {
             let password = self.password.clone().unwrap_or_default();
             opts = opts.with_user(user.clone(), password);
         }
         Ok(opts)
+    }
+
+    /// The TLS set-up: the system's CAs plus `--store-ca-file`, a client certificate, and
+    /// with `--store-skip-tls-verify` no verification of the server at all (as Go stolon).
+    fn tls_config(&self) -> Result<OpenSslClientConfig> {
+        let mut tls = OpenSslClientConfig::default();
+        if let Some(ca) = &self.ca_file {
+            let pem = read_file("CA file", ca)?;
+            openssl::x509::X509::from_pem(&pem).map_err(|e| {
+                StoreError::Config(format!("CA file {} is not PEM: {e}", ca.display()))
+            })?;
+            tls = tls.ca_cert_pem(&pem);
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                let cert = read_file("certificate file", cert)?;
+                let key = read_file("key file", key)?;
+                tls = tls.client_cert_pem_and_key(&cert, &key);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(StoreError::Config(
+                    "--store-cert-file and --store-key-file must be given together".into(),
+                ))
+            }
+        }
+        if self.skip_tls_verify {
+            tracing::warn!("--store-skip-tls-verify: the store's certificate is not verified");
+            tls = tls.manually(|b| {
+                b.set_verify(openssl::ssl::SslVerifyMode::NONE);
+                Ok(())
+            });
+        }
+        Ok(tls)
     }
 }
 
