@@ -2,7 +2,8 @@
 # Installs every Debian package the build, the tests and the demo use, when it is missing, and
 # assumes nothing else (a machine that has never seen the project has none of them):
 #   build:  protoc and the google/protobuf/*.proto files (etcd-client's build script needs
-#           both: protobuf-compiler AND libprotobuf-dev), a C compiler and pkg-config;
+#           both: protobuf-compiler AND libprotobuf-dev), OpenSSL's headers (libssl-dev: the
+#           etcd client's TLS), a C compiler and pkg-config;
 #   run:    etcd 3 (server and etcdctl), PostgreSQL 15 server and client (psql, pgbench),
 #           iproute2 (ip netns for the partition tests), openssl (test TLS certificates),
 #           util-linux (runuser, setsid), procps;
@@ -25,6 +26,7 @@ need etcd-server etcd
 need etcd-client etcdctl
 need protobuf-compiler protoc
 need libprotobuf-dev /usr/include/google/protobuf/descriptor.proto
+need libssl-dev /usr/include/openssl/ssl.h
 need gcc cc
 need pkg-config pkg-config
 need haproxy haproxy
@@ -66,6 +68,7 @@ done
 missing=()
 need protobuf-compiler protoc
 need libprotobuf-dev /usr/include/google/protobuf/descriptor.proto
+need libssl-dev /usr/include/openssl/ssl.h
 need etcd-server etcd
 need postgresql-15 "$PG_BIN/postgres"
 if [ ${#missing[@]} -ne 0 ]; then

@@ -36,8 +36,14 @@ struct Args {
 fn read_spec(path: &PathBuf) -> anyhow::Result<ClusterSpec> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read --initial-cluster-spec {}", path.display()))?;
-    let spec: ClusterSpec = decode("cluster spec", &bytes)
+    let doc: serde_json::Value = decode("cluster spec", &bytes)
         .with_context(|| format!("invalid --initial-cluster-spec {}", path.display()))?;
+    // Read as Go stolon reads it: keys matched without regard to case.
+    let (spec, unknown): (ClusterSpec, _) = control::model::spec_from_value(doc)
+        .with_context(|| format!("invalid --initial-cluster-spec {}", path.display()))?;
+    for key in unknown {
+        tracing::warn!(%key, file = %path.display(), "unknown cluster spec key: ignored");
+    }
     spec.validate()
         .with_context(|| format!("invalid --initial-cluster-spec {}", path.display()))?;
     Ok(spec)

@@ -86,10 +86,19 @@ pub async fn cluster_exists(store: &ClusterStore) -> Result<bool> {
         .is_some())
 }
 
+/// Reads a spec as Go stolon does (keys matched without regard to case); a key that matches
+/// no field is kept but warned about on stderr, naming it, since it has no effect.
 fn parse_spec(v: serde_json::Value) -> Result<ClusterSpec> {
-    let spec: ClusterSpec = serde_json::from_value(v).context("invalid cluster spec")?;
+    let (spec, unknown) = crate::model::spec_from_value(v).context("invalid cluster spec")?;
+    warn_unknown(&unknown);
     spec.validate()?;
     Ok(spec)
+}
+
+fn warn_unknown(keys: &[String]) {
+    for k in keys {
+        eprintln!("warning: unknown cluster spec key {k:?}: ignored");
+    }
 }
 
 /// `init`: creates the cluster; an existing one is replaced only with `force`.
@@ -128,6 +137,8 @@ pub async fn update(
     let cd = modify(store, |cd| {
         let old = &cd.cluster.spec;
         let new = if patch {
+            let mut input = input.clone();
+            warn_unknown(&crate::model::normalize_spec_keys(&mut input));
             old.merge_patch(&input)?
         } else {
             parse_spec(input.clone())?

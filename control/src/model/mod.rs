@@ -6,11 +6,13 @@ pub mod cluster;
 pub mod info;
 pub mod serde_util;
 pub mod spec;
+pub mod spec_keys;
 
 pub use cluster::*;
 pub use info::*;
 pub use serde_util::{GoDuration, Timestamp};
 pub use spec::*;
+pub use spec_keys::{normalize_spec_keys, spec_from_value};
 
 use serde::de::DeserializeOwned;
 
