@@ -2,11 +2,131 @@
 //! (Prometheus text from a prometheus-client registry) and `GET /health` (200 or 503 with a
 //! one-line reason). One request per connection; anything else is a 404/405.
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentifierLabels {
+    cluster_name: String,
+    component: String,
+}
+
+/// The registry every daemon starts from: Go stolon's `stolon_cluster_identifier{cluster_name,
+/// component}` = 1 (dashboards join on it) and the process metrics Go's client exports
+/// (`process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_open_fds`, ...).
+/// Each component registers its own metrics under its `stolon_<component>_` prefix.
+pub fn root_registry(component: &str, cluster_name: &str) -> Registry {
+    let mut r = Registry::default();
+    let id = Family::<IdentifierLabels, Gauge>::default();
+    id.get_or_create(&IdentifierLabels {
+        cluster_name: cluster_name.to_string(),
+        component: component.to_string(),
+    })
+    .set(1);
+    r.register(
+        "stolon_cluster_identifier",
+        "Set to 1, is labelled with the cluster_name and component",
+        id,
+    );
+    r.register_collector(Box::new(ProcessCollector));
+    r
+}
+
+/// Process metrics from /proc/self, read at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl ProcessCollector {
+    fn stat() -> Option<(f64, f64, f64, f64)> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        // After ')': state=0, utime=11, stime=12, starttime=19 (clock ticks), vsize=20
+        // (bytes). Ticks in /proc are USER_HZ, 100 on Linux whatever the kernel's HZ.
+        let ticks = 100.0;
+        let rss_kb = std::fs::read_to_string("/proc/self/status")
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })?;
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("btime ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })?;
+        Some((
+            (num(11)? + num(12)?) / ticks,
+            rss_kb * 1024.0,
+            num(20)?,
+            boot + num(19)? / ticks,
+        ))
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some((cpu, rss, vsize, start)) = Self::stat() else {
+            return Ok(());
+        };
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()) as i64;
+        let cpu_c = ConstCounter::new(cpu);
+        let m = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            MetricType::Counter,
+        )?;
+        cpu_c.encode(m)?;
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                rss,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                vsize,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                start,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                fds as f64,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Seconds since the unix epoch, as Go stolon's `*_seconds` timestamps.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// Answers `/health`: `Ok(text)` is 200, `Err(text)` is 503.
 pub type HealthFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;

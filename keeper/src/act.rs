@@ -247,15 +247,16 @@ impl Keeper {
         }
         self.prepare_dirs()?;
         let data = self.s.layout.pg_data();
-        let command = cfg
-            .data_restore_command
-            .replace("%d", &data.display().to_string());
-        // The restore command is the operator's shell command, run as the OS user.
+        let command = crate::tools::expand_restore_command(
+            &cfg.data_restore_command,
+            &data.display().to_string(),
+        );
+        // The restore command is the operator's shell command, run as the OS user with the
+        // keeper's environment (a backup tool's credentials), as in Go stolon.
         let mut c = std::process::Command::new("/bin/sh");
+        crate::tools::child_env(&mut c);
         c.arg("-c")
             .arg(&command)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -365,6 +366,7 @@ impl Keeper {
             self.s.layout.pg_data().display().to_string(),
             format!("--source-server={source}"),
         ];
+        crate::layout::auto_conf_to_regular(&self.s.layout.pg_data())?;
         // Make sure the source's control file shows its current timeline (see promote).
         if let Err(e) = self.checkpoint_upstream(&host, port).await {
             tracing::warn!(error = %e, "cannot checkpoint the rewind source");
@@ -404,19 +406,18 @@ impl Keeper {
         Ok(())
     }
 
-    /// Writes the rendered files and empties postgresql.auto.conf (ALTER SYSTEM undone).
+    /// Writes the rendered files and points postgresql.auto.conf at /dev/null, as Go stolon
+    /// does: ALTER SYSTEM then fails with an error (PostgreSQL cannot fsync /dev/null)
+    /// instead of a setting that the spec silently overrides.
     fn write_config(&mut self) -> anyhow::Result<()> {
         let r = self
             .rendered()
             .ok_or_else(|| anyhow!("no db to configure"))?;
         let dir = self.s.layout.pg_data();
+        crate::layout::auto_conf_to_dev_null(&dir)?;
         let files = [
             ("postgresql.conf", r.postgresql_conf.as_str()),
             ("pg_hba.conf", r.pg_hba_conf.as_str()),
-            (
-                "postgresql.auto.conf",
-                "# Emptied by stolon-keeper: set parameters in the cluster spec.\n",
-            ),
         ];
         for (name, text) in files {
             let path = dir.join(name);

@@ -239,7 +239,7 @@ pub fn render(
 
     let mut conf = String::from(
         "# Managed by stolon-keeper from the cluster spec: edits here are overwritten, and\n\
-         # ALTER SYSTEM is undone (postgresql.auto.conf is emptied).\n",
+         # ALTER SYSTEM fails (postgresql.auto.conf points at /dev/null).\n",
     );
     for (k, v) in &params {
         let _ = writeln!(conf, "{k} = {v}");

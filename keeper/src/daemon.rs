@@ -37,6 +37,8 @@ pub struct Settings {
     pub can_be_sync: bool,
     pub priority: i32,
     pub store: ClusterStore,
+    /// Go stolon's keeper metrics, updated by the loop.
+    pub metrics: Arc<crate::metrics::KeeperMetrics>,
     /// This binary, started again as the fencing watchdog.
     pub exe: PathBuf,
 }
@@ -124,11 +126,19 @@ impl Keeper {
             shutdown.clone(),
         ));
         self.refresh_info();
+        let mut first = true;
         loop {
+            let fresh = first || cd_rx.has_changed().unwrap_or(false);
+            first = false;
             self.cd = cd_rx.borrow_and_update().clone();
+            if fresh && self.cd.is_some() {
+                let now = control::metrics::unix_now();
+                self.s.metrics.clusterdata_last_valid_update.set(now);
+            }
             self.update_timing();
             let acted = self.round().await;
             self.refresh_info();
+            self.update_metrics();
             if acted {
                 // Let the publisher report the change before the next round.
                 tokio::task::yield_now().await;
@@ -154,10 +164,37 @@ impl Keeper {
                 }
             }
         }
+        self.s.metrics.shutdown.set(control::metrics::unix_now());
         self.stop_pg(nix::sys::signal::Signal::SIGINT).await;
         // The publisher removes the info (revokes its lease) as it stops.
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
         Ok(())
+    }
+
+    /// Go stolon's keeper gauges from what the last round saw.
+    fn update_metrics(&self) {
+        let m = &self.s.metrics;
+        let target = self.my_db().and_then(|db| db.spec.role).map(|r| match r {
+            control::model::DbRole::Master => "master",
+            control::model::DbRole::Standby => "standby",
+        });
+        crate::metrics::set_role(&m.target_role, target);
+        let local = self
+            .pg
+            .as_ref()
+            .map(|p| if p.in_recovery { "standby" } else { "master" });
+        crate::metrics::set_role(&m.local_role, local);
+        let running = self.pg.is_some();
+        m.needs_reload
+            .set(i64::from(running && !self.config_current()));
+        m.needs_restart.set(i64::from(
+            self.pg.as_ref().is_some_and(|p| p.pending_restart),
+        ));
+        if running && self.problem.is_none() {
+            m.last_sync_success.set(control::metrics::unix_now());
+        }
+        let sleep = self.shared.sleep_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        m.sleep_interval.set(sleep);
     }
 
     /// sleepInterval and the fence timeout from the current spec.
@@ -378,13 +415,10 @@ impl Keeper {
         };
         let dir = self.s.layout.pg_data();
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-        let auto_empty = read("postgresql.auto.conf")
-            .lines()
-            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
         read("postgresql.conf") == r.postgresql_conf
             && read("pg_hba.conf") == r.pg_hba_conf
             && dir.join("standby.signal").exists() == r.standby_signal
-            && auto_empty
+            && crate::layout::auto_conf_is_dev_null(&dir)
     }
 
     /// The info to publish, from the latest observation.

@@ -170,6 +170,35 @@ impl Layout {
     }
 }
 
+/// `postgresql.auto.conf` as a symlink to /dev/null (Go stolon's way of making ALTER SYSTEM
+/// fail); whatever was there (a file from a base backup) is replaced.
+pub fn auto_conf_to_dev_null(pg_data: &Path) -> std::io::Result<()> {
+    if auto_conf_is_dev_null(pg_data) {
+        return Ok(());
+    }
+    let path = pg_data.join("postgresql.auto.conf");
+    let tmp = pg_data.join("postgresql.auto.conf.stolon-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink("/dev/null", &tmp)?;
+    std::fs::rename(tmp, path)
+}
+
+pub fn auto_conf_is_dev_null(pg_data: &Path) -> bool {
+    std::fs::read_link(pg_data.join("postgresql.auto.conf"))
+        .is_ok_and(|t| t == Path::new("/dev/null"))
+}
+
+/// Before pg_rewind: an empty regular file in place of the symlink, since pg_rewind sees the
+/// source's as a regular file and refuses a file whose type differs between the two.
+pub fn auto_conf_to_regular(pg_data: &Path) -> std::io::Result<()> {
+    let path = pg_data.join("postgresql.auto.conf");
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(&path)?;
+        std::fs::write(&path, b"")?;
+    }
+    Ok(())
+}
+
 /// Writes a file through a temporary and a rename, so a crash leaves the old or the new.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");

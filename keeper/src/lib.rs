@@ -8,6 +8,7 @@ pub mod config;
 mod config_tests;
 pub mod daemon;
 pub mod layout;
+pub mod metrics;
 pub mod postmaster;
 pub mod sql;
 pub mod tools;

@@ -11,6 +11,7 @@ use keeper::daemon::{Keeper, Settings};
 use keeper::layout::Layout;
 use keeper::tools::{self, Tools};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -253,6 +254,17 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = args.common.open_cluster_store().await.context("cannot set up the store client")?;
+        let metrics = keeper::metrics::KeeperMetrics::new();
+        let stop_metrics = CancellationToken::new();
+        if let Some(maddr) = &args.common.metrics_listen_address {
+            let l = tokio::net::TcpListener::bind(maddr)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-listen-address {maddr}"))?;
+            let mut registry = control::metrics::root_registry("keeper", &args.common.cluster_name);
+            metrics.register(&mut registry);
+            let health: control::metrics::HealthFn = Arc::new(|| Ok("ok".to_string()));
+            tokio::spawn(control::metrics::serve(l, Arc::new(registry), health, stop_metrics.clone()));
+        }
         tracing::info!(%uid, data_dir = %args.data_dir.display(), pg = ?version, "stolon-keeper starting");
         let settings = Settings {
             uid,
@@ -267,6 +279,7 @@ fn main() -> anyhow::Result<()> {
             can_be_sync: args.can_be_synchronous_replica,
             priority: args.priority,
             store,
+            metrics,
             exe: std::env::current_exe()?,
         };
         let shutdown = CancellationToken::new();

@@ -57,15 +57,15 @@ impl Postmaster {
         std_cmd
             .arg("-D")
             .arg(data_dir)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("LC_ALL", "C.UTF-8")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             // Its own process group: a signal to the keeper's group (a frozen keeper in a
             // test) must not reach PostgreSQL too.
             .process_group(0);
+        // The keeper's environment, as in Go stolon: archive_command and restore_command
+        // (wal-g, pgBackRest) take their credentials from it.
+        crate::tools::child_env(&mut std_cmd);
         if let Some((uid, gid)) = tools.os_user {
             std_cmd.uid(uid.as_raw()).gid(gid.as_raw());
         }

@@ -1,6 +1,7 @@
-//! Running PostgreSQL's tools: a cleared environment, stdin null, stderr captured into the
-//! error, a timeout, and the unprivileged OS user when the keeper runs as root (PostgreSQL
-//! refuses to run as root).
+//! Running PostgreSQL's tools: the keeper's environment (as in Go stolon: wal-g or
+//! pgBackRest in archive/restore commands take their credentials from it) less the keeper's
+//! own `STKEEPER_*` settings, stdin null, stderr captured into the error, a timeout, and the
+//! unprivileged OS user when the keeper runs as root (PostgreSQL refuses to run as root).
 
 use nix::unistd::{Gid, Uid};
 use std::ffi::OsStr;
@@ -82,14 +83,49 @@ pub fn find_bin_dir(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
         .ok_or_else(|| anyhow::anyhow!("PostgreSQL binaries not found: pass --pg-bin-path"))
 }
 
+/// The environment PostgreSQL and the commands it runs get: the keeper's, without the
+/// keeper's own settings (`STKEEPER_*` may hold passwords) and with messages in English
+/// (`LC_ALL=C.UTF-8`: the keeper reads some tools' stderr).
+pub fn child_env(cmd: &mut std::process::Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("STKEEPER_") {
+            cmd.env_remove(&k);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", "/usr/bin:/bin");
+    }
+    cmd.env("LC_ALL", "C.UTF-8");
+}
+
+/// Expands a dataRestoreCommand as Go stolon does: `%d` is the data dir, `%%` is `%`, any
+/// other `%x` is left as it is.
+pub fn expand_restore_command(cmd: &str, data_dir: &str) -> String {
+    let mut out = String::with_capacity(cmd.len() + data_dir.len());
+    let mut chars = cmd.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('%', Some('d')) => {
+                chars.next();
+                out.push_str(data_dir);
+            }
+            ('%', Some('%')) => {
+                chars.next();
+                out.push('%');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 impl Tools {
-    /// A command for `tool` with a clean environment, run as the OS user.
+    /// A command for `tool` with the keeper's environment ([`child_env`]), run as the OS user.
     pub fn command(&self, tool: &str) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join(tool));
-        cmd.env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("LC_ALL", "C.UTF-8")
-            .stdin(Stdio::null());
+        let mut std_cmd = std::process::Command::new(self.bin_dir.join(tool));
+        child_env(&mut std_cmd);
+        let mut cmd = Command::from(std_cmd);
+        cmd.stdin(Stdio::null());
         if let Some((uid, gid)) = self.os_user {
             cmd.uid(uid.as_raw()).gid(gid.as_raw());
         }
@@ -157,4 +193,18 @@ pub async fn run_command(
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_restore_command as expand;
+
+    #[test]
+    fn restore_command_expands_as_go_does() {
+        assert_eq!(expand("cp -a /b/. %d", "/x"), "cp -a /b/. /x");
+        assert_eq!(expand("date +%%s > %d/t", "/x"), "date +%s > /x/t");
+        assert_eq!(expand("a %%d b", "/x"), "a %d b");
+        assert_eq!(expand("50% %q %", "/x"), "50% %q %");
+        assert_eq!(expand("%d%d", "/x"), "/x/x");
+    }
 }

@@ -130,12 +130,13 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(maddr)
             .await
             .with_context(|| format!("cannot listen on --metrics-listen-address {maddr}"))?;
-        tokio::spawn(proxy::metrics::serve(
-            l,
+        let (m, r, c, stop) = (
             metrics.clone(),
             routes.clone(),
+            args.common.cluster_name.clone(),
             stop_discovery.clone(),
-        ));
+        );
+        tokio::spawn(async move { proxy::metrics::serve(l, m, r, &c, stop).await });
     }
     let discovery = Discovery {
         store,

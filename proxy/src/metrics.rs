@@ -62,8 +62,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn registry(self: &Arc<Self>) -> Registry {
-        let mut r = Registry::with_prefix("stolon_proxy");
+    /// Registers the proxy's metrics under `stolon_proxy_` in `root`.
+    pub fn register(self: &Arc<Self>, root: &mut Registry) {
+        let r = root.sub_registry_with_prefix("stolon_proxy");
         r.register(
             "sessions_accepted",
             "Sessions accepted",
@@ -91,7 +92,6 @@ impl Metrics {
             self.store_errors.clone(),
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
-        r
     }
 
     pub fn closed(&self, reason: CloseReason) {
@@ -116,9 +116,12 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     routes: Arc<Routes>,
+    cluster_name: &str,
     shutdown: CancellationToken,
 ) {
-    let registry = Arc::new(metrics.registry());
+    let mut registry = control::metrics::root_registry("proxy", cluster_name);
+    metrics.register(&mut registry);
+    let registry = Arc::new(registry);
     let health: control::metrics::HealthFn = Arc::new(move || {
         let route = routes.load();
         match &route.master {

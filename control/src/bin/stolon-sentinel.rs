@@ -83,7 +83,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 .to_string())
             });
-            let registry = Arc::new(metrics.registry());
+            let mut registry =
+                control::metrics::root_registry("sentinel", &args.common.cluster_name);
+            metrics.register(&mut registry);
+            let registry = Arc::new(registry);
             tokio::spawn(control::metrics::serve(
                 l,
                 registry,

@@ -37,11 +37,20 @@ pub struct Metrics {
     pub conflicts: Counter,
     pub failovers: Counter,
     pub store_errors: Counter,
+    /// Go stolon's `stolon_sentinel_last_cluster_check_success_seconds`: when the last round
+    /// (read, decide, write) succeeded, as seconds since the unix epoch.
+    pub last_check_success: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
-    pub fn registry(self: &Arc<Self>) -> Registry {
-        let mut r = Registry::with_prefix("stolon_sentinel");
+    /// Registers the sentinel's metrics under `stolon_sentinel_` in `root`.
+    pub fn register(self: &Arc<Self>, root: &mut Registry) {
+        let r = root.sub_registry_with_prefix("stolon_sentinel");
+        r.register(
+            "last_cluster_check_success_seconds",
+            "Last time we successfully performed a cluster check as seconds since unix epoch",
+            self.last_check_success.clone(),
+        );
         r.register(
             "is_leader",
             "1 while this sentinel is the leader",
@@ -60,7 +69,6 @@ impl Metrics {
             "Failed store requests",
             self.store_errors.clone(),
         );
-        r
     }
 }
 
@@ -249,6 +257,9 @@ impl Sentinel {
         }
         self.clear_switchover_request(&next, snap.obs.switchover.as_ref(), leadership)
             .await?;
+        self.metrics
+            .last_check_success
+            .set(crate::metrics::unix_now());
         Ok(Some((snap.revision, interval)))
     }
 
