@@ -41,14 +41,21 @@ async fn standby_cluster_follows_fails_over_inside_and_is_promoted() {
         "host={pa} port={pp} user=repluser password={}",
         e2e::sql::REPL_PASSWORD
     );
+    // Drop-in checks (issue 12): the keepers' environment reaches dataRestoreCommand and
+    // restore_command (a backup tool's credentials live there), `%%` is `%` as in Go, and
+    // the spec is read as Go reads it: stolon's docs write `primaryConnInfo`.
+    std::env::set_var("STOLON_E2E_BACKUP_TOKEN", "tok3n");
     let b_spec = json!({
         "initMode": "pitr",
         "role": "standby",
-        "pitrConfig": {"dataRestoreCommand":
-            format!("pg_basebackup -D %d -X stream -d '{conninfo}'")},
+        "pitrConfig": {"dataRestoreCommand": format!(
+            "test \"$STOLON_E2E_BACKUP_TOKEN\" = tok3n && \
+             pg_basebackup -D %d -X stream -d '{conninfo}' && \
+             echo \"restored 100%% with $STOLON_E2E_BACKUP_TOKEN\" > %d/restore-note")},
         "standbyConfig": {
-            "standbySettings": {"primaryConninfo": conninfo},
-            "archiveRecoverySettings": {"restoreCommand": format!("cp {arch}/%f %p")}
+            "standbySettings": {"primaryConnInfo": conninfo},
+            "archiveRecoverySettings": {"restoreCommand":
+                format!("test \"$STOLON_E2E_BACKUP_TOKEN\" = tok3n && cp {arch}/%f %p")}
         }
     });
     let mut b = Cluster::launch(&Opts {
@@ -67,6 +74,14 @@ async fn standby_cluster_follows_fails_over_inside_and_is_promoted() {
         .await
         .expect("replicated");
     }
+    let note = std::fs::read_to_string(b.keeper(&bm).dir.join("postgres/restore-note"))
+        .expect("the dataRestoreCommand's note");
+    assert_eq!(note.trim(), "restored 100% with tok3n");
+    let pci = b.query(&bm, "SHOW primary_conninfo").await.expect("show");
+    assert!(
+        pci.contains(&format!("port={pp}")),
+        "primary_conninfo {pci:?}"
+    );
     let conf =
         std::fs::read_to_string(b.keeper(&bm).dir.join("postgres/postgresql.conf")).expect("conf");
     assert!(
