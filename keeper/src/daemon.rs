@@ -315,13 +315,16 @@ impl Keeper {
     async fn query_state(&mut self) -> Option<PgState> {
         let conn = self.conn();
         let client = conn.connect(Duration::from_secs(2)).await.ok()?;
-        let st = tokio::time::timeout(
-            Duration::from_secs(5),
-            sql::state(&client, &self.s.layout.pg_data()),
-        )
-        .await
-        .ok()?
-        .ok()?;
+        // The db spec's requestTimeout bounds the keeper's queries, as in Go stolon.
+        let limit = self
+            .my_db()
+            .map(|db| db.spec.request_timeout.as_std())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(control::model::defaults::REQUEST_TIMEOUT.as_std());
+        let st = tokio::time::timeout(limit, sql::state(&client, &self.s.layout.pg_data()))
+            .await
+            .ok()?
+            .ok()?;
         self.pg = Some(st.clone());
         Some(st)
     }
