@@ -108,6 +108,36 @@ fn other_backends_and_kube_flags_are_refused_with_what_to_do() {
             "{t}"
         );
     }
+    // Point 11: a PostgreSQL older than 13 is refused with what to do.
+    let fake = tempfile::tempdir().expect("tmp");
+    let pg = fake.path().join("postgres");
+    std::fs::write(&pg, "#!/bin/sh\necho 'postgres (PostgreSQL) 12.17'\n").expect("fake");
+    std::fs::set_permissions(&pg, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let kd = tempfile::tempdir().expect("tmp");
+    let o = run(
+        "stolon-keeper",
+        &[
+            "--cluster-name",
+            "c",
+            "--uid",
+            "k1",
+            "--pg-su-auth-method",
+            "trust",
+            "--pg-repl-auth-method",
+            "trust",
+            "--pg-bin-path",
+            &fake.path().display().to_string(),
+            "--data-dir",
+            &kd.path().display().to_string(),
+        ],
+        None,
+    );
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("PostgreSQL 12.17") && t.contains("13 or later"),
+        "{t}"
+    );
     let o = run("stolonctl", &["version"], None);
     assert!(o.status.success(), "{}", text(&o));
     let dir = tempfile::tempdir().expect("tmp");
@@ -250,12 +280,39 @@ async fn a_stolon_users_cluster_runs_unchanged() {
     )
     .await;
 
+    proxy_sockets_have_keepalive(port.0).await;
     alter_system_fails(k1.port.0).await;
     archive_command_sees_the_keepers_environment(&env, k1.port.0, &archive).await;
     status_json_has_gos_schema(&env);
     stolonctl_prompts_as_go_does(&env);
     metrics_have_gos_names(&kmetrics, &smetrics).await;
     go_data_dir_is_adopted(&env, &mut k1, &kmetrics).await;
+    // Point 9: `yes` on stdin confirms an init over the existing cluster.
+    let before = env.cluster_data().await.expect("cd").0.cluster.uid;
+    let o = ctl(&env, &["init", r#"{"initMode": "new"}"#], Some("yes\n"));
+    assert!(o.status.success(), "{}", text(&o));
+    let after = env.cluster_data().await.expect("cd").0.cluster.uid;
+    assert_ne!(before, after, "a new cluster replaced the old one");
+}
+
+/// Point 3: TCP keepalive is on for the proxy's client sockets by default, as Go's listener
+/// turns it on (`ss -o` shows the keepalive timer on the accepted socket).
+async fn proxy_sockets_have_keepalive(port: u16) {
+    let _c = connect(port).await.expect("session through the proxy");
+    let out = Command::new("ss")
+        .args([
+            "-tno",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("ss");
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        t.contains("keepalive"),
+        "no keepalive timer on the proxy's socket:\n{t}"
+    );
 }
 
 fn start_go_style_keeper(env: &Env, k: &mut KeeperProc, metrics: &str, with_id: bool) {
