@@ -242,11 +242,6 @@ async fn run(args: Args) -> Result<()> {
         Cmd::Spec { defaults } => {
             let (cd, _) = ctl::cluster_data(&store).await?;
             let spec = if defaults {
-                eprintln!(
-                    "note: syncTimeout is accepted but not used by this build: a standby that \
-                     cannot catch up is rebuilt by the sentinel (see the README, \
-                     \"Differences from stolon\")"
-                );
                 cd.cluster.spec.with_defaults()
             } else {
                 cd.cluster.spec

@@ -53,6 +53,16 @@ impl Round<'_> {
                 ));
             }
         }
+        // Go stolon's syncTimeout: a new standby (resync) that has not finished its first sync
+        // within it is dropped and synced again (0, the default: no limit).
+        let sync_timeout = self.cd.cluster.spec.sync_timeout();
+        if sync_timeout.0 > 0
+            && db.spec.init_mode == Some(DbInitMode::Resync)
+            && s.current_generation == 0
+            && self.unconverged_for(&db.uid, sync_timeout)
+        {
+            return Some(format!("not synced within syncTimeout ({sync_timeout})"));
+        }
         let oldest = wal_file_start(&m.older_wal_file);
         if oldest.is_some_and(|o| s.x_log_pos > 0 && s.x_log_pos < o) && !self.db_good(&db.uid) {
             return Some("needs WAL the master no longer has".into());

@@ -493,6 +493,47 @@ fn a_free_keeper_gets_a_resync_standby_following_the_master() {
 }
 
 #[test]
+fn a_new_standby_not_synced_within_sync_timeout_is_synced_again_and_never_without_one() {
+    for timeout in [0, 10] {
+        let spec = ClusterSpec {
+            sync_timeout: Some(GoDuration::from_secs(timeout)),
+            ..test_spec()
+        };
+        let mut w = cluster(spec, 1);
+        w.keepers.insert(
+            "k9".into(),
+            KeeperSim {
+                converges: false,
+                ..KeeperSim::default()
+            },
+        );
+        w.run(2);
+        let first = w.db_of("k9").expect("standby on k9").uid.clone();
+        let mut details = Vec::new();
+        for _ in 0..30 {
+            w.step(S);
+            details.extend(w.reasons.iter().map(|r| r.detail.clone()));
+        }
+        let now = w.db_of("k9").map(|d| d.uid.clone());
+        if timeout == 0 {
+            assert_eq!(
+                now.as_deref(),
+                Some(first.as_str()),
+                "no limit without syncTimeout"
+            );
+        } else {
+            assert_ne!(now.as_deref(), Some(first.as_str()), "{details:#?}");
+            assert!(
+                details.iter().any(|d| d.contains(&format!(
+                    "{first} on keeper k9: not synced within syncTimeout"
+                ))),
+                "{details:#?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn max_standbys_per_sender_caps_standbys_and_lowering_it_removes_one() {
     let spec = ClusterSpec {
         max_standbys_per_sender: Some(2),
