@@ -76,8 +76,10 @@ fn subcommands_get_environment_variables() {
 
 #[test]
 fn clear_errors_for_bad_flags() {
-    let err = try_parse_from_with_env::<Tool, _, _>("STT4_", ["tool"]).expect_err("missing");
-    assert!(err.to_string().contains("--cluster-name"), "{err}");
+    // The cluster name is checked after parsing (so `stolonctl version` needs none).
+    let t: Tool = try_parse_from_with_env("STT4_", ["tool"]).expect("parse");
+    let err = t.common.check().expect_err("missing");
+    assert!(err.contains("--cluster-name"), "{err}");
     let err = try_parse_from_with_env::<Tool, _, _>(
         "STT4_",
         [
@@ -90,12 +92,85 @@ fn clear_errors_for_bad_flags() {
     )
     .expect_err("bad duration");
     assert!(err.to_string().contains("invalid duration"), "{err}");
-    let err = try_parse_from_with_env::<Tool, _, _>(
+    // Go stolon's other backends: refused with the supported one and the migration path.
+    for backend in ["consul", "etcd", "etcdv2", "kubernetes"] {
+        let t: Tool = try_parse_from_with_env(
+            "STT4_",
+            ["tool", "--cluster-name", "c", "--store-backend", backend],
+        )
+        .expect("parse");
+        let err = t.common.check().expect_err("backend");
+        assert!(
+            err.contains("etcdv3") && err.contains("clusterdata write"),
+            "{err}"
+        );
+    }
+    let t: Tool = try_parse_from_with_env(
         "STT4_",
-        ["tool", "--cluster-name", "c", "--store-backend", "consul"],
+        ["tool", "--cluster-name", "c", "--store-backend", "nosuch"],
     )
-    .expect_err("backend");
-    assert!(err.to_string().contains("etcdv3"), "{err}");
+    .expect("parse");
+    assert!(t
+        .common
+        .check()
+        .expect_err("unknown")
+        .contains("unknown store backend"));
+}
+
+#[test]
+fn go_stolons_flags_are_accepted() {
+    let t: Tool = try_parse_from_with_env(
+        "STT7_",
+        [
+            "tool",
+            "--cluster-name",
+            "c",
+            "--debug",
+            "--log-color",
+            "--store-key",
+            "/k.pem",
+            "--store-skip-tls-verify",
+        ],
+    )
+    .expect("parse");
+    let c = &t.common;
+    assert_eq!(c.effective_log_level(), "debug");
+    assert_eq!(c.log_color, Some(true));
+    assert_eq!(c.store_key.as_deref(), Some(std::path::Path::new("/k.pem")));
+    assert!(c.check().is_ok());
+    let t: Tool = try_parse_from_with_env(
+        "STT7_",
+        [
+            "tool",
+            "--cluster-name",
+            "c",
+            "--store-key-file",
+            "/k2.pem",
+            "--log-color=false",
+        ],
+    )
+    .expect("parse");
+    assert_eq!(
+        t.common.store_key.as_deref(),
+        Some(std::path::Path::new("/k2.pem"))
+    );
+    assert_eq!(t.common.log_color, Some(false));
+    let t: Tool = try_parse_from_with_env(
+        "STT7_",
+        [
+            "tool",
+            "--cluster-name",
+            "c",
+            "--kube-resource-kind",
+            "configmap",
+        ],
+    )
+    .expect("parse");
+    let err = t.common.check().expect_err("kube flag without kubernetes");
+    assert!(
+        err.contains("--kube-resource-kind") && err.contains("etcdv3"),
+        "{err}"
+    );
 }
 
 #[test]
