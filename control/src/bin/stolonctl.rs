@@ -116,6 +116,19 @@ enum Cmd {
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Maintenance pause: the sentinel keeps observing and reporting but changes no topology
+    /// (no failover, no switchover, no standby rebuilt, no keeper removed); keepers keep
+    /// managing PostgreSQL. Ends with `resume` or, given --for, by itself
+    Pause {
+        /// End the pause by itself after this long (Go duration: 30m, 2h)
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Why (shown by `status`)
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a maintenance pause
+    Resume,
     /// Print the version
     Version,
 }
@@ -274,6 +287,21 @@ async fn run(args: Args) -> Result<()> {
             )?;
             ctl::promote(&store).await?;
             println!("standby cluster promoted");
+        }
+        Cmd::Pause { duration, reason } => {
+            let d = duration.map(control::model::GoDuration::from_std);
+            let p = ctl::pause(&store, d, &reason).await?;
+            match p.until {
+                Some(u) => println!("cluster paused until {u}: no failover, switchover or standby change until then or `stolonctl resume`"),
+                None => println!("cluster paused: no failover, switchover or standby change until `stolonctl resume`"),
+            }
+        }
+        Cmd::Resume => {
+            if ctl::resume(&store).await? {
+                println!("cluster resumed");
+            } else {
+                println!("the cluster was not paused");
+            }
         }
         Cmd::Clusterdata { op } => clusterdata(&store, op).await?,
         Cmd::Switchover { to, wait, timeout } => switchover(&store, to, wait, timeout).await?,

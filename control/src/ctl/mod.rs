@@ -3,7 +3,9 @@
 
 pub mod status;
 
-use crate::model::{decode, ClusterData, ClusterRole, ClusterSpec, SwitchoverRequest, Timestamp};
+use crate::model::{
+    decode, ClusterData, ClusterRole, ClusterSpec, Pause, SwitchoverRequest, Timestamp,
+};
 use crate::store::{CasOutcome, ClusterStore, Compare, Op, StoreError};
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -213,8 +215,73 @@ pub async fn write_cluster_data(store: &ClusterStore, bytes: &[u8]) -> Result<()
     }
 }
 
+/// The maintenance pause at `P/pause`, if any (active or past its deadline).
+pub async fn pause_state(store: &ClusterStore) -> Result<Option<Pause>> {
+    let kv = store
+        .store()
+        .get(&store.pause_key())
+        .await
+        .map_err(|e| store_error(store, e))?;
+    kv.map(|kv| decode::<Pause>("pause", &kv.value).map_err(anyhow::Error::from))
+        .transpose()
+}
+
+/// `pause`: the sentinel stops changing the topology until `resume` or the deadline.
+pub async fn pause(
+    store: &ClusterStore,
+    duration: Option<crate::model::GoDuration>,
+    reason: &str,
+) -> Result<Pause> {
+    cluster_data(store).await?;
+    let now = Timestamp::now();
+    let p = Pause {
+        since: now,
+        until: duration.map(|d| now.plus(d)),
+        reason: reason.to_string(),
+    };
+    store
+        .store()
+        .txn(
+            vec![],
+            vec![Op::put(store.pause_key(), serde_json::to_vec(&p)?)],
+        )
+        .await
+        .map_err(|e| store_error(store, e))?;
+    Ok(p)
+}
+
+/// `resume`: ends a pause; `false` when there was none.
+pub async fn resume(store: &ClusterStore) -> Result<bool> {
+    let was = pause_state(store).await?.is_some();
+    store
+        .store()
+        .txn(
+            vec![],
+            vec![Op::Delete {
+                key: store.pause_key(),
+            }],
+        )
+        .await
+        .map_err(|e| store_error(store, e))?;
+    Ok(was)
+}
+
 /// Writes a switchover request (create-if-absent); returns it.
 pub async fn request_switchover(store: &ClusterStore, target: &str) -> Result<SwitchoverRequest> {
+    if let Some(p) = pause_state(store)
+        .await?
+        .filter(|p| p.active(Timestamp::now()))
+    {
+        bail!(
+            "the cluster is paused since {} ({}): `stolonctl resume` first",
+            p.since,
+            if p.reason.is_empty() {
+                "no reason given"
+            } else {
+                &p.reason
+            }
+        );
+    }
     let (cd, _) = cluster_data(store).await?;
     if !cd.keepers.contains_key(target) {
         bail!("no keeper {target} in the cluster (see `stolonctl status`)");

@@ -21,6 +21,8 @@ pub struct Status {
     pub cluster_uid: String,
     pub phase: String,
     pub proxy_master_db: Option<String>,
+    /// The maintenance pause in force (none when there is none or it has expired).
+    pub paused: Option<crate::model::Pause>,
     pub proxy_generation: i64,
     /// master keeper -> standby keepers.
     pub tree: Vec<(String, Vec<String>)>,
@@ -158,6 +160,9 @@ pub async fn status(store: &ClusterStore) -> Result<Status> {
             master_db_uid: master.map(|d| d.uid.clone()).unwrap_or_default(),
         },
         proxy_master_db: Some(cd.proxy.spec.master_db_uid.clone()).filter(|s| !s.is_empty()),
+        paused: super::pause_state(store)
+            .await?
+            .filter(|p| p.active(crate::model::Timestamp::now())),
         proxy_generation: cd.proxy.generation,
         tree,
     })
@@ -196,6 +201,21 @@ pub fn render_text(s: &Status) -> String {
         );
     }
     let _ = writeln!(out, "\n=== cluster ===");
+    if let Some(p) = &s.paused {
+        let until = p
+            .until
+            .map_or("`stolonctl resume`".to_string(), |u| u.to_string());
+        let why = if p.reason.is_empty() {
+            "-"
+        } else {
+            p.reason.as_str()
+        };
+        let _ = writeln!(
+            out,
+            "PAUSED since {} until {until} (reason: {why}): no topology changes",
+            p.since
+        );
+    }
     let _ = writeln!(
         out,
         "master: {} (db {}); proxies route to: {}",

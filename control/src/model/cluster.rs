@@ -78,6 +78,26 @@ pub struct SwitchoverRequest {
     pub requested_at: Timestamp,
 }
 
+/// A maintenance pause, written by `stolonctl pause` to `P/pause` (our key; Go stolon ignores
+/// it): while active the sentinel observes and reports but changes no topology.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pause {
+    pub since: Timestamp,
+    /// When it ends by itself; none: until `stolonctl resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+impl Pause {
+    /// Whether the pause holds at `now` (a deadline ends it by itself).
+    pub fn active(&self, now: Timestamp) -> bool {
+        self.until.is_none_or(|u| now < u)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SwitchoverPhase {

@@ -215,6 +215,16 @@ impl Timestamp {
     }
 }
 
+/// RFC 3339, as in the documents (for messages and `stolonctl status`).
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.format(&Rfc3339) {
+            Ok(t) => f.write_str(&t),
+            Err(_) => write!(f, "{:?}", self.0),
+        }
+    }
+}
+
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let text = self.0.format(&Rfc3339).map_err(serde::ser::Error::custom)?;

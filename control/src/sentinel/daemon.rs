@@ -6,8 +6,8 @@
 
 use super::{decide, Observations, ReasonKind, SentinelMemory};
 use crate::model::{
-    decode, ClusterData, ClusterSpec, GoDuration, SentinelInfo, SwitchoverPhase, SwitchoverRequest,
-    Timestamp,
+    decode, ClusterData, ClusterSpec, GoDuration, Pause, SentinelInfo, SwitchoverPhase,
+    SwitchoverRequest, Timestamp,
 };
 use crate::store::{
     info_ttl, CasOutcome, ClusterStore, Compare, Leadership, Op, StoreError, Watcher,
@@ -269,11 +269,12 @@ impl Sentinel {
             .store()
             .get_prefix(&format!("{}/", store.prefix()))
             .await?;
-        let (cd_key, keepers, proxies, switchover) = (
+        let (cd_key, keepers, proxies, switchover, pause) = (
             store.clusterdata_key(),
             store.keepers_info_prefix(),
             store.proxies_info_prefix(),
             store.switchover_key(),
+            store.pause_key(),
         );
         let mut snap = Snapshot {
             cd: None,
@@ -303,6 +304,11 @@ impl Sentinel {
             } else if let Some(uid) = kv.key.strip_prefix(&proxies) {
                 match decode("proxy info", &kv.value) {
                     Ok(info) => drop(snap.obs.proxies.insert(uid.to_string(), info)),
+                    Err(e) => bad(e),
+                }
+            } else if kv.key == pause {
+                match decode::<Pause>("pause", &kv.value) {
+                    Ok(p) => snap.obs.pause = Some(p),
                     Err(e) => bad(e),
                 }
             } else if kv.key == switchover {

@@ -8,6 +8,10 @@ use crate::model::{ClusterRole, Db, DbRole, DbSpec, FollowConfig, FollowType};
 impl Round<'_> {
     pub(super) fn normal(&mut self) {
         self.update_proxies_enabled();
+        if self.paused().is_some() {
+            self.paused_round();
+            return;
+        }
         if self.switchover_step() {
             return;
         }
@@ -31,6 +35,31 @@ impl Round<'_> {
         self.update_standbys(&master);
         self.update_sync_standbys(&master);
         self.publish_master(&master);
+    }
+
+    /// A round under a maintenance pause: health is observed (done before) and reported, the
+    /// proxies keep routing to the master they have (a fencing handshake under way is still
+    /// completed, so a pause never leaves clients without the master already chosen), and
+    /// nothing else changes: no failover, no switchover, no standby rebuilt, no keeper removed.
+    fn paused_round(&mut self) {
+        let pause = self.paused().cloned();
+        let master = self.cd.cluster.status.master.clone();
+        let mut detail = match pause.as_ref().and_then(|p| p.until) {
+            Some(until) => format!("paused until {until}"),
+            None => "paused until `stolonctl resume`".to_string(),
+        };
+        if let Some(reason) = pause.map(|p| p.reason).filter(|r| !r.is_empty()) {
+            detail.push_str(&format!(" ({reason})"));
+        }
+        if let Some(why) = self.master_failure(&master) {
+            detail.push_str(&format!(
+                ": master {master} {why}, no failover while paused"
+            ));
+        }
+        self.reason(ReasonKind::Paused, detail);
+        if self.cd.dbs.contains_key(&master) {
+            self.publish_master(&master);
+        }
     }
 
     /// Why the master counts as failed, if it does.

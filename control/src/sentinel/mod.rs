@@ -25,8 +25,8 @@ mod tests;
 mod uid;
 
 use crate::model::{
-    ClusterData, ClusterPhase, Db, DbSpec, GoDuration, KeeperInfo, ProxyInfo, SwitchoverRequest,
-    Timestamp,
+    ClusterData, ClusterPhase, Db, DbSpec, GoDuration, KeeperInfo, Pause, ProxyInfo,
+    SwitchoverRequest, Timestamp,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -80,6 +80,8 @@ pub struct Observations {
     pub proxies: BTreeMap<String, ProxyInfo>,
     /// The pending `P/switchover` request, if any.
     pub switchover: Option<SwitchoverRequest>,
+    /// The maintenance pause at `P/pause`, if any (active or past its deadline).
+    pub pause: Option<Pause>,
 }
 
 /// When an info was last seen to change. Freshness is judged by the infoUID changing, not by
@@ -136,6 +138,8 @@ pub enum ReasonKind {
     DbRemoved,
     SyncStandbysChanged,
     Switchover,
+    /// A maintenance pause holds: nothing but observation and the proxies' routing.
+    Paused,
 }
 
 impl fmt::Display for Reason {
@@ -212,6 +216,11 @@ impl Round<'_> {
             kind,
             detail: detail.into(),
         });
+    }
+
+    /// The active maintenance pause, if any.
+    fn paused(&self) -> Option<&Pause> {
+        self.obs.pause.as_ref().filter(|p| p.active(self.now))
     }
 
     fn fail_interval(&self) -> GoDuration {

@@ -85,6 +85,8 @@ pub struct World {
     pub keepers: BTreeMap<String, KeeperSim>,
     pub proxies: BTreeMap<String, ProxySim>,
     pub switchover: Option<SwitchoverRequest>,
+    /// The maintenance pause at `P/pause`.
+    pub pause: Option<crate::model::Pause>,
     pub keeper_infos: BTreeMap<String, KeeperInfo>,
     pub proxy_infos: BTreeMap<String, ProxyInfo>,
     /// The reasons of the last round.
@@ -118,6 +120,7 @@ impl World {
             keepers: BTreeMap::new(),
             proxies: BTreeMap::new(),
             switchover: None,
+            pause: None,
             keeper_infos: BTreeMap::new(),
             proxy_infos: BTreeMap::new(),
             reasons: Vec::new(),
@@ -206,6 +209,7 @@ impl World {
             keepers: self.keeper_infos.clone(),
             proxies: self.proxy_infos.clone(),
             switchover: self.switchover.clone(),
+            pause: self.pause.clone(),
         }
     }
 

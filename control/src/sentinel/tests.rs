@@ -889,3 +889,88 @@ fn a_stopped_master_reporting_zeroes_keeps_its_last_known_timeline() {
     w.run(12);
     assert_eq!(w.master_keeper(), "k1", "{:#?}", w.reasons);
 }
+
+// ---- maintenance pause ----
+
+fn pause(w: &World, secs: Option<i64>) -> crate::model::Pause {
+    crate::model::Pause {
+        since: w.now,
+        until: secs.map(|s| w.now.plus(GoDuration::from_secs(s))),
+        reason: "upgrade".into(),
+    }
+}
+
+#[test]
+fn a_pause_prevents_a_failover_and_resume_lets_it_happen() {
+    let mut w = cluster(test_spec(), 3);
+    let old = w.master_keeper();
+    w.pause = Some(pause(&w, None));
+    w.keeper(&old).alive = false;
+    let mut details = Vec::new();
+    for _ in 0..60 {
+        w.step(S);
+        details.extend(w.reasons.iter().map(|r| r.detail.clone()));
+    }
+    assert_eq!(w.master_keeper(), old, "no failover while paused");
+    assert_eq!(
+        w.proxy_master(),
+        w.master(),
+        "the proxies keep their master"
+    );
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains("no failover while paused") && d.contains("upgrade")),
+        "{details:#?}"
+    );
+    // Nothing else changes either: the dead keeper's standby is not rebuilt elsewhere.
+    let dbs = w.cd.dbs.len();
+    w.pause = None;
+    let new = kill_master_and_fail_over(&mut w);
+    assert_ne!(new, old, "resume lets the failover happen");
+    assert!(w.cd.dbs.len() >= dbs);
+}
+
+#[test]
+fn a_pause_with_a_deadline_ends_by_itself() {
+    let mut w = cluster(test_spec(), 3);
+    let old = w.master_keeper();
+    w.pause = Some(pause(&w, Some(30)));
+    w.keeper(&old).alive = false;
+    w.run(25);
+    assert_eq!(w.master_keeper(), old, "paused for 30 s");
+    assert!(
+        w.run_until(40, |w| w.master_keeper() != old
+            && w.proxy_master() == w.master()),
+        "the pause expired and the failover happened: {:#?}",
+        w.reasons
+    );
+}
+
+#[test]
+fn a_pause_holds_back_a_requested_switchover_and_standby_changes() {
+    let mut w = cluster(test_spec(), 3);
+    let master = w.master_keeper();
+    let standbys: Vec<String> = ["k0", "k1", "k2"]
+        .into_iter()
+        .filter(|k| *k != master)
+        .map(String::from)
+        .collect();
+    let (target, dying) = (standbys[0].clone(), standbys[1].clone());
+    w.pause = Some(pause(&w, None));
+    w.switchover = Some(crate::model::SwitchoverRequest {
+        target_keeper_uid: target.clone(),
+        requested_at: w.now,
+    });
+    // A standby's keeper dies: while paused its db is not replaced on a free keeper.
+    w.keepers.insert("k9".into(), KeeperSim::default());
+    let before = w.cd.dbs.clone();
+    w.keeper(&dying).alive = false;
+    w.run(40);
+    assert_eq!(w.master_keeper(), master, "no switchover while paused");
+    assert!(w.db_of("k9").is_none(), "no new standby while paused");
+    assert_eq!(
+        w.cd.dbs.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+}

@@ -80,6 +80,11 @@ impl ClusterStore {
     pub fn leader_key_prefix(&self) -> String {
         format!("{}/sentinel-leader", self.prefix)
     }
+    /// `P/pause`: a maintenance pause (see `model::Pause`).
+    pub fn pause_key(&self) -> String {
+        format!("{}/pause", self.prefix)
+    }
+
     pub fn switchover_key(&self) -> String {
         format!("{}/switchover", self.prefix)
     }
