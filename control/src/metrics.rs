@@ -131,10 +131,25 @@ pub fn unix_now() -> f64 {
 /// Answers `/health`: `Ok(text)` is 200, `Err(text)` is 503.
 pub type HealthFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
+/// Answers further paths (the keeper's health checks): `(path, query)` -> `None` for an
+/// unknown path (404), `Some(Ok(body))` for 200, `Some(Err(body))` for 503.
+pub type RouteFn = Arc<dyn Fn(&str, &str) -> Option<Result<String, String>> + Send + Sync>;
+
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     health: HealthFn,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, registry, health, None, shutdown).await
+}
+
+/// [`serve`] with extra paths, asked before `/health`.
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    health: HealthFn,
+    routes: Option<RouteFn>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -148,7 +163,7 @@ pub async fn serve(
                 }
             },
         };
-        let (registry, health) = (registry.clone(), health.clone());
+        let (registry, health, routes) = (registry.clone(), health.clone(), routes.clone());
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(1024);
             let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -167,27 +182,45 @@ pub async fn serve(
             }
             let line = String::from_utf8_lossy(req.split(|&b| b == b'\r').next().unwrap_or(&[]))
                 .into_owned();
-            let (status, ctype, body) = respond(&line, &registry, &*health);
+            let (status, ctype, body) = respond(&line, &registry, &*health, routes.as_deref());
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
             let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
+            // HEAD (and OPTIONS, which HAProxy's plain `option httpchk` sends) get the
+            // status line and headers only.
+            if line.starts_with("GET ") {
+                let _ = sock.write_all(body.as_bytes()).await;
+            }
             let _ = sock.shutdown().await;
         });
     }
 }
 
+type RouteDyn = dyn Fn(&str, &str) -> Option<Result<String, String>> + Send + Sync;
+
 fn respond(
     line: &str,
     registry: &Registry,
     health: &(dyn Fn() -> Result<String, String> + Send + Sync),
+    routes: Option<&RouteDyn>,
 ) -> (&'static str, &'static str, String) {
     let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if !matches!(method, "GET" | "HEAD" | "OPTIONS") {
+        return (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET, HEAD or OPTIONS\n".into(),
+        );
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if let Some(answer) = routes.and_then(|r| r(path, query)) {
+        return match answer {
+            Ok(body) => ("200 OK", "application/json", body + "\n"),
+            Err(body) => ("503 Service Unavailable", "application/json", body + "\n"),
+        };
     }
     match path {
         "/metrics" => {

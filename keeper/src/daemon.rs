@@ -39,6 +39,8 @@ pub struct Settings {
     pub store: ClusterStore,
     /// Go stolon's keeper metrics, updated by the loop.
     pub metrics: Arc<crate::metrics::KeeperMetrics>,
+    /// What the health endpoints answer from, updated by the loop.
+    pub health: Arc<Mutex<crate::health::HealthState>>,
     /// This binary, started again as the fencing watchdog.
     pub exe: PathBuf,
 }
@@ -136,9 +138,11 @@ impl Keeper {
                 self.s.metrics.clusterdata_last_valid_update.set(now);
             }
             self.update_timing();
+            self.set_acting(true);
             let acted = self.round().await;
             self.refresh_info();
             self.update_metrics();
+            self.update_health();
             if acted {
                 // Let the publisher report the change before the next round.
                 tokio::task::yield_now().await;
@@ -169,6 +173,53 @@ impl Keeper {
         // The publisher removes the info (revokes its lease) as it stops.
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
         Ok(())
+    }
+
+    fn set_acting(&self, acting: bool) {
+        if let Ok(mut h) = self.s.health.lock() {
+            h.acting = acting;
+        }
+    }
+
+    /// The health endpoints' view from what the last round saw.
+    fn update_health(&self) {
+        let my = self.my_db();
+        let my_uid = my.map(|d| d.uid.as_str());
+        let cd = self.cd.as_ref();
+        let master_uid = cd.map(|c| c.cluster.status.master.as_str());
+        let elected = my_uid.is_some() && my_uid == master_uid;
+        let routed = my_uid.is_some() && my_uid == cd.map(|c| c.proxy.spec.master_db_uid.as_str());
+        let master_pos = cd
+            .zip(master_uid)
+            .and_then(|(c, m)| c.dbs.get(m))
+            .map(|d| d.status.x_log_pos);
+        let pg = self.pg.as_ref();
+        let lag = match (pg, master_pos) {
+            (Some(p), Some(m)) if p.in_recovery && !elected => Some(m.saturating_sub(p.xlog_pos)),
+            (Some(p), _) if !p.in_recovery => Some(0),
+            _ => None,
+        };
+        let converged = match (my, &self.converged) {
+            (Some(db), Some((u, g))) => *u == db.uid && *g == db.generation,
+            _ => false,
+        };
+        let sleep = Duration::from_millis(self.shared.sleep_ms.load(Ordering::Relaxed));
+        let state = crate::health::HealthState {
+            loop_at: Some(Instant::now().into_std()),
+            loop_bound: (sleep * 3).max(Duration::from_secs(30)),
+            acting: false,
+            pg_running: self.postmaster.is_some() && pg.is_some(),
+            in_recovery: pg.is_some_and(|p| p.in_recovery),
+            streaming: pg.is_some_and(|p| p.streaming),
+            fenced: self.fenced,
+            elected,
+            routed,
+            converged,
+            lag,
+        };
+        if let Ok(mut h) = self.s.health.lock() {
+            *h = state;
+        }
     }
 
     /// Go stolon's keeper gauges from what the last round saw.

@@ -255,6 +255,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let store = args.common.open_cluster_store().await.context("cannot set up the store client")?;
         let metrics = keeper::metrics::KeeperMetrics::new();
+        let health = Arc::new(std::sync::Mutex::new(keeper::health::HealthState::default()));
         let stop_metrics = CancellationToken::new();
         if let Some(maddr) = &args.common.metrics_listen_address {
             let l = tokio::net::TcpListener::bind(maddr)
@@ -262,8 +263,20 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on --metrics-listen-address {maddr}"))?;
             let mut registry = control::metrics::root_registry("keeper", &args.common.cluster_name);
             metrics.register(&mut registry);
-            let health: control::metrics::HealthFn = Arc::new(|| Ok("ok".to_string()));
-            tokio::spawn(control::metrics::serve(l, Arc::new(registry), health, stop_metrics.clone()));
+            // `/health` and the other Patroni paths come from the loop's last view.
+            let h = health.clone();
+            let routes: control::metrics::RouteFn = Arc::new(move |path: &str, query: &str| {
+                let state = h.lock().ok()?.clone();
+                state.answer(path, query, std::time::Instant::now())
+            });
+            let unused: control::metrics::HealthFn = Arc::new(|| Ok("ok".to_string()));
+            tokio::spawn(control::metrics::serve_with(
+                l,
+                Arc::new(registry),
+                unused,
+                Some(routes),
+                stop_metrics.clone(),
+            ));
         }
         tracing::info!(%uid, data_dir = %args.data_dir.display(), pg = ?version, "stolon-keeper starting");
         let settings = Settings {
@@ -280,6 +293,7 @@ fn main() -> anyhow::Result<()> {
             priority: args.priority,
             store,
             metrics,
+            health,
             exe: std::env::current_exe()?,
         };
         let shutdown = CancellationToken::new();

@@ -27,6 +27,8 @@ pub struct PgState {
     pub sync_standbys: Vec<String>,
     pub older_wal_file: String,
     pub pending_restart: bool,
+    /// A standby's walreceiver is streaming.
+    pub streaming: bool,
 }
 
 impl Conn {
@@ -120,7 +122,8 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
                                 (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
                   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
              (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0, \
-             (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')",
+             (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), \
+             COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)",
             &[],
         )
         .await?;
@@ -165,6 +168,7 @@ pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_po
             .collect(),
         older_wal_file: older.get(0),
         pending_restart: row.get(4),
+        streaming: row.get(6),
     })
 }
 
