@@ -88,6 +88,9 @@ pub struct Keeper {
     pub addr: String,
     pub port: u16,
     _port: PortGuard,
+    /// The keeper's `--metrics-listen-address` port (metrics and health endpoints).
+    pub metrics_port: u16,
+    _metrics_port: PortGuard,
     pub dir: PathBuf,
     pub child: Option<ChildGuard>,
     pub args: Vec<String>,
@@ -326,6 +329,7 @@ impl Cluster {
     pub fn add_keeper(&mut self, uid: &str, extra: Vec<String>) -> Result<()> {
         let host = self.host(uid);
         let port = free_port();
+        let metrics = free_port();
         let addr = Self::listen_addr(&host);
         let dir = self.dir.join(uid);
         let mut args = self.common_args();
@@ -338,6 +342,8 @@ impl Cluster {
             port.0.to_string(),
             "--data-dir".into(),
             dir.display().to_string(),
+            "--metrics-listen-address".into(),
+            format!("{addr}:{}", metrics.0),
         ]);
         if !extra.iter().any(|a| a == NO_PASSWORD_FILES) {
             args.extend([
@@ -355,6 +361,8 @@ impl Cluster {
             addr,
             port: port.0,
             _port: port,
+            metrics_port: metrics.0,
+            _metrics_port: metrics,
             dir,
             child: Some(child),
             args,

@@ -75,6 +75,9 @@ pub struct Keeper {
     pub(crate) shared: Arc<Shared>,
     /// A standby's hot-standby floors, from pg_controldata (see `config::Upstream`).
     pub(crate) floors: std::collections::BTreeMap<String, u64>,
+    /// The last state query was answered (a frozen or overloaded PostgreSQL is not healthy
+    /// for the health endpoints, while `pg` keeps the last known state for fencing).
+    pub(crate) answering: bool,
 }
 
 impl Keeper {
@@ -102,6 +105,7 @@ impl Keeper {
             pg_version,
             shared,
             floors: Default::default(),
+            answering: false,
         }
     }
 
@@ -208,7 +212,7 @@ impl Keeper {
             loop_at: Some(Instant::now().into_std()),
             loop_bound: (sleep * 3).max(Duration::from_secs(30)),
             acting: false,
-            pg_running: self.postmaster.is_some() && pg.is_some(),
+            pg_running: self.postmaster.is_some() && pg.is_some() && self.answering,
             in_recovery: pg.is_some_and(|p| p.in_recovery),
             streaming: pg.is_some_and(|p| p.streaming),
             fenced: self.fenced,
@@ -364,6 +368,7 @@ impl Keeper {
     }
 
     async fn query_state(&mut self) -> Option<PgState> {
+        self.answering = false;
         let conn = self.conn();
         let client = conn.connect(Duration::from_secs(2)).await.ok()?;
         // The db spec's requestTimeout bounds the keeper's queries, as in Go stolon.
@@ -377,6 +382,7 @@ impl Keeper {
             .ok()?
             .ok()?;
         self.pg = Some(st.clone());
+        self.answering = true;
         Some(st)
     }
 

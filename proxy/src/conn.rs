@@ -5,7 +5,7 @@
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, sqlstate, Startup};
 use crate::relay::{relay, End};
-use crate::route::{NoMaster, Route, Routes};
+use crate::route::{NoMaster, Replica, Route, Routes};
 use socket2::{SockRef, TcpKeepalive};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,69 @@ pub struct Ctx {
     pub routes: Arc<Routes>,
     pub metrics: Arc<Metrics>,
     pub config: ConnConfig,
+    /// Set for the read-only listener: sessions go to the standbys of the route's pool.
+    pub read_only: Option<ReadOnly>,
+}
+
+/// The read-only listener's choice when no standby qualifies.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadOnly {
+    /// `--ro-fallback-master`: use the master then; otherwise 57P03 "no standby available".
+    pub fallback_master: bool,
+}
+
+/// Where a session is relayed: the master of a route, or a standby of its read-only pool.
+/// Each has its own token, task tracker and socket registry, cut when it is replaced or
+/// leaves the pool.
+enum Lane {
+    Master,
+    Replica(Arc<Replica>),
+}
+
+struct LaneRefs<'a> {
+    token: &'a tokio_util::sync::CancellationToken,
+    sessions: &'a tokio_util::task::TaskTracker,
+    sockets: &'a Arc<crate::route::SessionSockets>,
+}
+
+impl Lane {
+    fn refs<'a>(&'a self, route: &'a Route) -> LaneRefs<'a> {
+        match self {
+            Lane::Master => LaneRefs {
+                token: &route.token,
+                sessions: &route.sessions,
+                sockets: &route.sockets,
+            },
+            Lane::Replica(r) => LaneRefs {
+                token: &r.token,
+                sessions: &r.sessions,
+                sockets: &r.sockets,
+            },
+        }
+    }
+}
+
+/// Counts a session on a standby for least-connections while it lives.
+struct ActiveOn(Option<Arc<Replica>>);
+
+impl ActiveOn {
+    fn new(lane: &Lane) -> ActiveOn {
+        match lane {
+            Lane::Replica(r) => {
+                r.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ActiveOn(Some(r.clone()))
+            }
+            Lane::Master => ActiveOn(None),
+        }
+    }
+}
+
+impl Drop for ActiveOn {
+    fn drop(&mut self) {
+        if let Some(r) = &self.0 {
+            r.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// A refusal: the SQLSTATE and message sent to the client, and the metric reason.
@@ -79,7 +142,11 @@ pub async fn serve(mut client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
     let reason = match prepare(&mut client, ctx).await {
         Ok(Prepared::Done(reason)) => reason,
-        Ok(Prepared::Session { server, route }) => session(client, server, &route, ctx).await,
+        Ok(Prepared::Session {
+            server,
+            route,
+            lane,
+        }) => session(client, server, &route, &lane, ctx).await,
         Err(r) => {
             tracing::debug!(code = r.code, message = %r.message, "rejecting client");
             let message = (!r.silent).then_some((r.code, r.message.as_str()));
@@ -92,10 +159,12 @@ pub async fn serve(mut client: TcpStream, ctx: &Ctx) {
 
 enum Prepared {
     Done(CloseReason),
-    /// Connected to the master of `route`, the startup bytes replayed.
+    /// Connected to the master of `route` or a standby of its pool, the startup bytes
+    /// replayed.
     Session {
         server: TcpStream,
         route: Arc<Route>,
+        lane: Lane,
     },
 }
 
@@ -121,47 +190,83 @@ async fn prepare(client: &mut TcpStream, ctx: &Ctx) -> Result<Prepared, Reject> 
     };
     // One route snapshot for the whole session.
     let route = ctx.routes.load();
-    let master = match &route.master {
-        Ok(m) => m.clone(),
-        Err(why) => {
-            let mut r = no_master(*why);
-            r.silent = bytes.first() == Some(&protocol::TLS_HANDSHAKE);
-            return Err(r);
-        }
+    let tls = bytes.first() == Some(&protocol::TLS_HANDSHAKE);
+    let (lane, addr) = choose(&route, ctx.read_only).map_err(|mut r| {
+        r.silent = tls;
+        r
+    })?;
+    let what = match lane {
+        Lane::Master => "the primary",
+        Lane::Replica(_) => "the standby",
     };
-    let mut server = connect(&master, ctx.config.connect_timeout).await?;
+    let mut server = connect(&addr, what, ctx.config.connect_timeout).await?;
     tune(&server, None);
     if server.write_all(&bytes).await.is_err() {
         return Err(reject(
             sqlstate::CONNECTION_FAILURE,
-            "the primary closed the connection",
+            format!("{what} closed the connection"),
             CloseReason::BackendUnreachable,
         ));
     }
-    Ok(Prepared::Session { server, route })
+    Ok(Prepared::Session {
+        server,
+        route,
+        lane,
+    })
 }
 
-async fn session(client: TcpStream, server: TcpStream, route: &Route, ctx: &Ctx) -> CloseReason {
-    let _task = route.sessions.token();
+/// The master, or on the read-only listener the least-loaded standby of the pool (the
+/// master only with the fallback), or why there is none.
+fn choose(route: &Route, ro: Option<ReadOnly>) -> Result<(Lane, Arc<str>), Reject> {
+    let master = route.master.as_ref().map_err(|why| no_master(*why));
+    let Some(ro) = ro else {
+        return master.map(|m| (Lane::Master, m.clone()));
+    };
+    if let Some(r) = route.pick_replica() {
+        let addr = r.addr.clone();
+        return Ok((Lane::Replica(r), addr));
+    }
+    match master {
+        // Not routing at all (store lost, not enabled, starting): say why.
+        Err(e) if !matches!(route.master, Err(NoMaster::NoMasterDb)) => Err(e),
+        Ok(m) if ro.fallback_master => Ok((Lane::Master, m.clone())),
+        _ => Err(reject(
+            sqlstate::CANNOT_CONNECT_NOW,
+            "no standby available: none is healthy and within the lag bound",
+            CloseReason::RejectedNoMaster,
+        )),
+    }
+}
+
+async fn session(
+    client: TcpStream,
+    server: TcpStream,
+    route: &Route,
+    lane: &Lane,
+    ctx: &Ctx,
+) -> CloseReason {
+    let l = lane.refs(route);
+    let _task = l.sessions.token();
+    let _active = ActiveOn::new(lane);
     let (client, server) = (Arc::new(client), Arc::new(server));
     // Registered sockets are cut by a sever; a route severed since the snapshot refuses
     // the registration, so not one byte of the session reaches the old master.
-    let Some(_registration) = route.sockets.register(client.clone(), server.clone()) else {
+    let Some(_registration) = l.sockets.register(client.clone(), server.clone()) else {
         return CloseReason::Severed;
     };
-    if route.token.is_cancelled() {
+    if l.token.is_cancelled() {
         return CloseReason::Severed;
     }
     ctx.metrics.active.inc();
-    let end = relay(&client, &server, &route.token, &ctx.metrics).await;
+    let end = relay(&client, &server, l.token, &ctx.metrics).await;
     ctx.metrics.active.dec();
-    close_reason(end, route)
+    close_reason(end, &l)
 }
 
-fn close_reason(end: End, route: &Route) -> CloseReason {
+fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
     match end {
         // The sockets may have been cut before the task saw the cancel.
-        _ if route.token.is_cancelled() || route.sockets.is_severed() => CloseReason::Severed,
+        _ if l.token.is_cancelled() || l.sockets.is_severed() => CloseReason::Severed,
         End::ClientClosed => CloseReason::ClientClosed,
         End::ServerClosed => CloseReason::ServerClosed,
         End::Severed => CloseReason::Severed,
@@ -177,7 +282,11 @@ pub async fn serve_uring(mut client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
     let reason = match prepare(&mut client, ctx).await {
         Ok(Prepared::Done(reason)) => reason,
-        Ok(Prepared::Session { server, route }) => session_uring(client, server, &route, ctx).await,
+        Ok(Prepared::Session {
+            server,
+            route,
+            lane,
+        }) => session_uring(client, server, &route, &lane, ctx).await,
         Err(r) => {
             let message = (!r.silent).then_some((r.code, r.message.as_str()));
             close_with(client, message).await;
@@ -191,9 +300,12 @@ async fn session_uring(
     client: TcpStream,
     server: TcpStream,
     route: &Route,
+    lane: &Lane,
     ctx: &Ctx,
 ) -> CloseReason {
-    let _task = route.sessions.token();
+    let l = lane.refs(route);
+    let _task = l.sessions.token();
+    let _active = ActiveOn::new(lane);
     // The sockets leave the epoll reactor for the ring; extra handles on them serve the
     // sever registry and half-closes.
     let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
@@ -203,13 +315,10 @@ async fn session_uring(
         return CloseReason::IoError;
     };
     let (client_ctl, server_ctl) = (Arc::new(client_ctl), Arc::new(server_ctl));
-    let Some(_registration) = route
-        .sockets
-        .register(client_ctl.clone(), server_ctl.clone())
-    else {
+    let Some(_registration) = l.sockets.register(client_ctl.clone(), server_ctl.clone()) else {
         return CloseReason::Severed;
     };
-    if route.token.is_cancelled() {
+    if l.token.is_cancelled() {
         return CloseReason::Severed;
     }
     ctx.metrics.active.inc();
@@ -218,12 +327,12 @@ async fn session_uring(
         server,
         &client_ctl,
         &server_ctl,
-        &route.token,
+        l.token,
         &ctx.metrics,
     )
     .await;
     ctx.metrics.active.dec();
-    close_reason(end, route)
+    close_reason(end, &l)
 }
 
 fn no_master(why: NoMaster) -> Reject {
@@ -243,20 +352,20 @@ fn no_master(why: NoMaster) -> Reject {
     )
 }
 
-async fn connect(master: &str, timeout: Duration) -> Result<TcpStream, Reject> {
-    match tokio::time::timeout(timeout, TcpStream::connect(master)).await {
+async fn connect(addr: &str, what: &str, timeout: Duration) -> Result<TcpStream, Reject> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {
-            tracing::warn!(master, error = %e, "cannot connect to the primary");
+            tracing::warn!(addr, error = %e, "cannot connect to {what}");
             Err(reject(
                 sqlstate::CONNECTION_FAILURE,
-                "could not connect to the primary",
+                format!("could not connect to {what}"),
                 CloseReason::BackendUnreachable,
             ))
         }
         Err(_) => Err(reject(
             sqlstate::CONNECTION_FAILURE,
-            "timed out connecting to the primary",
+            format!("timed out connecting to {what}"),
             CloseReason::BackendUnreachable,
         )),
     }
@@ -301,14 +410,30 @@ async fn startup_phase(client: &mut TcpStream) -> Result<Next, Reject> {
     }
 }
 
-/// Forwards a CancelRequest to the current master. PostgreSQL answers a cancel with
+/// Forwards a CancelRequest to the backends of this listener: the master, or on the
+/// read-only listener every standby of the pool (and the master with the fallback), since
+/// the proxy does not track which backend key is whose. PostgreSQL answers a cancel with
 /// nothing, and so does the proxy; an unknown key is harmless to PostgreSQL.
 async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
     let route = ctx.routes.load();
-    let Ok(master) = &route.master else { return };
-    if let Ok(Ok(mut s)) =
-        tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(&**master)).await
-    {
+    let mut targets: Vec<Arc<str>> = Vec::new();
+    match ctx.read_only {
+        Some(ro) => {
+            targets.extend(route.replicas.iter().map(|r| r.addr.clone()));
+            if ro.fallback_master {
+                targets.extend(route.master.as_ref().ok().cloned());
+            }
+        }
+        None => targets.extend(route.master.as_ref().ok().cloned()),
+    }
+    let sends = targets
+        .iter()
+        .map(|addr| cancel_one(addr, packet, ctx.config.connect_timeout));
+    futures::future::join_all(sends).await;
+}
+
+async fn cancel_one(addr: &str, packet: &[u8], connect_timeout: Duration) {
+    if let Ok(Ok(mut s)) = tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
         let _ = s.write_all(packet).await;
         let _ = s.shutdown().await;
         // Wait for PostgreSQL to close, so the cancel is processed before we return.

@@ -6,7 +6,7 @@
 
 use crate::fence::StoreContact;
 use crate::metrics::Metrics;
-use crate::route::{desired, Desired, NoMaster, Routes};
+use crate::route::{desired_with_replicas, Desired, NoMaster, Routes};
 use control::model::{ClusterData, GoDuration, ProxyInfo};
 use control::store::{info_ttl_for_proxy, ClusterStore, EventKind, LeasedKey, StoreError};
 use control::store::{WatchUpdate, Watcher};
@@ -31,6 +31,8 @@ pub struct Discovery {
     pub listening: watch::Sender<bool>,
     /// `--stop-listening`: close the listeners while fenced.
     pub stop_listening: bool,
+    /// `--ro-max-lag` when the read-only listener is on: the pool's lag bound in bytes.
+    pub ro_max_lag: Option<u64>,
 }
 
 struct State {
@@ -57,6 +59,7 @@ impl Discovery {
             wanted: Desired {
                 generation: 0,
                 master: Err(NoMaster::Starting),
+                replicas: Vec::new(),
             },
             fenced: true,
         };
@@ -200,11 +203,12 @@ impl Discovery {
                         .as_std()
                         .max(Duration::from_millis(100));
                 }
-                desired(cd.as_ref(), &self.uid)
+                desired_with_replicas(cd.as_ref(), &self.uid, self.ro_max_lag)
             }
             Err(()) => Desired {
                 generation: 0,
                 master: Err(NoMaster::BadDocument),
+                replicas: Vec::new(),
             },
         };
     }
@@ -212,14 +216,23 @@ impl Discovery {
     /// Installs the wanted route (none while fenced), waits for severed sessions to close,
     /// then reports the generation if it changed.
     async fn apply(&self, st: &mut State) {
-        let master = if st.fenced {
-            Err(NoMaster::StoreLost)
+        let (master, replicas) = if st.fenced {
+            (Err(NoMaster::StoreLost), &[][..])
         } else {
-            st.wanted.master.clone()
+            (st.wanted.master.clone(), &st.wanted.replicas[..])
         };
         let routing = master.is_ok();
         let swapped_at = Instant::now();
-        if let Some((old, stats)) = self.routes.apply(st.wanted.generation, master) {
+        let (old_master, severed_ro) =
+            self.routes
+                .apply_with_replicas(st.wanted.generation, master, replicas);
+        if severed_ro > 0 {
+            tracing::info!(
+                sessions = severed_ro,
+                "read-only sessions of standbys that left the pool closed"
+            );
+        }
+        if let Some((old, stats)) = old_master {
             let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
             let _ = tokio::time::timeout_at(until, old.sessions.wait()).await;
             tracing::info!(

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::{ArgAction, Parser};
 use control::cli::{parse_duration, parse_with_env, CommonArgs};
-use proxy::conn::{ConnConfig, Ctx};
+use proxy::conn::{ConnConfig, Ctx, ReadOnly};
 use proxy::discovery::Discovery;
 use proxy::metrics::Metrics;
 use proxy::route::Routes;
@@ -65,6 +65,39 @@ struct Args {
     /// This proxy's UID in the store (default: random)
     #[arg(long)]
     uid: Option<String>,
+    /// Address of the read-only listener (off unless --ro-port is given)
+    #[arg(long, default_value = "127.0.0.1")]
+    ro_listen_address: String,
+    /// Port of the read-only listener: each session goes to a healthy standby that follows
+    /// the master within --ro-max-lag, least-connections first (off by default)
+    #[arg(long)]
+    ro_port: Option<u16>,
+    /// Most a standby of the read-only pool may lag the master's last published WAL
+    /// position: bytes, or a number with kB, MB or GB
+    #[arg(long, default_value = "1MB", value_parser = parse_size)]
+    ro_max_lag: u64,
+    /// With no standby in the pool, read-only sessions go to the master (default: 57P03
+    /// "no standby available")
+    #[arg(long)]
+    ro_fallback_master: bool,
+}
+
+/// Bytes, or a number with kB, MB, GB or TB (1024-based, as PostgreSQL and Patroni).
+fn parse_size(v: &str) -> Result<u64, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {v:?}"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => return Err(format!("invalid size {v:?}: bytes, or kB, MB, GB, TB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {v:?} too large"))
 }
 
 impl Args {
@@ -145,23 +178,30 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         listening: listening_tx,
         stop_listening: args.stop_listening,
+        ro_max_lag: args.ro_port.map(|_| args.ro_max_lag),
     };
     let discovery = tokio::spawn(discovery.run(stop_discovery.clone()));
 
-    let shared = Arc::new(Shared {
-        ctx: Arc::new(Ctx {
-            routes,
-            metrics,
-            config: ConnConfig {
-                startup_timeout: args.startup_timeout,
-                connect_timeout: args.connect_timeout,
-                keepalive: args.keepalive(),
-            },
-        }),
-        listening: listening_rx,
-        limit: Arc::new(tokio::sync::Semaphore::new(args.max_connections)),
-        stop_accepting: stop_accepting.clone(),
-    });
+    let config = ConnConfig {
+        startup_timeout: args.startup_timeout,
+        connect_timeout: args.connect_timeout,
+        keepalive: args.keepalive(),
+    };
+    let limit = Arc::new(tokio::sync::Semaphore::new(args.max_connections));
+    let shared_for = |read_only: Option<ReadOnly>| {
+        Arc::new(Shared {
+            ctx: Arc::new(Ctx {
+                routes: routes.clone(),
+                metrics: metrics.clone(),
+                config: config.clone(),
+                read_only,
+            }),
+            listening: listening_rx.clone(),
+            limit: limit.clone(),
+            stop_accepting: stop_accepting.clone(),
+        })
+    };
+    let shared = shared_for(None);
     let listen = Listen {
         addr,
         engine: args.engine,
@@ -172,7 +212,18 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         }),
         grace: args.shutdown_grace,
     };
-    let engines = server::start(&listen, shared)?;
+    let mut engines = server::start(&listen, shared)?;
+    if let Some(ro_port) = args.ro_port {
+        let ro = Listen {
+            addr: listen_addr(&args.ro_listen_address, ro_port)?,
+            ..listen
+        };
+        let read_only = ReadOnly {
+            fallback_master: args.ro_fallback_master,
+        };
+        tracing::info!(addr = %ro.addr, max_lag = args.ro_max_lag, fallback_master = args.ro_fallback_master, "read-only listener");
+        engines.extend(server::start(&ro, shared_for(Some(read_only)))?);
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -1,7 +1,8 @@
 //! The route table: one immutable value under one `ArcSwap` (generation, master, the
-//! cancellation token of the sessions relayed to that master). `desired` derives what the
-//! route should be from clusterdata, purely; `Routes::apply` swaps it in and severs the
-//! sessions of a replaced master.
+//! cancellation token of the sessions relayed to that master, and the standbys the
+//! read-only listener may use, each with its own token). `desired` derives what the route
+//! should be from clusterdata, purely; `Routes::apply` swaps it in and severs the sessions
+//! of a replaced master and of every standby that left the read-only pool.
 
 use arc_swap::ArcSwap;
 use control::model::ClusterData;
@@ -39,31 +40,95 @@ pub struct Desired {
     /// enabled, 0 otherwise (as stolon's proxy reports).
     pub generation: i64,
     pub master: Result<String, NoMaster>,
+    /// The standbys the read-only listener may use (empty without one).
+    pub replicas: Vec<ReplicaTarget>,
 }
 
-/// Derives the route from a clusterdata document (`None`: no document).
+/// A standby the read-only listener may send sessions to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaTarget {
+    pub db_uid: String,
+    /// `host:port`.
+    pub addr: String,
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Derives the route from a clusterdata document (`None`: no document), without standbys.
 pub fn desired(cd: Option<&ClusterData>, proxy_uid: &str) -> Desired {
+    desired_with_replicas(cd, proxy_uid, None)
+}
+
+/// [`desired`], with the read-only pool when `ro_max_lag` is given: every db that is a
+/// healthy standby (its keeper healthy too) following the elected master, not the elected
+/// master itself (a standby being promoted leaves the pool in the very write that elects
+/// it), within `ro_max_lag` bytes of the master's last published WAL position.
+pub fn desired_with_replicas(
+    cd: Option<&ClusterData>,
+    proxy_uid: &str,
+    ro_max_lag: Option<u64>,
+) -> Desired {
     let Some(cd) = cd else {
         return Desired {
             generation: 0,
             master: Err(NoMaster::NoCluster),
+            replicas: Vec::new(),
         };
     };
     if !cd.proxy.spec.enabled_proxies.iter().any(|p| p == proxy_uid) {
         return Desired {
             generation: 0,
             master: Err(NoMaster::NotEnabled),
+            replicas: Vec::new(),
         };
     }
     let master = match cd.proxy_master_address() {
-        Some((host, port)) if host.contains(':') => Ok(format!("[{host}]:{port}")),
-        Some((host, port)) => Ok(format!("{host}:{port}")),
+        Some((host, port)) => Ok(host_port(host, port)),
         None => Err(NoMaster::NoMasterDb),
     };
     Desired {
         generation: cd.proxy.generation,
         master,
+        replicas: ro_max_lag.map_or_else(Vec::new, |lag| replicas(cd, lag)),
     }
+}
+
+fn replicas(cd: &ClusterData, max_lag: u64) -> Vec<ReplicaTarget> {
+    use control::model::DbRole;
+    let elected = &cd.cluster.status.master;
+    let Some(master) = cd.dbs.get(elected) else {
+        return Vec::new();
+    };
+    cd.dbs
+        .values()
+        .filter(|d| d.uid != *elected && d.spec.role == Some(DbRole::Standby))
+        .filter(|d| {
+            d.spec
+                .follow_config
+                .as_ref()
+                .is_some_and(|f| f.dbuid == *elected)
+        })
+        .filter(|d| d.status.healthy)
+        .filter(|d| {
+            cd.keepers
+                .get(&d.spec.keeper_uid)
+                .is_some_and(|k| k.status.healthy)
+        })
+        .filter(|d| master.status.x_log_pos.saturating_sub(d.status.x_log_pos) <= max_lag)
+        .filter_map(|d| {
+            let port = d.status.port?;
+            (!d.status.listen_address.is_empty()).then(|| ReplicaTarget {
+                db_uid: d.uid.clone(),
+                addr: host_port(&d.status.listen_address, port),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -79,6 +144,44 @@ pub struct Route {
     /// The sockets of those sessions, so severing can cut them all from one thread with
     /// plain syscalls instead of waking every session task first.
     pub sockets: Arc<SessionSockets>,
+    /// The read-only pool; a standby that stays in it keeps its `Replica` (and sessions).
+    pub replicas: Arc<[Arc<Replica>]>,
+    /// Rotates the starting point of the least-connections pick, so equally loaded
+    /// standbys share short sessions.
+    next_pick: AtomicU64,
+}
+
+/// A standby of the read-only pool and the sessions relayed to it.
+#[derive(Debug)]
+pub struct Replica {
+    pub db_uid: String,
+    pub addr: Arc<str>,
+    /// Cancelled when it leaves the pool: its sessions close.
+    pub token: CancellationToken,
+    pub sessions: TaskTracker,
+    pub sockets: Arc<SessionSockets>,
+    /// Sessions open on it now (least-connections).
+    pub active: AtomicU64,
+}
+
+impl Replica {
+    fn new(t: &ReplicaTarget) -> Replica {
+        Replica {
+            db_uid: t.db_uid.clone(),
+            addr: Arc::from(t.addr.as_str()),
+            token: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            sockets: Arc::new(SessionSockets::new()),
+            active: AtomicU64::new(0),
+        }
+    }
+
+    fn sever(&self) -> SeverStats {
+        let stats = self.sockets.sever_all();
+        self.token.cancel();
+        self.sessions.close();
+        stats
+    }
 }
 
 /// A handle on a session's socket, whatever engine relays it.
@@ -183,14 +286,33 @@ pub struct SeverStats {
 }
 
 impl Route {
-    fn new(generation: i64, master: Result<Arc<str>, NoMaster>) -> Route {
+    fn new(
+        generation: i64,
+        master: Result<Arc<str>, NoMaster>,
+        replicas: Arc<[Arc<Replica>]>,
+    ) -> Route {
         Route {
             generation,
             master,
             token: CancellationToken::new(),
             sessions: TaskTracker::new(),
             sockets: Arc::new(SessionSockets::new()),
+            replicas,
+            next_pick: AtomicU64::new(0),
         }
+    }
+
+    /// The standby with the fewest open sessions (ties rotate), if the pool has any.
+    pub fn pick_replica(&self) -> Option<Arc<Replica>> {
+        let n = self.replicas.len();
+        if n == 0 {
+            return None;
+        }
+        let start = (self.next_pick.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
+        (0..n)
+            .filter_map(|i| self.replicas.get((start + i) % n))
+            .min_by_key(|r| r.active.load(Ordering::Relaxed))
+            .cloned()
     }
 }
 
@@ -202,7 +324,11 @@ pub struct Routes {
 impl Default for Routes {
     fn default() -> Self {
         Routes {
-            current: ArcSwap::from_pointee(Route::new(0, Err(NoMaster::Starting))),
+            current: ArcSwap::from_pointee(Route::new(
+                0,
+                Err(NoMaster::Starting),
+                Arc::from(Vec::new()),
+            )),
         }
     }
 }
@@ -213,43 +339,84 @@ impl Routes {
         self.current.load_full()
     }
 
-    /// Installs the route for `generation` and `master`. If the master changed (or became
-    /// none), the old route's sessions are severed, and the old route is returned so the
-    /// caller can wait for them to close. Same master: only the generation is updated and
-    /// sessions continue.
+    /// Installs the route for `generation` and `master` (no read-only pool).
     pub fn apply(
         &self,
         generation: i64,
         master: Result<String, NoMaster>,
     ) -> Option<(Arc<Route>, SeverStats)> {
+        self.apply_with_replicas(generation, master, &[]).0
+    }
+
+    /// Installs the route for `generation`, `master` and the read-only pool `replicas`. If
+    /// the master changed (or became none), the old route's sessions are severed, and the old
+    /// route is returned so the caller can wait for them to close. Same master: only the
+    /// generation is updated and sessions continue. Standbys that left the pool are severed
+    /// at once (their count is returned); those that stay keep their sessions.
+    pub fn apply_with_replicas(
+        &self,
+        generation: i64,
+        master: Result<String, NoMaster>,
+        replicas: &[ReplicaTarget],
+    ) -> (Option<(Arc<Route>, SeverStats)>, usize) {
         let old = self.current.load_full();
+        let (pool, left) = Self::next_pool(&old, replicas);
+        let severed_ro: usize = left.iter().map(|r| r.sever().sessions).sum();
+        let pool_changed = !left.is_empty() || pool.len() != old.replicas.len();
         let same_master = match (&old.master, &master) {
             (Ok(a), Ok(b)) => **a == **b,
             _ => false,
         };
         if same_master {
-            if old.generation != generation {
+            if old.generation != generation || pool_changed {
                 let kept = Route {
                     generation,
                     master: old.master.clone(),
                     token: old.token.clone(),
                     sessions: old.sessions.clone(),
                     sockets: old.sockets.clone(),
+                    replicas: pool,
+                    next_pick: AtomicU64::new(0),
                 };
                 self.current.store(Arc::new(kept));
             }
-            return None;
+            return (None, severed_ro);
         }
-        let new = Route::new(generation, master.map(Arc::from));
+        let new = Route::new(generation, master.map(Arc::from), pool);
         self.current.store(Arc::new(new));
         if old.master.is_err() {
             // No session was ever relayed on a route without a master.
-            return None;
+            return (None, severed_ro);
         }
         let stats = old.sockets.sever_all();
         old.token.cancel();
         old.sessions.close();
-        Some((old, stats))
+        (Some((old, stats)), severed_ro)
+    }
+
+    /// The next pool: standbys that stay keep their `Replica`; returns it and those that left.
+    fn next_pool(
+        old: &Route,
+        wanted: &[ReplicaTarget],
+    ) -> (Arc<[Arc<Replica>]>, Vec<Arc<Replica>>) {
+        let same = |r: &Replica, t: &ReplicaTarget| r.db_uid == t.db_uid && *r.addr == *t.addr;
+        let pool: Vec<Arc<Replica>> = wanted
+            .iter()
+            .map(|t| {
+                old.replicas
+                    .iter()
+                    .find(|r| same(r, t))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Replica::new(t)))
+            })
+            .collect();
+        let left = old
+            .replicas
+            .iter()
+            .filter(|r| !wanted.iter().any(|t| same(r, t)))
+            .cloned()
+            .collect();
+        (Arc::from(pool), left)
     }
 }
 
@@ -280,6 +447,7 @@ mod tests {
                 Desired {
                     generation: 0,
                     master: Err(NoMaster::NoCluster),
+                    replicas: Vec::new(),
                 },
             ),
             (
@@ -288,6 +456,7 @@ mod tests {
                 Desired {
                     generation: 4,
                     master: Ok("127.0.0.1:5433".into()),
+                    replicas: Vec::new(),
                 },
             ),
             (
@@ -296,6 +465,7 @@ mod tests {
                 Desired {
                     generation: 4,
                     master: Ok("[::1]:5434".into()),
+                    replicas: Vec::new(),
                 },
             ),
             (
@@ -304,6 +474,7 @@ mod tests {
                 Desired {
                     generation: 0,
                     master: Err(NoMaster::NotEnabled),
+                    replicas: Vec::new(),
                 },
             ),
             (
@@ -312,6 +483,7 @@ mod tests {
                 Desired {
                     generation: 5,
                     master: Err(NoMaster::NoMasterDb),
+                    replicas: Vec::new(),
                 },
             ),
             (
@@ -320,6 +492,7 @@ mod tests {
                 Desired {
                     generation: 5,
                     master: Err(NoMaster::NoMasterDb),
+                    replicas: Vec::new(),
                 },
             ),
             (
@@ -328,6 +501,7 @@ mod tests {
                 Desired {
                     generation: 5,
                     master: Err(NoMaster::NoMasterDb),
+                    replicas: Vec::new(),
                 },
             ),
         ];
@@ -369,5 +543,116 @@ mod tests {
         let (old, _) = routes.apply(6, Ok("c:1".into())).expect("master moved");
         assert_eq!(old.master.as_deref().ok(), Some("b:1"));
         assert!(old.token.is_cancelled());
+    }
+
+    fn ro_doc() -> ClusterData {
+        let standby =
+            |uid: &str, keeper: &str, follows: &str, pos: u64, healthy: bool, port: &str| {
+                serde_json::json!({"uid": uid, "spec": {"keeperUID": keeper, "role": "standby",
+                "followConfig": {"type": "internal", "dbuid": follows}},
+                "status": {"healthy": healthy, "listenAddress": "127.0.0.1", "port": port,
+                           "xLogPos": pos}})
+            };
+        let doc = serde_json::json!({
+            "formatVersion": 1,
+            "cluster": {"uid": "c", "spec": {"initMode": "new"}, "status": {"master": "m"}},
+            "keepers": {
+                "km": {"uid": "km", "status": {"healthy": true}},
+                "k1": {"uid": "k1", "status": {"healthy": true}},
+                "k2": {"uid": "k2", "status": {"healthy": true}},
+                "k3": {"uid": "k3", "status": {"healthy": true}},
+                "k4": {"uid": "k4", "status": {"healthy": false}},
+                "k5": {"uid": "k5", "status": {"healthy": true}}
+            },
+            "dbs": {
+                "m": {"uid": "m", "spec": {"keeperUID": "km", "role": "master"},
+                      "status": {"healthy": true, "listenAddress": "127.0.0.1", "port": "5000",
+                                 "xLogPos": 10000}},
+                "s1": standby("s1", "k1", "m", 9990, true, "5001"),
+                "s2": standby("s2", "k2", "m", 5000, true, "5002"),
+                "s3": standby("s3", "k3", "m", 10000, false, "5003"),
+                "s4": standby("s4", "k4", "m", 10000, true, "5004"),
+                "s5": standby("s5", "k5", "other", 10000, true, "5005")
+            },
+            "proxy": {"generation": 2, "spec": {"masterDbUid": "m", "enabledProxies": ["p1"]}}
+        });
+        ClusterData::from_json(doc.to_string().as_bytes()).expect("doc")
+    }
+
+    #[test]
+    fn the_read_only_pool_has_healthy_standbys_of_the_master_within_the_lag() {
+        let cd = ro_doc();
+        let pool = |lag| {
+            desired_with_replicas(Some(&cd), "p1", lag)
+                .replicas
+                .into_iter()
+                .map(|r| r.db_uid)
+                .collect::<Vec<_>>()
+        };
+        // s2 lags 5000 bytes; s3 is unhealthy; s4's keeper is; s5 follows another db.
+        assert_eq!(pool(Some(100)), ["s1"]);
+        assert_eq!(pool(Some(5000)), ["s1", "s2"]);
+        assert!(
+            pool(None).is_empty(),
+            "no pool without the read-only listener"
+        );
+        assert!(desired_with_replicas(Some(&cd), "p9", Some(5000))
+            .replicas
+            .is_empty());
+        // The elected master leaves the pool in the write that elects it, before its
+        // promotion: a read-only session never lands on a db about to take writes.
+        let mut promoted = cd.clone();
+        promoted.cluster.status.master = "s1".into();
+        assert!(desired_with_replicas(Some(&promoted), "p1", Some(u64::MAX))
+            .replicas
+            .iter()
+            .all(|r| r.db_uid != "s1"));
+    }
+
+    #[test]
+    fn a_standby_leaving_the_pool_is_severed_and_those_staying_keep_their_sessions() {
+        let t = |uid: &str, port: u16| ReplicaTarget {
+            db_uid: uid.into(),
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let routes = Routes::default();
+        routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)]);
+        let first = routes.load();
+        let (s1, s2) = (first.replicas[0].clone(), first.replicas[1].clone());
+        let (old_master, severed) = routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1)]);
+        assert!(old_master.is_none(), "the master's sessions go on");
+        assert_eq!(severed, 0, "no session was open");
+        assert!(s2.token.is_cancelled(), "s2 left: its sessions are cut");
+        assert!(!s1.token.is_cancelled(), "s1 stays");
+        let now = routes.load();
+        assert!(Arc::ptr_eq(&now.replicas[0], &s1));
+        assert!(!now.token.is_cancelled() && Arc::ptr_eq(&now.sockets, &first.sockets));
+        // Store lost: the pool empties with the master.
+        routes.apply_with_replicas(1, Err(NoMaster::StoreLost), &[]);
+        assert!(s1.token.is_cancelled() && routes.load().replicas.is_empty());
+    }
+
+    #[test]
+    fn pick_is_least_connections_and_rotates_among_equals() {
+        let t = |uid: &str, port: u16| ReplicaTarget {
+            db_uid: uid.into(),
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let routes = Routes::default();
+        routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)]);
+        let r = routes.load();
+        let picks: Vec<String> = (0..4)
+            .map(|_| r.pick_replica().expect("pick").db_uid.clone())
+            .collect();
+        assert!(picks.contains(&"s1".to_string()) && picks.contains(&"s2".to_string()));
+        r.replicas[0].active.store(3, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(r.pick_replica().expect("pick").db_uid, "s2");
+        }
+        assert!(
+            Route::new(0, Err(NoMaster::Starting), Arc::from(Vec::new()))
+                .pick_replica()
+                .is_none()
+        );
     }
 }

@@ -51,6 +51,7 @@ async fn start_with(cluster_exists: bool) -> Sim {
         metrics: Arc::new(Metrics::default()),
         listening: tx,
         stop_listening: true,
+        ro_max_lag: None,
     };
     tokio::spawn(d.run(stop.clone()));
     Sim {
