@@ -301,6 +301,11 @@ impl Cluster {
     }
 
     pub fn add_proxy(&mut self, name: &str) -> Result<()> {
+        self.add_proxy_with(name, Vec::new())
+    }
+
+    /// A proxy with extra flags (the read-only listener's).
+    pub fn add_proxy_with(&mut self, name: &str, extra: Vec<String>) -> Result<()> {
         let host = self.host(name);
         let port = free_port();
         let addr = Self::listen_addr(&host);
@@ -313,6 +318,7 @@ impl Cluster {
             "--port".into(),
             port.0.to_string(),
         ]);
+        args.extend(extra);
         let child = self.spawn(name, &host, &bin("stolon-proxy"), &args)?;
         self.proxies.push(Proc {
             name: name.into(),

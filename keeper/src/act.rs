@@ -516,6 +516,7 @@ impl Keeper {
     }
 
     async fn promote(&mut self) -> anyhow::Result<()> {
+        self.wait_proxies_before_promotion().await;
         let client = self.conn().connect(Duration::from_secs(2)).await?;
         self.arm_watchdog(self.postmaster.as_ref().and_then(|p| p.pid()))
             .await;

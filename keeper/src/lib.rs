@@ -11,6 +11,7 @@ pub mod health;
 pub mod layout;
 pub mod metrics;
 pub mod postmaster;
+mod promote_gate;
 pub mod sql;
 pub mod tools;
 pub mod watchdog;
