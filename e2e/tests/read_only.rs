@@ -247,6 +247,8 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Closed before the promotion: the keeper promotes only once the proxies reported the
+    // generation of the write that took b out of their pools.
     assert!(
         held_b.simple_query("SELECT 1").await.is_err(),
         "a read-only session on the promoted standby is closed"
