@@ -120,6 +120,25 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
     .await
     .expect("spread");
 
+    // A CancelRequest on the read-only listener reaches the standby running the query.
+    let client = sql::connect("127.0.0.1", ro.0, Duration::from_secs(3))
+        .await
+        .expect("ro session");
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    c.wait_for("the query cancelled", MIN, async || {
+        let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+        sleeping.is_finished().then_some(())
+    })
+    .await
+    .expect("cancelled");
+    let err = sleeping.await.expect("task").expect_err("cancelled");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("57014"),
+        "{err:?}"
+    );
+
     // pgbench -S through the read-only listener against direct to a standby.
     let pg = testkit::postgres::pg_bin_dir().join("pgbench");
     let init = std::process::Command::new(&pg)

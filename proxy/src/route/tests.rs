@@ -1,0 +1,234 @@
+//! The route table: desired routes from clusterdata, swaps, severing, the read-only pool.
+
+use super::*;
+
+fn cd(master: &str, enabled: &[&str], generation: i64) -> ClusterData {
+    let doc = serde_json::json!({
+        "formatVersion": 1,
+        "cluster": {"uid": "c", "spec": {"initMode": "new"}},
+        "dbs": {
+            "db1": {"uid": "db1", "status": {"listenAddress": "127.0.0.1", "port": "5433"}},
+            "db2": {"uid": "db2", "status": {"listenAddress": "::1", "port": "5434"}},
+            "db3": {"uid": "db3", "status": {"listenAddress": "", "port": "5435"}}
+        },
+        "proxy": {"generation": generation, "spec": {"masterDbUid": master, "enabledProxies": enabled}}
+    });
+    ClusterData::from_json(doc.to_string().as_bytes()).expect("doc")
+}
+
+#[test]
+fn desired_route_table() {
+    let cases: Vec<(&str, Option<ClusterData>, Desired)> = vec![
+        (
+            "no document",
+            None,
+            Desired {
+                generation: 0,
+                master: Err(NoMaster::NoCluster),
+                replicas: Vec::new(),
+            },
+        ),
+        (
+            "enabled",
+            Some(cd("db1", &["p1"], 4)),
+            Desired {
+                generation: 4,
+                master: Ok("127.0.0.1:5433".into()),
+                replicas: Vec::new(),
+            },
+        ),
+        (
+            "ipv6",
+            Some(cd("db2", &["p1"], 4)),
+            Desired {
+                generation: 4,
+                master: Ok("[::1]:5434".into()),
+                replicas: Vec::new(),
+            },
+        ),
+        (
+            "not enabled",
+            Some(cd("db1", &["p2"], 4)),
+            Desired {
+                generation: 0,
+                master: Err(NoMaster::NotEnabled),
+                replicas: Vec::new(),
+            },
+        ),
+        (
+            "fencing: empty master",
+            Some(cd("", &["p1"], 5)),
+            Desired {
+                generation: 5,
+                master: Err(NoMaster::NoMasterDb),
+                replicas: Vec::new(),
+            },
+        ),
+        (
+            "unknown db",
+            Some(cd("dbX", &["p1"], 5)),
+            Desired {
+                generation: 5,
+                master: Err(NoMaster::NoMasterDb),
+                replicas: Vec::new(),
+            },
+        ),
+        (
+            "db without address",
+            Some(cd("db3", &["p1"], 5)),
+            Desired {
+                generation: 5,
+                master: Err(NoMaster::NoMasterDb),
+                replicas: Vec::new(),
+            },
+        ),
+    ];
+    for (name, doc, want) in cases {
+        assert_eq!(desired(doc.as_ref(), "p1"), want, "{name}");
+    }
+}
+
+#[test]
+fn go_encoded_document_without_master_field() {
+    // Go's omitempty drops an empty masterDbUid entirely.
+    let doc = r#"{"formatVersion":1,"cluster":{},"proxy":{"generation":3,"spec":{"enabledProxies":["p1"]}}}"#;
+    let cd = ClusterData::from_json(doc.as_bytes()).expect("doc");
+    assert_eq!(desired(Some(&cd), "p1").master, Err(NoMaster::NoMasterDb));
+}
+
+#[test]
+fn master_change_severs_same_master_keeps_sessions() {
+    let routes = Routes::default();
+    assert!(
+        routes.apply(1, Ok("a:1".into())).is_none(),
+        "from no master: nothing to sever"
+    );
+    let first = routes.load();
+    assert!(routes.apply(2, Ok("a:1".into())).is_none(), "same master");
+    let second = routes.load();
+    assert_eq!(second.generation, 2);
+    assert!(!first.token.is_cancelled());
+    assert!(second.token.is_cancelled() == first.token.is_cancelled());
+    let (old, _) = routes.apply(3, Err(NoMaster::NoMasterDb)).expect("severed");
+    assert!(old.token.is_cancelled() && first.token.is_cancelled());
+    assert!(routes.load().master.is_err());
+    assert!(
+        routes.apply(4, Err(NoMaster::StoreLost)).is_none(),
+        "none to none"
+    );
+    assert_eq!(routes.load().generation, 4);
+    routes.apply(5, Ok("b:1".into()));
+    let (old, _) = routes.apply(6, Ok("c:1".into())).expect("master moved");
+    assert_eq!(old.master.as_deref().ok(), Some("b:1"));
+    assert!(old.token.is_cancelled());
+}
+
+fn ro_doc() -> ClusterData {
+    let standby = |uid: &str, keeper: &str, follows: &str, pos: u64, healthy: bool, port: &str| {
+        serde_json::json!({"uid": uid, "spec": {"keeperUID": keeper, "role": "standby",
+            "followConfig": {"type": "internal", "dbuid": follows}},
+            "status": {"healthy": healthy, "listenAddress": "127.0.0.1", "port": port,
+                       "xLogPos": pos}})
+    };
+    let doc = serde_json::json!({
+        "formatVersion": 1,
+        "cluster": {"uid": "c", "spec": {"initMode": "new"}, "status": {"master": "m"}},
+        "keepers": {
+            "km": {"uid": "km", "status": {"healthy": true}},
+            "k1": {"uid": "k1", "status": {"healthy": true}},
+            "k2": {"uid": "k2", "status": {"healthy": true}},
+            "k3": {"uid": "k3", "status": {"healthy": true}},
+            "k4": {"uid": "k4", "status": {"healthy": false}},
+            "k5": {"uid": "k5", "status": {"healthy": true}}
+        },
+        "dbs": {
+            "m": {"uid": "m", "spec": {"keeperUID": "km", "role": "master"},
+                  "status": {"healthy": true, "listenAddress": "127.0.0.1", "port": "5000",
+                             "xLogPos": 10000}},
+            "s1": standby("s1", "k1", "m", 9990, true, "5001"),
+            "s2": standby("s2", "k2", "m", 5000, true, "5002"),
+            "s3": standby("s3", "k3", "m", 10000, false, "5003"),
+            "s4": standby("s4", "k4", "m", 10000, true, "5004"),
+            "s5": standby("s5", "k5", "other", 10000, true, "5005")
+        },
+        "proxy": {"generation": 2, "spec": {"masterDbUid": "m", "enabledProxies": ["p1"]}}
+    });
+    ClusterData::from_json(doc.to_string().as_bytes()).expect("doc")
+}
+
+#[test]
+fn the_read_only_pool_has_healthy_standbys_of_the_master_within_the_lag() {
+    let cd = ro_doc();
+    let pool = |lag| {
+        desired_with_replicas(Some(&cd), "p1", lag)
+            .replicas
+            .into_iter()
+            .map(|r| r.db_uid)
+            .collect::<Vec<_>>()
+    };
+    // s2 lags 5000 bytes; s3 is unhealthy; s4's keeper is; s5 follows another db.
+    assert_eq!(pool(Some(100)), ["s1"]);
+    assert_eq!(pool(Some(5000)), ["s1", "s2"]);
+    assert!(
+        pool(None).is_empty(),
+        "no pool without the read-only listener"
+    );
+    assert!(desired_with_replicas(Some(&cd), "p9", Some(5000))
+        .replicas
+        .is_empty());
+    // The elected master leaves the pool in the write that elects it, before its
+    // promotion: a read-only session never lands on a db about to take writes.
+    let mut promoted = cd.clone();
+    promoted.cluster.status.master = "s1".into();
+    assert!(desired_with_replicas(Some(&promoted), "p1", Some(u64::MAX))
+        .replicas
+        .iter()
+        .all(|r| r.db_uid != "s1"));
+}
+
+#[test]
+fn a_standby_leaving_the_pool_is_severed_and_those_staying_keep_their_sessions() {
+    let t = |uid: &str, port: u16| ReplicaTarget {
+        db_uid: uid.into(),
+        addr: format!("127.0.0.1:{port}"),
+    };
+    let routes = Routes::default();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)]);
+    let first = routes.load();
+    let (s1, s2) = (first.replicas[0].clone(), first.replicas[1].clone());
+    let (old_master, severed) = routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1)]);
+    assert!(old_master.is_none(), "the master's sessions go on");
+    assert_eq!(severed, 0, "no session was open");
+    assert!(s2.token.is_cancelled(), "s2 left: its sessions are cut");
+    assert!(!s1.token.is_cancelled(), "s1 stays");
+    let now = routes.load();
+    assert!(Arc::ptr_eq(&now.replicas[0], &s1));
+    assert!(!now.token.is_cancelled() && Arc::ptr_eq(&now.sockets, &first.sockets));
+    // Store lost: the pool empties with the master.
+    routes.apply_with_replicas(1, Err(NoMaster::StoreLost), &[]);
+    assert!(s1.token.is_cancelled() && routes.load().replicas.is_empty());
+}
+
+#[test]
+fn pick_is_least_connections_and_rotates_among_equals() {
+    let t = |uid: &str, port: u16| ReplicaTarget {
+        db_uid: uid.into(),
+        addr: format!("127.0.0.1:{port}"),
+    };
+    let routes = Routes::default();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)]);
+    let r = routes.load();
+    let picks: Vec<String> = (0..4)
+        .map(|_| r.pick_replica().expect("pick").db_uid.clone())
+        .collect();
+    assert!(picks.contains(&"s1".to_string()) && picks.contains(&"s2".to_string()));
+    r.replicas[0].active.store(3, Ordering::Relaxed);
+    for _ in 0..4 {
+        assert_eq!(r.pick_replica().expect("pick").db_uid, "s2");
+    }
+    assert!(
+        Route::new(0, Err(NoMaster::Starting), Arc::from(Vec::new()))
+            .pick_replica()
+            .is_none()
+    );
+}
