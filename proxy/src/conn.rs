@@ -188,24 +188,90 @@ async fn prepare(client: &mut TcpStream, ctx: &Ctx) -> Result<Prepared, Reject> 
         }
         Next::Relay(bytes) => bytes,
     };
+    match route_session(bytes, ctx).await {
+        Err(r) if is_ssl_request(&r.bytes) => {
+            // Refused after an SSLRequest: answer as PostgreSQL does when it must refuse
+            // (decline SSL, read the startup packet, then the ErrorResponse), so libpq's
+            // sslmode=prefer shows the real reason instead of "server sent an error
+            // response during SSL exchange".
+            let mut r = r.reject;
+            if decline_ssl_and_read_startup(client, deadline)
+                .await
+                .is_err()
+            {
+                r.silent = true;
+            }
+            Err(r)
+        }
+        Err(r) => Err(r.reject),
+        Ok(p) => Ok(p),
+    }
+}
+
+/// A refusal, with the client's first packet (to know whether it asked for SSL).
+struct Refused {
+    reject: Reject,
+    bytes: Vec<u8>,
+}
+
+fn is_ssl_request(bytes: &[u8]) -> bool {
+    matches!(protocol::parse(bytes), Ok(Some((Startup::SslRequest, _))))
+}
+
+/// Sends 'N' for the pending SSLRequest and reads the plain startup packet that follows
+/// (a client that wanted SSL only hangs up instead: `Err`).
+async fn decline_ssl_and_read_startup(
+    client: &mut TcpStream,
+    deadline: Duration,
+) -> Result<(), ()> {
+    client.write_all(b"N").await.map_err(drop)?;
+    let read = async {
+        let mut buf: Vec<u8> = Vec::with_capacity(512);
+        loop {
+            match protocol::parse(&buf) {
+                Ok(Some(_)) => return Ok(()),
+                Err(_) => return Err(()),
+                Ok(None) => {}
+            }
+            match client.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(()),
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .unwrap_or(Err(()))
+}
+
+async fn route_session(bytes: Vec<u8>, ctx: &Ctx) -> Result<Prepared, Refused> {
+    let refused = |reject: Reject, bytes: &[u8]| Refused {
+        reject,
+        bytes: bytes.to_vec(),
+    };
     // One route snapshot for the whole session.
     let route = ctx.routes.load();
     let tls = bytes.first() == Some(&protocol::TLS_HANDSHAKE);
     let (lane, addr) = choose(&route, ctx.read_only).map_err(|mut r| {
         r.silent = tls;
-        r
+        refused(r, &bytes)
     })?;
     let what = match lane {
         Lane::Master => "the primary",
         Lane::Replica(_) => "the standby",
     };
-    let mut server = connect(&addr, what, ctx.config.connect_timeout).await?;
+    let mut server = connect(&addr, what, ctx.config.connect_timeout)
+        .await
+        .map_err(|r| refused(r, &bytes))?;
     tune(&server, None);
     if server.write_all(&bytes).await.is_err() {
-        return Err(reject(
-            sqlstate::CONNECTION_FAILURE,
-            format!("{what} closed the connection"),
-            CloseReason::BackendUnreachable,
+        return Err(refused(
+            reject(
+                sqlstate::CONNECTION_FAILURE,
+                format!("{what} closed the connection"),
+                CloseReason::BackendUnreachable,
+            ),
+            &bytes,
         ));
     }
     Ok(Prepared::Session {

@@ -278,3 +278,54 @@ async fn direct_tls_without_a_master_gets_a_clean_close_not_an_error_inside_tls(
         "nothing written into the TLS stream"
     );
 }
+
+/// With no master, a client that asks for SSL first (libpq's default sslmode=prefer) is
+/// declined ('N'), sends its startup packet in the clear, and reads the real reason: 57P03
+/// "no primary available", as PostgreSQL answers when it must refuse. psql shows it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_ssl_client_reads_the_real_reason() {
+    let s = Setup::new(1).await;
+    s.route_to("db0", &["other-proxy"], 1).await;
+    let proxy = Proxy::spawn(&s.etcd, "p1", &[]);
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            proxy
+                .connect()
+                .await
+                .err()
+                .is_some_and(|e| e.as_db_error().is_some())
+        })
+        .await,
+        "{}",
+        proxy.log_text()
+    );
+    let mut c = raw(&proxy);
+    c.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    c.read_exact(&mut answer).expect("answer");
+    assert_eq!(&answer, b"N", "SSL declined");
+    let mut startup = vec![0, 3, 0, 0];
+    startup.extend_from_slice(b"user\0postgres\0\0");
+    let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(startup);
+    c.write_all(&packet).expect("startup");
+    let (code, msg) = parse_error(&read_to_eof(&mut c));
+    assert_eq!(code, "57P03");
+    assert!(msg.contains("no primary available"), "{msg}");
+
+    let out = std::process::Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=prefer connect_timeout=5",
+            proxy.port.0
+        ))
+        .args(["-c", "select 1"])
+        .env("PGPASSWORD", "x")
+        .output()
+        .expect("psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no primary available") && !err.contains("SSL exchange"),
+        "{err}"
+    );
+}
