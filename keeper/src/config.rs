@@ -211,6 +211,15 @@ pub fn render(
     params
         .entry("wal_retrieve_retry_interval".into())
         .or_insert_with(|| "'1s'".into());
+    // Commits waiting on a master whose synchronous_standby_names was changed (a new master
+    // after a failover or switchover gets its synchronous standby in two steps) are released
+    // only when a synchronous standby's walsender processes its next reply. An idle standby
+    // that already has the WAL replies only every wal_receiver_status_interval: PostgreSQL's
+    // 10 s held every writer ten seconds after the new master was ready (measured: writes
+    // back 16 s after a kill with failInterval 5 s). 1 s bounds that wait.
+    params
+        .entry("wal_receiver_status_interval".into())
+        .or_insert_with(|| "'1s'".into());
     let keep = spec
         .pg_parameters
         .get("wal_keep_size")
