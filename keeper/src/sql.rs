@@ -32,7 +32,10 @@ pub struct PgState {
 }
 
 impl Conn {
-    pub async fn connect(&self, timeout: Duration) -> Result<Client, tokio_postgres::Error> {
+    /// Connects within `timeout`, the whole of it: tokio-postgres's connect timeout covers
+    /// only the socket, and a frozen postmaster (SIGSTOP) accepts into its backlog and then
+    /// never answers the startup, which hung the keeper's loop.
+    pub async fn connect(&self, timeout: Duration) -> anyhow::Result<Client> {
         let mut cfg = Config::new();
         cfg.host_path(&self.socket_dir)
             .port(self.port)
@@ -46,7 +49,9 @@ impl Conn {
         if let Some(p) = &self.password {
             cfg.password(p);
         }
-        let (client, conn) = cfg.connect(NoTls).await?;
+        let (client, conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
+            .await
+            .map_err(|_| anyhow::anyhow!("PostgreSQL did not answer within {timeout:?}"))??;
         tokio::spawn(async move {
             let _ = conn.await;
         });
