@@ -38,6 +38,8 @@ pub struct Ctx {
     pub config: ConnConfig,
     /// Set for the read-only listener: sessions go to the standbys of the route's pool.
     pub read_only: Option<ReadOnly>,
+    /// Holding sessions while no master is routed (the read-write listener only).
+    pub hold: Arc<crate::hold::Hold>,
 }
 
 /// The read-only listener's choice when no standby qualifies.
@@ -244,17 +246,50 @@ async fn decline_ssl_and_read_startup(
         .unwrap_or(Err(()))
 }
 
+/// Routes the session; on the read-write listener a refusal that a master change will cure
+/// is held (see `hold`) until the next route, then tried again.
 async fn route_session(bytes: Vec<u8>, ctx: &Ctx) -> Result<Prepared, Refused> {
+    let mut held: Option<crate::hold::Held> = None;
+    loop {
+        let changed = ctx.routes.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let route = ctx.routes.load();
+        match try_route(route.clone(), &bytes, ctx).await {
+            Ok(p) => {
+                if let Some(h) = &held {
+                    tracing::debug!(
+                        held_ms = h.held_for().as_millis() as u64,
+                        "held session released"
+                    );
+                }
+                return Ok(p);
+            }
+            Err(r) if ctx.read_only.is_none() && crate::hold::holdable(&route, r.reject.reason) => {
+                if held.is_none() {
+                    held = ctx.hold.start();
+                }
+                let Some(h) = &held else { return Err(r) };
+                let retry = r.reject.reason == CloseReason::BackendUnreachable;
+                if !h.wait(changed, retry).await {
+                    return Err(r);
+                }
+            }
+            Err(r) => return Err(r),
+        }
+    }
+}
+
+async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepared, Refused> {
     let refused = |reject: Reject, bytes: &[u8]| Refused {
         reject,
         bytes: bytes.to_vec(),
     };
     // One route snapshot for the whole session.
-    let route = ctx.routes.load();
     let tls = bytes.first() == Some(&protocol::TLS_HANDSHAKE);
     let (lane, addr) = choose(&route, ctx.read_only).map_err(|mut r| {
         r.silent = tls;
-        refused(r, &bytes)
+        refused(r, bytes)
     })?;
     let what = match lane {
         Lane::Master => "the primary",
@@ -262,16 +297,16 @@ async fn route_session(bytes: Vec<u8>, ctx: &Ctx) -> Result<Prepared, Refused> {
     };
     let mut server = connect(&addr, what, ctx.config.connect_timeout)
         .await
-        .map_err(|r| refused(r, &bytes))?;
+        .map_err(|r| refused(r, bytes))?;
     tune(&server, None);
-    if server.write_all(&bytes).await.is_err() {
+    if server.write_all(bytes).await.is_err() {
         return Err(refused(
             reject(
                 sqlstate::CONNECTION_FAILURE,
                 format!("{what} closed the connection"),
                 CloseReason::BackendUnreachable,
             ),
-            &bytes,
+            bytes,
         ));
     }
     Ok(Prepared::Session {

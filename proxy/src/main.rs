@@ -80,6 +80,15 @@ struct Args {
     /// "no standby available")
     #[arg(long)]
     ro_fallback_master: bool,
+    /// While a master change is under way (no master routed, or the routed master refuses
+    /// connections), hold a new session this long for the next master instead of refusing
+    /// it (0: refuse at once). The default covers a failover with the default spec
+    /// (failInterval 20 s)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    hold_timeout: Duration,
+    /// Most sessions held at once; more are refused (57P03) at once
+    #[arg(long, default_value_t = 1000)]
+    hold_max_sessions: usize,
 }
 
 /// Bytes, or a number with kB, MB, GB or TB (1024-based, as PostgreSQL and Patroni).
@@ -188,6 +197,11 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         keepalive: args.keepalive(),
     };
     let limit = Arc::new(tokio::sync::Semaphore::new(args.max_connections));
+    let hold = Arc::new(proxy::hold::Hold::new(
+        args.hold_timeout,
+        args.hold_max_sessions,
+        metrics.clone(),
+    ));
     let shared_for = |read_only: Option<ReadOnly>| {
         Arc::new(Shared {
             ctx: Arc::new(Ctx {
@@ -195,6 +209,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
                 metrics: metrics.clone(),
                 config: config.clone(),
                 read_only,
+                hold: hold.clone(),
             }),
             listening: listening_rx.clone(),
             limit: limit.clone(),

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub routing: Gauge,
     pub store_errors: Family<KindLabel, Counter>,
     pub bytes: Family<DirectionLabel, Counter>,
+    /// Sessions held now, waiting for a master.
+    pub held: Gauge,
+    /// Sessions that were held.
+    pub holds: Counter,
 }
 
 impl Metrics {
@@ -92,6 +96,16 @@ impl Metrics {
             self.store_errors.clone(),
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
+        r.register(
+            "sessions_held",
+            "Sessions held now, waiting for a master",
+            self.held.clone(),
+        );
+        r.register(
+            "sessions_holds",
+            "Sessions that were held for a master",
+            self.holds.clone(),
+        );
     }
 
     pub fn closed(&self, reason: CloseReason) {

@@ -319,6 +319,8 @@ impl Route {
 /// The live route table.
 pub struct Routes {
     current: ArcSwap<Route>,
+    /// Woken on every swap: held sessions wait on it for the next master.
+    changed: tokio::sync::Notify,
 }
 
 impl Default for Routes {
@@ -329,6 +331,7 @@ impl Default for Routes {
                 Err(NoMaster::Starting),
                 Arc::from(Vec::new()),
             )),
+            changed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -337,6 +340,18 @@ impl Routes {
     /// One snapshot for one connection.
     pub fn load(&self) -> Arc<Route> {
         self.current.load_full()
+    }
+
+    /// A future that completes at the next swap. Create (and `enable`) it before loading the
+    /// route it waits to see replaced, so a swap in between is not missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    fn store(&self, route: Route) {
+        self.current.store(Arc::new(route));
+        // Held sessions go to the new route at once, in the order they wait.
+        self.changed.notify_waiters();
     }
 
     /// Installs the route for `generation` and `master` (no read-only pool).
@@ -378,12 +393,12 @@ impl Routes {
                     replicas: pool,
                     next_pick: AtomicU64::new(0),
                 };
-                self.current.store(Arc::new(kept));
+                self.store(kept);
             }
             return (None, severed_ro);
         }
         let new = Route::new(generation, master.map(Arc::from), pool);
-        self.current.store(Arc::new(new));
+        self.store(new);
         if old.master.is_err() {
             // No session was ever relayed on a route without a master.
             return (None, severed_ro);

@@ -34,6 +34,10 @@ impl Proxy {
                 &format!("127.0.0.1:{}", metrics_port.0),
             ])
             .args(extra);
+        // The refusal tests want refusals at once: no hold unless a test asks for one.
+        if !extra.contains(&"--hold-timeout") {
+            cmd.args(["--hold-timeout", "0"]);
+        }
         let child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn proxy");
         Proxy {
             child,

@@ -1,0 +1,199 @@
+//! Holding instead of refusing (issue 13, points 1 and 3), with real etcd, PostgreSQL and
+//! the proxy binary: a session that arrives while no master is routed is held and released
+//! to the next master at once, where its query runs; the hold timeout and the hold limit
+//! give 57P03; a CancelRequest during a hold is answered; a master that refuses
+//! connections is retried until the next route; a proxy that lost the store never holds.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// A client that waits long enough to be held (libpq's connect_timeout covers the hold).
+async fn patient_connect(proxy: &Proxy) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
+        proxy.port.0
+    ))
+    .await
+}
+
+fn metric(proxy: &Proxy, name: &str) -> Option<f64> {
+    let (_, body) = proxy.http_get("/metrics");
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_held(proxy: &Proxy, n: f64) {
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            metric(proxy, "stolon_proxy_sessions_held") == Some(n)
+        })
+        .await,
+        "{n} sessions held: {:?}\n{}",
+        metric(proxy, "stolon_proxy_sessions_held"),
+        proxy.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_is_released_to_the_next_master_and_runs_there() {
+    let s = Setup::new(2).await;
+    s.route_to("db0", &["p1"], 1).await;
+    let proxy = Proxy::spawn(&s.etcd, "p1", &["--hold-timeout", "30s"]);
+    assert!(
+        wait_routed(&proxy, s.pgs[0].port()).await,
+        "{}",
+        proxy.log_text()
+    );
+    // The sentinel fences the proxies for a master change: no master routed.
+    s.route_to("", &["p1"], 2).await;
+    let held = tokio::spawn({
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
+            proxy.port.0
+        );
+        async move {
+            let c = connect(&conninfo).await?;
+            server_port(&c).await
+        }
+    });
+    wait_held(&proxy, 1.0).await;
+    // A CancelRequest during the hold is answered (closed), not held.
+    let mut cancel = std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).expect("connect");
+    cancel
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    packet.extend([0, 0, 0, 1, 0, 0, 0, 2]);
+    cancel.write_all(&packet).expect("cancel");
+    let mut rest = Vec::new();
+    cancel
+        .read_to_end(&mut rest)
+        .expect("the cancel is answered by a close");
+    // The new master: the held session connects there and its query runs.
+    s.route_to("db1", &["p1"], 3).await;
+    let port = tokio::time::timeout(Duration::from_secs(15), held)
+        .await
+        .expect("released")
+        .expect("task")
+        .expect("the held session's query");
+    assert_eq!(port, s.pgs[1].port(), "released to the new master");
+    wait_held(&proxy, 0.0).await;
+    assert_eq!(
+        metric(&proxy, "stolon_proxy_sessions_holds_total"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_timeout_and_max_sessions_give_57p03() {
+    let s = Setup::new(1).await;
+    s.route_to("", &["p1"], 1).await;
+    let proxy = Proxy::spawn(
+        &s.etcd,
+        "p1",
+        &["--hold-timeout", "2s", "--hold-max-sessions", "1"],
+    );
+    assert!(proxy_listens_soon(&proxy).await, "{}", proxy.log_text());
+    let first = tokio::spawn({
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
+            proxy.port.0
+        );
+        async move { connect(&conninfo).await.err() }
+    });
+    wait_held(&proxy, 1.0).await;
+    // Over the limit: refused at once.
+    let err = patient_connect(&proxy)
+        .await
+        .expect_err("over the hold limit");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "57P03");
+    assert!(
+        db.message().contains("no primary available"),
+        "{}",
+        db.message()
+    );
+    // The held one: refused after the hold timeout.
+    let err = first.await.expect("task").expect("refused after the hold");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("57P03"));
+    wait_held(&proxy, 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_refuses_connections_is_retried_until_the_next_route() {
+    let s = Setup::new(1).await;
+    // The routed master's address has nothing listening (it died, not failed over yet).
+    let dead = testkit::free_port();
+    let cd = clusterdata(
+        "dead",
+        &[("dead", dead.0), ("db0", s.pgs[0].port())],
+        &["p1"],
+        1,
+    );
+    put_cd(&s.store, &cd).await;
+    let proxy = Proxy::spawn(&s.etcd, "p1", &["--hold-timeout", "30s"]);
+    assert!(proxy_listens_soon(&proxy).await, "{}", proxy.log_text());
+    let held = tokio::spawn({
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
+            proxy.port.0
+        );
+        async move {
+            let c = connect(&conninfo).await?;
+            server_port(&c).await
+        }
+    });
+    wait_held(&proxy, 1.0).await;
+    s.route_to("db0", &["p1"], 2).await;
+    let port = tokio::time::timeout(Duration::from_secs(15), held)
+        .await
+        .expect("released")
+        .expect("task")
+        .expect("query");
+    assert_eq!(port, s.pgs[0].port());
+}
+
+async fn proxy_listens_soon(proxy: &Proxy) -> bool {
+    wait_for(Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).is_ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_lost_the_store_does_not_hold() {
+    let mut s = Setup::new(1).await;
+    s.route_to("db0", &["p1"], 1).await;
+    let proxy = Proxy::spawn(
+        &s.etcd,
+        "p1",
+        &["--hold-timeout", "30s", "--stop-listening", "false"],
+    );
+    assert!(
+        wait_routed(&proxy, s.pgs[0].port()).await,
+        "{}",
+        proxy.log_text()
+    );
+    s.etcd.stop();
+    // Fenced within proxyTimeout (3 s): refused at once with the reason, never held.
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            patient_connect(&proxy).await.err().is_some_and(|e| {
+                e.as_db_error()
+                    .is_some_and(|d| d.message().contains("lost contact with the store"))
+            })
+        })
+        .await,
+        "{}",
+        proxy.log_text()
+    );
+    assert_eq!(
+        metric(&proxy, "stolon_proxy_sessions_holds_total"),
+        Some(0.0)
+    );
+}
