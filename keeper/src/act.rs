@@ -35,7 +35,13 @@ impl Keeper {
                     | PgAction::Converged(_)
                     | PgAction::SyncSlots
             );
-            match self.act(&action).await {
+            // Tools run at most LONG (a base backup of a big database): the loop is alive
+            // while one runs.
+            self.shared.acting(Some(LONG + Duration::from_secs(60)));
+            let result = self.act(&action).await;
+            self.shared.acting(None);
+            self.shared.beat();
+            match result {
                 Ok(()) => {
                     if effect {
                         tracing::info!(?action, "done");

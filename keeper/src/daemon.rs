@@ -45,6 +45,40 @@ pub struct Settings {
     pub exe: PathBuf,
 }
 
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// The loop is alive now.
+    pub(crate) fn beat(&self) {
+        self.beat_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// An action that may take up to `limit` is under way (`None`: it ended).
+    pub(crate) fn acting(&self, limit: Option<Duration>) {
+        let until = limit.map_or(0, |l| self.now_ms() + l.as_millis() as u64);
+        self.acting_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Whether the loop proved itself alive recently enough to publish for it.
+    pub(crate) fn loop_alive(&self, sleep: Duration) -> bool {
+        loop_alive(
+            self.now_ms(),
+            self.beat_ms.load(Ordering::Relaxed),
+            self.acting_until_ms.load(Ordering::Relaxed),
+            sleep,
+        )
+    }
+}
+
+/// A round is due every sleepInterval (and on every event); allow three, and at least
+/// 30 s (a round's SQL is bounded by requestTimeout, 10 s by default).
+pub(crate) fn loop_alive(now_ms: u64, beat_ms: u64, acting_until_ms: u64, sleep: Duration) -> bool {
+    let bound = (sleep * 3).max(Duration::from_secs(30)).as_millis() as u64;
+    now_ms.saturating_sub(beat_ms) <= bound || now_ms < acting_until_ms
+}
+
 /// State shared with the publisher task.
 pub(crate) struct Shared {
     pub info: Mutex<KeeperInfo>,
@@ -55,6 +89,13 @@ pub(crate) struct Shared {
     pub fence_ns: AtomicU64,
     /// The postmaster to fence, while it runs as primary.
     pub arm_pid: Mutex<Option<i32>>,
+    /// Proof that the loop is alive, for the publisher: when it last began or ended a round,
+    /// and until when an action under way may run (a base backup takes long), both in ms
+    /// since `origin`. A loop that stops proving it stops the publishing, so the sentinel
+    /// sees the keeper unhealthy and the watchdog is no longer re-armed.
+    pub origin: std::time::Instant,
+    pub beat_ms: AtomicU64,
+    pub acting_until_ms: AtomicU64,
     pub watchdog: tokio::sync::Mutex<Option<Watchdog>>,
 }
 
@@ -89,6 +130,9 @@ impl Keeper {
             sleep_ms: AtomicU64::new(5000),
             fence_ns: AtomicU64::new(fence_timeout(GoDuration::from_secs(20)).0 as u64),
             arm_pid: Mutex::new(None),
+            origin: std::time::Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            acting_until_ms: AtomicU64::new(0),
             watchdog: tokio::sync::Mutex::new(None),
         });
         Keeper {
@@ -134,6 +178,16 @@ impl Keeper {
         self.refresh_info();
         let mut first = true;
         loop {
+            self.shared.beat();
+            if self.converged.is_some() {
+                if control::broken("keeper-loop-panic") {
+                    panic!("STOLON_E2E_BREAK=keeper-loop-panic");
+                }
+                if control::broken("keeper-loop-stall") {
+                    tracing::warn!("STOLON_E2E_BREAK=keeper-loop-stall: the loop stops");
+                    std::future::pending::<()>().await;
+                }
+            }
             let fresh = first || cd_rx.has_changed().unwrap_or(false);
             first = false;
             self.cd = cd_rx.borrow_and_update().clone();
@@ -144,6 +198,7 @@ impl Keeper {
             self.update_timing();
             self.set_acting(true);
             let acted = self.round().await;
+            self.shared.beat();
             self.refresh_info();
             self.update_metrics();
             self.update_health();
@@ -609,6 +664,7 @@ async fn publish(
     // The lease TTL follows sleepInterval (max(2 x interval, 20 s)): a new key when it changes.
     let mut ttl_for = Duration::ZERO;
     let mut key = store.keeper_info_key(&uid, info_ttl(ttl_for));
+    let mut stalled = false;
     loop {
         let sleep = Duration::from_millis(shared.sleep_ms.load(Ordering::Relaxed));
         if sleep != ttl_for {
@@ -623,6 +679,16 @@ async fn publish(
             _ = shared.publish_now.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
         }
+        if !shared.loop_alive(sleep) {
+            if !stalled {
+                tracing::error!(
+                    "the keeper's loop has not completed a round in time: not publishing, so the sentinel sees this keeper unhealthy"
+                );
+            }
+            stalled = true;
+            continue;
+        }
+        stalled = false;
         let mut info = shared.info.lock().expect("lock").clone();
         info.info_uid = uuid::Uuid::new_v4().simple().to_string();
         let sent = Instant::now();
@@ -648,5 +714,30 @@ async fn publish(
             }
             Err(e) => tracing::warn!(error = %e, "cannot publish keeper info"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loop_alive;
+    use std::time::Duration;
+
+    #[test]
+    fn the_loop_proves_itself_by_rounds_or_a_bounded_action() {
+        let s = Duration::from_secs(1);
+        assert!(loop_alive(10_000, 9_000, 0, s), "a recent round");
+        assert!(loop_alive(40_000, 10_000, 0, s), "30 s at least");
+        assert!(!loop_alive(40_001, 10_000, 0, s), "no round for longer");
+        assert!(
+            loop_alive(100_000, 10_000, 200_000, s),
+            "a base backup under way"
+        );
+        assert!(
+            !loop_alive(300_000, 10_000, 200_000, s),
+            "past the action's bound"
+        );
+        let long = Duration::from_secs(20);
+        assert!(loop_alive(70_000, 10_000, 0, long), "3 x sleepInterval");
+        assert!(!loop_alive(70_001, 10_000, 0, long));
     }
 }

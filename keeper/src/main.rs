@@ -297,12 +297,24 @@ fn main() -> anyhow::Result<()> {
             exe: std::env::current_exe()?,
         };
         let shutdown = CancellationToken::new();
-        let keeper = tokio::spawn(Keeper::new(settings, version).run(shutdown.clone()));
+        let mut keeper = tokio::spawn(Keeper::new(settings, version).run(shutdown.clone()));
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Supervision: the loop is awaited beside the signals. If it ends or panics, the
+        // keeper exits non-zero so a service manager restarts it; it must not stay up
+        // publishing while nothing manages PostgreSQL. (The postmaster's parent-death signal
+        // and the watchdog fence a master left behind.)
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            ended = &mut keeper => {
+                match ended {
+                    Ok(Ok(())) => tracing::error!("the keeper's loop ended by itself: exiting"),
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "the keeper's loop failed: exiting"),
+                    Err(e) => tracing::error!(error = %e, "the keeper's loop panicked: exiting"),
+                }
+                std::process::exit(1);
+            }
         }
         tracing::info!("stopping PostgreSQL and exiting");
         shutdown.cancel();

@@ -47,6 +47,13 @@ impl ChildGuard {
         }
     }
 
+    /// The exit status once the process has exited (reaps it).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// SIGTERM, then SIGKILL after `grace`; waits for the exit.
     pub fn stop(&mut self, grace: Duration) {
         if self.child.is_none() {

@@ -1,0 +1,88 @@
+//! Supervision (issue 15, point 1) with the real keeper, etcd, sentinel and PostgreSQL: a
+//! keeper whose loop panics exits non-zero (a service manager restarts it) instead of
+//! staying up publishing for a loop that no longer manages PostgreSQL; a keeper whose loop
+//! stalls stops publishing, so the sentinel sees it unhealthy. The failures are injected
+//! with the debug builds' `STOLON_E2E_BREAK` knobs.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const SPEC: &str = r#"{"initMode": "new", "sleepInterval": "1s", "failInterval": "4s",
+    "pgParameters": {"fsync": "off"}}"#;
+
+fn keeper_with_break(env: &Env, k: &mut KeeperProc, knob: &str) {
+    let f = std::fs::File::create(env.dir.path().join(format!("{}.log", k.uid))).expect("log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-keeper"));
+    cmd.args(env.common_args())
+        .args(["--uid", &k.uid, "--pg-port", &k.port.0.to_string()])
+        .arg("--data-dir")
+        .arg(&k.dir)
+        .arg("--pg-su-passwordfile")
+        .arg(env.dir.path().join("su.pw"))
+        .arg("--pg-repl-passwordfile")
+        .arg(env.dir.path().join("repl.pw"))
+        .env("PG_BIN_PATH", testkit::postgres::pg_bin_dir())
+        .env("STOLON_E2E_BREAK", knob)
+        .stdout(Stdio::from(f.try_clone().expect("log")))
+        .stderr(Stdio::from(f));
+    k.child = Some(testkit::ChildGuard::spawn(&k.uid, &mut cmd).expect("keeper"));
+    k.log = env.dir.path().join(format!("{}.log", k.uid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keeper_whose_loop_panics_exits_non_zero() {
+    let _s = serial().await;
+    let env = Env::new().await;
+    let _sentinel = env.sentinel(SPEC);
+    let mut k = env.keeper("k1", &[]);
+    drop(k.child.take());
+    keeper_with_break(&env, &mut k, "keeper-loop-panic");
+    let status = wait_for(
+        &env,
+        "the keeper to exit",
+        Duration::from_secs(90),
+        async || k.child.as_mut().and_then(|c| c.exit_status()),
+    )
+    .await;
+    assert!(!status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&k.log).expect("log");
+    assert!(log.contains("the keeper's loop panicked: exiting"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keeper_whose_loop_stalls_stops_publishing_and_looks_unhealthy() {
+    let _s = serial().await;
+    let env = Env::new().await;
+    let _sentinel = env.sentinel(SPEC);
+    let mut k = env.keeper("k1", &[]);
+    drop(k.child.take());
+    keeper_with_break(&env, &mut k, "keeper-loop-stall");
+    // Healthy first (the loop stalls only once its db is applied)...
+    wait_for(
+        &env,
+        "the keeper healthy",
+        Duration::from_secs(90),
+        async || {
+            let (cd, _) = env.cluster_data().await?;
+            cd.keepers.get("k1")?.status.healthy.then_some(())
+        },
+    )
+    .await;
+    // ...then the publisher stops for the stalled loop, and the sentinel sees it unhealthy.
+    wait_for(
+        &env,
+        "the keeper unhealthy",
+        Duration::from_secs(90),
+        async || {
+            let (cd, _) = env.cluster_data().await?;
+            (!cd.keepers.get("k1")?.status.healthy).then_some(())
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&k.log).expect("log");
+    assert!(log.contains("not publishing"), "{log}");
+    assert!(!k.child.as_mut().expect("child").exited(), "still running");
+}
