@@ -86,3 +86,54 @@ async fn a_keeper_whose_loop_stalls_stops_publishing_and_looks_unhealthy() {
     assert!(log.contains("not publishing"), "{log}");
     assert!(!k.child.as_mut().expect("child").exited(), "still running");
 }
+
+/// Spawns `bin` (next to the keeper binary) with the common flags, `extra` and a knob.
+fn spawn_with_break(env: &Env, bin: &str, extra: &[String], knob: &str) -> testkit::ChildGuard {
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_stolon-keeper")).with_file_name(bin);
+    let f = std::fs::File::create(env.dir.path().join(format!("{bin}.log"))).expect("log");
+    let mut cmd = Command::new(exe);
+    cmd.args(env.common_args())
+        .args(extra)
+        .env("STOLON_E2E_BREAK", knob)
+        .stdout(Stdio::from(f.try_clone().expect("log")))
+        .stderr(Stdio::from(f));
+    testkit::ChildGuard::spawn(bin, &mut cmd).expect("spawn")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_or_proxy_whose_main_task_panics_exits_non_zero() {
+    let _s = serial().await;
+    let env = Env::new().await;
+    let spec = env.dir.path().join("spec.json");
+    std::fs::write(&spec, SPEC).expect("spec");
+    let mut sentinel = spawn_with_break(
+        &env,
+        "stolon-sentinel",
+        &["--initial-cluster-spec".into(), spec.display().to_string()],
+        "sentinel-loop-panic",
+    );
+    let port = testkit::free_port();
+    let mut proxy = spawn_with_break(
+        &env,
+        "stolon-proxy",
+        &["--port".into(), port.0.to_string()],
+        "proxy-discovery-panic",
+    );
+    for (name, child) in [("sentinel", &mut sentinel), ("proxy", &mut proxy)] {
+        let status = wait_for(
+            &env,
+            &format!("the {name} to exit"),
+            Duration::from_secs(60),
+            async || child.exit_status(),
+        )
+        .await;
+        assert!(!status.success(), "{name}: {status:?}");
+    }
+    let log = std::fs::read_to_string(env.dir.path().join("stolon-sentinel.log")).expect("log");
+    assert!(
+        log.contains("the sentinel's loop panicked: exiting"),
+        "{log}"
+    );
+    let log = std::fs::read_to_string(env.dir.path().join("stolon-proxy.log")).expect("log");
+    assert!(log.contains("discovery panicked: exiting"), "{log}");
+}

@@ -216,6 +216,9 @@ impl Discovery {
     /// Installs the wanted route (none while fenced), waits for severed sessions to close,
     /// then reports the generation if it changed.
     async fn apply(&self, st: &mut State) {
+        if st.published.is_some() && control::broken("proxy-discovery-panic") {
+            panic!("STOLON_E2E_BREAK=proxy-discovery-panic");
+        }
         let (master, replicas) = if st.fenced {
             (Err(NoMaster::StoreLost), &[][..])
         } else {

@@ -189,7 +189,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         stop_listening: args.stop_listening,
         ro_max_lag: args.ro_port.map(|_| args.ro_max_lag),
     };
-    let discovery = tokio::spawn(discovery.run(stop_discovery.clone()));
+    let mut discovery = tokio::spawn(discovery.run(stop_discovery.clone()));
 
     let config = ConnConfig {
         startup_timeout: args.startup_timeout,
@@ -242,11 +242,21 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // Supervision: discovery is what keeps the routes true and fences the proxy; if it ends
+    // or panics the proxy exits non-zero (every session dies with it) rather than relay on
+    // a route nobody updates.
     tokio::select! {
         _ = term.recv() => tracing::info!(grace = ?args.shutdown_grace, "SIGTERM: draining sessions"),
         _ = int.recv() => {
             tracing::info!("SIGINT: exiting now");
             std::process::exit(0);
+        }
+        ended = &mut discovery => {
+            match ended {
+                Ok(()) => tracing::error!("discovery ended by itself: exiting"),
+                Err(e) => tracing::error!(error = %e, "discovery panicked: exiting"),
+            }
+            std::process::exit(1);
         }
     }
     stop_accepting.cancel();

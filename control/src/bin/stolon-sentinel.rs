@@ -104,12 +104,22 @@ fn main() -> anyhow::Result<()> {
             },
             metrics,
         );
-        let task = tokio::spawn(sentinel.run(shutdown.clone()));
+        let mut task = tokio::spawn(sentinel.run(shutdown.clone()));
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Supervision: a loop that ends or panics exits the process non-zero, so a service
+        // manager restarts it and its leader lease lapses; it never stays up as a leader
+        // that decides nothing.
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            ended = &mut task => {
+                match ended {
+                    Ok(()) => tracing::error!("the sentinel's loop ended by itself: exiting"),
+                    Err(e) => tracing::error!(error = %e, "the sentinel's loop panicked: exiting"),
+                }
+                std::process::exit(1);
+            }
         }
         tracing::info!("stopping: resigning leadership");
         shutdown.cancel();

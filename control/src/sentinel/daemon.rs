@@ -160,6 +160,9 @@ impl Sentinel {
             }
             match self.round(leadership, &mut memory).await {
                 Ok(Some((snapshot, interval))) => {
+                    if crate::broken("sentinel-loop-panic") {
+                        panic!("STOLON_E2E_BREAK=sentinel-loop-panic");
+                    }
                     sleep_interval = interval;
                     if watcher.is_none() {
                         let prefix = format!("{}/", self.cfg.store.prefix());
