@@ -191,6 +191,22 @@ impl CommonArgs {
     }
 }
 
+/// For the controllers (keeper, sentinel): a panic in any thread or task exits the process
+/// (status 101) after logging it. Their state lives in etcd and the data dir, so a restart by
+/// the service manager is safe, while a process that lost a task (the keeper's clusterdata
+/// watch, its publisher) could keep acting on a stale view. The proxy does not install it: a
+/// panic in one session's task must not cut every other session (its discovery task is
+/// supervised on its own).
+pub fn exit_on_panic(component: &'static str) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        // Plain stderr: the logger itself may be what panicked.
+        eprintln!("{component}: panic: exiting");
+        std::process::exit(101);
+    }));
+}
+
 /// The message for a kubernetes-only flag given with another backend.
 pub fn kube_only(flag: &str) -> String {
     format!(

@@ -189,6 +189,7 @@ fn main() -> anyhow::Result<()> {
     }
     let args: Args = parse_with_env("STKEEPER_");
     args.common.init_tracing();
+    control::cli::exit_on_panic("stolon-keeper");
     args.common.check().map_err(anyhow::Error::msg)?;
     let layout = Layout::new(&args.data_dir);
     let _lock = if args.disable_data_dir_locking {

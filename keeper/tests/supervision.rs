@@ -49,7 +49,10 @@ async fn a_keeper_whose_loop_panics_exits_non_zero() {
     .await;
     assert!(!status.success(), "{status:?}");
     let log = std::fs::read_to_string(&k.log).expect("log");
-    assert!(log.contains("the keeper's loop panicked: exiting"), "{log}");
+    assert!(
+        log.contains("STOLON_E2E_BREAK=keeper-loop-panic") && log.contains("panic: exiting"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +134,7 @@ async fn a_sentinel_or_proxy_whose_main_task_panics_exits_non_zero() {
     }
     let log = std::fs::read_to_string(env.dir.path().join("stolon-sentinel.log")).expect("log");
     assert!(
-        log.contains("the sentinel's loop panicked: exiting"),
+        log.contains("STOLON_E2E_BREAK=sentinel-loop-panic") && log.contains("panic: exiting"),
         "{log}"
     );
     let log = std::fs::read_to_string(env.dir.path().join("stolon-proxy.log")).expect("log");

@@ -52,6 +52,7 @@ fn read_spec(path: &PathBuf) -> anyhow::Result<ClusterSpec> {
 fn main() -> anyhow::Result<()> {
     let args: Args = parse_with_env("STSENTINEL_");
     args.common.init_tracing();
+    control::cli::exit_on_panic("stolon-sentinel");
     args.common.check().map_err(anyhow::Error::msg)?;
     let initial_cluster_spec = args
         .initial_cluster_spec
