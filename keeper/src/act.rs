@@ -81,7 +81,7 @@ impl Keeper {
                 };
                 self.stop_pg(sig).await;
             }
-            PgAction::ClearData => self.clear_data()?,
+            PgAction::ClearData => self.clear_data().await?,
             PgAction::InitDb => self.init_db().await?,
             PgAction::RestorePitr => self.restore_pitr().await?,
             PgAction::TakeOverExisting => self.take_over()?,
@@ -157,10 +157,12 @@ impl Keeper {
     }
 
     /// Empties the data directory (mode 0700, owned by the OS user) and forgets its db.
-    fn clear_data(&mut self) -> anyhow::Result<()> {
+    async fn clear_data(&mut self) -> anyhow::Result<()> {
         let dir = self.s.layout.pg_data();
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            crate::layout::remove_dir_off_runtime(&dir)
+                .await
+                .with_context(|| format!("remove {}", dir.display()))?;
         }
         self.s.layout.set_db_state(None)?;
         self.converged = None;
@@ -340,13 +342,13 @@ impl Keeper {
         if matches!(&r, Err(crate::tools::ToolError::Failed { stderr, .. }) if stderr.contains("already exists"))
         {
             args.pop();
-            let _ = self.clear_data();
+            let _ = self.clear_data().await;
             self.prepare_dirs()?;
             r = self.s.tools.run("pg_basebackup", &args, &env, LONG).await;
         }
         if let Err(e) = r {
             // A partial copy must not look like data.
-            let _ = self.clear_data();
+            let _ = self.clear_data().await;
             return Err(e.into());
         }
         tracing::info!(elapsed = ?started.elapsed(), from = %from_db, "base backup done");
@@ -388,7 +390,7 @@ impl Keeper {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "pg_rewind failed: taking a fresh base backup");
-                self.clear_data()?;
+                self.clear_data().await?;
                 self.base_backup(from_db).await
             }
         }

@@ -199,6 +199,16 @@ pub fn auto_conf_to_regular(pg_data: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes a whole directory on the blocking pool: a big data dir takes seconds to remove,
+/// and the keeper's runtime is one thread shared with the publisher, whose heartbeat must
+/// not stall meanwhile (the sentinel would see the keeper unhealthy).
+pub async fn remove_dir_off_runtime(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 /// Writes a file through a temporary and a rename, so a crash leaves the old or the new.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -282,6 +292,37 @@ mod tests {
         .expect("write");
         assert_eq!(l.adopt_go_state().expect("adopt"), None);
         assert_eq!(l.db_state(), None);
+    }
+
+    /// The runtime goes on (here: a ticker, in the keeper: the publisher) while a large
+    /// directory is removed; with `std::fs::remove_dir_all` on the runtime it would not
+    /// tick at all during the removal.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_removal_does_not_stall_the_runtime() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let big = dir.path().join("postgres");
+        for d in 0..40 {
+            let sub = big.join(format!("base/{d}"));
+            std::fs::create_dir_all(&sub).expect("mkdir");
+            for f in 0..1000 {
+                std::fs::write(sub.join(f.to_string()), b"x").expect("write");
+            }
+        }
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        tokio::task::yield_now().await;
+        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        remove_dir_off_runtime(&big).await.expect("removed");
+        let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+        ticker.abort();
+        assert!(!big.exists());
+        assert!(during > 0, "the runtime ran during the removal");
     }
 
     #[test]
