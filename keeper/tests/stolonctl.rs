@@ -115,10 +115,11 @@ async fn stolonctl_on_a_real_cluster() {
     ));
     assert!(e.contains("maxSynchronousStandbys"), "{e}");
 
-    // init refuses to overwrite.
+    // init over an existing cluster asks first, as Go stolon's does; with no answer (no
+    // terminal, stdin closed) nothing is overwritten.
     ok(&ctl(&env, &["init", SPEC]));
     let e = err(&ctl(&env, &["init", SPEC]));
-    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    assert!(e.contains("not confirmed") && e.contains("-y"), "{e}");
 
     let _sentinel = env.sentinel(SPEC);
     let k1 = env.keeper("k1", &["--priority", "5"]);
