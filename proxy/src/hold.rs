@@ -64,11 +64,11 @@ impl Hold {
 /// Whether a refusal on the read-write listener may be held: in contact with the store with
 /// no master routed, or a routed master that refused or did not answer the connection.
 pub fn holdable(route: &Route, reason: CloseReason) -> bool {
-    match (&route.master, reason) {
-        (Err(NoMaster::NoMasterDb), CloseReason::RejectedNoMaster) => true,
-        (Ok(_), CloseReason::BackendUnreachable) => true,
-        _ => false,
-    }
+    matches!(
+        (&route.master, reason),
+        (Err(NoMaster::NoMasterDb), CloseReason::RejectedNoMaster)
+            | (Ok(_), CloseReason::BackendUnreachable)
+    )
 }
 
 /// One held session; counted until dropped.
