@@ -63,8 +63,31 @@ async fn figure(what: &str, spec: Value, keeper_too: bool) {
 async fn failover_figures() {
     let _s = serial().await;
     // E2E_FIGURES=default measures only stolon's default spec, =pgcrash only the
-    // PostgreSQL-only crash.
+    // PostgreSQL-only crash, =sync only synchronous replication.
     let only = std::env::var("E2E_FIGURES").unwrap_or_default();
+    if only == "sync" || only.is_empty() {
+        let sync = json!({"synchronousReplication": true, "minSynchronousStandbys": 1,
+            "maxSynchronousStandbys": 1});
+        figure(
+            "kill -9 master keeper+postgres, synchronous replication, failInterval 5s",
+            sync.clone(),
+            true,
+        )
+        .await;
+        // PostgreSQL's default status interval, as before the keeper set 1 s: writers wait
+        // for the synchronous standby's next reply.
+        let mut before = sync;
+        before["pgParameters"] = json!({"wal_receiver_status_interval": "10s"});
+        figure(
+            "the same with wal_receiver_status_interval 10s (PostgreSQL's default)",
+            before,
+            true,
+        )
+        .await;
+        if only == "sync" {
+            return;
+        }
+    }
     let suite = only != "default" && only != "pgcrash";
     if suite {
         figure(
