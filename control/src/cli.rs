@@ -96,6 +96,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d.as_std())
 }
 
+/// A size as PostgreSQL and Patroni write it: bytes, or a number with kB, MB, GB or TB
+/// (1024-based; `k`, `M`, `G`, `T` and `KB` too). `None` when it is not one.
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" | "k" | "K" => 1 << 10,
+        "MB" | "M" => 1 << 20,
+        "GB" | "G" => 1 << 30,
+        "TB" | "T" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// [`parse_size`] for a flag.
+pub fn parse_size_flag(v: &str) -> Result<u64, String> {
+    parse_size(v)
+        .ok_or_else(|| format!("invalid size {v:?}: bytes, or a number with kB, MB, GB or TB"))
+}
+
 /// Reads a secret from a file, dropping one trailing newline. An empty secret is an error
 /// naming the file (never its content).
 pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {

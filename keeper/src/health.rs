@@ -110,25 +110,9 @@ fn lag_param(query: &str) -> Result<Option<u64>, String> {
     let Some(v) = query.split('&').find_map(|kv| kv.strip_prefix("lag=")) else {
         return Ok(None);
     };
-    parse_size(v).map(Some).ok_or_else(|| {
+    control::cli::parse_size(v).map(Some).ok_or_else(|| {
         format!("{{\"error\":\"invalid lag {v:?}: bytes, or a number with kB, MB, GB or TB\"}}")
     })
-}
-
-pub fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (num, unit) = v.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "kB" | "KB" | "k" | "K" => 1 << 10,
-        "MB" | "M" => 1 << 20,
-        "GB" | "G" => 1 << 30,
-        "TB" | "T" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
 }
 
 #[cfg(test)]
@@ -235,6 +219,7 @@ mod tests {
 
     #[test]
     fn lag_units_as_patroni_reads_them() {
+        use control::cli::parse_size;
         assert_eq!(parse_size("1048576"), Some(1 << 20));
         assert_eq!(parse_size("16kB"), Some(16 << 10));
         assert_eq!(parse_size("10MB"), Some(10 << 20));

@@ -74,7 +74,7 @@ struct Args {
     ro_port: Option<u16>,
     /// Most a standby of the read-only pool may lag the master's last published WAL
     /// position: bytes, or a number with kB, MB or GB
-    #[arg(long, default_value = "1MB", value_parser = parse_size)]
+    #[arg(long, default_value = "1MB", value_parser = control::cli::parse_size_flag)]
     ro_max_lag: u64,
     /// With no standby in the pool, read-only sessions go to the master (default: 57P03
     /// "no standby available")
@@ -89,24 +89,6 @@ struct Args {
     /// Most sessions held at once; more are refused (57P03) at once
     #[arg(long, default_value_t = 1000)]
     hold_max_sessions: usize,
-}
-
-/// Bytes, or a number with kB, MB, GB or TB (1024-based, as PostgreSQL and Patroni).
-fn parse_size(v: &str) -> Result<u64, String> {
-    let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (num, unit) = v.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {v:?}"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "kB" | "KB" => 1 << 10,
-        "MB" => 1 << 20,
-        "GB" => 1 << 30,
-        "TB" => 1 << 40,
-        _ => return Err(format!("invalid size {v:?}: bytes, or kB, MB, GB, TB")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {v:?} too large"))
 }
 
 impl Args {
