@@ -49,6 +49,13 @@ pub async fn query_text(addr: &str, port: u16, sql: &str) -> anyhow::Result<Stri
     Ok(row.get::<_, String>(0))
 }
 
+/// The port of the PostgreSQL a fresh session through addr:port lands on (through a proxy
+/// or HAProxy: which backend it chose).
+pub async fn server_port(addr: &str, port: u16) -> anyhow::Result<u16> {
+    let p = query_text(addr, port, "SELECT inet_server_port()::text").await?;
+    p.parse().map_err(|_| anyhow::anyhow!("not a port: {p:?}"))
+}
+
 /// Whether the PostgreSQL at addr:port is in recovery; None when it does not answer.
 pub async fn in_recovery(addr: &str, port: u16) -> Option<bool> {
     query_text(addr, port, "SELECT pg_is_in_recovery()::text")

@@ -131,11 +131,7 @@ fn haproxy(c: &Cluster) -> Haproxy {
 
 /// The PostgreSQL port a session through `port` lands on.
 async fn lands_on(port: u16) -> Option<u16> {
-    sql::query_text("127.0.0.1", port, "SELECT inet_server_port()::text")
-        .await
-        .ok()?
-        .parse()
-        .ok()
+    sql::server_port("127.0.0.1", port).await.ok()
 }
 
 async fn wait_lands(c: &Cluster, port: u16, what: &str, ok: impl Fn(u16) -> bool) -> u16 {

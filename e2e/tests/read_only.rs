@@ -15,10 +15,9 @@ const MIN: Duration = Duration::from_secs(60);
 
 /// The PostgreSQL port a fresh session through `port` lands on, or the error's text.
 async fn lands(port: u16) -> Result<u16, String> {
-    match sql::query_text("127.0.0.1", port, "SELECT inet_server_port()::text").await {
-        Ok(p) => p.parse().map_err(|_| p),
-        Err(e) => Err(format!("{e:#}")),
-    }
+    sql::server_port("127.0.0.1", port)
+        .await
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// The ports `n` fresh sessions through `port` land on.
@@ -30,6 +29,23 @@ async fn spread(port: u16, n: usize) -> BTreeSet<u16> {
         }
     }
     seen
+}
+
+/// A session through the read-only `port` that landed on the standby at `target` (sessions
+/// are opened until one does).
+async fn session_on(c: &Cluster, port: u16, target: u16) -> tokio_postgres::Client {
+    c.wait_for("a read-only session on the standby", MIN, async || {
+        let client = sql::connect("127.0.0.1", port, Duration::from_secs(3))
+            .await
+            .ok()?;
+        let row = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .ok()?;
+        (u16::try_from(row.get::<_, i32>(0)).ok() == Some(target)).then_some(client)
+    })
+    .await
+    .expect("a session on the standby")
 }
 
 /// A read-only proxy: its rw port is unused; `ro` is the read-only listener.
@@ -176,18 +192,7 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
 
     // A lagging standby leaves the pool, its read-only sessions are closed, and it comes
     // back once it caught up.
-    let held = loop {
-        let client = sql::connect("127.0.0.1", ro.0, Duration::from_secs(3))
-            .await
-            .expect("ro session");
-        let row = client
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .expect("port");
-        if u16::try_from(row.get::<_, i32>(0)).ok() == Some(port_of(&c, &a)) {
-            break client;
-        }
-    };
+    let held = session_on(&c, ro.0, port_of(&c, &a)).await;
     lag_on(&c, &a, true).await;
     write_mb(&c, 4).await;
     let written = Instant::now();
@@ -247,18 +252,7 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
     // A switchover promotes standby b: its read-only session is closed, and read-only
     // sessions never land on it again (it is the master now).
     let b = standbys[1].clone();
-    let held_b = loop {
-        let client = sql::connect("127.0.0.1", ro.0, Duration::from_secs(3))
-            .await
-            .expect("ro session");
-        let row = client
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .expect("port");
-        if u16::try_from(row.get::<_, i32>(0)).ok() == Some(port_of(&c, &b)) {
-            break client;
-        }
-    };
+    let held_b = session_on(&c, ro.0, port_of(&c, &b)).await;
     checker.nemesis();
     let out = c.ctl(&["switchover", "--to", &b, "--wait"]);
     assert!(

@@ -11,12 +11,24 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 /// A client that waits long enough to be held (libpq's connect_timeout covers the hold).
-async fn patient_connect(proxy: &Proxy) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    connect(&format!(
+fn patient(proxy: &Proxy) -> String {
+    format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
         proxy.port.0
-    ))
-    .await
+    )
+}
+
+async fn patient_connect(proxy: &Proxy) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect(&patient(proxy)).await
+}
+
+/// A session in a task that may be held; yields the port of the PostgreSQL it ran on.
+fn held_query(proxy: &Proxy) -> tokio::task::JoinHandle<Result<u16, tokio_postgres::Error>> {
+    let conninfo = patient(proxy);
+    tokio::spawn(async move {
+        let c = connect(&conninfo).await?;
+        server_port(&c).await
+    })
 }
 
 fn metric(proxy: &Proxy, name: &str) -> Option<f64> {
@@ -51,16 +63,7 @@ async fn a_held_session_is_released_to_the_next_master_and_runs_there() {
     );
     // The sentinel fences the proxies for a master change: no master routed.
     s.route_to("", &["p1"], 2).await;
-    let held = tokio::spawn({
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
-            proxy.port.0
-        );
-        async move {
-            let c = connect(&conninfo).await?;
-            server_port(&c).await
-        }
-    });
+    let held = held_query(&proxy);
     wait_held(&proxy, 1.0).await;
     // A CancelRequest during the hold is answered (closed), not held.
     let mut cancel = std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).expect("connect");
@@ -99,13 +102,7 @@ async fn hold_timeout_and_max_sessions_give_57p03() {
         &["--hold-timeout", "2s", "--hold-max-sessions", "1"],
     );
     assert!(proxy_listens_soon(&proxy).await, "{}", proxy.log_text());
-    let first = tokio::spawn({
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
-            proxy.port.0
-        );
-        async move { connect(&conninfo).await.err() }
-    });
+    let first = held_query(&proxy);
     wait_held(&proxy, 1.0).await;
     // Over the limit: refused at once.
     let err = patient_connect(&proxy)
@@ -119,7 +116,10 @@ async fn hold_timeout_and_max_sessions_give_57p03() {
         db.message()
     );
     // The held one: refused after the hold timeout.
-    let err = first.await.expect("task").expect("refused after the hold");
+    let err = first
+        .await
+        .expect("task")
+        .expect_err("refused after the hold");
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("57P03"));
     wait_held(&proxy, 0.0).await;
 }
@@ -138,16 +138,7 @@ async fn a_master_that_refuses_connections_is_retried_until_the_next_route() {
     put_cd(&s.store, &cd).await;
     let proxy = Proxy::spawn(&s.etcd, "p1", &["--hold-timeout", "30s"]);
     assert!(proxy_listens_soon(&proxy).await, "{}", proxy.log_text());
-    let held = tokio::spawn({
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=60",
-            proxy.port.0
-        );
-        async move {
-            let c = connect(&conninfo).await?;
-            server_port(&c).await
-        }
-    });
+    let held = held_query(&proxy);
     wait_held(&proxy, 1.0).await;
     s.route_to("db0", &["p1"], 2).await;
     let port = tokio::time::timeout(Duration::from_secs(15), held)
