@@ -214,9 +214,10 @@ pub fn render(
     // Commits waiting on a master whose synchronous_standby_names was changed (a new master
     // after a failover or switchover gets its synchronous standby in two steps) are released
     // only when a synchronous standby's walsender processes its next reply. An idle standby
-    // that already has the WAL replies only every wal_receiver_status_interval: PostgreSQL's
-    // 10 s held every writer ten seconds after the new master was ready (measured: writes
-    // back 16 s after a kill with failInterval 5 s). 1 s bounds that wait.
+    // that already has the WAL replies only every wal_receiver_status_interval: with
+    // PostgreSQL's 10 s that wait can reach ten seconds. 1 s bounds it. (The suspected cause
+    // of a 16 s write gap measured after a sync-mode kill -9; the e2e harness does not
+    // reproduce that gap, see the README.)
     params
         .entry("wal_receiver_status_interval".into())
         .or_insert_with(|| "'1s'".into());
