@@ -376,6 +376,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Every keeper but `master` (its standbys in a healthy cluster).
+    pub fn others(&self, master: &str) -> Vec<String> {
+        self.keepers
+            .iter()
+            .map(|k| k.uid.clone())
+            .filter(|u| u != master)
+            .collect()
+    }
+
     pub fn keeper(&self, uid: &str) -> &Keeper {
         self.keepers
             .iter()

@@ -146,12 +146,7 @@ async fn health_paths_and_haproxy_routing_through_a_failover() {
     let (mut c, mut checker) = running(Opts::default()).await;
     c.wait_healthy(MIN).await.expect("healthy");
     let m = c.master().await.expect("master");
-    let standbys: Vec<String> = c
-        .keepers
-        .iter()
-        .map(|k| k.uid.clone())
-        .filter(|u| *u != m)
-        .collect();
+    let standbys = c.others(&m);
     codes(&c, &m, MASTER).await;
     for s in &standbys {
         codes(&c, s, STANDBY).await;

@@ -120,12 +120,7 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
     let ro = ro_proxy(&mut c, "ro1", false);
     let ro_fb = ro_proxy(&mut c, "ro2", true);
     let m = c.master().await.expect("master");
-    let standbys: Vec<String> = c
-        .keepers
-        .iter()
-        .map(|k| k.uid.clone())
-        .filter(|u| *u != m)
-        .collect();
+    let standbys = c.others(&m);
     let port_of = |c: &Cluster, uid: &str| c.keeper(uid).port;
     let sb_ports: BTreeSet<u16> = standbys.iter().map(|s| port_of(&c, s)).collect();
 

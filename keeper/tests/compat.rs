@@ -322,25 +322,17 @@ fn start_go_style_keeper(env: &Env, k: &mut KeeperProc, metrics: &str, with_id: 
         .append(true)
         .open(&log)
         .expect("log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-keeper"));
-    cmd.args(env.common_args());
+    let mut cmd = env.keeper_command(k);
     if with_id {
         cmd.args(["--id", &k.uid]);
     }
-    cmd.args(["--debug", "--log-color", "--pg-port", &k.port.0.to_string()])
+    cmd.args(["--debug", "--log-color"])
         .args([
             "--metrics-listen-address",
             metrics,
             "--pg-listen-address",
             "127.0.0.1",
         ])
-        .arg("--data-dir")
-        .arg(&k.dir)
-        .arg("--pg-su-passwordfile")
-        .arg(env.dir.path().join("su.pw"))
-        .arg("--pg-repl-passwordfile")
-        .arg(env.dir.path().join("repl.pw"))
-        .env("PG_BIN_PATH", testkit::postgres::pg_bin_dir())
         .stdout(Stdio::from(f.try_clone().expect("log")))
         .stderr(Stdio::from(f));
     k.child = Some(testkit::ChildGuard::spawn(&k.uid, &mut cmd).expect("keeper"));

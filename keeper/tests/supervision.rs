@@ -15,16 +15,8 @@ const SPEC: &str = r#"{"initMode": "new", "sleepInterval": "1s", "failInterval":
 
 fn keeper_with_break(env: &Env, k: &mut KeeperProc, knob: &str) {
     let f = std::fs::File::create(env.dir.path().join(format!("{}.log", k.uid))).expect("log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-keeper"));
-    cmd.args(env.common_args())
-        .args(["--uid", &k.uid, "--pg-port", &k.port.0.to_string()])
-        .arg("--data-dir")
-        .arg(&k.dir)
-        .arg("--pg-su-passwordfile")
-        .arg(env.dir.path().join("su.pw"))
-        .arg("--pg-repl-passwordfile")
-        .arg(env.dir.path().join("repl.pw"))
-        .env("PG_BIN_PATH", testkit::postgres::pg_bin_dir())
+    let mut cmd = env.keeper_command(k);
+    cmd.args(["--uid", &k.uid])
         .env("STOLON_E2E_BREAK", knob)
         .stdout(Stdio::from(f.try_clone().expect("log")))
         .stderr(Stdio::from(f));

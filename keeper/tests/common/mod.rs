@@ -88,21 +88,29 @@ impl Env {
 
     pub fn start_keeper(&self, k: &mut KeeperProc, extra: &[&str]) {
         let (log, f) = self.log_file(&k.uid);
+        let mut cmd = self.keeper_command(k);
+        cmd.args(["--uid", &k.uid])
+            .args(extra)
+            .stdout(Stdio::from(f.try_clone().expect("log")))
+            .stderr(Stdio::from(f));
+        k.child = Some(ChildGuard::spawn(&k.uid, &mut cmd).expect("spawn keeper"));
+        k.log = log;
+    }
+
+    /// The keeper binary with the common flags, `k`'s port and data dir, the password files
+    /// and the PostgreSQL binaries; no uid (tests start keepers with or without one).
+    pub fn keeper_command(&self, k: &KeeperProc) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stolon-keeper"));
         cmd.args(self.common_args())
-            .args(["--uid", &k.uid, "--pg-port", &k.port.0.to_string()])
+            .args(["--pg-port", &k.port.0.to_string()])
             .arg("--data-dir")
             .arg(&k.dir)
             .arg("--pg-su-passwordfile")
             .arg(self.dir.path().join("su.pw"))
             .arg("--pg-repl-passwordfile")
             .arg(self.dir.path().join("repl.pw"))
-            .args(extra)
-            .env("PG_BIN_PATH", testkit::postgres::pg_bin_dir())
-            .stdout(Stdio::from(f.try_clone().expect("log")))
-            .stderr(Stdio::from(f));
-        k.child = Some(ChildGuard::spawn(&k.uid, &mut cmd).expect("spawn keeper"));
-        k.log = log;
+            .env("PG_BIN_PATH", testkit::postgres::pg_bin_dir());
+        cmd
     }
 
     pub fn sentinel(&self, spec_json: &str) -> ChildGuard {
