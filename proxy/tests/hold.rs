@@ -31,14 +31,6 @@ fn held_query(proxy: &Proxy) -> tokio::task::JoinHandle<Result<u16, tokio_postgr
     })
 }
 
-fn metric(proxy: &Proxy, name: &str) -> Option<f64> {
-    let (_, body) = proxy.http_get("/metrics");
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 async fn wait_held(proxy: &Proxy, n: f64) {
     assert!(
         wait_for(Duration::from_secs(15), || async {
@@ -63,6 +55,8 @@ async fn a_held_session_is_released_to_the_next_master_and_runs_there() {
     );
     // The sentinel fences the proxies for a master change: no master routed.
     s.route_to("", &["p1"], 2).await;
+    // Connecting before the proxy applied generation 2 would reach db0 and never hold.
+    wait_applied(&proxy, 2).await;
     let held = held_query(&proxy);
     wait_held(&proxy, 1.0).await;
     // A CancelRequest during the hold is answered (closed), not held.

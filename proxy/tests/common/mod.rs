@@ -248,3 +248,24 @@ pub async fn connect_error_code(proxy: &Proxy) -> Option<String> {
 pub fn proxy_listens(proxy: &Proxy) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).is_ok()
 }
+
+/// A sample of the proxy's /metrics, by name (no labels).
+pub fn metric(proxy: &Proxy, name: &str) -> Option<f64> {
+    let (_, body) = proxy.http_get("/metrics");
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits until the proxy has applied clusterdata generation `generation`.
+pub async fn wait_applied(proxy: &Proxy, generation: i64) {
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            metric(proxy, "stolon_proxy_route_generation") == Some(generation as f64)
+        })
+        .await,
+        "generation {generation} applied\n{}",
+        proxy.log_text()
+    );
+}
