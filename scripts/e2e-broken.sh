@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shows that the end-to-end suite catches a broken system. Each run breaks one safety
-# mechanism on purpose (STOLON_E2E_BREAK, honoured by debug builds only, ignored by
-# release builds) and runs the scenario that must then FAIL:
+# mechanism on purpose (STOLON_E2E_BREAK, honoured only by binaries built with the cargo
+# feature control/fault-injection, as `cargo test` and this script build them) and runs the scenario that must then FAIL:
 #   no-self-fencing   the keeper never fences a master that lost the store (and arms no
 #                     watchdog): an isolated old master keeps taking writes
 #   no-proxy-fencing  a proxy cut from the store keeps routing
@@ -10,7 +10,7 @@
 # --long`; takes about 3 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-cargo build --workspace --bins --quiet
+cargo build --workspace --bins --features control/fault-injection --quiet
 cargo test -p e2e --no-run --quiet 2>/dev/null
 logs=$(mktemp -d)
 missed=0

@@ -7,6 +7,7 @@ use crate::layout::{pgpass_line, write_atomic, write_secret, DbState};
 use crate::postmaster::Postmaster;
 use crate::sql;
 use anyhow::{anyhow, bail, Context};
+use control::faults::Fault;
 use control::keeper::{PgAction, StopMode};
 use control::model::{Db, DbInitMode};
 use nix::sys::signal::Signal;
@@ -126,7 +127,7 @@ impl Keeper {
     /// keeps the publisher re-arming it.
     async fn arm_watchdog(&self, pid: Option<i32>) {
         let Some(pid) = pid else { return };
-        if control::broken("no-self-fencing") {
+        if self.s.faults.has(Fault::NoSelfFencing) {
             return;
         }
         *self.shared.arm_pid.lock().expect("lock") = Some(pid);

@@ -9,6 +9,7 @@ use crate::postmaster::{self, Postmaster};
 use crate::sql::{self, PgState};
 use crate::tools::Tools;
 use crate::watchdog::Watchdog;
+use control::faults::{Fault, Faults};
 use control::keeper::{fence_timeout, followed_db, my_db, plan, KeeperView, LocalObserved};
 use control::keeper::{DataState, PgRole, Running};
 use control::model::{
@@ -43,6 +44,8 @@ pub struct Settings {
     pub health: Arc<Mutex<crate::health::HealthState>>,
     /// This binary, started again as the fencing watchdog.
     pub exe: PathBuf,
+    /// Deliberate faults (tests only).
+    pub faults: Faults,
 }
 
 impl Shared {
@@ -180,10 +183,10 @@ impl Keeper {
         loop {
             self.shared.beat();
             if self.converged.is_some() {
-                if control::broken("keeper-loop-panic") {
+                if self.s.faults.has(Fault::KeeperLoopPanic) {
                     panic!("STOLON_E2E_BREAK=keeper-loop-panic");
                 }
-                if control::broken("keeper-loop-stall") {
+                if self.s.faults.has(Fault::KeeperLoopStall) {
                     tracing::warn!("STOLON_E2E_BREAK=keeper-loop-stall: the loop stops");
                     std::future::pending::<()>().await;
                 }
@@ -360,6 +363,7 @@ impl Keeper {
             boot_uuid: &self.boot_uuid,
             cd: self.cd.as_ref(),
             store_silence: GoDuration::from_std(self.store_silence()),
+            faults: self.s.faults,
         };
         let actions = plan(&view, &local);
         tracing::debug!(?actions, "plan");
@@ -584,7 +588,7 @@ impl Keeper {
                 (Some(_), None) => *arm,
                 (None, _) => None,
             };
-            if control::broken("no-self-fencing") {
+            if self.s.faults.has(Fault::NoSelfFencing) {
                 *arm = None;
             }
         }

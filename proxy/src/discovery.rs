@@ -22,6 +22,8 @@ const SEVER_WAIT: Duration = Duration::from_secs(2);
 /// Pause before retrying a broken watch.
 const WATCH_RETRY: Duration = Duration::from_millis(200);
 
+use control::faults::{Fault, Faults};
+
 pub struct Discovery {
     pub store: ClusterStore,
     pub uid: String,
@@ -33,6 +35,8 @@ pub struct Discovery {
     pub stop_listening: bool,
     /// `--ro-max-lag` when the read-only listener is on: the pool's lag bound in bytes.
     pub ro_max_lag: Option<u64>,
+    /// Deliberate faults (tests only).
+    pub faults: Faults,
 }
 
 struct State {
@@ -104,7 +108,7 @@ impl Discovery {
                     }
                 }
                 _ = sleep_until_opt(fence_at) => {
-                    if st.contact.is_fenced(Instant::now()) && !control::broken("no-proxy-fencing") {
+                    if st.contact.is_fenced(Instant::now()) && !self.faults.has(Fault::NoProxyFencing) {
                         tracing::warn!(timeout = ?st.contact.timeout(), "no store contact within proxyTimeout: fencing");
                         st.fenced = true;
                         self.apply(&mut st).await;
@@ -216,7 +220,7 @@ impl Discovery {
     /// Installs the wanted route (none while fenced), waits for severed sessions to close,
     /// then reports the generation if it changed.
     async fn apply(&self, st: &mut State) {
-        if st.published.is_some() && control::broken("proxy-discovery-panic") {
+        if st.published.is_some() && self.faults.has(Fault::ProxyDiscoveryPanic) {
             panic!("STOLON_E2E_BREAK=proxy-discovery-panic");
         }
         let (master, replicas) = if st.fenced {

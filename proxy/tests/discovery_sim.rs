@@ -52,6 +52,7 @@ async fn start_with(cluster_exists: bool) -> Sim {
         listening: tx,
         stop_listening: true,
         ro_max_lag: None,
+        faults: control::faults::Faults::NONE,
     };
     tokio::spawn(d.run(stop.clone()));
     Sim {

@@ -10,6 +10,7 @@
 #[cfg(test)]
 mod tests;
 
+use crate::faults::{Fault, Faults};
 use crate::model::{ClusterData, Db, DbInitMode, DbRole, FollowType, GoDuration};
 
 /// What the cluster view says, as far as this keeper is concerned.
@@ -23,6 +24,8 @@ pub struct KeeperView<'a> {
     /// Time since the SEND time of the last acknowledged KeeperInfo write (or since the
     /// keeper started, before the first).
     pub store_silence: GoDuration,
+    /// Deliberate faults (tests only; `Faults::NONE` in production).
+    pub faults: Faults,
 }
 
 /// What the data directory holds.
@@ -138,7 +141,8 @@ pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
         .unwrap_or(crate::model::defaults::FAIL_INTERVAL);
     let silent = view.store_silence >= fence_timeout(fail_interval);
     let mut out = Vec::new();
-    if silent && local.running.is_some() && !local.fenced && !crate::broken("no-self-fencing") {
+    if silent && local.running.is_some() && !local.fenced && !view.faults.has(Fault::NoSelfFencing)
+    {
         // The store may already have elected another master: no writes here, whoever asks.
         let primary = local
             .running

@@ -73,6 +73,7 @@ fn run(cd: Option<&ClusterData>, silence: i64, local: &LocalObserved) -> Vec<PgA
         boot_uuid: BOOT,
         cd,
         store_silence: GoDuration::from_secs(silence),
+        faults: crate::faults::Faults::NONE,
     };
     plan(&view, local)
 }

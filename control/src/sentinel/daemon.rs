@@ -1,10 +1,11 @@
 //! The `stolon-sentinel` daemon: publishes its info, campaigns for leadership and, while
-//! leader, runs [`decide`] on every watch event under the cluster prefix (keeper and proxy
+//! leader, runs [`super::decide`] on every watch event under the cluster prefix (keeper and proxy
 //! infos, clusterdata, the switchover request) and on the sleepInterval tick. Each write is
 //! one transaction comparing the clusterdata revision and the leader key; on a conflict it
 //! re-reads and decides again. Losing leadership stops decisions at once.
 
-use super::{decide, Observations, ReasonKind, SentinelMemory};
+use super::{decide_with, Observations, ReasonKind, SentinelMemory};
+use crate::faults::{Fault, Faults};
 use crate::model::{
     decode, ClusterData, ClusterSpec, GoDuration, Pause, SentinelInfo, SwitchoverPhase,
     SwitchoverRequest, Timestamp,
@@ -27,6 +28,8 @@ pub struct Config {
     pub initial_cluster_spec: Option<ClusterSpec>,
     /// The leader's session TTL (stolon: 20 s).
     pub leader_ttl: Duration,
+    /// Deliberate faults (tests only).
+    pub faults: Faults,
 }
 
 #[derive(Default)]
@@ -160,7 +163,7 @@ impl Sentinel {
             }
             match self.round(leadership, &mut memory).await {
                 Ok(Some((snapshot, interval))) => {
-                    if crate::broken("sentinel-loop-panic") {
+                    if self.cfg.faults.has(Fault::SentinelLoopPanic) {
                         panic!("STOLON_E2E_BREAK=sentinel-loop-panic");
                     }
                     sleep_interval = interval;
@@ -210,7 +213,8 @@ impl Sentinel {
             return Ok(Some((snap.revision, interval)));
         };
         self.metrics.rounds.inc();
-        let (next, mem, reasons) = decide(&cd, memory, &snap.obs, self.clock.now());
+        let (next, mem, reasons) =
+            decide_with(&cd, memory, &snap.obs, self.clock.now(), self.cfg.faults);
         *memory = mem;
         let details: Vec<String> = reasons.iter().map(|r| r.detail.clone()).collect();
         let last = match self.last_reasons.lock() {

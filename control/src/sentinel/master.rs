@@ -2,7 +2,8 @@
 //! in line with the cluster spec.
 
 use super::health::converged;
-use super::{mutated, Mutation, ReasonKind, Round};
+use super::{ReasonKind, Round};
+use crate::faults::Fault;
 use crate::model::{ClusterRole, Db, DbRole, DbSpec, FollowConfig, FollowType};
 
 impl Round<'_> {
@@ -94,7 +95,7 @@ impl Round<'_> {
             .values()
             .filter(|db| db.uid != master && self.eligible(m, db).is_ok())
             .collect();
-        let lowest_first = mutated(Mutation::LowestWal);
+        let lowest_first = self.faults.has(Fault::LowestWal);
         out.sort_by(|a, b| {
             let by_wal = b.status.x_log_pos.cmp(&a.status.x_log_pos);
             let by_wal = if lowest_first {
@@ -131,7 +132,7 @@ impl Round<'_> {
         if db.status.timeline_id != m.status.timeline_id {
             return Err("not on the master's timeline");
         }
-        if m.spec.synchronous_replication && !mutated(Mutation::IgnoreSyncSet) {
+        if m.spec.synchronous_replication && !self.faults.has(Fault::IgnoreSyncSet) {
             let reported = m.status.synchronous_standbys.contains(&db.uid);
             let wanted = m.spec.synchronous_standbys.contains(&db.uid);
             if !(reported && wanted) {
@@ -189,7 +190,7 @@ impl Round<'_> {
         let mut spec = self.cd.dbs[new].spec.clone();
         spec.synchronous_standbys = old_sync.into_iter().filter(|u| u != new).collect();
         self.set_db_spec(new, spec);
-        if mutated(Mutation::SkipProxyHandshake) {
+        if self.faults.has(Fault::SkipProxyHandshake) {
             self.cd.proxy.spec.master_db_uid = new.to_string();
         }
     }

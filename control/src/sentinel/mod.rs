@@ -24,6 +24,7 @@ mod sync;
 mod tests;
 mod uid;
 
+use crate::faults::Faults;
 use crate::model::{
     ClusterData, ClusterPhase, Db, DbSpec, GoDuration, KeeperInfo, Pause, ProxyInfo,
     SwitchoverRequest, Timestamp,
@@ -32,44 +33,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 pub use sync::PLACEHOLDER_STANDBY;
-
-/// Deliberately broken variants of the rules, switched on only by the simulation tests to
-/// show that the simulation catches them. Always off outside `cfg(test)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) enum Mutation {
-    None,
-    /// Publish the new master in the failover write, without fencing the proxies first.
-    SkipProxyHandshake,
-    /// Elect the standby with the lowest WAL position (the Go stolon's async flaw).
-    LowestWal,
-    /// Ignore the synchronous standby set when electing.
-    IgnoreSyncSet,
-}
-
-#[cfg(test)]
-thread_local! {
-    static MUTATION: std::cell::Cell<Mutation> = const { std::cell::Cell::new(Mutation::None) };
-}
-
-#[cfg(test)]
-pub(crate) fn set_mutation(m: Mutation) {
-    MUTATION.with(|c| c.set(m));
-}
-
-fn mutated(m: Mutation) -> bool {
-    #[cfg(test)]
-    return MUTATION.with(|c| c.get()) == m;
-    #[cfg(not(test))]
-    {
-        match m {
-            Mutation::None => false,
-            Mutation::SkipProxyHandshake => crate::broken("skip-proxy-handshake"),
-            Mutation::LowestWal => crate::broken("lowest-wal"),
-            Mutation::IgnoreSyncSet => crate::broken("ignore-sync-set"),
-        }
-    }
-}
 
 /// What the sentinel read from the store for this round.
 #[derive(Clone, Debug, Default)]
@@ -159,11 +122,23 @@ pub fn decide(
     obs: &Observations,
     now: Timestamp,
 ) -> Decision {
+    decide_with(cd, memory, obs, now, Faults::NONE)
+}
+
+/// [`decide`] with deliberate faults (tests only; `Faults::NONE` in production).
+pub fn decide_with(
+    cd: &ClusterData,
+    memory: &SentinelMemory,
+    obs: &Observations,
+    now: Timestamp,
+    faults: Faults,
+) -> Decision {
     let mut round = Round {
         cd: cd.clone(),
         mem: memory.clone(),
         obs,
         now,
+        faults,
         reasons: Vec::new(),
     };
     round.observe();
@@ -207,6 +182,7 @@ struct Round<'a> {
     mem: SentinelMemory,
     obs: &'a Observations,
     now: Timestamp,
+    faults: Faults,
     reasons: Vec<Reason>,
 }
 

@@ -3,7 +3,7 @@
 //! that read clusterdata and acknowledge generations, and a virtual clock. Used by the table
 //! tests, the seeded simulation and the criterion bench; it is not used by any daemon.
 
-use super::{decide, Observations, Reason, ReasonKind, SentinelMemory};
+use super::{decide_with, Observations, Reason, ReasonKind, SentinelMemory};
 use crate::model::{
     ClusterData, ClusterInitMode, ClusterPhase, ClusterSpec, Db, DbInitMode, DbRole, FollowType,
     GoDuration, KeeperInfo, PostgresState, ProxyInfo, SwitchoverRequest, TimelineHistoryEntry,
@@ -91,6 +91,8 @@ pub struct World {
     pub proxy_infos: BTreeMap<String, ProxyInfo>,
     /// The reasons of the last round.
     pub reasons: Vec<Reason>,
+    /// Deliberate faults in the sentinel's rules (the simulation shows it catches them).
+    pub faults: crate::faults::Faults,
     counter: u64,
 }
 
@@ -124,6 +126,7 @@ impl World {
             keeper_infos: BTreeMap::new(),
             proxy_infos: BTreeMap::new(),
             reasons: Vec::new(),
+            faults: crate::faults::Faults::NONE,
             counter: 0,
         }
     }
@@ -215,7 +218,13 @@ impl World {
 
     /// One sentinel round on the current observations.
     pub fn round(&mut self) {
-        let (cd, mem, reasons) = decide(&self.cd, &self.mem, &self.observations(), self.now);
+        let (cd, mem, reasons) = decide_with(
+            &self.cd,
+            &self.mem,
+            &self.observations(),
+            self.now,
+            self.faults,
+        );
         self.cd = cd;
         self.mem = mem;
         self.reasons = reasons;

@@ -7,6 +7,7 @@
 
 use super::sim::{KeeperSim, World};
 use super::*;
+use crate::faults::Fault;
 use crate::model::{ClusterSpec, DbRole};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -288,9 +289,9 @@ impl Run {
 }
 
 /// Runs one seed: init, a fault phase, then healing until the cluster settles.
-fn run_seed(seed: u64, mutation: Mutation) -> Result<Stats, String> {
-    set_mutation(mutation);
+fn run_seed(seed: u64, faults: Faults) -> Result<Stats, String> {
     let mut run = Run::new(seed);
+    run.w.faults = faults;
     let result = (|| {
         if !run.w.run_until(300, |w| w.settled()) {
             return Err(format!("did not initialise: {:?}", run.w.reasons));
@@ -311,7 +312,6 @@ fn run_seed(seed: u64, mutation: Mutation) -> Result<Stats, String> {
             run.w.reasons
         ))
     })();
-    set_mutation(Mutation::None);
     result.map(|()| std::mem::take(&mut run.stats))
 }
 
@@ -328,7 +328,7 @@ fn simulation_keeps_the_invariants_over_many_seeds() {
     let started = std::time::Instant::now();
     let (mut failovers, mut acked) = (0, 0);
     for seed in 0..seed_count() {
-        match run_seed(seed, Mutation::None) {
+        match run_seed(seed, Faults::NONE) {
             Ok(s) => {
                 failovers += s.failovers;
                 acked += s.acked;
@@ -352,7 +352,7 @@ fn sim_replay() {
     let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
         return;
     };
-    let out = run_seed(seed, Mutation::None);
+    let out = run_seed(seed, Faults::NONE);
     eprintln!("seed {seed}: {out:?}");
     out.expect("invariants");
 }
@@ -360,14 +360,15 @@ fn sim_replay() {
 /// The simulation must catch each broken variant within its seed budget.
 #[test]
 fn simulation_catches_broken_variants() {
-    for mutation in [
-        Mutation::SkipProxyHandshake,
-        Mutation::LowestWal,
-        Mutation::IgnoreSyncSet,
+    for fault in [
+        Fault::SkipProxyHandshake,
+        Fault::LowestWal,
+        Fault::IgnoreSyncSet,
     ] {
+        let faults = Faults::one(fault);
         let caught =
-            (0..seed_count()).find_map(|seed| run_seed(seed, mutation).err().map(|e| (seed, e)));
-        let (seed, err) = caught.unwrap_or_else(|| panic!("{mutation:?} not caught"));
-        eprintln!("{mutation:?} caught by seed {seed}: {err}");
+            (0..seed_count()).find_map(|seed| run_seed(seed, faults).err().map(|e| (seed, e)));
+        let (seed, err) = caught.unwrap_or_else(|| panic!("{fault} not caught"));
+        eprintln!("{fault} caught by seed {seed}: {err}");
     }
 }
