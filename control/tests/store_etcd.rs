@@ -176,3 +176,53 @@ async fn etcd_revoked_leader_lease_hands_over_at_once() {
     assert!(!guarded.succeeded);
     assert!(b.create_revision > a.create_revision);
 }
+
+/// Errors are told apart by the client's kinds and codes, not by their text: a request that
+/// hit a dead member while connecting is sent again (the balancer picks again), so a
+/// cluster with one member down serves every request; a lease that is gone is
+/// `LeaseNotFound` for keep-alive and revoke alike; other failures keep the client's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_errors_are_matched_by_kind() {
+    let etcd = Etcd::start().expect("etcd");
+    let dead = testkit::free_port();
+    let cfg = EtcdConfig {
+        endpoints: vec![etcd.endpoint(), format!("http://127.0.0.1:{}", dead.0)],
+        connect_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let store = EtcdStore::connect(&cfg).await.expect("connect");
+    for i in 0..40 {
+        store
+            .txn(vec![], vec![control::store::Op::put("k", format!("{i}"))])
+            .await
+            .unwrap_or_else(|e| panic!("write {i} with one member dead: {e:?}"));
+    }
+    let lease = store
+        .grant_lease(Duration::from_secs(30))
+        .await
+        .expect("grant");
+    store.revoke_lease(lease).await.expect("revoke");
+    assert_eq!(
+        store.revoke_lease(lease).await,
+        Err(StoreError::LeaseNotFound(lease))
+    );
+    assert_eq!(
+        store.keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(lease))
+    );
+
+    let only_dead = EtcdConfig {
+        endpoints: vec![format!("http://127.0.0.1:{}", dead.0)],
+        connect_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let store = EtcdStore::connect(&only_dead).await.expect("connect");
+    let err = store.get("k").await.expect_err("nothing listens");
+    let StoreError::Unavailable(cause) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        cause.get().downcast_ref::<etcd_client::Error>().is_some(),
+        "the client's error is kept: {err:?}"
+    );
+}

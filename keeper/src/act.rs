@@ -340,7 +340,8 @@ impl Keeper {
         let started = std::time::Instant::now();
         let env = [("PGPASSFILE", passfile.as_str())];
         let mut r = self.s.tools.run("pg_basebackup", &args, &env, LONG).await;
-        if matches!(&r, Err(crate::tools::ToolError::Failed { stderr, .. }) if stderr.contains("already exists"))
+        let slot = slot_name(&db.uid);
+        if matches!(&r, Err(crate::tools::ToolError::Failed { stderr, .. }) if slot_already_exists(stderr, &slot))
         {
             args.pop();
             let _ = self.clear_data().await;
@@ -568,5 +569,72 @@ impl Keeper {
         let client = self.conn().connect(Duration::from_secs(2)).await?;
         sql::sync_slots(&client, &wanted).await?;
         Ok(())
+    }
+}
+
+/// pg_basebackup's `--create-slot` failed because the master already has the slot (a copy
+/// that failed half-way, or a slot the master's keeper made first). pg_basebackup reports it
+/// only as text on stderr (no SQLSTATE, exit code 1 for every failure), so this matches the
+/// server's exact message for this slot, as PostgreSQL 13 to 17 word it:
+/// `ERROR:  replication slot "<slot>" already exists`.
+pub(crate) fn slot_already_exists(stderr: &str, slot: &str) -> bool {
+    stderr.contains(&format!("replication slot \"{slot}\" already exists"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_already_exists;
+    use std::process::Command;
+
+    /// The exact stderr of this machine's pg_basebackup against a real PostgreSQL that
+    /// already has the slot: recognised for that slot only, and other failures are not.
+    #[test]
+    fn pg_basebackup_slot_exists_is_told_from_other_failures() {
+        let pg = testkit::Postgres::start(&[]).expect("postgres");
+        let psql = Command::new(testkit::postgres::pg_bin_dir().join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port().to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args([
+                "-Atc",
+                "select pg_create_physical_replication_slot('stolon_abc')",
+            ])
+            .output()
+            .expect("psql");
+        assert!(psql.status.success(), "{psql:?}");
+        let basebackup = |slot: &str| {
+            let dest = tempfile::tempdir().expect("tempdir");
+            let out = Command::new(testkit::postgres::pg_bin_dir().join("pg_basebackup"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &pg.port().to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .args(["-X", "stream", "-w", "--create-slot"])
+                .arg(format!("--slot={slot}"))
+                .arg("-D")
+                .arg(dest.path().join("data"))
+                .output()
+                .expect("pg_basebackup");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let (ok, stderr) = basebackup("stolon_abc");
+        assert!(!ok);
+        assert!(slot_already_exists(&stderr, "stolon_abc"), "{stderr}");
+        assert!(!slot_already_exists(&stderr, "stolon_ab"), "{stderr}");
+        let (ok, stderr) = basebackup("bad-name");
+        assert!(!ok);
+        assert!(!slot_already_exists(&stderr, "bad-name"), "{stderr}");
     }
 }

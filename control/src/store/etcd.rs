@@ -40,7 +40,7 @@ pub struct EtcdStore {
 }
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable(Cause::new(e))
 }
 
 /// Attempts for a request that never connected. The client balances requests over the
@@ -50,8 +50,42 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
 /// compare-and-swap.
 const CONNECT_ATTEMPTS: usize = 4;
 
-fn never_connected(e: &etcd_client::Error) -> bool {
-    e.to_string().contains("tcp connect error")
+/// The request failed while connecting: an `Unavailable` status caused by a refused or
+/// unroutable TCP connect. These socket errors come from connect(2) only, so the request
+/// cannot have reached etcd. (A reset or a timeout may come after the request was sent,
+/// and is not resent.)
+pub(crate) fn never_connected(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::AddrNotAvailable
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// The keep-alive answered TTL 0: the lease is gone. The client reports this with its own
+/// fixed message and no code (etcd-client 0.21, rpc/lease.rs), so the text is all there is.
+fn lease_gone_on_keep_alive(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m == "lease not found")
+}
+
+/// etcd answered NotFound ("etcdserver: requested lease not found").
+fn not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::NotFound)
 }
 
 async fn retry_unconnected<T, F, Fut>(mut f: F) -> std::result::Result<T, etcd_client::Error>
@@ -234,7 +268,7 @@ impl Store for EtcdStore {
         });
         match sent.await {
             Ok(_) => Ok(()),
-            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+            Err(e) if lease_gone_on_keep_alive(&e) || not_found(&e) => {
                 Err(StoreError::LeaseNotFound(lease))
             }
             Err(e) => Err(unavailable(e)),
@@ -244,7 +278,7 @@ impl Store for EtcdStore {
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
         match self.client.lease_client().revoke(lease).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("not found") => Err(StoreError::LeaseNotFound(lease)),
+            Err(e) if not_found(&e) => Err(StoreError::LeaseNotFound(lease)),
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -290,7 +324,7 @@ async fn next_batch(state: Option<EtcdWatch>) -> Option<(Result<WatchBatch>, Opt
                     compact_revision: resp.compact_revision(),
                 }
             } else {
-                StoreError::Unavailable(format!("watch canceled: {}", resp.cancel_reason()))
+                StoreError::Unavailable(format!("watch canceled: {}", resp.cancel_reason()).into())
             };
             return Some((Err(err), None));
         }

@@ -395,10 +395,13 @@ impl Store for MemStore {
         self.before_call().await?;
         let mut st = self.lock();
         if revision > st.revision {
-            return Err(StoreError::Unavailable(format!(
-                "compact revision {revision} is in the future (current {})",
-                st.revision
-            )));
+            return Err(StoreError::Unavailable(
+                format!(
+                    "compact revision {revision} is in the future (current {})",
+                    st.revision
+                )
+                .into(),
+            ));
         }
         st.compact_revision = st.compact_revision.max(revision);
         let keep_from = st.compact_revision;

@@ -94,7 +94,7 @@ pub enum StoreError {
     #[error("store request {op} timed out after {timeout:?}")]
     Timeout { op: &'static str, timeout: Duration },
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     #[error("watch start revision was compacted (compact revision {compact_revision})")]
     Compacted { compact_revision: i64 },
     #[error("lease {0} not found (expired or revoked)")]
@@ -120,6 +120,60 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why the store is unavailable: the client's own error, kept whole (its type and its
+/// source chain) so that callers match on kinds and codes, or a message where there is
+/// no error to keep (the in-memory store's injected faults).
+#[derive(Clone, Debug)]
+pub struct Cause(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl Cause {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(std::sync::Arc::new(e))
+    }
+
+    /// The kept error, for downcasting.
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Two causes are equal when they read the same (errors have no equality of their own).
+impl PartialEq for Cause {
+    fn eq(&self, other: &Cause) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Cause {}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Message(String);
+
+impl From<String> for Cause {
+    fn from(s: String) -> Cause {
+        Cause::new(Message(s))
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(s: &str) -> Cause {
+        Cause::new(Message(s.to_string()))
+    }
+}
 
 /// The primitive operations, with etcd v3 semantics. Implementations: [`etcd::EtcdStore`],
 /// [`mem::MemStore`]; [`timed::Timed`] adds the per-call timeout.

@@ -43,10 +43,9 @@ impl LeasedKey {
                 Err(e) => return Err(e),
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "could not keep a lease for {}",
-            self.key
-        )))
+        Err(StoreError::Unavailable(
+            format!("could not keep a lease for {}", self.key).into(),
+        ))
     }
 
     async fn ensure_lease(&mut self) -> Result<LeaseId> {
