@@ -9,7 +9,9 @@ fn clusterdata(c: &mut Criterion) {
     c.bench_function("clusterdata_parse_go_golden", |b| {
         b.iter(|| ClusterData::from_json(black_box(doc.as_bytes())))
     });
-    c.bench_function("clusterdata_write", |b| b.iter(|| black_box(&cd).to_json()));
+    c.bench_function("clusterdata_write", |b| {
+        b.iter(|| black_box(&cd).to_json().expect("json"))
+    });
 }
 
 criterion_group!(benches, clusterdata);

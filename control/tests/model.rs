@@ -60,7 +60,7 @@ fn reads_go_clusterdata() {
 #[test]
 fn rewrite_keeps_unknown_fields_and_round_trips() {
     let cd = ClusterData::from_json(GO_CLUSTERDATA.as_bytes()).expect("parse");
-    let out: Value = serde_json::from_slice(&cd.to_json()).expect("json");
+    let out: Value = serde_json::from_slice(&cd.to_json().expect("to json")).expect("json");
     assert_eq!(out["futureTopLevel"], "kept");
     assert_eq!(
         out["keepers"]["keeper1"]["status"]["futureKeeperField"],
@@ -75,7 +75,7 @@ fn rewrite_keeps_unknown_fields_and_round_trips() {
         "port written as Go does"
     );
     assert_eq!(out["proxy"]["spec"]["masterDbUid"], "db0001");
-    let again = ClusterData::from_json(&cd.to_json()).expect("reparse");
+    let again = ClusterData::from_json(&cd.to_json().expect("to json")).expect("reparse");
     assert_eq!(again, cd);
 }
 
@@ -103,7 +103,7 @@ fn every_field_of_the_go_document_survives_a_rewrite() {
     }
     let original: Value = serde_json::from_str(GO_CLUSTERDATA).expect("json");
     let cd = ClusterData::from_json(GO_CLUSTERDATA.as_bytes()).expect("parse");
-    let rewritten: Value = serde_json::from_slice(&cd.to_json()).expect("json");
+    let rewritten: Value = serde_json::from_slice(&cd.to_json().expect("to json")).expect("json");
     let (mut a, mut b) = (strip(&original), strip(&rewritten));
     // Timestamps may be re-rendered in another but equal form: compare them parsed.
     for doc in [&mut a, &mut b].into_iter().flatten() {
@@ -369,7 +369,7 @@ fn merge_patch_rfc7386() {
 #[test]
 fn new_cluster_document() {
     let cd = ClusterData::new("uid1", new_spec(), Timestamp::now());
-    let back = ClusterData::from_json(&cd.to_json()).expect("reparse");
+    let back = ClusterData::from_json(&cd.to_json().expect("to json")).expect("reparse");
     assert_eq!(back.cluster.status.phase, Some(ClusterPhase::Initializing));
     assert_eq!(back.format_version, FORMAT_VERSION);
     assert_eq!(back.proxy_master_address(), None);

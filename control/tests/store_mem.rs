@@ -155,3 +155,39 @@ async fn delayed_calls_hit_the_store_timeout() {
     let err = store.get("k").await.expect_err("times out");
     assert!(matches!(err, StoreError::Timeout { op: "get", .. }));
 }
+
+/// A clusterdata that cannot be serialised (a timestamp before year 0, which RFC 3339
+/// cannot write) is refused before the compare-and-swap: the stored document stays as it
+/// was, never replaced by an empty one.
+#[tokio::test(start_paused = true)]
+async fn an_unwritable_clusterdata_is_refused_and_the_stored_one_stays() {
+    use control::model::{ClusterData, ClusterSpec, Timestamp};
+    let store = Arc::new(MemStore::new());
+    let cs = ClusterStore::new(store.clone(), "stolon/cluster", "c1");
+    let cd = ClusterData::new("c1", ClusterSpec::default(), Timestamp::now());
+    let CasOutcome::Written(rev) = cs.put_cluster_data(&cd, 0, None).await.expect("put") else {
+        panic!("first write conflicts");
+    };
+    let mut bad = cd.clone();
+    bad.change_time = Some(Timestamp(
+        time::OffsetDateTime::UNIX_EPOCH
+            .replace_year(-5)
+            .expect("year"),
+    ));
+    assert!(bad.to_json().is_err());
+    let err = cs
+        .put_cluster_data(&bad, rev, None)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, StoreError::Malformed { .. }), "{err:?}");
+    let stored = store
+        .get("stolon/cluster/c1/clusterdata")
+        .await
+        .expect("get")
+        .expect("kept");
+    assert_eq!(stored.mod_revision, rev);
+    assert_eq!(
+        ClusterData::from_json(&stored.value).expect("the stored document reads"),
+        cd
+    );
+}

@@ -317,7 +317,7 @@ async fn clusterdata(store: &ClusterStore, op: ClusterdataOp) -> Result<()> {
             if pretty {
                 println!("{}", serde_json::to_string_pretty(&cd)?);
             } else {
-                println!("{}", String::from_utf8_lossy(&cd.to_json()));
+                println!("{}", String::from_utf8_lossy(&cd.to_json()?));
             }
         }
         ClusterdataOp::Write { file, yes } => {

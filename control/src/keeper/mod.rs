@@ -7,6 +7,17 @@
 //! store answers again; a wiped data dir of a db that already exists never leads to initdb;
 //! PostgreSQL is not started before the sentinel has seen this keeper's boot UUID.
 
+// No panics on any clusterdata: every lookup is checked and a missing db becomes a Reason.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::expect_used,
+        clippy::unwrap_used,
+        clippy::panic
+    )
+)]
+
 #[cfg(test)]
 mod tests;
 

@@ -74,8 +74,10 @@ impl ClusterData {
         serde_json::from_value(value).map_err(ModelError::json("clusterdata"))
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
-        // Serializing plain data with string keys cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+    /// The document as stored. Fails rather than yield something else: a timestamp outside
+    /// RFC 3339's years (0 to 9999) cannot be written, and an empty or partial document
+    /// must never reach a compare-and-swap.
+    pub fn to_json(&self) -> Result<Vec<u8>, ModelError> {
+        serde_json::to_vec(self).map_err(ModelError::json("clusterdata"))
     }
 }

@@ -238,6 +238,9 @@ impl Sentinel {
                     self.metrics.failovers.inc();
                     tracing::warn!(kind = ?r.kind, detail = %r.detail, "decision")
                 }
+                ReasonKind::Inconsistent => {
+                    tracing::warn!(kind = ?r.kind, detail = %r.detail, "decision")
+                }
                 _ => tracing::info!(kind = ?r.kind, detail = %r.detail, "decision"),
             }
         }

@@ -154,9 +154,10 @@ impl Round<'_> {
 
     /// Copies each db's reported PostgreSQL state into its status and judges its health.
     pub(super) fn update_dbs(&mut self) {
-        let uids: Vec<String> = self.cd.dbs.keys().cloned().collect();
-        for uid in uids {
-            let keeper_uid = self.cd.dbs[&uid].spec.keeper_uid.clone();
+        let dbs: Vec<(String, String)> = (self.cd.dbs.iter())
+            .map(|(uid, db)| (uid.clone(), db.spec.keeper_uid.clone()))
+            .collect();
+        for (uid, keeper_uid) in dbs {
             let alive = self.keeper_alive(&keeper_uid);
             let info_since = self.mem.keepers.get(&keeper_uid).map(|s| s.since);
             let state = self
@@ -166,7 +167,9 @@ impl Round<'_> {
                 .and_then(|i| i.postgres_state.as_ref())
                 .filter(|ps| ps.uid == uid);
             let good = alive && state.is_some_and(|ps| ps.healthy);
-            let db = self.cd.dbs.get_mut(&uid).expect("uid from keys");
+            let Some(db) = self.cd.dbs.get_mut(&uid) else {
+                continue;
+            };
             // A PostgreSQL that is not running reports nothing useful (a wiped or stopped
             // instance says timeline 0): keep the last known facts, which elections and
             // fork checks compare against.
@@ -204,7 +207,9 @@ impl Round<'_> {
     }
 
     fn track_convergence(&mut self, uid: &str) {
-        let db = &self.cd.dbs[uid];
+        let Some(db) = self.cd.dbs.get(uid) else {
+            return;
+        };
         if converged(db) {
             self.mem.unconverged_since.remove(uid);
             return;

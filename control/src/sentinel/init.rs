@@ -5,20 +5,20 @@
 use super::health::converged;
 use super::{ReasonKind, Round};
 use crate::model::{
-    ClusterInitMode, ClusterPhase, ClusterRole, DbInitMode, DbRole, DbSpec, FollowConfig,
+    ClusterInitMode, ClusterPhase, ClusterRole, Db, DbInitMode, DbRole, DbSpec, FollowConfig,
     FollowType,
 };
 
 impl Round<'_> {
     pub(super) fn initialize(&mut self) {
         let master = self.cd.cluster.status.master.clone();
-        if master.is_empty() || !self.cd.dbs.contains_key(&master) {
+        let Some(db) = self.cd.dbs.get(&master).filter(|_| !master.is_empty()) else {
             self.start_init();
             return;
-        }
-        let db = &self.cd.dbs[&master];
+        };
         if converged(db) && db.status.healthy {
-            self.finish_init(&master);
+            let db = db.clone();
+            self.finish_init(&db);
             return;
         }
         let started = match &self.mem.init_attempt {
@@ -149,15 +149,16 @@ impl Round<'_> {
         }
     }
 
-    fn finish_init(&mut self, master: &str) {
+    fn finish_init(&mut self, db: &Db) {
+        let master = db.uid.as_str();
         let spec = &self.cd.cluster.spec;
         if spec.merge_pg_parameters() {
             // The parameters the new instance reported, with the spec's own on top.
-            let mut merged = self.cd.dbs[master].status.pg_parameters.clone();
+            let mut merged = db.status.pg_parameters.clone();
             merged.extend(spec.pg_parameters.clone());
             self.cd.cluster.spec.pg_parameters = merged;
         }
-        let mut db_spec = self.cd.dbs[master].spec.clone();
+        let mut db_spec = db.spec.clone();
         db_spec.init_mode = Some(DbInitMode::None);
         db_spec.include_previous_config = false;
         let db_spec = self.managed_spec(&db_spec);

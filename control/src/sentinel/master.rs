@@ -169,7 +169,9 @@ impl Round<'_> {
     /// emptied and the generation bumped, and `publish_master` names the new master only once
     /// every enabled proxy has acknowledged.
     pub(super) fn failover(&mut self, old: &str, new: &str) {
-        let pos = self.cd.dbs[new].status.x_log_pos;
+        let Some(pos) = self.db(new, "failover").map(|db| db.status.x_log_pos) else {
+            return;
+        };
         self.reason(
             ReasonKind::Failover,
             format!("electing {new} (WAL position {pos}) to replace {old}"),
@@ -181,13 +183,15 @@ impl Round<'_> {
             .map(|db| db.spec.synchronous_standbys.clone())
             .unwrap_or_default();
         self.promote(new);
-        if self.cd.dbs.contains_key(old) {
-            let spec = self.standby_spec(&self.cd.dbs[old].spec, new);
+        if let Some(db) = self.cd.dbs.get(old) {
+            let spec = self.standby_spec(&db.spec, new);
             self.set_db_spec(old, spec);
         }
         // Keep the old in-sync set (minus the new master) so that commits on the new master
         // keep waiting for a standby that has everything.
-        let mut spec = self.cd.dbs[new].spec.clone();
+        let Some(mut spec) = self.db(new, "failover").map(|db| db.spec.clone()) else {
+            return;
+        };
         spec.synchronous_standbys = old_sync.into_iter().filter(|u| u != new).collect();
         self.set_db_spec(new, spec);
         if self.faults.has(Fault::SkipProxyHandshake) {
@@ -199,7 +203,9 @@ impl Round<'_> {
     pub(super) fn promote(&mut self, new: &str) {
         self.cd.cluster.status.master = new.to_string();
         self.fence_proxies();
-        let mut spec = self.cd.dbs[new].spec.clone();
+        let Some(mut spec) = self.db(new, "promote").map(|db| db.spec.clone()) else {
+            return;
+        };
         self.apply_master_role(&mut spec);
         self.set_db_spec(new, spec);
     }
@@ -232,7 +238,10 @@ impl Round<'_> {
     }
 
     fn update_master_spec(&mut self, master: &str) {
-        let mut spec = self.managed_spec(&self.cd.dbs[master].spec);
+        let Some(spec) = self.db(master, "master spec").map(|db| db.spec.clone()) else {
+            return;
+        };
+        let mut spec = self.managed_spec(&spec);
         self.apply_master_role(&mut spec);
         spec.additional_replication_slots = self
             .cd

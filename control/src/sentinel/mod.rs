@@ -8,12 +8,27 @@
 //! generation bumped) in the same write that names a new master, and the new master is
 //! published to proxies only once every enabled proxy reported that generation or expired.
 
+// No panics on any clusterdata: every lookup is checked and a missing db becomes a Reason.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::expect_used,
+        clippy::unwrap_used,
+        clippy::panic
+    )
+)]
+
+#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::panic)] // not the decision core
 pub mod daemon;
 mod health;
 mod init;
 mod master;
+#[cfg(test)]
+mod no_panic;
 mod proxy;
 #[doc(hidden)]
+#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::panic)] // not the decision core
 pub mod sim;
 #[cfg(test)]
 mod simulation;
@@ -103,6 +118,8 @@ pub enum ReasonKind {
     Switchover,
     /// A maintenance pause holds: nothing but observation and the proxies' routing.
     Paused,
+    /// The clusterdata refers to a db it does not hold; that step was skipped.
+    Inconsistent,
 }
 
 impl fmt::Display for Reason {
@@ -187,6 +204,18 @@ struct Round<'a> {
 }
 
 impl Round<'_> {
+    /// The db `uid`, or `None` with an `Inconsistent` reason: the clusterdata names a db it
+    /// does not hold (the rules never make one, but the store may hold anything).
+    fn db(&mut self, uid: &str, during: &str) -> Option<&Db> {
+        if !self.cd.dbs.contains_key(uid) {
+            self.reason(
+                ReasonKind::Inconsistent,
+                format!("{during}: db {uid:?} is not in the clusterdata; skipped"),
+            );
+        }
+        self.cd.dbs.get(uid)
+    }
+
     fn reason(&mut self, kind: ReasonKind, detail: impl Into<String>) {
         self.reasons.push(Reason {
             kind,

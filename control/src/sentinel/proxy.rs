@@ -57,10 +57,13 @@ impl Round<'_> {
             // Never move proxies from one master to another without the handshake.
             self.fence_proxies();
         }
-        let db = &self.cd.dbs[master];
+        let Some(db) = self.db(master, "publish master") else {
+            return;
+        };
         // A standby cluster's master follows the external primary: it counts too.
         let runs_as_master = db.acts_as_master();
-        if !(runs_as_master && converged(db) && self.db_good(master)) {
+        let converged = converged(db);
+        if !(runs_as_master && converged && self.db_good(master)) {
             return;
         }
         let generation = self.cd.proxy.generation;

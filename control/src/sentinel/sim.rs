@@ -78,6 +78,7 @@ pub struct ProxySim {
     pub published: bool,
 }
 
+#[derive(Clone)]
 pub struct World {
     pub cd: ClusterData,
     pub mem: SentinelMemory,

@@ -71,19 +71,18 @@ impl Round<'_> {
     }
 
     pub(super) fn update_standbys(&mut self, master: &str) {
-        let master_db = self.cd.dbs[master].clone();
-        let others: Vec<String> = self
-            .cd
-            .dbs
-            .keys()
-            .filter(|u| *u != master)
+        let Some(master_db) = self.db(master, "update standbys").cloned() else {
+            return;
+        };
+        let others: Vec<Db> = (self.cd.dbs.values())
+            .filter(|db| db.uid != master)
             .cloned()
             .collect();
-        for uid in others {
-            let db = &self.cd.dbs[&uid];
+        for db in &others {
+            let uid = &db.uid;
             if let Some(why) = self.invalid_standby(&master_db, db) {
                 let keeper = db.spec.keeper_uid.clone();
-                self.cd.dbs.remove(&uid);
+                self.cd.dbs.remove(uid);
                 self.reason(
                     ReasonKind::DbRemoved,
                     format!("db {uid} on keeper {keeper}: {why}; it will be resynced"),
@@ -91,16 +90,18 @@ impl Round<'_> {
                 continue;
             }
             let spec = self.standby_spec(&db.spec, master);
-            self.set_db_spec(&uid, spec);
+            self.set_db_spec(uid, spec);
         }
-        let master_ok = self.db_good(master) && converged(&self.cd.dbs[master]);
+        let master_ok = self.db_good(master) && converged(&master_db);
         if master_ok {
             self.add_standbys(master);
         }
         self.remove_extra_standbys(master);
         let mut followers: Vec<String> = self.standbys(master);
         followers.sort();
-        let mut spec = self.cd.dbs[master].spec.clone();
+        let Some(mut spec) = self.db(master, "update standbys").map(|db| db.spec.clone()) else {
+            return;
+        };
         spec.followers = followers;
         self.set_db_spec(master, spec);
     }
@@ -159,13 +160,16 @@ impl Round<'_> {
         if standbys.len() <= wanted {
             return;
         }
-        let sync = self.cd.dbs[master].spec.synchronous_standbys.clone();
+        let Some(sync) = (self.db(master, "remove extra standbys"))
+            .map(|db| db.spec.synchronous_standbys.clone())
+        else {
+            return;
+        };
         standbys.sort_by_key(|u| {
-            let db = &self.cd.dbs[u];
             (
                 !self.db_failed(u),
                 sync.contains(u),
-                db.status.x_log_pos,
+                self.cd.dbs.get(u).map_or(0, |db| db.status.x_log_pos),
                 std::cmp::Reverse(u.clone()),
             )
         });
@@ -185,11 +189,13 @@ impl Round<'_> {
     /// be elected when it comes back.
     pub(super) fn remove_dead_keepers(&mut self, master: &str) {
         let interval = self.cd.cluster.spec.dead_keeper_removal_interval();
-        let master_keeper = self.cd.dbs[master].spec.keeper_uid.clone();
+        let Some(mdb) = self.db(master, "remove dead keepers").cloned() else {
+            return;
+        };
+        let master_keeper = mdb.spec.keeper_uid.clone();
         // Alive is not enough: a master keeper just restarted has a db that is not yet
         // healthy, and a dead keeper's db may still hold the newest data.
-        let mdb = &self.cd.dbs[master];
-        if !self.keeper_alive(&master_keeper) || !mdb.status.healthy || !converged(mdb) {
+        if !self.keeper_alive(&master_keeper) || !mdb.status.healthy || !converged(&mdb) {
             return;
         }
         let dead: Vec<String> = self

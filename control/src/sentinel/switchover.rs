@@ -68,8 +68,10 @@ impl Round<'_> {
             }
             Ok((master, target)) => {
                 self.fence_proxies();
-                let spec = self.standby_spec(&self.cd.dbs[&master].spec, &target);
-                self.set_db_spec(&master, spec);
+                if let Some(spec) = self.db(&master, "switchover").map(|db| db.spec.clone()) {
+                    let spec = self.standby_spec(&spec, &target);
+                    self.set_db_spec(&master, spec);
+                }
                 self.reason(
                     ReasonKind::Switchover,
                     format!("switchover {master} -> {target}: stopping the old master"),
@@ -87,12 +89,14 @@ impl Round<'_> {
         let finish = |round: &mut Self, st: SwitchoverStatus| {
             round.cd.cluster.status.switchover = Some(st);
         };
-        if !self.cd.dbs.contains_key(&old) || !self.cd.dbs.contains_key(&target) {
+        let (Some(old_db), Some(target_db)) = (self.cd.dbs.get(&old), self.cd.dbs.get(&target))
+        else {
             st.phase = SwitchoverPhase::Failed;
             st.reason = "a db involved disappeared".into();
             finish(self, st);
             return false;
-        }
+        };
+        let (old_db, target_db) = (old_db.clone(), target_db.clone());
         if self.elapsed(st.started_at) >= timeout {
             // The normal round restores the old master's role (it is still the master).
             st.phase = SwitchoverPhase::Failed;
@@ -101,12 +105,10 @@ impl Round<'_> {
             finish(self, st);
             return false;
         }
-        let old_db = &self.cd.dbs[&old];
-        if st.stop_position == 0 && converged(old_db) && self.keeper_alive(&old_db.spec.keeper_uid)
+        if st.stop_position == 0 && converged(&old_db) && self.keeper_alive(&old_db.spec.keeper_uid)
         {
             st.stop_position = old_db.status.x_log_pos;
         }
-        let target_db = &self.cd.dbs[&target];
         let caught_up = st.stop_position > 0 && target_db.status.x_log_pos >= st.stop_position;
         if !(caught_up && self.db_good(&target)) {
             finish(self, st);

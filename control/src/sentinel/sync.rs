@@ -87,7 +87,9 @@ impl Round<'_> {
     }
 
     pub(super) fn update_sync_standbys(&mut self, master: &str) {
-        let db = &self.cd.dbs[master];
+        let Some(db) = self.db(master, "synchronous standbys").cloned() else {
+            return;
+        };
         let mut spec = db.spec.clone();
         if !self.cd.cluster.spec.synchronous_replication() {
             spec.synchronous_replication = false;
@@ -110,7 +112,7 @@ impl Round<'_> {
             current.clone()
         } else if current.is_empty() {
             desired
-        } else if !converged(db) {
+        } else if !converged(&db) {
             self.reason(
                 ReasonKind::SyncStandbysChanged,
                 format!("waiting for master {master} to apply synchronous standbys {current:?}"),

@@ -114,10 +114,11 @@ impl ClusterStore {
             revision: expected,
         }];
         compares.extend(leader.map(Leadership::guard));
-        let resp = self
-            .store
-            .txn(compares, vec![Op::put(key, cd.to_json())])
-            .await?;
+        let doc = cd.to_json().map_err(|e| StoreError::Malformed {
+            key: key.clone(),
+            reason: format!("not written: {e}"),
+        })?;
+        let resp = self.store.txn(compares, vec![Op::put(key, doc)]).await?;
         Ok(if resp.succeeded {
             CasOutcome::Written(resp.revision)
         } else {
