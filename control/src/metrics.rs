@@ -1,7 +1,9 @@
 //! The tiny HTTP endpoint every daemon serves on `--metrics-listen-address`: `GET /metrics`
 //! (Prometheus text from a prometheus-client registry) and `GET /health` (200 or 503 with a
-//! one-line reason). One request per connection; anything else is a 404/405.
+//! one-line reason); anything else is a 404/405.
 
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -10,7 +12,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -144,7 +145,15 @@ pub async fn serve(
     serve_with(listener, registry, health, None, shutdown).await
 }
 
-/// [`serve`] with extra paths, asked before `/health`.
+/// What the endpoint answers from.
+struct Endpoints {
+    registry: Arc<Registry>,
+    health: HealthFn,
+    routes: Option<RouteFn>,
+}
+
+/// [`serve`] with extra paths, asked before `/health`. HTTP/1.1 by hyper (through axum):
+/// keep-alive, HEAD, pipelining and a back-off on accept errors (EMFILE) come with it.
 pub async fn serve_with(
     listener: TcpListener,
     registry: Arc<Registry>,
@@ -152,100 +161,147 @@ pub async fn serve_with(
     routes: Option<RouteFn>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-        };
-        let (registry, health, routes) = (registry.clone(), health.clone(), routes.clone());
-        tokio::spawn(async move {
-            let mut req = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                let mut chunk = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    let n = sock.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    req.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            });
-            if !matches!(read.await, Ok(Ok(()))) {
-                return;
-            }
-            let line = String::from_utf8_lossy(req.split(|&b| b == b'\r').next().unwrap_or(&[]))
-                .into_owned();
-            let (status, ctype, body) = respond(&line, &registry, &*health, routes.as_deref());
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            // HEAD (and OPTIONS, which HAProxy's plain `option httpchk` sends) get the
-            // status line and headers only.
-            if line.starts_with("GET ") {
-                let _ = sock.write_all(body.as_bytes()).await;
-            }
-            let _ = sock.shutdown().await;
-        });
+    let endpoints = Arc::new(Endpoints {
+        registry,
+        health,
+        routes,
+    });
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri| {
+        let endpoints = endpoints.clone();
+        async move { answer(&endpoints, &method, &uri) }
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "metrics endpoint stopped");
     }
 }
 
-type RouteDyn = dyn Fn(&str, &str) -> Option<Result<String, String>> + Send + Sync;
+fn answer(endpoints: &Endpoints, method: &Method, uri: &Uri) -> Response {
+    let (status, ctype, body) = respond(method, uri.path(), uri.query().unwrap_or(""), endpoints);
+    // HEAD gets the headers only (hyper drops the body); OPTIONS, which HAProxy's plain
+    // `option httpchk` sends, gets the status with no body.
+    let body = if *method == Method::OPTIONS {
+        String::new()
+    } else {
+        body
+    };
+    (status, [(header::CONTENT_TYPE, ctype)], body).into_response()
+}
 
 fn respond(
-    line: &str,
-    registry: &Registry,
-    health: &(dyn Fn() -> Result<String, String> + Send + Sync),
-    routes: Option<&RouteDyn>,
-) -> (&'static str, &'static str, String) {
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if !matches!(method, "GET" | "HEAD" | "OPTIONS") {
+    method: &Method,
+    path: &str,
+    query: &str,
+    endpoints: &Endpoints,
+) -> (StatusCode, &'static str, String) {
+    if !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return (
-            "405 Method Not Allowed",
+            StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "GET, HEAD or OPTIONS\n".into(),
         );
     }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if let Some(answer) = routes.and_then(|r| r(path, query)) {
+    if let Some(answer) = endpoints.routes.as_ref().and_then(|r| r(path, query)) {
         return match answer {
-            Ok(body) => ("200 OK", "application/json", body + "\n"),
-            Err(body) => ("503 Service Unavailable", "application/json", body + "\n"),
+            Ok(body) => (StatusCode::OK, "application/json", body + "\n"),
+            Err(body) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                body + "\n",
+            ),
         };
     }
     match path {
         "/metrics" => {
             let mut out = String::new();
-            if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+            if prometheus_client::encoding::text::encode(&mut out, &endpoints.registry).is_err() {
                 return (
-                    "500 Internal Server Error",
+                    StatusCode::INTERNAL_SERVER_ERROR,
                     "text/plain",
                     "encode failed\n".into(),
                 );
             }
             (
-                "200 OK",
+                StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 out,
             )
         }
-        "/health" => match health() {
-            Ok(text) => ("200 OK", "text/plain", text + "\n"),
-            Err(text) => ("503 Service Unavailable", "text/plain", text + "\n"),
+        "/health" => match (endpoints.health)() {
+            Ok(text) => (StatusCode::OK, "text/plain", text + "\n"),
+            Err(text) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", text + "\n"),
         },
         _ => (
-            "404 Not Found",
+            StatusCode::NOT_FOUND,
             "text/plain",
             "try /metrics or /health\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(routes: Option<RouteFn>) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let health: HealthFn = Arc::new(|| Err("no master".to_string()));
+        let registry = Arc::new(root_registry("test", "c1"));
+        tokio::spawn(serve_with(listener, registry, health, routes, stop.clone()));
+        (addr, stop)
+    }
+
+    /// Sends raw requests on one connection and reads until the server closes it.
+    async fn exchange(addr: std::net::SocketAddr, requests: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(requests.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            s.read_to_string(&mut out),
+        )
+        .await
+        .expect("answered and closed")
+        .expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_get_head_options_and_refuses_the_rest() {
+        let routes: RouteFn = Arc::new(|path: &str, query: &str| {
+            (path == "/master").then(|| Ok(format!("{{\"q\":\"{query}\"}}")))
+        });
+        let (addr, stop) = start(Some(routes)).await;
+        // Keep-alive: two requests on one connection, the second closes it.
+        let out = exchange(
+            addr,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.contains("stolon_cluster_identifier{"), "{out}");
+        assert!(out.contains("HTTP/1.1 503 Service Unavailable"), "{out}");
+        assert!(out.ends_with("no master\n"), "{out}");
+        let out = exchange(addr, "GET /master?lag=1MB HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.0 200 OK"), "{out}");
+        assert!(out.ends_with("{\"q\":\"lag=1MB\"}\n"), "{out}");
+        let out = exchange(addr, "HEAD /health HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.0 503"), "{out}");
+        assert!(out.ends_with("\r\n\r\n"), "no body: {out}");
+        let out = exchange(addr, "OPTIONS / HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.0 404"), "{out}");
+        assert!(out.ends_with("\r\n\r\n"), "no body: {out}");
+        let out = exchange(addr, "POST /health HTTP/1.0\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.0 405"), "{out}");
+        let out = exchange(addr, "GET /nothing HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.0 404"), "{out}");
+        let out = exchange(addr, "this is not http\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        stop.cancel();
     }
 }

@@ -64,7 +64,7 @@ fn spawn_sentinel(etcd: &Etcd, uid: &str, spec: &std::path::Path) -> SentinelPro
 fn metric(p: &SentinelProc, name: &str) -> Option<f64> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", p.metrics.0)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;

@@ -19,8 +19,10 @@ async fn code(c: &Cluster, uid: &str, path: &str) -> u16 {
     let k = c.keeper(uid);
     let get = async {
         let mut s = tokio::net::TcpStream::connect((k.addr.as_str(), k.metrics_port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut out = String::new();
         s.read_to_string(&mut out).await?;
         Ok::<_, std::io::Error>(out)

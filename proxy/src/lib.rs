@@ -6,6 +6,7 @@ pub mod conn;
 pub mod discovery;
 pub mod fence;
 pub mod hold;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;

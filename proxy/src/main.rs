@@ -50,9 +50,11 @@ struct Args {
     /// Relay threads (default: one per core)
     #[arg(long)]
     threads: Option<usize>,
-    /// Most client sessions at once; more get SQLSTATE 53300
-    #[arg(long, default_value_t = 10_000)]
-    max_connections: usize,
+    /// Most client sessions at once; more get SQLSTATE 53300. Each session needs two file
+    /// descriptors: checked against RLIMIT_NOFILE at start (default 10000, lowered to what
+    /// the limit allows)
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Time a client has to send its first packet
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     startup_timeout: Duration,
@@ -137,7 +139,35 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(args, addr, uid))
 }
 
+fn serve_metrics_thread(
+    listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+    routes: Arc<Routes>,
+    cluster_name: &str,
+    stop: CancellationToken,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let served = rt.map(|rt| {
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener)?;
+            proxy::metrics::serve(l, metrics, routes, cluster_name, stop).await;
+            Ok::<(), std::io::Error>(())
+        })
+    });
+    if let Err(e) | Ok(Err(e)) = served {
+        tracing::error!(error = %e, "metrics endpoint failed");
+    }
+}
+
 async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
+    let nofile = proxy::limits::raise_nofile().context("cannot read RLIMIT_NOFILE")?;
+    let (max_connections, lowered) =
+        proxy::limits::fit(args.max_connections, nofile).map_err(anyhow::Error::msg)?;
+    if let Some(warning) = lowered {
+        tracing::warn!("{warning}");
+    }
     let metrics = Arc::new(Metrics::default());
     let routes = Arc::new(Routes::default());
     let store = args
@@ -151,8 +181,8 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
     tracing::info!(%uid, cluster = %args.common.cluster_name, "stolon-proxy starting");
 
     if let Some(maddr) = &args.common.metrics_listen_address {
-        let l = tokio::net::TcpListener::bind(maddr)
-            .await
+        let l = std::net::TcpListener::bind(maddr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .with_context(|| format!("cannot listen on --metrics-listen-address {maddr}"))?;
         let (m, r, c, stop) = (
             metrics.clone(),
@@ -160,7 +190,12 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
             args.common.cluster_name.clone(),
             stop_discovery.clone(),
         );
-        tokio::spawn(async move { proxy::metrics::serve(l, m, r, &c, stop).await });
+        // Its own thread and runtime: a flood of scrapes or health checks must not delay
+        // discovery, which fences the proxy when the store is lost.
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || serve_metrics_thread(l, m, r, &c, stop))
+            .context("cannot start the metrics thread")?;
     }
     let discovery = Discovery {
         store,
@@ -179,7 +214,8 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         keepalive: args.keepalive(),
     };
-    let limit = Arc::new(tokio::sync::Semaphore::new(args.max_connections));
+    let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let rejecting = Arc::new(tokio::sync::Semaphore::new(proxy::server::REJECTING_MAX));
     let hold = Arc::new(proxy::hold::Hold::new(
         args.hold_timeout,
         args.hold_max_sessions,
@@ -196,6 +232,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
             }),
             listening: listening_rx.clone(),
             limit: limit.clone(),
+            rejecting: rejecting.clone(),
             stop_accepting: stop_accepting.clone(),
         })
     };

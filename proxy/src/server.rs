@@ -51,6 +51,8 @@ pub struct Shared {
     pub ctx: Arc<Ctx>,
     pub listening: watch::Receiver<bool>,
     pub limit: Arc<Semaphore>,
+    /// Over-limit rejections under way (at most [`REJECTING_MAX`]), over all listeners.
+    pub rejecting: Arc<Semaphore>,
     /// Cancelled on SIGTERM: stop accepting, then drain.
     pub stop_accepting: CancellationToken,
 }
@@ -241,13 +243,22 @@ fn admit(sock: TcpStream, shared: &Shared, tracker: &TaskTracker, uring: bool) {
             });
         }
         Err(_) => {
-            tracker.spawn(async move {
-                reject_over_limit(sock).await;
-                ctx.metrics.closed(CloseReason::RejectedLimit);
-            });
+            ctx.metrics.closed(CloseReason::RejectedLimit);
+            // Each rejection lingers (up to 2 s) so the client reads the error before the
+            // close; past REJECTING_MAX of those at once a flood is closed without a word,
+            // rather than growing tasks and descriptors without bound.
+            if let Ok(permit) = shared.rejecting.clone().try_acquire_owned() {
+                tracker.spawn(async move {
+                    reject_over_limit(sock).await;
+                    drop(permit);
+                });
+            }
         }
     }
 }
+
+/// Over-limit rejections answered at once, at most; the rest are closed without an answer.
+pub const REJECTING_MAX: usize = 64;
 
 async fn reject_over_limit(sock: TcpStream) {
     conn::send_error_and_close(

@@ -131,6 +131,92 @@ async fn connection_limit_gives_53300() {
     );
 }
 
+/// A flood over the limit: the first REJECTING_MAX rejections are answered with 53300 (and
+/// linger to let the client read it), the rest are closed without a word instead of each
+/// holding a task and a descriptor for 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_limit_flood_is_answered_up_to_a_cap_then_closed() {
+    let (_s, proxy) = routed(&["--max-connections", "1"]).await;
+    let mut held = None;
+    for _ in 0..50 {
+        if let Ok(c) = proxy.connect().await {
+            held = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(held.is_some(), "the one session within the limit");
+    let flood: Vec<TcpStream> = (0..300).map(|_| raw(&proxy)).collect();
+    let (mut answered, mut closed) = (0, 0);
+    for mut c in flood {
+        let mut first = [0u8; 1];
+        match c.read(&mut first) {
+            Ok(1) if first[0] == b'E' => answered += 1,
+            Ok(_) | Err(_) => closed += 1,
+        }
+    }
+    assert!(
+        answered >= proxy::server::REJECTING_MAX,
+        "{answered} answered, {closed} closed"
+    );
+    assert!(closed > 0, "{answered} answered, {closed} closed: no cap");
+    drop(held);
+}
+
+/// `--max-connections` that RLIMIT_NOFILE cannot carry is refused at start with what to
+/// change; without the flag the default is lowered to what fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_is_checked_against_the_descriptor_limit() {
+    let s = Setup::new(1).await;
+    s.route_to("db0", &["p1"], 1).await;
+    let spawn = |extra: &[&str]| {
+        let port = testkit::free_port();
+        let log = tempfile::NamedTempFile::new().expect("log");
+        let inner = proxy_command(&s.etcd, "p1", port.0, &log);
+        let mut cmd = std::process::Command::new("prlimit");
+        cmd.arg("--nofile=300:300")
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.reopen().expect("log"))
+            .stderr(log.reopen().expect("log"));
+        (
+            testkit::ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn"),
+            log,
+            port,
+        )
+    };
+    let (mut child, log, _port) = spawn(&["--max-connections", "1000"]);
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let exited = child.exited();
+            async move { exited }
+        })
+        .await,
+        "exits"
+    );
+    let status = child.exit_status().expect("status");
+    let text = std::fs::read_to_string(log.path()).expect("log");
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains(
+            "--max-connections 1000 needs 2256 file descriptors but RLIMIT_NOFILE is 300"
+        ),
+        "{text}"
+    );
+    let (_child, log, _port) = spawn(&[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            std::fs::read_to_string(log.path())
+                .is_ok_and(|t| t.contains("lowered from the default 10000 to 22"))
+        })
+        .await,
+        "{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_is_passed_through_end_to_end() {
     let tls = testkit::TlsFiles::generate().expect("certs");

@@ -68,7 +68,10 @@ impl Proxy {
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port.0)) else {
             return (0, String::new());
         };
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let code = out
