@@ -5,12 +5,14 @@
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, sqlstate, Startup};
 use crate::relay::{relay, End};
-use crate::route::{NoMaster, Replica, Route, Routes};
+use crate::route::{NoMaster, Replica, Route, Routes, SocketHandle};
 use socket2::{SockRef, TcpKeepalive};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug)]
 pub struct ConnConfig {
@@ -139,16 +141,40 @@ pub fn tune(sock: &TcpStream, keepalive: Option<&TcpKeepalive>) {
     }
 }
 
-/// Serves one accepted client to the end, recording why it closed.
-pub async fn serve(mut client: TcpStream, ctx: &Ctx) {
+/// Serves one accepted client to the end, recording why it closed (the epoll engines).
+pub async fn serve(client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
+    serve_with(client, ctx, |client, server, route, lane| async move {
+        session(client, server, &route, &lane, ctx).await
+    })
+    .await
+}
+
+/// Like [`serve`], relaying over io_uring: must run inside a tokio-uring runtime.
+pub async fn serve_uring(client: TcpStream, ctx: &Ctx) {
+    tune(&client, ctx.config.keepalive.as_ref());
+    serve_with(client, ctx, |client, server, route, lane| async move {
+        session_uring(client, server, &route, &lane, ctx).await
+    })
+    .await
+}
+
+/// The path every engine shares: the startup phase, routing (holding while no master is
+/// routed), refusals with an ErrorResponse and a clean close; then `session` relays. Generic
+/// over the client stream, so it is tested over in-memory streams.
+async fn serve_with<S, F, Fut>(mut client: S, ctx: &Ctx, session: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(S, TcpStream, Arc<Route>, Lane) -> Fut,
+    Fut: Future<Output = CloseReason>,
+{
     let reason = match prepare(&mut client, ctx).await {
         Ok(Prepared::Done(reason)) => reason,
         Ok(Prepared::Session {
             server,
             route,
             lane,
-        }) => session(client, server, &route, &lane, ctx).await,
+        }) => session(client, server, route, lane).await,
         Err(r) => {
             tracing::debug!(code = r.code, message = %r.message, "rejecting client");
             let message = (!r.silent).then_some((r.code, r.message.as_str()));
@@ -170,7 +196,10 @@ enum Prepared {
     },
 }
 
-async fn prepare(client: &mut TcpStream, ctx: &Ctx) -> Result<Prepared, Reject> {
+async fn prepare<S>(client: &mut S, ctx: &Ctx) -> Result<Prepared, Reject>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let deadline = ctx.config.startup_timeout;
     let next = match tokio::time::timeout(deadline, startup_phase(client)).await {
         Ok(next) => next?,
@@ -222,10 +251,10 @@ fn is_ssl_request(bytes: &[u8]) -> bool {
 
 /// Sends 'N' for the pending SSLRequest and reads the plain startup packet that follows
 /// (a client that wanted SSL only hangs up instead: `Err`).
-async fn decline_ssl_and_read_startup(
-    client: &mut TcpStream,
-    deadline: Duration,
-) -> Result<(), ()> {
+async fn decline_ssl_and_read_startup<S>(client: &mut S, deadline: Duration) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     client.write_all(b"N").await.map_err(drop)?;
     let read = async {
         let mut buf: Vec<u8> = Vec::with_capacity(512);
@@ -346,20 +375,39 @@ async fn session(
     lane: &Lane,
     ctx: &Ctx,
 ) -> CloseReason {
+    let (client, server) = (Arc::new(client), Arc::new(server));
+    let handles: (SocketHandle, SocketHandle) = (client.clone(), server.clone());
+    in_lane(route, lane, ctx, handles, |token| {
+        relay(&client, &server, token, &ctx.metrics)
+    })
+    .await
+}
+
+/// What every engine does around its relay: count the session in its lane, register its
+/// sockets for a sever (refused if the lane was severed since the route snapshot, so not
+/// one byte of the session reaches an old master), relay, and say why it ended.
+async fn in_lane<'a, F, Fut>(
+    route: &'a Route,
+    lane: &'a Lane,
+    ctx: &Ctx,
+    (client, server): (SocketHandle, SocketHandle),
+    relay: F,
+) -> CloseReason
+where
+    F: FnOnce(&'a CancellationToken) -> Fut,
+    Fut: Future<Output = End>,
+{
     let l = lane.refs(route);
     let _task = l.sessions.token();
     let _active = ActiveOn::new(lane);
-    let (client, server) = (Arc::new(client), Arc::new(server));
-    // Registered sockets are cut by a sever; a route severed since the snapshot refuses
-    // the registration, so not one byte of the session reaches the old master.
-    let Some(_registration) = l.sockets.register(client.clone(), server.clone()) else {
+    let Some(_registration) = l.sockets.register(client, server) else {
         return CloseReason::Severed;
     };
     if l.token.is_cancelled() {
         return CloseReason::Severed;
     }
     ctx.metrics.active.inc();
-    let end = relay(&client, &server, l.token, &ctx.metrics).await;
+    let end = relay(l.token).await;
     ctx.metrics.active.dec();
     close_reason(end, &l)
 }
@@ -378,25 +426,6 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
     }
 }
 
-/// Like [`serve`], relaying over io_uring: must run inside a tokio-uring runtime.
-pub async fn serve_uring(mut client: TcpStream, ctx: &Ctx) {
-    tune(&client, ctx.config.keepalive.as_ref());
-    let reason = match prepare(&mut client, ctx).await {
-        Ok(Prepared::Done(reason)) => reason,
-        Ok(Prepared::Session {
-            server,
-            route,
-            lane,
-        }) => session_uring(client, server, &route, &lane, ctx).await,
-        Err(r) => {
-            let message = (!r.silent).then_some((r.code, r.message.as_str()));
-            close_with(client, message).await;
-            r.reason
-        }
-    };
-    ctx.metrics.closed(reason);
-}
-
 async fn session_uring(
     client: TcpStream,
     server: TcpStream,
@@ -404,9 +433,6 @@ async fn session_uring(
     lane: &Lane,
     ctx: &Ctx,
 ) -> CloseReason {
-    let l = lane.refs(route);
-    let _task = l.sessions.token();
-    let _active = ActiveOn::new(lane);
     // The sockets leave the epoll reactor for the ring; extra handles on them serve the
     // sever registry and half-closes.
     let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
@@ -416,24 +442,18 @@ async fn session_uring(
         return CloseReason::IoError;
     };
     let (client_ctl, server_ctl) = (Arc::new(client_ctl), Arc::new(server_ctl));
-    let Some(_registration) = l.sockets.register(client_ctl.clone(), server_ctl.clone()) else {
-        return CloseReason::Severed;
-    };
-    if l.token.is_cancelled() {
-        return CloseReason::Severed;
-    }
-    ctx.metrics.active.inc();
-    let end = crate::uring::relay(
-        client,
-        server,
-        &client_ctl,
-        &server_ctl,
-        l.token,
-        &ctx.metrics,
-    )
-    .await;
-    ctx.metrics.active.dec();
-    close_reason(end, &l)
+    let handles: (SocketHandle, SocketHandle) = (client_ctl.clone(), server_ctl.clone());
+    in_lane(route, lane, ctx, handles, |token| {
+        crate::uring::relay(
+            client,
+            server,
+            &client_ctl,
+            &server_ctl,
+            token,
+            &ctx.metrics,
+        )
+    })
+    .await
 }
 
 fn no_master(why: NoMaster) -> Reject {
@@ -474,7 +494,10 @@ async fn connect(addr: &str, what: &str, timeout: Duration) -> Result<TcpStream,
 
 /// Reads packets until one decides the session. Bytes after the decisive packet (a
 /// pipelining client) are kept and replayed.
-async fn startup_phase(client: &mut TcpStream) -> Result<Next, Reject> {
+async fn startup_phase<S>(client: &mut S) -> Result<Next, Reject>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf: Vec<u8> = Vec::with_capacity(512);
     loop {
         match protocol::parse(&buf) {
@@ -551,7 +574,10 @@ pub async fn send_error_and_close(client: TcpStream, code: &str, message: &str) 
 }
 
 /// Closes cleanly, after an ErrorResponse when one is given.
-async fn close_with(mut client: TcpStream, error: Option<(&str, &str)>) {
+async fn close_with<S>(mut client: S, error: Option<(&str, &str)>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     if let Some((code, message)) = error {
         let msg = protocol::error_response(code, message);
         if client.write_all(&msg).await.is_err() {
@@ -569,3 +595,7 @@ async fn close_with(mut client: TcpStream, error: Option<(&str, &str)>) {
     })
     .await;
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

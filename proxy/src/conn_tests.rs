@@ -1,0 +1,218 @@
+//! The shared session path over in-memory duplex streams (no sockets for the client): the
+//! startup phase, refusals and routing, as every engine runs them. Paused clock, except
+//! where a real socket stands in for the master.
+
+use super::*;
+use crate::metrics::ReasonLabel;
+use tokio::io::{duplex, DuplexStream};
+
+fn startup_packet(pipelined: &[u8]) -> Vec<u8> {
+    let body = b"user\0postgres\0database\0postgres\0\0";
+    let len = (8 + body.len()) as u32;
+    let mut p = len.to_be_bytes().to_vec();
+    p.extend(196_608u32.to_be_bytes());
+    p.extend(body);
+    p.extend(pipelined);
+    p
+}
+
+fn request(code: u32) -> Vec<u8> {
+    let mut p = 8u32.to_be_bytes().to_vec();
+    p.extend(code.to_be_bytes());
+    p
+}
+
+fn cancel_packet() -> Vec<u8> {
+    let mut p = 16u32.to_be_bytes().to_vec();
+    p.extend(protocol::CANCEL_REQUEST_CODE.to_be_bytes());
+    p.extend([0, 0, 0, 1, 0, 0, 0, 2]);
+    p
+}
+
+fn ctx(routes: Arc<Routes>) -> Ctx {
+    let metrics = Arc::new(Metrics::default());
+    Ctx {
+        routes,
+        metrics: metrics.clone(),
+        config: ConnConfig {
+            startup_timeout: Duration::from_secs(5),
+            ..ConnConfig::default()
+        },
+        read_only: None,
+        hold: Arc::new(crate::hold::Hold::new(Duration::ZERO, 0, metrics)),
+    }
+}
+
+fn closed(ctx: &Ctx, reason: CloseReason) -> u64 {
+    ctx.metrics
+        .closed
+        .get_or_create(&ReasonLabel { reason })
+        .get()
+}
+
+async fn read_all(c: &mut DuplexStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    out
+}
+
+/// Runs the shared path for one client; the session step must not be reached.
+async fn refused(ctx: &Ctx, send: &[u8]) -> (Vec<u8>, DuplexStream) {
+    let (mut client, proxy_side) = duplex(64 * 1024);
+    client.write_all(send).await.expect("write");
+    let serve = serve_with(proxy_side, ctx, |_, _, _, _| async {
+        panic!("no session may start")
+    });
+    let mut first = vec![0u8; 1];
+    let (_, n) = tokio::join!(serve, client.read(&mut first));
+    first.truncate(n.expect("read"));
+    (first, client)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_startup_phase_decides_on_the_first_packet() {
+    // (input, expected outcome, bytes the client reads back)
+    let startup = startup_packet(b"Qselect 1");
+    let mut gss_then_startup = request(protocol::GSSENC_REQUEST_CODE);
+    gss_then_startup.extend(&startup);
+    let cases: Vec<(&str, Vec<u8>, &str, &[u8])> = vec![
+        (
+            "startup with pipelined bytes",
+            startup.clone(),
+            "relay-all",
+            b"",
+        ),
+        (
+            "gssenc declined, then startup",
+            gss_then_startup,
+            "relay-startup",
+            b"N",
+        ),
+        (
+            "ssl request",
+            request(protocol::SSL_REQUEST_CODE),
+            "relay-all",
+            b"",
+        ),
+        ("cancel", cancel_packet(), "cancel", b""),
+        ("eof", Vec::new(), "gone", b""),
+        ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "08P01", b""),
+    ];
+    for (name, input, want, answer) in cases {
+        let (mut client, mut proxy_side) = duplex(64 * 1024);
+        client.write_all(&input).await.expect("write");
+        client.shutdown().await.expect("eof after the input");
+        let got = match startup_phase(&mut proxy_side).await {
+            Ok(Next::Relay(bytes)) if bytes == input => "relay-all".to_string(),
+            Ok(Next::Relay(bytes)) if bytes == startup => "relay-startup".to_string(),
+            Ok(Next::Relay(bytes)) => format!("relay {bytes:?}"),
+            Ok(Next::Cancel(bytes)) if bytes == input => "cancel".to_string(),
+            Ok(Next::Cancel(bytes)) => format!("cancel {bytes:?}"),
+            Ok(Next::Gone) => "gone".to_string(),
+            Err(r) => r.code.to_string(),
+        };
+        assert_eq!(got, want, "{name}");
+        drop(proxy_side);
+        assert_eq!(read_all(&mut client).await, answer, "{name}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_master_gives_57p03_and_a_clean_close() {
+    let ctx = ctx(Arc::new(Routes::default()));
+    let (first, mut client) = refused(&ctx, &startup_packet(b"")).await;
+    assert_eq!(first, b"E");
+    let rest = read_all(&mut client).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("C57P03"), "{text}");
+    assert!(text.contains("no primary available"), "{text}");
+    assert_eq!(closed(&ctx, CloseReason::RejectedNoMaster), 1);
+}
+
+/// libpq's sslmode=prefer: declined with 'N', then the startup packet in the clear gets the
+/// real reason.
+#[tokio::test(start_paused = true)]
+async fn a_refused_ssl_request_is_declined_then_answered() {
+    let ctx = ctx(Arc::new(Routes::default()));
+    let (mut client, proxy_side) = duplex(64 * 1024);
+    client
+        .write_all(&request(protocol::SSL_REQUEST_CODE))
+        .await
+        .expect("write");
+    let serve = serve_with(proxy_side, &ctx, |_, _, _, _| async {
+        panic!("no session may start")
+    });
+    let talk = async {
+        let mut n = [0u8; 1];
+        client
+            .read_exact(&mut n)
+            .await
+            .expect("the answer to SSLRequest");
+        assert_eq!(&n, b"N");
+        client
+            .write_all(&startup_packet(b""))
+            .await
+            .expect("startup");
+        read_all(&mut client).await
+    };
+    let ((), rest) = tokio::join!(serve, talk);
+    assert_eq!(rest.first(), Some(&b'E'));
+    assert!(String::from_utf8_lossy(&rest).contains("C57P03"));
+}
+
+/// A client already speaking TLS gets no ErrorResponse inside its handshake: a clean close.
+#[tokio::test(start_paused = true)]
+async fn direct_tls_without_a_master_is_closed_silently() {
+    let ctx = ctx(Arc::new(Routes::default()));
+    let (first, mut client) =
+        refused(&ctx, &[0x16, 0x03, 0x01, 0x00, 0x20, 0x01, 0, 0, 0x1c]).await;
+    assert!(first.is_empty(), "{first:?}");
+    assert!(read_all(&mut client).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn garbage_gets_08p01() {
+    let ctx = ctx(Arc::new(Routes::default()));
+    let (first, mut client) = refused(&ctx, &[0, 0, 0, 9, 0, 0, 0, 0, 0]).await;
+    assert_eq!(first, b"E");
+    assert!(String::from_utf8_lossy(&read_all(&mut client).await).contains("C08P01"));
+    assert_eq!(closed(&ctx, CloseReason::RejectedProtocol), 1);
+}
+
+/// Routed: the master (a loopback listener standing in for PostgreSQL) receives the startup
+/// packet and the bytes pipelined after it, and the engine's session step gets the client,
+/// the server socket and the route snapshot.
+#[tokio::test]
+async fn a_routed_client_reaches_the_master_with_its_pipelined_bytes() {
+    let master = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = master.local_addr().expect("addr").to_string();
+    let routes = Arc::new(Routes::default());
+    routes.apply(4, Ok(addr.clone()));
+    let ctx = ctx(routes);
+    let (mut client, proxy_side) = duplex(64 * 1024);
+    let sent = startup_packet(b"Qselect 1\0");
+    client.write_all(&sent).await.expect("write");
+    let serve = serve_with(
+        proxy_side,
+        &ctx,
+        |_client, _server, route, lane| async move {
+            assert_eq!(route.generation, 4);
+            assert!(matches!(lane, Lane::Master));
+            CloseReason::ClientClosed
+        },
+    );
+    let accept = async {
+        let (mut s, _) = master.accept().await.expect("accept");
+        let mut got = vec![0u8; sent.len()];
+        s.read_exact(&mut got).await.expect("replayed bytes");
+        got
+    };
+    let ((), got) = tokio::join!(serve, accept);
+    assert_eq!(got, sent);
+    assert_eq!(closed(&ctx, CloseReason::ClientClosed), 1);
+}
