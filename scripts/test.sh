@@ -24,7 +24,11 @@ if [ "$long" -eq 1 ]; then
   STOLON_TEST_LONG=1 cargo test --workspace -- --include-ignored
   echo "== the suite catches a broken system"
   bash scripts/e2e-broken.sh
+  echo "== fuzzing (10 min per target)"
+  bash scripts/fuzz.sh --long
 else
   cargo test --workspace
+  echo "== fuzzing (20 s per target)"
+  bash scripts/fuzz.sh
 fi
 echo "== all tests passed in $(( $(date +%s) - start ))s"
