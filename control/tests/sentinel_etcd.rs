@@ -256,11 +256,13 @@ async fn two_sentinels_one_leader_that_moves_when_frozen_or_killed() {
         .child
         .signal(Signal::SIGCONT)
         .expect("SIGCONT");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        metric(&sentinels[li], "stolon_sentinel_is_leader"),
-        Some(0.0)
-    );
+    // The positive event: the thawed sentinel notices it is no longer the leader.
+    wait_for(
+        "the thawed sentinel to drop its leadership",
+        Duration::from_secs(15),
+        async || (metric(&sentinels[li], "stolon_sentinel_is_leader")? == 0.0).then_some(()),
+    )
+    .await;
     assert_eq!(
         metric(&sentinels[li], "stolon_sentinel_writes_total"),
         Some(writes_before)

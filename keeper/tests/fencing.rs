@@ -137,9 +137,25 @@ async fn frozen_or_killed_keeper_leaves_no_writable_master_and_adoption() {
         String::from_utf8_lossy(&out.stderr)
     );
     let manual = postmaster_pid(&k.dir).expect("manual pid");
+    let boot_before = env
+        .keeper_info("k1")
+        .await
+        .map(|i| i.boot_uuid)
+        .unwrap_or_default();
     env.start_keeper(&mut k, &[]);
     writable(&env, k.port.0, "the adopted master").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A whole round after the adoption: the keeper reports the adopted PostgreSQL healthy.
+    wait_for(
+        &env,
+        "the keeper to report the adopted PostgreSQL",
+        Duration::from_secs(20),
+        async || {
+            let info = env.keeper_info("k1").await?;
+            let ps = info.postgres_state?;
+            (ps.healthy && info.boot_uuid != boot_before).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         postmaster_pid(&k.dir),
         Some(manual),
@@ -170,8 +186,21 @@ async fn postgres_waits_until_the_sentinel_saw_the_new_boot() {
     sentinel.kill();
     k.child.as_mut().expect("keeper").kill();
     until_unwritable(&env, k.port.0, "PostgreSQL gone with the keeper").await;
+    let logged_before = std::fs::read_to_string(&k.log).unwrap_or_default().len();
     env.start_keeper(&mut k, &[]);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The positive event: the new keeper decided to wait for the sentinel.
+    wait_for(
+        &env,
+        "the keeper to wait for the sentinel to see its boot",
+        Duration::from_secs(20),
+        async || {
+            let log = std::fs::read_to_string(&k.log).unwrap_or_default();
+            log.get(logged_before..)?
+                .contains("the sentinel has not seen this keeper's boot yet")
+                .then_some(())
+        },
+    )
+    .await;
     assert!(
         !can_write(k.port.0).await,
         "not started: the sentinel has not seen this boot"

@@ -137,16 +137,18 @@ async fn no_master_not_enabled_and_unknown_db_are_refused_with_57p03() {
         )
         .await
         .expect("put");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            proxy.log_text().contains("cannot be read")
+        })
+        .await,
+        "the bad document is read and logged"
+    );
     assert_eq!(connect_error_code(&proxy).await.as_deref(), Some("57P03"));
     s.route_to("db0", &["p1"], 3).await;
     assert!(
         wait_routed(&proxy, s.pgs[0].port()).await,
         "recovers once the document is good"
-    );
-    assert!(
-        proxy.log_text().contains("cannot be read"),
-        "the bad document is logged"
     );
 }
 
@@ -161,7 +163,27 @@ async fn cancel_request_cancels_a_query_through_the_proxy() {
     let started = Instant::now();
     let sleeper =
         tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The positive event: PostgreSQL runs the query.
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        s.pgs[0].port()
+    ))
+    .await
+    .expect("direct connection");
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            direct
+                .query_one(
+                    "select count(*) from pg_stat_activity \
+                     where state = 'active' and query = 'select pg_sleep(30)'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        })
+        .await,
+        "the query runs"
+    );
     token
         .cancel_query(tokio_postgres::NoTls)
         .await

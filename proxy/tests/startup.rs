@@ -308,7 +308,13 @@ async fn sigterm_drains_and_sigint_exits_at_once() {
         .child
         .signal(nix::sys::signal::Signal::SIGTERM)
         .expect("term");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            proxy3.log_text().contains("SIGTERM: draining sessions")
+        })
+        .await,
+        "draining"
+    );
     assert!(!proxy3.child.exited(), "draining");
     proxy3
         .child
