@@ -51,10 +51,10 @@ impl Keeper {
                 }
                 Err(e) => {
                     let msg = format!("{e:#}");
-                    if self.problem.as_deref() != Some(msg.as_str()) {
+                    if self.view.problem.as_deref() != Some(msg.as_str()) {
                         tracing::error!(?action, error = %msg, "action failed");
                     }
-                    self.problem = Some(msg);
+                    self.view.problem = Some(msg);
                     // Give a failing step a moment before the next attempt.
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     return acted;
@@ -69,11 +69,11 @@ impl Keeper {
             PgAction::Fence => {
                 tracing::warn!(silence = ?self.store_silence(), "no store contact: fencing the master");
                 self.stop_pg(Signal::SIGQUIT).await;
-                self.fenced = true;
+                self.instance.fenced = true;
             }
             PgAction::Unfence => {
                 tracing::info!("store contact is back: lifting the fence");
-                self.fenced = false;
+                self.instance.fenced = false;
             }
             PgAction::Stop(mode) => {
                 let sig = match mode {
@@ -99,9 +99,9 @@ impl Keeper {
             PgAction::SyncSlots => self.sync_slots().await?,
             PgAction::Converged(generation) => {
                 if let Some(db) = self.my_db() {
-                    self.converged = Some((db.uid.clone(), *generation));
+                    self.view.converged = Some((db.uid.clone(), *generation));
                 }
-                self.problem = None;
+                self.view.problem = None;
             }
             PgAction::Refuse(why) => bail!("{why}"),
             PgAction::Wait(why) => tracing::debug!(%why, "waiting"),
@@ -117,6 +117,7 @@ impl Keeper {
 
     fn signal_pg(&self, sig: Signal) -> anyhow::Result<()> {
         let pm = self
+            .instance
             .postmaster
             .as_ref()
             .ok_or_else(|| anyhow!("PostgreSQL is not running"))?;
@@ -127,7 +128,7 @@ impl Keeper {
     /// keeps the publisher re-arming it.
     async fn arm_watchdog(&self, pid: Option<i32>) {
         let Some(pid) = pid else { return };
-        if self.s.faults.has(Fault::NoSelfFencing) {
+        if self.settings.faults.has(Fault::NoSelfFencing) {
             return;
         }
         *self.shared.arm_pid.lock().expect("lock") = Some(pid);
@@ -151,67 +152,71 @@ impl Keeper {
         if let Some(wd) = self.shared.watchdog.lock().await.as_mut() {
             let _ = wd.disarm().await;
         }
-        if let Some(mut pm) = self.postmaster.take() {
+        if let Some(mut pm) = self.instance.postmaster.take() {
             pm.stop(sig, Duration::from_secs(30)).await;
         }
-        self.pg = None;
+        self.instance.state = None;
     }
 
     /// Empties the data directory (mode 0700, owned by the OS user) and forgets its db.
     async fn clear_data(&mut self) -> anyhow::Result<()> {
-        let dir = self.s.layout.pg_data();
+        let dir = self.settings.layout.pg_data();
         if dir.exists() {
             crate::layout::remove_dir_off_runtime(&dir)
                 .await
                 .with_context(|| format!("remove {}", dir.display()))?;
         }
-        self.s.layout.set_db_state(None)?;
-        self.converged = None;
+        self.settings.layout.set_db_state(None)?;
+        self.view.converged = None;
         self.make_private_dir(&dir)
     }
 
     fn make_private_dir(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        self.s.tools.chown(dir)?;
+        self.settings.tools.chown(dir)?;
         Ok(())
     }
 
     /// The directories and password file the tools need.
     fn prepare_dirs(&self) -> anyhow::Result<()> {
-        self.make_private_dir(&self.s.layout.pg_data())?;
-        self.make_private_dir(&self.s.layout.socket_dir())?;
+        self.make_private_dir(&self.settings.layout.pg_data())?;
+        self.make_private_dir(&self.settings.layout.socket_dir())?;
         let mut pass = String::new();
-        if let Some(p) = &self.s.repl_password {
-            pass += &pgpass_line(&self.s.local.repl_user, p);
+        if let Some(p) = &self.settings.repl_password {
+            pass += &pgpass_line(&self.settings.local.repl_user, p);
         }
-        if let Some(p) = &self.s.su_password {
-            pass += &pgpass_line(&self.s.local.su_user, p);
+        if let Some(p) = &self.settings.su_password {
+            pass += &pgpass_line(&self.settings.local.su_user, p);
         }
-        let file = self.s.layout.passfile();
+        let file = self.settings.layout.passfile();
         write_secret(&file, pass.as_bytes())?;
-        self.s.tools.chown(&file)?;
+        self.settings.tools.chown(&file)?;
         Ok(())
     }
 
     async fn init_db(&mut self) -> anyhow::Result<()> {
         let db = self.db()?;
         self.prepare_dirs()?;
-        let pwfile = self.s.layout.dir.join("initdb.pw");
+        let pwfile = self.settings.layout.dir.join("initdb.pw");
         write_secret(
             &pwfile,
-            self.s.su_password.clone().unwrap_or_default().as_bytes(),
+            self.settings
+                .su_password
+                .clone()
+                .unwrap_or_default()
+                .as_bytes(),
         )?;
-        self.s.tools.chown(&pwfile)?;
-        let data = self.s.layout.pg_data();
+        self.settings.tools.chown(&pwfile)?;
+        let data = self.settings.layout.pg_data();
         let mut args: Vec<String> = vec![
             "-D".into(),
             data.display().to_string(),
             "-U".into(),
-            self.s.local.su_user.clone(),
+            self.settings.local.su_user.clone(),
             "--auth=trust".into(),
         ];
-        if self.s.su_password.is_some() {
+        if self.settings.su_password.is_some() {
             args.push(format!("--pwfile={}", pwfile.display()));
         }
         let nc = db.spec.new_config.clone().unwrap_or_default();
@@ -225,7 +230,7 @@ impl Keeper {
             args.push("--data-checksums".into());
         }
         let r = self
-            .s
+            .settings
             .tools
             .run("initdb", &args, &[], Duration::from_secs(300))
             .await;
@@ -236,12 +241,12 @@ impl Keeper {
 
     /// Remembers the parameters found in the new data dir and which db it holds.
     fn record_init(&mut self, db: &Db, pitr: bool) -> anyhow::Result<()> {
-        let conf = std::fs::read_to_string(self.s.layout.pg_data().join("postgresql.conf"))
+        let conf = std::fs::read_to_string(self.settings.layout.pg_data().join("postgresql.conf"))
             .unwrap_or_default();
-        self.s
+        self.settings
             .layout
             .set_init_params(&crate::config::parse_conf(&conf))?;
-        self.s.layout.set_db_state(Some(&DbState {
+        self.settings.layout.set_db_state(Some(&DbState {
             db_uid: db.uid.clone(),
             pitr_pending: pitr,
         }))?;
@@ -255,7 +260,7 @@ impl Keeper {
             bail!("initMode pitr without pitrConfig.dataRestoreCommand");
         }
         self.prepare_dirs()?;
-        let data = self.s.layout.pg_data();
+        let data = self.settings.layout.pg_data();
         let command = crate::tools::expand_restore_command(
             &cfg.data_restore_command,
             &data.display().to_string(),
@@ -269,7 +274,7 @@ impl Keeper {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        if let Some((uid, gid)) = self.s.tools.os_user {
+        if let Some((uid, gid)) = self.settings.tools.os_user {
             std::os::unix::process::CommandExt::uid(&mut c, uid.as_raw());
             std::os::unix::process::CommandExt::gid(&mut c, gid.as_raw());
         }
@@ -287,8 +292,8 @@ impl Keeper {
         if db.spec.include_previous_config {
             self.record_init(&db, false)
         } else {
-            self.s.layout.set_init_params(&Default::default())?;
-            self.s.layout.set_db_state(Some(&DbState {
+            self.settings.layout.set_init_params(&Default::default())?;
+            self.settings.layout.set_db_state(Some(&DbState {
                 db_uid: db.uid.clone(),
                 pitr_pending: false,
             }))?;
@@ -299,6 +304,7 @@ impl Keeper {
     /// The followed master's address from the cluster view.
     fn upstream(&self, from_db: &str) -> anyhow::Result<(String, u16)> {
         let m = self
+            .view
             .cd
             .as_ref()
             .and_then(|cd| cd.dbs.get(from_db))
@@ -317,8 +323,8 @@ impl Keeper {
         let db = self.db()?;
         let (host, port) = self.upstream(from_db)?;
         self.prepare_dirs()?;
-        let data = self.s.layout.pg_data();
-        let passfile = self.s.layout.passfile().display().to_string();
+        let data = self.settings.layout.pg_data();
+        let passfile = self.settings.layout.passfile().display().to_string();
         let mut args = vec![
             "-D".to_string(),
             data.display().to_string(),
@@ -327,7 +333,7 @@ impl Keeper {
             "-p".into(),
             port.to_string(),
             "-U".into(),
-            self.s.local.repl_user.clone(),
+            self.settings.local.repl_user.clone(),
             "-X".into(),
             "stream".into(),
             "--checkpoint=fast".into(),
@@ -339,14 +345,22 @@ impl Keeper {
         ];
         let started = std::time::Instant::now();
         let env = [("PGPASSFILE", passfile.as_str())];
-        let mut r = self.s.tools.run("pg_basebackup", &args, &env, LONG).await;
+        let mut r = self
+            .settings
+            .tools
+            .run("pg_basebackup", &args, &env, LONG)
+            .await;
         let slot = slot_name(&db.uid);
         if matches!(&r, Err(crate::tools::ToolError::Failed { stderr, .. }) if slot_already_exists(stderr, &slot))
         {
             args.pop();
             let _ = self.clear_data().await;
             self.prepare_dirs()?;
-            r = self.s.tools.run("pg_basebackup", &args, &env, LONG).await;
+            r = self
+                .settings
+                .tools
+                .run("pg_basebackup", &args, &env, LONG)
+                .await;
         }
         if let Err(e) = r {
             // A partial copy must not look like data.
@@ -354,7 +368,7 @@ impl Keeper {
             return Err(e.into());
         }
         tracing::info!(elapsed = ?started.elapsed(), from = %from_db, "base backup done");
-        self.s.layout.set_db_state(Some(&DbState {
+        self.settings.layout.set_db_state(Some(&DbState {
             db_uid: db.uid.clone(),
             pitr_pending: false,
         }))?;
@@ -368,23 +382,23 @@ impl Keeper {
         self.prepare_dirs()?;
         let source = format!(
             "host={host} port={port} user={} dbname=postgres passfile={}",
-            self.s.local.su_user,
-            self.s.layout.passfile().display()
+            self.settings.local.su_user,
+            self.settings.layout.passfile().display()
         );
         let args = [
             "-D".to_string(),
-            self.s.layout.pg_data().display().to_string(),
+            self.settings.layout.pg_data().display().to_string(),
             format!("--source-server={source}"),
         ];
-        crate::layout::auto_conf_to_regular(&self.s.layout.pg_data())?;
+        crate::layout::auto_conf_to_regular(&self.settings.layout.pg_data())?;
         // Make sure the source's control file shows its current timeline (see promote).
         if let Err(e) = self.checkpoint_upstream(&host, port).await {
             tracing::warn!(error = %e, "cannot checkpoint the rewind source");
         }
-        match self.s.tools.run("pg_rewind", &args, &[], LONG).await {
+        match self.settings.tools.run("pg_rewind", &args, &[], LONG).await {
             Ok(_) => {
                 tracing::info!(from = %from_db, "pg_rewind done");
-                self.s.layout.set_db_state(Some(&DbState {
+                self.settings.layout.set_db_state(Some(&DbState {
                     db_uid: db.uid.clone(),
                     pitr_pending: false,
                 }))?;
@@ -402,10 +416,10 @@ impl Keeper {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(host)
             .port(port)
-            .user(&self.s.local.su_user)
+            .user(&self.settings.local.su_user)
             .dbname("postgres")
             .connect_timeout(Duration::from_secs(5));
-        if let Some(p) = &self.s.su_password {
+        if let Some(p) = &self.settings.su_password {
             cfg.password(p);
         }
         let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
@@ -423,7 +437,7 @@ impl Keeper {
         let r = self
             .rendered()
             .ok_or_else(|| anyhow!("no db to configure"))?;
-        let dir = self.s.layout.pg_data();
+        let dir = self.settings.layout.pg_data();
         crate::layout::auto_conf_to_dev_null(&dir)?;
         let files = [
             ("postgresql.conf", r.postgresql_conf.as_str()),
@@ -432,7 +446,7 @@ impl Keeper {
         for (name, text) in files {
             let path = dir.join(name);
             write_atomic(&path, text.as_bytes())?;
-            self.s.tools.chown(&path)?;
+            self.settings.tools.chown(&path)?;
         }
         for (name, wanted) in [
             ("standby.signal", r.standby_signal),
@@ -441,7 +455,7 @@ impl Keeper {
             let path = dir.join(name);
             if wanted {
                 std::fs::write(&path, b"")?;
-                self.s.tools.chown(&path)?;
+                self.settings.tools.chown(&path)?;
             } else {
                 let _ = std::fs::remove_file(&path);
             }
@@ -451,7 +465,7 @@ impl Keeper {
 
     /// Starts the postmaster and waits until it answers (dbWaitReadyTimeout).
     async fn start(&mut self) -> anyhow::Result<()> {
-        if self.postmaster.is_some() {
+        if self.instance.postmaster.is_some() {
             return Ok(());
         }
         let db = self.db()?;
@@ -459,6 +473,7 @@ impl Keeper {
         // With minSynchronousStandbys 0 the sentinel drops a missing standby from the set:
         // normal users need not wait for it.
         let min_sync = self
+            .view
             .cd
             .as_ref()
             .map_or(1, |cd| cd.cluster.spec.min_synchronous_standbys());
@@ -468,35 +483,46 @@ impl Keeper {
             && min_sync > 0;
         // Not over a standby's data: that one starts as a standby and is promoted, and
         // the master's configuration would make it a primary on the old timeline.
-        let standby_data = self.s.layout.pg_data().join("standby.signal").exists();
-        if master_sync && !self.restricted && !standby_data {
+        let standby_data = self
+            .settings
+            .layout
+            .pg_data()
+            .join("standby.signal")
+            .exists();
+        if master_sync && !self.instance.restricted && !standby_data {
             // Until the sync standbys are back in sync, only superuser and replication.
-            self.restricted = true;
+            self.instance.restricted = true;
             self.write_config()?;
         }
         let pm = Postmaster::spawn(
-            &self.s.tools,
-            &self.s.layout.pg_data(),
-            &self.s.layout.log(),
+            &self.settings.tools,
+            &self.settings.layout.pg_data(),
+            &self.settings.layout.log(),
         )?;
         if db.spec.role == Some(control::model::DbRole::Master) {
             // Armed before it can take a write: a keeper frozen right now must not leave
             // an unfenced master behind.
             self.arm_watchdog(pm.pid()).await;
         }
-        self.postmaster = Some(pm);
+        self.instance.postmaster = Some(pm);
         let timeout = self
+            .view
             .cd
             .as_ref()
             .map(|cd| cd.cluster.spec.db_wait_ready_timeout().as_std())
             .unwrap_or(Duration::from_secs(60));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.postmaster.as_mut().is_some_and(|p| p.has_exited()) {
-                self.postmaster = None;
+            if self
+                .instance
+                .postmaster
+                .as_mut()
+                .is_some_and(|p| p.has_exited())
+            {
+                self.instance.postmaster = None;
                 bail!(
                     "PostgreSQL exited during start (see {})",
-                    self.s.layout.log().display()
+                    self.settings.layout.log().display()
                 );
             }
             if let Ok(client) = self.conn().connect(Duration::from_secs(1)).await {
@@ -510,8 +536,8 @@ impl Keeper {
                     if !in_recovery {
                         sql::ensure_repl_role(
                             &client,
-                            &self.s.local.repl_user,
-                            self.s.repl_password.as_deref(),
+                            &self.settings.local.repl_user,
+                            self.settings.repl_password.as_deref(),
                         )
                         .await?;
                     }
@@ -528,7 +554,7 @@ impl Keeper {
     async fn promote(&mut self) -> anyhow::Result<()> {
         self.wait_proxies_before_promotion().await;
         let client = self.conn().connect(Duration::from_secs(2)).await?;
-        self.arm_watchdog(self.postmaster.as_ref().and_then(|p| p.pid()))
+        self.arm_watchdog(self.instance.postmaster.as_ref().and_then(|p| p.pid()))
             .await;
         if !sql::promote(&client, Duration::from_secs(60)).await? {
             bail!("promotion did not finish within 60 s");
@@ -538,8 +564,8 @@ impl Keeper {
         client.batch_execute("CHECKPOINT").await?;
         sql::ensure_repl_role(
             &client,
-            &self.s.local.repl_user,
-            self.s.repl_password.as_deref(),
+            &self.settings.local.repl_user,
+            self.settings.repl_password.as_deref(),
         )
         .await?;
         Ok(())
@@ -548,7 +574,7 @@ impl Keeper {
     /// Slots for this master's followers and the spec's extra ones; stale `stolon_*` go.
     async fn sync_slots(&mut self) -> anyhow::Result<()> {
         let db = self.db()?;
-        let Some(pg) = self.pg.as_ref() else {
+        let Some(pg) = self.instance.state.as_ref() else {
             return Ok(());
         };
         if pg.in_recovery {

@@ -102,30 +102,48 @@ pub(crate) struct Shared {
     pub watchdog: tokio::sync::Mutex<Option<Watchdog>>,
 }
 
+/// One keeper: its settings, what it knows of its PostgreSQL instance, what the cluster view
+/// asks of it, and the state it shares with the publisher task.
 pub struct Keeper {
-    pub(crate) s: Settings,
+    pub(crate) settings: Settings,
+    /// This process's boot UUID (new on every start): PostgreSQL is started only once the
+    /// sentinel has seen it.
     pub(crate) boot_uuid: String,
     pub(crate) started: Instant,
-    pub(crate) postmaster: Option<Postmaster>,
-    pub(crate) cd: Option<ClusterData>,
-    pub(crate) fenced: bool,
-    /// (db uid, generation) of the last fully applied spec.
-    pub(crate) converged: Option<(String, i64)>,
-    /// Only superuser and replication may connect (master restarted with sync standbys).
-    pub(crate) restricted: bool,
-    pub(crate) problem: Option<String>,
-    pub(crate) pg: Option<PgState>,
-    pub(crate) pg_version: PostgresBinaryVersion,
+    pub(crate) instance: Instance,
+    pub(crate) view: View,
     pub(crate) shared: Arc<Shared>,
+}
+
+/// The local PostgreSQL instance, as the keeper runs and observes it.
+pub(crate) struct Instance {
+    pub(crate) postmaster: Option<Postmaster>,
+    /// The last observed state (kept when a query fails, for fencing).
+    pub(crate) state: Option<PgState>,
+    pub(crate) version: PostgresBinaryVersion,
+    /// The last state query was answered (a frozen or overloaded PostgreSQL is not healthy
+    /// for the health endpoints, while `state` keeps the last known state for fencing).
+    pub(crate) answering: bool,
     /// A standby's hot-standby floors, from pg_controldata (see `config::Upstream`).
     pub(crate) floors: std::collections::BTreeMap<String, u64>,
-    /// The last state query was answered (a frozen or overloaded PostgreSQL is not healthy
-    /// for the health endpoints, while `pg` keeps the last known state for fencing).
-    pub(crate) answering: bool,
+    /// Stopped because the store was lost; not started again until it answers.
+    pub(crate) fenced: bool,
+    /// Only superuser and replication may connect (master restarted with sync standbys).
+    pub(crate) restricted: bool,
+}
+
+/// The cluster view and how far this keeper has followed it.
+#[derive(Default)]
+pub(crate) struct View {
+    pub(crate) cd: Option<ClusterData>,
+    /// (db uid, generation) of the last fully applied spec.
+    pub(crate) converged: Option<(String, i64)>,
+    /// Why the last action failed, reported in KeeperInfo until one succeeds.
+    pub(crate) problem: Option<String>,
 }
 
 impl Keeper {
-    pub fn new(s: Settings, pg_version: PostgresBinaryVersion) -> Keeper {
+    pub fn new(settings: Settings, version: PostgresBinaryVersion) -> Keeper {
         let shared = Arc::new(Shared {
             info: Mutex::new(KeeperInfo::default()),
             last_ack: Mutex::new(None),
@@ -139,42 +157,42 @@ impl Keeper {
             watchdog: tokio::sync::Mutex::new(None),
         });
         Keeper {
-            s,
+            settings,
             boot_uuid: uuid::Uuid::new_v4().to_string(),
             started: Instant::now(),
-            postmaster: None,
-            cd: None,
-            fenced: false,
-            converged: None,
-            restricted: false,
-            problem: None,
-            pg: None,
-            pg_version,
+            instance: Instance {
+                postmaster: None,
+                state: None,
+                version,
+                answering: false,
+                floors: Default::default(),
+                fenced: false,
+                restricted: false,
+            },
+            view: View::default(),
             shared,
-            floors: Default::default(),
-            answering: false,
         }
     }
 
     /// Runs until `shutdown`, then stops PostgreSQL cleanly.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        if let Some(pid) = postmaster::running_pid(&self.s.layout.pg_data()) {
+        if let Some(pid) = postmaster::running_pid(&self.settings.layout.pg_data()) {
             tracing::warn!(
                 pid,
                 "adopting a PostgreSQL left running by an earlier keeper"
             );
-            self.postmaster = Some(Postmaster::Adopted(pid));
+            self.instance.postmaster = Some(Postmaster::Adopted(pid));
         }
-        *self.shared.watchdog.lock().await = Some(Watchdog::spawn(&self.s.exe)?);
+        *self.shared.watchdog.lock().await = Some(Watchdog::spawn(&self.settings.exe)?);
         let (cd_tx, mut cd_rx) = watch::channel(None);
         tokio::spawn(watch_cluster_data(
-            self.s.store.clone(),
+            self.settings.store.clone(),
             cd_tx,
             shutdown.clone(),
         ));
         let publisher = tokio::spawn(publish(
-            self.s.store.clone(),
-            self.s.uid.clone(),
+            self.settings.store.clone(),
+            self.settings.uid.clone(),
             self.shared.clone(),
             shutdown.clone(),
         ));
@@ -182,21 +200,21 @@ impl Keeper {
         let mut first = true;
         loop {
             self.shared.beat();
-            if self.converged.is_some() {
-                if self.s.faults.has(Fault::KeeperLoopPanic) {
+            if self.view.converged.is_some() {
+                if self.settings.faults.has(Fault::KeeperLoopPanic) {
                     panic!("STOLON_E2E_BREAK=keeper-loop-panic");
                 }
-                if self.s.faults.has(Fault::KeeperLoopStall) {
+                if self.settings.faults.has(Fault::KeeperLoopStall) {
                     tracing::warn!("STOLON_E2E_BREAK=keeper-loop-stall: the loop stops");
                     std::future::pending::<()>().await;
                 }
             }
             let fresh = first || cd_rx.has_changed().unwrap_or(false);
             first = false;
-            self.cd = cd_rx.borrow_and_update().clone();
-            if fresh && self.cd.is_some() {
+            self.view.cd = cd_rx.borrow_and_update().clone();
+            if fresh && self.view.cd.is_some() {
                 let now = control::metrics::unix_now();
-                self.s.metrics.clusterdata_last_valid_update.set(now);
+                self.settings.metrics.clusterdata_last_valid_update.set(now);
             }
             self.update_timing();
             self.set_acting(true);
@@ -213,7 +231,7 @@ impl Keeper {
             let fence_at = self.fence_deadline();
             let sleep = Duration::from_millis(self.shared.sleep_ms.load(Ordering::Relaxed));
             let exited = async {
-                match self.postmaster.as_mut() {
+                match self.instance.postmaster.as_mut() {
                     Some(pm) => pm.exited().await,
                     None => std::future::pending().await,
                 }
@@ -225,12 +243,15 @@ impl Keeper {
                 _ = tokio::time::sleep_until(fence_at) => {}
                 _ = exited => {
                     tracing::warn!("PostgreSQL exited");
-                    self.postmaster = None;
-                    self.pg = None;
+                    self.instance.postmaster = None;
+                    self.instance.state = None;
                 }
             }
         }
-        self.s.metrics.shutdown.set(control::metrics::unix_now());
+        self.settings
+            .metrics
+            .shutdown
+            .set(control::metrics::unix_now());
         self.stop_pg(nix::sys::signal::Signal::SIGINT).await;
         // The publisher removes the info (revokes its lease) as it stops.
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
@@ -238,7 +259,7 @@ impl Keeper {
     }
 
     fn set_acting(&self, acting: bool) {
-        if let Ok(mut h) = self.s.health.lock() {
+        if let Ok(mut h) = self.settings.health.lock() {
             h.acting = acting;
         }
     }
@@ -247,7 +268,7 @@ impl Keeper {
     fn update_health(&self) {
         let my = self.my_db();
         let my_uid = my.map(|d| d.uid.as_str());
-        let cd = self.cd.as_ref();
+        let cd = self.view.cd.as_ref();
         let master_uid = cd.map(|c| c.cluster.status.master.as_str());
         let elected = my_uid.is_some() && my_uid == master_uid;
         let routed = my_uid.is_some() && my_uid == cd.map(|c| c.proxy.spec.master_db_uid.as_str());
@@ -255,13 +276,13 @@ impl Keeper {
             .zip(master_uid)
             .and_then(|(c, m)| c.dbs.get(m))
             .map(|d| d.status.x_log_pos);
-        let pg = self.pg.as_ref();
+        let pg = self.instance.state.as_ref();
         let lag = match (pg, master_pos) {
             (Some(p), Some(m)) if p.in_recovery && !elected => Some(m.saturating_sub(p.xlog_pos)),
             (Some(p), _) if !p.in_recovery => Some(0),
             _ => None,
         };
-        let converged = match (my, &self.converged) {
+        let converged = match (my, &self.view.converged) {
             (Some(db), Some((u, g))) => *u == db.uid && *g == db.generation,
             _ => false,
         };
@@ -270,40 +291,46 @@ impl Keeper {
             loop_at: Some(Instant::now().into_std()),
             loop_bound: (sleep * 3).max(Duration::from_secs(30)),
             acting: false,
-            pg_running: self.postmaster.is_some() && pg.is_some() && self.answering,
+            pg_running: self.instance.postmaster.is_some()
+                && pg.is_some()
+                && self.instance.answering,
             in_recovery: pg.is_some_and(|p| p.in_recovery),
             streaming: pg.is_some_and(|p| p.streaming),
-            fenced: self.fenced,
+            fenced: self.instance.fenced,
             elected,
             routed,
             converged,
             lag,
         };
-        if let Ok(mut h) = self.s.health.lock() {
+        if let Ok(mut h) = self.settings.health.lock() {
             *h = state;
         }
     }
 
     /// Go stolon's keeper gauges from what the last round saw.
     fn update_metrics(&self) {
-        let m = &self.s.metrics;
+        let m = &self.settings.metrics;
         let target = self.my_db().and_then(|db| db.spec.role).map(|r| match r {
             control::model::DbRole::Master => "master",
             control::model::DbRole::Standby => "standby",
         });
         crate::metrics::set_role(&m.target_role, target);
-        let local = self
-            .pg
-            .as_ref()
-            .map(|p| if p.in_recovery { "standby" } else { "master" });
+        let local =
+            self.instance
+                .state
+                .as_ref()
+                .map(|p| if p.in_recovery { "standby" } else { "master" });
         crate::metrics::set_role(&m.local_role, local);
-        let running = self.pg.is_some();
+        let running = self.instance.state.is_some();
         m.needs_reload
             .set(i64::from(running && !self.config_current()));
         m.needs_restart.set(i64::from(
-            self.pg.as_ref().is_some_and(|p| p.pending_restart),
+            self.instance
+                .state
+                .as_ref()
+                .is_some_and(|p| p.pending_restart),
         ));
-        if running && self.problem.is_none() {
+        if running && self.view.problem.is_none() {
             m.last_sync_success.set(control::metrics::unix_now());
         }
         let sleep = self.shared.sleep_ms.load(Ordering::Relaxed) as f64 / 1000.0;
@@ -312,7 +339,7 @@ impl Keeper {
 
     /// sleepInterval and the fence timeout from the current spec.
     fn update_timing(&self) {
-        if let Some(cd) = &self.cd {
+        if let Some(cd) = &self.view.cd {
             let spec = &cd.cluster.spec;
             let ms = spec
                 .sleep_interval()
@@ -345,8 +372,8 @@ impl Keeper {
     /// When a running master must be fenced if no publish is acknowledged before.
     fn fence_deadline(&self) -> Instant {
         let ack = *self.shared.last_ack.lock().expect("lock");
-        let primary = self.pg.as_ref().is_some_and(|p| !p.in_recovery);
-        if !primary || self.fenced {
+        let primary = self.instance.state.as_ref().is_some_and(|p| !p.in_recovery);
+        if !primary || self.instance.fenced {
             return Instant::now() + Duration::from_secs(3600);
         }
         ack.unwrap_or(self.started) + self.fence_timeout() + Duration::from_millis(1)
@@ -359,11 +386,11 @@ impl Keeper {
             return false;
         };
         let view = KeeperView {
-            keeper_uid: &self.s.uid,
+            keeper_uid: &self.settings.uid,
             boot_uuid: &self.boot_uuid,
-            cd: self.cd.as_ref(),
+            cd: self.view.cd.as_ref(),
             store_silence: GoDuration::from_std(self.store_silence()),
-            faults: self.s.faults,
+            faults: self.settings.faults,
         };
         let actions = plan(&view, &local);
         tracing::debug!(?actions, "plan");
@@ -372,19 +399,24 @@ impl Keeper {
 
     /// What runs locally; `None` while PostgreSQL runs but cannot answer yet (starting).
     async fn observe(&mut self) -> Option<LocalObserved> {
-        if self.postmaster.as_mut().is_some_and(|pm| pm.has_exited()) {
+        if self
+            .instance
+            .postmaster
+            .as_mut()
+            .is_some_and(|pm| pm.has_exited())
+        {
             tracing::warn!("PostgreSQL exited");
-            self.postmaster = None;
-            self.pg = None;
+            self.instance.postmaster = None;
+            self.instance.state = None;
         }
-        let data = if self.s.layout.has_data() {
+        let data = if self.settings.layout.has_data() {
             DataState::Present {
-                db_uid: self.s.layout.db_state().map(|s| s.db_uid),
+                db_uid: self.settings.layout.db_state().map(|s| s.db_uid),
             }
         } else {
             DataState::Missing
         };
-        let running = match &self.postmaster {
+        let running = match &self.instance.postmaster {
             None => None,
             Some(_) => match self.query_state().await {
                 Some(st) => Some(Running {
@@ -404,7 +436,7 @@ impl Keeper {
                     xlog_pos: st.xlog_pos,
                 }),
                 // Cannot answer: keep fencing decisions on the last known role.
-                None => match &self.pg {
+                None => match &self.instance.state {
                     Some(st) if !st.in_recovery => Some(Running {
                         role: PgRole::Primary,
                         pending_restart: false,
@@ -421,13 +453,18 @@ impl Keeper {
             data,
             running,
             config_current: self.config_current(),
-            fenced: self.fenced,
-            standby_data: self.s.layout.pg_data().join("standby.signal").exists(),
+            fenced: self.instance.fenced,
+            standby_data: self
+                .settings
+                .layout
+                .pg_data()
+                .join("standby.signal")
+                .exists(),
         })
     }
 
     async fn query_state(&mut self) -> Option<PgState> {
-        self.answering = false;
+        self.instance.answering = false;
         let conn = self.conn();
         let client = conn.connect(Duration::from_secs(2)).await.ok()?;
         // The db spec's requestTimeout bounds the keeper's queries, as in Go stolon.
@@ -436,34 +473,36 @@ impl Keeper {
             .map(|db| db.spec.request_timeout.as_std())
             .filter(|d| !d.is_zero())
             .unwrap_or(control::model::defaults::REQUEST_TIMEOUT.as_std());
-        let st = tokio::time::timeout(limit, sql::state(&client, &self.s.layout.pg_data()))
+        let st = tokio::time::timeout(limit, sql::state(&client, &self.settings.layout.pg_data()))
             .await
             .ok()?
             .ok()?;
-        self.pg = Some(st.clone());
-        self.answering = true;
+        self.instance.state = Some(st.clone());
+        self.instance.answering = true;
         Some(st)
     }
 
     pub(crate) fn conn(&self) -> sql::Conn {
         sql::Conn {
-            socket_dir: self.s.local.socket_dir.clone(),
-            port: self.s.local.port,
-            user: self.s.local.su_user.clone(),
-            password: self.s.su_password.clone(),
+            socket_dir: self.settings.local.socket_dir.clone(),
+            port: self.settings.local.port,
+            user: self.settings.local.su_user.clone(),
+            password: self.settings.su_password.clone(),
         }
     }
 
     /// Housekeeping on what was observed: a promoted pitr db, the sync restriction.
     fn after_observe(&mut self) {
-        let Some(st) = &self.pg else { return };
+        let Some(st) = &self.instance.state else {
+            return;
+        };
         if !st.in_recovery {
-            if let Some(mut ds) = self.s.layout.db_state().filter(|d| d.pitr_pending) {
+            if let Some(mut ds) = self.settings.layout.db_state().filter(|d| d.pitr_pending) {
                 ds.pitr_pending = false;
-                let _ = self.s.layout.set_db_state(Some(&ds));
+                let _ = self.settings.layout.set_db_state(Some(&ds));
             }
         }
-        if self.restricted {
+        if self.instance.restricted {
             let wanted: Vec<String> = self
                 .my_db()
                 .map(|db| db.spec.synchronous_standbys.clone())
@@ -473,7 +512,7 @@ impl Keeper {
                 .collect();
             if wanted.iter().all(|u| st.sync_standbys.contains(u)) {
                 tracing::info!("synchronous standbys in sync: admitting all users again");
-                self.restricted = false;
+                self.instance.restricted = false;
             }
         }
     }
@@ -481,13 +520,13 @@ impl Keeper {
     /// For a standby, the primary's hot-standby settings as this data dir last replayed them.
     async fn refresh_floors(&mut self) {
         let standby = self.my_db().is_some_and(|db| followed_db(db).is_some());
-        if !standby || !self.s.layout.has_data() {
-            self.floors.clear();
+        if !standby || !self.settings.layout.has_data() {
+            self.instance.floors.clear();
             return;
         }
-        let dir = self.s.layout.pg_data();
+        let dir = self.settings.layout.pg_data();
         match self
-            .s
+            .settings
             .tools
             .run(
                 "pg_controldata",
@@ -497,33 +536,37 @@ impl Keeper {
             )
             .await
         {
-            Ok(out) => self.floors = config::parse_floors(&out),
+            Ok(out) => self.instance.floors = config::parse_floors(&out),
             Err(e) => tracing::debug!(error = %e, "pg_controldata failed: keeping the last floors"),
         }
     }
 
     pub(crate) fn my_db(&self) -> Option<&Db> {
-        my_db(self.cd.as_ref()?, &self.s.uid)
+        my_db(self.view.cd.as_ref()?, &self.settings.uid)
     }
 
     /// The configuration the current view asks for, if this keeper has a db.
     pub(crate) fn rendered(&self) -> Option<Rendered> {
-        let cd = self.cd.as_ref()?;
-        let db = my_db(cd, &self.s.uid)?;
+        let cd = self.view.cd.as_ref()?;
+        let db = my_db(cd, &self.settings.uid)?;
         let upstream = followed_db(db).and_then(|m| cd.dbs.get(m)).and_then(|m| {
             Some(Upstream {
                 host: Some(m.status.listen_address.clone()).filter(|a| !a.is_empty())?,
                 port: m.status.port?,
-                floors: self.floors.clone(),
+                floors: self.instance.floors.clone(),
             })
         });
-        let pitr = self.s.layout.db_state().is_some_and(|d| d.pitr_pending);
+        let pitr = self
+            .settings
+            .layout
+            .db_state()
+            .is_some_and(|d| d.pitr_pending);
         Some(config::render(
             cd,
             db,
-            &self.s.local,
+            &self.settings.local,
             upstream.as_ref(),
-            self.restricted,
+            self.instance.restricted,
             pitr,
         ))
     }
@@ -532,7 +575,7 @@ impl Keeper {
         let Some(r) = self.rendered() else {
             return true;
         };
-        let dir = self.s.layout.pg_data();
+        let dir = self.settings.layout.pg_data();
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
         read("postgresql.conf") == r.postgresql_conf
             && read("pg_hba.conf") == r.pg_hba_conf
@@ -542,53 +585,56 @@ impl Keeper {
 
     /// The info to publish, from the latest observation.
     pub(crate) fn refresh_info(&self) {
-        let db_uid = self.s.layout.db_state().map(|s| s.db_uid);
-        let st = self.pg.clone().unwrap_or_default();
-        let running = self.postmaster.is_some() && self.pg.is_some();
+        let db_uid = self.settings.layout.db_state().map(|s| s.db_uid);
+        let st = self.instance.state.clone().unwrap_or_default();
+        let running = self.instance.postmaster.is_some() && self.instance.state.is_some();
         let state = db_uid.map(|uid| PostgresState {
-            generation: match &self.converged {
+            generation: match &self.view.converged {
                 Some((u, g)) if *u == uid => *g,
                 _ => 0,
             },
             uid,
-            listen_address: self.s.advertise_address.clone(),
-            port: Some(self.s.advertise_port),
-            healthy: running && !self.fenced,
+            listen_address: self.settings.advertise_address.clone(),
+            port: Some(self.settings.advertise_port),
+            healthy: running && !self.instance.fenced,
             system_id: st.system_id,
             timeline_id: st.timeline,
             x_log_pos: st.xlog_pos,
             timelines_history: st.history,
-            pg_parameters: self.s.layout.init_params(),
+            pg_parameters: self.settings.layout.init_params(),
             synchronous_standbys: st.sync_standbys,
             older_wal_file: st.older_wal_file,
             ..Default::default()
         });
         let info = KeeperInfo {
-            uid: self.s.uid.clone(),
+            uid: self.settings.uid.clone(),
             cluster_uid: self
+                .view
                 .cd
                 .as_ref()
                 .map(|c| c.cluster.uid.clone())
                 .unwrap_or_default(),
             boot_uuid: self.boot_uuid.clone(),
-            postgres_binary_version: self.pg_version.clone(),
+            postgres_binary_version: self.instance.version.clone(),
             postgres_state: state,
-            can_be_master: Some(self.s.can_be_master),
-            can_be_synchronous_replica: Some(self.s.can_be_sync),
-            priority: self.s.priority,
-            fenced: self.fenced,
+            can_be_master: Some(self.settings.can_be_master),
+            can_be_synchronous_replica: Some(self.settings.can_be_sync),
+            priority: self.settings.priority,
+            fenced: self.instance.fenced,
             ..Default::default()
         };
         {
             let mut arm = self.shared.arm_pid.lock().expect("lock");
-            *arm = match (&self.postmaster, &self.pg) {
-                (Some(pm), Some(st)) => pm.pid().filter(|_| !st.in_recovery && !self.fenced),
+            *arm = match (&self.instance.postmaster, &self.instance.state) {
+                (Some(pm), Some(st)) => pm
+                    .pid()
+                    .filter(|_| !st.in_recovery && !self.instance.fenced),
                 // Started but not observed yet: keep what Start/Promote armed, or a keeper
                 // frozen right now would leave its new master unfenced.
                 (Some(_), None) => *arm,
                 (None, _) => None,
             };
-            if self.s.faults.has(Fault::NoSelfFencing) {
+            if self.settings.faults.has(Fault::NoSelfFencing) {
                 *arm = None;
             }
         }

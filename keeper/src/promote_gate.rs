@@ -26,7 +26,7 @@ pub fn proxies_caught_up(
 
 impl Keeper {
     pub(crate) async fn wait_proxies_before_promotion(&self) {
-        let Some(cd) = &self.cd else { return };
+        let Some(cd) = &self.view.cd else { return };
         let (enabled, generation) = (&cd.proxy.spec.enabled_proxies, cd.proxy.generation);
         if enabled.is_empty() {
             return;
@@ -34,7 +34,7 @@ impl Keeper {
         let limit = cd.cluster.spec.proxy_timeout().as_std() * 2;
         let start = Instant::now();
         loop {
-            match self.s.store.proxy_infos().await {
+            match self.settings.store.proxy_infos().await {
                 Ok(infos) if proxies_caught_up(enabled, &infos.items, generation) => {
                     tracing::debug!(
                         generation,
