@@ -19,6 +19,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== unused dependencies (cargo machete)"
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  cargo install cargo-machete --version 0.9.2 --locked
+fi
+cargo machete
 echo "== cargo test"
 if [ "$long" -eq 1 ]; then
   STOLON_TEST_LONG=1 cargo test --workspace -- --include-ignored
