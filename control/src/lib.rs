@@ -4,8 +4,10 @@
 pub mod cli;
 pub mod ctl;
 pub mod faults;
-pub mod keeper;
 pub mod metrics;
-pub mod model;
 pub mod sentinel;
 pub mod store;
+
+/// The pure core, re-exported where it always was: `control::model`, `control::keeper` (the
+/// plan) and `control::sentinel` (with the daemon beside `decide`).
+pub use stolon_core::{keeper, model};

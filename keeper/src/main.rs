@@ -296,7 +296,7 @@ fn main() -> anyhow::Result<()> {
             metrics,
             health,
             exe: std::env::current_exe()?,
-            faults: control::faults::Faults::from_env(),
+            faults: control::faults::from_env(),
         };
         let shutdown = CancellationToken::new();
         let mut keeper = tokio::spawn(Keeper::new(settings, version).run(shutdown.clone()));

@@ -205,7 +205,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         listening: listening_tx,
         stop_listening: args.stop_listening,
         ro_max_lag: args.ro_port.map(|_| args.ro_max_lag),
-        faults: control::faults::Faults::from_env(),
+        faults: control::faults::from_env(),
     };
     let mut discovery = tokio::spawn(discovery.run(stop_discovery.clone()));
 

@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
                 store,
                 initial_cluster_spec,
                 leader_ttl: args.leader_ttl,
-                faults: control::faults::Faults::from_env(),
+                faults: control::faults::from_env(),
             },
             metrics,
         );
