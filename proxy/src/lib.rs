@@ -12,4 +12,5 @@ pub mod protocol;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod txstate;
 pub mod uring;

@@ -1,0 +1,208 @@
+//! Where a relayed session stands between transactions, for a drain: a session may be
+//! closed cleanly only when everything the client asked for has been answered and the
+//! server's last answer is ReadyForQuery with status idle ('I'), never inside a transaction.
+//!
+//! Each request that ends a cycle of the protocol (a simple Query 'Q', a Sync 'S', a
+//! FunctionCall 'F', and the startup packet itself) is answered by exactly one
+//! ReadyForQuery 'Z' ("Message Flow" in the protocol docs), so counting them in both
+//! directions tells whether anything is in flight, also for a pipelining client. Only the
+//! message headers are read (the bodies are skipped), so the cost is per message, not per
+//! byte. A stream the proxy cannot read (TLS, after the server accepted SSL or a direct TLS
+//! start) is opaque: it is never idle, and a drain ends it at its timeout.
+
+/// What the relayed stream starts with, from the client's first packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A StartupMessage, replayed to the server: both streams are typed messages.
+    Startup,
+    /// An SSLRequest: the server answers one byte, 'N' (then the client sends an untyped
+    /// StartupMessage in the clear) or 'S' (TLS: opaque).
+    SslRequest,
+    /// A TLS ClientHello: opaque.
+    DirectTls,
+}
+
+/// Message framing in one direction, headers only.
+#[derive(Clone, Debug)]
+struct Frames {
+    /// The next message has no type byte (a StartupMessage after a declined SSLRequest).
+    untyped_next: bool,
+    header: [u8; 5],
+    header_len: usize,
+    kind: u8,
+    /// Body bytes of the current message not yet seen (0: at a boundary once the header
+    /// is empty).
+    body_left: usize,
+    /// The first body byte of the current message, once seen (ReadyForQuery's status).
+    first: Option<u8>,
+}
+
+impl Frames {
+    fn new(untyped_next: bool) -> Frames {
+        Frames {
+            untyped_next,
+            header: [0; 5],
+            header_len: 0,
+            kind: 0,
+            body_left: 0,
+            first: None,
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0
+    }
+
+    /// Feeds bytes; calls `done(kind, first_body_byte)` for each message that completes.
+    /// `Err` for a length no message can have (the stream is then opaque).
+    fn feed(&mut self, mut bytes: &[u8], mut done: impl FnMut(u8, Option<u8>)) -> Result<(), ()> {
+        while !bytes.is_empty() {
+            if self.body_left == 0 {
+                let want = if self.untyped_next { 4 } else { 5 };
+                let take = (want - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + take]
+                    .copy_from_slice(&bytes[..take]);
+                self.header_len += take;
+                bytes = &bytes[take..];
+                if self.header_len < want {
+                    return Ok(());
+                }
+                let (kind, len) = if self.untyped_next {
+                    let h = &self.header;
+                    (0, u32::from_be_bytes([h[0], h[1], h[2], h[3]]))
+                } else {
+                    let h = &self.header;
+                    (h[0], u32::from_be_bytes([h[1], h[2], h[3], h[4]]))
+                };
+                self.untyped_next = false;
+                self.header_len = 0;
+                let len = usize::try_from(len).map_err(drop)?;
+                self.body_left = len.checked_sub(4).ok_or(())?;
+                self.kind = kind;
+                self.first = None;
+                if self.body_left == 0 {
+                    done(kind, None);
+                }
+                continue;
+            }
+            let take = self.body_left.min(bytes.len());
+            if self.first.is_none() {
+                self.first = bytes.first().copied();
+            }
+            self.body_left -= take;
+            bytes = &bytes[take..];
+            if self.body_left == 0 {
+                done(self.kind, self.first);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One session's transaction state, fed by both directions of the relay.
+#[derive(Clone, Debug)]
+pub struct TxState {
+    client: Frames,
+    server: Frames,
+    /// Before the server's one-byte answer to an SSLRequest.
+    awaiting_ssl_answer: bool,
+    opaque: bool,
+    /// Requests sent that ReadyForQuery has not answered yet.
+    outstanding: u64,
+    /// The last ReadyForQuery said idle ('I'), not in a transaction ('T') or failed ('E').
+    last_idle: bool,
+    /// The client sent messages of an extended-protocol cycle (Parse, Bind, Execute, ...)
+    /// that no Sync has closed yet: mid-cycle, even if nothing is counted as in flight.
+    cycle_open: bool,
+}
+
+impl TxState {
+    /// The state at the start of the relay. `replayed_tail` is what the client sent after
+    /// its first packet before the relay started (a pipelining client), already forwarded.
+    pub fn new(start: Start, replayed_tail: &[u8]) -> TxState {
+        let mut st = TxState {
+            client: Frames::new(start == Start::SslRequest),
+            server: Frames::new(false),
+            awaiting_ssl_answer: start == Start::SslRequest,
+            opaque: start == Start::DirectTls,
+            // The startup packet is answered by ReadyForQuery once authentication is done.
+            outstanding: u64::from(start == Start::Startup),
+            last_idle: false,
+            cycle_open: false,
+        };
+        st.from_client(replayed_tail);
+        st
+    }
+
+    /// Bytes the client sent, as they are forwarded.
+    pub fn from_client(&mut self, bytes: &[u8]) {
+        if self.opaque || bytes.is_empty() {
+            return;
+        }
+        if self.client.untyped_next && self.client.header_len == 0 && bytes[0] == 0x16 {
+            // A TLS ClientHello after the server accepted SSL.
+            self.opaque = true;
+            return;
+        }
+        let (mut requests, mut cycle_open) = (0u64, self.cycle_open);
+        let fed = self.client.feed(bytes, |kind, _| {
+            // Kind 0: the untyped StartupMessage (no typed message has type byte 0).
+            if matches!(kind, b'Q' | b'S' | b'F' | 0) {
+                requests += 1;
+                cycle_open = false;
+            } else {
+                cycle_open = true;
+            }
+        });
+        self.outstanding += requests;
+        self.cycle_open = cycle_open;
+        if fed.is_err() {
+            self.opaque = true;
+        }
+    }
+
+    /// Bytes the server sent, as they are forwarded.
+    pub fn from_server(&mut self, mut bytes: &[u8]) {
+        if self.opaque || bytes.is_empty() {
+            return;
+        }
+        if self.awaiting_ssl_answer {
+            self.awaiting_ssl_answer = false;
+            if bytes[0] != b'N' {
+                self.opaque = true;
+                return;
+            }
+            bytes = &bytes[1..];
+        }
+        let (mut answered, mut last) = (0u64, None);
+        let fed = self.server.feed(bytes, |kind, first| {
+            if kind == b'Z' {
+                answered += 1;
+                last = Some(first == Some(b'I'));
+            }
+        });
+        self.outstanding = self.outstanding.saturating_sub(answered);
+        if let Some(idle) = last {
+            self.last_idle = idle;
+        }
+        if fed.is_err() {
+            self.opaque = true;
+        }
+    }
+
+    /// Nothing is in flight and the session is outside any transaction: closing it now
+    /// loses nothing the client was told.
+    pub fn idle(&self) -> bool {
+        !self.opaque
+            && !self.awaiting_ssl_answer
+            && self.outstanding == 0
+            && !self.cycle_open
+            && self.last_idle
+            && self.client.at_boundary()
+            && self.server.at_boundary()
+    }
+}
+
+#[cfg(test)]
+#[path = "txstate_tests.rs"]
+mod tests;
