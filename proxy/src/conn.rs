@@ -4,8 +4,9 @@
 
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, sqlstate, Startup};
-use crate::relay::{relay, End};
+use crate::relay::{relay, Drain, End};
 use crate::route::{NoMaster, Replica, Route, Routes, SocketHandle};
+use crate::txstate::{Start, TxState};
 use socket2::{SockRef, TcpKeepalive};
 use std::future::Future;
 use std::sync::Arc;
@@ -61,6 +62,8 @@ enum Lane {
 
 struct LaneRefs<'a> {
     token: &'a tokio_util::sync::CancellationToken,
+    /// The master's drain signal (standbys are not drained by a switchover).
+    drain: Option<&'a CancellationToken>,
     sessions: &'a tokio_util::task::TaskTracker,
     sockets: &'a Arc<crate::route::SessionSockets>,
 }
@@ -70,11 +73,13 @@ impl Lane {
         match self {
             Lane::Master => LaneRefs {
                 token: &route.token,
+                drain: Some(&route.drain),
                 sessions: &route.sessions,
                 sockets: &route.sockets,
             },
             Lane::Replica(r) => LaneRefs {
                 token: &r.token,
+                drain: None,
                 sessions: &r.sessions,
                 sockets: &r.sockets,
             },
@@ -144,8 +149,8 @@ pub fn tune(sock: &TcpStream, keepalive: Option<&TcpKeepalive>) {
 /// Serves one accepted client to the end, recording why it closed (the epoll engines).
 pub async fn serve(client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
-    serve_with(client, ctx, |client, server, route, lane| async move {
-        session(client, server, &route, &lane, ctx).await
+    serve_with(client, ctx, |client, server, route, lane, tx| async move {
+        session(client, server, &route, &lane, tx, ctx).await
     })
     .await
 }
@@ -153,8 +158,8 @@ pub async fn serve(client: TcpStream, ctx: &Ctx) {
 /// Like [`serve`], relaying over io_uring: must run inside a tokio-uring runtime.
 pub async fn serve_uring(client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
-    serve_with(client, ctx, |client, server, route, lane| async move {
-        session_uring(client, server, &route, &lane, ctx).await
+    serve_with(client, ctx, |client, server, route, lane, tx| async move {
+        session_uring(client, server, &route, &lane, tx, ctx).await
     })
     .await
 }
@@ -165,7 +170,7 @@ pub async fn serve_uring(client: TcpStream, ctx: &Ctx) {
 async fn serve_with<S, F, Fut>(mut client: S, ctx: &Ctx, session: F)
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnOnce(S, TcpStream, Arc<Route>, Lane) -> Fut,
+    F: FnOnce(S, TcpStream, Arc<Route>, Lane, TxState) -> Fut,
     Fut: Future<Output = CloseReason>,
 {
     let reason = match prepare(&mut client, ctx).await {
@@ -174,7 +179,8 @@ where
             server,
             route,
             lane,
-        }) => session(client, server, route, lane).await,
+            tx,
+        }) => session(client, server, route, lane, tx).await,
         Err(r) => {
             tracing::debug!(code = r.code, message = %r.message, "rejecting client");
             let message = (!r.silent).then_some((r.code, r.message.as_str()));
@@ -193,6 +199,8 @@ enum Prepared {
         server: TcpStream,
         route: Arc<Route>,
         lane: Lane,
+        /// Where the session stands, from what was replayed (for a drain).
+        tx: TxState,
     },
 }
 
@@ -342,7 +350,19 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         server,
         route,
         lane,
+        tx: tx_state(bytes),
     })
+}
+
+/// The transaction state at the start of the relay, from the replayed first packet.
+fn tx_state(bytes: &[u8]) -> TxState {
+    match protocol::parse(bytes) {
+        Ok(Some((Startup::SslRequest, _))) => TxState::new(Start::SslRequest, &[]),
+        Ok(Some((Startup::Startup { .. }, len))) => {
+            TxState::new(Start::Startup, bytes.get(len..).unwrap_or(&[]))
+        }
+        _ => TxState::new(Start::DirectTls, &[]),
+    }
 }
 
 /// The master, or on the read-only listener the least-loaded standby of the pool (the
@@ -373,14 +393,35 @@ async fn session(
     server: TcpStream,
     route: &Route,
     lane: &Lane,
+    tx: TxState,
     ctx: &Ctx,
 ) -> CloseReason {
     let (client, server) = (Arc::new(client), Arc::new(server));
     let handles: (SocketHandle, SocketHandle) = (client.clone(), server.clone());
-    in_lane(route, lane, ctx, handles, |token| {
-        relay(&client, &server, token, &ctx.metrics)
+    let tx = std::sync::Mutex::new(tx);
+    let reason = in_lane(route, lane, ctx, handles, |token, signal| {
+        let drain = signal.map(|signal| Drain { signal, tx: &tx });
+        relay(&client, &server, token, drain, &ctx.metrics)
     })
-    .await
+    .await;
+    if reason == CloseReason::Drained {
+        close_drained(&client, &server).await;
+    }
+    reason
+}
+
+/// Closes a drained session as a PostgreSQL shutting down closes an idle one: FATAL 57P01
+/// to the client, Terminate to the server (its backend exits without an "unexpected EOF").
+async fn close_drained(client: &TcpStream, server: &TcpStream) {
+    let mut to_client = protocol::error_response(sqlstate::ADMIN_SHUTDOWN, DRAINED_MESSAGE);
+    let mut terminate = TERMINATE.to_vec();
+    let write = async {
+        let _ = crate::relay::write_pending(client, &mut to_client).await;
+        let _ = crate::relay::write_pending(server, &mut terminate).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    let _ = SockRef::from(client).shutdown(std::net::Shutdown::Both);
+    let _ = SockRef::from(server).shutdown(std::net::Shutdown::Both);
 }
 
 /// What every engine does around its relay: count the session in its lane, register its
@@ -394,7 +435,7 @@ async fn in_lane<'a, F, Fut>(
     relay: F,
 ) -> CloseReason
 where
-    F: FnOnce(&'a CancellationToken) -> Fut,
+    F: FnOnce(&'a CancellationToken, Option<&'a CancellationToken>) -> Fut,
     Fut: Future<Output = End>,
 {
     let l = lane.refs(route);
@@ -407,7 +448,7 @@ where
         return CloseReason::Severed;
     }
     ctx.metrics.active.inc();
-    let end = relay(l.token).await;
+    let end = relay(l.token, l.drain).await;
     ctx.metrics.active.dec();
     close_reason(end, &l)
 }
@@ -419,6 +460,7 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
         End::ClientClosed => CloseReason::ClientClosed,
         End::ServerClosed => CloseReason::ServerClosed,
         End::Severed => CloseReason::Severed,
+        End::Drained => CloseReason::Drained,
         End::Error(e) => {
             tracing::debug!(error = %e, "relay ended with an error");
             CloseReason::IoError
@@ -431,6 +473,7 @@ async fn session_uring(
     server: TcpStream,
     route: &Route,
     lane: &Lane,
+    tx: TxState,
     ctx: &Ctx,
 ) -> CloseReason {
     // The sockets leave the epoll reactor for the ring; extra handles on them serve the
@@ -443,18 +486,36 @@ async fn session_uring(
     };
     let (client_ctl, server_ctl) = (Arc::new(client_ctl), Arc::new(server_ctl));
     let handles: (SocketHandle, SocketHandle) = (client_ctl.clone(), server_ctl.clone());
-    in_lane(route, lane, ctx, handles, |token| {
+    let tx = std::sync::Mutex::new(tx);
+    let reason = in_lane(route, lane, ctx, handles, |token, signal| {
+        let drain = signal.map(|signal| Drain { signal, tx: &tx });
         crate::uring::relay(
             client,
             server,
             &client_ctl,
             &server_ctl,
             token,
+            drain,
             &ctx.metrics,
         )
     })
-    .await
+    .await;
+    if reason == CloseReason::Drained {
+        // The ring's streams are gone; the control handles are plain std sockets.
+        use std::io::Write;
+        let msg = protocol::error_response(sqlstate::ADMIN_SHUTDOWN, DRAINED_MESSAGE);
+        let _ = (&*client_ctl).write_all(&msg);
+        let _ = (&*server_ctl).write_all(&TERMINATE);
+        let _ = client_ctl.shutdown(std::net::Shutdown::Both);
+        let _ = server_ctl.shutdown(std::net::Shutdown::Both);
+    }
+    reason
 }
+
+const DRAINED_MESSAGE: &str = "terminating connection: planned switchover of the primary \
+     (closed between transactions by stolon-proxy)";
+/// The Terminate message: the backend exits cleanly.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 fn no_master(why: NoMaster) -> Reject {
     let detail = match why {

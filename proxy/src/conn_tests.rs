@@ -63,7 +63,7 @@ async fn read_all(c: &mut DuplexStream) -> Vec<u8> {
 async fn refused(ctx: &Ctx, send: &[u8]) -> (Vec<u8>, DuplexStream) {
     let (mut client, proxy_side) = duplex(64 * 1024);
     client.write_all(send).await.expect("write");
-    let serve = serve_with(proxy_side, ctx, |_, _, _, _| async {
+    let serve = serve_with(proxy_side, ctx, |_, _, _, _, _| async {
         panic!("no session may start")
     });
     let mut first = vec![0u8; 1];
@@ -142,7 +142,7 @@ async fn a_refused_ssl_request_is_declined_then_answered() {
         .write_all(&request(protocol::SSL_REQUEST_CODE))
         .await
         .expect("write");
-    let serve = serve_with(proxy_side, &ctx, |_, _, _, _| async {
+    let serve = serve_with(proxy_side, &ctx, |_, _, _, _, _| async {
         panic!("no session may start")
     });
     let talk = async {
@@ -200,7 +200,7 @@ async fn a_routed_client_reaches_the_master_with_its_pipelined_bytes() {
     let serve = serve_with(
         proxy_side,
         &ctx,
-        |_client, _server, route, lane| async move {
+        |_client, _server, route, lane, _tx| async move {
             assert_eq!(route.generation, 4);
             assert!(matches!(lane, Lane::Master));
             CloseReason::ClientClosed

@@ -6,7 +6,7 @@
 
 use crate::fence::StoreContact;
 use crate::metrics::Metrics;
-use crate::route::{desired_with_replicas, Desired, NoMaster, Routes};
+use crate::route::{desired_with_replicas, Desired, NoMaster, Route, Routes};
 use control::model::{ClusterData, GoDuration, ProxyInfo};
 use control::store::{info_ttl_for_proxy, ClusterStore, EventKind, LeasedKey, StoreError};
 use control::store::{WatchUpdate, Watcher};
@@ -35,6 +35,9 @@ pub struct Discovery {
     pub stop_listening: bool,
     /// `--ro-max-lag` when the read-only listener is on: the pool's lag bound in bytes.
     pub ro_max_lag: Option<u64>,
+    /// `--drain-timeout`: how long a planned switchover waits for the old master's sessions
+    /// to reach a transaction boundary before severing the rest.
+    pub drain_timeout: Duration,
     /// Deliberate faults (tests only).
     pub faults: Faults,
 }
@@ -48,6 +51,16 @@ struct State {
     /// The route the store asks for, before fencing is applied.
     wanted: Desired,
     fenced: bool,
+    /// A planned switchover's drain under way: the generation is reported once it ends.
+    draining: Option<Draining>,
+}
+
+/// The old master's sessions closing at transaction boundaries.
+struct Draining {
+    old: Arc<Route>,
+    generation: i64,
+    started: Instant,
+    until: Instant,
 }
 
 impl Discovery {
@@ -64,8 +77,10 @@ impl Discovery {
                 generation: 0,
                 master: Err(NoMaster::Starting),
                 replicas: Vec::new(),
+                drain: false,
             },
             fenced: true,
+            draining: None,
         };
         let key = self.store.clusterdata_key();
         let mut watcher: Option<Watcher> = None;
@@ -107,6 +122,9 @@ impl Discovery {
                         }
                     }
                 }
+                _ = drained(st.draining.as_ref()) => {
+                    self.finish_drain(&mut st).await;
+                }
                 _ = sleep_until_opt(fence_at) => {
                     if st.contact.is_fenced(Instant::now()) && !self.faults.has(Fault::NoProxyFencing) {
                         tracing::warn!(timeout = ?st.contact.timeout(), "no store contact within proxyTimeout: fencing");
@@ -115,6 +133,9 @@ impl Discovery {
                     }
                 }
             }
+        }
+        if let Some(d) = st.draining.take() {
+            d.old.sever();
         }
         self.routes.apply(0, Err(NoMaster::Stopping));
         let _ = st.info.revoke().await;
@@ -213,6 +234,7 @@ impl Discovery {
                 generation: 0,
                 master: Err(NoMaster::BadDocument),
                 replicas: Vec::new(),
+                drain: false,
             },
         };
     }
@@ -229,27 +251,62 @@ impl Discovery {
             (st.wanted.master.clone(), &st.wanted.replicas[..])
         };
         let routing = master.is_ok();
-        let swapped_at = Instant::now();
-        let (old_master, severed_ro) =
-            self.routes
-                .apply_with_replicas(st.wanted.generation, master, replicas);
-        if severed_ro > 0 {
-            tracing::info!(
-                sessions = severed_ro,
-                "read-only sessions of standbys that left the pool closed"
-            );
+        // A drain goes on only while the store still asks for it; anything else (a new
+        // generation, fencing) cuts what is left of it at once.
+        let keep_draining = st
+            .draining
+            .as_ref()
+            .is_some_and(|d| !st.fenced && d.generation == st.wanted.generation);
+        if !keep_draining {
+            if let Some(d) = st.draining.take() {
+                let stats = d.old.sever();
+                tracing::warn!(
+                    severed = stats.sessions,
+                    "drain cut short (fenced or a newer generation): old master's sessions severed"
+                );
+            }
         }
-        if let Some((old, stats)) = old_master {
-            let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
-            let _ = tokio::time::timeout_at(until, old.sessions.wait()).await;
-            tracing::info!(
-                generation = st.wanted.generation,
-                severed = stats.sessions,
-                clients_cut_us = stats.clients_cut.as_micros() as u64,
-                sockets_cut_us = stats.all_cut.as_micros() as u64,
-                sever_us = swapped_at.elapsed().as_micros() as u64,
-                "old master's sessions closed"
-            );
+        let swapped_at = Instant::now();
+        let drain = !st.fenced
+            && st.wanted.drain
+            && st.draining.is_none()
+            && self.routes.load().master.is_ok();
+        if drain {
+            let (old, severed_ro) =
+                self.routes
+                    .apply_draining(st.wanted.generation, master, replicas);
+            log_severed_ro(severed_ro);
+            if let Some(old) = old {
+                let now = Instant::now();
+                tracing::info!(
+                    generation = st.wanted.generation,
+                    timeout = ?self.drain_timeout,
+                    "planned switchover: new sessions held, the old master's closing at transaction boundaries"
+                );
+                st.draining = Some(Draining {
+                    old,
+                    generation: st.wanted.generation,
+                    started: now,
+                    until: now + self.drain_timeout,
+                });
+            }
+        } else {
+            let (old_master, severed_ro) =
+                self.routes
+                    .apply_with_replicas(st.wanted.generation, master, replicas);
+            log_severed_ro(severed_ro);
+            if let Some((old, stats)) = old_master {
+                let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
+                let _ = tokio::time::timeout_at(until, old.sessions.wait()).await;
+                tracing::info!(
+                    generation = st.wanted.generation,
+                    severed = stats.sessions,
+                    clients_cut_us = stats.clients_cut.as_micros() as u64,
+                    sockets_cut_us = stats.all_cut.as_micros() as u64,
+                    sever_us = swapped_at.elapsed().as_micros() as u64,
+                    "old master's sessions closed"
+                );
+            }
         }
         self.metrics.generation.set(st.wanted.generation);
         self.metrics.routing.set(i64::from(routing));
@@ -259,6 +316,29 @@ impl Discovery {
             *l = want;
             changed
         });
+        if !st.fenced && st.draining.is_none() && st.published != Some(st.wanted.generation) {
+            let sent = Instant::now();
+            if self.publish(st).await {
+                st.contact.ok(sent);
+            }
+        }
+    }
+
+    /// The drain ended (every old session closed, or the timeout): sever what is left,
+    /// then report the generation.
+    async fn finish_drain(&self, st: &mut State) {
+        let Some(d) = st.draining.take() else { return };
+        let timed_out = Instant::now() >= d.until;
+        let stats = d.old.sever();
+        let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
+        let _ = tokio::time::timeout_at(until, d.old.sessions.wait()).await;
+        tracing::info!(
+            generation = d.generation,
+            drained_ms = d.started.elapsed().as_millis() as u64,
+            severed_at_timeout = stats.sessions,
+            timed_out,
+            "old master's sessions drained"
+        );
         if !st.fenced && st.published != Some(st.wanted.generation) {
             let sent = Instant::now();
             if self.publish(st).await {
@@ -273,8 +353,12 @@ impl Discovery {
             info_uid: control::model::short_uid(),
             uid: self.uid.clone(),
             // While fenced the proxy holds no session at all, so reporting the wanted
-            // generation is true: nothing of an older generation is open.
-            generation: st.wanted.generation,
+            // generation is true: nothing of an older generation is open. While draining,
+            // the old master's sessions are: the last generation reported stays.
+            generation: match &st.draining {
+                Some(_) => st.published.unwrap_or(0),
+                None => st.wanted.generation,
+            },
             proxy_timeout: GoDuration::from_std(st.contact.timeout()),
             extra: Default::default(),
         };
@@ -318,6 +402,25 @@ async fn next_update(
         tokio::time::sleep_until(at).await;
     }
     w.next().await
+}
+
+/// Completes when a drain is over: its sessions all closed, or its timeout.
+async fn drained(d: Option<&Draining>) {
+    match d {
+        Some(d) => {
+            let _ = tokio::time::timeout_at(d.until, d.old.sessions.wait()).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn log_severed_ro(n: usize) {
+    if n > 0 {
+        tracing::info!(
+            sessions = n,
+            "read-only sessions of standbys that left the pool closed"
+        );
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

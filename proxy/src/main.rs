@@ -88,6 +88,12 @@ struct Args {
     /// (failInterval 20 s)
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     hold_timeout: Duration,
+    /// On a planned switchover (stolonctl switchover), how long the old master's sessions
+    /// have to reach a transaction boundary: each is closed cleanly when idle (FATAL 57P01,
+    /// as a PostgreSQL shutting down says), never inside a transaction; what is still open
+    /// at the timeout is severed. Unplanned failovers sever at once
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Most sessions held at once; more are refused (57P03) at once
     #[arg(long, default_value_t = 1000)]
     hold_max_sessions: usize,
@@ -206,6 +212,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         stop_listening: args.stop_listening,
         ro_max_lag: args.ro_port.map(|_| args.ro_max_lag),
         faults: control::faults::from_env(),
+        drain_timeout: args.drain_timeout,
     };
     let mut discovery = tokio::spawn(discovery.run(stop_discovery.clone()));
 

@@ -18,6 +18,8 @@ pub enum CloseReason {
     ServerClosed,
     /// The master changed or the proxy was fenced: closed by the proxy.
     Severed,
+    /// A planned switchover: closed by the proxy between transactions.
+    Drained,
     IoError,
     /// A CancelRequest, forwarded and closed.
     Cancel,

@@ -188,6 +188,9 @@ pub mod sqlstate {
     pub const CONNECTION_FAILURE: &str = "08006";
     /// too_many_connections: the proxy's connection limit is reached.
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// admin_shutdown: what PostgreSQL sends an idle session when it shuts down; the proxy
+    /// closes a drained session with it.
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
 }
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ pub struct Desired {
     pub master: Result<String, NoMaster>,
     /// The standbys the read-only listener may use (empty without one).
     pub replicas: Vec<ReplicaTarget>,
+    /// No master because a planned switchover began (`proxy.spec.drain`): the old master's
+    /// sessions close at transaction boundaries instead of at once.
+    pub drain: bool,
 }
 
 /// A standby the read-only listener may send sessions to.
@@ -79,6 +82,7 @@ pub fn desired_with_replicas(
             generation: 0,
             master: Err(NoMaster::NoCluster),
             replicas: Vec::new(),
+            drain: false,
         };
     };
     if !cd.proxy.spec.enabled_proxies.iter().any(|p| p == proxy_uid) {
@@ -86,6 +90,7 @@ pub fn desired_with_replicas(
             generation: 0,
             master: Err(NoMaster::NotEnabled),
             replicas: Vec::new(),
+            drain: false,
         };
     }
     let master = match cd.proxy_master_address() {
@@ -94,6 +99,7 @@ pub fn desired_with_replicas(
     };
     Desired {
         generation: cd.proxy.generation,
+        drain: cd.proxy.spec.drain && master.is_err(),
         master,
         replicas: ro_max_lag.map_or_else(Vec::new, |lag| replicas(cd, lag)),
     }
@@ -138,6 +144,9 @@ pub struct Route {
     pub master: Result<Arc<str>, NoMaster>,
     /// Cancelled when this master is replaced: every session on it closes.
     pub token: CancellationToken,
+    /// Cancelled when a planned switchover begins: each session on it closes at its next
+    /// transaction boundary (before `token` cuts what is left at the drain timeout).
+    pub drain: CancellationToken,
     /// Counts the sessions relayed to this master, so the proxy can report its generation
     /// only after they are all closed.
     pub sessions: TaskTracker,
@@ -286,6 +295,14 @@ pub struct SeverStats {
 }
 
 impl Route {
+    /// Cuts every session on this master at once.
+    pub fn sever(&self) -> SeverStats {
+        let stats = self.sockets.sever_all();
+        self.token.cancel();
+        self.sessions.close();
+        stats
+    }
+
     fn new(
         generation: i64,
         master: Result<Arc<str>, NoMaster>,
@@ -295,6 +312,7 @@ impl Route {
             generation,
             master,
             token: CancellationToken::new(),
+            drain: CancellationToken::new(),
             sessions: TaskTracker::new(),
             sockets: Arc::new(SessionSockets::new()),
             replicas,
@@ -374,6 +392,42 @@ impl Routes {
         master: Result<String, NoMaster>,
         replicas: &[ReplicaTarget],
     ) -> (Option<(Arc<Route>, SeverStats)>, usize) {
+        let (old, severed_ro) = self.swap(generation, master, replicas);
+        (
+            old.map(|old| {
+                let stats = old.sever();
+                (old, stats)
+            }),
+            severed_ro,
+        )
+    }
+
+    /// Like [`Self::apply_with_replicas`] for a planned switchover: the old master's
+    /// sessions are told to close at their next transaction boundary (its `drain` token)
+    /// instead of being severed. The caller severs what is left at its drain timeout
+    /// ([`Route::sever`]) and waits for `sessions` before it reports the generation.
+    pub fn apply_draining(
+        &self,
+        generation: i64,
+        master: Result<String, NoMaster>,
+        replicas: &[ReplicaTarget],
+    ) -> (Option<Arc<Route>>, usize) {
+        let (old, severed_ro) = self.swap(generation, master, replicas);
+        if let Some(old) = &old {
+            old.drain.cancel();
+            old.sessions.close();
+        }
+        (old, severed_ro)
+    }
+
+    /// Installs the next route; returns the old one if its master changed (its sessions
+    /// still open), and how many read-only sessions were severed.
+    fn swap(
+        &self,
+        generation: i64,
+        master: Result<String, NoMaster>,
+        replicas: &[ReplicaTarget],
+    ) -> (Option<Arc<Route>>, usize) {
         let old = self.current.load_full();
         let (pool, left) = Self::next_pool(&old, replicas);
         let severed_ro: usize = left.iter().map(|r| r.sever().sessions).sum();
@@ -388,6 +442,7 @@ impl Routes {
                     generation,
                     master: old.master.clone(),
                     token: old.token.clone(),
+                    drain: old.drain.clone(),
                     sessions: old.sessions.clone(),
                     sockets: old.sockets.clone(),
                     replicas: pool,
@@ -403,10 +458,7 @@ impl Routes {
             // No session was ever relayed on a route without a master.
             return (None, severed_ro);
         }
-        let stats = old.sockets.sever_all();
-        old.token.cancel();
-        old.sessions.close();
-        (Some((old, stats)), severed_ro)
+        (Some(old), severed_ro)
     }
 
     /// The next pool: standbys that stay keep their `Replica`; returns it and those that left.

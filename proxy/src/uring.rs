@@ -8,7 +8,7 @@
 //! profile): `probe` tells, and the server falls back to the epoll engine.
 
 use crate::metrics::{Direction, Metrics};
-use crate::relay::End;
+use crate::relay::{Drain, End, Stop};
 use std::io;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -32,13 +32,14 @@ pub async fn relay(
     client_ctl: &std::net::TcpStream,
     server_ctl: &std::net::TcpStream,
     token: &CancellationToken,
+    drain: Option<Drain<'_>>,
     metrics: &Arc<Metrics>,
 ) -> End {
     let c = tokio_uring::net::TcpStream::from_std(client);
     let s = tokio_uring::net::TcpStream::from_std(server);
-    let c2s = pipe(&c, &s, metrics, Direction::ClientToServer);
-    let s2c = pipe(&s, &c, metrics, Direction::ServerToClient);
-    crate::relay::drive(c2s, s2c, client_ctl, server_ctl, token).await
+    let c2s = pipe(&c, &s, metrics, Direction::ClientToServer, drain);
+    let s2c = pipe(&s, &c, metrics, Direction::ServerToClient, drain);
+    crate::relay::drive(c2s, s2c, client_ctl, server_ctl, token, drain).await
 }
 
 async fn pipe(
@@ -46,7 +47,8 @@ async fn pipe(
     dst: &tokio_uring::net::TcpStream,
     metrics: &Metrics,
     direction: Direction,
-) -> io::Result<()> {
+    drain: Option<Drain<'_>>,
+) -> io::Result<Stop> {
     let mut buf = Vec::with_capacity(URING_BUF);
     let mut total = 0u64;
     let result = loop {
@@ -54,14 +56,20 @@ async fn pipe(
         let (res, b) = src.read(buf).await;
         buf = b;
         match res {
-            Ok(0) => break Ok(()),
+            Ok(0) => break Ok(Stop::Eof),
             Ok(n) => total += n as u64,
             Err(e) => break Err(e),
+        }
+        if let Some(d) = drain {
+            d.feed(direction, &buf);
         }
         let (res, b) = dst.write_all(buf).await;
         buf = b;
         if let Err(e) = res {
             break Err(e);
+        }
+        if direction == Direction::ServerToClient && drain.is_some_and(|d| d.due()) {
+            break Ok(Stop::Drained);
         }
     };
     metrics.add_bytes(direction, total);

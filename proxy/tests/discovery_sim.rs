@@ -53,6 +53,7 @@ async fn start_with(cluster_exists: bool) -> Sim {
         stop_listening: true,
         ro_max_lag: None,
         faults: control::faults::Faults::NONE,
+        drain_timeout: Duration::from_secs(5),
     };
     tokio::spawn(d.run(stop.clone()));
     Sim {

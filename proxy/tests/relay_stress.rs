@@ -38,7 +38,7 @@ async fn ping_pong(sessions: usize, round_trips: usize) {
             let (m, t) = (m.clone(), t.clone());
             tokio::spawn(async move {
                 let s = TcpStream::connect(baddr).await.expect("backend");
-                let _ = relay(&c, &s, &t, &m).await;
+                let _ = relay(&c, &s, &t, None, &m).await;
             });
         }
     });
@@ -104,7 +104,7 @@ async fn bulk_both_ways_arrives_intact() {
     tokio::spawn(async move {
         let (c, _) = front.accept().await.expect("accept");
         let s = TcpStream::connect(baddr).await.expect("backend");
-        let _ = relay(&c, &s, &CancellationToken::new(), &Metrics::default()).await;
+        let _ = relay(&c, &s, &CancellationToken::new(), None, &Metrics::default()).await;
     });
     let c = TcpStream::connect(faddr).await.expect("client");
     let (mut r, mut w) = c.into_split();

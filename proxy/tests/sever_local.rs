@@ -29,7 +29,7 @@ async fn cancelling_the_route_closes_every_session_at_once() {
         let (server, _) = backend.accept().await.expect("accept backend");
         let (t, m) = (token.clone(), metrics.clone());
         tracker.spawn(async move {
-            let end = relay(&proxied_client, &proxied_server, &t, &m).await;
+            let end = relay(&proxied_client, &proxied_server, &t, None, &m).await;
             assert!(matches!(end, End::Severed), "{end:?}");
         });
         clients.push(client);

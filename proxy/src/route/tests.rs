@@ -26,6 +26,7 @@ fn desired_route_table() {
                 generation: 0,
                 master: Err(NoMaster::NoCluster),
                 replicas: Vec::new(),
+                drain: false,
             },
         ),
         (
@@ -35,6 +36,7 @@ fn desired_route_table() {
                 generation: 4,
                 master: Ok("127.0.0.1:5433".into()),
                 replicas: Vec::new(),
+                drain: false,
             },
         ),
         (
@@ -44,6 +46,7 @@ fn desired_route_table() {
                 generation: 4,
                 master: Ok("[::1]:5434".into()),
                 replicas: Vec::new(),
+                drain: false,
             },
         ),
         (
@@ -53,6 +56,7 @@ fn desired_route_table() {
                 generation: 0,
                 master: Err(NoMaster::NotEnabled),
                 replicas: Vec::new(),
+                drain: false,
             },
         ),
         (
@@ -62,6 +66,7 @@ fn desired_route_table() {
                 generation: 5,
                 master: Err(NoMaster::NoMasterDb),
                 replicas: Vec::new(),
+                drain: false,
             },
         ),
         (
@@ -71,6 +76,7 @@ fn desired_route_table() {
                 generation: 5,
                 master: Err(NoMaster::NoMasterDb),
                 replicas: Vec::new(),
+                drain: false,
             },
         ),
         (
@@ -80,6 +86,7 @@ fn desired_route_table() {
                 generation: 5,
                 master: Err(NoMaster::NoMasterDb),
                 replicas: Vec::new(),
+                drain: false,
             },
         ),
     ];

@@ -101,7 +101,11 @@ impl Pause {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SwitchoverPhase {
-    /// Proxies fenced; the old master is being stopped cleanly and turned into a standby.
+    /// Proxies told there is no master and to drain: they hold new sessions and close the
+    /// old master's at transaction boundaries; the old master still runs.
+    Draining,
+    /// Proxies drained (or past proxyTimeout); the old master is being stopped cleanly and
+    /// turned into a standby.
     Stopping,
     /// The target was promoted.
     Completed,
@@ -385,6 +389,12 @@ pub struct ProxySpec {
         deserialize_with = "nullable"
     )]
     pub enabled_proxies: Vec<String>,
+    /// Our addition: the master change under way is planned (a switchover), so proxies
+    /// close the old master's sessions at transaction boundaries instead of at once, and
+    /// report the generation after. Go stolon's components ignore it (its proxy severs at
+    /// once, which fences just as well).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub drain: bool,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

@@ -43,8 +43,30 @@ impl Round<'_> {
     /// generation.
     pub(super) fn fence_proxies(&mut self) {
         self.cd.proxy.spec.master_db_uid.clear();
+        self.cd.proxy.spec.drain = false;
         self.cd.proxy.generation += 1;
         self.cd.proxy.change_time = Some(self.now);
+    }
+
+    /// Like [`Self::fence_proxies`], for a planned change: the proxies drain the old
+    /// master's sessions at transaction boundaries before they ack.
+    pub(super) fn fence_proxies_draining(&mut self) {
+        self.fence_proxies();
+        self.cd.proxy.spec.drain = true;
+    }
+
+    /// The enabled proxies that have not reported the current generation yet.
+    pub(super) fn proxies_lagging(&self) -> Vec<String> {
+        let generation = self.cd.proxy.generation;
+        (self.cd.proxy.spec.enabled_proxies.iter())
+            .filter(|u| {
+                self.obs
+                    .proxies
+                    .get(*u)
+                    .is_none_or(|i| i.generation < generation)
+            })
+            .cloned()
+            .collect()
     }
 
     /// Publishes the master to the proxies once it runs as master (converged) and every
@@ -67,19 +89,7 @@ impl Round<'_> {
             return;
         }
         let generation = self.cd.proxy.generation;
-        let lagging: Vec<&String> = self
-            .cd
-            .proxy
-            .spec
-            .enabled_proxies
-            .iter()
-            .filter(|u| {
-                self.obs
-                    .proxies
-                    .get(*u)
-                    .is_none_or(|i| i.generation < generation)
-            })
-            .collect();
+        let lagging = self.proxies_lagging();
         if !lagging.is_empty() {
             let detail = format!(
                 "master {master} waits for proxies {lagging:?} to ack generation {generation}"
@@ -88,6 +98,7 @@ impl Round<'_> {
             return;
         }
         self.cd.proxy.spec.master_db_uid = master.to_string();
+        self.cd.proxy.spec.drain = false;
         self.cd.proxy.change_time = Some(self.now);
         self.reason(
             ReasonKind::MasterPublished,

@@ -1,7 +1,9 @@
-//! A planned switchover requested through `P/switchover`: fence the proxies and turn the old
-//! master into a standby of the target (its keeper stops it cleanly, so every WAL record is
-//! sent); once the old master reports its final position and the target has replayed up to
-//! it, promote the target. Progress is kept in `cluster.status.switchover`; the daemon
+//! A planned switchover requested through `P/switchover`: fence the proxies with the drain
+//! hint and wait until they report the new generation (they close the old master's
+//! sessions at transaction boundaries first, up to their drain timeout) or proxyTimeout
+//! passes; then turn the old master into a standby of the target (its keeper stops it
+//! cleanly, so every WAL record is sent); once the old master reports its final position and
+//! the target has replayed up to it, promote the target. Progress is kept in `cluster.status.switchover`; the daemon
 //! deletes the request once it is completed or failed. A switchover that does not finish
 //! within convergenceTimeout is abandoned and the old master restored.
 
@@ -22,6 +24,7 @@ impl Round<'_> {
             }
         }
         match self.cd.cluster.status.switchover.clone() {
+            Some(st) if st.phase == SwitchoverPhase::Draining => self.continue_draining(st),
             Some(st) if st.phase == SwitchoverPhase::Stopping => self.continue_switchover(st),
             _ => false,
         }
@@ -53,7 +56,7 @@ impl Round<'_> {
         let mut status = SwitchoverStatus {
             target_keeper_uid: req.target_keeper_uid.clone(),
             requested_at: req.requested_at,
-            phase: SwitchoverPhase::Stopping,
+            phase: SwitchoverPhase::Draining,
             old_master_db_uid: String::new(),
             target_db_uid: String::new(),
             stop_position: 0,
@@ -67,20 +70,57 @@ impl Round<'_> {
                 self.reason(ReasonKind::Switchover, format!("switchover refused: {why}"));
             }
             Ok((master, target)) => {
-                self.fence_proxies();
-                if let Some(spec) = self.db(&master, "switchover").map(|db| db.spec.clone()) {
-                    let spec = self.standby_spec(&spec, &target);
-                    self.set_db_spec(&master, spec);
-                }
+                self.fence_proxies_draining();
                 self.reason(
                     ReasonKind::Switchover,
-                    format!("switchover {master} -> {target}: stopping the old master"),
+                    format!("switchover {master} -> {target}: proxies draining"),
                 );
                 status.old_master_db_uid = master;
                 status.target_db_uid = target;
             }
         }
         self.cd.cluster.status.switchover = Some(status);
+    }
+
+    /// Waits until every enabled proxy reported the drain's generation (each has closed the
+    /// old master's sessions) or proxyTimeout passed (a proxy that does not answer has
+    /// fenced itself by then, or is Go's, which severs at once); then stops the old master.
+    fn continue_draining(&mut self, mut st: SwitchoverStatus) -> bool {
+        let (old, target) = (st.old_master_db_uid.clone(), st.target_db_uid.clone());
+        if !self.cd.dbs.contains_key(&target) || !self.cd.dbs.contains_key(&old) {
+            st.phase = SwitchoverPhase::Failed;
+            st.reason = "a db involved disappeared".into();
+            self.cd.cluster.status.switchover = Some(st);
+            return false;
+        }
+        let lagging = self.proxies_lagging();
+        let bound = self.cd.cluster.spec.proxy_timeout();
+        if !lagging.is_empty() && self.elapsed(st.started_at) < bound {
+            self.reason(
+                ReasonKind::WaitingForProxies,
+                format!("switchover waits for proxies {lagging:?} to drain"),
+            );
+            self.cd.cluster.status.switchover = Some(st);
+            return true;
+        }
+        if let Some(spec) = self.db(&old, "switchover").map(|db| db.spec.clone()) {
+            let spec = self.standby_spec(&spec, &target);
+            self.set_db_spec(&old, spec);
+        }
+        let how = if lagging.is_empty() {
+            "proxies drained".to_string()
+        } else {
+            format!("proxies {lagging:?} did not drain within proxyTimeout")
+        };
+        self.reason(
+            ReasonKind::Switchover,
+            format!("switchover {old} -> {target}: {how}; stopping the old master"),
+        );
+        st.phase = SwitchoverPhase::Stopping;
+        // convergenceTimeout bounds the stop and the catch-up, as before the drain.
+        st.started_at = self.now;
+        self.cd.cluster.status.switchover = Some(st);
+        true
     }
 
     fn continue_switchover(&mut self, mut st: SwitchoverStatus) -> bool {

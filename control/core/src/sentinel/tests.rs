@@ -778,10 +778,17 @@ fn switchover_fences_stops_the_old_master_and_promotes_after_replay() {
     w.write(100);
     w.switchover = Some(request(&w, "k2"));
     w.step(S);
+    // First the proxies drain: fenced with the hint, the old master still runs.
+    let st = w.cd.cluster.status.switchover.clone().expect("status");
+    assert_eq!(st.phase, SwitchoverPhase::Draining);
+    assert_eq!(w.proxy_master(), "");
+    assert!(w.cd.proxy.spec.drain);
+    assert!(w.cd.proxy.generation > generation);
+    assert_eq!(w.cd.dbs[&old].spec.role, Some(DbRole::Master));
+    // Once they report the generation, the old master is stopped.
+    w.step(S);
     let st = w.cd.cluster.status.switchover.clone().expect("status");
     assert_eq!(st.phase, SwitchoverPhase::Stopping);
-    assert_eq!(w.proxy_master(), "");
-    assert!(w.cd.proxy.generation > generation);
     assert_eq!(w.cd.dbs[&old].spec.role, Some(DbRole::Standby));
     w.run(5);
     assert_eq!(
@@ -799,6 +806,34 @@ fn switchover_fences_stops_the_old_master_and_promotes_after_replay() {
     assert_eq!(st.stop_position, pos);
     w.switchover = None;
     assert!(w.run_until(20, |w| w.settled()));
+    assert!(!w.cd.proxy.spec.drain, "the hint goes with the new master");
+}
+
+/// A proxy that does not report the drain's generation (slow, or gone) holds the old
+/// master's stop back for proxyTimeout at most; the new master is still published only
+/// after every enabled proxy acked (or expired), as for any master change.
+#[test]
+fn a_proxy_that_does_not_drain_delays_the_stop_by_proxy_timeout_at_most() {
+    let mut w = cluster(test_spec(), 2);
+    let old = w.master().to_string();
+    let target = db_uid(&w, "k1");
+    w.proxies.get_mut("p0").expect("p0").slow = true;
+    w.switchover = Some(request(&w, "k1"));
+    w.step(S);
+    let timeout = w.cd.cluster.spec.proxy_timeout();
+    let started = w.now;
+    assert!(w.run_until(30, |w| w.cd.dbs[&old].spec.role == Some(DbRole::Standby)));
+    let waited = w.now.since(started);
+    assert!(
+        waited >= timeout,
+        "stopped after {waited} < proxyTimeout {timeout}"
+    );
+    assert!(
+        waited.0 <= timeout.0 + 2_000_000_000,
+        "stopped after {waited}"
+    );
+    w.proxies.get_mut("p0").expect("p0").slow = false;
+    assert!(w.run_until(40, |w| w.proxy_master() == target));
 }
 
 #[test]

@@ -1,0 +1,179 @@
+//! Drain on a planned switchover (issue 13, point 2), with real etcd, PostgreSQL and the
+//! proxy binary: when the clusterdata fences the proxies with the drain hint, each session on
+//! the old master is closed at its next transaction boundary (FATAL 57P01), never inside a
+//! transaction; new sessions are held; the generation is reported only once the old master's
+//! sessions are all closed; a transaction still open at the drain timeout is severed.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// The fencing write of a planned switchover: no master, the drain hint, a new generation.
+async fn drain_to_none(s: &Setup, generation: i64) {
+    let dbs = s.dbs();
+    let refs: Vec<(&str, u16)> = dbs.iter().map(|(u, p)| (u.as_str(), *p)).collect();
+    let mut cd = clusterdata("", &refs, &["p1"], generation);
+    cd.proxy.spec.drain = true;
+    put_cd(&s.store, &cd).await;
+}
+
+async fn reported(s: &Setup, generation: i64) -> bool {
+    proxy_info(&s.store, "p1")
+        .await
+        .is_some_and(|i| i.generation == generation)
+}
+
+async fn wait_reported(s: &Setup, proxy: &Proxy, generation: i64) {
+    assert!(
+        wait_for(Duration::from_secs(20), || reported(s, generation)).await,
+        "generation {generation} reported\n{}",
+        proxy.log_text()
+    );
+}
+
+async fn wait_closed(c: &tokio_postgres::Client, what: &str, proxy: &Proxy) {
+    assert!(
+        wait_for(Duration::from_secs(20), || async { c.is_closed() }).await,
+        "{what} closed\n{}",
+        proxy.log_text()
+    );
+}
+
+async fn direct(pg: &testkit::Postgres) -> tokio_postgres::Client {
+    connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        pg.port()
+    ))
+    .await
+    .expect("direct connection")
+}
+
+async fn rows(pg: &testkit::Postgres) -> Vec<i32> {
+    direct(pg)
+        .await
+        .query("select v from t order by v", &[])
+        .await
+        .expect("select")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn routed_proxy(s: &Setup, extra: &[&str]) -> Proxy {
+    direct(&s.pgs[0])
+        .await
+        .batch_execute("create table t (v int)")
+        .await
+        .expect("create");
+    s.route_to("db0", &["p1"], 1).await;
+    let proxy = Proxy::spawn(&s.etcd, "p1", extra);
+    assert!(
+        wait_routed(&proxy, s.pgs[0].port()).await,
+        "{}",
+        proxy.log_text()
+    );
+    wait_reported(s, &proxy, 1).await;
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switchover_closes_each_session_between_transactions() {
+    let s = Setup::new(2).await;
+    let proxy = routed_proxy(&s, &["--drain-timeout", "20s", "--hold-timeout", "30s"]).await;
+    let in_tx = proxy.connect().await.expect("connect");
+    in_tx
+        .batch_execute("begin; insert into t values (1)")
+        .await
+        .expect("open transaction");
+    let idle = proxy.connect().await.expect("connect");
+    idle.simple_query("select 1").await.expect("query");
+
+    drain_to_none(&s, 2).await;
+    // The idle session is closed at once; the one in a transaction is not.
+    wait_closed(&idle, "the idle session", &proxy).await;
+    assert!(!in_tx.is_closed(), "a session inside a transaction is never closed early");
+    assert!(
+        reported(&s, 1).await,
+        "the generation waits for the open transaction"
+    );
+    // A new session meanwhile is held, not refused.
+    let held = tokio::spawn({
+        let conninfo = format!("{} connect_timeout=60", proxy.conninfo());
+        async move {
+            let c = connect(&conninfo).await?;
+            server_port(&c).await
+        }
+    });
+    // The transaction goes on and commits on the old master...
+    in_tx
+        .batch_execute("insert into t values (2)")
+        .await
+        .expect("still in the transaction");
+    in_tx.batch_execute("commit").await.expect("commit");
+    // ...and the session closes right after, at the boundary.
+    wait_closed(&in_tx, "the session after its commit", &proxy).await;
+    wait_reported(&s, &proxy, 2).await;
+    assert_eq!(rows(&s.pgs[0]).await, vec![1, 2], "the transaction committed");
+    let log = proxy.log_text();
+    assert!(log.contains("old master's sessions drained"), "{log}");
+    assert_eq!(
+        metric(
+            &proxy,
+            "stolon_proxy_sessions_closed_total{reason=\"Drained\"}"
+        ),
+        Some(2.0)
+    );
+    // The new master: the held session lands there.
+    s.route_to("db1", &["p1"], 3).await;
+    let port = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("released")
+        .expect("task")
+        .expect("the held session's query");
+    assert_eq!(port, s.pgs[1].port());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_still_open_at_the_drain_timeout_is_severed() {
+    let s = Setup::new(2).await;
+    let proxy = routed_proxy(&s, &["--drain-timeout", "1s"]).await;
+    let in_tx = proxy.connect().await.expect("connect");
+    in_tx
+        .batch_execute("begin; insert into t values (1)")
+        .await
+        .expect("open transaction");
+    drain_to_none(&s, 2).await;
+    wait_reported(&s, &proxy, 2).await;
+    assert!(
+        in_tx.batch_execute("commit").await.is_err(),
+        "severed at the timeout"
+    );
+    assert_eq!(rows(&s.pgs[0]).await, Vec::<i32>::new(), "nothing committed");
+    assert!(
+        proxy.log_text().contains("timed_out=true"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
+/// Without the hint (a Go sentinel's fencing write) nothing waits: the session in a
+/// transaction is severed at once and the generation reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_hint_the_old_master_is_severed_at_once() {
+    let s = Setup::new(2).await;
+    let proxy = routed_proxy(&s, &["--drain-timeout", "60s"]).await;
+    let in_tx = proxy.connect().await.expect("connect");
+    in_tx
+        .batch_execute("begin; insert into t values (1)")
+        .await
+        .expect("open transaction");
+    s.route_to("", &["p1"], 2).await;
+    wait_closed(&in_tx, "the session in a transaction", &proxy).await;
+    wait_reported(&s, &proxy, 2).await;
+    assert!(
+        !proxy.log_text().contains("drained"),
+        "{}",
+        proxy.log_text()
+    );
+}
