@@ -180,6 +180,19 @@ async fn planned_switchover_under_load_loses_nothing() {
     let out = c.finish("switchover", checker).await.expect("invariants");
     assert_eq!(out.master, target);
     assert_eq!(out.missing, 0);
+    // It went through the drain: the proxy closed the old master's sessions between
+    // transactions before it reported the generation, and only then was the old master
+    // stopped.
+    let proxy_log = c.log("p1");
+    assert!(
+        proxy_log.contains("old master's sessions drained"),
+        "{proxy_log}"
+    );
+    let sentinel_log = c.log("s1");
+    assert!(
+        sentinel_log.contains("proxies drained; stopping the old master"),
+        "{sentinel_log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
