@@ -92,7 +92,10 @@ async fn a_planned_switchover_closes_each_session_between_transactions() {
     drain_to_none(&s, 2).await;
     // The idle session is closed at once; the one in a transaction is not.
     wait_closed(&idle, "the idle session", &proxy).await;
-    assert!(!in_tx.is_closed(), "a session inside a transaction is never closed early");
+    assert!(
+        !in_tx.is_closed(),
+        "a session inside a transaction is never closed early"
+    );
     assert!(
         reported(&s, 1).await,
         "the generation waits for the open transaction"
@@ -114,7 +117,11 @@ async fn a_planned_switchover_closes_each_session_between_transactions() {
     // ...and the session closes right after, at the boundary.
     wait_closed(&in_tx, "the session after its commit", &proxy).await;
     wait_reported(&s, &proxy, 2).await;
-    assert_eq!(rows(&s.pgs[0]).await, vec![1, 2], "the transaction committed");
+    assert_eq!(
+        rows(&s.pgs[0]).await,
+        vec![1, 2],
+        "the transaction committed"
+    );
     let log = proxy.log_text();
     assert!(log.contains("old master's sessions drained"), "{log}");
     assert_eq!(
@@ -149,7 +156,11 @@ async fn a_transaction_still_open_at_the_drain_timeout_is_severed() {
         in_tx.batch_execute("commit").await.is_err(),
         "severed at the timeout"
     );
-    assert_eq!(rows(&s.pgs[0]).await, Vec::<i32>::new(), "nothing committed");
+    assert_eq!(
+        rows(&s.pgs[0]).await,
+        Vec::<i32>::new(),
+        "nothing committed"
+    );
     assert!(
         proxy.log_text().contains("timed_out=true"),
         "{}",

@@ -108,26 +108,34 @@ pub async fn init(store: &ClusterStore, spec: serde_json::Value, force: bool) ->
     let spec = parse_spec(spec)?;
     let uid = crate::model::short_uid();
     let cd = ClusterData::new(uid.clone(), spec, Timestamp::now());
-    let existing = store
-        .get_cluster_data()
-        .await
-        .map_err(|e| store_error(store, e))?;
-    let rev = match (existing, force) {
-        (None, _) => 0,
-        (Some(_), false) => bail!(
-            "a cluster already exists at {}: `stolonctl init -y` replaces it (its data is lost to the cluster)",
-            store.prefix()
-        ),
-        (Some((_, rev)), true) => rev,
-    };
-    match store
-        .put_cluster_data(&cd, rev, None)
-        .await
-        .map_err(|e| store_error(store, e))?
-    {
-        CasOutcome::Written(_) => Ok(uid),
-        CasOutcome::Conflict => bail!("the cluster changed meanwhile: nothing written, try again"),
+    // A running sentinel rewrites the cluster it leads between our read and our write; the
+    // user asked to replace whatever is there, so a conflict only means "read again".
+    for _ in 0..10 {
+        let existing = store
+            .get_cluster_data()
+            .await
+            .map_err(|e| store_error(store, e))?;
+        let rev = match (existing, force) {
+            (None, _) => 0,
+            (Some(_), false) => bail!(
+                "a cluster already exists at {}: `stolonctl init -y` replaces it (its data is lost to the cluster)",
+                store.prefix()
+            ),
+            (Some((_, rev)), true) => rev,
+        };
+        match store
+            .put_cluster_data(&cd, rev, None)
+            .await
+            .map_err(|e| store_error(store, e))?
+        {
+            CasOutcome::Written(_) => return Ok(uid),
+            CasOutcome::Conflict if force => continue,
+            CasOutcome::Conflict => {
+                bail!("the cluster changed meanwhile: nothing written, try again")
+            }
+        }
     }
+    bail!("the cluster kept changing (10 attempts): nothing written, try again")
 }
 
 /// `update`: replaces the spec, or merges a JSON merge patch into it; validated.
