@@ -110,7 +110,11 @@ impl Round<'_> {
         let additions: Vec<&String> = desired.iter().filter(|u| !current.contains(u)).collect();
         let next = if as_set(&desired) == as_set(&current) {
             current.clone()
-        } else if current.is_empty() {
+        } else if current.iter().all(|u| u == PLACEHOLDER_STANDBY) {
+            // No real member: nothing was acknowledged under this set (the placeholder
+            // blocks every commit), so there is nothing for the two steps to protect. A new
+            // master after a failover starts so: its first standby is its set at once, one
+            // round trip through the master's keeper sooner (writes resume sooner).
             desired
         } else if !converged(&db) {
             self.reason(

@@ -728,6 +728,37 @@ fn sync_a_new_master_starts_with_a_placeholder_until_standbys_follow() {
     assert_eq!(new, [PLACEHOLDER_STANDBY]);
 }
 
+/// A set of only the placeholder is replaced by the first real standby in one step: no
+/// commit was acknowledged under it, so the add-then-drop steps protect nothing and only
+/// delay the first write on the new master by a round trip through its keeper.
+#[test]
+fn sync_a_placeholder_only_set_is_replaced_at_once() {
+    let mut w = cluster(sync_spec(1, 1), 3);
+    let old = w.master().to_string();
+    w.keeper("k0").alive = false;
+    assert!(w.run_until(30, |w| w.master() != old));
+    let master = w.master().to_string();
+    let mut seen = Vec::new();
+    for _ in 0..30 {
+        w.step(S);
+        let set = w.cd.dbs[&master].spec.synchronous_standbys.clone();
+        let done = !set.is_empty() && !set.contains(&PLACEHOLDER_STANDBY.to_string());
+        seen.push(set);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.last()
+            .is_some_and(|s| !s.contains(&PLACEHOLDER_STANDBY.to_string())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|s| s.len() == 1),
+        "never the placeholder and a standby together: {seen:?}"
+    );
+}
+
 #[test]
 fn sync_a_keeper_that_cannot_be_a_synchronous_replica_is_not_chosen() {
     let mut w = World::new(sync_spec(1, 1));
