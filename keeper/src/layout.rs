@@ -189,12 +189,19 @@ pub fn auto_conf_is_dev_null(pg_data: &Path) -> bool {
 }
 
 /// Before pg_rewind: an empty regular file in place of the symlink, since pg_rewind sees the
-/// source's as a regular file and refuses a file whose type differs between the two.
+/// source's as a regular file and refuses a file whose type differs between the two. It is
+/// owned by the data dir's owner: pg_rewind runs as the PostgreSQL user and rewrites the
+/// file, and a keeper running as root would otherwise leave it root's (pg_rewind then failed
+/// with "could not open target file ... Permission denied" and fell back to a base backup).
 pub fn auto_conf_to_regular(pg_data: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let path = pg_data.join("postgresql.auto.conf");
     if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
         std::fs::remove_file(&path)?;
         std::fs::write(&path, b"")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let owner = std::fs::metadata(pg_data)?;
+        std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))?;
     }
     Ok(())
 }
@@ -238,6 +245,26 @@ pub fn pgpass_line(user: &str, password: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The regular file that replaces the /dev/null symlink before pg_rewind belongs to the
+    /// data dir's owner (root here, when the tests run as root, would hide the fault: the
+    /// data dir is handed to another user first when one exists).
+    #[test]
+    fn the_file_put_back_for_pg_rewind_belongs_to_the_data_dirs_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        auto_conf_to_dev_null(dir.path()).expect("symlink");
+        let owner = testkit::postgres::pg_os_user();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(dir.path(), Some(uid.as_raw()), Some(gid.as_raw()))
+                .expect("chown");
+        }
+        auto_conf_to_regular(dir.path()).expect("regular file");
+        let meta = std::fs::metadata(dir.path().join("postgresql.auto.conf")).expect("file");
+        let dir_meta = std::fs::metadata(dir.path()).expect("dir");
+        assert!(meta.file_type().is_file());
+        assert_eq!((meta.uid(), meta.gid()), (dir_meta.uid(), dir_meta.gid()));
+    }
 
     #[test]
     fn a_second_lock_on_the_same_dir_fails() {
