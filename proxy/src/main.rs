@@ -172,7 +172,8 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
     let (max_connections, lowered) =
         proxy::limits::fit(args.max_connections, nofile).map_err(anyhow::Error::msg)?;
     if let Some(warning) = lowered {
-        tracing::warn!("{warning}");
+        // The default adapting to the limit is expected: said once, not as a warning.
+        tracing::info!("{warning}");
     }
     let metrics = Arc::new(Metrics::default());
     let routes = Arc::new(Routes::default());
