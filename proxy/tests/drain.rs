@@ -66,13 +66,7 @@ async fn routed_proxy(s: &Setup, extra: &[&str]) -> Proxy {
         .batch_execute("create table t (v int)")
         .await
         .expect("create");
-    s.route_to("db0", &["p1"], 1).await;
-    let proxy = Proxy::spawn(&s.etcd, "p1", extra);
-    assert!(
-        wait_routed(&proxy, s.pgs[0].port()).await,
-        "{}",
-        proxy.log_text()
-    );
+    let proxy = spawn_routed(s, extra).await;
     wait_reported(s, &proxy, 1).await;
     proxy
 }

@@ -9,13 +9,7 @@ use testkit::{free_port, ChildGuard};
 
 async fn serves_with(engine: &str) -> String {
     let s = Setup::new(1).await;
-    s.route_to("db0", &["p1"], 1).await;
-    let proxy = Proxy::spawn(&s.etcd, "p1", &["--engine", engine]);
-    assert!(
-        wait_routed(&proxy, s.pgs[0].port()).await,
-        "{}",
-        proxy.log_text()
-    );
+    let proxy = spawn_routed(&s, &["--engine", engine]).await;
     // Some traffic, severing included.
     let c = proxy.connect().await.expect("connect");
     for i in 0..200 {

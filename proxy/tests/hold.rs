@@ -46,13 +46,7 @@ async fn wait_held(proxy: &Proxy, n: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_session_is_released_to_the_next_master_and_runs_there() {
     let s = Setup::new(2).await;
-    s.route_to("db0", &["p1"], 1).await;
-    let proxy = Proxy::spawn(&s.etcd, "p1", &["--hold-timeout", "30s"]);
-    assert!(
-        wait_routed(&proxy, s.pgs[0].port()).await,
-        "{}",
-        proxy.log_text()
-    );
+    let proxy = spawn_routed(&s, &["--hold-timeout", "30s"]).await;
     // The sentinel fences the proxies for a master change: no master routed.
     s.route_to("", &["p1"], 2).await;
     // Connecting before the proxy applied generation 2 would reach db0 and never hold.
@@ -95,7 +89,7 @@ async fn hold_timeout_and_max_sessions_give_57p03() {
         "p1",
         &["--hold-timeout", "2s", "--hold-max-sessions", "1"],
     );
-    assert!(proxy_listens_soon(&proxy).await, "{}", proxy.log_text());
+    assert!(wait_listening(&proxy).await, "{}", proxy.log_text());
     let first = held_query(&proxy);
     wait_held(&proxy, 1.0).await;
     // Over the limit: refused at once.
@@ -131,7 +125,7 @@ async fn a_master_that_refuses_connections_is_retried_until_the_next_route() {
     );
     put_cd(&s.store, &cd).await;
     let proxy = Proxy::spawn(&s.etcd, "p1", &["--hold-timeout", "30s"]);
-    assert!(proxy_listens_soon(&proxy).await, "{}", proxy.log_text());
+    assert!(wait_listening(&proxy).await, "{}", proxy.log_text());
     let held = held_query(&proxy);
     wait_held(&proxy, 1.0).await;
     s.route_to("db0", &["p1"], 2).await;
@@ -143,27 +137,10 @@ async fn a_master_that_refuses_connections_is_retried_until_the_next_route() {
     assert_eq!(port, s.pgs[0].port());
 }
 
-async fn proxy_listens_soon(proxy: &Proxy) -> bool {
-    wait_for(Duration::from_secs(10), || async {
-        std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).is_ok()
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_lost_the_store_does_not_hold() {
     let mut s = Setup::new(1).await;
-    s.route_to("db0", &["p1"], 1).await;
-    let proxy = Proxy::spawn(
-        &s.etcd,
-        "p1",
-        &["--hold-timeout", "30s", "--stop-listening", "false"],
-    );
-    assert!(
-        wait_routed(&proxy, s.pgs[0].port()).await,
-        "{}",
-        proxy.log_text()
-    );
+    let proxy = spawn_routed(&s, &["--hold-timeout", "30s", "--stop-listening", "false"]).await;
     s.etcd.stop();
     // Fenced within proxyTimeout (3 s): refused at once with the reason, never held.
     assert!(

@@ -43,13 +43,7 @@ fn parse_error(bytes: &[u8]) -> (String, String) {
 
 async fn routed(extra: &[&str]) -> (Setup, Proxy) {
     let s = Setup::new(1).await;
-    s.route_to("db0", &["p1"], 1).await;
-    let proxy = Proxy::spawn(&s.etcd, "p1", extra);
-    assert!(
-        wait_routed(&proxy, s.pgs[0].port()).await,
-        "{}",
-        proxy.log_text()
-    );
+    let proxy = spawn_routed(&s, extra).await;
     (s, proxy)
 }
 

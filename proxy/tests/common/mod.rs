@@ -227,6 +227,24 @@ impl Setup {
     }
 }
 
+/// Routes the cluster to db0 (generation 1, proxy p1 enabled), starts proxy p1 with
+/// `extra` flags and waits until it routes sessions there.
+pub async fn spawn_routed(s: &Setup, extra: &[&str]) -> Proxy {
+    s.route_to("db0", &["p1"], 1).await;
+    let proxy = Proxy::spawn(&s.etcd, "p1", extra);
+    assert!(
+        wait_routed(&proxy, s.pgs[0].port()).await,
+        "{}",
+        proxy.log_text()
+    );
+    proxy
+}
+
+/// Waits (10 s at most) until the proxy's client port accepts connections.
+pub async fn wait_listening(proxy: &Proxy) -> bool {
+    wait_for(Duration::from_secs(10), || async { proxy_listens(proxy) }).await
+}
+
 /// Waits until the proxy accepts a session routed to `port`.
 pub async fn wait_routed(proxy: &Proxy, port: u16) -> bool {
     wait_for(Duration::from_secs(15), || async {
