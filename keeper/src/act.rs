@@ -617,15 +617,11 @@ mod tests {
     #[test]
     fn pg_basebackup_slot_exists_is_told_from_other_failures() {
         let pg = testkit::Postgres::start(&[]).expect("postgres");
-        let psql = Command::new(testkit::postgres::pg_bin_dir().join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pg.port().to_string(),
-                "-U",
-                "postgres",
-            ])
+        let port = pg.port().to_string();
+        let server = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+        let tool = |name: &str| Command::new(testkit::postgres::pg_bin_dir().join(name));
+        let psql = tool("psql")
+            .args(server)
             .args([
                 "-Atc",
                 "select pg_create_physical_replication_slot('stolon_abc')",
@@ -635,15 +631,8 @@ mod tests {
         assert!(psql.status.success(), "{psql:?}");
         let basebackup = |slot: &str| {
             let dest = tempfile::tempdir().expect("tempdir");
-            let out = Command::new(testkit::postgres::pg_bin_dir().join("pg_basebackup"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &pg.port().to_string(),
-                    "-U",
-                    "postgres",
-                ])
+            let out = tool("pg_basebackup")
+                .args(server)
                 .args(["-X", "stream", "-w", "--create-slot"])
                 .arg(format!("--slot={slot}"))
                 .arg("-D")
