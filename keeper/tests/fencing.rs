@@ -205,12 +205,25 @@ async fn postgres_waits_until_the_sentinel_saw_the_new_boot() {
         !can_write(k.port.0).await,
         "not started: the sentinel has not seen this boot"
     );
-    let info = env
-        .keeper_info("k1")
-        .await
-        .expect("info published meanwhile");
+    // The new keeper's info may not be published yet: until it is, the store
+    // still holds the killed keeper's (its lease has not expired), whose boot
+    // the clusterdata does record. Wait for the new boot to show there.
     let (cd, _) = env.cluster_data().await.expect("cd");
-    assert_ne!(cd.keepers["k1"].status.boot_uuid, info.boot_uuid);
+    let seen = cd.keepers["k1"].status.boot_uuid.clone();
+    wait_for(
+        &env,
+        "the new keeper's info, with a boot the sentinel has not seen",
+        Duration::from_secs(20),
+        async || {
+            let info = env.keeper_info("k1").await?;
+            (info.boot_uuid != seen).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !can_write(k.port.0).await,
+        "still not started while no sentinel runs"
+    );
     let _sentinel = env.sentinel(SPEC);
     writable(&env, k.port.0, "the master once the sentinel saw the boot").await;
 }
