@@ -121,14 +121,16 @@ pub struct Cluster {
     pub env: Vec<(String, String)>,
 }
 
-/// Where the workspace's binaries are: next to this test binary's `deps/` directory.
+/// Where the workspace's binaries are: next to this test binary's `deps/` directory, or
+/// next to the running binary itself (the `loadtest` tool, built beside them).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    let own_dir = exe.parent().expect("exe dir");
+    let dir = if own_dir.ends_with("deps") {
+        own_dir.parent().expect("target dir")
+    } else {
+        own_dir
+    };
     let p = dir.join(name);
     assert!(
         p.exists(),

@@ -1,8 +1,10 @@
 //! `loadtest`: benchmarks against real PostgreSQL on this machine.
 //!   compare: pgbench side by side: direct, stolon-proxy engines, HAProxy, PgBouncer
 //!   sever:   time to close N sessions after a master change, and memory per idle session
+//!   ha:      what clients see of switchovers and failovers, stolon-proxy and HAProxy side by side
 
 mod compare;
+mod ha;
 mod pgbench;
 mod procstat;
 mod sever;
@@ -61,6 +63,42 @@ enum Cmd {
         #[arg(long, default_value = "fake", value_parser = ["fake", "postgres"])]
         backend: String,
     },
+    /// Switchovers and kill -9 failovers of a real cluster under write load, through
+    /// stolon-proxy and through HAProxy checking the keepers' /primary, in the same run:
+    /// failed connects, failed transactions, the longest gap with no commit, held sessions;
+    /// a JSON result and a chart per scenario
+    Ha {
+        /// Planned switchovers (stolonctl switchover --wait)
+        #[arg(long, default_value_t = 10)]
+        switchovers: usize,
+        /// Unplanned failovers (kill -9 of the master keeper and its PostgreSQL)
+        #[arg(long, default_value_t = 10)]
+        failovers: usize,
+        /// Clients of each kind (session per transaction; persistent) per target
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Pause after each transaction, per client
+        #[arg(long, default_value = "10ms", value_parser = humantime_ms)]
+        think: std::time::Duration,
+        /// The clients' connect timeout (longer than the no-master window, so a held
+        /// session is not given up)
+        #[arg(long, default_value = "30s", value_parser = humantime_ms)]
+        connect_timeout: std::time::Duration,
+        /// Synchronous replication (one synchronous standby)
+        #[arg(long)]
+        sync: bool,
+        /// HAProxy's health-check timing for each keeper (`default-server` options)
+        #[arg(long, default_value = "inter 1s fastinter 200ms fall 1 rise 1")]
+        haproxy_check: String,
+        /// Where ha.json and the charts go
+        #[arg(long, default_value = "bench-results/ha")]
+        out_dir: std::path::PathBuf,
+    },
+}
+
+/// "250ms", "2s" or "1m" as a duration.
+fn humantime_ms(s: &str) -> Result<std::time::Duration, String> {
+    control::cli::parse_duration(s)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +132,25 @@ fn main() -> anyhow::Result<()> {
             tries,
             engine,
             fake_backend: backend == "fake",
+        }),
+        Cmd::Ha {
+            switchovers,
+            failovers,
+            clients,
+            think,
+            connect_timeout,
+            sync,
+            haproxy_check,
+            out_dir,
+        } => ha::run(&ha::Options {
+            switchovers,
+            failovers,
+            clients,
+            think,
+            connect_timeout,
+            sync,
+            haproxy_check,
+            out_dir,
         }),
     }
 }

@@ -12,7 +12,7 @@ use testkit::{free_port, ChildGuard, Etcd, PortGuard, Postgres};
 
 /// Finds a program in PATH or the sbin directories (Debian puts haproxy and pgbouncer in
 /// /usr/sbin, which is not on every user's PATH).
-fn find_program(name: &str) -> Result<PathBuf> {
+pub fn find_program(name: &str) -> Result<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')

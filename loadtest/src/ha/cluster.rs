@@ -1,0 +1,305 @@
+//! The cluster under the clients: e2e's real processes, stolon-proxy with its metrics
+//! endpoint, and HAProxy checking each keeper's `/primary` (Patroni's HAProxy layout:
+//! `option httpchk`, `on-marked-down shutdown-sessions`).
+
+use super::clients::{Endpoint, Sample, Shared};
+use super::report::Window;
+use super::{committed, seen_by_target, Change, TARGETS};
+use anyhow::{bail, Context, Result};
+use control::store::ClusterStore;
+use e2e::{Cluster, Opts};
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use testkit::{free_port, ChildGuard, PortGuard};
+use tokio_util::sync::CancellationToken;
+
+pub struct Env {
+    pub c: Cluster,
+    proxy_metrics: PortGuard,
+    haproxy: Option<ChildGuard>,
+    haproxy_port: PortGuard,
+    _haproxy_dir: tempfile::TempDir,
+}
+
+/// Before a change, writes flow this long through both targets (the gap is measured from
+/// the last commit before the change, so it needs commits there).
+const BEFORE: Duration = Duration::from_secs(2);
+/// After the cluster is healthy again, the window stays open this long.
+const AFTER: Duration = Duration::from_secs(1);
+
+impl Env {
+    pub async fn start(spec: serde_json::Value, haproxy_check: &str) -> Result<Env> {
+        let mut c = Cluster::launch(&Opts {
+            keepers: 3,
+            proxies: 0,
+            spec,
+            ..Default::default()
+        })
+        .await?;
+        let proxy_metrics = free_port();
+        c.add_proxy_with(
+            "p1",
+            vec![
+                "--metrics-listen-address".into(),
+                format!("127.0.0.1:{}", proxy_metrics.0),
+            ],
+        )?;
+        c.wait_healthy(Duration::from_secs(180)).await?;
+        let (addr, port) = c.proxy_addr(0);
+        c.wait_for("the load table", Duration::from_secs(60), async || {
+            e2e::sql::exec(
+                &addr,
+                port,
+                "CREATE TABLE IF NOT EXISTS lt_writes (id bigint PRIMARY KEY, client int, \
+                 at timestamptz DEFAULT now())",
+                Duration::from_secs(5),
+            )
+            .await
+            .ok()
+        })
+        .await?;
+        let dir = testkit::temp_dir("ha-haproxy")?;
+        let haproxy_port = free_port();
+        let cfg = haproxy_config(&c, haproxy_port.0, haproxy_check);
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, cfg)?;
+        let mut cmd = std::process::Command::new(crate::targets::find_program("haproxy")?);
+        cmd.arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let haproxy = ChildGuard::spawn("haproxy", &mut cmd).context("starting haproxy")?;
+        let env = Env {
+            c,
+            proxy_metrics,
+            haproxy: Some(haproxy),
+            haproxy_port,
+            _haproxy_dir: dir,
+        };
+        let e = env.haproxy_endpoint();
+        env.c
+            .wait_for(
+                "HAProxy to route to the master",
+                Duration::from_secs(30),
+                async || {
+                    e2e::sql::exec(&e.addr, e.port, "SELECT 1", Duration::from_secs(2))
+                        .await
+                        .ok()
+                },
+            )
+            .await?;
+        Ok(env)
+    }
+
+    pub fn proxy_endpoint(&self) -> Endpoint {
+        let (addr, port) = self.c.proxy_addr(0);
+        Endpoint {
+            target: 0,
+            addr,
+            port,
+        }
+    }
+
+    pub fn haproxy_endpoint(&self) -> Endpoint {
+        Endpoint {
+            target: 1,
+            addr: "127.0.0.1".into(),
+            port: self.haproxy_port.0,
+        }
+    }
+
+    /// One switchover or failover, judged on its window.
+    pub async fn change(
+        &mut self,
+        scenario: &'static str,
+        index: usize,
+        sh: &Shared,
+        watcher: &Watcher,
+    ) -> Result<Change> {
+        self.c.wait_healthy(Duration::from_secs(240)).await?;
+        tokio::time::sleep(BEFORE).await;
+        let old = self.c.master().await.context("no master")?;
+        let holds_before = self.proxy_holds().await;
+        let mark = Instant::now();
+        if scenario == "switchover" {
+            self.switchover().await?;
+        } else {
+            self.c.kill_keeper(&old, true);
+        }
+        let new = self
+            .c
+            .wait_master_change(&old, Duration::from_secs(120))
+            .await?;
+        if scenario == "failover" {
+            self.c.restart_keeper(&old)?;
+        }
+        self.c.wait_healthy(Duration::from_secs(240)).await?;
+        tokio::time::sleep(AFTER).await;
+        let secs = |t: Instant| t.duration_since(sh.t0).as_secs_f64();
+        let mark_s = secs(mark);
+        let w = Window {
+            from: mark_s - BEFORE.as_secs_f64(),
+            mark: mark_s,
+            to: secs(Instant::now()),
+        };
+        let samples = sh.log.lock().map(|l| l.clone()).unwrap_or_default();
+        let routed_at = watcher
+            .changes()
+            .iter()
+            .find(|(t, m)| *t >= mark_s && m.as_deref() == Some(new.as_str()))
+            .map(|(t, _)| *t);
+        let holds_after = self.proxy_holds().await;
+        Ok(Change {
+            scenario,
+            index,
+            window: w,
+            old_master: old,
+            new_master: new,
+            routed_at,
+            seen: seen_by_target(&samples, w),
+            proxy_holds: holds_before
+                .zip(holds_after)
+                .map(|(a, b)| b.saturating_sub(a)),
+        })
+    }
+
+    async fn switchover(&self) -> Result<()> {
+        let out = tokio::process::Command::new(e2e::cluster::bin("stolonctl"))
+            .args([
+                "--cluster-name",
+                e2e::cluster::CLUSTER,
+                "--store-endpoints",
+                &self.c.endpoints(),
+                "switchover",
+                "--wait",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "stolonctl switchover failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// stolon-proxy's count of held sessions so far.
+    async fn proxy_holds(&self) -> Option<u64> {
+        let url = format!("127.0.0.1:{}", self.proxy_metrics.0);
+        let text = http_get(&url, "/metrics").await.ok()?;
+        text.lines()
+            .find(|l| l.starts_with("stolon_proxy_sessions_holds_total "))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// Acknowledged commits per target, and how many of them the final master lacks.
+    pub async fn lost(
+        &self,
+        samples: &[Sample],
+    ) -> Result<(BTreeMap<&'static str, usize>, BTreeMap<&'static str, usize>)> {
+        let m = self.c.wait_master(Duration::from_secs(60)).await?;
+        let (addr, port) = self.c.pg_addr(&m);
+        let client = e2e::sql::connect(&addr, port, Duration::from_secs(10)).await?;
+        let rows = client.query("SELECT id FROM lt_writes", &[]).await?;
+        let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let mut acked = BTreeMap::new();
+        let mut lost = BTreeMap::new();
+        for (i, t) in TARGETS.iter().enumerate() {
+            let ids = committed(samples, i);
+            acked.insert(*t, ids.len());
+            lost.insert(*t, ids.iter().filter(|id| !present.contains(id)).count());
+        }
+        Ok((acked, lost))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut h) = self.haproxy.take() {
+            h.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Patroni's documented HAProxy layout, checking each keeper's `/primary` on its metrics
+/// listener; `check` is the `default-server` timing.
+fn haproxy_config(c: &Cluster, port: u16, check: &str) -> String {
+    let mut s = format!(
+        "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  \
+         timeout server 1h\n  timeout check 1s\nlisten pg\n  bind 127.0.0.1:{port}\n  \
+         option httpchk GET /primary\n  http-check expect status 200\n  \
+         default-server {check} on-marked-down shutdown-sessions\n"
+    );
+    for k in &c.keepers {
+        s += &format!(
+            "  server {} {}:{} check port {}\n",
+            k.uid, k.addr, k.port, k.metrics_port
+        );
+    }
+    s
+}
+
+/// A minimal HTTP/1.0 GET (the body), for a metrics scrape.
+async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await??;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// When (seconds since the run's start) the routed master became which keeper (None: no
+/// master routed).
+type Routed = Vec<(f64, Option<String>)>;
+
+/// The routed master over time, polled from the store every 50 ms.
+pub struct Watcher {
+    changes: Arc<Mutex<Routed>>,
+}
+
+impl Watcher {
+    pub fn changes(&self) -> Routed {
+        self.changes.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+pub fn watch_master(store: ClusterStore, t0: Instant, stop: CancellationToken) -> Watcher {
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let w = Watcher {
+        changes: changes.clone(),
+    };
+    tokio::spawn(async move {
+        let mut last: Option<Option<String>> = None;
+        while !stop.is_cancelled() {
+            let master = match store.get_cluster_data().await {
+                Ok(Some((cd, _))) => cd
+                    .dbs
+                    .get(&cd.proxy.spec.master_db_uid)
+                    .map(|db| db.spec.keeper_uid.clone()),
+                _ => None,
+            };
+            if last.as_ref() != Some(&master) {
+                if let Ok(mut c) = changes.lock() {
+                    c.push((t0.elapsed().as_secs_f64(), master.clone()));
+                }
+                last = Some(master);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    w
+}

@@ -1,0 +1,304 @@
+//! `loadtest ha`: what clients see of a master change, through stolon-proxy and through
+//! HAProxy in front of the same cluster, in the same run.
+//!
+//! One cluster of real processes (etcd, three keepers, a sentinel, stolon-proxy) and an
+//! HAProxy that health-checks every keeper's `/primary` endpoint (the Patroni layout).
+//! Clients of both kinds (`clients::Kind`) write through each of the two, at the same time,
+//! while the run makes `--switchovers` planned switchovers (`stolonctl switchover --wait`)
+//! and then `--failovers` unplanned ones (kill -9 of the master keeper and its PostgreSQL,
+//! the keeper restarted once a new master is routed). Each change is judged on its own
+//! window (`report::Window`); the result is a JSON file and a chart per scenario.
+
+mod chart;
+mod clients;
+mod cluster;
+mod report;
+
+use anyhow::{Context, Result};
+use clients::{Kind, Outcome, Sample, Shared};
+use report::{percentile, seen, Seen, Window};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Options {
+    pub switchovers: usize,
+    pub failovers: usize,
+    /// Clients of each kind per target.
+    pub clients: usize,
+    pub think: Duration,
+    pub connect_timeout: Duration,
+    pub sync: bool,
+    /// HAProxy's check timing for every server (`default-server` options).
+    pub haproxy_check: String,
+    pub out_dir: PathBuf,
+}
+
+pub const TARGETS: [&str; 2] = ["stolon-proxy", "haproxy"];
+
+#[derive(Serialize)]
+struct Change {
+    scenario: &'static str,
+    index: usize,
+    window: Window,
+    old_master: String,
+    new_master: String,
+    /// When the clusterdata first routed the new master (seconds since the run's start).
+    routed_at: Option<f64>,
+    /// Per target: every client, then each kind.
+    seen: BTreeMap<&'static str, BTreeMap<&'static str, Seen>>,
+    /// Sessions stolon-proxy held during the window (its sessions_holds counter).
+    proxy_holds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    scenario: &'static str,
+    target: &'static str,
+    kind: &'static str,
+    runs: usize,
+    connects_failed_p50: f64,
+    connects_failed_p99: f64,
+    txns_failed_p50: f64,
+    txns_failed_p99: f64,
+    txns_failed_not_in_flight_total: usize,
+    max_gap_p50: f64,
+    max_gap_p99: f64,
+    longest_connect_p50: f64,
+    longest_connect_p99: f64,
+}
+
+#[derive(Serialize)]
+struct Result_ {
+    command: String,
+    spec: serde_json::Value,
+    haproxy_check: String,
+    clients_per_kind_per_target: usize,
+    think_ms: u128,
+    connect_timeout_s: f64,
+    changes: Vec<Change>,
+    summary: Vec<Summary>,
+    /// Acknowledged commits missing from the final master, per target.
+    acked_lost: BTreeMap<&'static str, usize>,
+    acked: BTreeMap<&'static str, usize>,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(opts))
+}
+
+async fn run_async(opts: &Options) -> Result<()> {
+    let spec = if opts.sync {
+        serde_json::json!({"synchronousReplication": true, "minSynchronousStandbys": 1,
+            "maxSynchronousStandbys": 1})
+    } else {
+        serde_json::json!({})
+    };
+    let mut env = cluster::Env::start(spec.clone(), &opts.haproxy_check).await?;
+    eprintln!("cluster up in {}", env.c.dir.display());
+    let shared = Arc::new(Shared {
+        t0: Instant::now(),
+        log: Default::default(),
+        next_id: 1.into(),
+        stop: Default::default(),
+        connect_timeout: opts.connect_timeout,
+        think: opts.think,
+    });
+    let endpoints = [env.proxy_endpoint(), env.haproxy_endpoint()];
+    let mut tasks = Vec::new();
+    let mut no = 0;
+    for e in &endpoints {
+        for kind in [Kind::PerTxn, Kind::Persistent] {
+            for _ in 0..opts.clients {
+                no += 1;
+                tasks.push(tokio::spawn(clients::run(
+                    shared.clone(),
+                    e.clone(),
+                    kind,
+                    no,
+                )));
+            }
+        }
+    }
+    let watcher = cluster::watch_master(env.c.store.clone(), shared.t0, shared.stop.clone());
+    let mut changes = Vec::new();
+    let plan = std::iter::repeat_n("switchover", opts.switchovers)
+        .chain(std::iter::repeat_n("failover", opts.failovers));
+    for (i, scenario) in plan.enumerate() {
+        let change = env.change(scenario, i, &shared, &watcher).await?;
+        let line: Vec<String> = change
+            .seen
+            .iter()
+            .map(|(t, s)| {
+                let a = &s["all"];
+                format!(
+                    "{t}: connects failed {}, txns failed {} ({} in flight), no-write gap {:.2}s, longest connect {:.2}s",
+                    a.connects_failed, a.txns_failed, a.txns_failed_in_flight, a.max_gap, a.longest_connect
+                )
+            })
+            .collect();
+        eprintln!(
+            "{scenario} {i}: {} -> {}; {}",
+            change.old_master,
+            change.new_master,
+            line.join("; ")
+        );
+        changes.push(change);
+    }
+    shared.stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let samples = shared.log.lock().map(|l| l.clone()).unwrap_or_default();
+    let (acked, acked_lost) = env.lost(&samples).await?;
+    let result = Result_ {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        spec,
+        haproxy_check: opts.haproxy_check.clone(),
+        clients_per_kind_per_target: opts.clients,
+        think_ms: opts.think.as_millis(),
+        connect_timeout_s: opts.connect_timeout.as_secs_f64(),
+        summary: summarise(&changes),
+        changes,
+        acked_lost,
+        acked,
+    };
+    write_out(opts, &result, &samples)?;
+    env.stop();
+    Ok(())
+}
+
+fn summarise(changes: &[Change]) -> Vec<Summary> {
+    let mut out = Vec::new();
+    for scenario in ["switchover", "failover"] {
+        let mine: Vec<&Change> = changes.iter().filter(|c| c.scenario == scenario).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        for target in TARGETS {
+            for kind in ["all", "per-txn", "persistent"] {
+                let v: Vec<&Seen> = mine.iter().map(|c| &c.seen[target][kind]).collect();
+                let f = |g: fn(&Seen) -> f64, p: f64| {
+                    percentile(&v.iter().map(|s| g(s)).collect::<Vec<_>>(), p)
+                };
+                out.push(Summary {
+                    scenario,
+                    target,
+                    kind,
+                    runs: v.len(),
+                    connects_failed_p50: f(|s| s.connects_failed as f64, 50.0),
+                    connects_failed_p99: f(|s| s.connects_failed as f64, 99.0),
+                    txns_failed_p50: f(|s| s.txns_failed as f64, 50.0),
+                    txns_failed_p99: f(|s| s.txns_failed as f64, 99.0),
+                    txns_failed_not_in_flight_total: v
+                        .iter()
+                        .map(|s| s.txns_failed - s.txns_failed_in_flight)
+                        .sum(),
+                    max_gap_p50: f(|s| s.max_gap, 50.0),
+                    max_gap_p99: f(|s| s.max_gap, 99.0),
+                    longest_connect_p50: f(|s| s.longest_connect, 50.0),
+                    longest_connect_p99: f(|s| s.longest_connect, 99.0),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// What each target's clients saw in `w`: all of them, then by kind.
+fn seen_by_target(
+    samples: &[Sample],
+    w: Window,
+) -> BTreeMap<&'static str, BTreeMap<&'static str, Seen>> {
+    TARGETS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let by_kind = [
+                ("all", None),
+                ("per-txn", Some(Kind::PerTxn)),
+                ("persistent", Some(Kind::Persistent)),
+            ]
+            .into_iter()
+            .map(|(name, k)| (name, seen(samples, i, k, w)))
+            .collect();
+            (*t, by_kind)
+        })
+        .collect()
+}
+
+fn write_out(opts: &Options, result: &Result_, samples: &[Sample]) -> Result<()> {
+    std::fs::create_dir_all(&opts.out_dir)?;
+    let json = opts.out_dir.join("ha.json");
+    std::fs::write(&json, serde_json::to_string_pretty(result)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!("{}", table(&result.summary));
+    println!(
+        "acknowledged commits lost: {:?} of {:?}",
+        result.acked_lost, result.acked
+    );
+    for scenario in ["switchover", "failover"] {
+        let mine: Vec<&Change> = result
+            .changes
+            .iter()
+            .filter(|c| c.scenario == scenario)
+            .collect();
+        // The chart shows the median change by stolon-proxy's no-write gap.
+        let mut by_gap = mine.clone();
+        by_gap.sort_by(|a, b| {
+            a.seen[TARGETS[0]]["all"]
+                .max_gap
+                .total_cmp(&b.seen[TARGETS[0]]["all"].max_gap)
+        });
+        if let Some(c) = by_gap.get(by_gap.len() / 2) {
+            let path = opts.out_dir.join(format!("ha-{scenario}.svg"));
+            chart::draw(&path, scenario, c.index, c.window, c.routed_at, samples)?;
+            eprintln!("chart: {}", path.display());
+        }
+    }
+    eprintln!("result: {}", json.display());
+    Ok(())
+}
+
+fn table(summary: &[Summary]) -> String {
+    let mut s = String::from(
+        "| scenario | target | clients | runs | failed connects p50/p99 | failed txns p50/p99 (not in flight, total) | no-write gap p50/p99 | longest connect p50/p99 |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in summary {
+        s += &format!(
+            "| {} | {} | {} | {} | {}/{} | {}/{} ({}) | {:.2}/{:.2} s | {:.2}/{:.2} s |\n",
+            r.scenario,
+            r.target,
+            r.kind,
+            r.runs,
+            r.connects_failed_p50,
+            r.connects_failed_p99,
+            r.txns_failed_p50,
+            r.txns_failed_p99,
+            r.txns_failed_not_in_flight_total,
+            r.max_gap_p50,
+            r.max_gap_p99,
+            r.longest_connect_p50,
+            r.longest_connect_p99
+        );
+    }
+    s
+}
+
+/// The committed ids of `target`.
+fn committed(samples: &[Sample], target: usize) -> Vec<i64> {
+    samples
+        .iter()
+        .filter(|s| s.target == target)
+        .filter_map(|s| match s.outcome {
+            Outcome::Committed(id) => Some(id),
+            _ => None,
+        })
+        .collect()
+}
