@@ -193,6 +193,10 @@ async fn planned_switchover_under_load_loses_nothing() {
         sentinel_log.contains("proxies drained; stopping the old master"),
         "{sentinel_log}"
     );
+    // The old master's keeper reported where its WAL ends as soon as it stopped it, so the
+    // target was promoted without waiting for the old master to rejoin.
+    let old_log = c.keeper_log(&m);
+    assert!(old_log.contains("master stopped cleanly"), "{old_log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

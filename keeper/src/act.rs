@@ -80,7 +80,12 @@ impl Keeper {
                     StopMode::Fast => Signal::SIGINT,
                     StopMode::Immediate => Signal::SIGQUIT,
                 };
+                let master = self.instance.postmaster.is_some()
+                    && self.instance.state.as_ref().is_some_and(|s| !s.in_recovery);
                 self.stop_pg(sig).await;
+                if master && *mode == StopMode::Fast {
+                    self.report_clean_shutdown().await;
+                }
             }
             PgAction::ClearData => self.clear_data().await?,
             PgAction::InitDb => self.init_db().await?,
@@ -107,6 +112,32 @@ impl Keeper {
             PgAction::Wait(why) => tracing::debug!(%why, "waiting"),
         }
         Ok(())
+    }
+
+    /// After a master's fast stop: where its WAL ends, from pg_controldata, published at
+    /// once (the rest of the plan, a rewind or a base backup, may take long, and a
+    /// switchover's target can be promoted meanwhile). Nothing when the stop was not clean.
+    async fn report_clean_shutdown(&mut self) {
+        let dir = self.settings.layout.pg_data();
+        let out = self
+            .settings
+            .tools
+            .run(
+                "pg_controldata",
+                [dir.as_os_str()],
+                &[],
+                Duration::from_secs(5),
+            )
+            .await;
+        match out.map(|o| crate::config::parse_shutdown_checkpoint(&o)) {
+            Ok(Some(lsn)) => {
+                tracing::info!(lsn = %crate::sql::format_lsn(lsn), "master stopped cleanly");
+                self.instance.shutdown_checkpoint = Some(lsn);
+                self.refresh_info();
+            }
+            Ok(None) => tracing::warn!("master stopped, but not cleanly shut down"),
+            Err(e) => tracing::warn!(error = %e, "pg_controldata failed after the stop"),
+        }
     }
 
     fn db(&self) -> anyhow::Result<Db> {
@@ -505,6 +536,7 @@ impl Keeper {
             self.arm_watchdog(pm.pid()).await;
         }
         self.instance.postmaster = Some(pm);
+        self.instance.shutdown_checkpoint = None;
         let timeout = self
             .view
             .cd

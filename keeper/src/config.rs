@@ -108,6 +108,21 @@ pub fn parse_floors(controldata: &str) -> BTreeMap<String, u64> {
     out
 }
 
+/// The shutdown checkpoint's position from `pg_controldata` output, when the cluster is
+/// cleanly shut down ("shut down", not "shut down in recovery" or "in production").
+pub fn parse_shutdown_checkpoint(controldata: &str) -> Option<u64> {
+    let field = |name: &str| {
+        controldata.lines().find_map(|l| {
+            let (label, value) = l.split_once(':')?;
+            (label.trim() == name).then(|| value.trim())
+        })
+    };
+    if field("Database cluster state")? != "shut down" {
+        return None;
+    }
+    crate::sql::parse_lsn(field("Latest checkpoint location")?)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rendered {
     pub postgresql_conf: String,

@@ -273,3 +273,31 @@ fn parse_conf_reads_what_initdb_writes() {
     assert!(!p.contains_key("work_mem"));
     assert!(!p.contains_key("include_if_exists"));
 }
+
+#[test]
+fn the_shutdown_checkpoint_only_of_a_clean_shutdown() {
+    let out = |state: &str| {
+        format!(
+            "pg_control version number:            1300\n\
+             Database cluster state:               {state}\n\
+             pg_control last modified:             Tue 01 Dec 2026 20:15:44 UTC\n\
+             Latest checkpoint location:           1/6000028\n\
+             Latest checkpoint's REDO location:    1/6000028\n"
+        )
+    };
+    assert_eq!(
+        parse_shutdown_checkpoint(&out("shut down")),
+        Some((1 << 32) | 0x600_0028)
+    );
+    for state in [
+        "shut down in recovery",
+        "in production",
+        "in crash recovery",
+    ] {
+        assert_eq!(parse_shutdown_checkpoint(&out(state)), None, "{state}");
+    }
+    assert_eq!(
+        parse_shutdown_checkpoint("Database cluster state: shut down\n"),
+        None
+    );
+}

@@ -130,6 +130,9 @@ pub(crate) struct Instance {
     pub(crate) fenced: bool,
     /// Only superuser and replication may connect (master restarted with sync standbys).
     pub(crate) restricted: bool,
+    /// Where the WAL of a master this keeper stopped cleanly ends (its shutdown
+    /// checkpoint), until PostgreSQL runs again: published for a switchover's promotion.
+    pub(crate) shutdown_checkpoint: Option<u64>,
 }
 
 /// The cluster view and how far this keeper has followed it.
@@ -166,6 +169,7 @@ impl Keeper {
                 version,
                 answering: false,
                 floors: Default::default(),
+                shutdown_checkpoint: None,
                 fenced: false,
                 restricted: false,
             },
@@ -182,6 +186,7 @@ impl Keeper {
                 "adopting a PostgreSQL left running by an earlier keeper"
             );
             self.instance.postmaster = Some(Postmaster::Adopted(pid));
+            self.instance.shutdown_checkpoint = None;
         }
         *self.shared.watchdog.lock().await = Some(Watchdog::spawn(&self.settings.exe)?);
         let (cd_tx, mut cd_rx) = watch::channel(None);
@@ -604,6 +609,11 @@ impl Keeper {
             pg_parameters: self.settings.layout.init_params(),
             synchronous_standbys: st.sync_standbys,
             older_wal_file: st.older_wal_file,
+            shutdown_checkpoint: self
+                .instance
+                .shutdown_checkpoint
+                .filter(|_| self.instance.postmaster.is_none())
+                .unwrap_or(0),
             ..Default::default()
         });
         let info = KeeperInfo {

@@ -65,6 +65,11 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
+/// Writes an LSN as PostgreSQL does (`0/3000148`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
 /// Parses a timeline history file: `<tli>\t<switch lsn>\t<reason>` lines.
 pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
     text.lines()

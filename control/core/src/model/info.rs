@@ -74,6 +74,16 @@ pub struct PostgresState {
     pub synchronous_standbys: Vec<String>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub older_wal_file: String,
+    /// Our addition (a Go component ignores it): this PostgreSQL was a master, stopped
+    /// cleanly and has not run since, so its WAL ends with the shutdown checkpoint at this
+    /// position. A switchover promotes its target once the target has received this far,
+    /// without waiting for the old master to rejoin as a standby. 0: not known.
+    #[serde(
+        rename = "stolonShutdownCheckpoint",
+        default,
+        skip_serializing_if = "is_default"
+    )]
+    pub shutdown_checkpoint: u64,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -96,6 +106,11 @@ pub struct ProxyInfo {
     /// Go `time.Duration`: integer nanoseconds.
     #[serde(rename = "ProxyTimeout", default, with = "nanos")]
     pub proxy_timeout: GoDuration,
+    /// Our addition (absent from Go's proxy, which has none): this proxy runs a read-only
+    /// listener, so a standby's promotion waits for it to cut that standby's read-only
+    /// sessions. A proxy without one has nothing to cut.
+    #[serde(rename = "stolonReadOnly", default, skip_serializing_if = "is_default")]
+    pub read_only: bool,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

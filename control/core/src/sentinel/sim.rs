@@ -38,6 +38,8 @@ pub struct KeeperSim {
     pub sync_standbys: Vec<String>,
     /// The oldest WAL file it still has.
     pub older_wal_file: String,
+    /// A stopped master's shutdown checkpoint, as its keeper reports it (0: none).
+    pub shutdown_checkpoint: u64,
 }
 
 impl Default for KeeperSim {
@@ -60,6 +62,7 @@ impl Default for KeeperSim {
             role: None,
             sync_standbys: Vec::new(),
             older_wal_file: String::new(),
+            shutdown_checkpoint: 0,
         }
     }
 }
@@ -349,6 +352,7 @@ impl World {
             pg_parameters: [("max_connections".to_string(), "100".to_string())].into(),
             synchronous_standbys: reported_sync,
             older_wal_file: k.older_wal_file.clone(),
+            shutdown_checkpoint: k.shutdown_checkpoint,
             ..Default::default()
         });
         KeeperInfo {

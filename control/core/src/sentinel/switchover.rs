@@ -2,14 +2,15 @@
 //! hint and wait until they report the new generation (they close the old master's
 //! sessions at transaction boundaries first, up to their drain timeout) or proxyTimeout
 //! passes; then turn the old master into a standby of the target (its keeper stops it
-//! cleanly, so every WAL record is sent); once the old master reports its final position and
-//! the target has replayed up to it, promote the target. Progress is kept in `cluster.status.switchover`; the daemon
+//! cleanly, so every WAL record is sent); once the old master reports its final position
+//! (the shutdown checkpoint, reported right after the stop; from a Go keeper, its position
+//! once it rejoined) and the target has replayed up to it, promote the target. Progress is kept in `cluster.status.switchover`; the daemon
 //! deletes the request once it is completed or failed. A switchover that does not finish
 //! within convergenceTimeout is abandoned and the old master restored.
 
 use super::health::converged;
 use super::{ReasonKind, Round};
-use crate::model::{SwitchoverPhase, SwitchoverRequest, SwitchoverStatus};
+use crate::model::{Db, SwitchoverPhase, SwitchoverRequest, SwitchoverStatus};
 
 impl Round<'_> {
     /// Runs the switchover state machine; true while one is in progress (the rest of the
@@ -123,6 +124,19 @@ impl Round<'_> {
         true
     }
 
+    /// Where the stopped old master's WAL ends, when its keeper (alive) reports a clean
+    /// shutdown of that db: PostgreSQL is not running then and has not run since, and the
+    /// db's spec already follows the target, so nothing can be written after it.
+    fn clean_stop(&self, old_db: &Db) -> Option<u64> {
+        let keeper = &old_db.spec.keeper_uid;
+        if !self.keeper_alive(keeper) {
+            return None;
+        }
+        let ps = self.obs.keepers.get(keeper)?.postgres_state.as_ref()?;
+        (ps.uid == old_db.uid && !ps.healthy && ps.shutdown_checkpoint > 0)
+            .then_some(ps.shutdown_checkpoint)
+    }
+
     fn continue_switchover(&mut self, mut st: SwitchoverStatus) -> bool {
         let timeout = self.cd.cluster.spec.convergence_timeout();
         let (old, target) = (st.old_master_db_uid.clone(), st.target_db_uid.clone());
@@ -145,9 +159,15 @@ impl Round<'_> {
             finish(self, st);
             return false;
         }
-        if st.stop_position == 0 && converged(&old_db) && self.keeper_alive(&old_db.spec.keeper_uid)
-        {
-            st.stop_position = old_db.status.x_log_pos;
+        if st.stop_position == 0 {
+            // The old master's end of WAL: its shutdown checkpoint as soon as its keeper
+            // reports the clean stop, else (a Go keeper, or the report missed) its position
+            // once it has rejoined as a standby of the target.
+            if let Some(lsn) = self.clean_stop(&old_db) {
+                st.stop_position = lsn;
+            } else if converged(&old_db) && self.keeper_alive(&old_db.spec.keeper_uid) {
+                st.stop_position = old_db.status.x_log_pos;
+            }
         }
         let caught_up = st.stop_position > 0 && target_db.status.x_log_pos >= st.stop_position;
         if !(caught_up && self.db_good(&target)) {

@@ -840,6 +840,45 @@ fn switchover_fences_stops_the_old_master_and_promotes_after_replay() {
     assert!(!w.cd.proxy.spec.drain, "the hint goes with the new master");
 }
 
+/// The old master's keeper reports its clean stop (the shutdown checkpoint) right after
+/// stopping it: the target is promoted once it has replayed that far, while the old master
+/// is still being resynced (a base backup of a big database takes long), and not before.
+#[test]
+fn switchover_promotes_on_the_old_masters_clean_stop_not_after_its_resync() {
+    let mut w = cluster(test_spec(), 3);
+    let old = w.master().to_string();
+    let old_keeper = w.master_keeper();
+    let target = db_uid(&w, "k2");
+    w.write(100);
+    w.switchover = Some(request(&w, "k2"));
+    w.step(S);
+    w.step(S);
+    let st = w.cd.cluster.status.switchover.clone().expect("status");
+    assert_eq!(st.phase, SwitchoverPhase::Stopping);
+    // Stopped cleanly, its resync never ends here; its WAL ends past what k2 replayed.
+    let checkpoint = w.keepers[&old_keeper].xlog + 40;
+    let k = w.keeper(&old_keeper);
+    k.converges = false;
+    k.pg_healthy = false;
+    k.shutdown_checkpoint = checkpoint;
+    w.run(5);
+    assert_eq!(
+        w.master(),
+        old,
+        "k2 has not replayed the shutdown checkpoint"
+    );
+    w.keeper("k2").replicates = false;
+    w.keeper("k2").xlog = checkpoint;
+    assert!(w.run_until(10, |w| w.master() == target));
+    let st = w.cd.cluster.status.switchover.clone().expect("status");
+    assert_eq!(st.phase, SwitchoverPhase::Completed);
+    assert_eq!(st.stop_position, checkpoint);
+    assert!(
+        !health::converged(&w.cd.dbs[&old]),
+        "promoted before the old master rejoined"
+    );
+}
+
 /// A proxy that does not report the drain's generation (slow, or gone) holds the old
 /// master's stop back for proxyTimeout at most; the new master is still published only
 /// after every enabled proxy acked (or expired), as for any master change.
