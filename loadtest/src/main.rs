@@ -74,8 +74,9 @@ enum Cmd {
         /// Unplanned failovers (kill -9 of the master keeper and its PostgreSQL)
         #[arg(long, default_value_t = 10)]
         failovers: usize,
-        /// Clients of each kind (session per transaction; persistent) per target
-        #[arg(long, default_value_t = 4)]
+        /// Clients of each kind (session per transaction; persistent) per target: with 2,
+        /// four writers through each (the baseline)
+        #[arg(long, default_value_t = 2)]
         clients: usize,
         /// Pause after each transaction, per client
         #[arg(long, default_value = "10ms", value_parser = humantime_ms)]

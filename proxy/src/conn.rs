@@ -538,7 +538,11 @@ async fn connect(addr: &str, what: &str, timeout: Duration) -> Result<TcpStream,
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {
-            tracing::warn!(addr, error = %e, "cannot connect to {what}");
+            if warn_now(addr) {
+                tracing::warn!(addr, error = %e, "cannot connect to {what} (repeats for this address are logged at debug for 10 s)");
+            } else {
+                tracing::debug!(addr, error = %e, "cannot connect to {what}");
+            }
             Err(reject(
                 sqlstate::CONNECTION_FAILURE,
                 format!("could not connect to {what}"),
@@ -551,6 +555,25 @@ async fn connect(addr: &str, what: &str, timeout: Duration) -> Result<TcpStream,
             CloseReason::BackendUnreachable,
         )),
     }
+}
+
+/// Whether a failed connect to `addr` is logged at warn: the first one, and then once per
+/// 10 s. Held sessions retry a dead master many times a second until the failover; one line
+/// says it, not hundreds.
+fn warn_now(addr: &str) -> bool {
+    static LAST: std::sync::Mutex<Option<(String, std::time::Instant)>> =
+        std::sync::Mutex::new(None);
+    let Ok(mut last) = LAST.lock() else {
+        return true;
+    };
+    let now = std::time::Instant::now();
+    let repeat = last
+        .as_ref()
+        .is_some_and(|(a, at)| a == addr && now.duration_since(*at) < Duration::from_secs(10));
+    if !repeat {
+        *last = Some((addr.to_string(), now));
+    }
+    !repeat
 }
 
 /// Reads packets until one decides the session. Bytes after the decisive packet (a

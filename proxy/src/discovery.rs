@@ -360,6 +360,7 @@ impl Discovery {
                 None => st.wanted.generation,
             },
             proxy_timeout: GoDuration::from_std(st.contact.timeout()),
+            read_only: self.ro_max_lag.is_some(),
             extra: Default::default(),
         };
         let value = serde_json::to_vec(&info).unwrap_or_default();

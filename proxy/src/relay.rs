@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -62,10 +63,75 @@ impl Drain<'_> {
         }
     }
 
-    /// Draining, and nothing of the session would be cut by closing it now.
+    /// Draining past the quiet wait, and nothing of the session would be cut by closing it
+    /// now: the relay closes it right after the answer that made it idle.
     pub fn due(&self) -> bool {
-        self.signal.is_cancelled() && self.tx.lock().is_ok_and(|tx| tx.idle())
+        self.signal.is_cancelled() && self.tx.lock().is_ok_and(|tx| tx.forced && tx.idle())
     }
+
+    /// Whether the session is between transactions, and how many reads it has relayed.
+    fn idle_activity(&self) -> (bool, u64) {
+        self.tx
+            .lock()
+            .map_or((false, 0), |tx| (tx.idle(), tx.activity))
+    }
+
+    /// Between transactions for at least the quiet time already (a client pausing, or a
+    /// session idle in a pool, when the drain starts): closed at once.
+    fn quiet_already(&self) -> bool {
+        let quiet = DRAIN_TICK * DRAIN_QUIET_TICKS;
+        self.tx
+            .lock()
+            .is_ok_and(|tx| tx.idle() && tx.idle_at.elapsed() >= quiet)
+    }
+
+    fn force(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.forced = true;
+        }
+    }
+}
+
+/// A draining session is closed once it has been between transactions, with no byte
+/// moving either way, for `DRAIN_QUIET_TICKS` checks in a row `DRAIN_TICK` apart (2 to 3
+/// ms), or at once when the drain starts if its last ReadyForQuery (idle) is older than
+/// that. A client about to send (the second half of an extended-protocol exchange, the
+/// first query after connecting) does so well within that, so the close does not race it;
+/// one that pauses between transactions, or a session idle in a pool, is closed early in
+/// its pause, far from its next request.
+pub const DRAIN_TICK: Duration = Duration::from_millis(1);
+pub const DRAIN_QUIET_TICKS: u32 = 2;
+
+/// After this long, a session that never fell quiet (a client sending without pause) is
+/// closed at its next transaction boundary, as soon as the answer that made it idle is
+/// passed on.
+pub const DRAIN_FORCE: Duration = Duration::from_millis(100);
+
+/// The drain's state between checks.
+struct Quiet {
+    interval: tokio::time::Interval,
+    ticks: u32,
+    /// Checks in a row that found the session idle with no read since the previous one.
+    quiet: u32,
+    /// The activity count at the previous check.
+    last: u64,
+}
+
+/// The drain's check at each tick: true closes the session now.
+fn drain_check(d: &Drain<'_>, q: &mut Quiet) -> bool {
+    q.ticks += 1;
+    let (idle, activity) = d.idle_activity();
+    q.quiet = if idle && activity == q.last {
+        q.quiet + 1
+    } else {
+        0
+    };
+    q.last = activity;
+    if q.ticks.saturating_mul(DRAIN_TICK.as_millis() as u32) >= DRAIN_FORCE.as_millis() as u32 {
+        d.force();
+        return idle;
+    }
+    q.quiet >= DRAIN_QUIET_TICKS
 }
 
 /// Relays until both directions end, an error, `token` is cancelled, or (with `drain`) the
@@ -100,13 +166,24 @@ pub async fn drive(
     let (mut c_done, mut s_done) = (false, false);
     let signal = drain.map(|d| d.signal);
     let mut drain_seen = signal.is_none();
+    let mut quiet: Option<Quiet> = None;
     loop {
         tokio::select! {
             biased;
             _ = token.cancelled() => return End::Severed,
             _ = wait_signal(signal), if !drain_seen => {
                 drain_seen = true;
-                if drain.is_some_and(|d| d.due()) { return End::Drained }
+                if drain.is_some_and(|d| d.quiet_already()) { return End::Drained }
+                let start = tokio::time::Instant::now() + DRAIN_TICK;
+                let mut interval = tokio::time::interval_at(start, DRAIN_TICK);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let last = drain.map_or(0, |d| d.idle_activity().1);
+                quiet = Some(Quiet { interval, ticks: 0, quiet: 0, last });
+            }
+            _ = tick(&mut quiet) => {
+                if let (Some(d), Some(q)) = (drain, quiet.as_mut()) {
+                    if drain_check(&d, q) { return End::Drained }
+                }
             }
             r = &mut c2s, if !c_done => {
                 match r {
@@ -130,6 +207,13 @@ pub async fn drive(
                 if c_done { return End::ServerClosed }
             }
         }
+    }
+}
+
+async fn tick(quiet: &mut Option<Quiet>) {
+    match quiet {
+        Some(q) => drop(q.interval.tick().await),
+        None => std::future::pending().await,
     }
 }
 
@@ -238,4 +322,123 @@ pub async fn write_pending(dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result
     }
     pending.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::txstate::Start;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend(((body.len() + 4) as u32).to_be_bytes());
+        m.extend(body);
+        m
+    }
+
+    /// A session past its startup: idle, as after ReadyForQuery 'I'.
+    fn idle_session() -> std::sync::Mutex<TxState> {
+        let mut tx = TxState::new(Start::Startup, &[]);
+        tx.from_server(&msg(b'Z', b"I"));
+        assert!(tx.idle());
+        std::sync::Mutex::new(tx)
+    }
+
+    const FORCE_TICKS: u32 = (DRAIN_FORCE.as_millis() / DRAIN_TICK.as_millis()) as u32;
+
+    fn quiet(d: &Drain<'_>) -> Quiet {
+        Quiet {
+            interval: tokio::time::interval(DRAIN_TICK),
+            ticks: 0,
+            quiet: 0,
+            last: d.idle_activity().1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_is_drained_only_after_checks_in_a_row_found_it_quiet() {
+        let signal = CancellationToken::new();
+        signal.cancel();
+        let tx = idle_session();
+        let d = Drain {
+            signal: &signal,
+            tx: &tx,
+        };
+        let mut q = quiet(&d);
+        assert!(!drain_check(&d, &mut q), "one quiet check is not enough");
+        assert!(drain_check(&d, &mut q), "idle and silent for two checks");
+
+        // Bytes moved between checks (the second half of an extended-protocol exchange,
+        // answered): idle again at the check, but not quiet; the count starts over.
+        let mut q = quiet(&d);
+        assert!(!drain_check(&d, &mut q));
+        d.feed(Direction::ClientToServer, &msg(b'S', b""));
+        d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
+        assert!(!drain_check(&d, &mut q), "active since the last check");
+        assert!(!drain_check(&d, &mut q), "one quiet check again");
+        assert!(drain_check(&d, &mut q), "two in a row");
+
+        // A request in flight is never closed, quiet or not.
+        d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
+        let mut q = quiet(&d);
+        for _ in 0..5 {
+            assert!(!drain_check(&d, &mut q));
+        }
+        assert!(!d.due(), "the relay does not close it at a boundary yet");
+    }
+
+    #[tokio::test]
+    async fn a_session_that_never_falls_quiet_is_closed_at_a_boundary_after_the_force_delay() {
+        let signal = CancellationToken::new();
+        signal.cancel();
+        let tx = idle_session();
+        let d = Drain {
+            signal: &signal,
+            tx: &tx,
+        };
+        let mut q = quiet(&d);
+        for tick in 1..FORCE_TICKS {
+            d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
+            assert!(!drain_check(&d, &mut q), "busy at tick {tick}");
+            d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
+            assert!(!d.due(), "not forced yet at tick {tick}");
+        }
+        d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
+        assert!(!drain_check(&d, &mut q), "in flight at the force tick");
+        assert!(!d.due(), "not at a boundary");
+        d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
+        assert!(d.due(), "forced: closed right after the answer");
+    }
+
+    #[test]
+    fn a_session_idle_for_the_quiet_time_already_is_closed_when_the_drain_starts() {
+        let signal = CancellationToken::new();
+        signal.cancel();
+        let tx = idle_session();
+        let d = Drain {
+            signal: &signal,
+            tx: &tx,
+        };
+        assert!(!d.quiet_already(), "idle just now");
+        if let Ok(mut t) = tx.lock() {
+            t.idle_at -= DRAIN_TICK * DRAIN_QUIET_TICKS;
+        }
+        assert!(d.quiet_already());
+        d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
+        assert!(!d.quiet_already(), "a request in flight");
+    }
+
+    #[test]
+    fn without_the_signal_nothing_is_due() {
+        let signal = CancellationToken::new();
+        let tx = idle_session();
+        if let Ok(mut t) = tx.lock() {
+            t.forced = true;
+        }
+        let d = Drain {
+            signal: &signal,
+            tx: &tx,
+        };
+        assert!(!d.due());
+    }
 }

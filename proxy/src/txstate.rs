@@ -114,6 +114,15 @@ pub struct TxState {
     /// The client sent messages of an extended-protocol cycle (Parse, Bind, Execute, ...)
     /// that no Sync has closed yet: mid-cycle, even if nothing is counted as in flight.
     cycle_open: bool,
+    /// Reads relayed so far (either direction): unchanged over an interval means no byte
+    /// moved in it.
+    pub(crate) activity: u64,
+    /// When the last ReadyForQuery said idle: a session idle when a drain starts has been
+    /// so since then (one clock read per transaction, not per read).
+    pub(crate) idle_at: std::time::Instant,
+    /// A drain that has waited long enough for this session to fall quiet: it closes it
+    /// at its next transaction boundary instead.
+    pub(crate) forced: bool,
 }
 
 impl TxState {
@@ -129,6 +138,9 @@ impl TxState {
             outstanding: u64::from(start == Start::Startup),
             last_idle: false,
             cycle_open: false,
+            activity: 0,
+            idle_at: std::time::Instant::now(),
+            forced: false,
         };
         st.from_client(replayed_tail);
         st
@@ -136,6 +148,7 @@ impl TxState {
 
     /// Bytes the client sent, as they are forwarded.
     pub fn from_client(&mut self, bytes: &[u8]) {
+        self.activity = self.activity.wrapping_add(1);
         if self.opaque || bytes.is_empty() {
             return;
         }
@@ -163,6 +176,7 @@ impl TxState {
 
     /// Bytes the server sent, as they are forwarded.
     pub fn from_server(&mut self, mut bytes: &[u8]) {
+        self.activity = self.activity.wrapping_add(1);
         if self.opaque || bytes.is_empty() {
             return;
         }
@@ -184,6 +198,9 @@ impl TxState {
         self.outstanding = self.outstanding.saturating_sub(answered);
         if let Some(idle) = last {
             self.last_idle = idle;
+            if idle {
+                self.idle_at = std::time::Instant::now();
+            }
         }
         if fed.is_err() {
             self.opaque = true;

@@ -141,17 +141,19 @@ impl Env {
         tokio::time::sleep(AFTER).await;
         let secs = |t: Instant| t.duration_since(sh.t0).as_secs_f64();
         let mark_s = secs(mark);
-        let w = Window {
-            from: mark_s - BEFORE.as_secs_f64(),
-            mark: mark_s,
-            to: secs(Instant::now()),
-        };
-        let samples = sh.log.lock().map(|l| l.clone()).unwrap_or_default();
         let routed_at = watcher
             .changes()
             .iter()
             .find(|(t, m)| *t >= mark_s && m.as_deref() == Some(new.as_str()))
             .map(|(t, _)| *t);
+        let to = secs(Instant::now());
+        let w = Window {
+            from: mark_s - BEFORE.as_secs_f64(),
+            mark: mark_s,
+            routed: routed_at.unwrap_or(to),
+            to,
+        };
+        let samples = sh.log.lock().map(|l| l.clone()).unwrap_or_default();
         let holds_after = self.proxy_holds().await;
         Ok(Change {
             scenario,
@@ -161,6 +163,7 @@ impl Env {
             new_master: new,
             routed_at,
             seen: seen_by_target(&samples, w),
+            failed_txns: super::report::failed_txns(&samples, w),
             proxy_holds: holds_before
                 .zip(holds_after)
                 .map(|(a, b)| b.saturating_sub(a)),

@@ -51,6 +51,8 @@ struct Change {
     seen: BTreeMap<&'static str, BTreeMap<&'static str, Seen>>,
     /// Sessions stolon-proxy held during the window (its sessions_holds counter).
     proxy_holds: Option<u64>,
+    /// Every failed transaction in the window (seconds relative to the change).
+    failed_txns: Vec<report::Failure>,
 }
 
 #[derive(Serialize)]
@@ -63,7 +65,9 @@ struct Summary {
     connects_failed_p99: f64,
     txns_failed_p50: f64,
     txns_failed_p99: f64,
-    txns_failed_not_in_flight_total: usize,
+    txns_failed_total: usize,
+    txns_failed_in_flight_total: usize,
+    txns_failed_after_routed_total: usize,
     max_gap_p50: f64,
     max_gap_p99: f64,
     longest_connect_p50: f64,
@@ -196,9 +200,11 @@ fn summarise(changes: &[Change]) -> Vec<Summary> {
                     connects_failed_p99: f(|s| s.connects_failed as f64, 99.0),
                     txns_failed_p50: f(|s| s.txns_failed as f64, 50.0),
                     txns_failed_p99: f(|s| s.txns_failed as f64, 99.0),
-                    txns_failed_not_in_flight_total: v
+                    txns_failed_total: v.iter().map(|s| s.txns_failed).sum(),
+                    txns_failed_in_flight_total: v.iter().map(|s| s.txns_failed_in_flight).sum(),
+                    txns_failed_after_routed_total: v
                         .iter()
-                        .map(|s| s.txns_failed - s.txns_failed_in_flight)
+                        .map(|s| s.txns_failed_after_routed)
                         .sum(),
                     max_gap_p50: f(|s| s.max_gap, 50.0),
                     max_gap_p99: f(|s| s.max_gap, 99.0),
@@ -268,11 +274,11 @@ fn write_out(opts: &Options, result: &Result_, samples: &[Sample]) -> Result<()>
 
 fn table(summary: &[Summary]) -> String {
     let mut s = String::from(
-        "| scenario | target | clients | runs | failed connects p50/p99 | failed txns p50/p99 (not in flight, total) | no-write gap p50/p99 | longest connect p50/p99 |\n|---|---|---|---|---|---|---|---|\n",
+        "| scenario | target | clients | runs | failed connects p50/p99 | failed txns p50/p99 | failed txns total (in flight at the change / after the new master was routed) | no-write gap p50/p99 | longest connect p50/p99 |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in summary {
         s += &format!(
-            "| {} | {} | {} | {} | {}/{} | {}/{} ({}) | {:.2}/{:.2} s | {:.2}/{:.2} s |\n",
+            "| {} | {} | {} | {} | {}/{} | {}/{} | {} ({} / {}) | {:.2}/{:.2} s | {:.2}/{:.2} s |\n",
             r.scenario,
             r.target,
             r.kind,
@@ -281,7 +287,9 @@ fn table(summary: &[Summary]) -> String {
             r.connects_failed_p99,
             r.txns_failed_p50,
             r.txns_failed_p99,
-            r.txns_failed_not_in_flight_total,
+            r.txns_failed_total,
+            r.txns_failed_in_flight_total,
+            r.txns_failed_after_routed_total,
             r.max_gap_p50,
             r.max_gap_p99,
             r.longest_connect_p50,

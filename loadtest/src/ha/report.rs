@@ -8,11 +8,13 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// The part of the run one change is judged on: from `from` (before the change) to `to`
-/// (the cluster healthy again), with the change at `mark`.
+/// (the cluster healthy again), with the change at `mark` and the new master routed at
+/// `routed` (as the clusterdata said, polled every 50 ms).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Window {
     pub from: f64,
     pub mark: f64,
+    pub routed: f64,
     pub to: f64,
 }
 
@@ -24,12 +26,18 @@ pub struct Seen {
     pub txns_failed: usize,
     /// Of the failed transactions, those started before the change and still running then.
     pub txns_failed_in_flight: usize,
+    /// Of the failed transactions, those that failed after the new master was routed (none
+    /// of these is the old master's doing).
+    pub txns_failed_after_routed: usize,
     pub txn_errors: BTreeMap<String, usize>,
     /// The longest time with no commit, from the last commit before the change.
     pub max_gap: f64,
     /// The longest connection attempt that ended in a session.
     pub longest_connect: f64,
 }
+
+/// The routing time is polled every 50 ms: a failure this close after it may precede it.
+const ROUTED_SLACK: f64 = 0.05;
 
 /// What `target`'s clients (of `kind`, or every kind) saw within `w`.
 pub fn seen(samples: &[Sample], target: usize, kind: Option<Kind>, w: Window) -> Seen {
@@ -52,6 +60,9 @@ pub fn seen(samples: &[Sample], target: usize, kind: Option<Kind>, w: Window) ->
                 if s.start <= w.mark {
                     out.txns_failed_in_flight += 1;
                 }
+                if s.end > w.routed + ROUTED_SLACK {
+                    out.txns_failed_after_routed += 1;
+                }
                 *out.txn_errors.entry(k.clone()).or_default() += 1;
             }
         }
@@ -72,6 +83,33 @@ fn max_gap(commits: &mut [f64], w: Window) -> f64 {
         last = t;
     }
     gap.max(w.to - last)
+}
+
+/// A failed transaction, for the record: who, when (relative to the change) and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Failure {
+    pub target: &'static str,
+    pub kind: Kind,
+    pub start: f64,
+    pub end: f64,
+    pub error: String,
+}
+
+pub fn failed_txns(samples: &[Sample], w: Window) -> Vec<Failure> {
+    samples
+        .iter()
+        .filter(|s| s.end >= w.from && s.end <= w.to)
+        .filter_map(|s| match &s.outcome {
+            Outcome::TxnFailed(e) => Some(Failure {
+                target: super::TARGETS.get(s.target).copied().unwrap_or("?"),
+                kind: s.kind,
+                start: s.start - w.mark,
+                end: s.end - w.mark,
+                error: e.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The p-th percentile (0..=100) by nearest rank; 0 for no values.
@@ -102,6 +140,7 @@ mod tests {
     const W: Window = Window {
         from: 0.0,
         mark: 5.0,
+        routed: 5.6,
         to: 10.0,
     };
 
@@ -155,6 +194,7 @@ mod tests {
         assert_eq!(all.connects_failed, 1);
         assert_eq!(all.txns_failed, 2);
         assert_eq!(all.txns_failed_in_flight, 1);
+        assert_eq!(all.txns_failed_after_routed, 1, "the one ending at 5.7");
         assert_eq!(all.txn_errors.get("57P01"), Some(&1));
         assert!((all.max_gap - 7.0).abs() < 1e-9, "{}", all.max_gap);
         assert!((all.longest_connect - 2.5).abs() < 1e-9);
