@@ -269,7 +269,7 @@ async fn http_get(addr: &str, path: &str) -> Result<String> {
 /// master routed).
 type Routed = Vec<(f64, Option<String>)>;
 
-/// The routed master over time, polled from the store every 50 ms.
+/// The routed master over time, read from the store at each clusterdata write.
 pub struct Watcher {
     changes: Arc<Mutex<Routed>>,
 }
@@ -287,13 +287,16 @@ pub fn watch_master(store: ClusterStore, t0: Instant, stop: CancellationToken) -
     };
     tokio::spawn(async move {
         let mut last: Option<Option<String>> = None;
+        let mut watch: Option<control::store::Watcher> = None;
         while !stop.is_cancelled() {
-            let master = match store.get_cluster_data().await {
-                Ok(Some((cd, _))) => cd
-                    .dbs
-                    .get(&cd.proxy.spec.master_db_uid)
-                    .map(|db| db.spec.keeper_uid.clone()),
-                _ => None,
+            let (master, rev) = match store.get_cluster_data().await {
+                Ok(Some((cd, rev))) => (
+                    cd.dbs
+                        .get(&cd.proxy.spec.master_db_uid)
+                        .map(|db| db.spec.keeper_uid.clone()),
+                    rev,
+                ),
+                _ => (None, 0),
             };
             if last.as_ref() != Some(&master) {
                 if let Ok(mut c) = changes.lock() {
@@ -301,7 +304,21 @@ pub fn watch_master(store: ClusterStore, t0: Instant, stop: CancellationToken) -
                 }
                 last = Some(master);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Read again on the next write (a watch, not a poll: the time is the write's).
+            let w = watch.get_or_insert_with(|| {
+                control::store::Watcher::from_revision(
+                    store.store().clone(),
+                    store.clusterdata_key(),
+                    rev + 1,
+                )
+            });
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = w.next() => if r.is_err() {
+                    watch = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                },
+            }
         }
     });
     w

@@ -66,7 +66,9 @@ struct Summary {
     txns_failed_p50: f64,
     txns_failed_p99: f64,
     txns_failed_total: usize,
-    txns_failed_in_flight_total: usize,
+    txns_failed_at_change_total: usize,
+    connects_failed_total: usize,
+    connects_failed_at_change_total: usize,
     txns_failed_after_routed_total: usize,
     max_gap_p50: f64,
     max_gap_p99: f64,
@@ -142,8 +144,8 @@ async fn run_async(opts: &Options) -> Result<()> {
             .map(|(t, s)| {
                 let a = &s["all"];
                 format!(
-                    "{t}: connects failed {}, txns failed {} ({} in flight), no-write gap {:.2}s, longest connect {:.2}s",
-                    a.connects_failed, a.txns_failed, a.txns_failed_in_flight, a.max_gap, a.longest_connect
+                    "{t}: connects failed {} ({} cut at the change), txns failed {} ({} cut at the change, {} after the new master was routed), no-write gap {:.2}s, longest connect {:.2}s",
+                    a.connects_failed, a.connects_failed_at_change, a.txns_failed, a.txns_failed_at_change, a.txns_failed_after_routed, a.max_gap, a.longest_connect
                 )
             })
             .collect();
@@ -201,7 +203,12 @@ fn summarise(changes: &[Change]) -> Vec<Summary> {
                     txns_failed_p50: f(|s| s.txns_failed as f64, 50.0),
                     txns_failed_p99: f(|s| s.txns_failed as f64, 99.0),
                     txns_failed_total: v.iter().map(|s| s.txns_failed).sum(),
-                    txns_failed_in_flight_total: v.iter().map(|s| s.txns_failed_in_flight).sum(),
+                    txns_failed_at_change_total: v.iter().map(|s| s.txns_failed_at_change).sum(),
+                    connects_failed_total: v.iter().map(|s| s.connects_failed).sum(),
+                    connects_failed_at_change_total: v
+                        .iter()
+                        .map(|s| s.connects_failed_at_change)
+                        .sum(),
                     txns_failed_after_routed_total: v
                         .iter()
                         .map(|s| s.txns_failed_after_routed)
@@ -274,21 +281,23 @@ fn write_out(opts: &Options, result: &Result_, samples: &[Sample]) -> Result<()>
 
 fn table(summary: &[Summary]) -> String {
     let mut s = String::from(
-        "| scenario | target | clients | runs | failed connects p50/p99 | failed txns p50/p99 | failed txns total (in flight at the change / after the new master was routed) | no-write gap p50/p99 | longest connect p50/p99 |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | target | clients | runs | failed connects p50/p99 (total: cut at the change) | failed txns p50/p99 (total: cut at the change / after the new master was routed) | no-write gap p50/p99 | longest connect p50/p99 |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in summary {
         s += &format!(
-            "| {} | {} | {} | {} | {}/{} | {}/{} | {} ({} / {}) | {:.2}/{:.2} s | {:.2}/{:.2} s |\n",
+            "| {} | {} | {} | {} | {}/{} ({}: {}) | {}/{} ({}: {} / {}) | {:.2}/{:.2} s | {:.2}/{:.2} s |\n",
             r.scenario,
             r.target,
             r.kind,
             r.runs,
             r.connects_failed_p50,
             r.connects_failed_p99,
+            r.connects_failed_total,
+            r.connects_failed_at_change_total,
             r.txns_failed_p50,
             r.txns_failed_p99,
             r.txns_failed_total,
-            r.txns_failed_in_flight_total,
+            r.txns_failed_at_change_total,
             r.txns_failed_after_routed_total,
             r.max_gap_p50,
             r.max_gap_p99,
