@@ -35,7 +35,8 @@ enum Cmd {
         /// pgbench scale factor
         #[arg(long, default_value_t = 10)]
         scale: u32,
-        /// stolon-proxy engines to run (comma list; `engine:threads` pins the thread count)
+        /// stolon-proxy engines to run (comma list; `engine:threads` pins the thread count,
+        /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking)
         #[arg(long, default_value = "tokio-tpc,tokio-mt", value_delimiter = ',')]
         engines: Vec<String>,
         /// Leave out HAProxy and PgBouncer

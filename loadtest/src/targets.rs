@@ -95,8 +95,16 @@ pub fn stolon_proxy(
     let port = free_port();
     let log = std::fs::File::create(log_dir.join(format!("{uid}.log")))?;
     let mut cmd = Command::new(proxy_binary()?);
-    // `engine:threads` pins the relay thread count (default: one per core).
-    let (engine_name, threads) = match spec.split_once(':') {
+    // `engine:threads` pins the relay thread count (default: one per core); a `+no-drain`
+    // suffix runs it with `--drain-timeout 0` (no transaction tracking).
+    let (spec_core, no_drain) = match spec.strip_suffix("+no-drain") {
+        Some(core) => (core, true),
+        None => (spec, false),
+    };
+    if no_drain {
+        cmd.args(["--drain-timeout", "0"]);
+    }
+    let (engine_name, threads) = match spec_core.split_once(':') {
         Some((e, t)) => (e, Some(t)),
         None => (spec, None),
     };

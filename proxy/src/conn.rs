@@ -23,6 +23,9 @@ pub struct ConnConfig {
     pub connect_timeout: Duration,
     /// TCP keepalive for client sockets (`None`: the OS default).
     pub keepalive: Option<TcpKeepalive>,
+    /// Track where master sessions stand between transactions, for a switchover's drain
+    /// (off with `--drain-timeout 0`: a drain then severs at once, and nothing is tracked).
+    pub drain: bool,
 }
 
 impl Default for ConnConfig {
@@ -31,6 +34,7 @@ impl Default for ConnConfig {
             startup_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             keepalive: None,
+            drain: true,
         }
     }
 }
@@ -69,11 +73,11 @@ struct LaneRefs<'a> {
 }
 
 impl Lane {
-    fn refs<'a>(&'a self, route: &'a Route) -> LaneRefs<'a> {
+    fn refs<'a>(&'a self, route: &'a Route, drain: bool) -> LaneRefs<'a> {
         match self {
             Lane::Master => LaneRefs {
                 token: &route.token,
-                drain: Some(&route.drain),
+                drain: drain.then_some(&route.drain),
                 sessions: &route.sessions,
                 sockets: &route.sockets,
             },
@@ -438,7 +442,7 @@ where
     F: FnOnce(&'a CancellationToken, Option<&'a CancellationToken>) -> Fut,
     Fut: Future<Output = End>,
 {
-    let l = lane.refs(route);
+    let l = lane.refs(route, ctx.config.drain);
     let _task = l.sessions.token();
     let _active = ActiveOn::new(lane);
     let Some(_registration) = l.sockets.register(client, server) else {

@@ -91,7 +91,8 @@ struct Args {
     /// On a planned switchover (stolonctl switchover), how long the old master's sessions
     /// have to reach a transaction boundary: each is closed cleanly when idle (FATAL 57P01,
     /// as a PostgreSQL shutting down says), never inside a transaction; what is still open
-    /// at the timeout is severed. Unplanned failovers sever at once
+    /// at the timeout is severed (0: sever at once, and track nothing). Unplanned failovers
+    /// sever at once
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Most sessions held at once; more are refused (57P03) at once
@@ -221,6 +222,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         startup_timeout: args.startup_timeout,
         connect_timeout: args.connect_timeout,
         keepalive: args.keepalive(),
+        drain: !args.drain_timeout.is_zero(),
     };
     let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let rejecting = Arc::new(tokio::sync::Semaphore::new(proxy::server::REJECTING_MAX));

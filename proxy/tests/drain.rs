@@ -182,3 +182,19 @@ async fn without_the_hint_the_old_master_is_severed_at_once() {
         proxy.log_text()
     );
 }
+
+/// `--drain-timeout 0` turns the drain off: with the hint, an idle session (one a drain
+/// would close cleanly) is severed at once like any other, since nothing tracks where it
+/// stands, and the generation is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_timeout_of_zero_severs_at_once_and_tracks_nothing() {
+    let s = Setup::new(2).await;
+    let proxy = routed_proxy(&s, &["--drain-timeout", "0"]).await;
+    let idle = proxy.connect().await.expect("connect");
+    idle.batch_execute("select 1").await.expect("query");
+    drain_to_none(&s, 2).await;
+    wait_closed(&idle, "the idle session", &proxy).await;
+    wait_reported(&s, &proxy, 2).await;
+    let log = proxy.log_text();
+    assert!(log.contains("severed_at_timeout=1"), "{log}");
+}
