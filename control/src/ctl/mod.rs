@@ -327,12 +327,71 @@ pub async fn request_switchover(store: &ClusterStore, target: &str) -> Result<Sw
     Ok(req)
 }
 
-/// The standby a switchover goes to by default: healthy, converged, furthest ahead.
+/// The standby a switchover goes to by default: healthy, converged, on a keeper that may be
+/// master, in the master's synchronous set when synchronous replication is on (the only
+/// standbys the sentinel accepts then), furthest ahead.
 pub fn default_target(cd: &ClusterData) -> Option<String> {
+    let master = cd.dbs.get(&cd.cluster.status.master);
+    let sync_ok = |uid: &String| {
+        master.is_none_or(|m| {
+            !m.spec.synchronous_replication
+                || (m.spec.synchronous_standbys.contains(uid)
+                    && m.status.synchronous_standbys.contains(uid))
+        })
+    };
     cd.dbs
         .values()
         .filter(|d| d.uid != cd.cluster.status.master)
         .filter(|d| d.status.healthy && d.status.current_generation == d.generation)
+        .filter(|d| {
+            cd.keepers
+                .get(&d.spec.keeper_uid)
+                .is_none_or(|k| k.status.can_be_master != Some(false))
+        })
+        .filter(|d| sync_ok(&d.uid))
         .max_by_key(|d| d.status.x_log_pos)
         .map(|d| d.spec.keeper_uid.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_target;
+    use crate::model::ClusterData;
+
+    fn cd(sync: bool) -> ClusterData {
+        let doc = serde_json::json!({
+            "formatVersion": 1,
+            "cluster": {"uid": "c", "generation": 1, "spec": {},
+                        "status": {"phase": "normal", "master": "m"}},
+            "keepers": {"k0": {"uid": "k0"}, "k1": {"uid": "k1"}, "k2": {"uid": "k2"},
+                        "k3": {"uid": "k3", "status": {"canBeMaster": false}}},
+            "dbs": {
+                "m": {"uid": "m", "generation": 1, "spec": {"keeperUID": "k0", "role": "master",
+                      "synchronousReplication": sync, "synchronousStandbys": ["s1"]},
+                      "status": {"healthy": true, "currentGeneration": 1, "xLogPos": 100,
+                                 "synchronousStandbys": ["s1"]}},
+                "s1": {"uid": "s1", "generation": 1, "spec": {"keeperUID": "k1", "role": "standby"},
+                       "status": {"healthy": true, "currentGeneration": 1, "xLogPos": 90}},
+                "s2": {"uid": "s2", "generation": 1, "spec": {"keeperUID": "k2", "role": "standby"},
+                       "status": {"healthy": true, "currentGeneration": 1, "xLogPos": 95}},
+                "s3": {"uid": "s3", "generation": 1, "spec": {"keeperUID": "k3", "role": "standby"},
+                       "status": {"healthy": true, "currentGeneration": 1, "xLogPos": 99}}
+            }
+        });
+        ClusterData::from_json(doc.to_string().as_bytes()).expect("clusterdata")
+    }
+
+    #[test]
+    fn the_default_target_is_one_the_sentinel_accepts() {
+        assert_eq!(
+            default_target(&cd(false)).as_deref(),
+            Some("k2"),
+            "async: the furthest ahead whose keeper may be master (not k3)"
+        );
+        assert_eq!(
+            default_target(&cd(true)).as_deref(),
+            Some("k1"),
+            "sync: only the synchronous standby"
+        );
+    }
 }
