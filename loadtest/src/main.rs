@@ -89,6 +89,10 @@ enum Cmd {
         /// Synchronous replication (one synchronous standby)
         #[arg(long)]
         sync: bool,
+        /// Cluster spec keys (JSON) over the e2e suite's timings (sleepInterval 1s,
+        /// failInterval 5s), e.g. '{"sleepInterval":"5s"}'
+        #[arg(long, default_value = "{}", value_parser = parse_json)]
+        spec: serde_json::Value,
         /// HAProxy's health-check timing for each keeper (`default-server` options)
         #[arg(long, default_value = "inter 1s fastinter 200ms fall 1 rise 1")]
         haproxy_check: String,
@@ -96,6 +100,10 @@ enum Cmd {
         #[arg(long, default_value = "bench-results/ha")]
         out_dir: std::path::PathBuf,
     },
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// "250ms", "2s" or "1m" as a duration.
@@ -142,6 +150,7 @@ fn main() -> anyhow::Result<()> {
             think,
             connect_timeout,
             sync,
+            spec,
             haproxy_check,
             out_dir,
         } => ha::run(&ha::Options {
@@ -151,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             think,
             connect_timeout,
             sync,
+            spec,
             haproxy_check,
             out_dir,
         }),

@@ -106,7 +106,7 @@ pub fn stolon_proxy(
     }
     let (engine_name, threads) = match spec_core.split_once(':') {
         Some((e, t)) => (e, Some(t)),
-        None => (spec, None),
+        None => (spec_core, None),
     };
     if let Some(t) = threads {
         cmd.args(["--threads", t]);
@@ -130,7 +130,10 @@ pub fn stolon_proxy(
     .stdout(log.try_clone()?)
     .stderr(log);
     let mut child = ChildGuard::spawn("stolon-proxy", &mut cmd)?;
-    wait_port(port.0, &mut child, "stolon-proxy")?;
+    if let Err(e) = wait_port(port.0, &mut child, "stolon-proxy") {
+        let log = std::fs::read_to_string(log_dir.join(format!("{uid}.log"))).unwrap_or_default();
+        bail!("{e}; its log:\n{log}");
+    }
     Ok(Target {
         name: format!("stolon-{spec}"),
         port: port.0,

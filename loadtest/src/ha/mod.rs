@@ -31,6 +31,8 @@ pub struct Options {
     pub think: Duration,
     pub connect_timeout: Duration,
     pub sync: bool,
+    /// Spec keys over the e2e suite's timings.
+    pub spec: serde_json::Value,
     /// HAProxy's check timing for every server (`default-server` options).
     pub haproxy_check: String,
     pub out_dir: PathBuf,
@@ -100,12 +102,14 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 async fn run_async(opts: &Options) -> Result<()> {
-    let spec = if opts.sync {
-        serde_json::json!({"synchronousReplication": true, "minSynchronousStandbys": 1,
-            "maxSynchronousStandbys": 1})
-    } else {
-        serde_json::json!({})
-    };
+    let mut spec = opts.spec.clone();
+    if opts.sync {
+        if let Some(o) = spec.as_object_mut() {
+            o.insert("synchronousReplication".into(), true.into());
+            o.insert("minSynchronousStandbys".into(), 1.into());
+            o.insert("maxSynchronousStandbys".into(), 1.into());
+        }
+    }
     let mut env = cluster::Env::start(spec.clone(), &opts.haproxy_check).await?;
     eprintln!("cluster up in {}", env.c.dir.display());
     let shared = Arc::new(Shared {
