@@ -66,7 +66,9 @@ impl Drain<'_> {
     /// Draining past the quiet wait, and nothing of the session would be cut by closing it
     /// now: the relay closes it right after the answer that made it idle.
     pub fn due(&self) -> bool {
-        self.signal.is_cancelled() && self.tx.lock().is_ok_and(|tx| tx.forced && tx.idle())
+        // `forced` first: it is false outside a drain, and the token's check takes a lock
+        // (this runs after every chunk from the server).
+        self.tx.lock().is_ok_and(|tx| tx.forced && tx.idle()) && self.signal.is_cancelled()
     }
 
     /// Whether the session is between transactions, and how many reads it has relayed.
