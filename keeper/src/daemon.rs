@@ -731,13 +731,14 @@ async fn publish(
             ttl_for = sleep;
             key = store.keeper_info_key(&uid, info_ttl(sleep));
         }
+        let fence = Duration::from_nanos(shared.fence_ns.load(Ordering::Relaxed));
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = key.revoke().await;
                 return;
             }
             _ = shared.publish_now.notified() => {}
-            _ = tokio::time::sleep(sleep) => {}
+            _ = tokio::time::sleep(publish_every(sleep, fence)) => {}
         }
         if !shared.loop_alive(sleep) {
             if !stalled {
@@ -777,9 +778,39 @@ async fn publish(
     }
 }
 
+/// How long the publisher waits between periodic publishes: sleepInterval, but at most half
+/// the fence window (two publishes per window, as stolon's defaults give: sleepInterval 5 s,
+/// window 10 s), since each acknowledged publish is what keeps a master from fencing itself
+/// (failInterval / 2 after the last one). With failInterval 5 s and stolon's default
+/// sleepInterval 5 s the master fenced itself between publishes, every few seconds.
+fn publish_every(sleep: Duration, fence: Duration) -> Duration {
+    if fence.is_zero() {
+        sleep
+    } else {
+        sleep.min(fence / 2)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::loop_alive;
+
+    #[test]
+    fn a_publish_comes_at_least_twice_per_fence_window() {
+        use super::publish_every;
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let table = [
+            (s(5), s(10), s(5)),        // stolon's defaults: failInterval 20 s
+            (s(5), ms(2500), ms(1250)), // failInterval 5 s with sleepInterval 5 s
+            (s(1), ms(2500), s(1)),
+            (ms(500), s(10), ms(500)),
+            (s(5), Duration::ZERO, s(5)), // no fence window known
+        ];
+        for (sleep, fence, want) in table {
+            assert_eq!(publish_every(sleep, fence), want, "{sleep:?} {fence:?}");
+        }
+    }
     use std::time::Duration;
 
     #[test]

@@ -227,3 +227,34 @@ async fn postgres_waits_until_the_sentinel_saw_the_new_boot() {
     let _sentinel = env.sentinel(SPEC);
     writable(&env, k.port.0, "the master once the sentinel saw the boot").await;
 }
+
+/// failInterval 5 s with stolon's default sleepInterval 5 s: the master's fence window
+/// (2.5 s after its last acknowledged KeeperInfo) is shorter than sleepInterval, so the
+/// keeper publishes at least twice per window. Before, it published every 5 s and the
+/// master fenced itself between publishes, over and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_window_shorter_than_sleep_interval_does_not_fence_a_healthy_master() {
+    let _serial = serial().await;
+    let env = Env::new().await;
+    let spec = r#"{"initMode": "new", "sleepInterval": "5s", "failInterval": "5s",
+        "pgParameters": {"fsync": "off"}}"#;
+    let _sentinel = env.sentinel(spec);
+    let k = env.keeper("k1", &[]);
+    writable(&env, k.port.0, "the master").await;
+    // The positive event: six publishes, more than two fence windows' worth.
+    let mut seen = std::collections::BTreeSet::new();
+    wait_for(
+        &env,
+        "six KeeperInfo publishes",
+        Duration::from_secs(40),
+        async || {
+            let info = env.keeper_info("k1").await?;
+            seen.insert(info.info_uid);
+            (seen.len() >= 6).then_some(())
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&k.log).unwrap_or_default();
+    assert!(!log.contains("fencing the master"), "{log}");
+    assert!(can_write(k.port.0).await, "still writable");
+}
