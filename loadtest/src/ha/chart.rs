@@ -114,7 +114,10 @@ pub fn draw(
     }
     let mut marks = vec![(0.0, what.to_string())];
     if let Some(r) = routed_at {
-        marks.push((r - w.mark, "new master routed".into()));
+        marks.push((
+            r - w.mark,
+            "new master routed (as the load generator saw it)".into(),
+        ));
     }
     for (x, label) in marks {
         chart
