@@ -119,8 +119,20 @@ struct Quiet {
     last: u64,
 }
 
-/// The drain's check at each tick: true closes the session now.
-fn drain_check(d: &Drain<'_>, q: &mut Quiet) -> bool {
+/// What the drain's check decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Check {
+    /// Close the session now.
+    Close,
+    /// Check again at the next tick.
+    Again,
+    /// Forced: the relay closes it at its next boundary; no more ticks (a session in a long
+    /// transaction would otherwise wake every millisecond until the drain timeout).
+    Forced,
+}
+
+/// The drain's check at each tick.
+fn drain_check(d: &Drain<'_>, q: &mut Quiet) -> Check {
     q.ticks += 1;
     let (idle, activity) = d.idle_activity();
     q.quiet = if idle && activity == q.last {
@@ -131,9 +143,13 @@ fn drain_check(d: &Drain<'_>, q: &mut Quiet) -> bool {
     q.last = activity;
     if q.ticks.saturating_mul(DRAIN_TICK.as_millis() as u32) >= DRAIN_FORCE.as_millis() as u32 {
         d.force();
-        return idle;
+        return if idle { Check::Close } else { Check::Forced };
     }
-    q.quiet >= DRAIN_QUIET_TICKS
+    if q.quiet >= DRAIN_QUIET_TICKS {
+        Check::Close
+    } else {
+        Check::Again
+    }
 }
 
 /// Relays until both directions end, an error, `token` is cancelled, or (with `drain`) the
@@ -184,7 +200,11 @@ pub async fn drive(
             }
             _ = tick(&mut quiet) => {
                 if let (Some(d), Some(q)) = (drain, quiet.as_mut()) {
-                    if drain_check(&d, q) { return End::Drained }
+                    match drain_check(&d, q) {
+                        Check::Close => return End::Drained,
+                        Check::Again => {}
+                        Check::Forced => quiet = None,
+                    }
                 }
             }
             r = &mut c2s, if !c_done => {
@@ -367,24 +387,40 @@ mod tests {
             tx: &tx,
         };
         let mut q = quiet(&d);
-        assert!(!drain_check(&d, &mut q), "one quiet check is not enough");
-        assert!(drain_check(&d, &mut q), "idle and silent for two checks");
+        assert_eq!(
+            drain_check(&d, &mut q),
+            Check::Again,
+            "one quiet check is not enough"
+        );
+        assert_eq!(
+            drain_check(&d, &mut q),
+            Check::Close,
+            "idle and silent for two checks"
+        );
 
         // Bytes moved between checks (the second half of an extended-protocol exchange,
         // answered): idle again at the check, but not quiet; the count starts over.
         let mut q = quiet(&d);
-        assert!(!drain_check(&d, &mut q));
+        assert_eq!(drain_check(&d, &mut q), Check::Again);
         d.feed(Direction::ClientToServer, &msg(b'S', b""));
         d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
-        assert!(!drain_check(&d, &mut q), "active since the last check");
-        assert!(!drain_check(&d, &mut q), "one quiet check again");
-        assert!(drain_check(&d, &mut q), "two in a row");
+        assert_eq!(
+            drain_check(&d, &mut q),
+            Check::Again,
+            "active since the last check"
+        );
+        assert_eq!(
+            drain_check(&d, &mut q),
+            Check::Again,
+            "one quiet check again"
+        );
+        assert_eq!(drain_check(&d, &mut q), Check::Close, "two in a row");
 
         // A request in flight is never closed, quiet or not.
         d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
         let mut q = quiet(&d);
         for _ in 0..5 {
-            assert!(!drain_check(&d, &mut q));
+            assert_eq!(drain_check(&d, &mut q), Check::Again);
         }
         assert!(!d.due(), "the relay does not close it at a boundary yet");
     }
@@ -401,12 +437,16 @@ mod tests {
         let mut q = quiet(&d);
         for tick in 1..FORCE_TICKS {
             d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
-            assert!(!drain_check(&d, &mut q), "busy at tick {tick}");
+            assert_eq!(drain_check(&d, &mut q), Check::Again, "busy at tick {tick}");
             d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
             assert!(!d.due(), "not forced yet at tick {tick}");
         }
         d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
-        assert!(!drain_check(&d, &mut q), "in flight at the force tick");
+        assert_eq!(
+            drain_check(&d, &mut q),
+            Check::Forced,
+            "in flight at the force tick: no more ticks"
+        );
         assert!(!d.due(), "not at a boundary");
         d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
         assert!(d.due(), "forced: closed right after the answer");
