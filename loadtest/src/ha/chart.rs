@@ -6,6 +6,7 @@ use super::clients::{Outcome, Sample};
 use super::report::Window;
 use super::TARGETS;
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -88,29 +89,8 @@ pub fn draw(
         (RGBColor(31, 119, 180), RGBColor(23, 190, 207)),
         (RGBColor(214, 39, 40), RGBColor(255, 127, 14)),
     ];
-    for (t, ((commits, errors), (c_col, e_col))) in series.iter().zip(colours).enumerate() {
-        let at = |i: usize| x0 + i as f64 * BUCKET;
-        let name = TARGETS[t];
-        chart
-            .draw_series(LineSeries::new(
-                commits.iter().enumerate().map(|(i, v)| (at(i), *v)),
-                c_col.stroke_width(2),
-            ))
-            .map_err(|e| anyhow!("{e:?}"))?
-            .label(format!("{name}: commits"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], c_col.stroke_width(2))
-            });
-        chart
-            .draw_series(LineSeries::new(
-                errors.iter().enumerate().map(|(i, v)| (at(i), *v)),
-                e_col.stroke_width(1),
-            ))
-            .map_err(|e| anyhow!("{e:?}"))?
-            .label(format!("{name}: errors (failed connects + failed txns)"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], e_col.stroke_width(1))
-            });
+    for ((name, lines), colour) in TARGETS.iter().zip(&series).zip(colours) {
+        draw_target(&mut chart, name, x0, lines, colour)?;
     }
     let mut marks = vec![(0.0, what.to_string())];
     if let Some(r) = routed_at {
@@ -119,21 +99,7 @@ pub fn draw(
             "new master routed (as the load generator saw it)".into(),
         ));
     }
-    for (x, label) in marks {
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(x, 0.0), (x, ymax)],
-                BLACK.stroke_width(1),
-            )))
-            .map_err(|e| anyhow!("{e:?}"))?;
-        chart
-            .draw_series(std::iter::once(Text::new(
-                label,
-                (x + 0.05, ymax * 0.97),
-                ("sans-serif", 13),
-            )))
-            .map_err(|e| anyhow!("{e:?}"))?;
-    }
+    draw_marks(&mut chart, &marks, ymax)?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
@@ -142,6 +108,56 @@ pub fn draw(
         .draw()
         .map_err(|e| anyhow!("{e:?}"))?;
     root.present().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One target's commits (thick) and errors (thin) per bucket, from `x0`.
+fn draw_target(
+    chart: &mut Chart<'_, '_>,
+    name: &str,
+    x0: f64,
+    (commits, errors): &(Vec<f64>, Vec<f64>),
+    (c_col, e_col): (RGBColor, RGBColor),
+) -> Result<()> {
+    let at = |i: usize| x0 + i as f64 * BUCKET;
+    chart
+        .draw_series(LineSeries::new(
+            commits.iter().enumerate().map(|(i, v)| (at(i), *v)),
+            c_col.stroke_width(2),
+        ))
+        .map_err(|e| anyhow!("{e:?}"))?
+        .label(format!("{name}: commits"))
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c_col.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            errors.iter().enumerate().map(|(i, v)| (at(i), *v)),
+            e_col.stroke_width(1),
+        ))
+        .map_err(|e| anyhow!("{e:?}"))?
+        .label(format!("{name}: errors (failed connects + failed txns)"))
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], e_col.stroke_width(1)));
+    Ok(())
+}
+
+/// A labelled vertical line at each step.
+fn draw_marks(chart: &mut Chart<'_, '_>, marks: &[(f64, String)], ymax: f64) -> Result<()> {
+    for (x, label) in marks {
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(*x, 0.0), (*x, ymax)],
+                BLACK.stroke_width(1),
+            )))
+            .map_err(|e| anyhow!("{e:?}"))?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                label.clone(),
+                (x + 0.05, ymax * 0.97),
+                ("sans-serif", 13),
+            )))
+            .map_err(|e| anyhow!("{e:?}"))?;
+    }
     Ok(())
 }
 

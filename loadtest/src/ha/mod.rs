@@ -15,7 +15,7 @@ mod cluster;
 mod report;
 
 use anyhow::{Context, Result};
-use clients::{Kind, Outcome, Sample, Shared};
+use clients::{Endpoint, Kind, Outcome, Sample, Shared};
 use report::{percentile, seen, Seen, Window};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -102,14 +102,7 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 async fn run_async(opts: &Options) -> Result<()> {
-    let mut spec = opts.spec.clone();
-    if opts.sync {
-        if let Some(o) = spec.as_object_mut() {
-            o.insert("synchronousReplication".into(), true.into());
-            o.insert("minSynchronousStandbys".into(), 1.into());
-            o.insert("maxSynchronousStandbys".into(), 1.into());
-        }
-    }
+    let spec = spec_of(opts);
     let mut env = cluster::Env::start(spec.clone(), &opts.haproxy_check).await?;
     eprintln!("cluster up in {}", env.c.dir.display());
     let shared = Arc::new(Shared {
@@ -121,44 +114,14 @@ async fn run_async(opts: &Options) -> Result<()> {
         think: opts.think,
     });
     let endpoints = [env.proxy_endpoint(), env.haproxy_endpoint()];
-    let mut tasks = Vec::new();
-    let mut no = 0;
-    for e in &endpoints {
-        for kind in [Kind::PerTxn, Kind::Persistent] {
-            for _ in 0..opts.clients {
-                no += 1;
-                tasks.push(tokio::spawn(clients::run(
-                    shared.clone(),
-                    e.clone(),
-                    kind,
-                    no,
-                )));
-            }
-        }
-    }
+    let tasks = spawn_clients(&shared, &endpoints, opts.clients);
     let watcher = cluster::watch_master(env.c.store.clone(), shared.t0, shared.stop.clone());
     let mut changes = Vec::new();
     let plan = std::iter::repeat_n("switchover", opts.switchovers)
         .chain(std::iter::repeat_n("failover", opts.failovers));
     for (i, scenario) in plan.enumerate() {
         let change = env.change(scenario, i, &shared, &watcher).await?;
-        let line: Vec<String> = change
-            .seen
-            .iter()
-            .map(|(t, s)| {
-                let a = &s["all"];
-                format!(
-                    "{t}: connects failed {} ({} cut at the change), txns failed {} ({} cut at the change, {} after the new master was routed), no-write gap {:.2}s, longest connect {:.2}s",
-                    a.connects_failed, a.connects_failed_at_change, a.txns_failed, a.txns_failed_at_change, a.txns_failed_after_routed, a.max_gap, a.longest_connect
-                )
-            })
-            .collect();
-        eprintln!(
-            "{scenario} {i}: {} -> {}; {}",
-            change.old_master,
-            change.new_master,
-            line.join("; ")
-        );
+        eprintln!("{}", progress_line(&change));
         changes.push(change);
     }
     shared.stop.cancel();
@@ -182,6 +145,66 @@ async fn run_async(opts: &Options) -> Result<()> {
     write_out(opts, &result, &samples)?;
     env.stop();
     Ok(())
+}
+
+/// `--spec` with `--sync`'s keys over it.
+fn spec_of(opts: &Options) -> serde_json::Value {
+    let mut spec = opts.spec.clone();
+    if opts.sync {
+        if let Some(o) = spec.as_object_mut() {
+            o.insert("synchronousReplication".into(), true.into());
+            o.insert("minSynchronousStandbys".into(), 1.into());
+            o.insert("maxSynchronousStandbys".into(), 1.into());
+        }
+    }
+    spec
+}
+
+/// `n` clients of each kind through each endpoint, numbered from 1.
+fn spawn_clients(
+    shared: &Arc<Shared>,
+    endpoints: &[Endpoint],
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    let mut no = 0;
+    for e in endpoints {
+        for kind in [Kind::PerTxn, Kind::Persistent] {
+            for _ in 0..n {
+                no += 1;
+                tasks.push(tokio::spawn(clients::run(
+                    shared.clone(),
+                    e.clone(),
+                    kind,
+                    no,
+                )));
+            }
+        }
+    }
+    tasks
+}
+
+/// One line per change on stderr, as the run goes.
+fn progress_line(change: &Change) -> String {
+    let per_target: Vec<String> = change
+        .seen
+        .iter()
+        .map(|(t, s)| {
+            let a = &s["all"];
+            format!(
+                "{t}: connects failed {} ({} cut at the change), txns failed {} ({} cut at the change, {} after the new master was routed), no-write gap {:.2}s, longest connect {:.2}s",
+                a.connects_failed, a.connects_failed_at_change, a.txns_failed, a.txns_failed_at_change, a.txns_failed_after_routed, a.max_gap, a.longest_connect
+            )
+        })
+        .collect();
+    format!(
+        "{} {}: {} -> {}; {}",
+        change.scenario,
+        change.index,
+        change.old_master,
+        change.new_master,
+        per_target.join("; ")
+    )
 }
 
 fn summarise(changes: &[Change]) -> Vec<Summary> {
