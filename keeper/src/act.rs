@@ -118,17 +118,7 @@ impl Keeper {
     /// once (the rest of the plan, a rewind or a base backup, may take long, and a
     /// switchover's target can be promoted meanwhile). Nothing when the stop was not clean.
     async fn report_clean_shutdown(&mut self) {
-        let dir = self.settings.layout.pg_data();
-        let out = self
-            .settings
-            .tools
-            .run(
-                "pg_controldata",
-                [dir.as_os_str()],
-                &[],
-                Duration::from_secs(5),
-            )
-            .await;
+        let out = self.controldata().await;
         match out.map(|o| crate::config::parse_shutdown_checkpoint(&o)) {
             Ok(Some(lsn)) => {
                 tracing::info!(lsn = %crate::sql::format_lsn(lsn), "master stopped cleanly");

@@ -522,16 +522,10 @@ impl Keeper {
         }
     }
 
-    /// For a standby, the primary's hot-standby settings as this data dir last replayed them.
-    async fn refresh_floors(&mut self) {
-        let standby = self.my_db().is_some_and(|db| followed_db(db).is_some());
-        if !standby || !self.settings.layout.has_data() {
-            self.instance.floors.clear();
-            return;
-        }
+    /// `pg_controldata` of the data dir.
+    pub(crate) async fn controldata(&self) -> Result<String, crate::tools::ToolError> {
         let dir = self.settings.layout.pg_data();
-        match self
-            .settings
+        self.settings
             .tools
             .run(
                 "pg_controldata",
@@ -540,7 +534,16 @@ impl Keeper {
                 Duration::from_secs(5),
             )
             .await
-        {
+    }
+
+    /// For a standby, the primary's hot-standby settings as this data dir last replayed them.
+    async fn refresh_floors(&mut self) {
+        let standby = self.my_db().is_some_and(|db| followed_db(db).is_some());
+        if !standby || !self.settings.layout.has_data() {
+            self.instance.floors.clear();
+            return;
+        }
+        match self.controldata().await {
             Ok(out) => self.instance.floors = config::parse_floors(&out),
             Err(e) => tracing::debug!(error = %e, "pg_controldata failed: keeping the last floors"),
         }
