@@ -158,14 +158,7 @@ pub fn haproxy(pg_port: u16, threads: Option<u32>) -> Result<Target> {
             port.0
         ),
     )?;
-    let mut cmd = Command::new(find_program("haproxy")?);
-    cmd.arg("-f")
-        .arg(&cfg)
-        .arg("-db")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = ChildGuard::spawn("haproxy", &mut cmd).context("starting haproxy")?;
+    let mut child = spawn_haproxy(&cfg)?;
     wait_port(port.0, &mut child, "haproxy")?;
     Ok(Target {
         name: threads.map_or("haproxy".into(), |n| format!("haproxy:{n}")),
@@ -175,6 +168,18 @@ pub fn haproxy(pg_port: u16, threads: Option<u32>) -> Result<Target> {
         _port: Some(port),
         _dir: Some(dir),
     })
+}
+
+/// HAProxy in the foreground on configuration file `cfg`, its output discarded.
+pub fn spawn_haproxy(cfg: &std::path::Path) -> Result<ChildGuard> {
+    let mut cmd = Command::new(find_program("haproxy")?);
+    cmd.arg("-f")
+        .arg(cfg)
+        .arg("-db")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    ChildGuard::spawn("haproxy", &mut cmd).context("starting haproxy")
 }
 
 pub fn pgbouncer(pg_port: u16) -> Result<Target> {

@@ -65,14 +65,7 @@ impl Env {
         let cfg = haproxy_config(&c, haproxy_port.0, haproxy_check);
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg)?;
-        let mut cmd = std::process::Command::new(crate::targets::find_program("haproxy")?);
-        cmd.arg("-f")
-            .arg(&path)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let haproxy = ChildGuard::spawn("haproxy", &mut cmd).context("starting haproxy")?;
+        let haproxy = crate::targets::spawn_haproxy(&path)?;
         let env = Env {
             c,
             proxy_metrics,
