@@ -14,6 +14,16 @@ for a in "$@"; do
 done
 
 bash scripts/deps.sh
+# A clean clone's build has no use for incremental state (it saves ~2 GB of disk there).
+if [ "${CI:-}" = "true" ]; then
+  export CARGO_INCREMENTAL=0
+fi
+# The debug build and the fuzz build need ~6 GB; say so plainly rather than fail mid-link.
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+echo "== disk: $(( free_kb / 1024 / 1024 )) GiB free where the build goes"
+if [ "$free_kb" -lt $(( 6 * 1024 * 1024 )) ]; then
+  echo "warning: less than 6 GiB free; the build may fail with 'No space left on device'" >&2
+fi
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
