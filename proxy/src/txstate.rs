@@ -22,6 +22,15 @@ pub enum Start {
     DirectTls,
 }
 
+/// What the client's current extended-protocol cycle has asked for so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cycle {
+    /// Parse or Describe: a statement is being prepared or described.
+    prepares: bool,
+    /// Execute: a statement runs.
+    executes: bool,
+}
+
 /// Message framing in one direction, headers only.
 #[derive(Clone, Debug)]
 struct Frames {
@@ -114,6 +123,13 @@ pub struct TxState {
     /// The client sent messages of an extended-protocol cycle (Parse, Bind, Execute, ...)
     /// that no Sync has closed yet: mid-cycle, even if nothing is counted as in flight.
     cycle_open: bool,
+    cycle: Cycle,
+    /// The client's last exchange was the first half of a pair whose second half follows
+    /// at once: a cycle that prepared or described a statement and ran none (tokio-postgres,
+    /// pgx and others prepare, wait for the answer, then bind and execute), or the startup
+    /// (the first query follows the authentication). Idle then, but not settled: a drain
+    /// closing it would race the client's next message.
+    half_pair: bool,
     /// Reads relayed so far (either direction): unchanged over an interval means no byte
     /// moved in it.
     pub(crate) activity: u64,
@@ -138,6 +154,8 @@ impl TxState {
             outstanding: u64::from(start == Start::Startup),
             last_idle: false,
             cycle_open: false,
+            cycle: Cycle::default(),
+            half_pair: start != Start::DirectTls,
             activity: 0,
             idle_at: std::time::Instant::now(),
             forced: false,
@@ -157,18 +175,30 @@ impl TxState {
             self.opaque = true;
             return;
         }
-        let (mut requests, mut cycle_open) = (0u64, self.cycle_open);
+        let mut requests = 0u64;
+        let (mut cycle_open, mut cycle, mut half_pair) =
+            (self.cycle_open, self.cycle, self.half_pair);
         let fed = self.client.feed(bytes, |kind, _| {
-            // Kind 0: the untyped StartupMessage (no typed message has type byte 0).
+            match kind {
+                // Kind 0: the untyped StartupMessage (no typed message has type byte 0).
+                b'Q' | b'F' | 0 => half_pair = kind == 0,
+                b'S' => half_pair = cycle.prepares && !cycle.executes,
+                b'P' | b'D' => cycle.prepares = true,
+                b'E' => cycle.executes = true,
+                _ => {}
+            }
             if matches!(kind, b'Q' | b'S' | b'F' | 0) {
                 requests += 1;
                 cycle_open = false;
+                cycle = Cycle::default();
             } else {
                 cycle_open = true;
             }
         });
         self.outstanding += requests;
         self.cycle_open = cycle_open;
+        self.cycle = cycle;
+        self.half_pair = half_pair;
         if fed.is_err() {
             self.opaque = true;
         }
@@ -217,6 +247,13 @@ impl TxState {
             && self.last_idle
             && self.client.at_boundary()
             && self.server.at_boundary()
+    }
+
+    /// Idle, and not between the two halves of a pair (a prepare and its execute, the
+    /// startup and the first query): the client has no reason to send at once, so a close
+    /// now is unlikely to cross its next message.
+    pub fn settled(&self) -> bool {
+        self.idle() && !self.half_pair
     }
 }
 

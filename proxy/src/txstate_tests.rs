@@ -45,8 +45,29 @@ fn result_then(status: u8) -> Vec<u8> {
     v
 }
 
-/// A conversation as (from client?, bytes) steps, and whether the session is idle after.
+/// A conversation as (from client?, bytes) steps, and where the session stands after.
 type Step = (bool, Vec<u8>);
+
+/// Where a session stands after a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stands {
+    /// Something in flight, inside a transaction, or opaque.
+    Busy,
+    /// Idle, between the halves of a pair (startup and first query, prepare and execute).
+    Half,
+    /// Idle and settled.
+    Settled,
+}
+use Stands::*;
+
+fn stands(st: &TxState) -> Stands {
+    match (st.idle(), st.settled()) {
+        (false, false) => Busy,
+        (true, false) => Half,
+        (true, true) => Settled,
+        (false, true) => panic!("settled but not idle"),
+    }
+}
 
 fn run(start: Start, steps: &[Step]) -> TxState {
     let mut st = TxState::new(start, &[]);
@@ -60,26 +81,89 @@ fn run(start: Start, steps: &[Step]) -> TxState {
     st
 }
 
-fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
+fn conversations() -> Vec<(&'static str, Start, Vec<Step>, Stands)> {
     let mut after_auth = auth_ok();
     after_auth.extend(ready(b'I'));
     let mut ssl_n_then_auth = vec![b'N'];
     ssl_n_then_auth.extend(&after_auth);
     let mut pipelined = query("select 1");
     pipelined.extend(query("select 2"));
+    // tokio-postgres' `execute(sql, params)`: a prepare round trip, then bind and execute.
+    let prepare = [
+        msg(b'P', b"\0insert\0\0\0"),
+        msg(b'D', b"S\0"),
+        msg(b'S', b""),
+    ]
+    .concat();
+    let prepared = [
+        msg(b'1', b""),
+        msg(b't', b"\0\0"),
+        msg(b'n', b""),
+        ready(b'I'),
+    ]
+    .concat();
+    let execute = [
+        msg(b'B', b"\0\0\0\0\0\0\0\0"),
+        msg(b'E', b"\0\0\0\0\0"),
+        msg(b'S', b""),
+    ]
+    .concat();
+    let executed = [msg(b'2', b""), msg(b'C', b"INSERT 0 1\0"), ready(b'I')].concat();
     vec![
-        ("before authentication", Start::Startup, vec![], false),
+        (
+            "a prepare answered: idle, its execute follows",
+            Start::Startup,
+            vec![
+                (false, after_auth.clone()),
+                (true, prepare.clone()),
+                (false, prepared.clone()),
+            ],
+            Half,
+        ),
+        (
+            "a prepare and its execute answered",
+            Start::Startup,
+            vec![
+                (false, after_auth.clone()),
+                (true, prepare.clone()),
+                (false, prepared.clone()),
+                (true, execute.clone()),
+                (false, executed.clone()),
+            ],
+            Settled,
+        ),
+        (
+            "a prepare and its execute pipelined, answered",
+            Start::Startup,
+            vec![
+                (false, after_auth.clone()),
+                (true, [prepare.clone(), execute].concat()),
+                (false, [prepared, executed].concat()),
+            ],
+            Settled,
+        ),
+        (
+            "a statement closed",
+            Start::Startup,
+            vec![
+                (false, after_auth.clone()),
+                (true, [msg(b'C', b"Sx\0"), msg(b'S', b"")].concat()),
+                (false, [msg(b'3', b""), ready(b'I')].concat()),
+            ],
+            Settled,
+        ),
+        ("before authentication", Start::Startup, vec![], Busy),
         (
             "authenticated, idle",
             Start::Startup,
             vec![(false, after_auth.clone())],
-            true,
+            Half,
         ),
         (
             "a query in flight",
             Start::Startup,
             vec![(false, after_auth.clone()), (true, query("select 1"))],
-            false,
+            Busy,
         ),
         (
             "a query answered",
@@ -89,7 +173,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (true, query("select 1")),
                 (false, result_then(b'I')),
             ],
-            true,
+            Settled,
         ),
         (
             "inside a transaction",
@@ -99,7 +183,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (true, query("begin")),
                 (false, result_then(b'T')),
             ],
-            false,
+            Busy,
         ),
         (
             "a failed transaction",
@@ -109,7 +193,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (true, query("begin")),
                 (false, result_then(b'E')),
             ],
-            false,
+            Busy,
         ),
         (
             "committed",
@@ -121,7 +205,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (true, query("commit")),
                 (false, result_then(b'I')),
             ],
-            true,
+            Settled,
         ),
         (
             "pipelined: one of two answered",
@@ -131,7 +215,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (true, pipelined.clone()),
                 (false, result_then(b'I')),
             ],
-            false,
+            Busy,
         ),
         (
             "pipelined: both answered",
@@ -142,7 +226,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (false, result_then(b'I')),
                 (false, result_then(b'I')),
             ],
-            true,
+            Settled,
         ),
         (
             "extended protocol up to Sync",
@@ -161,7 +245,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 ),
                 (false, result_then(b'I')),
             ],
-            true,
+            Settled,
         ),
         (
             "extended protocol before Sync",
@@ -174,7 +258,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 ),
                 (false, msg(b'1', b"")),
             ],
-            false,
+            Busy,
         ),
         (
             "half a query sent",
@@ -183,7 +267,7 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (false, after_auth.clone()),
                 (true, query("select 1")[..3].to_vec()),
             ],
-            false,
+            Busy,
         ),
         (
             "ssl declined, startup in the clear, idle",
@@ -193,13 +277,13 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (true, startup()),
                 (false, after_auth.clone()),
             ],
-            true,
+            Half,
         ),
         (
             "ssl declined, the answer and the rest in one read",
             Start::SslRequest,
             vec![(true, startup()), (false, ssl_n_then_auth)],
-            true,
+            Half,
         ),
         (
             "ssl accepted: opaque",
@@ -209,27 +293,27 @@ fn conversations() -> Vec<(&'static str, Start, Vec<Step>, bool)> {
                 (true, vec![0x16, 3, 1, 0, 5]),
                 (false, after_auth.clone()),
             ],
-            false,
+            Busy,
         ),
         (
             "direct tls: opaque",
             Start::DirectTls,
             vec![(false, after_auth.clone())],
-            false,
+            Busy,
         ),
         (
             "a length no message has: opaque",
             Start::Startup,
             vec![(false, after_auth.clone()), (false, vec![b'Z', 0, 0, 0, 2])],
-            false,
+            Busy,
         ),
     ]
 }
 
 #[test]
 fn idle_only_between_transactions_with_nothing_in_flight() {
-    for (name, start, steps, idle) in conversations() {
-        assert_eq!(run(start, &steps).idle(), idle, "{name}");
+    for (name, start, steps, expected) in conversations() {
+        assert_eq!(stands(&run(start, &steps)), expected, "{name}");
     }
 }
 
@@ -237,7 +321,7 @@ proptest! {
     /// Reads split anywhere give the same answer: the relay sees whatever chunks TCP gives.
     #[test]
     fn any_split_of_the_reads_gives_the_same_answer(cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6)) {
-        for (name, start, steps, idle) in conversations() {
+        for (name, start, steps, expected) in conversations() {
             let mut split = Vec::new();
             for (client, bytes) in &steps {
                 let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
@@ -251,7 +335,7 @@ proptest! {
                     }
                 }
             }
-            prop_assert_eq!(run(start, &split).idle(), idle, "{}", name);
+            prop_assert_eq!(stands(&run(start, &split)), expected, "{}", name);
         }
     }
 
@@ -259,7 +343,8 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(steps in prop::collection::vec((any::<bool>(), prop::collection::vec(any::<u8>(), 0..64)), 0..16)) {
         for start in [Start::Startup, Start::SslRequest, Start::DirectTls] {
-            let _ = run(start, &steps).idle();
+            let st = run(start, &steps);
+            prop_assert!(st.idle() || !st.settled());
         }
     }
 }
