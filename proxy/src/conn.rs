@@ -184,7 +184,17 @@ where
             route,
             lane,
             tx,
-        }) => session(client, server, route, lane, tx).await,
+            answer,
+        }) => {
+            if client.write_all(&answer).await.is_err() {
+                CloseReason::ClientGone
+            } else {
+                let n = answer.len() as u64;
+                ctx.metrics
+                    .add_bytes(crate::metrics::Direction::ServerToClient, n);
+                session(client, server, route, lane, tx).await
+            }
+        }
         Err(r) => {
             tracing::debug!(code = r.code, message = %r.message, "rejecting client");
             let message = (!r.silent).then_some((r.code, r.message.as_str()));
@@ -203,8 +213,10 @@ enum Prepared {
         server: TcpStream,
         route: Arc<Route>,
         lane: Lane,
-        /// Where the session stands, from what was replayed (for a drain).
+        /// Where the session stands, from what was replayed and answered (for a drain).
         tx: TxState,
+        /// The server's first answer, read before the relay: passed on to the client first.
+        answer: Vec<u8>,
     },
 }
 
@@ -350,12 +362,73 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
             bytes,
         ));
     }
+    let answer = if tls {
+        // A direct TLS start is answered only if the server speaks it; PostgreSQL 15 just
+        // closes, which must reach the client as it is, not be retried.
+        Vec::new()
+    } else {
+        let token = lane.refs(&route, false).token;
+        let master = matches!(lane, Lane::Master);
+        first_answer(&mut server, token, what, master)
+            .await
+            .map_err(|r| refused(r, bytes))?
+    };
+    let mut tx = tx_state(bytes);
+    tx.from_server(&answer);
     Ok(Prepared::Session {
         server,
         route,
         lane,
-        tx: tx_state(bytes),
+        tx,
+        answer,
     })
+}
+
+/// Waits for the server's first answer to the replayed packet. A server that closes before
+/// answering (killed with the connection in its accept queue, or as the backend started),
+/// or a master that answers that it is shutting down, crashed or is starting up (57P01,
+/// 57P02, 57P03), has not taken the session: that is a refusal the hold retries, and the
+/// client, which has seen nothing yet, never knows. Any other answer is the session's, and
+/// the caller passes it on. The route's token ends the wait if the server is replaced.
+async fn first_answer(
+    server: &mut TcpStream,
+    token: &CancellationToken,
+    what: &str,
+    master: bool,
+) -> Result<Vec<u8>, Reject> {
+    let mut answer = Vec::with_capacity(2048);
+    let read = tokio::select! {
+        r = server.read_buf(&mut answer) => r,
+        _ = token.cancelled() => Ok(0),
+    };
+    if !matches!(read, Ok(n) if n > 0) {
+        tracing::debug!("{what} closed the connection before answering the startup");
+        return Err(reject(
+            sqlstate::CONNECTION_FAILURE,
+            format!("{what} closed the connection before answering"),
+            CloseReason::BackendUnreachable,
+        ));
+    }
+    let not_now = match protocol::error_fields(&answer) {
+        Some((code, message)) if master => match code {
+            sqlstate::ADMIN_SHUTDOWN => Some((sqlstate::ADMIN_SHUTDOWN, message)),
+            sqlstate::CRASH_SHUTDOWN => Some((sqlstate::CRASH_SHUTDOWN, message)),
+            sqlstate::CANNOT_CONNECT_NOW => Some((sqlstate::CANNOT_CONNECT_NOW, message)),
+            _ => None,
+        },
+        _ => None,
+    };
+    match not_now {
+        Some((code, message)) => {
+            tracing::debug!(code, message, "{what} is not accepting connections");
+            Err(reject(
+                code,
+                format!("{what} is not accepting connections: {message}"),
+                CloseReason::BackendUnreachable,
+            ))
+        }
+        None => Ok(answer),
+    }
 }
 
 /// The transaction state at the start of the relay, from the replayed first packet.

@@ -182,37 +182,165 @@ async fn garbage_gets_08p01() {
     assert_eq!(closed(&ctx, CloseReason::RejectedProtocol), 1);
 }
 
-/// Routed: the master (a loopback listener standing in for PostgreSQL) receives the startup
-/// packet and the bytes pipelined after it, and the engine's session step gets the client,
-/// the server socket and the route snapshot.
-#[tokio::test]
-async fn a_routed_client_reaches_the_master_with_its_pipelined_bytes() {
-    let master = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// A loopback listener standing in for PostgreSQL: accepts one connection, reads `expect`
+/// bytes, answers `answer` (nothing: it closes at once), and returns what it read, keeping
+/// the socket open until `keep` ends.
+async fn fake_master(
+    listener: &tokio::net::TcpListener,
+    expect: usize,
+    answer: &[u8],
+    keep: impl Future<Output = ()>,
+) -> Vec<u8> {
+    let (mut s, _) = listener.accept().await.expect("accept");
+    let mut got = vec![0u8; expect];
+    s.read_exact(&mut got).await.expect("replayed bytes");
+    if answer.is_empty() {
+        return got;
+    }
+    s.write_all(answer).await.expect("answer");
+    keep.await;
+    got
+}
+
+async fn listener() -> (tokio::net::TcpListener, String) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let addr = master.local_addr().expect("addr").to_string();
+    let addr = l.local_addr().expect("addr").to_string();
+    (l, addr)
+}
+
+/// AuthenticationOk then ReadyForQuery (idle).
+const AUTH_OK_READY: &[u8] = b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I";
+
+fn holding_ctx(routes: Arc<Routes>) -> Ctx {
+    let mut c = ctx(routes);
+    c.hold = Arc::new(crate::hold::Hold::new(
+        Duration::from_secs(5),
+        10,
+        c.metrics.clone(),
+    ));
+    c
+}
+
+/// Routed: the master receives the startup packet and the bytes pipelined after it, its
+/// first answer reaches the client before the engine's session step, which gets the
+/// client, the server socket and the route snapshot.
+#[tokio::test]
+async fn a_routed_client_reaches_the_master_with_its_pipelined_bytes() {
+    let (master, addr) = listener().await;
     let routes = Arc::new(Routes::default());
     routes.apply(4, Ok(addr.clone()));
     let ctx = ctx(routes);
     let (mut client, proxy_side) = duplex(64 * 1024);
     let sent = startup_packet(b"Qselect 1\0");
     client.write_all(&sent).await.expect("write");
-    let serve = serve_with(
-        proxy_side,
-        &ctx,
-        |_client, _server, route, lane, _tx| async move {
-            assert_eq!(route.generation, 4);
-            assert!(matches!(lane, Lane::Master));
-            CloseReason::ClientClosed
-        },
-    );
-    let accept = async {
-        let (mut s, _) = master.accept().await.expect("accept");
-        let mut got = vec![0u8; sent.len()];
-        s.read_exact(&mut got).await.expect("replayed bytes");
-        got
+    let done = tokio::sync::Notify::new();
+    let serve = async {
+        serve_with(
+            proxy_side,
+            &ctx,
+            |_client, _server, route, lane, tx| async move {
+                assert_eq!(route.generation, 4);
+                assert!(matches!(lane, Lane::Master));
+                assert!(!tx.idle(), "the pipelined query is not answered yet");
+                CloseReason::ClientClosed
+            },
+        )
+        .await;
+        done.notify_one();
     };
+    let accept = fake_master(&master, sent.len(), AUTH_OK_READY, done.notified());
     let ((), got) = tokio::join!(serve, accept);
     assert_eq!(got, sent);
+    let mut answer = vec![0u8; AUTH_OK_READY.len()];
+    client.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(answer, AUTH_OK_READY);
     assert_eq!(closed(&ctx, CloseReason::ClientClosed), 1);
+}
+
+/// A master that closes before answering (killed with the connection in its accept queue)
+/// or answers that it is shutting down has not taken the session: it is held and goes to
+/// the next master, and the client sees only that one's answer.
+#[tokio::test]
+async fn a_master_that_dies_before_answering_is_retried_on_the_next_route() {
+    let shutting_down = protocol::error_response("57P03", "the database system is shutting down");
+    for (name, first) in [("closed", Vec::new()), ("57P03", shutting_down)] {
+        let ((old, old_addr), (new, new_addr)) = (listener().await, listener().await);
+        let routes = Arc::new(Routes::default());
+        routes.apply(4, Ok(old_addr));
+        let ctx = holding_ctx(routes.clone());
+        let (mut client, proxy_side) = duplex(64 * 1024);
+        let sent = startup_packet(b"");
+        client.write_all(&sent).await.expect("write");
+        let done = tokio::sync::Notify::new();
+        let serve = async {
+            serve_with(proxy_side, &ctx, |_, _, route, _, _| async move {
+                assert_eq!(route.generation, 5, "{name}: the new master's route");
+                CloseReason::ClientClosed
+            })
+            .await;
+            done.notify_one();
+        };
+        let masters = async {
+            let got = fake_master(&old, sent.len(), &first, async {}).await;
+            assert_eq!(got, sent, "{name}");
+            routes.apply(5, Ok(new_addr.clone()));
+            fake_master(&new, sent.len(), AUTH_OK_READY, done.notified()).await
+        };
+        let ((), got) = tokio::join!(serve, masters);
+        assert_eq!(got, sent, "{name}: replayed to the new master");
+        let mut answer = vec![0u8; AUTH_OK_READY.len()];
+        client.read_exact(&mut answer).await.expect("answer");
+        assert_eq!(
+            answer, AUTH_OK_READY,
+            "{name}: only the new master's answer"
+        );
+    }
+}
+
+/// Without a hold, the client learns why; an answer that is not about the server's state
+/// (here: no pg_hba.conf entry) is the session's, passed on as it is.
+#[tokio::test]
+async fn a_refusal_at_startup_reaches_the_client() {
+    let shutting_down = protocol::error_response("57P03", "the database system is shutting down");
+    let no_hba = protocol::error_response("28000", "no pg_hba.conf entry");
+    for (name, first, want_code, want_text) in [
+        (
+            "closed",
+            Vec::new(),
+            "C08006",
+            "closed the connection before answering",
+        ),
+        (
+            "57P03",
+            shutting_down,
+            "C57P03",
+            "the database system is shutting down",
+        ),
+        ("28000", no_hba.clone(), "C28000", "no pg_hba.conf entry"),
+    ] {
+        let (master, addr) = listener().await;
+        let routes = Arc::new(Routes::default());
+        routes.apply(4, Ok(addr));
+        let ctx = ctx(routes);
+        let (mut client, proxy_side) = duplex(64 * 1024);
+        let sent = startup_packet(b"");
+        client.write_all(&sent).await.expect("write");
+        // The client hangs up its side: a refusal's close need not wait for it.
+        client.shutdown().await.expect("shutdown");
+        let serve = serve_with(proxy_side, &ctx, |_, server, _, _, _| async move {
+            drop(server);
+            CloseReason::ServerClosed
+        });
+        let accept = fake_master(&master, sent.len(), &first, async {});
+        tokio::join!(serve, accept);
+        let got = read_all(&mut client).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains(want_code), "{name}: {text}");
+        assert!(text.contains(want_text), "{name}: {text}");
+        if name == "28000" {
+            assert_eq!(got, no_hba, "passed on unchanged");
+        }
+    }
 }

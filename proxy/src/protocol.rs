@@ -178,6 +178,33 @@ pub fn error_response(sqlstate: &str, message: &str) -> Vec<u8> {
     out
 }
 
+/// The SQLSTATE (field 'C') and message ('M') of an ErrorResponse at the start of `bytes`,
+/// if a whole one is there. `None` for anything else (another message, a partial one, or
+/// a malformed one): the caller then passes the bytes on unread.
+pub fn error_fields(bytes: &[u8]) -> Option<(&str, &str)> {
+    if bytes.first() != Some(&b'E') {
+        return None;
+    }
+    let len = usize::try_from(be32(bytes.get(1..5)?)).ok()?;
+    let body = bytes.get(5..len.checked_add(1)?)?;
+    let (mut code, mut message) = (None, "");
+    let mut rest = body;
+    while let Some((&tag, tail)) = rest.split_first() {
+        if tag == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        let value = std::str::from_utf8(&tail[..end]).ok()?;
+        match tag {
+            b'C' => code = Some(value),
+            b'M' => message = value,
+            _ => {}
+        }
+        rest = &tail[end + 1..];
+    }
+    code.map(|c| (c, message))
+}
+
 /// SQLSTATEs the proxy answers with (PostgreSQL's errcodes.txt).
 pub mod sqlstate {
     /// protocol_violation: malformed or oversized startup packet, or none in time.
@@ -191,6 +218,8 @@ pub mod sqlstate {
     /// admin_shutdown: what PostgreSQL sends an idle session when it shuts down; the proxy
     /// closes a drained session with it.
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// crash_shutdown: a backend of a server that crashed.
+    pub const CRASH_SHUTDOWN: &str = "57P02";
 }
 
 #[cfg(test)]

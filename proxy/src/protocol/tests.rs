@@ -181,11 +181,43 @@ fn error_response_layout() {
     assert!(with_nul.ends_with(b"Mab\0\0"));
 }
 
+#[test]
+fn error_fields_of_a_whole_error_response_only() {
+    let e = error_response(
+        "57P01",
+        "terminating connection due to unexpected postmaster exit",
+    );
+    assert_eq!(
+        error_fields(&e),
+        Some((
+            "57P01",
+            "terminating connection due to unexpected postmaster exit"
+        ))
+    );
+    let mut then_more = e.clone();
+    then_more.extend(b"Z\0\0\0\x05I");
+    assert_eq!(error_fields(&then_more).map(|f| f.0), Some("57P01"));
+    for cut in 0..e.len() {
+        assert_eq!(error_fields(&e[..cut]), None, "a partial one, cut at {cut}");
+    }
+    // AuthenticationOk, an ErrorResponse without a code, a length shorter than its header.
+    assert_eq!(error_fields(b"R\0\0\0\x08\0\0\0\0"), None);
+    assert_eq!(error_fields(b"E\0\0\0\x0bMabc\0\0"), None);
+    assert_eq!(error_fields(b"E\0\0\0\x02"), None);
+}
+
 mod props {
     use super::*;
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn error_fields_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut e = vec![b'E'];
+            e.extend(bytes);
+            let _ = error_fields(&e);
+        }
+
         #[test]
         fn never_panics_and_consumes_within_bounds(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(Some((_, len))) = parse(&bytes) {
