@@ -6,11 +6,17 @@
 
 use crate::metrics::{Direction, Metrics};
 use crate::txstate::TxState;
+use futures::task::AtomicWaker;
+use futures::FutureExt;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -184,16 +190,23 @@ pub async fn drive(
     token: &CancellationToken,
     drain: Option<Drain<'_>>,
 ) -> End {
-    tokio::pin!(c2s, s2c);
-    let (mut c_done, mut s_done) = (false, false);
+    // The waits on the tokens are made once per session and gated (see `Gated`): polling a
+    // token's wait takes two locks, and the task is polled on every read (twice per
+    // transaction), a cost PgBouncer's loop does not have.
+    let severed = token.cancelled();
     let signal = drain.map(|d| d.signal);
+    let draining = wait_signal(signal);
+    tokio::pin!(c2s, s2c, severed, draining);
+    let mut severed = Gated::new(severed);
+    let mut draining = Gated::new(draining);
+    let (mut c_done, mut s_done) = (false, false);
     let mut drain_seen = signal.is_none();
     let mut quiet: Option<Quiet> = None;
     loop {
         tokio::select! {
             biased;
-            _ = token.cancelled() => return End::Severed,
-            _ = wait_signal(signal), if !drain_seen => {
+            _ = &mut severed => return End::Severed,
+            _ = &mut draining, if !drain_seen => {
                 drain_seen = true;
                 if drain.is_some_and(|d| d.quiet_already()) { return End::Drained }
                 let start = tokio::time::Instant::now() + DRAIN_TICK;
@@ -233,6 +246,64 @@ pub async fn drive(
                 if c_done { return End::ServerClosed }
             }
         }
+    }
+}
+
+/// A wait polled only when its own wake-up came: the inner future is polled with a waker
+/// of the gate's, which records that it fired and wakes the task; a poll of the task for
+/// any other reason (a socket turned readable) costs one atomic swap, not the inner
+/// future's poll.
+struct Gated<F> {
+    inner: F,
+    wake: Arc<GateWake>,
+    waker: Waker,
+    started: bool,
+}
+
+struct GateWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for GateWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future + Unpin> Gated<F> {
+    fn new(inner: F) -> Gated<F> {
+        let wake = Arc::new(GateWake {
+            fired: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(wake.clone());
+        Gated {
+            inner,
+            wake,
+            waker,
+            started: false,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.wake.task.register(cx.waker());
+        // Polled once to register the gate's waker; then only after it fired.
+        if self.started && !self.wake.fired.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        self.started = true;
+        let this = &mut *self;
+        this.inner.poll_unpin(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -509,6 +580,65 @@ mod tests {
         assert!(d.quiet_already());
         d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
         assert!(!d.quiet_already(), "a request in flight");
+    }
+
+    /// Counts its polls; pending until `ready` is set, waking through the last waker.
+    struct Counted<'a> {
+        polls: &'a std::cell::Cell<u32>,
+        ready: &'a std::cell::Cell<bool>,
+    }
+
+    impl Future for Counted<'_> {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            self.polls.set(self.polls.get() + 1);
+            if self.ready.get() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[test]
+    fn a_gated_wait_is_polled_only_after_its_own_wake() {
+        let (polls, ready) = (std::cell::Cell::new(0), std::cell::Cell::new(false));
+        let mut gated = Gated::new(Counted {
+            polls: &polls,
+            ready: &ready,
+        });
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(gated.poll_unpin(&mut cx).is_pending());
+        assert_eq!(polls.get(), 1, "the first poll registers");
+        for _ in 0..10 {
+            assert!(gated.poll_unpin(&mut cx).is_pending());
+        }
+        assert_eq!(polls.get(), 1, "task polls for other reasons skip it");
+        ready.set(true);
+        gated.waker.wake_by_ref();
+        assert!(gated.poll_unpin(&mut cx).is_ready());
+        assert_eq!(polls.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_cancelled_while_the_relay_is_busy_still_ends_it() {
+        let token = CancellationToken::new();
+        let severed = token.cancelled();
+        tokio::pin!(severed);
+        let mut gated = Gated::new(severed);
+        let busy = async {
+            // Wakes the task often, for reasons of its own, then cancels.
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            token.cancel();
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = &mut gated => {}
+            _ = busy => unreachable!(),
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("the cancel was missed"),
+        }
     }
 
     #[test]

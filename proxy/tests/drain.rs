@@ -198,3 +198,99 @@ async fn a_drain_timeout_of_zero_severs_at_once_and_tracks_nothing() {
     let log = proxy.log_text();
     assert!(log.contains("severed_at_timeout=1"), "{log}");
 }
+
+/// A raw protocol client, to place each message exactly: what tokio-postgres does in one
+/// `execute(sql, params)` call, split where the drain must not cut it.
+struct Raw(tokio::net::TcpStream);
+
+impl Raw {
+    async fn connect(proxy: &Proxy) -> Raw {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port.0))
+            .await
+            .expect("connect");
+        let startup = proxy::protocol::startup_message(&[("user", "postgres")]);
+        s.write_all(&startup).await.expect("startup");
+        let mut raw = Raw(s);
+        raw.until_ready().await.expect("authenticated");
+        raw
+    }
+
+    async fn send(&mut self, msgs: &[(u8, &[u8])]) {
+        use tokio::io::AsyncWriteExt;
+        let mut out = Vec::new();
+        for (kind, body) in msgs {
+            out.push(*kind);
+            out.extend(((body.len() + 4) as u32).to_be_bytes());
+            out.extend(*body);
+        }
+        self.0.write_all(&out).await.expect("send");
+    }
+
+    /// Reads messages up to ReadyForQuery: their types, or the SQLSTATE of an error.
+    async fn until_ready(&mut self) -> Result<Vec<u8>, String> {
+        use tokio::io::AsyncReadExt;
+        let mut kinds = Vec::new();
+        loop {
+            let mut header = [0u8; 5];
+            if self.0.read_exact(&mut header).await.is_err() {
+                return Err("closed".into());
+            }
+            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            self.0.read_exact(&mut body).await.expect("body");
+            match header[0] {
+                b'E' => {
+                    let text = String::from_utf8_lossy(&body).into_owned();
+                    return Err(text);
+                }
+                b'Z' => return Ok(kinds),
+                k => kinds.push(k),
+            }
+        }
+    }
+}
+
+/// tokio-postgres' `execute(sql, params)` prepares (Parse, Describe, Sync), waits for the
+/// answer, then binds and executes. Between the two the session is idle, but its client is
+/// about to send: the drain's quiet rule must not close it there (it closes a session idle
+/// since before the drain at once), only after the execute, at the boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_between_a_prepare_and_its_execute_is_closed_only_after_the_execute() {
+    let s = Setup::new(2).await;
+    let proxy = routed_proxy(&s, &["--drain-timeout", "20s", "--hold-timeout", "30s"]).await;
+    let mut idle = Raw::connect(&proxy).await;
+    idle.send(&[(b'Q', b"select 1\0")]).await;
+    idle.until_ready().await.expect("select");
+    let mut prepared = Raw::connect(&proxy).await;
+    prepared
+        .send(&[
+            (b'P', b"\0insert into t values (7)\0\0\0"),
+            (b'D', b"S\0"),
+            (b'S', b""),
+        ])
+        .await;
+    prepared.until_ready().await.expect("prepared");
+
+    drain_to_none(&s, 2).await;
+    // The idle session is closed the moment the drain reaches the proxy...
+    let closed = idle.until_ready().await.expect_err("closed by the drain");
+    assert!(closed.contains("57P01"), "{closed}");
+    // ...and the prepared one, idle as long, is still there for its execute.
+    prepared
+        .send(&[
+            (b'B', b"\0\0\0\0\0\0\0\0"),
+            (b'E', b"\0\0\0\0\0"),
+            (b'S', b""),
+        ])
+        .await;
+    let kinds = prepared
+        .until_ready()
+        .await
+        .unwrap_or_else(|e| panic!("the execute ran: {e}\n{}", proxy.log_text()));
+    assert_eq!(kinds, vec![b'2', b'C'], "BindComplete, CommandComplete");
+    let after = prepared.until_ready().await.expect_err("closed after it");
+    assert!(after.contains("57P01"), "{after}");
+    wait_reported(&s, &proxy, 2).await;
+    assert_eq!(rows(&s.pgs[0]).await, vec![7], "the insert committed");
+}

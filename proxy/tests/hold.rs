@@ -2,7 +2,8 @@
 //! the proxy binary: a session that arrives while no master is routed is held and released
 //! to the next master at once, where its query runs; the hold timeout and the hold limit
 //! give 57P03; a CancelRequest during a hold is answered; a master that refuses
-//! connections is retried until the next route; a proxy that lost the store never holds.
+//! connections, or accepts them and answers that it is shutting down, is retried until the
+//! next route; a proxy that lost the store never holds.
 
 mod common;
 
@@ -135,6 +136,43 @@ async fn a_master_that_refuses_connections_is_retried_until_the_next_route() {
         .expect("task")
         .expect("query");
     assert_eq!(port, s.pgs[0].port());
+}
+
+/// A master that accepts the connection and then answers that it is shutting down (57P03,
+/// as a killed or stopping master does) has not taken the session: it is held, retried, and
+/// released to the next master; the client never sees the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_shutting_down_is_retried_until_the_next_route() {
+    let s = Setup::new(2).await;
+    let proxy = spawn_routed(&s, &["--hold-timeout", "30s"]).await;
+    // An open session keeps a smart shutdown waiting, refusing new connections meanwhile.
+    let open = connect(&s.pgs[0].conninfo()).await.expect("direct session");
+    s.pgs[0].smart_shutdown();
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            let err = connect(&s.pgs[0].conninfo()).await.err();
+            err.and_then(|e| e.as_db_error().map(|d| d.code().code() == "57P03")) == Some(true)
+        })
+        .await,
+        "db0 refuses new connections while shutting down"
+    );
+    let held = held_query(&proxy);
+    wait_held(&proxy, 1.0).await;
+    assert!(
+        proxy
+            .log_text()
+            .contains("the primary is not accepting connections"),
+        "{}",
+        proxy.log_text()
+    );
+    s.route_to("db1", &["p1"], 2).await;
+    let port = tokio::time::timeout(Duration::from_secs(15), held)
+        .await
+        .expect("released")
+        .expect("task")
+        .expect("the held session's query, with no error");
+    assert_eq!(port, s.pgs[1].port(), "released to the new master");
+    drop(open);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,6 +220,21 @@ impl Postgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Smart shutdown, not waited for: SIGTERM to the postmaster alone (its backends go
+    /// on). While a session stays open, new connections get FATAL 57P03 "the database system
+    /// is shutting down".
+    pub fn smart_shutdown(&self) {
+        if let Some(c) = &self.child {
+            let pid = i32::try_from(c.pid()).unwrap_or(0);
+            if pid > 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+    }
+
     /// Immediate stop (SIGQUIT to the postmaster group, then SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
