@@ -208,7 +208,9 @@ pub async fn drive(
             _ = &mut severed => return End::Severed,
             _ = &mut draining, if !drain_seen => {
                 drain_seen = true;
-                if drain.is_some_and(|d| d.quiet_already()) { return End::Drained }
+                if drain.is_some_and(|d| d.quiet_already()) && !has_unread(client) {
+                    return End::Drained;
+                }
                 let start = tokio::time::Instant::now() + DRAIN_TICK;
                 let mut interval = tokio::time::interval_at(start, DRAIN_TICK);
                 interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -218,6 +220,8 @@ pub async fn drive(
             _ = tick(&mut quiet) => {
                 if let (Some(d), Some(q)) = (drain, quiet.as_mut()) {
                     match drain_check(&d, q) {
+                        // Not quiet after all if its next request is already queued.
+                        Check::Close if has_unread(client) => q.quiet = 0,
                         Check::Close => return End::Drained,
                         Check::Again => {}
                         Check::Forced => quiet = None,
@@ -372,7 +376,10 @@ async fn pipe(
             // Give the memory back: an idle session keeps no buffer.
             pending = Vec::new();
         }
-        if direction == Direction::ServerToClient && drain.is_some_and(|d| d.due()) {
+        if direction == Direction::ServerToClient
+            && drain.is_some_and(|d| d.due())
+            && !has_unread(dst)
+        {
             break Ok(Stop::Drained);
         }
         if unflushed >= METRIC_FLUSH {
@@ -382,6 +389,22 @@ async fn pipe(
     };
     metrics.add_bytes(direction, unflushed);
     result
+}
+
+/// Whether the client has sent bytes the relay has not read yet (still in the socket's
+/// receive queue): a drain must not close a session whose next request is on its way. The
+/// relay's reads and the drain's checks run in one task, so on a busy machine a check can
+/// come after the client sent and before the read; without this, the close crossed the
+/// request and the client saw a failed transaction. One syscall, at a drain's close only.
+fn has_unread(sock: &impl AsFd) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    let fd = sock.as_fd().as_raw_fd();
+    matches!(
+        recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+        Ok(n) if n > 0
+    )
 }
 
 /// One read. A read shorter than the buffer emptied the socket's receive queue, so the
@@ -639,6 +662,32 @@ mod tests {
             _ = busy => unreachable!(),
             _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("the cancel was missed"),
         }
+    }
+
+    #[test]
+    fn unread_bytes_are_seen_without_being_consumed() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut proxied, _) = listener.accept().expect("accept");
+        assert!(!has_unread(&proxied), "nothing sent yet");
+        client.write_all(b"Q").expect("send");
+        let mut seen = false;
+        for _ in 0..1000 {
+            if has_unread(&proxied) {
+                seen = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(seen, "the queued byte is seen");
+        let mut b = [0u8; 1];
+        proxied.read_exact(&mut b).expect("still there to read");
+        assert_eq!(&b, b"Q");
+        assert!(!has_unread(&proxied), "read: nothing left");
+        drop(client);
+        assert!(!has_unread(&proxied), "end of stream is not a request");
     }
 
     #[test]
