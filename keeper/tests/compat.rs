@@ -140,6 +140,30 @@ fn other_backends_and_kube_flags_are_refused_with_what_to_do() {
     );
     let o = run("stolonctl", &["version"], None);
     assert!(o.status.success(), "{}", text(&o));
+    // Go's commands we do not provide: a script learns what to do instead.
+    for (args, want) in [
+        (
+            &["--cluster-name", "c", "setkeeperpriority", "k1", "2"][..],
+            "switchover --to",
+        ),
+        (
+            &[
+                "--cluster-name",
+                "c",
+                "register",
+                "--register-backend",
+                "consul",
+            ][..],
+            "/primary",
+        ),
+    ] {
+        let o = run("stolonctl", args, None);
+        let t = text(&o);
+        assert!(
+            o.status.code() == Some(1) && t.contains("is not provided") && t.contains(want),
+            "{args:?}: {t}"
+        );
+    }
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path().display().to_string();
     let o = run(

@@ -131,6 +131,37 @@ enum Cmd {
     Resume,
     /// Print the version
     Version,
+    /// Go stolon's command; not provided: refused with what to do instead
+    #[command(hide = true)]
+    Setkeeperpriority {
+        #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Go stolon's command; not provided: refused with what to do instead
+    #[command(hide = true)]
+    Register {
+        #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+/// What a stolon user's script gets for a Go command this stolonctl does not have: what
+/// to do instead (README, "Differences from stolon"), not a bare "unrecognized subcommand".
+fn not_provided(cmd: &Cmd) -> Option<&'static str> {
+    match cmd {
+        Cmd::Setkeeperpriority { .. } => Some(
+            "setkeeperpriority is not provided: a keeper's priority comes from its --priority \
+             flag (restart the keeper to change it) and only breaks ties among equally \
+             up-to-date failover candidates; to move the master to a keeper, use \
+             `stolonctl switchover --to <keeper uid>`",
+        ),
+        Cmd::Register { .. } => Some(
+            "register is not provided: it registers keepers as Consul services, and only the \
+             etcdv3 store is supported; point health checks at each keeper's /primary, \
+             /replica and /health endpoints on --metrics-listen-address instead",
+        ),
+        _ => None,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,6 +223,10 @@ fn main() {
     if let Cmd::Version = args.cmd {
         println!("stolonctl {}", env!("CARGO_PKG_VERSION"));
         return;
+    }
+    if let Some(why) = not_provided(&args.cmd) {
+        eprintln!("stolonctl: {why}");
+        std::process::exit(1);
     }
     control::cli::init_tracing_with(&log_level(&args), false, args.common.log_color);
     if let Err(e) = args.check_kube_flags() {
@@ -305,7 +340,9 @@ async fn run(args: Args) -> Result<()> {
         }
         Cmd::Clusterdata { op } => clusterdata(&store, op).await?,
         Cmd::Switchover { to, wait, timeout } => switchover(&store, to, wait, timeout).await?,
-        Cmd::Version => unreachable!("handled before the store is opened"),
+        Cmd::Version | Cmd::Setkeeperpriority { .. } | Cmd::Register { .. } => {
+            unreachable!("handled before the store is opened")
+        }
     }
     Ok(())
 }
