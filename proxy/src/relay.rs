@@ -466,6 +466,30 @@ mod tests {
         std::sync::Mutex::new(tx)
     }
 
+    /// A drain under way over a settled session.
+    struct Draining {
+        signal: CancellationToken,
+        tx: std::sync::Mutex<TxState>,
+    }
+
+    impl Draining {
+        fn new() -> Draining {
+            let signal = CancellationToken::new();
+            signal.cancel();
+            Draining {
+                signal,
+                tx: idle_session(),
+            }
+        }
+
+        fn drain(&self) -> Drain<'_> {
+            Drain {
+                signal: &self.signal,
+                tx: &self.tx,
+            }
+        }
+    }
+
     const FORCE_TICKS: u32 = (DRAIN_FORCE.as_millis() / DRAIN_TICK.as_millis()) as u32;
 
     fn quiet(d: &Drain<'_>) -> Quiet {
@@ -479,13 +503,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_is_drained_only_after_checks_in_a_row_found_it_quiet() {
-        let signal = CancellationToken::new();
-        signal.cancel();
-        let tx = idle_session();
-        let d = Drain {
-            signal: &signal,
-            tx: &tx,
-        };
+        let w = Draining::new();
+        let d = w.drain();
         let mut q = quiet(&d);
         assert_eq!(
             drain_check(&d, &mut q),
@@ -527,13 +546,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_that_never_falls_quiet_is_closed_at_a_boundary_after_the_force_delay() {
-        let signal = CancellationToken::new();
-        signal.cancel();
-        let tx = idle_session();
-        let d = Drain {
-            signal: &signal,
-            tx: &tx,
-        };
+        let w = Draining::new();
+        let d = w.drain();
         let mut q = quiet(&d);
         for tick in 1..FORCE_TICKS {
             d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
@@ -554,13 +568,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_between_a_prepare_and_its_execute_is_not_closed_by_the_quiet_rule() {
-        let signal = CancellationToken::new();
-        signal.cancel();
-        let tx = idle_session();
-        let d = Drain {
-            signal: &signal,
-            tx: &tx,
-        };
+        let w = Draining::new();
+        let d = w.drain();
         // A prepare round trip (Parse, Describe, Sync), answered: the execute follows.
         d.feed(
             Direction::ClientToServer,
@@ -575,7 +584,7 @@ mod tests {
             Direction::ServerToClient,
             &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
         );
-        if let Ok(mut t) = tx.lock() {
+        if let Ok(mut t) = w.tx.lock() {
             t.idle_at -= DRAIN_TICK * DRAIN_QUIET_TICKS;
         }
         assert!(!d.quiet_already(), "between the halves of a pair");
@@ -589,15 +598,10 @@ mod tests {
 
     #[test]
     fn a_session_idle_for_the_quiet_time_already_is_closed_when_the_drain_starts() {
-        let signal = CancellationToken::new();
-        signal.cancel();
-        let tx = idle_session();
-        let d = Drain {
-            signal: &signal,
-            tx: &tx,
-        };
+        let w = Draining::new();
+        let d = w.drain();
         assert!(!d.quiet_already(), "idle just now");
-        if let Ok(mut t) = tx.lock() {
+        if let Ok(mut t) = w.tx.lock() {
             t.idle_at -= DRAIN_TICK * DRAIN_QUIET_TICKS;
         }
         assert!(d.quiet_already());

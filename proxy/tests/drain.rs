@@ -227,6 +227,20 @@ impl Raw {
         self.0.write_all(&out).await.expect("send");
     }
 
+    /// The first half of tokio-postgres' `execute`: Parse and Describe the unnamed
+    /// statement, Sync.
+    async fn prepare(&mut self, sql: &str) {
+        let parse = [b"\0", sql.as_bytes(), b"\0\0\0"].concat();
+        self.send(&[(b'P', &parse), (b'D', b"S\0"), (b'S', b"")])
+            .await;
+    }
+
+    /// The second half: Bind (no parameters), Execute, Sync.
+    async fn execute(&mut self) {
+        self.send(&[(b'B', &[0; 8]), (b'E', &[0; 5]), (b'S', b"")])
+            .await;
+    }
+
     /// Reads messages up to ReadyForQuery: their types, or the SQLSTATE of an error.
     async fn until_ready(&mut self) -> Result<Vec<u8>, String> {
         use tokio::io::AsyncReadExt;
@@ -263,13 +277,7 @@ async fn a_session_between_a_prepare_and_its_execute_is_closed_only_after_the_ex
     idle.send(&[(b'Q', b"select 1\0")]).await;
     idle.until_ready().await.expect("select");
     let mut prepared = Raw::connect(&proxy).await;
-    prepared
-        .send(&[
-            (b'P', b"\0insert into t values (7)\0\0\0"),
-            (b'D', b"S\0"),
-            (b'S', b""),
-        ])
-        .await;
+    prepared.prepare("insert into t values (7)").await;
     prepared.until_ready().await.expect("prepared");
 
     drain_to_none(&s, 2).await;
@@ -277,13 +285,7 @@ async fn a_session_between_a_prepare_and_its_execute_is_closed_only_after_the_ex
     let closed = idle.until_ready().await.expect_err("closed by the drain");
     assert!(closed.contains("57P01"), "{closed}");
     // ...and the prepared one, idle as long, is still there for its execute.
-    prepared
-        .send(&[
-            (b'B', b"\0\0\0\0\0\0\0\0"),
-            (b'E', b"\0\0\0\0\0"),
-            (b'S', b""),
-        ])
-        .await;
+    prepared.execute().await;
     let kinds = prepared
         .until_ready()
         .await
