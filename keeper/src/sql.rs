@@ -255,14 +255,36 @@ pub async fn sync_slots(client: &Client, wanted: &[String]) -> Result<(), tokio_
     Ok(())
 }
 
-/// Promotes a standby and waits up to `wait` for the end of recovery.
+/// Promotes a standby and waits up to `wait` for the end of recovery. `pg_promote(true)`
+/// would wait too, but it checks only every 100 ms (PostgreSQL's WAITS_PER_SECOND), and
+/// every ms of that is a ms with no master during a switchover or failover: the end of
+/// recovery is polled here every `PROMOTE_POLL` instead.
 pub async fn promote(client: &Client, wait: Duration) -> Result<bool, tokio_postgres::Error> {
-    let secs = i32::try_from(wait.as_secs().max(1)).unwrap_or(60);
-    let row = client
-        .query_one("SELECT pg_promote(true, $1)", &[&secs])
-        .await?;
-    Ok(row.get(0))
+    let signalled: bool = client
+        .query_one("SELECT pg_promote(false)", &[])
+        .await?
+        .get(0);
+    if !signalled {
+        return Ok(false);
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await?
+            .get(0);
+        if !in_recovery {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(PROMOTE_POLL).await;
+    }
 }
+
+/// How often the end of a promotion's recovery is checked.
+const PROMOTE_POLL: Duration = Duration::from_millis(5);
 
 #[cfg(test)]
 mod tests {
