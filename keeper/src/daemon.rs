@@ -133,6 +133,8 @@ pub(crate) struct Instance {
     /// Where the WAL of a master this keeper stopped cleanly ends (its shutdown
     /// checkpoint), until PostgreSQL runs again: published for a switchover's promotion.
     pub(crate) shutdown_checkpoint: Option<u64>,
+    /// The switchover request a checkpoint ahead of the stop was started for (once each).
+    pub(crate) switchover_checkpoint: Option<control::model::Timestamp>,
 }
 
 /// The cluster view and how far this keeper has followed it.
@@ -170,6 +172,7 @@ impl Keeper {
                 answering: false,
                 floors: Default::default(),
                 shutdown_checkpoint: None,
+                switchover_checkpoint: None,
                 fenced: false,
                 restricted: false,
             },
@@ -399,6 +402,7 @@ impl Keeper {
         };
         let actions = plan(&view, &local);
         tracing::debug!(?actions, "plan");
+        self.checkpoint_ahead_of_switchover(&local);
         self.execute(actions).await
     }
 

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod postmaster;
 mod promote_gate;
 pub mod sql;
+mod switchover;
 pub mod tools;
 pub mod watchdog;

@@ -185,7 +185,10 @@ where
             lane,
             tx,
             answer,
+            task,
         }) => {
+            // Counted in its lane until the session ends (the relay takes its own count too).
+            let _task = task;
             if client.write_all(&answer).await.is_err() {
                 CloseReason::ClientGone
             } else {
@@ -217,6 +220,11 @@ enum Prepared {
         tx: TxState,
         /// The server's first answer, read before the relay: passed on to the client first.
         answer: Vec<u8>,
+        /// The session counts in its lane from the moment it is connected, before the
+        /// replay: a drain that starts while it waits for the server's first answer waits
+        /// for it too, instead of finding the lane empty, finishing, and severing the
+        /// session just after it registered (a failed connect in `loadtest ha`).
+        task: tokio_util::task::task_tracker::TaskTrackerToken,
     },
 }
 
@@ -352,6 +360,9 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         .await
         .map_err(|r| refused(r, bytes))?;
     tune(&server, None);
+    // Counted from here, not from the connect: an unplanned sever waits for the lane's
+    // sessions, and a connect to an unreachable master may hang for the connect timeout.
+    let task = lane.refs(&route, false).sessions.token();
     if server.write_all(bytes).await.is_err() {
         return Err(refused(
             reject(
@@ -381,6 +392,7 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         lane,
         tx,
         answer,
+        task,
     })
 }
 

@@ -344,3 +344,43 @@ async fn a_refusal_at_startup_reaches_the_client() {
         }
     }
 }
+
+/// A session waiting for the master's first answer already counts in its lane, so a drain
+/// that starts meanwhile waits for it instead of finding the lane empty, finishing, and
+/// severing the session just after it registered.
+#[tokio::test]
+async fn a_session_counts_in_its_lane_while_it_waits_for_the_first_answer() {
+    let (master, addr) = listener().await;
+    let routes = Arc::new(Routes::default());
+    routes.apply(4, Ok(addr));
+    let route = routes.load();
+    let ctx = ctx(routes);
+    let (mut client, proxy_side) = duplex(64 * 1024);
+    let sent = startup_packet(b"");
+    client.write_all(&sent).await.expect("write");
+    let done = tokio::sync::Notify::new();
+    let serve = async {
+        serve_with(proxy_side, &ctx, |_, _, _, _, _| async {
+            CloseReason::ClientClosed
+        })
+        .await;
+        done.notify_one();
+    };
+    let master_side = async {
+        let (mut s, _) = master.accept().await.expect("accept");
+        let mut got = vec![0u8; sent.len()];
+        s.read_exact(&mut got).await.expect("replayed bytes");
+        // The proxy now waits for the answer: the session is in the lane's count.
+        for _ in 0..100 {
+            if route.sessions.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(route.sessions.len(), 1, "counted while it waits");
+        s.write_all(AUTH_OK_READY).await.expect("answer");
+        done.notified().await;
+    };
+    tokio::join!(serve, master_side);
+    assert_eq!(route.sessions.len(), 0, "uncounted once it ended");
+}
