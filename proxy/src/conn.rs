@@ -360,9 +360,10 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         .await
         .map_err(|r| refused(r, bytes))?;
     tune(&server, None);
+    let refs = lane.refs(&route, false);
     // Counted from here, not from the connect: an unplanned sever waits for the lane's
     // sessions, and a connect to an unreachable master may hang for the connect timeout.
-    let task = lane.refs(&route, false).sessions.token();
+    let task = refs.sessions.token();
     if server.write_all(bytes).await.is_err() {
         return Err(refused(
             reject(
@@ -378,9 +379,8 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         // closes, which must reach the client as it is, not be retried.
         Vec::new()
     } else {
-        let token = lane.refs(&route, false).token;
         let master = matches!(lane, Lane::Master);
-        first_answer(&mut server, token, what, master)
+        first_answer(&mut server, refs.token, what, master)
             .await
             .map_err(|r| refused(r, bytes))?
     };
@@ -421,15 +421,14 @@ async fn first_answer(
             CloseReason::BackendUnreachable,
         ));
     }
-    let not_now = match protocol::error_fields(&answer) {
-        Some((code, message)) if master => match code {
-            sqlstate::ADMIN_SHUTDOWN => Some((sqlstate::ADMIN_SHUTDOWN, message)),
-            sqlstate::CRASH_SHUTDOWN => Some((sqlstate::CRASH_SHUTDOWN, message)),
-            sqlstate::CANNOT_CONNECT_NOW => Some((sqlstate::CANNOT_CONNECT_NOW, message)),
-            _ => None,
-        },
-        _ => None,
-    };
+    const NOT_NOW: [&str; 3] = [
+        sqlstate::ADMIN_SHUTDOWN,
+        sqlstate::CRASH_SHUTDOWN,
+        sqlstate::CANNOT_CONNECT_NOW,
+    ];
+    let not_now = protocol::error_fields(&answer)
+        .filter(|_| master)
+        .and_then(|(code, message)| Some((NOT_NOW.into_iter().find(|c| *c == code)?, message)));
     match not_now {
         Some((code, message)) => {
             tracing::debug!(code, message, "{what} is not accepting connections");

@@ -127,11 +127,7 @@ async fn a_planned_switchover_closes_each_session_between_transactions() {
     );
     // The new master: the held session lands there.
     s.route_to("db1", &["p1"], 3).await;
-    let port = tokio::time::timeout(Duration::from_secs(20), held)
-        .await
-        .expect("released")
-        .expect("task")
-        .expect("the held session's query");
+    let port = released_port(held, Duration::from_secs(20)).await;
     assert_eq!(port, s.pgs[1].port());
 }
 

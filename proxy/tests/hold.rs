@@ -68,11 +68,7 @@ async fn a_held_session_is_released_to_the_next_master_and_runs_there() {
         .expect("the cancel is answered by a close");
     // The new master: the held session connects there and its query runs.
     s.route_to("db1", &["p1"], 3).await;
-    let port = tokio::time::timeout(Duration::from_secs(15), held)
-        .await
-        .expect("released")
-        .expect("task")
-        .expect("the held session's query");
+    let port = released_port(held, Duration::from_secs(15)).await;
     assert_eq!(port, s.pgs[1].port(), "released to the new master");
     wait_held(&proxy, 0.0).await;
     assert_eq!(
@@ -130,11 +126,7 @@ async fn a_master_that_refuses_connections_is_retried_until_the_next_route() {
     let held = held_query(&proxy);
     wait_held(&proxy, 1.0).await;
     s.route_to("db0", &["p1"], 2).await;
-    let port = tokio::time::timeout(Duration::from_secs(15), held)
-        .await
-        .expect("released")
-        .expect("task")
-        .expect("query");
+    let port = released_port(held, Duration::from_secs(15)).await;
     assert_eq!(port, s.pgs[0].port());
 }
 
@@ -166,11 +158,7 @@ async fn a_master_shutting_down_is_retried_until_the_next_route() {
         proxy.log_text()
     );
     s.route_to("db1", &["p1"], 2).await;
-    let port = tokio::time::timeout(Duration::from_secs(15), held)
-        .await
-        .expect("released")
-        .expect("task")
-        .expect("the held session's query, with no error");
+    let port = released_port(held, Duration::from_secs(15)).await;
     assert_eq!(port, s.pgs[1].port(), "released to the new master");
     drop(open);
 }

@@ -184,6 +184,19 @@ where
     false
 }
 
+/// Waits up to `limit` for a held session's task (see the hold and drain tests) to be
+/// released and run its query; the port of the PostgreSQL it ran on.
+pub async fn released_port(
+    held: tokio::task::JoinHandle<Result<u16, tokio_postgres::Error>>,
+    limit: Duration,
+) -> u16 {
+    tokio::time::timeout(limit, held)
+        .await
+        .expect("released")
+        .expect("task")
+        .expect("the held session's query, with no error")
+}
+
 /// The port of the PostgreSQL a client is connected to.
 pub async fn server_port(client: &tokio_postgres::Client) -> Result<u16, tokio_postgres::Error> {
     let row = client
