@@ -596,14 +596,13 @@ impl Keeper {
     /// Slots for this master's followers and the spec's extra ones; stale `stolon_*` go.
     async fn sync_slots(&mut self) -> anyhow::Result<()> {
         let db = self.db()?;
-        let Some(pg) = self.instance.state.as_ref() else {
-            return Ok(());
-        };
-        if pg.in_recovery {
-            let client = self.conn().connect(Duration::from_secs(2)).await?;
-            sql::sync_slots(&client, &[]).await?;
+        if self.instance.state.is_none() {
             return Ok(());
         }
+        // The db spec's followers, whatever the role, as Go stolon: a standby cluster's master
+        // is in recovery and its cascading standbys need their slots there. The sentinel gives
+        // an ordinary standby no followers, so it keeps no stolon_ slot (one left from its
+        // time as a master would hold WAL forever).
         let mut wanted: Vec<String> = db.spec.followers.iter().map(|f| slot_name(f)).collect();
         // As stolon does: the spec's extra slots are managed under the stolon_ prefix, so
         // one removed from the spec is dropped like any stale stolon_ slot, and slots users

@@ -179,6 +179,9 @@ pub fn synchronous_standby_names(set: &[String]) -> String {
 /// Renders the configuration of `db` on this keeper.
 /// `pitr_recovery`: the data was restored for point-in-time recovery and has not promoted
 /// yet (after promotion the instance is an ordinary master).
+/// `previous`: the parameters found in the data dir at init (`initMode: existing`), under
+/// the spec's own while the db spec says `includePreviousConfig`, as Go stolon renders them
+/// (so the first start of a taken-over instance keeps e.g. its archive_mode).
 pub fn render(
     cd: &ClusterData,
     db: &Db,
@@ -186,11 +189,19 @@ pub fn render(
     upstream: Option<&Upstream>,
     restricted: bool,
     pitr_recovery: bool,
+    previous: &BTreeMap<String, String>,
 ) -> Rendered {
+    let read_only;
+    let db = if cd.is_old_master(db) && db.spec.role == Some(DbRole::Master) {
+        read_only = standby_of_nobody(db);
+        &read_only
+    } else {
+        db
+    };
     let spec = &db.spec;
-    let mut params: BTreeMap<String, String> = spec
-        .pg_parameters
-        .iter()
+    let previous = previous.iter().filter(|_| spec.include_previous_config);
+    let mut params: BTreeMap<String, String> = previous
+        .chain(&spec.pg_parameters)
         .filter(|(k, _)| !MANAGED.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), quote(v)))
         .collect();
@@ -275,6 +286,17 @@ pub fn render(
         standby_signal,
         recovery_signal,
     }
+}
+
+/// An old master's db as its keeper runs it until the sentinel replaces it: a standby with
+/// no upstream (read-only; promoted again only if it is elected back).
+fn standby_of_nobody(db: &Db) -> Db {
+    let mut db = db.clone();
+    db.spec.role = Some(DbRole::Standby);
+    db.spec.follow_config = None;
+    db.spec.synchronous_replication = false;
+    db.spec.synchronous_standbys.clear();
+    db
 }
 
 /// Recovery settings: a standby follows its upstream (or the external primary of a standby

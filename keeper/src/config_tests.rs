@@ -7,6 +7,7 @@ use control::model::{
     FollowConfig, FollowType, PitrConfig, RecoveryTargetSettings, StandbySettings,
     SuReplAccessMode, Timestamp,
 };
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 fn local() -> Local {
@@ -102,7 +103,15 @@ fn golden_master_async_default_hba() {
     let cd = cluster(ClusterSpec::default());
     golden(
         "master-async.txt",
-        &show(&render(&cd, &master_db(), &local(), None, false, false)),
+        &show(&render(
+            &cd,
+            &master_db(),
+            &local(),
+            None,
+            false,
+            false,
+            &BTreeMap::new(),
+        )),
     );
 }
 
@@ -117,9 +126,9 @@ fn golden_master_sync_with_placeholder_and_strict_hba_restricted() {
     db.spec.synchronous_replication = true;
     db.spec.synchronous_standbys = vec!["s1".into(), "stolonfakestandby".into()];
     db.spec.pg_hba = Some(vec!["host app app 10.1.0.0/16 scram-sha-256".into()]);
-    let restricted = render(&cd, &db, &local(), None, true, false);
+    let restricted = render(&cd, &db, &local(), None, true, false, &BTreeMap::new());
     golden("master-sync-strict-restricted.txt", &show(&restricted));
-    let open = render(&cd, &db, &local(), None, false, false);
+    let open = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
     assert!(open
         .pg_hba_conf
         .ends_with("host app app 10.1.0.0/16 scram-sha-256\n"));
@@ -134,7 +143,15 @@ fn golden_standby_following_the_master() {
         port: 5433,
         floors: Default::default(),
     };
-    let r = render(&cd, &standby_db(), &local(), Some(&up), false, false);
+    let r = render(
+        &cd,
+        &standby_db(),
+        &local(),
+        Some(&up),
+        false,
+        false,
+        &BTreeMap::new(),
+    );
     golden("standby.txt", &show(&r));
 }
 
@@ -156,7 +173,15 @@ fn a_standby_keeps_the_primarys_higher_hot_standby_settings() {
         port: 5433,
         floors: parse_floors(controldata),
     };
-    let r = render(&cd, &db, &local(), Some(&up), false, false);
+    let r = render(
+        &cd,
+        &db,
+        &local(),
+        Some(&up),
+        false,
+        false,
+        &BTreeMap::new(),
+    );
     // Lowered in the spec, still 100 on the primary as replayed: 100 until it is not.
     assert!(
         r.postgresql_conf.contains("max_connections = 100\n"),
@@ -186,9 +211,17 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
     });
     golden(
         "pitr.txt",
-        &show(&render(&cd, &db, &local(), None, false, true)),
+        &show(&render(
+            &cd,
+            &db,
+            &local(),
+            None,
+            false,
+            true,
+            &BTreeMap::new(),
+        )),
     );
-    let promoted = render(&cd, &db, &local(), None, false, false);
+    let promoted = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
     assert!(!promoted.recovery_signal && !promoted.postgresql_conf.contains("recovery_target"));
     let mut db = master_db();
     db.spec.role = Some(DbRole::Standby);
@@ -204,12 +237,20 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
     });
     golden(
         "standby-cluster-master.txt",
-        &show(&render(&cd, &db, &local(), None, false, false)),
+        &show(&render(
+            &cd,
+            &db,
+            &local(),
+            None,
+            false,
+            false,
+            &BTreeMap::new(),
+        )),
     );
     // Right after its pitr-style restore (init mode pitr, restore pending) a standby
     // cluster's master is a standby of the external primary, not a point-in-time recovery.
     db.spec.init_mode = Some(DbInitMode::Pitr);
-    let restored = render(&cd, &db, &local(), None, false, true);
+    let restored = render(&cd, &db, &local(), None, false, true, &BTreeMap::new());
     assert!(restored.standby_signal && !restored.recovery_signal);
     assert!(restored
         .postgresql_conf
@@ -248,9 +289,25 @@ fn parse_size_mb_table() {
 #[test]
 fn wal_keep_size_has_a_floor() {
     let cd = cluster(ClusterSpec::default());
-    let r = render(&cd, &master_db(), &local(), None, false, false);
+    let r = render(
+        &cd,
+        &master_db(),
+        &local(),
+        None,
+        false,
+        false,
+        &BTreeMap::new(),
+    );
     assert!(r.postgresql_conf.contains("wal_keep_size = '128MB'"));
-    let r = render(&cd, &standby_db(), &local(), None, false, false);
+    let r = render(
+        &cd,
+        &standby_db(),
+        &local(),
+        None,
+        false,
+        false,
+        &BTreeMap::new(),
+    );
     assert!(r.postgresql_conf.contains("wal_keep_size = '1024MB'"));
 }
 
@@ -300,4 +357,59 @@ fn the_shutdown_checkpoint_only_of_a_clean_shutdown() {
         parse_shutdown_checkpoint("Database cluster state: shut down\n"),
         None
     );
+}
+
+/// `initMode: existing` with mergePgParameters: the parameters found in the data dir are
+/// rendered at the first start (under the spec's own), as Go stolon's includeConfig does, so
+/// a setting that needs a restart (archive_mode) is there from the start; without
+/// includePreviousConfig they are not.
+#[test]
+fn an_existing_instances_parameters_are_rendered_while_included() {
+    let cd = cluster(ClusterSpec::default());
+    let previous: BTreeMap<String, String> = [
+        ("archive_mode", "on"),
+        ("work_mem", "1MB"),
+        ("port", "6000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut db = master_db();
+    db.spec
+        .pg_parameters
+        .insert("work_mem".into(), "8MB".into());
+    db.spec.include_previous_config = true;
+    let conf = render(&cd, &db, &local(), None, false, false, &previous).postgresql_conf;
+    assert!(conf.contains("archive_mode = 'on'"), "{conf}");
+    assert!(conf.contains("work_mem = '8MB'"), "the spec wins: {conf}");
+    assert!(
+        conf.contains("port = 5433"),
+        "managed ones stay managed: {conf}"
+    );
+    db.spec.include_previous_config = false;
+    let conf = render(&cd, &db, &local(), None, false, false, &previous).postgresql_conf;
+    assert!(!conf.contains("archive_mode"), "{conf}");
+}
+
+/// A db replaced as master (role master, another db is the cluster's master) is rendered as
+/// a standby of nobody: standby.signal, no primary_conninfo, no synchronous standbys.
+#[test]
+fn an_old_master_is_rendered_as_a_standby_of_nobody() {
+    let mut cd = cluster(ClusterSpec::default());
+    let mut db = master_db();
+    db.spec.synchronous_replication = true;
+    db.spec.synchronous_standbys = vec!["s1".into()];
+    cd.cluster.status.master = "m1".into();
+    let current = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
+    assert!(!current.standby_signal);
+    assert!(current
+        .postgresql_conf
+        .contains("synchronous_standby_names = '1 (stolon_s1)'"));
+    cd.cluster.status.master = "s1".into();
+    let old = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
+    assert!(old.standby_signal, "read-only");
+    assert!(!old.postgresql_conf.contains("primary_conninfo"));
+    assert!(old
+        .postgresql_conf
+        .contains("synchronous_standby_names = ''"));
 }

@@ -573,6 +573,11 @@ impl Keeper {
             .layout
             .db_state()
             .is_some_and(|d| d.pitr_pending);
+        let previous = if db.spec.include_previous_config {
+            self.settings.layout.init_params()
+        } else {
+            Default::default()
+        };
         Some(config::render(
             cd,
             db,
@@ -580,6 +585,7 @@ impl Keeper {
             upstream.as_ref(),
             self.instance.restricted,
             pitr,
+            &previous,
         ))
     }
 

@@ -113,8 +113,8 @@ pub enum PgAction {
     Promote,
     Reload,
     Restart,
-    /// On a master create the replication slots of followers and the spec and drop stale
-    /// `stolon_*` ones; on a standby drop every `stolon_*` one.
+    /// Create the replication slots of the db spec's followers and extra slots, and drop
+    /// stale `stolon_*` ones (on a standby as on a master, as Go stolon).
     SyncSlots,
     /// The db spec of this generation is applied: report it.
     Converged(i64),
@@ -189,7 +189,9 @@ pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
         == DataState::Present {
             db_uid: Some(db.uid.clone()),
         };
-    let steps = if holds_db {
+    let steps = if holds_db && cd.is_old_master(db) {
+        plan_old_master(local)
+    } else if holds_db {
         plan_same_db(cd, db, local)
     } else {
         plan_new_data(db, local)
@@ -209,9 +211,8 @@ pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
             return out;
         }
     }
-    // On a master: its followers' and the spec's slots. On a standby: none of stolon's (an
-    // old master keeps its slots through a rewind or a restart, and a slot on a standby
-    // holds WAL there forever).
+    // Its followers' and the spec's slots, whatever its role (a standby cluster's master is
+    // in recovery); stale stolon_ ones dropped.
     out.push(SyncSlots);
     out.push(Converged(db.generation));
     out
@@ -275,6 +276,21 @@ fn plan_new_data(db: &Db, local: &LocalObserved) -> Vec<PgAction> {
     out.push(WriteConfig);
     out.push(Start);
     out
+}
+
+/// This db was master and another was elected (see `ClusterData::is_old_master`): until the
+/// sentinel replaces it, it runs read-only, a standby of nobody (`config::render` writes it
+/// so), never a primary. It cannot take a write a client made directly, and it can still be
+/// elected back if its replacement never converges. (A Go keeper runs it as a primary.)
+fn plan_old_master(local: &LocalObserved) -> Vec<PgAction> {
+    match &local.running {
+        Some(r) if r.role == PgRole::Primary => {
+            vec![Stop(StopMode::Fast), WriteConfig, Start]
+        }
+        Some(_) if !local.config_current => vec![WriteConfig, Reload],
+        Some(_) => Vec::new(),
+        None => vec![WriteConfig, Start],
+    }
 }
 
 /// Whether the running standby's history diverged from the db it follows.

@@ -310,3 +310,50 @@ fn fence_timeout_is_strictly_below_fail_interval() {
         assert!(fence_timeout(fi).0 > 0);
     }
 }
+
+/// A db replaced as master (Go stolon leaves it role master until the sentinel removes it):
+/// its keeper runs it read-only, never as a primary, and never promotes it while another db
+/// is the cluster's master; elected back, it is promoted.
+#[test]
+fn an_old_master_runs_read_only_until_replaced_or_elected_back() {
+    let old_master = |master: &str| {
+        let mut cd = cd_with(
+            Some(db(DbRole::Master, DbInitMode::None, None)),
+            true,
+            ClusterSpec::default(),
+        );
+        cd.cluster.status.master = master.into();
+        cd
+    };
+    let read_only = vec![WriteConfig, Start, SyncSlots, Converged(7)];
+    let standby_data = LocalObserved {
+        standby_data: true,
+        ..local(holds("d1"), None)
+    };
+    let stale = LocalObserved {
+        config_current: false,
+        ..local(holds("d1"), Some(PgRole::Standby))
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, LocalObserved, Vec<PgAction>)> = vec![
+        ("down: started read-only", "d2", local(holds("d1"), None), read_only.clone()),
+        ("down with standby data: started read-only, not promoted", "d2", standby_data.clone(),
+            read_only),
+        ("running as a primary: stopped and started read-only", "d2",
+            local(holds("d1"), Some(PgRole::Primary)),
+            vec![Stop(StopMode::Fast), WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("running read-only, config current: nothing", "d2",
+            local(holds("d1"), Some(PgRole::Standby)), vec![SyncSlots, Converged(7)]),
+        ("running read-only, config stale: reload", "d2", stale,
+            vec![WriteConfig, Reload, SyncSlots, Converged(7)]),
+        ("elected back, down: started and promoted", "d1", standby_data,
+            vec![Start, Promote, WriteConfig, Reload, SyncSlots, Converged(7)]),
+        ("elected back, running read-only: promoted", "d1",
+            local(holds("d1"), Some(PgRole::Standby)),
+            vec![Promote, WriteConfig, Reload, SyncSlots, Converged(7)]),
+    ];
+    for (name, master, local, want) in cases {
+        let cd = old_master(master);
+        assert_eq!(run(Some(&cd), 0, &local), want, "{name}");
+    }
+}

@@ -439,6 +439,15 @@ impl ClusterData {
         }
     }
 
+    /// A db replaced as master by a failover. Go stolon's sentinel leaves its spec as it was
+    /// (role master, or a standby cluster's external follower) with its followers cleared,
+    /// and removes it once the new master is healthy and converged; its keeper then gets a
+    /// new standby db. Until then our keeper runs it read-only (see the keeper's plan).
+    pub fn is_old_master(&self, db: &Db) -> bool {
+        let master = &self.cluster.status.master;
+        db.acts_as_master() && !master.is_empty() && *master != db.uid
+    }
+
     /// The address proxies must route to: the db named by `proxy.spec.masterDbUid`, when it
     /// exists and has a listen address and port. `None` means "no master".
     pub fn proxy_master_address(&self) -> Option<(&str, u16)> {

@@ -114,7 +114,9 @@ impl Round<'_> {
     /// Whether `db` may replace master `m`, or why not.
     pub(super) fn eligible(&self, m: &Db, db: &Db) -> Result<(), &'static str> {
         let keeper = self.cd.keepers.get(&db.spec.keeper_uid);
-        if db.spec.role != Some(DbRole::Standby) {
+        // An old master whose replacement never converged may be elected back (its keeper
+        // runs it read-only meanwhile).
+        if db.spec.role != Some(DbRole::Standby) && !self.cd.is_old_master(db) {
             return Err("not a standby");
         }
         if !self.db_good(&db.uid) {
@@ -183,8 +185,14 @@ impl Round<'_> {
             .map(|db| db.spec.synchronous_standbys.clone())
             .unwrap_or_default();
         self.promote(new);
+        // As Go stolon: the old master's db keeps its role and loses its followers; it is
+        // removed once the new master is healthy and converged (`update_standbys`), and its
+        // keeper, when alive, gets a new standby db. Rewritten into a standby of the new
+        // master it would make the new master keep a replication slot (and WAL) for it while
+        // it is gone, and a Go keeper cannot turn a master into a standby.
         if let Some(db) = self.cd.dbs.get(old) {
-            let spec = self.standby_spec(&db.spec, new);
+            let mut spec = db.spec.clone();
+            spec.followers.clear();
             self.set_db_spec(old, spec);
         }
         // Keep the old in-sync set (minus the new master) so that commits on the new master
@@ -203,11 +211,24 @@ impl Round<'_> {
     pub(super) fn promote(&mut self, new: &str) {
         self.cd.cluster.status.master = new.to_string();
         self.fence_proxies();
-        let Some(mut spec) = self.db(new, "promote").map(|db| db.spec.clone()) else {
+        let Some(db) = self.db(new, "promote").cloned() else {
             return;
         };
+        let mut spec = db.spec.clone();
         self.apply_master_role(&mut spec);
         self.set_db_spec(new, spec);
+        if let Some(db) = self
+            .cd
+            .dbs
+            .get_mut(new)
+            .filter(|d| d.generation == db.generation)
+        {
+            // An old master elected back has the spec it had: a new generation all the same,
+            // so it counts as converged only once its keeper has promoted it (it ran
+            // read-only meanwhile).
+            db.generation += 1;
+            db.change_time = Some(self.now);
+        }
     }
 
     fn apply_master_role(&self, spec: &mut DbSpec) {

@@ -295,8 +295,12 @@ impl World {
             return;
         };
         let master_db = self.master().to_string();
+        let follows_master = self
+            .db_of(uid)
+            .and_then(|db| db.spec.follow_config.as_ref())
+            .is_some_and(|f| f.dbuid == master_db);
         let k = self.keepers.get_mut(uid).expect("keeper");
-        let follows = k.role == Some(DbRole::Standby) && k.db != master_db;
+        let follows = k.role == Some(DbRole::Standby) && follows_master;
         if follows && k.replicates && k.pg_healthy && k.timeline == m.timeline {
             k.xlog = k.xlog.max(m.xlog);
         }
@@ -372,6 +376,8 @@ impl World {
     /// follow, take the sync set.
     fn apply_spec(&mut self, uid: &str) {
         let Some(db) = self.db_of(uid).cloned() else {
+            // No db assigned: the keeper stops PostgreSQL.
+            self.keeper(uid).role = None;
             return;
         };
         let master = self.cd.dbs.get(self.master()).cloned();
@@ -403,6 +409,13 @@ impl World {
             }
             k.db = db.uid.clone();
             k.role = db.spec.role;
+        }
+        if self.cd.is_old_master(&db) {
+            // As the keeper's plan: read-only, a standby of nobody, until replaced.
+            k.role = Some(DbRole::Standby);
+            k.sync_standbys.clear();
+            k.generation = db.generation;
+            return;
         }
         if k.role == Some(DbRole::Standby) && db.spec.role == Some(DbRole::Master) {
             k.history.push(TimelineHistoryEntry {

@@ -26,6 +26,9 @@ struct Run {
     acked: u64,
     sync: bool,
     stats: Stats,
+    /// Every db that has been the cluster's master: only these may have role master (an old
+    /// master keeps it, as Go stolon leaves it, until it is removed).
+    ever_master: BTreeSet<String>,
 }
 
 fn spec_for(rng: &mut StdRng) -> ClusterSpec {
@@ -58,6 +61,7 @@ impl Run {
             acked: 0,
             sync,
             stats: Stats::default(),
+            ever_master: BTreeSet::new(),
         }
     }
 
@@ -181,6 +185,8 @@ impl Run {
     }
 
     fn check(&mut self, prev: &ClusterData) -> Result<(), String> {
+        self.ever_master
+            .insert(self.w.cd.cluster.status.master.clone());
         let cd = &self.w.cd;
         let routes: BTreeSet<&str> = self
             .w
@@ -192,13 +198,24 @@ impl Run {
         if routes.len() > 1 {
             return Err(format!("proxies route to two masters: {routes:?}"));
         }
-        let masters = cd
-            .dbs
-            .values()
-            .filter(|d| d.spec.role == Some(DbRole::Master))
-            .count();
-        if masters > 1 {
-            return Err(format!("{masters} dbs have role master"));
+        if let Some(d) = (cd.dbs.values())
+            .find(|d| d.spec.role == Some(DbRole::Master) && !self.ever_master.contains(&d.uid))
+        {
+            return Err(format!(
+                "db {} has role master but was never elected",
+                d.uid
+            ));
+        }
+        // Keepers that apply their spec (a stuck one goes on as it was: in the daemon its
+        // fence or the watchdog covers it, which this world does not model).
+        let writable: Vec<&String> = (self.w.keepers.iter())
+            .filter(|(_, k)| {
+                k.alive && k.converges && k.pg_healthy && k.role == Some(DbRole::Master)
+            })
+            .map(|(uid, _)| uid)
+            .collect();
+        if writable.len() > 1 {
+            return Err(format!("keepers {writable:?} all run a writable master"));
         }
         let master = &cd.cluster.status.master;
         if let Some(db) = cd.dbs.get(master) {
@@ -234,7 +251,7 @@ impl Run {
             // Converged: it reported the generation its spec had before this round.
             let base = d.uid != old
                 && prev.dbs.get(&d.uid).is_some_and(|p| {
-                    p.spec.role == Some(DbRole::Standby)
+                    (p.spec.role == Some(DbRole::Standby) || prev.is_old_master(p))
                         && d.status.current_generation == p.generation
                 })
                 && d.status.healthy

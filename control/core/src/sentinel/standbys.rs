@@ -74,8 +74,12 @@ impl Round<'_> {
         let Some(master_db) = self.db(master, "update standbys").cloned() else {
             return;
         };
+        let master_ok = self.db_good(master) && converged(&master_db);
+        if master_ok {
+            self.remove_old_masters(master);
+        }
         let others: Vec<Db> = (self.cd.dbs.values())
-            .filter(|db| db.uid != master)
+            .filter(|db| db.uid != master && !self.cd.is_old_master(db))
             .cloned()
             .collect();
         for db in &others {
@@ -92,7 +96,6 @@ impl Round<'_> {
             let spec = self.standby_spec(&db.spec, master);
             self.set_db_spec(uid, spec);
         }
-        let master_ok = self.db_good(master) && converged(&master_db);
         if master_ok {
             self.add_standbys(master);
         }
@@ -106,14 +109,31 @@ impl Round<'_> {
         self.set_db_spec(master, spec);
     }
 
-    /// Standby dbs (every db but the master).
+    /// Standby dbs (every db but the master and old masters not removed yet).
     fn standbys(&self, master: &str) -> Vec<String> {
         self.cd
             .dbs
-            .keys()
-            .filter(|u| *u != master)
-            .cloned()
+            .values()
+            .filter(|db| db.uid != master && !self.cd.is_old_master(db))
+            .map(|db| db.uid.clone())
             .collect()
+    }
+
+    /// Go stolon's rule, once the new master is healthy and converged: an old master's db is
+    /// removed (it can no longer be elected back), and its keeper counts as free, so it gets a
+    /// new standby db (resync: pg_rewind or a base backup) when it is alive.
+    fn remove_old_masters(&mut self, master: &str) {
+        let old: Vec<(String, String)> = (self.cd.dbs.values())
+            .filter(|db| db.uid != master && self.cd.is_old_master(db))
+            .map(|db| (db.uid.clone(), db.spec.keeper_uid.clone()))
+            .collect();
+        for (uid, keeper) in old {
+            self.cd.dbs.remove(&uid);
+            self.reason(
+                ReasonKind::DbRemoved,
+                format!("removing old master db {uid} on keeper {keeper}"),
+            );
+        }
     }
 
     fn wanted_standbys(&self) -> usize {

@@ -6,7 +6,7 @@
 
 use super::health::converged;
 use super::{ReasonKind, Round};
-use crate::model::{DbRole, FollowType};
+use crate::model::{ClusterRole, DbRole, FollowType};
 use std::collections::BTreeSet;
 
 /// A standby name no server uses: while it is in the set, commits wait (fewer than
@@ -91,7 +91,10 @@ impl Round<'_> {
             return;
         };
         let mut spec = db.spec.clone();
-        if !self.cd.cluster.spec.synchronous_replication() {
+        // As Go stolon: never in a standby cluster, whose master is a cascading standby (no
+        // standby can be synchronous to it, and a failover there would find none eligible).
+        let standby_cluster = self.cd.cluster.spec.role() == ClusterRole::Standby;
+        if !self.cd.cluster.spec.synchronous_replication() || standby_cluster {
             spec.synchronous_replication = false;
             spec.synchronous_standbys.clear();
             self.set_db_spec(master, spec);

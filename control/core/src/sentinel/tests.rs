@@ -164,13 +164,8 @@ fn init_pitr_creates_a_pitr_db_with_the_config() {
     assert_eq!(db.spec.role, Some(DbRole::Master));
 }
 
-#[test]
-fn standby_cluster_master_follows_the_external_primary() {
-    let settings = StandbySettings {
-        primary_conninfo: "host=10.0.0.1 port=5432".into(),
-        ..Default::default()
-    };
-    let spec = ClusterSpec {
+fn standby_cluster_spec(settings: &StandbySettings) -> ClusterSpec {
+    ClusterSpec {
         init_mode: Some(ClusterInitMode::Pitr),
         role: Some(ClusterRole::Standby),
         pitr_config: Some(PitrConfig {
@@ -182,8 +177,16 @@ fn standby_cluster_master_follows_the_external_primary() {
             archive_recovery_settings: None,
         }),
         ..test_spec()
+    }
+}
+
+#[test]
+fn standby_cluster_master_follows_the_external_primary() {
+    let settings = StandbySettings {
+        primary_conninfo: "host=10.0.0.1 port=5432".into(),
+        ..Default::default()
     };
-    let mut w = World::new(spec);
+    let mut w = World::new(standby_cluster_spec(&settings));
     w.keepers.insert("a".into(), KeeperSim::default());
     w.keepers.insert("b".into(), KeeperSim::default());
     w.add_proxy("p0");
@@ -199,6 +202,47 @@ fn standby_cluster_master_follows_the_external_primary() {
     let m = &w.cd.dbs[w.master()];
     assert_eq!(m.spec.role, Some(DbRole::Master));
     assert!(m.spec.follow_config.is_none());
+}
+
+/// As Go stolon: no synchronous replication in a standby cluster (its master is a cascading
+/// standby), whatever the spec says; a failover there elects as in async mode, and the old
+/// master's db (an external follower) is kept, then removed, as in a master cluster.
+#[test]
+fn standby_cluster_never_uses_synchronous_replication_and_fails_over() {
+    let spec = ClusterSpec {
+        synchronous_replication: Some(true),
+        min_synchronous_standbys: Some(1),
+        ..standby_cluster_spec(&StandbySettings::default())
+    };
+    let mut w = World::new(spec);
+    for k in ["a", "b", "c"] {
+        w.keepers.insert(k.into(), KeeperSim::default());
+    }
+    w.add_proxy("p0");
+    assert!(w.run_until(60, |w| w.settled()), "{:#?}", w.reasons);
+    let no_sync = |w: &World| {
+        w.cd.dbs
+            .values()
+            .all(|d| !d.spec.synchronous_replication && d.spec.synchronous_standbys.is_empty())
+    };
+    assert!(no_sync(&w), "{:#?}", w.cd.dbs);
+    let old = w.master().to_string();
+    let old_keeper = w.master_keeper();
+    assert_eq!(w.cd.dbs[&old].spec.followers.len(), 2, "slots for both");
+    w.keeper(&old_keeper).alive = false;
+    assert!(w.run_until(60, |w| w.master() != old), "{:#?}", w.reasons);
+    let kept = &w.cd.dbs[&old];
+    assert_eq!(kept.spec.role, Some(DbRole::Standby));
+    assert!(kept.spec.followers.is_empty());
+    assert!(w.run_until(30, |w| !w.cd.dbs.contains_key(&old)));
+    assert!(no_sync(&w));
+    let m = &w.cd.dbs[w.master()];
+    let f = m
+        .spec
+        .follow_config
+        .as_ref()
+        .expect("follows the external primary");
+    assert_eq!(f.kind, FollowType::External);
 }
 
 #[test]
@@ -592,19 +636,17 @@ fn a_forked_standby_is_resynced_at_once_without_rewind_and_later_with_it() {
         w.run(2);
         kill_master_and_fail_over(&mut w);
         assert_eq!(w.master_keeper(), "k1");
+        // k0 comes back ahead of the fork: the old master's db is gone (Go's rule), and
+        // the new db is one k0 has to build from the new master (a standby that forks is
+        // resynced at once without rewind and after convergenceTimeout with it).
         let old = db_uid(&w, "k0");
         w.keeper("k0").xlog += 100; // had unreplicated WAL past the switch point
-        w.keeper("k0").converges = false; // not rewound
         w.keeper("k0").alive = true;
         w.run(2);
-        assert_eq!(w.cd.dbs.contains_key(&old), rewind, "rewind={rewind}");
-        if rewind {
-            w.run(30);
-            assert!(
-                !w.cd.dbs.contains_key(&old),
-                "resynced after convergenceTimeout"
-            );
-        }
+        assert!(!w.cd.dbs.contains_key(&old), "rewind={rewind}");
+        let back = w.db_of("k0").expect("a new db").clone();
+        assert_eq!(back.spec.init_mode, Some(DbInitMode::Resync));
+        assert_eq!(back.spec.use_pgrewind, rewind);
     }
 }
 
@@ -663,19 +705,91 @@ fn with_the_master_dead_no_keeper_is_removed_and_the_old_master_comes_back() {
     assert!(w.run_until(60, |w| w.settled()), "{:#?}", w.reasons);
 }
 
+/// The clusterdata a Go keeper, sentinel or proxy reads at each step of a failover and of
+/// the old master's return (Go stolon's rule): the old master's db keeps role master with
+/// no followers while the new master converges (a Go keeper never turns a master into a
+/// standby), the new master keeps no slot for it, and once the new master is healthy and
+/// converged the old db is removed; the keeper, back, gets a new standby db (resync).
 #[test]
-fn the_old_master_rejoins_as_a_standby_of_the_new_one() {
+fn the_old_master_keeps_its_role_until_removed_and_its_keeper_gets_a_new_db() {
+    let mut w = cluster(test_spec(), 3);
+    let old = db_uid(&w, "k0");
+    w.keeper("k0").alive = false;
+    assert!(
+        w.run_until(60, |w| w.master_keeper() != "k0"),
+        "{:#?}",
+        w.reasons
+    );
+    // The round of the election: the old db as it was, without followers.
+    let db = &w.cd.dbs[&old];
+    assert_eq!(db.spec.role, Some(DbRole::Master));
+    assert!(db.spec.follow_config.is_none());
+    assert!(db.spec.followers.is_empty(), "{:?}", db.spec.followers);
+    assert_eq!(w.cd.proxy.spec.master_db_uid, "", "proxies fenced");
+    let new = w.master().to_string();
+    assert_ne!(new, old);
+    // The new master converges: the old db is removed, never made a follower of it.
+    let mut saw_removal = false;
+    for _ in 0..30 {
+        w.step(S);
+        assert!(
+            !w.cd.dbs[&new].spec.followers.contains(&old),
+            "the new master keeps no slot for the dead old master"
+        );
+        if let Some(db) = w.cd.dbs.get(&old) {
+            assert_eq!(db.spec.role, Some(DbRole::Master), "never a standby");
+        } else {
+            saw_removal = true;
+            break;
+        }
+    }
+    assert!(saw_removal, "{:#?}", w.reasons);
+    assert!(w
+        .reasons
+        .iter()
+        .any(|r| r.detail.contains(&format!("removing old master db {old}"))));
+    assert!(w.db_of("k0").is_none(), "a dead keeper gets no db");
+    assert!(w.run_until(10, |w| w.proxy_master() == w.master()));
+    // The keeper comes back: a new db, a standby of the new master, made by resync.
+    w.keeper("k0").alive = true;
+    assert!(w.run_until(30, |w| w.db_of("k0").is_some()));
+    let back = w.db_of("k0").expect("db").clone();
+    assert_ne!(back.uid, old);
+    assert_eq!(back.spec.role, Some(DbRole::Standby));
+    assert_eq!(back.spec.init_mode, Some(DbInitMode::Resync));
+    assert_eq!(
+        back.spec.follow_config.as_ref().map(|f| f.dbuid.as_str()),
+        Some(new.as_str())
+    );
+    assert!(w.run_until(30, |w| w.settled()));
+    assert!(w.cd.dbs[&new].spec.followers.contains(&back.uid));
+}
+
+/// The elected standby never converges (its promotion hangs) and the old master comes back:
+/// its db, still role master, is elected back with a new generation, so it counts as
+/// converged only once its keeper has promoted it.
+#[test]
+fn an_old_master_is_elected_back_when_its_replacement_never_converges() {
     let mut w = cluster(test_spec(), 2);
     let old = db_uid(&w, "k0");
-    kill_master_and_fail_over(&mut w);
-    let db = &w.cd.dbs[&old];
-    assert_eq!(db.spec.role, Some(DbRole::Standby));
-    assert_eq!(
-        db.spec.follow_config.as_ref().map(|f| f.dbuid.as_str()),
-        Some(w.master())
-    );
+    w.keeper("k0").alive = false;
+    w.keeper("k1").converges = false;
+    assert!(w.run_until(60, |w| w.master_keeper() == "k1"));
     w.keeper("k0").alive = true;
-    assert!(w.run_until(20, |w| w.settled()));
+    w.run(2);
+    assert!(
+        w.cd.dbs.contains_key(&old),
+        "kept while k1 has not converged"
+    );
+    let gen = w.cd.dbs[&old].generation;
+    assert!(w.run_until(120, |w| w.master() == old), "{:#?}", w.reasons);
+    assert!(
+        w.cd.dbs[&old].generation > gen,
+        "a new generation to converge to"
+    );
+    w.keeper("k1").converges = true;
+    assert!(w.run_until(60, |w| w.settled()), "{:#?}", w.reasons);
+    assert_eq!(w.master_keeper(), "k0");
 }
 
 // ---- synchronous replication ----
@@ -1010,6 +1124,7 @@ fn a_pause_prevents_a_failover_and_resume_lets_it_happen() {
     let mut w = cluster(test_spec(), 3);
     let old = w.master_keeper();
     w.pause = Some(pause(&w, None));
+    let dbs = w.cd.dbs.len();
     w.keeper(&old).alive = false;
     let mut details = Vec::new();
     for _ in 0..60 {
@@ -1028,12 +1143,11 @@ fn a_pause_prevents_a_failover_and_resume_lets_it_happen() {
             .any(|d| d.contains("no failover while paused") && d.contains("upgrade")),
         "{details:#?}"
     );
-    // Nothing else changes either: the dead keeper's standby is not rebuilt elsewhere.
-    let dbs = w.cd.dbs.len();
+    // Nothing else changes either: no db is removed or rebuilt elsewhere.
+    assert_eq!(w.cd.dbs.len(), dbs);
     w.pause = None;
     let new = kill_master_and_fail_over(&mut w);
     assert_ne!(new, old, "resume lets the failover happen");
-    assert!(w.cd.dbs.len() >= dbs);
 }
 
 #[test]
