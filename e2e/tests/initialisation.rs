@@ -177,23 +177,44 @@ async fn users_and_password_files_combinations() {
         .await
         .expect("conninfo");
     assert!(conninfo.contains("user=replicator"), "{conninfo}");
-    // An empty password file is a clear error naming the file.
-    let empty = dir.path().join("empty.pw");
-    std::fs::write(&empty, "").expect("pw");
-    let out = Command::new(e2e::cluster::bin("stolon-keeper"))
-        .args(c.common_args())
-        .args(["--uid", "k9", "--data-dir"])
-        .arg(dir.path().join("k9"))
-        .arg("--pg-su-passwordfile")
-        .arg(&empty)
-        .arg("--pg-repl-passwordfile")
-        .arg(&su)
-        .output()
-        .expect("keeper");
-    let err =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success());
-    assert!(err.contains("empty.pw") && err.contains("empty"), "{err}");
+    // Go stolon's warning for the trailing CR/LF it removed.
+    assert!(c
+        .keeper_log(&m)
+        .contains("superuser password contain trailing new line, removing"));
+    // Refused at start, as Go refuses them: an empty password file (naming it), one that is
+    // empty once its newline is removed, and one user for both roles with two passwords.
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("pw");
+        p.display().to_string()
+    };
+    let (empty, newline) = (file("empty.pw", ""), file("newline.pw", "\r\n"));
+    let other = file("other.pw", "other\n");
+    let su = su.display().to_string();
+    let empty_file = format!("password file {empty} is empty");
+    #[rustfmt::skip]
+    let refusals: [(&[&str], &str); 3] = [
+        (&["--pg-su-passwordfile", &empty, "--pg-repl-passwordfile", &su], &empty_file),
+        (&["--pg-su-passwordfile", &newline, "--pg-repl-passwordfile", &su],
+            "superuser password is empty after removing trailing new line"),
+        (&["--pg-su-username", "postgres", "--pg-su-passwordfile", &su,
+            "--pg-repl-username", "postgres", "--pg-repl-passwordfile", &other],
+            "provided superuser name and replication user name are the same but provided \
+             passwords are different"),
+    ];
+    for (args, want) in refusals {
+        let out = Command::new(e2e::cluster::bin("stolon-keeper"))
+            .args(c.common_args())
+            .args(["--uid", "k9", "--data-dir"])
+            .arg(dir.path().join("k9"))
+            .args(args)
+            .output()
+            .expect("keeper");
+        let err = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
     check(&c, "passwords").await;
 }
 

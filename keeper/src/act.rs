@@ -27,6 +27,13 @@ impl Keeper {
             actions.last(),
             Some(PgAction::Wait(_) | PgAction::Refuse(_))
         );
+        if self.instance.reloaded
+            && !actions.contains(&PgAction::Reload)
+            && matches!(actions.last(), Some(PgAction::Converged(_)))
+        {
+            tracing::info!("postgres parameters not changed");
+            self.instance.reloaded = false;
+        }
         let mut acted = false;
         for action in actions {
             let effect = !matches!(
@@ -96,7 +103,12 @@ impl Keeper {
             PgAction::WriteConfig => self.write_config()?,
             PgAction::Start => self.start().await?,
             PgAction::Promote => self.promote().await?,
-            PgAction::Reload => self.signal_pg(Signal::SIGHUP)?,
+            PgAction::Reload => {
+                // Go stolon's words: operators' log alerts match them.
+                tracing::info!("postgres parameters changed, reloading postgres instance");
+                self.signal_pg(Signal::SIGHUP)?;
+                self.instance.reloaded = true;
+            }
             PgAction::Restart => {
                 self.stop_pg(Signal::SIGINT).await;
                 self.start().await?;
@@ -250,14 +262,37 @@ impl Keeper {
         if nc.data_checksums {
             args.push("--data-checksums".into());
         }
-        let r = self
-            .settings
-            .tools
-            .run("initdb", &args, &[], Duration::from_secs(300))
-            .await;
+        let r = self.run_initdb(&args, nc.locale.is_empty()).await;
         let _ = std::fs::remove_file(&pwfile);
         r?;
         self.record_init(&db, false)
+    }
+
+    /// initdb; with no locale in the spec, in the keeper's own (as Go stolon), and if the
+    /// system lacks that locale, in C.UTF-8 with a warning rather than no cluster at all.
+    async fn run_initdb(&self, args: &[String], env_locale: bool) -> anyhow::Result<()> {
+        let tools = &self.settings.tools;
+        let limit = Duration::from_secs(300);
+        if !env_locale {
+            tools.run("initdb", args, &[], limit).await?;
+            return Ok(());
+        }
+        let mut with_env = args.to_vec();
+        with_env.extend(crate::tools::initdb_locale_args(|k| std::env::var(k).ok()));
+        match tools.run("initdb", &with_env, &[], limit).await {
+            Err(crate::tools::ToolError::Failed { stderr, .. })
+                if stderr.contains("invalid locale name") =>
+            {
+                tracing::warn!(%stderr, "the keeper's locale is not installed: initdb in C.UTF-8");
+                let mut c = args.to_vec();
+                c.extend(crate::tools::initdb_locale_args(|_| None));
+                tools.run("initdb", &c, &[], limit).await?;
+            }
+            r => {
+                r?;
+            }
+        }
+        Ok(())
     }
 
     /// Remembers the parameters found in the new data dir and which db it holds.

@@ -135,6 +135,9 @@ pub(crate) struct Instance {
     pub(crate) shutdown_checkpoint: Option<u64>,
     /// The switchover request a checkpoint ahead of the stop was started for (once each).
     pub(crate) switchover_checkpoint: Option<control::model::Timestamp>,
+    /// A reload was sent and no plan has found the configuration current since: the next
+    /// one logs Go stolon's "postgres parameters not changed" (operators' checks match it).
+    pub(crate) reloaded: bool,
 }
 
 /// The cluster view and how far this keeper has followed it.
@@ -173,6 +176,7 @@ impl Keeper {
                 floors: Default::default(),
                 shutdown_checkpoint: None,
                 switchover_checkpoint: None,
+                reloaded: false,
                 fenced: false,
                 restricted: false,
             },

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod health;
 pub mod layout;
 pub mod metrics;
+pub mod passwords;
 pub mod postmaster;
 mod promote_gate;
 pub mod sql;

@@ -4,11 +4,12 @@
 
 use anyhow::{bail, Context};
 use clap::{ArgAction, Parser};
-use control::cli::{parse_with_env, read_secret_file, CommonArgs};
+use control::cli::{parse_with_env, CommonArgs};
 use control::model::PostgresBinaryVersion;
 use keeper::config::{AuthMethod, Local};
 use keeper::daemon::{Keeper, Settings};
 use keeper::layout::Layout;
+use keeper::passwords::{self, Login, Role};
 use keeper::tools::{self, Tools};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -93,30 +94,59 @@ struct Args {
     pg_os_user: String,
 }
 
-/// A password from its file, the environment or (with a warning) the flag. Required unless
-/// the method is trust.
+/// A password from its file, the environment or (with a warning) the flag, trailing CR/LF
+/// removed as Go stolon does (`passwords::trim`). Required unless the method is trust.
 fn password(
-    what: &str,
+    role: Role,
     flag_name: &str,
     value: &Option<String>,
     file: &Option<PathBuf>,
     method: AuthMethod,
 ) -> anyhow::Result<Option<String>> {
-    if let Some(f) = file {
-        return Ok(Some(read_secret_file(f).map_err(anyhow::Error::msg)?));
-    }
-    if value.is_some() && std::env::args().any(|a| a.starts_with(flag_name)) {
-        tracing::warn!("{flag_name} puts the {what} password in the process list: use {flag_name}file or the environment");
-    }
-    match value {
-        Some(v) if v.is_empty() => bail!("the {what} password is empty"),
-        Some(v) => Ok(Some(v.clone())),
-        None if method == AuthMethod::Trust => Ok(None),
-        None => bail!(
-            "the {what} password is required with {} authentication: pass {flag_name}file",
+    let raw = match file {
+        Some(f) => Some(read_password_file(f)?),
+        None => {
+            if value.is_some() && std::env::args().any(|a| a.starts_with(flag_name)) {
+                tracing::warn!("{flag_name} puts the password in the process list: use {flag_name}file or the environment");
+            }
+            match value {
+                Some(v) if v.is_empty() => bail!("{flag_name} is empty"),
+                v => v.clone(),
+            }
+        }
+    };
+    let Some(raw) = raw else {
+        if method == AuthMethod::Trust {
+            return Ok(None);
+        }
+        bail!(
+            "{flag_name} or {flag_name}file is required with {} authentication",
             method.as_str()
-        ),
+        );
+    };
+    let (password, warning) = passwords::trim(role, &raw).map_err(anyhow::Error::msg)?;
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
     }
+    Ok(Some(password))
+}
+
+/// A password file as it is (its trailing newline is `passwords::trim`'s), with Go's warning
+/// when others than its owner may read it.
+fn read_password_file(f: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let cannot =
+        |e: std::io::Error| anyhow::anyhow!("cannot read password file {}: {e}", f.display());
+    let mode = std::fs::metadata(f).map_err(cannot)?.permissions().mode();
+    if passwords::too_open(mode) {
+        tracing::warn!(file = %f.display(), mode = %format!("{:#o}", mode & 0o777),
+            "password file permissions are too open. This file should only be readable to the user executing stolon! Continuing...");
+    }
+    let raw = std::fs::read_to_string(f).map_err(cannot)?;
+    if raw.is_empty() {
+        bail!("password file {} is empty", f.display());
+    }
+    Ok(raw)
 }
 
 /// Go stolon's rule for keeper UIDs (cmd/keeper: `[a-z0-9_]+`).
@@ -174,12 +204,8 @@ fn pg_version(tools: &Tools) -> PostgresBinaryVersion {
     let text = out
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let ver = text.split_whitespace().last().unwrap_or("");
-    let mut parts = ver.split('.').map(|p| p.parse().unwrap_or(0));
-    PostgresBinaryVersion {
-        maj: parts.next().unwrap_or(0),
-        min: parts.next().unwrap_or(0),
-    }
+    let (maj, min) = tools::parse_pg_version(&text).unwrap_or((0, 0));
+    PostgresBinaryVersion { maj, min }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -199,26 +225,45 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(&layout.dir)?;
         None
     } else {
-        Some(layout.lock()?)
+        let lock = layout.lock()?;
+        tracing::info!(data_dir = %layout.dir.display(), "exclusive lock on data dir taken");
+        Some(lock)
     };
     let uid = keeper_uid(&args, &layout)?;
     if let Some(db) = layout.adopt_go_state()? {
         tracing::info!(%uid, %db, "adopted a data dir written by Go stolon's keeper");
     }
     let su_password = password(
-        "superuser",
+        Role::Superuser,
         "--pg-su-password",
         &args.pg_su_password,
         &args.pg_su_passwordfile,
         args.pg_su_auth_method,
     )?;
     let repl_password = password(
-        "replication",
+        Role::Replication,
         "--pg-repl-password",
         &args.pg_repl_password,
         &args.pg_repl_passwordfile,
         args.pg_repl_auth_method,
     )?;
+    let su_user = args
+        .pg_su_username
+        .clone()
+        .unwrap_or_else(|| default_su_username(&args.pg_os_user));
+    let su = Login {
+        user: &su_user,
+        method: args.pg_su_auth_method,
+        password: su_password.as_deref(),
+    };
+    let repl = Login {
+        user: &args.pg_repl_username,
+        method: args.pg_repl_auth_method,
+        password: repl_password.as_deref(),
+    };
+    if let Some(w) = passwords::check_same_user(su, repl).map_err(anyhow::Error::msg)? {
+        tracing::warn!("{w}");
+    }
     let tools = Tools {
         bin_dir: tools::find_bin_dir(args.pg_bin_path.as_deref())?,
         os_user: tools::os_user(&args.pg_os_user)?,
@@ -230,10 +275,7 @@ fn main() -> anyhow::Result<()> {
         listen_address: args.pg_listen_address.clone(),
         port: args.pg_port,
         socket_dir: layout.socket_dir().display().to_string(),
-        su_user: args
-            .pg_su_username
-            .clone()
-            .unwrap_or_else(|| default_su_username(&args.pg_os_user)),
+        su_user,
         su_auth: args.pg_su_auth_method,
         repl_user: args.pg_repl_username.clone(),
         repl_auth: args.pg_repl_auth_method,

@@ -98,6 +98,45 @@ pub fn child_env(cmd: &mut std::process::Command) {
     cmd.env("LC_ALL", "C.UTF-8");
 }
 
+/// initdb's locale when the spec's newConfig names none: the keeper's own, as Go stolon's
+/// initdb inherits it (each category from LC_ALL, then LC_<category>, then LANG, as
+/// setlocale reads them), or C.UTF-8 where the environment sets none. Passed as flags
+/// because the tools run with LC_ALL=C.UTF-8 (`child_env`: the keeper reads their stderr).
+pub fn initdb_locale_args(env: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    [
+        "COLLATE", "CTYPE", "MESSAGES", "MONETARY", "NUMERIC", "TIME",
+    ]
+    .into_iter()
+    .map(|cat| {
+        let value = set("LC_ALL")
+            .or_else(|| set(&format!("LC_{cat}")))
+            .or_else(|| set("LANG"))
+            .unwrap_or_else(|| "C.UTF-8".into());
+        format!("--lc-{}={value}", cat.to_lowercase())
+    })
+    .collect()
+}
+
+/// The version `postgres --version` prints: "postgres (PostgreSQL) 15.8", also with a
+/// packager's suffix ("14.10 (Homebrew)", "16.2 (Debian 16.2-1.pgdg120+2)") or a
+/// pre-release ("17beta1": minor 0).
+pub fn parse_pg_version(text: &str) -> Option<(u32, u32)> {
+    let ver = text
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+    let digits = |s: &str| -> Option<u32> {
+        let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        s[..end].parse().ok()
+    };
+    let maj = digits(ver)?;
+    let min = ver
+        .split_once('.')
+        .and_then(|(_, rest)| digits(rest))
+        .unwrap_or(0);
+    Some((maj, min))
+}
+
 /// Expands a dataRestoreCommand as Go stolon does: `%d` is the data dir, `%%` is `%`, any
 /// other `%x` is left as it is.
 pub fn expand_restore_command(cmd: &str, data_dir: &str) -> String {
@@ -193,6 +232,55 @@ pub async fn run_command(
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod version_and_locale_tests {
+    use super::{initdb_locale_args, parse_pg_version};
+
+    #[test]
+    fn postgres_version_lines_are_parsed_with_any_suffix() {
+        #[rustfmt::skip]
+        let cases = [
+            ("postgres (PostgreSQL) 15.8", Some((15, 8))),
+            ("postgres (PostgreSQL) 15.8 (Debian 15.8-0+deb12u1)\n", Some((15, 8))),
+            ("postgres (PostgreSQL) 14.10 (Homebrew)", Some((14, 10))),
+            ("postgres (PostgreSQL) 18.6", Some((18, 6))),
+            ("postgres (PostgreSQL) 17beta1", Some((17, 0))),
+            ("postgres (PostgreSQL) 9.6.24", Some((9, 6))),
+            ("", None),
+            ("postgres (PostgreSQL)", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_pg_version(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn initdb_gets_the_keepers_locale_as_setlocale_reads_it() {
+        let run = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            initdb_locale_args(move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        };
+        let all = |v: &str| -> Vec<String> {
+            [
+                "collate", "ctype", "messages", "monetary", "numeric", "time",
+            ]
+            .iter()
+            .map(|c| format!("--lc-{c}={v}"))
+            .collect()
+        };
+        assert_eq!(run(&[]), all("C.UTF-8"), "none set");
+        assert_eq!(run(&[("LANG", "")]), all("C.UTF-8"), "empty is unset");
+        assert_eq!(run(&[("LANG", "de_DE.UTF-8")]), all("de_DE.UTF-8"));
+        assert_eq!(run(&[("LANG", "de_DE.UTF-8"), ("LC_ALL", "C")]), all("C"));
+        let mixed = run(&[("LANG", "de_DE.UTF-8"), ("LC_COLLATE", "C")]);
+        assert_eq!(mixed[0], "--lc-collate=C");
+        assert_eq!(mixed[1], "--lc-ctype=de_DE.UTF-8");
+    }
 }
 
 #[cfg(test)]

@@ -24,8 +24,31 @@ async fn init_crash_restart_and_reload() {
     let _serial = serial().await;
     let env = Env::new().await;
     let _sentinel = env.sentinel(SPEC);
-    let k = env.keeper("k1", &[]);
+    // initdb takes the keeper's locale, as Go stolon's does (C.UTF-8 only when none is
+    // set): the database's collation and character type come from it.
+    let unset = [
+        "LC_ALL",
+        "LC_COLLATE",
+        "LC_CTYPE",
+        "LC_MESSAGES",
+        "LC_MONETARY",
+    ];
+    let mut vars: Vec<(&str, &str)> = unset.iter().map(|v| (*v, "")).collect();
+    vars.extend([("LC_NUMERIC", ""), ("LC_TIME", ""), ("LANG", "C")]);
+    let k = env.keeper_env("k1", &[], &vars);
     master_ready(&env, k.port.0).await;
+    for setting in ["lc_collate", "lc_ctype"] {
+        let v = wait_for(&env, setting, Duration::from_secs(20), async || {
+            let c = connect(k.port.0)
+                .await
+                .map_err(|e| eprintln!("{e:?}"))
+                .ok()?;
+            let row = c.query_one(&format!("SHOW {setting}"), &[]).await.ok()?;
+            Some(row.get::<_, String>(0))
+        })
+        .await;
+        assert_eq!(v, "C", "{setting} from the keeper's LANG");
+    }
 
     // The sentinel saw the init finish: phase normal, init parameters merged.
     let cd = wait_for(&env, "phase normal", Duration::from_secs(20), async || {
@@ -96,6 +119,24 @@ async fn init_crash_restart_and_reload() {
     )
     .await;
     assert_eq!(postmaster_pid(&k.dir), Some(pid), "reloaded, not restarted");
+    // Go stolon's log lines, which operators' alerts match: the lock, the reload, and the
+    // next check finding nothing to change.
+    let log = || std::fs::read_to_string(&k.log).unwrap_or_default();
+    assert!(log().contains("exclusive lock on data dir taken"));
+    assert!(log().contains("postgres parameters changed, reloading postgres instance"));
+    wait_for(
+        &env,
+        "parameters not changed",
+        Duration::from_secs(20),
+        async || {
+            let l = log();
+            let reload = l.rfind("postgres parameters changed, reloading postgres instance")?;
+            l[reload..]
+                .contains("postgres parameters not changed")
+                .then_some(())
+        },
+    )
+    .await;
 
     // ALTER SYSTEM has no lasting effect.
     let c = connect(k.port.0).await.expect("connect");

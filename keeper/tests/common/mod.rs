@@ -73,6 +73,11 @@ impl Env {
     }
 
     pub fn keeper(&self, uid: &str, extra: &[&str]) -> KeeperProc {
+        self.keeper_env(uid, extra, &[])
+    }
+
+    /// A keeper started with these environment variables set ("" removes one).
+    pub fn keeper_env(&self, uid: &str, extra: &[&str], vars: &[(&str, &str)]) -> KeeperProc {
         let port = free_port();
         let dir = self.dir.path().join(uid);
         let mut k = KeeperProc {
@@ -82,13 +87,25 @@ impl Env {
             child: None,
             log: PathBuf::new(),
         };
-        self.start_keeper(&mut k, extra);
+        self.start_keeper_env(&mut k, extra, vars);
         k
     }
 
     pub fn start_keeper(&self, k: &mut KeeperProc, extra: &[&str]) {
+        self.start_keeper_env(k, extra, &[]);
+    }
+
+    /// As `start_keeper`, with these environment variables set ("" removes one).
+    pub fn start_keeper_env(&self, k: &mut KeeperProc, extra: &[&str], vars: &[(&str, &str)]) {
         let (log, f) = self.log_file(&k.uid);
         let mut cmd = self.keeper_command(k);
+        for (name, value) in vars {
+            if value.is_empty() {
+                cmd.env_remove(name);
+            } else {
+                cmd.env(name, value);
+            }
+        }
         cmd.args(["--uid", &k.uid])
             .args(extra)
             .stdout(Stdio::from(f.try_clone().expect("log")))
