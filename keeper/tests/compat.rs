@@ -442,16 +442,61 @@ fn status_json_has_gos_schema(env: &Env) {
     );
 }
 
-/// Point 9: init over an existing cluster asks; `yes` is accepted, `no` aborts; with
-/// --overwrite=false it exits 0; update -f - reads stdin.
+/// Point 9: init over an existing cluster asks; `yes` is accepted, `no` exits 0 saying
+/// "exiting" as Go's does; with --overwrite=false it exits 0; update -f - reads stdin;
+/// `status -f ""` is text; Go's migration recipe `clusterdata write < cd.json` writes onto
+/// an empty store without a question, and over an existing one only with --yes.
 fn stolonctl_prompts_as_go_does(env: &Env) {
     let o = ctl(env, &["init"], Some("no\n"));
-    assert!(!o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("[yes/no]") && text(&o).contains("aborted"),
+        text(&o).contains("[yes/no]") && text(&o).contains("exiting"),
         "{}",
         text(&o)
     );
+    let o = ctl(env, &["status", "-f", ""], None);
+    assert!(
+        o.status.success() && text(&o).contains("=== keepers ==="),
+        "{}",
+        text(&o)
+    );
+    let cd = ctl(env, &["clusterdata", "read"], None);
+    assert!(cd.status.success(), "{}", text(&cd));
+    let cd = String::from_utf8_lossy(&cd.stdout).into_owned();
+    let ep = env.etcd.endpoint();
+    let other = ["--cluster-name", "migrated", "--store-endpoints", &ep];
+    let write = |extra: &[&str]| {
+        let args: Vec<&str> = other
+            .iter()
+            .chain(["clusterdata", "write"].iter())
+            .chain(extra)
+            .copied()
+            .collect();
+        run("stolonctl", &args, Some(&cd))
+    };
+    let o = write(&[]);
+    assert!(
+        o.status.success() && text(&o).contains("successfully wrote cluster data"),
+        "{}",
+        text(&o)
+    );
+    let o = write(&[]);
+    assert!(
+        !o.status.success() && text(&o).contains("cluster data already available use --yes"),
+        "{}",
+        text(&o)
+    );
+    let o = write(&["--yes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let read: Vec<&str> = other
+        .iter()
+        .chain(["clusterdata", "read"].iter())
+        .copied()
+        .collect();
+    let o = run("stolonctl", &read, None);
+    let copied = control::model::ClusterData::from_json(&o.stdout).expect("copied clusterdata");
+    let original = control::model::ClusterData::from_json(cd.as_bytes()).expect("clusterdata");
+    assert_eq!(copied.cluster.uid, original.cluster.uid);
     let o = ctl(env, &["init", "--overwrite=false"], None);
     assert!(
         o.status.success() && text(&o).contains("already initialized"),

@@ -2,7 +2,7 @@
 //! `STOLONCTL_<FLAG>`.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use control::cli::{parse_duration, parse_with_env, CommonArgs};
 use control::ctl::{self, status};
 use control::model::SwitchoverPhase;
@@ -47,10 +47,21 @@ impl Args {
     }
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug)]
 enum Format {
     Text,
     Json,
+}
+
+/// `--format` as Go stolon's status reads it: empty (its default) or `text` is text.
+fn parse_format(s: &str) -> Result<Format, String> {
+    match s {
+        "" | "text" => Ok(Format::Text),
+        "json" => Ok(Format::Json),
+        other => Err(format!(
+            "unsupported output format {other:?}: text (or empty) or json"
+        )),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,7 +86,8 @@ enum Cmd {
     },
     /// Show sentinels, proxies, keepers, the master and the replication tree
     Status {
-        #[arg(short = 'f', long = "format", value_enum, default_value = "text")]
+        /// Output format: text (the default; an empty value too, as in Go stolon) or json
+        #[arg(short = 'f', long = "format", value_parser = parse_format, default_value = "text")]
         format: Format,
     },
     /// Print the cluster spec
@@ -178,8 +190,9 @@ enum ClusterdataOp {
     },
 }
 
-/// Asks on stdin (a terminal or a pipe, as Go stolon's askConfirmation); `yes`/`y` go on,
-/// `no`/`n` or end of input stop. With -y nothing is asked.
+/// Asks on stdin (a terminal or a pipe, as Go stolon's askConfirmation); `yes`/`y` go on;
+/// `no`/`n` prints "exiting" and ends the command with exit status 0, as Go's does; end of
+/// input is an error. With -y nothing is asked.
 fn confirm(what: &str, yes: bool) -> Result<()> {
     if yes {
         return Ok(());
@@ -198,7 +211,10 @@ fn confirm(what: &str, yes: bool) -> Result<()> {
         }
         match line.trim().to_ascii_lowercase().as_str() {
             "y" | "yes" => return Ok(()),
-            "n" | "no" => bail!("aborted"),
+            "n" | "no" => {
+                println!("exiting");
+                std::process::exit(0);
+            }
             _ => eprintln!("please answer yes or no"),
         }
     }
@@ -366,9 +382,12 @@ async fn clusterdata(store: &ClusterStore, op: ClusterdataOp) -> Result<()> {
                 }
                 None => drop(std::io::stdin().read_to_end(&mut bytes)?),
             }
-            confirm("this overwrites the cluster's clusterdata", yes)?;
-            ctl::write_cluster_data(store, &bytes).await?;
-            println!("clusterdata written");
+            // As Go stolon: no question (the document may come on stdin); over an existing
+            // clusterdata only with --yes.
+            if ctl::write_cluster_data(store, &bytes, yes).await? {
+                println!("WARNING: The current cluster data was removed");
+            }
+            println!("successfully wrote cluster data into the new store");
         }
     }
     Ok(())

@@ -205,20 +205,28 @@ pub async fn promote(store: &ClusterStore) -> Result<()> {
     .map(drop)
 }
 
-/// `clusterdata write`: replaces the document (must parse as clusterdata).
-pub async fn write_cluster_data(store: &ClusterStore, bytes: &[u8]) -> Result<()> {
-    let cd = ClusterData::from_json(bytes).context("not a valid clusterdata document")?;
+/// `clusterdata write`: writes a clusterdata document, over an existing one only with `overwrite` (Go stolon's
+/// `--yes`); true when it replaced one.
+pub async fn write_cluster_data(
+    store: &ClusterStore,
+    bytes: &[u8],
+    overwrite: bool,
+) -> Result<bool> {
+    let cd = ClusterData::from_json(bytes).context("invalid cluster data")?;
     let rev = store
         .get_cluster_data()
         .await
         .map_err(|e| store_error(store, e))?
         .map_or(0, |(_, r)| r);
+    if rev != 0 && !overwrite {
+        bail!("WARNING: cluster data already available use --yes to override");
+    }
     match store
         .put_cluster_data(&cd, rev, None)
         .await
         .map_err(|e| store_error(store, e))?
     {
-        CasOutcome::Written(_) => Ok(()),
+        CasOutcome::Written(_) => Ok(rev != 0),
         CasOutcome::Conflict => bail!("the cluster changed meanwhile: nothing written, try again"),
     }
 }
