@@ -50,6 +50,7 @@ async fn kill_master(name: &str, spec: Value, rewind: bool, lag: Lag) -> Cluster
         Lag::One => standbys[..1].to_vec(),
         Lag::All => standbys.clone(),
     };
+    let old_db = c.db_of(&old).await.expect("master db").uid;
     let receivers: Vec<i32> = lagging.iter().map(|s| freeze_receiver(&c, s)).collect();
     c.exec_via_proxy("CREATE TABLE ahead AS SELECT md5(v::text) v FROM generate_series(1, 2000) v")
         .await
@@ -67,7 +68,8 @@ async fn kill_master(name: &str, spec: Value, rewind: bool, lag: Lag) -> Cluster
             "the standby with the highest WAL position is elected"
         );
     }
-    // The old master comes back and rejoins as a standby of the new one.
+    let old_db = old_master_db_removed(&c, &old_db).await;
+    // The old master comes back and rejoins as a standby of the new one, in a new db.
     c.restart_keeper(&old)
         .expect("restart the old master's keeper");
     let out = c.finish(name, checker).await.expect("invariants");
@@ -77,7 +79,41 @@ async fn kill_master(name: &str, spec: Value, rewind: bool, lag: Lag) -> Cluster
         .await
         .expect("the old master's keeper has a db");
     assert_eq!(db.spec.role, Some(control::model::DbRole::Standby));
+    assert_ne!(db.uid, old_db, "a new db, made by resync");
     c
+}
+
+/// What a Go keeper, sentinel or proxy reads after the failover, while the old master's
+/// keeper is dead (Go stolon's rule): the old master's db keeps role master and never
+/// becomes a follower of the new master, which keeps no replication slot (and no WAL) for
+/// it; once the new master has converged the db is removed. Returns its uid.
+async fn old_master_db_removed(c: &Cluster, old_db: &str) -> String {
+    let new_master = c
+        .wait_for("the old master's db removed", MIN, async || {
+            let (cd, _) = c.data().await?;
+            let new = cd.dbs.get(&cd.cluster.status.master)?;
+            assert!(
+                !new.spec.followers.iter().any(|f| f == old_db),
+                "the new master follows nothing of the dead old master"
+            );
+            if let Some(db) = cd.dbs.get(old_db) {
+                assert_eq!(db.spec.role, Some(control::model::DbRole::Master), "{db:?}");
+                assert!(db.spec.followers.is_empty(), "{db:?}");
+                return None;
+            }
+            Some(new.spec.keeper_uid.clone())
+        })
+        .await
+        .expect("Go stolon's removal of the old master db");
+    let slots = c
+        .query(
+            &new_master,
+            "SELECT coalesce(string_agg(slot_name, ','), '') FROM pg_replication_slots",
+        )
+        .await
+        .expect("the new master's slots");
+    assert!(!slots.contains(old_db), "no slot for the old master: {slots}");
+    old_db.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
