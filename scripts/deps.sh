@@ -6,7 +6,7 @@
 #           etcd client's TLS), a C compiler and pkg-config;
 #   run:    etcd 3 (server and etcdctl), PostgreSQL 15 server and client (psql, pgbench),
 #           iproute2 (ip netns for the partition tests), openssl (test TLS certificates),
-#           util-linux (runuser, setsid), procps;
+#           util-linux (runuser, setsid), procps, strace (the keeper's durability test);
 #   peers:  HAProxy and PgBouncer, which the benchmarks and tests compare against.
 # Each package is checked by the file the project uses, not by name only. As root it
 # installs; otherwise it prints the one command to run and fails.
@@ -37,6 +37,7 @@ need iproute2 ip tc
 need openssl openssl
 need util-linux runuser setsid
 need procps ps
+need strace strace
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "deps: everything needed is installed"

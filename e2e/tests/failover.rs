@@ -112,7 +112,10 @@ async fn old_master_db_removed(c: &Cluster, old_db: &str) -> String {
         )
         .await
         .expect("the new master's slots");
-    assert!(!slots.contains(old_db), "no slot for the old master: {slots}");
+    assert!(
+        !slots.contains(old_db),
+        "no slot for the old master: {slots}"
+    );
     old_db.to_string()
 }
 

@@ -119,9 +119,11 @@ async fn check_cascade(b: &Cluster, bm: &str) {
         let sql = format!(
             "SELECT active::text FROM pg_replication_slots WHERE slot_name = 'stolon_{db}'"
         );
-        b.wait_for(&format!("{s} streaming through its slot"), MIN, async || {
-            (b.query(bm, &sql).await.ok()? == "true").then_some(())
-        })
+        b.wait_for(
+            &format!("{s} streaming through its slot"),
+            MIN,
+            async || (b.query(bm, &sql).await.ok()? == "true").then_some(()),
+        )
         .await
         .expect("an active slot on the cascading master");
     }
@@ -180,7 +182,8 @@ async fn standby_cluster_scenario(name: &str, sync: bool) {
     // Cut from its primary (the primary's proxy frozen) while the primary takes a write:
     // no failover inside the standby cluster, and it catches up after the heal.
     a_checker.nemesis();
-    a.signal("p1", Signal::SIGSTOP).expect("freeze the primary's proxy");
+    a.signal("p1", Signal::SIGSTOP)
+        .expect("freeze the primary's proxy");
     let am = a.master().await.expect("primary master");
     a.query(&am, "INSERT INTO marks VALUES (3) RETURNING v::text")
         .await
@@ -188,7 +191,11 @@ async fn standby_cluster_scenario(name: &str, sync: bool) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     a.signal("p1", Signal::SIGCONT).expect("thaw");
     replicated(&b, &b.others(""), 3).await;
-    assert_eq!(b.master().await.as_deref(), Some(bm.as_str()), "no failover");
+    assert_eq!(
+        b.master().await.as_deref(),
+        Some(bm.as_str()),
+        "no failover"
+    );
 
     // A failover inside the standby cluster: the other keeper follows the primary now;
     // the old master's db is kept (an external follower, no followers) then removed.

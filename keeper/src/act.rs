@@ -205,7 +205,7 @@ impl Keeper {
     }
 
     fn make_private_dir(&self, dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir)?;
+        crate::layout::create_private_dir(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         self.settings.tools.chown(dir)?;
         Ok(())

@@ -343,8 +343,13 @@ fn recovery(
     let follow = spec.follow_config.as_ref();
     match (follow.map(|f| f.kind), upstream) {
         (Some(FollowType::Internal), Some(up)) => {
+            // `password=''`: libpq then reads the passfile, not a PGPASSWORD the server
+            // inherited from the keeper's environment (exported for a user's
+            // restore_command, it made every standby fail authentication). The other
+            // connection settings are given, so PGUSER, PGHOST... do not apply either.
             let conninfo = format!(
-                "host={} port={} user={} passfile={} application_name={} sslmode=prefer",
+                "host={} port={} user={} password='' passfile={} application_name={} \
+                 sslmode=prefer",
                 up.host,
                 up.port,
                 local.repl_user,

@@ -13,7 +13,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
@@ -78,7 +78,7 @@ impl Layout {
     /// Locks the directory (our `keeper.lock` and Go stolon's `lock`, so a Go keeper on the
     /// same dir is kept out too); fails if another keeper holds either.
     pub fn lock(&self) -> anyhow::Result<DirLock> {
-        std::fs::create_dir_all(&self.dir)?;
+        create_private_dir(&self.dir)?;
         let go = self.lock_file("lock")?;
         let ours = self.lock_file("keeper.lock")?;
         Ok(DirLock(vec![ours, go]))
@@ -218,9 +218,27 @@ pub async fn remove_dir_off_runtime(dir: &Path) -> std::io::Result<()> {
 
 /// Writes a file through a temporary and a rename, so a crash leaves the old or the new.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, path)
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    // As PostgreSQL and Go stolon: the data reaches the disk before the rename makes it the
+    // file, and the rename reaches it before we go on (after a power loss the file is the old
+    // one or the new one, never empty: an empty db state made the keeper refuse its data).
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// Creates `dir` and its missing parents with mode 0700, as PostgreSQL wants its data dir
+/// and as Go stolon creates the keeper's.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Writes a secret file readable only by its owner (mode 0600 from creation).

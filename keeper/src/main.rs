@@ -222,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         tracing::warn!(
             "--disable-data-dir-locking: nothing stops a second keeper on this data dir"
         );
-        std::fs::create_dir_all(&layout.dir)?;
+        keeper::layout::create_private_dir(&layout.dir)?;
         None
     } else {
         let lock = layout.lock()?;

@@ -158,11 +158,25 @@ pub fn expand_restore_command(cmd: &str, data_dir: &str) -> String {
     out
 }
 
+/// Whether an environment variable steers libpq (PGPASSWORD, PGUSER, PGSSLMODE, PGHOST,
+/// ...: every `PG` name but PostgreSQL's own `PG_` ones). The keeper's own connections must
+/// not follow them: with PGPASSWORD exported for a user's restore command, libpq prefers it
+/// to the keeper's passfile and every base backup failed authentication.
+pub fn steers_libpq(name: &std::ffi::OsStr) -> bool {
+    let n = name.to_string_lossy();
+    n.starts_with("PG") && !n.starts_with("PG_")
+}
+
 impl Tools {
-    /// A command for `tool` with the keeper's environment ([`child_env`]), run as the OS user.
+    /// A command for `tool` (the keeper's own: initdb, pg_basebackup, pg_rewind, ...) with
+    /// the keeper's environment ([`child_env`]) less the variables that steer libpq, run as
+    /// the OS user.
     pub fn command(&self, tool: &str) -> Command {
         let mut std_cmd = std::process::Command::new(self.bin_dir.join(tool));
         child_env(&mut std_cmd);
+        for (name, _) in std::env::vars_os().filter(|(n, _)| steers_libpq(n)) {
+            std_cmd.env_remove(name);
+        }
         let mut cmd = Command::from(std_cmd);
         cmd.stdin(Stdio::null());
         if let Some((uid, gid)) = self.os_user {

@@ -169,7 +169,21 @@ async fn base_backup_promote_rewind_and_fallback() {
         .expect("size")
         .get(0);
     let bin = broken_rewind_bin(&env);
-    let k2 = env.keeper("k2", &["--pg-bin-path", bin.to_str().expect("utf8")]);
+    // libpq's variables in the keeper's environment (exported for a user's restore
+    // command, say) steer neither its base backup nor its standby's replication.
+    let steer = [
+        ("PGPASSWORD", "wrong"),
+        ("PGUSER", "nobody"),
+        ("PGPASSFILE", "/nonexistent"),
+        ("PGSSLMODE", "require"),
+        ("PGHOST", "192.0.2.1"),
+        ("PGPORT", "1"),
+    ];
+    let k2 = env.keeper_env(
+        "k2",
+        &["--pg-bin-path", bin.to_str().expect("utf8")],
+        &steer,
+    );
     let created = Instant::now();
     update(&env, |cd| {
         cd.dbs.insert(
