@@ -6,7 +6,8 @@
 #           etcd client's TLS), a C compiler and pkg-config;
 #   run:    etcd 3 (server and etcdctl), PostgreSQL 15 server and client (psql, pgbench),
 #           iproute2 (ip netns for the partition tests), openssl (test TLS certificates),
-#           util-linux (runuser, setsid), procps, strace (the keeper's durability test);
+#           util-linux (runuser, setsid), procps, strace (the keeper's durability test),
+#           python3-pip where python3 has no pip (PostgreSQL 16 and 18 come from PyPI);
 #   peers:  HAProxy and PgBouncer, which the benchmarks and tests compare against.
 # Each package is checked by the file the project uses, not by name only. As root it
 # installs; otherwise it prints the one command to run and fails.
@@ -38,6 +39,8 @@ need openssl openssl
 need util-linux runuser setsid
 need procps ps
 need strace strace
+# pip installs PostgreSQL 16 and 18 from PyPI (scripts/pg-versions.sh).
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "deps: everything needed is installed"

@@ -75,6 +75,13 @@ impl Cluster {
     pub async fn health(&self) -> Result<()> {
         self.all_alive()?;
         let (cd, _) = self.data().await.context("no clusterdata")?;
+        if let Some(want) = expected_pg_major() {
+            // The version matrix (scripts/test.sh): each scenario proves what it ran on.
+            for (uid, k) in &cd.keepers {
+                let got = k.status.postgres_binary_version.maj;
+                ensure!(got == want, "keeper {uid} runs PostgreSQL {got}, not E2E_PG_MAJOR {want}");
+            }
+        }
         let master = &cd.cluster.status.master;
         ensure!(!master.is_empty(), "no master db");
         ensure!(
@@ -178,4 +185,10 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// The PostgreSQL major version every keeper must run (`E2E_PG_MAJOR`, set with
+/// `PG_BIN_PATH` by the version matrix), if one is asked for.
+fn expected_pg_major() -> Option<u32> {
+    std::env::var("E2E_PG_MAJOR").ok()?.parse().ok()
 }

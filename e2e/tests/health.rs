@@ -1,7 +1,7 @@
 //! Health endpoints (issue 14, point 2) with real processes: each Patroni path's code on the
 //! master, a standby, a lagging standby (replay paused) and a frozen PostgreSQL; and a real
 //! HAProxy that routes on them (writes to `/primary`, reads to `/replica?lag=1MB`), following
-//! a failover. The HAProxy configuration is the README's example.
+//! a failover. The HAProxy configuration is docs/operating.md's example.
 
 use e2e::{running, serial, sql, Cluster, Opts};
 use nix::sys::signal::{kill, Signal};

@@ -243,7 +243,7 @@ pub fn render(
     // that already has the WAL replies only every wal_receiver_status_interval: with
     // PostgreSQL's 10 s that wait can reach ten seconds. 1 s bounds it. (The suspected cause
     // of a 16 s write gap measured after a sync-mode kill -9; the e2e harness does not
-    // reproduce that gap, see the README.)
+    // reproduce that gap, see docs/benchmarks.md.)
     params
         .entry("wal_receiver_status_interval".into())
         .or_insert_with(|| "'1s'".into());

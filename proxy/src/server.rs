@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
-    /// Chosen by measurement: tokio-tpc. In `loadtest compare` (README, Benchmarks) the
+    /// Chosen by measurement: tokio-tpc. In `loadtest compare` (docs/benchmarks.md) the
     /// tokio-uring engine was not faster on any workload and slower at one client.
     Auto,
     /// A current-thread tokio runtime per core with SO_REUSEPORT listeners.

@@ -158,7 +158,7 @@ enum Cmd {
 }
 
 /// What a stolon user's script gets for a Go command this stolonctl does not have: what
-/// to do instead (README, "Differences from stolon"), not a bare "unrecognized subcommand".
+/// to do instead (docs/differences.md), not a bare "unrecognized subcommand".
 fn not_provided(cmd: &Cmd) -> Option<&'static str> {
     match cmd {
         Cmd::Setkeeperpriority { .. } => Some(
