@@ -79,7 +79,10 @@ impl Cluster {
             // The version matrix (scripts/test.sh): each scenario proves what it ran on.
             for (uid, k) in &cd.keepers {
                 let got = k.status.postgres_binary_version.maj;
-                ensure!(got == want, "keeper {uid} runs PostgreSQL {got}, not E2E_PG_MAJOR {want}");
+                ensure!(
+                    got == want,
+                    "keeper {uid} runs PostgreSQL {got}, not E2E_PG_MAJOR {want}"
+                );
             }
         }
         let master = &cd.cluster.status.master;
