@@ -4,7 +4,7 @@ use control::model::ClusterData;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 fn clusterdata(c: &mut Criterion) {
-    let doc = include_str!("../../control/tests/golden/clusterdata-go.json");
+    let doc = include_str!("../../control/core/tests/golden/clusterdata-go.json");
     let cd = ClusterData::from_json(doc.as_bytes()).expect("golden");
     c.bench_function("clusterdata_parse_go_golden", |b| {
         b.iter(|| ClusterData::from_json(black_box(doc.as_bytes())))

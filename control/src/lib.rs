@@ -1,13 +1,13 @@
-//! The control plane: the cluster model, the store adapter and the shared command line.
+//! What every daemon shares: the command line flags common to them all (and opening the
+//! store from them), the metrics and health HTTP server, and fault injection from the
+//! environment. The pure core, the store, the sentinel and stolonctl are crates of their own
+//! (`control/core`, `store/`, `sentinel/`, `stolonctl/`); this crate re-exports the core and
+//! the store under their old paths (`control::model`, `control::store`, ...).
 #![deny(unsafe_code)]
 
 pub mod cli;
-pub mod ctl;
 pub mod faults;
 pub mod metrics;
-pub mod sentinel;
-pub mod store;
 
-/// The pure core, re-exported where it always was: `control::model`, `control::keeper` (the
-/// plan) and `control::sentinel` (with the daemon beside `decide`).
-pub use stolon_core::{keeper, model};
+pub use stolon_core::{keeper, model, sentinel};
+pub use stolon_store as store;

@@ -131,7 +131,7 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
     .await
     .expect("spread");
 
-    // A CancelRequest on the read-only listener reaches the standby running the query.
+    // A CancelRequest on the read-only listener reaches the standby running the query...
     let client = sql::connect("127.0.0.1", ro.0, Duration::from_secs(3))
         .await
         .expect("ro session");
@@ -148,6 +148,19 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
         err.as_db_error().map(|e| e.code().code()),
         Some("57014"),
         "{err:?}"
+    );
+    // ...and only that one: the proxy saw the session's key and sent each cancel to the
+    // standby that runs it, not to both.
+    let log = c.log("ro1");
+    let forwarded: Vec<&str> = (log.lines())
+        .filter(|l| l.contains("cancel request forwarded"))
+        .collect();
+    assert!(!forwarded.is_empty(), "{log}");
+    assert!(
+        forwarded
+            .iter()
+            .all(|l| l.contains("targets=1") && l.contains("known=true")),
+        "{forwarded:#?}"
     );
 
     // pgbench -S through the read-only listener against direct to a standby.

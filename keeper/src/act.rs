@@ -45,9 +45,9 @@ impl Keeper {
             );
             // Tools run at most LONG (a base backup of a big database): the loop is alive
             // while one runs.
-            self.shared.acting(Some(LONG + Duration::from_secs(60)));
+            self.acting(Some(LONG + Duration::from_secs(60)));
             let result = self.act(&action).await;
-            self.shared.acting(None);
+            self.acting(None);
             self.shared.beat();
             match result {
                 Ok(()) => {

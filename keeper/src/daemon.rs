@@ -65,21 +65,23 @@ impl Shared {
     }
 
     /// Whether the loop proved itself alive recently enough to publish for it.
-    pub(crate) fn loop_alive(&self, sleep: Duration) -> bool {
+    pub(crate) fn loop_alive(&self) -> bool {
         loop_alive(
             self.now_ms(),
             self.beat_ms.load(Ordering::Relaxed),
             self.acting_until_ms.load(Ordering::Relaxed),
-            sleep,
+            Duration::from_nanos(self.fence_ns.load(Ordering::Relaxed)),
         )
     }
 }
 
-/// A round is due every sleepInterval (and on every event); allow three, and at least
-/// 30 s (a round's SQL is bounded by requestTimeout, 10 s by default).
-pub(crate) fn loop_alive(now_ms: u64, beat_ms: u64, acting_until_ms: u64, sleep: Duration) -> bool {
-    let bound = (sleep * 3).max(Duration::from_secs(30)).as_millis() as u64;
-    now_ms.saturating_sub(beat_ms) <= bound || now_ms < acting_until_ms
+/// The loop beats at least every half fence window when idle (`publish_every`) and before
+/// and after every round; what it awaits in a round (its SQL, a tool) is bounded and marked
+/// with `acting`. So a loop that has not beaten for a fence window (failInterval / 2) and is
+/// past any bounded step is stuck: the publisher stops, the master's fence window is no
+/// longer re-armed, and the sentinel sees the keeper unhealthy.
+pub(crate) fn loop_alive(now_ms: u64, beat_ms: u64, acting_until_ms: u64, fence: Duration) -> bool {
+    now_ms.saturating_sub(beat_ms) <= fence.as_millis() as u64 || now_ms < acting_until_ms
 }
 
 /// State shared with the publisher task.
@@ -229,7 +231,6 @@ impl Keeper {
                 self.settings.metrics.clusterdata_last_valid_update.set(now);
             }
             self.update_timing();
-            self.set_acting(true);
             let acted = self.round().await;
             self.shared.beat();
             self.refresh_info();
@@ -242,6 +243,8 @@ impl Keeper {
             }
             let fence_at = self.fence_deadline();
             let sleep = Duration::from_millis(self.shared.sleep_ms.load(Ordering::Relaxed));
+            // Idle, the loop still beats twice per fence window (see `loop_alive`).
+            let sleep = publish_every(sleep, self.fence_timeout());
             let exited = async {
                 match self.instance.postmaster.as_mut() {
                     Some(pm) => pm.exited().await,
@@ -270,9 +273,12 @@ impl Keeper {
         Ok(())
     }
 
-    fn set_acting(&self, acting: bool) {
+    /// A step of the loop that may take up to `limit` is under way (`None`: it ended): the
+    /// publisher and the health endpoints count the loop alive until then.
+    pub(crate) fn acting(&self, limit: Option<Duration>) {
+        self.shared.acting(limit);
         if let Ok(mut h) = self.settings.health.lock() {
-            h.acting = acting;
+            h.acting_until = limit.map(|l| std::time::Instant::now() + l);
         }
     }
 
@@ -298,11 +304,10 @@ impl Keeper {
             (Some(db), Some((u, g))) => *u == db.uid && *g == db.generation,
             _ => false,
         };
-        let sleep = Duration::from_millis(self.shared.sleep_ms.load(Ordering::Relaxed));
         let state = crate::health::HealthState {
             loop_at: Some(Instant::now().into_std()),
-            loop_bound: (sleep * 3).max(Duration::from_secs(30)),
-            acting: false,
+            loop_bound: self.fence_timeout(),
+            acting_until: None,
             pg_running: self.instance.postmaster.is_some()
                 && pg.is_some()
                 && self.instance.answering,
@@ -393,7 +398,13 @@ impl Keeper {
 
     /// Observe, plan, act once; true if something was done (observe again at once).
     async fn round(&mut self) -> bool {
-        let Some(local) = self.observe().await else {
+        // The observation's own bounds: the connect, the state query (requestTimeout) and
+        // pg_controldata.
+        let limit = Duration::from_secs(8) + self.request_timeout();
+        self.acting(Some(limit));
+        let observed = self.observe().await;
+        self.acting(None);
+        let Some(local) = observed else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             return false;
         };
@@ -480,12 +491,7 @@ impl Keeper {
         self.instance.answering = false;
         let conn = self.conn();
         let client = conn.connect(Duration::from_secs(2)).await.ok()?;
-        // The db spec's requestTimeout bounds the keeper's queries, as in Go stolon.
-        let limit = self
-            .my_db()
-            .map(|db| db.spec.request_timeout.as_std())
-            .filter(|d| !d.is_zero())
-            .unwrap_or(control::model::defaults::REQUEST_TIMEOUT.as_std());
+        let limit = self.request_timeout();
         let st = tokio::time::timeout(limit, sql::state(&client, &self.settings.layout.pg_data()))
             .await
             .ok()?
@@ -493,6 +499,14 @@ impl Keeper {
         self.instance.state = Some(st.clone());
         self.instance.answering = true;
         Some(st)
+    }
+
+    /// The db spec's requestTimeout, which bounds the keeper's queries, as in Go stolon.
+    fn request_timeout(&self) -> Duration {
+        self.my_db()
+            .map(|db| db.spec.request_timeout.as_std())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(control::model::defaults::REQUEST_TIMEOUT.as_std())
     }
 
     pub(crate) fn conn(&self) -> sql::Conn {
@@ -757,7 +771,7 @@ async fn publish(
             _ = shared.publish_now.notified() => {}
             _ = tokio::time::sleep(publish_every(sleep, fence)) => {}
         }
-        if !shared.loop_alive(sleep) {
+        if !shared.loop_alive() {
             if !stalled {
                 tracing::error!(
                     "the keeper's loop has not completed a round in time: not publishing, so the sentinel sees this keeper unhealthy"
@@ -830,22 +844,27 @@ mod tests {
     }
     use std::time::Duration;
 
+    /// The bound is the fence window (failInterval / 2) from the spec, not a fixed 30 s: with
+    /// stolon's default failInterval of 20 s a stuck loop stops publishing after 10 s.
     #[test]
     fn the_loop_proves_itself_by_rounds_or_a_bounded_action() {
-        let s = Duration::from_secs(1);
-        assert!(loop_alive(10_000, 9_000, 0, s), "a recent round");
-        assert!(loop_alive(40_000, 10_000, 0, s), "30 s at least");
-        assert!(!loop_alive(40_001, 10_000, 0, s), "no round for longer");
+        let fence = Duration::from_secs(10);
+        assert!(loop_alive(10_000, 9_000, 0, fence), "a recent round");
         assert!(
-            loop_alive(100_000, 10_000, 200_000, s),
+            loop_alive(20_000, 10_000, 0, fence),
+            "within the fence window"
+        );
+        assert!(!loop_alive(20_001, 10_000, 0, fence), "no round for longer");
+        assert!(
+            loop_alive(100_000, 10_000, 200_000, fence),
             "a base backup under way"
         );
         assert!(
-            !loop_alive(300_000, 10_000, 200_000, s),
+            !loop_alive(200_001, 10_000, 200_000, fence),
             "past the action's bound"
         );
-        let long = Duration::from_secs(20);
-        assert!(loop_alive(70_000, 10_000, 0, long), "3 x sleepInterval");
-        assert!(!loop_alive(70_001, 10_000, 0, long));
+        let e2e = Duration::from_millis(2500); // failInterval 5 s
+        assert!(loop_alive(12_500, 10_000, 0, e2e));
+        assert!(!loop_alive(12_501, 10_000, 0, e2e));
     }
 }

@@ -8,10 +8,13 @@
 //! | `/replica[?lag=N]` | a running standby streaming from the master, not the elected master, within `lag` bytes (`10MB`, `1GB`, `16kB` or bytes) |
 //! | `/read-only[?lag=N]` | `/primary` or `/replica` would answer 200 |
 //! | `/health` | PostgreSQL is running |
-//! | `/liveness` | the keeper's loop is in a round or completed one recently |
+//! | `/liveness` | the snapshot is fresh: the keeper's loop completed a round within the fence window (failInterval / 2), or is in a bounded step |
 //! | `/readiness` | `/primary`, or a running standby that streams |
 //!
-//! Anything else is 503 with the same JSON body (role, state, lag). The lag of a standby is
+//! Every path answers from the snapshot the loop left after its last round; once that is
+//! older than the fence window and no bounded step is under way (a stuck loop), every path
+//! answers 503: a stuck keeper's last word is not a health check's truth.
+//! Anything else is 503 with the same JSON body (role, state, lag, age). The lag of a standby is
 //! the master's WAL position as last published in the clusterdata minus this standby's replay
 //! position: it is as stale as one sentinel round plus one keeper publish (a sleepInterval
 //! each at most; event driven, so usually far less).
@@ -21,11 +24,12 @@ use std::time::{Duration, Instant};
 /// What the keeper's loop last saw, for the health endpoints.
 #[derive(Clone, Debug, Default)]
 pub struct HealthState {
-    /// When the loop last completed a round, and how long a round may take at most.
+    /// When the loop last completed a round, and how old that may be (the fence window).
     pub loop_at: Option<Instant>,
     pub loop_bound: Duration,
-    /// A round is under way (a base backup may take long: the loop is alive meanwhile).
-    pub acting: bool,
+    /// A bounded step of the loop (an observation, a base backup) may run until then: the
+    /// loop is alive meanwhile.
+    pub acting_until: Option<Instant>,
     pub pg_running: bool,
     pub in_recovery: bool,
     /// A standby's walreceiver streams.
@@ -77,6 +81,12 @@ impl HealthState {
         )
     }
 
+    /// Whether the snapshot may still be answered from at `now` (see the module's header).
+    fn fresh(&self, now: Instant) -> bool {
+        self.acting_until.is_some_and(|t| now < t)
+            || (self.loop_at).is_some_and(|t| now.saturating_duration_since(t) <= self.loop_bound)
+    }
+
     /// The answer for `path?query` at `now`: `None` for an unknown path (404),
     /// `Some(Ok(body))` for 200, `Some(Err(body))` for 503.
     pub fn answer(&self, path: &str, query: &str, now: Instant) -> Option<Result<String, String>> {
@@ -89,17 +99,13 @@ impl HealthState {
             "/replica" => self.replica(lag),
             "/read-only" => self.primary() || self.replica(lag),
             "/health" => self.pg_running,
-            "/liveness" => {
-                self.acting
-                    || self
-                        .loop_at
-                        .is_some_and(|t| now.saturating_duration_since(t) <= self.loop_bound)
-            }
+            "/liveness" => true,
             "/readiness" => {
                 self.primary() || (self.pg_running && self.in_recovery && self.streaming)
             }
             _ => return None,
         };
+        let ok = ok && self.fresh(now);
         let body = self.body();
         Some(if ok { Ok(body) } else { Err(body) })
     }
@@ -206,15 +212,38 @@ mod tests {
         }
     }
 
+    /// A snapshot older than its bound (the fence window) answers 503 on every path, a
+    /// master's `/primary` included, unless a bounded step of the loop is under way.
     #[test]
-    fn liveness_needs_a_recent_round() {
+    fn a_stale_snapshot_answers_503_on_every_path() {
         let mut s = master();
         s.loop_at = None;
         assert_eq!(code(&s, "/liveness", ""), 503);
         let now = Instant::now();
         s.loop_at = Some(now);
-        let later = now + Duration::from_secs(11);
-        assert!(matches!(s.answer("/liveness", "", later), Some(Err(_))));
+        let at = |s: &HealthState, path: &str, secs: u64| match s.answer(
+            path,
+            "",
+            now + Duration::from_secs(secs),
+        ) {
+            None => 404,
+            Some(Ok(_)) => 200,
+            Some(Err(_)) => 503,
+        };
+        for path in [
+            "/primary",
+            "/read-only",
+            "/health",
+            "/liveness",
+            "/readiness",
+        ] {
+            assert_eq!(at(&s, path, 10), 200, "{path} within the bound");
+            assert_eq!(at(&s, path, 11), 503, "{path} past the bound");
+        }
+        s.acting_until = Some(now + Duration::from_secs(60));
+        assert_eq!(at(&s, "/primary", 30), 200, "a bounded step under way");
+        assert_eq!(at(&s, "/primary", 61), 503, "past the step's own bound");
+        assert_eq!(at(&s, "/nosuch", 61), 404, "an unknown path is still 404");
     }
 
     #[test]

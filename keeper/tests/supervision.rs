@@ -13,10 +13,11 @@ use std::time::Duration;
 const SPEC: &str = r#"{"initMode": "new", "sleepInterval": "1s", "failInterval": "4s",
     "pgParameters": {"fsync": "off"}}"#;
 
-fn keeper_with_break(env: &Env, k: &mut KeeperProc, knob: &str) {
+fn keeper_with_break(env: &Env, k: &mut KeeperProc, knob: &str, extra: &[&str]) {
     let f = std::fs::File::create(env.dir.path().join(format!("{}.log", k.uid))).expect("log");
     let mut cmd = env.keeper_command(k);
     cmd.args(["--uid", &k.uid])
+        .args(extra)
         .env("STOLON_E2E_BREAK", knob)
         .stdout(Stdio::from(f.try_clone().expect("log")))
         .stderr(Stdio::from(f));
@@ -31,7 +32,7 @@ async fn a_keeper_whose_loop_panics_exits_non_zero() {
     let _sentinel = env.sentinel(SPEC);
     let mut k = env.keeper("k1", &[]);
     drop(k.child.take());
-    keeper_with_break(&env, &mut k, "keeper-loop-panic");
+    keeper_with_break(&env, &mut k, "keeper-loop-panic", &[]);
     let status = wait_for(
         &env,
         "the keeper to exit",
@@ -54,7 +55,14 @@ async fn a_keeper_whose_loop_stalls_stops_publishing_and_looks_unhealthy() {
     let _sentinel = env.sentinel(SPEC);
     let mut k = env.keeper("k1", &[]);
     drop(k.child.take());
-    keeper_with_break(&env, &mut k, "keeper-loop-stall");
+    let metrics = testkit::free_port();
+    let addr = format!("127.0.0.1:{}", metrics.0);
+    keeper_with_break(
+        &env,
+        &mut k,
+        "keeper-loop-stall",
+        &["--metrics-listen-address", &addr],
+    );
     // Healthy first (the loop stalls only once its db is applied)...
     wait_for(
         &env,
@@ -66,7 +74,41 @@ async fn a_keeper_whose_loop_stalls_stops_publishing_and_looks_unhealthy() {
         },
     )
     .await;
-    // ...then the publisher stops for the stalled loop, and the sentinel sees it unhealthy.
+    // The bound comes from the spec: the fence window, failInterval (4 s) / 2. From the
+    // moment the loop stalls, the publisher stops within it plus one publish interval
+    // (sleepInterval 1 s), and every health path answers 503 within it.
+    let fence = Duration::from_secs(2);
+    let log = || std::fs::read_to_string(&k.log).unwrap_or_default();
+    wait_for(
+        &env,
+        "the loop to stall",
+        Duration::from_secs(60),
+        async || {
+            log()
+                .contains("keeper-loop-stall: the loop stops")
+                .then_some(())
+        },
+    )
+    .await;
+    let stalled = std::time::Instant::now();
+    wait_for(&env, "/health 503", fence * 3, async || {
+        (http_status(&addr, "/health").await? == 503).then_some(())
+    })
+    .await;
+    let unhealthy_after = stalled.elapsed();
+    wait_for(&env, "the publisher to stop", fence * 3, async || {
+        log().contains("not publishing").then_some(())
+    })
+    .await;
+    let silent_after = stalled.elapsed();
+    eprintln!("stalled loop: /health 503 after {unhealthy_after:?}, publisher stopped after {silent_after:?}");
+    let slack = Duration::from_millis(500);
+    assert!(unhealthy_after <= fence + slack, "{unhealthy_after:?}");
+    assert!(
+        silent_after <= fence + Duration::from_secs(1) + slack,
+        "{silent_after:?}"
+    );
+    // ...and the sentinel sees it unhealthy.
     wait_for(
         &env,
         "the keeper unhealthy",
@@ -80,6 +122,17 @@ async fn a_keeper_whose_loop_stalls_stops_publishing_and_looks_unhealthy() {
     let log = std::fs::read_to_string(&k.log).expect("log");
     assert!(log.contains("not publishing"), "{log}");
     assert!(!k.child.as_mut().expect("child").exited(), "still running");
+}
+
+/// The status code of `GET path` on `addr`.
+async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Spawns `bin` (next to the keeper binary) with the common flags, `extra` and a knob.
@@ -131,4 +184,70 @@ async fn a_sentinel_or_proxy_whose_main_task_panics_exits_non_zero() {
     );
     let log = std::fs::read_to_string(env.dir.path().join("stolon-proxy.log")).expect("log");
     assert!(log.contains("discovery panicked: exiting"), "{log}");
+}
+
+/// A sentinel leader whose decision loop is stuck (its lease kept alive by a task that does
+/// not watch the loop) gives up the leadership within a bound from the spec and its
+/// --store-timeout (2 x sleepInterval + 4 x store timeout: 6 s here), long before its leader
+/// TTL (20 s), and exits non-zero; the other sentinel takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_sentinel_leader_gives_up_its_leadership() {
+    let _s = serial().await;
+    let env = Env::new().await;
+    let spec = env.dir.path().join("spec.json");
+    std::fs::write(&spec, SPEC).expect("spec");
+    let extra: Vec<String> = [
+        "--initial-cluster-spec",
+        &spec.display().to_string(),
+        "--leader-ttl",
+        "20s",
+        "--store-timeout",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut stuck = spawn_with_break(&env, "stolon-sentinel", &extra, "sentinel-loop-stall");
+    let stuck_log = env.dir.path().join("stolon-sentinel.log");
+    let log = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_for(
+        &env,
+        "the stuck sentinel's stall",
+        Duration::from_secs(60),
+        async || {
+            log(&stuck_log)
+                .contains("sentinel-loop-stall: the loop stops")
+                .then_some(())
+        },
+    )
+    .await;
+    let stalled = std::time::Instant::now();
+    let _other = env.sentinel(SPEC);
+    let other_log = env.dir.path().join("sentinel.log");
+    wait_for(
+        &env,
+        "the other sentinel to lead",
+        Duration::from_secs(19),
+        async || {
+            log(&other_log)
+                .contains("became sentinel leader")
+                .then_some(())
+        },
+    )
+    .await;
+    let took_over = stalled.elapsed();
+    let status = wait_for(
+        &env,
+        "the stuck sentinel to exit",
+        Duration::from_secs(10),
+        async || stuck.exit_status(),
+    )
+    .await;
+    eprintln!("stuck sentinel leader: another took over after {took_over:?}");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        took_over <= Duration::from_secs(6) + Duration::from_secs(2),
+        "{took_over:?}"
+    );
+    assert!(log(&stuck_log).contains("decision loop is stuck: giving up the leadership"));
 }

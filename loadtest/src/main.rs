@@ -37,7 +37,7 @@ enum Cmd {
         scale: u32,
         /// stolon-proxy engines to run (comma list; `engine:threads` pins the thread count,
         /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking)
-        #[arg(long, default_value = "tokio-tpc,tokio-mt", value_delimiter = ',')]
+        #[arg(long, default_value = "tokio-tpc", value_delimiter = ',')]
         engines: Vec<String>,
         /// Leave out HAProxy and PgBouncer
         #[arg(long)]

@@ -47,6 +47,8 @@ pub struct Ctx {
     pub read_only: Option<ReadOnly>,
     /// Holding sessions while no master is routed (the read-write listener only).
     pub hold: Arc<crate::hold::Hold>,
+    /// The read-only listener's sessions by cancel key (see `cancel`).
+    pub cancel_keys: Arc<crate::cancel::Keys>,
 }
 
 /// The read-only listener's choice when no standby qualifies.
@@ -150,7 +152,7 @@ pub fn tune(sock: &TcpStream, keepalive: Option<&TcpKeepalive>) {
     }
 }
 
-/// Serves one accepted client to the end, recording why it closed (the epoll engines).
+/// Serves one accepted client to the end, recording why it closed.
 pub async fn serve(client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
     serve_with(client, ctx, |client, server, route, lane, tx| async move {
@@ -159,13 +161,44 @@ pub async fn serve(client: TcpStream, ctx: &Ctx) {
     .await
 }
 
-/// Like [`serve`], relaying over io_uring: must run inside a tokio-uring runtime.
-pub async fn serve_uring(client: TcpStream, ctx: &Ctx) {
-    tune(&client, ctx.config.keepalive.as_ref());
-    serve_with(client, ctx, |client, server, route, lane, tx| async move {
-        session_uring(client, server, &route, &lane, tx, ctx).await
-    })
-    .await
+/// A client stream whose hang-up can be noticed without reading what it sent.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin {
+    /// Resolves once the client has closed its side (or the socket failed); never while it
+    /// is open, even when it sent bytes (they stay in the socket for the relay).
+    fn hung_up(&self) -> impl Future<Output = ()>;
+}
+
+impl ClientStream for TcpStream {
+    async fn hung_up(&self) {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let fd = self.as_raw_fd();
+        loop {
+            if self.readable().await.is_err() {
+                return;
+            }
+            let mut byte = [0u8; 1];
+            // A peek: what the client sent stays queued. WouldBlock clears the readiness.
+            let peek = self.try_io(tokio::io::Interest::READABLE, || {
+                recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+                    .map_err(std::io::Error::from)
+            });
+            match peek {
+                Ok(0) => return,
+                // It is there and talking: nothing to watch until the relay reads it.
+                Ok(_) => std::future::pending::<()>().await,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl ClientStream for tokio::io::DuplexStream {
+    /// In-memory test streams: never noticed (their tests do not hang up while held).
+    async fn hung_up(&self) {
+        std::future::pending::<()>().await
+    }
 }
 
 /// The path every engine shares: the startup phase, routing (holding while no master is
@@ -173,7 +206,7 @@ pub async fn serve_uring(client: TcpStream, ctx: &Ctx) {
 /// over the client stream, so it is tested over in-memory streams.
 async fn serve_with<S, F, Fut>(mut client: S, ctx: &Ctx, session: F)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: ClientStream,
     F: FnOnce(S, TcpStream, Arc<Route>, Lane, TxState) -> Fut,
     Fut: Future<Output = CloseReason>,
 {
@@ -195,7 +228,7 @@ where
                 let n = answer.len() as u64;
                 ctx.metrics
                     .add_bytes(crate::metrics::Direction::ServerToClient, n);
-                session(client, server, route, lane, tx).await
+                session(client, server, route, lane, *tx).await
             }
         }
         Err(r) => {
@@ -217,7 +250,7 @@ enum Prepared {
         route: Arc<Route>,
         lane: Lane,
         /// Where the session stands, from what was replayed and answered (for a drain).
-        tx: TxState,
+        tx: Box<TxState>,
         /// The server's first answer, read before the relay: passed on to the client first.
         answer: Vec<u8>,
         /// The session counts in its lane from the moment it is connected, before the
@@ -230,7 +263,7 @@ enum Prepared {
 
 async fn prepare<S>(client: &mut S, ctx: &Ctx) -> Result<Prepared, Reject>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: ClientStream,
 {
     let deadline = ctx.config.startup_timeout;
     let next = match tokio::time::timeout(deadline, startup_phase(client)).await {
@@ -251,7 +284,13 @@ where
         }
         Next::Relay(bytes) => bytes,
     };
-    match route_session(bytes, ctx).await {
+    // A client that hangs up while its session is held (or connecting) is dropped at once:
+    // it is not replayed to the next master with the others, in one burst, for nobody.
+    let routed = tokio::select! {
+        r = route_session(bytes, ctx) => r,
+        _ = client.hung_up() => return Ok(Prepared::Done(CloseReason::ClientGone)),
+    };
+    match routed {
         Err(r) if is_ssl_request(&r.bytes) => {
             // Refused after an SSLRequest: answer as PostgreSQL does when it must refuse
             // (decline SSL, read the startup packet, then the ErrorResponse), so libpq's
@@ -390,7 +429,7 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         server,
         route,
         lane,
-        tx,
+        tx: Box::new(tx),
         answer,
         task,
     })
@@ -487,15 +526,85 @@ async fn session(
     let (client, server) = (Arc::new(client), Arc::new(server));
     let handles: (SocketHandle, SocketHandle) = (client.clone(), server.clone());
     let tx = std::sync::Mutex::new(tx);
-    let reason = in_lane(route, lane, ctx, handles, |token, signal| {
-        let drain = signal.map(|signal| Drain { signal, tx: &tx });
-        relay(&client, &server, token, drain, &ctx.metrics)
+    let (client, server, tx) = (&client, &server, &tx);
+    let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
+        let _key = match lane {
+            Lane::Replica(r) => key_phase(client, server, tx, token, ctx, &r.addr).await,
+            Lane::Master => None,
+        };
+        let drain = signal.map(|signal| Drain { signal, tx });
+        relay(client, server, token, drain, &ctx.metrics).await
     })
     .await;
     if reason == CloseReason::Drained {
-        close_drained(&client, &server).await;
+        close_drained(client, server).await;
     }
     reason
+}
+
+/// A read-only session's start, relayed until the server's BackendKeyData has passed (the
+/// authentication in between goes both ways), so its cancel key is registered on its
+/// standby for as long as the guard lives. None for a stream the proxy cannot read (TLS
+/// end to end), a session that ends first, or one whose server sent no key.
+async fn key_phase(
+    client: &TcpStream,
+    server: &TcpStream,
+    tx: &std::sync::Mutex<TxState>,
+    token: &CancellationToken,
+    ctx: &Ctx,
+    addr: &Arc<str>,
+) -> Option<crate::cancel::KeyGuard> {
+    use crate::metrics::Direction;
+    let (mut sniffer, found, opaque) = {
+        let t = tx.lock().ok()?;
+        (t.key.clone(), t.found_key.clone(), t.opaque())
+    };
+    if let Some(k) = found {
+        return Some(ctx.cancel_keys.register(k, addr.clone()));
+    }
+    if opaque || sniffer.done() {
+        return None;
+    }
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let (from_server, ready) = tokio::select! {
+            _ = token.cancelled() => return None,
+            r = client.readable() => (false, r),
+            r = server.readable() => (true, r),
+        };
+        ready.ok()?;
+        let (src, dst) = if from_server {
+            (server, client)
+        } else {
+            (client, server)
+        };
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return None,
+        };
+        let key = if from_server {
+            sniffer.feed(&buf[..n])
+        } else {
+            None
+        };
+        let direction = if from_server {
+            Direction::ServerToClient
+        } else {
+            Direction::ClientToServer
+        };
+        ctx.metrics.add_bytes(direction, n as u64);
+        crate::relay::write_pending(dst, &mut buf[..n].to_vec())
+            .await
+            .ok()?;
+        if let Some(k) = key {
+            return Some(ctx.cancel_keys.register(k, addr.clone()));
+        }
+        if sniffer.done() {
+            return None;
+        }
+    }
 }
 
 /// Closes a drained session as a PostgreSQL shutting down closes an idle one: FATAL 57P01
@@ -554,50 +663,6 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
             CloseReason::IoError
         }
     }
-}
-
-async fn session_uring(
-    client: TcpStream,
-    server: TcpStream,
-    route: &Route,
-    lane: &Lane,
-    tx: TxState,
-    ctx: &Ctx,
-) -> CloseReason {
-    // The sockets leave the epoll reactor for the ring; extra handles on them serve the
-    // sever registry and half-closes.
-    let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
-        return CloseReason::IoError;
-    };
-    let (Ok(client_ctl), Ok(server_ctl)) = (client.try_clone(), server.try_clone()) else {
-        return CloseReason::IoError;
-    };
-    let (client_ctl, server_ctl) = (Arc::new(client_ctl), Arc::new(server_ctl));
-    let handles: (SocketHandle, SocketHandle) = (client_ctl.clone(), server_ctl.clone());
-    let tx = std::sync::Mutex::new(tx);
-    let reason = in_lane(route, lane, ctx, handles, |token, signal| {
-        let drain = signal.map(|signal| Drain { signal, tx: &tx });
-        crate::uring::relay(
-            client,
-            server,
-            &client_ctl,
-            &server_ctl,
-            token,
-            drain,
-            &ctx.metrics,
-        )
-    })
-    .await;
-    if reason == CloseReason::Drained {
-        // The ring's streams are gone; the control handles are plain std sockets.
-        use std::io::Write;
-        let msg = protocol::error_response(sqlstate::ADMIN_SHUTDOWN, DRAINED_MESSAGE);
-        let _ = (&*client_ctl).write_all(&msg);
-        let _ = (&*server_ctl).write_all(&TERMINATE);
-        let _ = client_ctl.shutdown(std::net::Shutdown::Both);
-        let _ = server_ctl.shutdown(std::net::Shutdown::Both);
-    }
-    reason
 }
 
 const DRAINED_MESSAGE: &str = "terminating connection: planned switchover of the primary \
@@ -713,7 +778,12 @@ where
 async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
     let route = ctx.routes.load();
     let mut targets: Vec<Arc<str>> = Vec::new();
+    let known = crate::cancel::request_key(packet).and_then(|k| ctx.cancel_keys.lookup(k));
     match ctx.read_only {
+        // The standby that runs the session, when the proxy saw its key.
+        Some(_) if known.is_some() => targets.extend(known.clone()),
+        // A key it could not see (TLS end to end): every standby, as PostgreSQL ignores a
+        // key it did not issue.
         Some(ro) => {
             targets.extend(route.replicas.iter().map(|r| r.addr.clone()));
             if ro.fallback_master {
@@ -722,6 +792,11 @@ async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
         }
         None => targets.extend(route.master.as_ref().ok().cloned()),
     }
+    tracing::debug!(
+        targets = targets.len(),
+        known = known.is_some(),
+        "cancel request forwarded"
+    );
     let sends = targets
         .iter()
         .map(|addr| cancel_one(addr, packet, ctx.config.connect_timeout));

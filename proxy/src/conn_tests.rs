@@ -40,6 +40,7 @@ fn ctx(routes: Arc<Routes>) -> Ctx {
         },
         read_only: None,
         hold: Arc::new(crate::hold::Hold::new(Duration::ZERO, 0, metrics)),
+        cancel_keys: Default::default(),
     }
 }
 

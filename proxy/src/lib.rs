@@ -2,6 +2,7 @@
 //! the one master named in the store; severs every session to an old master at once.
 #![deny(unsafe_code)]
 
+pub mod cancel;
 pub mod conn;
 pub mod discovery;
 pub mod fence;
@@ -13,4 +14,3 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod txstate;
-pub mod uring;

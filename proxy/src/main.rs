@@ -231,6 +231,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         args.hold_max_sessions,
         metrics.clone(),
     ));
+    let cancel_keys = Arc::new(proxy::cancel::Keys::default());
     let shared_for = |read_only: Option<ReadOnly>| {
         Arc::new(Shared {
             ctx: Arc::new(Ctx {
@@ -239,6 +240,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
                 config: config.clone(),
                 read_only,
                 hold: hold.clone(),
+                cancel_keys: cancel_keys.clone(),
             }),
             listening: listening_rx.clone(),
             limit: limit.clone(),

@@ -1,8 +1,7 @@
-//! Listeners and relay engines. `tokio-tpc`: one current-thread runtime per relay thread, each with
-//! its own SO_REUSEPORT listener, so both sockets of a session stay on one thread and no
-//! task ever migrates. `tokio-mt`: one multi-thread runtime with one listener. Listeners
-//! open only while discovery says so (after the first store read; closed while fenced with
-//! --stop-listening). Connections over the limit get 53300.
+//! Listeners and the relay engine: one current-thread runtime per relay thread, each with
+//! its own SO_REUSEPORT listener, so both sockets of a session stay on one thread and no task
+//! ever migrates. Listeners open only while discovery says so (after the first store read;
+//! closed while fenced with --stop-listening). Connections over the limit get 53300.
 
 use crate::conn::{self, Ctx};
 use crate::metrics::CloseReason;
@@ -16,26 +15,30 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// `--engine`. One relay path: the io_uring (tokio-uring) and multi-thread engines were
+/// measured side by side (`loadtest compare`, docs/benchmarks.md) and were faster on no
+/// workload, so they were removed; their names are still accepted, with a warning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
-    /// Chosen by measurement: tokio-tpc. In `loadtest compare` (docs/benchmarks.md) the
-    /// tokio-uring engine was not faster on any workload and slower at one client.
+    /// The only engine: tokio-tpc.
     Auto,
     /// A current-thread tokio runtime per core with SO_REUSEPORT listeners.
     TokioTpc,
-    /// One multi-thread tokio runtime.
+    /// Removed (relays as tokio-tpc).
+    #[value(hide = true)]
     TokioMt,
-    /// A tokio-uring runtime per core relaying over io_uring; falls back to tokio-tpc
-    /// where io_uring is unavailable.
+    /// Removed (relays as tokio-tpc).
+    #[value(hide = true)]
     IoUring,
 }
 
 impl Engine {
+    /// The engine that relays: always tokio-tpc, with a warning for a removed one.
     pub fn resolve(self) -> Engine {
-        match self {
-            Engine::Auto => Engine::TokioTpc,
-            e => e,
+        if matches!(self, Engine::TokioMt | Engine::IoUring) {
+            tracing::warn!(engine = ?self, "this relay engine was removed (not faster on any measured workload): relaying with tokio-tpc");
         }
+        Engine::TokioTpc
     }
 }
 
@@ -93,69 +96,27 @@ pub fn start(
     shared: Arc<Shared>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     check_port_free(listen.addr)?;
-    let mut engine = listen.engine.resolve();
-    if engine == Engine::IoUring {
-        if let Err(e) = crate::uring::probe() {
-            tracing::warn!(error = %e, "io_uring is unavailable here: falling back to tokio-tpc (epoll)");
-            engine = Engine::TokioTpc;
-        }
-    }
+    let engine = listen.engine.resolve();
     tracing::info!(?engine, threads = listen.threads, addr = %listen.addr, "relay engine");
     let mut handles = Vec::new();
     let (addr, grace) = (listen.addr, listen.grace);
-    match engine {
-        Engine::TokioTpc | Engine::Auto => {
-            for i in 0..listen.threads.max(1) {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let shared = shared.clone();
-                handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("relay-{i}"))
-                        .spawn(move || {
-                            rt.block_on(run_listener(addr, true, shared, grace, false))
-                        })?,
-                );
-            }
-        }
-        Engine::IoUring => {
-            for i in 0..listen.threads.max(1) {
-                let shared = shared.clone();
-                handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("uring-{i}"))
-                        .spawn(move || {
-                            tokio_uring::start(run_listener(addr, true, shared, grace, true))
-                        })?,
-                );
-            }
-        }
-        Engine::TokioMt => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(listen.threads.max(1))
-                .thread_name("relay")
-                .enable_all()
-                .build()?;
-            handles.push(
-                std::thread::Builder::new()
-                    .name("relay-main".into())
-                    .spawn(move || rt.block_on(run_listener(addr, false, shared, grace, false)))?,
-            );
-        }
+    for i in 0..listen.threads.max(1) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let shared = shared.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("relay-{i}"))
+                .spawn(move || rt.block_on(run_listener(addr, shared, grace)))?,
+        );
     }
     Ok(handles)
 }
 
-async fn run_listener(
-    addr: SocketAddr,
-    reuse_port: bool,
-    shared: Arc<Shared>,
-    grace: Duration,
-    uring: bool,
-) {
+async fn run_listener(addr: SocketAddr, shared: Arc<Shared>, grace: Duration) {
     let tracker = TaskTracker::new();
-    accept_loop(addr, reuse_port, &shared, &tracker, uring).await;
+    accept_loop(addr, &shared, &tracker).await;
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -178,20 +139,14 @@ async fn wait_listening(rx: &mut watch::Receiver<bool>, stop: &CancellationToken
     }
 }
 
-async fn accept_loop(
-    addr: SocketAddr,
-    reuse_port: bool,
-    shared: &Shared,
-    tracker: &TaskTracker,
-    uring: bool,
-) {
+async fn accept_loop(addr: SocketAddr, shared: &Shared, tracker: &TaskTracker) {
     let mut listening = shared.listening.clone();
     let stop = &shared.stop_accepting;
     'outer: loop {
         if !wait_listening(&mut listening, stop).await {
             return;
         }
-        let listener = match bind(addr, reuse_port) {
+        let listener = match bind(addr, true) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(%addr, error = %e, "cannot listen; retrying in 1s");
@@ -213,7 +168,7 @@ async fn accept_loop(
                     }
                 }
                 r = listener.accept() => match r {
-                    Ok((sock, _peer)) => admit(sock, shared, tracker, uring),
+                    Ok((sock, _peer)) => admit(sock, shared, tracker),
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
@@ -225,17 +180,10 @@ async fn accept_loop(
     }
 }
 
-fn admit(sock: TcpStream, shared: &Shared, tracker: &TaskTracker, uring: bool) {
+fn admit(sock: TcpStream, shared: &Shared, tracker: &TaskTracker) {
     let ctx = shared.ctx.clone();
     ctx.metrics.accepted.inc();
     match shared.limit.clone().try_acquire_owned() {
-        Ok(permit) if uring => {
-            // io_uring streams are not Send: the session stays on this runtime's LocalSet.
-            tracker.spawn_local(async move {
-                conn::serve_uring(sock, &ctx).await;
-                drop(permit);
-            });
-        }
         Ok(permit) => {
             tracker.spawn(async move {
                 conn::serve(sock, &ctx).await;

@@ -139,6 +139,10 @@ pub struct TxState {
     /// A drain that has waited long enough for this session to fall quiet: it closes it
     /// at its next transaction boundary instead.
     pub(crate) forced: bool,
+    /// The server's BackendKeyData, looked for from the start of its stream, and the key
+    /// once found (a read-only session registers it, so its cancels reach its standby).
+    pub(crate) key: crate::cancel::KeySniffer,
+    pub(crate) found_key: Option<Vec<u8>>,
 }
 
 impl TxState {
@@ -159,6 +163,8 @@ impl TxState {
             activity: 0,
             idle_at: std::time::Instant::now(),
             forced: false,
+            key: crate::cancel::KeySniffer::default(),
+            found_key: None,
         };
         st.from_client(replayed_tail);
         st
@@ -218,6 +224,11 @@ impl TxState {
             }
             bytes = &bytes[1..];
         }
+        if !self.key.done() {
+            if let Some(k) = self.key.feed(bytes) {
+                self.found_key = Some(k);
+            }
+        }
         let (mut answered, mut last) = (0u64, None);
         let fed = self.server.feed(bytes, |kind, first| {
             if kind == b'Z' {
@@ -235,6 +246,11 @@ impl TxState {
         if fed.is_err() {
             self.opaque = true;
         }
+    }
+
+    /// The stream cannot be read (TLS end to end).
+    pub fn opaque(&self) -> bool {
+        self.opaque
     }
 
     /// Nothing is in flight and the session is outside any transaction: closing it now

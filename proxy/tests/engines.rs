@@ -1,5 +1,5 @@
-//! Every relay engine serves real PostgreSQL traffic; the io_uring engine falls back to
-//! epoll, and says so, when io_uring_setup is denied by a seccomp filter.
+//! The relay engine serves real PostgreSQL traffic, severing included; the names of the
+//! removed engines still start a proxy; a port another process listens on is refused.
 
 mod common;
 
@@ -29,51 +29,21 @@ async fn serves_with(engine: &str) -> String {
     proxy.log_text()
 }
 
+/// One relay path (issue 23, point 4): the removed engines' names still start a proxy, which
+/// relays with tokio-tpc and says so, so an old command line keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokio_mt_engine_serves() {
-    let log = serves_with("tokio-mt").await;
-    assert!(log.contains("TokioMt"), "{log}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn io_uring_engine_serves_where_available() {
-    if let Err(e) = proxy::uring::probe() {
-        eprintln!("io_uring unavailable here ({e}): the fallback test covers this machine");
-        return;
+async fn a_removed_engine_name_relays_with_tokio_tpc() {
+    for engine in ["io-uring", "tokio-mt"] {
+        let log = serves_with(engine).await;
+        assert!(log.contains("this relay engine was removed"), "{log}");
+        assert!(log.contains("engine=TokioTpc"), "{log}");
     }
-    let log = serves_with("io-uring").await;
-    assert!(log.contains("IoUring"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn io_uring_denied_by_seccomp_falls_back_to_epoll_and_serves() {
-    let s = Setup::new(1).await;
-    s.route_to("db0", &["p1"], 1).await;
-    let port = free_port();
-    let log = tempfile::NamedTempFile::new().expect("log");
-    let mut cmd = proxy_command(&s.etcd, "p1", port.0, &log);
-    cmd.args(["--engine", "io-uring"]);
-    testkit::seccomp::deny_syscalls(&mut cmd, &[testkit::seccomp::SYS_IO_URING_SETUP])
-        .expect("seccomp");
-    let _child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn");
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
-        port.0
-    );
-    let served = wait_for(Duration::from_secs(15), || async {
-        match connect(&conninfo).await {
-            Ok(c) => server_port(&c).await.ok() == Some(s.pgs[0].port()),
-            Err(_) => false,
-        }
-    })
-    .await;
-    let text = std::fs::read_to_string(log.path()).unwrap_or_default();
-    assert!(served, "{text}");
-    assert!(text.contains("io_uring is unavailable here"), "{text}");
-    assert!(
-        text.contains("TokioTpc"),
-        "the engine it fell back to is logged: {text}"
-    );
+async fn the_default_engine_serves() {
+    let log = serves_with("auto").await;
+    assert!(log.contains("engine=TokioTpc"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! Holding instead of refusing (issue 13, points 1 and 3), with real etcd, PostgreSQL and
 //! the proxy binary: a session that arrives while no master is routed is held and released
 //! to the next master at once, where its query runs; the hold timeout and the hold limit
-//! give 57P03; a CancelRequest during a hold is answered; a master that refuses
+//! give 57P03; a held client that hangs up is dropped at once; a CancelRequest during a
+//! hold is answered; a master that refuses
 //! connections, or accepts them and answers that it is shutting down, is retried until the
 //! next route; a proxy that lost the store never holds.
 
@@ -75,6 +76,51 @@ async fn a_held_session_is_released_to_the_next_master_and_runs_there() {
         metric(&proxy, "stolon_proxy_sessions_holds_total"),
         Some(1.0)
     );
+}
+
+/// A held client that hangs up is dropped at once (issue 23, point 4): the hold count falls
+/// while no master is routed yet, and the next master never sees it; one still waiting is
+/// released there as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_client_that_hangs_up_is_dropped_at_once() {
+    let s = Setup::new(2).await;
+    let proxy = spawn_routed(&s, &["--hold-timeout", "60s"]).await;
+    s.route_to("", &["p1"], 2).await;
+    wait_applied(&proxy, 2).await;
+    // Three clients send their startup packet, are held, and hang up.
+    let mut startup = Vec::new();
+    for kv in ["user", "postgres", "database", "postgres"] {
+        startup.extend(kv.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let mut packet = ((startup.len() + 8) as u32).to_be_bytes().to_vec();
+    packet.extend(196608u32.to_be_bytes());
+    packet.extend(startup);
+    let mut quitters = Vec::new();
+    for _ in 0..3 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).expect("connect");
+        c.write_all(&packet).expect("startup");
+        quitters.push(c);
+    }
+    let stays = held_query(&proxy);
+    wait_held(&proxy, 4.0).await;
+    drop(quitters);
+    // Dropped while still no master is routed: not kept until the next route.
+    wait_held(&proxy, 1.0).await;
+    assert_eq!(
+        metric(
+            &proxy,
+            "stolon_proxy_sessions_closed_total{reason=\"ClientGone\"}"
+        ),
+        Some(3.0),
+        "{}",
+        proxy.log_text()
+    );
+    s.route_to("db1", &["p1"], 3).await;
+    let port = released_port(stays, Duration::from_secs(15)).await;
+    assert_eq!(port, s.pgs[1].port(), "the one still waiting is released");
+    wait_held(&proxy, 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,11 +27,13 @@ pub enum Fault {
     KeeperLoopStall,
     /// The sentinel's main loop panics.
     SentinelLoopPanic,
+    /// The sentinel leader's decision loop stops after its second round (alive but stuck).
+    SentinelLoopStall,
     /// The proxy's discovery task panics once it has published.
     ProxyDiscoveryPanic,
 }
 
-const NAMES: [(Fault, &str); 9] = [
+const NAMES: [(Fault, &str); 10] = [
     (Fault::SkipProxyHandshake, "skip-proxy-handshake"),
     (Fault::LowestWal, "lowest-wal"),
     (Fault::IgnoreSyncSet, "ignore-sync-set"),
@@ -40,6 +42,7 @@ const NAMES: [(Fault, &str); 9] = [
     (Fault::KeeperLoopPanic, "keeper-loop-panic"),
     (Fault::KeeperLoopStall, "keeper-loop-stall"),
     (Fault::SentinelLoopPanic, "sentinel-loop-panic"),
+    (Fault::SentinelLoopStall, "sentinel-loop-stall"),
     (Fault::ProxyDiscoveryPanic, "proxy-discovery-panic"),
 ];
 

@@ -1,23 +1,23 @@
 //! The `stolon-sentinel` daemon: publishes its info, campaigns for leadership and, while
-//! leader, runs [`super::decide`] on every watch event under the cluster prefix (keeper and proxy
+//! leader, runs [`stolon_core::sentinel::decide`] on every watch event under the cluster prefix (keeper and proxy
 //! infos, clusterdata, the switchover request) and on the sleepInterval tick. Each write is
 //! one transaction comparing the clusterdata revision and the leader key; on a conflict it
 //! re-reads and decides again. Losing leadership stops decisions at once.
 
-use super::{decide_with, Observations, ReasonKind, SentinelMemory};
-use crate::faults::{Fault, Faults};
-use crate::model::{
-    decode, ClusterData, ClusterSpec, GoDuration, Pause, SentinelInfo, SwitchoverPhase,
-    SwitchoverRequest, Timestamp,
-};
-use crate::store::{
-    info_ttl, CasOutcome, ClusterStore, Compare, Leadership, Op, StoreError, Watcher,
-};
+use control::faults::{Fault, Faults};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
+use stolon_core::model::{
+    decode, ClusterData, ClusterSpec, GoDuration, Pause, SentinelInfo, SwitchoverPhase,
+    SwitchoverRequest, Timestamp,
+};
+use stolon_core::sentinel::{decide_with, Observations, ReasonKind, SentinelMemory};
+use stolon_store::{
+    info_ttl, CasOutcome, ClusterStore, Compare, Leadership, Op, StoreError, Watcher,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,8 @@ pub struct Config {
     pub initial_cluster_spec: Option<ClusterSpec>,
     /// The leader's session TTL (stolon: 20 s).
     pub leader_ttl: Duration,
+    /// `--store-timeout`: the bound of each store call, so of a round's store work.
+    pub store_timeout: Duration,
     /// Deliberate faults (tests only).
     pub faults: Faults,
 }
@@ -156,8 +158,16 @@ impl Sentinel {
     async fn lead(&self, leadership: &Leadership, shutdown: &CancellationToken) {
         let mut memory = SentinelMemory::default();
         let mut watcher: Option<Watcher> = None;
-        let mut sleep_interval = crate::model::defaults::SLEEP_INTERVAL.as_std();
+        let mut sleep_interval = stolon_core::model::defaults::SLEEP_INTERVAL.as_std();
+        let liveness = Liveness::new(stuck_bound(sleep_interval, self.cfg.store_timeout));
+        let mut rounds = 0u32;
+        let _guard = DropAbort(tokio::spawn(give_up_when_stuck(
+            liveness.clone(),
+            self.cfg.store.clone(),
+            leadership.lease,
+        )));
         loop {
+            liveness.beat();
             if leadership.is_lost() || shutdown.is_cancelled() {
                 return;
             }
@@ -167,6 +177,13 @@ impl Sentinel {
                         panic!("STOLON_E2E_BREAK=sentinel-loop-panic");
                     }
                     sleep_interval = interval;
+                    liveness.set_bound(stuck_bound(interval, self.cfg.store_timeout));
+                    rounds += 1;
+                    // After a round that read the spec (the first may have created it).
+                    if self.cfg.faults.has(Fault::SentinelLoopStall) && rounds >= 2 {
+                        tracing::warn!("STOLON_E2E_BREAK=sentinel-loop-stall: the loop stops");
+                        std::future::pending::<()>().await;
+                    }
                     if watcher.is_none() {
                         let prefix = format!("{}/", self.cfg.store.prefix());
                         let store = self.cfg.store.store().clone();
@@ -209,7 +226,7 @@ impl Sentinel {
         let snap = self.read().await?;
         let Some((cd, rev)) = snap.cd else {
             self.create_cluster(leadership).await?;
-            let interval = crate::model::defaults::SLEEP_INTERVAL.as_std();
+            let interval = stolon_core::model::defaults::SLEEP_INTERVAL.as_std();
             return Ok(Some((snap.revision, interval)));
         };
         self.metrics.rounds.inc();
@@ -269,7 +286,7 @@ impl Sentinel {
             .await?;
         self.metrics
             .last_check_success
-            .set(crate::metrics::unix_now());
+            .set(control::metrics::unix_now());
         Ok(Some((snap.revision, interval)))
     }
 
@@ -292,7 +309,7 @@ impl Sentinel {
             revision: range.revision,
         };
         for kv in range.kvs {
-            let bad = |e: crate::model::ModelError| {
+            let bad = |e: stolon_core::model::ModelError| {
                 tracing::error!(key = %kv.key, error = %e, "ignoring malformed document");
             };
             if kv.key == cd_key {
@@ -340,7 +357,7 @@ impl Sentinel {
             );
             return Ok(());
         };
-        let uid = crate::model::short_uid();
+        let uid = stolon_core::model::short_uid();
         let cd = ClusterData::new(uid, spec.clone(), self.clock.now());
         match self
             .cfg
@@ -386,7 +403,7 @@ impl Sentinel {
 
 /// Publishes `{"UID": uid}` under a lease every few seconds until shutdown, then removes it.
 async fn publish_info(store: ClusterStore, uid: String, shutdown: CancellationToken) {
-    let interval = crate::model::defaults::SLEEP_INTERVAL.as_std();
+    let interval = stolon_core::model::defaults::SLEEP_INTERVAL.as_std();
     let mut key = store.sentinel_info_key(&uid, info_ttl(interval));
     let value = serde_json::to_vec(&SentinelInfo { uid: uid.clone() }).unwrap_or_default();
     loop {
@@ -405,5 +422,86 @@ async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// How long the leader's loop may go without a beat before it counts as stuck: it beats
+/// before every round and wakes at least every sleepInterval; a round makes a few store
+/// calls (read, write, the switchover request), each bounded by --store-timeout. Past
+/// twice the one and four times the other, it is not slow but stuck.
+fn stuck_bound(sleep_interval: Duration, store_timeout: Duration) -> Duration {
+    sleep_interval * 2 + store_timeout * 4
+}
+
+/// The decision loop's last beat, shared with its guard.
+#[derive(Clone)]
+struct Liveness {
+    origin: Instant,
+    beat_ms: Arc<std::sync::atomic::AtomicU64>,
+    bound_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Liveness {
+    fn new(bound: Duration) -> Liveness {
+        let l = Liveness {
+            origin: Instant::now(),
+            beat_ms: Arc::default(),
+            bound_ms: Arc::default(),
+        };
+        l.set_bound(bound);
+        l
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn beat(&self) {
+        let now = self.now_ms();
+        self.beat_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn set_bound(&self, bound: Duration) {
+        let ms = bound.as_millis() as u64;
+        self.bound_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the loop has been silent, if longer than its bound.
+    fn stuck_for(&self) -> Option<Duration> {
+        let beat = self.beat_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let silent = self.now_ms().saturating_sub(beat);
+        let bound = self.bound_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (silent > bound).then(|| Duration::from_millis(silent))
+    }
+}
+
+/// The leader's lease is kept alive by a task that does not watch the decision loop, so a
+/// stuck loop would hold the leadership and decide nothing, for ever. This guard watches
+/// it: past its bound, it revokes the lease (another sentinel takes over at once) and ends
+/// the process non-zero, so a service manager restarts it.
+async fn give_up_when_stuck(liveness: Liveness, store: ClusterStore, lease: stolon_store::LeaseId) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(stuck) = liveness.stuck_for() {
+            tracing::error!(
+                ?stuck,
+                "the sentinel's decision loop is stuck: giving up the leadership and exiting"
+            );
+            if let Err(e) = store.store().revoke_lease(lease).await {
+                tracing::error!(error = %e, "cannot revoke the leader lease: it lapses after its TTL");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Aborts a task when dropped (the guard lives as long as the leadership it watches).
+struct DropAbort(tokio::task::JoinHandle<()>);
+
+impl Drop for DropAbort {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -3,11 +3,11 @@
 
 pub mod status;
 
-use crate::model::{
+use anyhow::{anyhow, bail, Context, Result};
+use stolon_core::model::{
     decode, ClusterData, ClusterRole, ClusterSpec, Pause, SwitchoverRequest, Timestamp,
 };
-use crate::store::{CasOutcome, ClusterStore, Compare, Op, StoreError};
-use anyhow::{anyhow, bail, Context, Result};
+use stolon_store::{CasOutcome, ClusterStore, Compare, Op, StoreError};
 
 /// Reads the clusterdata, or explains how to create it.
 pub async fn cluster_data(store: &ClusterStore) -> Result<(ClusterData, i64)> {
@@ -91,7 +91,7 @@ pub async fn cluster_exists(store: &ClusterStore) -> Result<bool> {
 /// Reads a spec as Go stolon does (keys matched without regard to case); a key that matches
 /// no field is kept but warned about on stderr, naming it, since it has no effect.
 fn parse_spec(v: serde_json::Value) -> Result<ClusterSpec> {
-    let (spec, unknown) = crate::model::spec_from_value(v).context("invalid cluster spec")?;
+    let (spec, unknown) = stolon_core::model::spec_from_value(v).context("invalid cluster spec")?;
     warn_unknown(&unknown);
     spec.validate()?;
     Ok(spec)
@@ -106,7 +106,7 @@ fn warn_unknown(keys: &[String]) {
 /// `init`: creates the cluster; an existing one is replaced only with `force`.
 pub async fn init(store: &ClusterStore, spec: serde_json::Value, force: bool) -> Result<String> {
     let spec = parse_spec(spec)?;
-    let uid = crate::model::short_uid();
+    let uid = stolon_core::model::short_uid();
     let cd = ClusterData::new(uid.clone(), spec, Timestamp::now());
     // A running sentinel rewrites the cluster it leads between our read and our write; the
     // user asked to replace whatever is there, so a conflict only means "read again".
@@ -148,7 +148,7 @@ pub async fn update(
         let old = &cd.cluster.spec;
         let new = if patch {
             let mut input = input.clone();
-            warn_unknown(&crate::model::normalize_spec_keys(&mut input));
+            warn_unknown(&stolon_core::model::normalize_spec_keys(&mut input));
             old.merge_patch(&input)?
         } else {
             parse_spec(input.clone())?
@@ -245,7 +245,7 @@ pub async fn pause_state(store: &ClusterStore) -> Result<Option<Pause>> {
 /// `pause`: the sentinel stops changing the topology until `resume` or the deadline.
 pub async fn pause(
     store: &ClusterStore,
-    duration: Option<crate::model::GoDuration>,
+    duration: Option<stolon_core::model::GoDuration>,
     reason: &str,
 ) -> Result<Pause> {
     cluster_data(store).await?;
@@ -364,7 +364,7 @@ pub fn default_target(cd: &ClusterData) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::default_target;
-    use crate::model::ClusterData;
+    use stolon_core::model::ClusterData;
 
     fn cd(sync: bool) -> ClusterData {
         let doc = serde_json::json!({

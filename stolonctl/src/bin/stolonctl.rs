@@ -4,12 +4,12 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use control::cli::{parse_duration, parse_with_env, CommonArgs};
-use control::ctl::{self, status};
 use control::model::SwitchoverPhase;
 use control::store::ClusterStore;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use stolonctl::{self as ctl, status};
 
 /// Administers a stolon cluster: create it, show its state, change its spec, fail or remove
 /// keepers, switch the master over, promote a standby cluster.

@@ -6,11 +6,11 @@
 //! (role, lag, the proxies' route, the tree) are additional keys.
 
 use super::{cluster_data, store_error};
-use crate::model::{ClusterData, DbRole};
-use crate::store::ClusterStore;
 use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write as _;
+use stolon_core::model::{ClusterData, DbRole};
+use stolon_store::ClusterStore;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -22,7 +22,7 @@ pub struct Status {
     pub phase: String,
     pub proxy_master_db: Option<String>,
     /// The maintenance pause in force (none when there is none or it has expired).
-    pub paused: Option<crate::model::Pause>,
+    pub paused: Option<stolon_core::model::Pause>,
     pub proxy_generation: i64,
     /// master keeper -> standby keepers.
     pub tree: Vec<(String, Vec<String>)>,
@@ -114,7 +114,7 @@ pub async fn status(store: &ClusterStore) -> Result<Status> {
         .await
         .map_err(|e| store_error(store, e))?;
     let leader = store
-        .election(crate::store::LEADER_TTL)
+        .election(stolon_store::LEADER_TTL)
         .leader()
         .await
         .ok()
@@ -162,7 +162,7 @@ pub async fn status(store: &ClusterStore) -> Result<Status> {
         proxy_master_db: Some(cd.proxy.spec.master_db_uid.clone()).filter(|s| !s.is_empty()),
         paused: super::pause_state(store)
             .await?
-            .filter(|p| p.active(crate::model::Timestamp::now())),
+            .filter(|p| p.active(stolon_core::model::Timestamp::now())),
         proxy_generation: cd.proxy.generation,
         tree,
     })

@@ -2,6 +2,7 @@
 //! transactions, leases, watches), its etcd implementation, a fault-injecting in-memory one
 //! for simulations, and the logic every component shares on top of it (watch resume,
 //! leader election, lease-held infos, typed clusterdata access).
+#![deny(unsafe_code)]
 
 pub mod cluster;
 pub mod election;

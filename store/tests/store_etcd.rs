@@ -2,11 +2,11 @@
 
 mod common;
 
-use control::store::etcd::{EtcdConfig, EtcdStore};
-use control::store::timed::Timed;
-use control::store::{Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
+use stolon_store::etcd::{EtcdConfig, EtcdStore};
+use stolon_store::timed::Timed;
+use stolon_store::{Store, StoreError};
 use testkit::Etcd;
 
 async fn connect(etcd: &Etcd) -> Arc<dyn Store> {
@@ -149,7 +149,7 @@ async fn etcd_over_tls_with_client_certificates() {
 async fn etcd_revoked_leader_lease_hands_over_at_once() {
     let etcd = Etcd::start().expect("etcd");
     let store = connect(&etcd).await;
-    let cs = control::store::ClusterStore::new(store.clone(), "stolon/cluster", "revoke");
+    let cs = stolon_store::ClusterStore::new(store.clone(), "stolon/cluster", "revoke");
     let ttl = Duration::from_secs(20);
     let a = cs.election(ttl).campaign(b"a").await.expect("a leads");
     let cs_b = cs.clone();
@@ -169,7 +169,7 @@ async fn etcd_revoked_leader_lease_hands_over_at_once() {
     let guarded = store
         .txn(
             vec![a.guard()],
-            vec![control::store::Op::put("k", b"a".to_vec())],
+            vec![stolon_store::Op::put("k", b"a".to_vec())],
         )
         .await
         .expect("txn");
@@ -193,7 +193,7 @@ async fn etcd_errors_are_matched_by_kind() {
     let store = EtcdStore::connect(&cfg).await.expect("connect");
     for i in 0..40 {
         store
-            .txn(vec![], vec![control::store::Op::put("k", format!("{i}"))])
+            .txn(vec![], vec![stolon_store::Op::put("k", format!("{i}"))])
             .await
             .unwrap_or_else(|e| panic!("write {i} with one member dead: {e:?}"));
     }

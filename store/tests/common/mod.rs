@@ -2,11 +2,11 @@
 //! and the in-memory store (`store_mem.rs`), so the simulation store behaves like etcd.
 #![allow(dead_code)]
 
-use control::model::ClusterData;
-use control::store::*;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use stolon_core::model::ClusterData;
+use stolon_store::*;
 use tokio::time::timeout;
 
 pub type Breaker<'a> = &'a mut (dyn FnMut() + Send);
@@ -15,7 +15,11 @@ const WAIT: Duration = Duration::from_secs(20);
 
 pub async fn cas_race(store: Arc<dyn Store>) {
     let cs = ClusterStore::new(store.clone(), "stolon/cluster", "race");
-    let cd = ClusterData::new("c1", Default::default(), control::model::Timestamp::now());
+    let cd = ClusterData::new(
+        "c1",
+        Default::default(),
+        stolon_core::model::Timestamp::now(),
+    );
     // Create-if-absent: of eight concurrent creators exactly one wins.
     let mut tasks = Vec::new();
     for _ in 0..8 {

@@ -2,10 +2,10 @@
 //! compare-and-swap, the published infos, the leader election and the switchover request.
 
 use super::*;
-use crate::model::{ClusterData, KeeperInfo, ModelError, ProxyInfo, SentinelInfo};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use stolon_core::model::{ClusterData, KeeperInfo, ModelError, ProxyInfo, SentinelInfo};
 
 /// The minimum lease TTL of an info key (store-format.md: max(2 x interval, 20 s)).
 pub const MIN_INFO_TTL: Duration = Duration::from_secs(20);
@@ -139,7 +139,7 @@ impl ClusterStore {
         };
         for kv in range.kvs {
             let uid = kv.key[prefix.len()..].to_string();
-            match crate::model::decode::<T>(what, &kv.value) {
+            match stolon_core::model::decode::<T>(what, &kv.value) {
                 Ok(v) => {
                     infos.items.insert(uid, v);
                 }

@@ -1,8 +1,8 @@
 //! Golden tests of the model: documents in the Go stolon encoding are read, understood and
 //! written back without losing anything; spec defaults, validation and merge patch.
 
-use control::model::*;
 use serde_json::{json, Value};
+use stolon_core::model::*;
 
 const GO_CLUSTERDATA: &str = include_str!("golden/clusterdata-go.json");
 
@@ -416,11 +416,11 @@ mod props {
 #[test]
 fn unknown_numbers_are_written_back_exactly() {
     let doc = br#"{"infoUID":"a","uid":"k","newField":{"x":66666666666666666666666666666666666650331744,"y":0.1,"z":1e-300}}"#;
-    let info: control::model::KeeperInfo =
-        control::model::decode("keeper info", doc).expect("reads");
+    let info: stolon_core::model::KeeperInfo =
+        stolon_core::model::decode("keeper info", doc).expect("reads");
     let written = serde_json::to_vec(&info).expect("writes");
-    let again: control::model::KeeperInfo =
-        control::model::decode("keeper info", &written).expect("reads again");
+    let again: stolon_core::model::KeeperInfo =
+        stolon_core::model::decode("keeper info", &written).expect("reads again");
     assert_eq!(again, info);
     assert_eq!(serde_json::to_vec(&again).expect("writes"), written);
 }

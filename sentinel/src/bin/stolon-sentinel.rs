@@ -6,10 +6,10 @@ use anyhow::Context;
 use clap::Parser;
 use control::cli::{parse_duration, parse_with_env, CommonArgs};
 use control::model::{decode, ClusterSpec};
-use control::sentinel::daemon::{Config, Metrics, Sentinel};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use stolon_sentinel::daemon::{Config, Metrics, Sentinel};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
                 store,
                 initial_cluster_spec,
                 leader_ttl: args.leader_ttl,
+                store_timeout: args.common.store_timeout,
                 faults: control::faults::from_env(),
             },
             metrics,
