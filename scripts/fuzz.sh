@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every fuzz target (fuzz/fuzz_targets: the proxy's startup parser, the clusterdata,
+# Runs every fuzz target (fuzz/fuzz_targets: the proxy's startup parser and cancel-key
+# sniffer, the clusterdata,
 # spec and info readers, the spec merge patch) for a while each, and fails on any crash.
 #   scripts/fuzz.sh            20 s per target (scripts/test.sh runs this)
 #   scripts/fuzz.sh --long     10 min per target (scripts/test.sh --long)
