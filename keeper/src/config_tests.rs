@@ -78,6 +78,12 @@ fn standby_db() -> Db {
     }
 }
 
+/// The rendering of `db` on the test keeper with no upstream, no restriction, no pitr and no
+/// previous parameters.
+fn plain(cd: &ClusterData, db: &Db) -> Rendered {
+    render(cd, db, &local(), None, false, false, &BTreeMap::new())
+}
+
 fn golden(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
@@ -101,18 +107,7 @@ fn show(r: &Rendered) -> String {
 #[test]
 fn golden_master_async_default_hba() {
     let cd = cluster(ClusterSpec::default());
-    golden(
-        "master-async.txt",
-        &show(&render(
-            &cd,
-            &master_db(),
-            &local(),
-            None,
-            false,
-            false,
-            &BTreeMap::new(),
-        )),
-    );
+    golden("master-async.txt", &show(&plain(&cd, &master_db())));
 }
 
 #[test]
@@ -128,7 +123,7 @@ fn golden_master_sync_with_placeholder_and_strict_hba_restricted() {
     db.spec.pg_hba = Some(vec!["host app app 10.1.0.0/16 scram-sha-256".into()]);
     let restricted = render(&cd, &db, &local(), None, true, false, &BTreeMap::new());
     golden("master-sync-strict-restricted.txt", &show(&restricted));
-    let open = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
+    let open = plain(&cd, &db);
     assert!(open
         .pg_hba_conf
         .ends_with("host app app 10.1.0.0/16 scram-sha-256\n"));
@@ -221,7 +216,7 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
             &BTreeMap::new(),
         )),
     );
-    let promoted = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
+    let promoted = plain(&cd, &db);
     assert!(!promoted.recovery_signal && !promoted.postgresql_conf.contains("recovery_target"));
     let mut db = master_db();
     db.spec.role = Some(DbRole::Standby);
@@ -235,18 +230,7 @@ fn golden_pitr_with_targets_and_standby_cluster_master() {
         }),
         archive_recovery_settings: None,
     });
-    golden(
-        "standby-cluster-master.txt",
-        &show(&render(
-            &cd,
-            &db,
-            &local(),
-            None,
-            false,
-            false,
-            &BTreeMap::new(),
-        )),
-    );
+    golden("standby-cluster-master.txt", &show(&plain(&cd, &db)));
     // Right after its pitr-style restore (init mode pitr, restore pending) a standby
     // cluster's master is a standby of the external primary, not a point-in-time recovery.
     db.spec.init_mode = Some(DbInitMode::Pitr);
@@ -289,25 +273,9 @@ fn parse_size_mb_table() {
 #[test]
 fn wal_keep_size_has_a_floor() {
     let cd = cluster(ClusterSpec::default());
-    let r = render(
-        &cd,
-        &master_db(),
-        &local(),
-        None,
-        false,
-        false,
-        &BTreeMap::new(),
-    );
+    let r = plain(&cd, &master_db());
     assert!(r.postgresql_conf.contains("wal_keep_size = '128MB'"));
-    let r = render(
-        &cd,
-        &standby_db(),
-        &local(),
-        None,
-        false,
-        false,
-        &BTreeMap::new(),
-    );
+    let r = plain(&cd, &standby_db());
     assert!(r.postgresql_conf.contains("wal_keep_size = '1024MB'"));
 }
 
@@ -400,13 +368,13 @@ fn an_old_master_is_rendered_as_a_standby_of_nobody() {
     db.spec.synchronous_replication = true;
     db.spec.synchronous_standbys = vec!["s1".into()];
     cd.cluster.status.master = "m1".into();
-    let current = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
+    let current = plain(&cd, &db);
     assert!(!current.standby_signal);
     assert!(current
         .postgresql_conf
         .contains("synchronous_standby_names = '1 (stolon_s1)'"));
     cd.cluster.status.master = "s1".into();
-    let old = render(&cd, &db, &local(), None, false, false, &BTreeMap::new());
+    let old = plain(&cd, &db);
     assert!(old.standby_signal, "read-only");
     assert!(!old.postgresql_conf.contains("primary_conninfo"));
     assert!(old
