@@ -62,12 +62,15 @@ fn standby_spec(a: &Cluster, arch: &str, sync: bool) -> Value {
     // restore_command (a backup tool's credentials live there), `%%` is `%` as in Go, and
     // the spec is read as Go reads it: stolon's docs write `primaryConnInfo`.
     std::env::set_var("STOLON_E2E_BACKUP_TOKEN", "tok3n");
+    // The pg_basebackup of the version under test (a 15 one refuses a 16 server).
+    let basebackup = testkit::postgres::pg_bin_dir().join("pg_basebackup");
+    let basebackup = basebackup.display();
     let mut spec = json!({
         "initMode": "pitr",
         "role": "standby",
         "pitrConfig": {"dataRestoreCommand": format!(
             "test \"$STOLON_E2E_BACKUP_TOKEN\" = tok3n && \
-             pg_basebackup -D %d -X stream -d '{conninfo}' && \
+             {basebackup} -D %d -X stream -d '{conninfo}' && \
              echo \"restored 100%% with $STOLON_E2E_BACKUP_TOKEN\" > %d/restore-note")},
         "standbyConfig": {
             "standbySettings": {"primaryConnInfo": conninfo},

@@ -229,14 +229,7 @@ fn spec_text() -> String {
 }
 
 async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
+    http_get(addr, "/metrics").await.expect("scrape").1
 }
 
 /// Points 3 (Go's flags on a running keeper, sentinel and proxy), 5 (case-insensitive keys,

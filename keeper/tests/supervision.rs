@@ -92,7 +92,7 @@ async fn a_keeper_whose_loop_stalls_stops_publishing_and_looks_unhealthy() {
     .await;
     let stalled = std::time::Instant::now();
     wait_for(&env, "/health 503", fence * 3, async || {
-        (http_status(&addr, "/health").await? == 503).then_some(())
+        (http_get(&addr, "/health").await?.0 == 503).then_some(())
     })
     .await;
     let unhealthy_after = stalled.elapsed();
@@ -122,17 +122,6 @@ async fn a_keeper_whose_loop_stalls_stops_publishing_and_looks_unhealthy() {
     let log = std::fs::read_to_string(&k.log).expect("log");
     assert!(log.contains("not publishing"), "{log}");
     assert!(!k.child.as_mut().expect("child").exited(), "still running");
-}
-
-/// The status code of `GET path` on `addr`.
-async fn http_status(addr: &str, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Spawns `bin` (next to the keeper binary) with the common flags, `extra` and a knob.

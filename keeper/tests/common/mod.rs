@@ -343,3 +343,16 @@ pub async fn in_recovery(port: u16) -> Option<bool> {
         .ok()
         .map(|r| r.get(0))
 }
+
+/// `GET path` on `addr` (a keeper's or sentinel's metrics listener): the status code and the
+/// whole response.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out))
+}
