@@ -44,7 +44,8 @@ struct Args {
     /// TCP keepalive probe interval in seconds for client connections (0: 15 s, Go's default)
     #[arg(long, default_value_t = 0)]
     tcp_keepalive_interval: u64,
-    /// Relay engine; auto picks the fastest measured one
+    /// Relay engine: one, tokio-tpc (auto is the same); io-uring and tokio-mt were removed and
+    /// still start, with a warning
     #[arg(long, value_enum, default_value = "auto")]
     engine: Engine,
     /// Relay threads (default: one per core)
