@@ -63,7 +63,8 @@ impl HealthState {
         self.pg_running && self.in_recovery && self.streaming && !self.elected && within
     }
 
-    fn body(&self) -> String {
+    /// The JSON body; `age_ms` is how old the snapshot is (null before the first round).
+    fn body(&self, now: Instant) -> String {
         let role = match (self.pg_running, self.in_recovery) {
             (false, _) => "unknown",
             (true, false) => "master",
@@ -75,8 +76,11 @@ impl HealthState {
             "stopped"
         };
         let lag = self.lag.map_or("null".to_string(), |l| l.to_string());
+        let age = (self.loop_at).map_or("null".to_string(), |t| {
+            now.saturating_duration_since(t).as_millis().to_string()
+        });
         format!(
-            "{{\"role\":\"{role}\",\"state\":\"{state}\",\"elected\":{},\"routed\":{},\"streaming\":{},\"fenced\":{},\"lag\":{lag}}}",
+            "{{\"role\":\"{role}\",\"state\":\"{state}\",\"elected\":{},\"routed\":{},\"streaming\":{},\"fenced\":{},\"lag\":{lag},\"age_ms\":{age}}}",
             self.elected, self.routed, self.streaming, self.fenced
         )
     }
@@ -106,7 +110,7 @@ impl HealthState {
             _ => return None,
         };
         let ok = ok && self.fresh(now);
-        let body = self.body();
+        let body = self.body(now);
         Some(if ok { Ok(body) } else { Err(body) })
     }
 }
@@ -244,6 +248,11 @@ mod tests {
         assert_eq!(at(&s, "/primary", 30), 200, "a bounded step under way");
         assert_eq!(at(&s, "/primary", 61), 503, "past the step's own bound");
         assert_eq!(at(&s, "/nosuch", 61), 404, "an unknown path is still 404");
+        let body = s.answer("/primary", "", now + Duration::from_secs(61));
+        assert!(
+            matches!(&body, Some(Err(b)) if b.ends_with(",\"age_ms\":61000}")),
+            "the body says how old the snapshot is: {body:?}"
+        );
     }
 
     #[test]

@@ -778,9 +778,12 @@ where
 async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
     let route = ctx.routes.load();
     let mut targets: Vec<Arc<str>> = Vec::new();
-    let known = crate::cancel::request_key(packet).and_then(|k| ctx.cancel_keys.lookup(k));
+    // On the read-only listener: the standby that runs the session, when the proxy saw its
+    // key.
+    let known = (ctx.read_only.is_some())
+        .then(|| crate::cancel::request_key(packet).and_then(|k| ctx.cancel_keys.lookup(k)))
+        .flatten();
     match ctx.read_only {
-        // The standby that runs the session, when the proxy saw its key.
         Some(_) if known.is_some() => targets.extend(known.clone()),
         // A key it could not see (TLS end to end): every standby, as PostgreSQL ignores a
         // key it did not issue.
