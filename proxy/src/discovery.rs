@@ -1,8 +1,14 @@
 //! Discovery and fencing: watch `P/clusterdata` and apply every change at once; every
-//! proxyCheckInterval read it again and publish ProxyInfo (proof of contact both ways);
-//! fence (sever everything, refuse, optionally stop listening) once there was no successful
+//! proxyCheckInterval read it again and prove liveness (proof of contact both ways); fence
+//! (sever everything, refuse, optionally stop listening) once there was no successful
 //! contact for proxyTimeout. ProxyInfo is published right after a new generation is applied
 //! and the old master's sessions are closed.
+//!
+//! Liveness, two ways: while the clusterdata says its sentinel honours leases
+//! (`proxy.spec.leaseLiveness`, ours), ProxyInfo is written only when what it reports
+//! changes and the check renews its lease (TTL 2 x proxyTimeout), so idle proxies cost the
+//! store no writes; otherwise (a Go sentinel) it is rewritten with a new infoUID every
+//! check, as Go's proxy does.
 
 use crate::fence::StoreContact;
 use crate::metrics::Metrics;
@@ -48,6 +54,12 @@ struct State {
     info: LeasedKey,
     /// The generation last reported in ProxyInfo.
     published: Option<i64>,
+    /// The last ProxyInfo written, to tell whether a check must rewrite it.
+    written: Option<ProxyInfo>,
+    /// The last clusterdata read says its sentinel honours lease liveness.
+    lease_mode: bool,
+    /// The master route last installed.
+    routed: Option<Result<String, NoMaster>>,
     /// The route the store asks for, before fencing is applied.
     wanted: Desired,
     fenced: bool,
@@ -73,6 +85,9 @@ impl Discovery {
                 .store
                 .proxy_info_key(&self.uid, info_ttl_for_proxy(proxy_timeout)),
             published: None,
+            written: None,
+            lease_mode: false,
+            routed: None,
             wanted: Desired {
                 generation: 0,
                 master: Err(NoMaster::Starting),
@@ -170,7 +185,7 @@ impl Discovery {
         self.set_wanted(st, doc);
         // Apply (and sever) before reporting anything about the new generation.
         self.apply(st).await;
-        if self.publish(st).await {
+        if self.prove_alive(st).await {
             st.contact.ok(sent);
             if st.fenced {
                 tracing::info!("store contact established: routing");
@@ -228,6 +243,13 @@ impl Discovery {
                         .as_std()
                         .max(Duration::from_millis(100));
                 }
+                st.lease_mode = cd.as_ref().is_some_and(|cd| cd.proxy.spec.lease_liveness);
+                let timeout = st.contact.timeout();
+                st.info.set_ttl(if st.lease_mode {
+                    control::model::proxy_lease_ttl(GoDuration::from_std(timeout))
+                } else {
+                    info_ttl_for_proxy(timeout)
+                });
                 desired_with_replicas(cd.as_ref(), &self.uid, self.ro_max_lag)
             }
             Err(()) => Desired {
@@ -251,6 +273,10 @@ impl Discovery {
             (st.wanted.master.clone(), &st.wanted.replicas[..])
         };
         let routing = master.is_ok();
+        if st.routed.as_ref() != Some(&master) {
+            st.routed = Some(master.clone());
+            self.metrics.route_changed.set(control::metrics::unix_now());
+        }
         // A drain goes on only while the store still asks for it; anything else (a new
         // generation, fencing) cuts what is left of it at once.
         let keep_draining = st
@@ -347,10 +373,45 @@ impl Discovery {
         }
     }
 
-    /// Publishes ProxyInfo with a fresh infoUID and the applied generation.
-    async fn publish(&self, st: &mut State) -> bool {
-        let info = ProxyInfo {
-            info_uid: control::model::short_uid(),
+    /// The check's proof of liveness: in lease mode a keep-alive of the info's lease, or a
+    /// rewrite if what the info says changed or its lease is gone; else a rewrite with a
+    /// new infoUID.
+    async fn prove_alive(&self, st: &mut State) -> bool {
+        let info = self.info(st);
+        let unchanged = st.written.as_ref().is_some_and(|w| {
+            ProxyInfo {
+                info_uid: String::new(),
+                ..w.clone()
+            } == info
+        });
+        if !(st.lease_mode && unchanged) {
+            return self.publish(st).await;
+        }
+        let kept = tokio::time::timeout_at(store_deadline(st), st.info.keep_alive()).await;
+        match kept.unwrap_or(Err(StoreError::Timeout {
+            op: "keep proxy info alive",
+            timeout: Duration::ZERO,
+        })) {
+            Ok(true) => {
+                self.metrics.info_keepalives.inc();
+                true
+            }
+            Ok(false) => {
+                tracing::info!("proxy info lease gone (or its TTL changed): writing it again");
+                self.publish(st).await
+            }
+            Err(e) => {
+                self.metrics.store_error(e.kind());
+                tracing::warn!(error = %e, "cannot keep the proxy info's lease alive");
+                false
+            }
+        }
+    }
+
+    /// What ProxyInfo says now, but its infoUID.
+    fn info(&self, st: &State) -> ProxyInfo {
+        ProxyInfo {
+            info_uid: String::new(),
             uid: self.uid.clone(),
             // While fenced the proxy holds no session at all, so reporting the wanted
             // generation is true: nothing of an older generation is open. While draining,
@@ -361,7 +422,16 @@ impl Discovery {
             },
             proxy_timeout: GoDuration::from_std(st.contact.timeout()),
             read_only: self.ro_max_lag.is_some(),
+            lease_liveness: st.lease_mode,
             extra: Default::default(),
+        }
+    }
+
+    /// Publishes ProxyInfo with a fresh infoUID and the applied generation.
+    async fn publish(&self, st: &mut State) -> bool {
+        let info = ProxyInfo {
+            info_uid: control::model::short_uid(),
+            ..self.info(st)
         };
         let value = serde_json::to_vec(&info).unwrap_or_default();
         let deadline = store_deadline(st);
@@ -371,7 +441,12 @@ impl Discovery {
             timeout: Duration::ZERO,
         })) {
             Ok(_) => {
+                self.metrics.info_writes.inc();
                 st.published = Some(info.generation);
+                st.written = Some(ProxyInfo {
+                    info_uid: String::new(),
+                    ..info
+                });
                 true
             }
             Err(e) => {

@@ -65,6 +65,12 @@ pub struct Metrics {
     pub held: Gauge,
     /// Sessions that were held.
     pub holds: Counter,
+    /// When the master route last changed (to a master or to none), as unix seconds: how
+    /// long a master change took to reach this proxy (`loadtest swarm`).
+    pub route_changed: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// ProxyInfo writes, and lease keep-alives in their place: the store load of this proxy.
+    pub info_writes: Counter,
+    pub info_keepalives: Counter,
 }
 
 impl Metrics {
@@ -107,6 +113,21 @@ impl Metrics {
             "sessions_holds",
             "Sessions that were held for a master",
             self.holds.clone(),
+        );
+        r.register(
+            "route_changed_seconds",
+            "When the master route last changed, as seconds since the unix epoch",
+            self.route_changed.clone(),
+        );
+        r.register(
+            "info_writes",
+            "ProxyInfo writes to the store",
+            self.info_writes.clone(),
+        );
+        r.register(
+            "info_keepalives",
+            "ProxyInfo lease keep-alives (checks that wrote nothing)",
+            self.info_keepalives.clone(),
         );
     }
 

@@ -14,13 +14,24 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 fn doc() -> ClusterData {
+    doc_with(1, false)
+}
+
+/// The document at proxy `generation`; `leases`: its sentinel honours lease liveness.
+fn doc_with(generation: i64, leases: bool) -> ClusterData {
     let v = serde_json::json!({
         "formatVersion": 1,
         "cluster": {"uid": "c", "spec": {"initMode": "new", "proxyCheckInterval": "500ms", "proxyTimeout": "3s"}},
         "dbs": {"db0": {"uid": "db0", "status": {"listenAddress": "127.0.0.1", "port": "5432"}}},
-        "proxy": {"generation": 1, "spec": {"masterDbUid": "db0", "enabledProxies": ["p1"]}}
+        "proxy": {"generation": generation, "spec": {"masterDbUid": "db0", "enabledProxies": ["p1"], "leaseLiveness": leases}}
     });
     ClusterData::from_json(v.to_string().as_bytes()).expect("doc")
+}
+
+const INFO_KEY: &str = "stolon/cluster/sim/proxies/info/p1";
+
+fn info_of(kv: &control::store::KeyValue) -> control::model::ProxyInfo {
+    serde_json::from_slice(&kv.value).expect("proxy info")
 }
 
 struct Sim {
@@ -35,11 +46,15 @@ async fn start() -> Sim {
 }
 
 async fn start_with(cluster_exists: bool) -> Sim {
+    start_doc(cluster_exists.then(doc)).await
+}
+
+async fn start_doc(doc: Option<ClusterData>) -> Sim {
     let mem = MemStore::new();
     let store: Arc<dyn Store> = Arc::new(mem.clone());
     let cs = ClusterStore::new(store, "stolon/cluster", "sim");
-    if cluster_exists {
-        cs.put_cluster_data(&doc(), 0, None).await.expect("put");
+    if let Some(doc) = doc {
+        cs.put_cluster_data(&doc, 0, None).await.expect("put");
     }
     let routes = Arc::new(Routes::default());
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -150,5 +165,89 @@ async fn a_shorter_proxy_timeout_seen_by_the_watch_does_not_fence_a_healthy_prox
     })
     .await;
     assert_eq!(fenced, None, "a healthy proxy fenced itself");
+    sim.stop.cancel();
+}
+
+/// Without the sentinel's lease mark (a Go sentinel), the info gets a new infoUID at every
+/// check, as Go's proxy writes it.
+#[tokio::test(start_paused = true)]
+async fn without_the_lease_mark_every_check_rewrites_the_info() {
+    let sim = start().await;
+    let written = wait_until(Duration::from_secs(2), || sim.mem.peek(INFO_KEY).is_some()).await;
+    assert!(written.is_some(), "no info written");
+    let first = sim.mem.peek(INFO_KEY).expect("info");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later = sim.mem.peek(INFO_KEY).expect("info");
+    assert!(
+        later.mod_revision > first.mod_revision + 5,
+        "rewrites every 500 ms"
+    );
+    assert_ne!(info_of(&later).info_uid, info_of(&first).info_uid);
+    assert!(!info_of(&later).lease_liveness);
+    sim.stop.cancel();
+}
+
+/// With the mark: the info is written once, then kept by lease keep-alives alone; a new
+/// generation is written at once; cut from the store, the proxy fences itself before its
+/// key expires (only then may the sentinel stop waiting for it).
+#[tokio::test(start_paused = true)]
+async fn with_the_lease_mark_the_info_is_written_on_change_and_outlives_the_routing() {
+    let sim = start_doc(Some(doc_with(1, true))).await;
+    let routed = |s: &Sim| s.routes.load().master.is_ok();
+    assert!(wait_until(Duration::from_secs(2), || routed(&sim))
+        .await
+        .is_some());
+    let first = sim.mem.peek(INFO_KEY).expect("info");
+    assert!(info_of(&first).lease_liveness);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let idle = sim.mem.peek(INFO_KEY).expect("info kept alive");
+    assert_eq!(
+        idle.mod_revision, first.mod_revision,
+        "an idle proxy wrote its info"
+    );
+    // A new generation: acknowledged by a write.
+    let store: Arc<dyn Store> = Arc::new(sim.mem.clone());
+    let cs = ClusterStore::new(store, "stolon/cluster", "sim");
+    let (_, rev) = cs.get_cluster_data().await.expect("read").expect("doc");
+    cs.put_cluster_data(&doc_with(2, true), rev, None)
+        .await
+        .expect("put");
+    let acked = wait_until(Duration::from_secs(2), || {
+        sim.mem
+            .peek(INFO_KEY)
+            .is_some_and(|kv| info_of(&kv).generation == 2)
+    })
+    .await;
+    assert!(acked.is_some(), "generation 2 not acknowledged");
+    // The store goes away: the proxy fences within proxyTimeout (3 s), its key lives on
+    // until its lease (2 x 3 s) runs out after the last keep-alive.
+    sim.mem.set_unavailable(true);
+    let outage = Instant::now();
+    let mut fenced_at = None;
+    let gone = wait_until(Duration::from_secs(10), || {
+        if fenced_at.is_none() && !routed(&sim) {
+            fenced_at = Some(outage.elapsed());
+        }
+        sim.mem.peek(INFO_KEY).is_none()
+    })
+    .await
+    .expect("the key outlived its lease");
+    let fenced = fenced_at.expect("the key expired before the proxy fenced");
+    assert!(
+        fenced <= Duration::from_millis(3010),
+        "fenced after {fenced:?}"
+    );
+    assert!(
+        gone >= fenced + Duration::from_secs(2),
+        "fenced {fenced:?}, key gone {gone:?}"
+    );
+    assert!(
+        gone <= Duration::from_millis(6100),
+        "key gone after {gone:?}"
+    );
+    // Back: the expired lease is noticed and the info written again.
+    sim.mem.set_unavailable(false);
+    let back = wait_until(Duration::from_secs(5), || sim.mem.peek(INFO_KEY).is_some()).await;
+    assert!(back.is_some(), "info not written again after the outage");
     sim.stop.cancel();
 }

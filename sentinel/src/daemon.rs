@@ -1,20 +1,25 @@
 //! The `stolon-sentinel` daemon: publishes its info, campaigns for leadership and, while
-//! leader, runs [`stolon_core::sentinel::decide`] on every watch event under the cluster prefix (keeper and proxy
-//! infos, clusterdata, the switchover request) and on the sleepInterval tick. Each write is
-//! one transaction comparing the clusterdata revision and the leader key; on a conflict it
-//! re-reads and decides again. Losing leadership stops decisions at once.
+//! leader, runs [`stolon_core::sentinel::decide`] on every burst of watch events under the
+//! cluster prefix (keeper and proxy infos, clusterdata, the switchover request) and on the
+//! sleepInterval tick, on a view of the keys kept from the watch (`view`) and read in full
+//! once per tick. Each write is one transaction comparing the clusterdata revision and the
+//! leader key; on a conflict it re-reads and decides again. Losing leadership stops
+//! decisions at once.
 
+use crate::view::{Keys, View};
 use control::faults::{Fault, Faults};
+use futures::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
 use stolon_core::model::{
-    decode, ClusterData, ClusterSpec, GoDuration, Pause, SentinelInfo, SwitchoverPhase,
-    SwitchoverRequest, Timestamp,
+    ClusterData, ClusterSpec, GoDuration, SentinelInfo, SwitchoverPhase, SwitchoverRequest,
+    Timestamp,
 };
-use stolon_core::sentinel::{decide_with, Observations, ReasonKind, SentinelMemory};
+use stolon_core::sentinel::{decide_with, ReasonKind, SentinelMemory};
 use stolon_store::{
     info_ttl, CasOutcome, ClusterStore, Compare, Leadership, Op, StoreError, Watcher,
 };
@@ -34,7 +39,6 @@ pub struct Config {
     pub faults: Faults,
 }
 
-#[derive(Default)]
 pub struct Metrics {
     pub is_leader: Gauge,
     pub rounds: Counter,
@@ -45,6 +49,26 @@ pub struct Metrics {
     /// Go stolon's `stolon_sentinel_last_cluster_check_success_seconds`: when the last round
     /// (read, decide, write) succeeded, as seconds since the unix epoch.
     pub last_check_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// How long each round took (decide and write, and the full read on a tick).
+    pub round_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            is_leader: Gauge::default(),
+            rounds: Counter::default(),
+            writes: Counter::default(),
+            conflicts: Counter::default(),
+            failovers: Counter::default(),
+            store_errors: Counter::default(),
+            last_check_success: Gauge::default(),
+            // 100 us to about 6.5 s.
+            round_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1e-4, 2.0, 17),
+            ),
+        }
+    }
 }
 
 impl Metrics {
@@ -74,14 +98,12 @@ impl Metrics {
             "Failed store requests",
             self.store_errors.clone(),
         );
+        r.register(
+            "round_seconds",
+            "Time a decision round took",
+            self.round_seconds.clone(),
+        );
     }
-}
-
-/// One consistent read of the cluster's keys.
-struct Snapshot {
-    cd: Option<(ClusterData, i64)>,
-    obs: Observations,
-    revision: i64,
 }
 
 /// Wall-clock time that never goes back: the start time plus monotonic time elapsed, so a
@@ -157,9 +179,14 @@ impl Sentinel {
     /// Decides while `leadership` holds.
     async fn lead(&self, leadership: &Leadership, shutdown: &CancellationToken) {
         let mut memory = SentinelMemory::default();
-        let mut watcher: Option<Watcher> = None;
-        let mut sleep_interval = stolon_core::model::defaults::SLEEP_INTERVAL.as_std();
-        let liveness = Liveness::new(stuck_bound(sleep_interval, self.cfg.store_timeout));
+        let keys = Keys::new(&self.cfg.store);
+        let mut lead = Lead {
+            view: None,
+            watcher: None,
+            sleep_interval: stolon_core::model::defaults::SLEEP_INTERVAL.as_std(),
+            next_full_read: Instant::now(),
+        };
+        let liveness = Liveness::new(stuck_bound(lead.sleep_interval, self.cfg.store_timeout));
         let mut rounds = 0u32;
         let _guard = DropAbort(tokio::spawn(give_up_when_stuck(
             liveness.clone(),
@@ -171,74 +198,139 @@ impl Sentinel {
             if leadership.is_lost() || shutdown.is_cancelled() {
                 return;
             }
-            match self.round(leadership, &mut memory).await {
-                Ok(Some((snapshot, interval))) => {
+            let started = Instant::now();
+            let outcome = self.round(leadership, &mut memory, &keys, &mut lead).await;
+            self.metrics
+                .round_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match outcome {
+                Ok(true) => {
                     if self.cfg.faults.has(Fault::SentinelLoopPanic) {
                         panic!("STOLON_E2E_BREAK=sentinel-loop-panic");
                     }
-                    sleep_interval = interval;
-                    liveness.set_bound(stuck_bound(interval, self.cfg.store_timeout));
+                    liveness.set_bound(stuck_bound(lead.sleep_interval, self.cfg.store_timeout));
                     rounds += 1;
                     // After a round that read the spec (the first may have created it).
                     if self.cfg.faults.has(Fault::SentinelLoopStall) && rounds >= 2 {
                         tracing::warn!("STOLON_E2E_BREAK=sentinel-loop-stall: the loop stops");
                         std::future::pending::<()>().await;
                     }
-                    if watcher.is_none() {
-                        let prefix = format!("{}/", self.cfg.store.prefix());
-                        let store = self.cfg.store.store().clone();
-                        watcher = Some(Watcher::from_revision(store, prefix, snapshot + 1));
-                    }
                 }
                 // A conflict: someone wrote in between; read and decide again at once.
-                Ok(None) => continue,
+                Ok(false) => {
+                    lead.view = None;
+                    continue;
+                }
                 Err(e) => {
+                    lead.view = None;
                     self.metrics.store_errors.inc();
                     tracing::warn!(error = %e, "sentinel round failed");
                 }
             }
+            let wake = tokio::time::sleep_until(lead.next_full_read.max(Instant::now()));
             let wait = async {
-                match watcher.as_mut() {
-                    Some(w) => w.next().await.map(|_| ()),
+                match lead.watcher.as_mut() {
+                    Some(w) => w.next().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = leadership.lost() => return,
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(sleep_interval) => {}
-                r = wait => if let Err(e) = r {
-                    tracing::warn!(error = %e, "watch failed; retrying");
-                    watcher = None;
-                    pause(shutdown, Duration::from_millis(200)).await;
+                _ = wake => {}
+                r = wait => match r {
+                    Ok(update) => lead.absorb(&keys, update),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watch failed; retrying");
+                        lead.watcher = None;
+                        lead.view = None;
+                        pause(shutdown, Duration::from_millis(200)).await;
+                    }
                 },
             }
         }
     }
 
-    /// Reads, decides and writes once. `Ok(Some((revision, sleepInterval)))` after a round,
-    /// `Ok(None)` on a write conflict.
+    /// Reads (in full on the tick, else from the view), decides and writes once.
+    /// `Ok(true)` after a round, `Ok(false)` on a write conflict.
     async fn round(
         &self,
         leadership: &Leadership,
         memory: &mut SentinelMemory,
-    ) -> Result<Option<(i64, Duration)>, StoreError> {
-        let snap = self.read().await?;
-        let Some((cd, rev)) = snap.cd else {
+        keys: &Keys,
+        lead: &mut Lead,
+    ) -> Result<bool, StoreError> {
+        if lead.view.is_none() || Instant::now() >= lead.next_full_read {
+            let range = self
+                .cfg
+                .store
+                .store()
+                .get_prefix(&format!("{}/", self.cfg.store.prefix()))
+                .await?;
+            let view = View::from_range(keys, range)?;
+            if lead.watcher.is_none() {
+                let prefix = format!("{}/", self.cfg.store.prefix());
+                let store = self.cfg.store.store().clone();
+                lead.watcher = Some(Watcher::from_revision(store, prefix, view.revision + 1));
+            }
+            lead.view = Some(view);
+            lead.next_full_read = Instant::now() + lead.sleep_interval;
+        }
+        let Some(view) = lead.view.as_mut() else {
+            return Ok(false);
+        };
+        let Some((cd, rev)) = view.cd.clone() else {
             self.create_cluster(leadership).await?;
-            let interval = stolon_core::model::defaults::SLEEP_INTERVAL.as_std();
-            return Ok(Some((snap.revision, interval)));
+            lead.view = None;
+            return Ok(true);
         };
         self.metrics.rounds.inc();
         let (next, mem, reasons) =
-            decide_with(&cd, memory, &snap.obs, self.clock.now(), self.cfg.faults);
+            decide_with(&cd, memory, &view.obs, self.clock.now(), self.cfg.faults);
         *memory = mem;
+        self.log_reasons(&reasons);
+        lead.sleep_interval = next.cluster.spec.sleep_interval().as_std();
+        if next != cd {
+            if leadership.is_lost() {
+                return Ok(false);
+            }
+            match self
+                .cfg
+                .store
+                .put_cluster_data(&next, rev, Some(leadership))
+                .await?
+            {
+                CasOutcome::Written(written) => {
+                    self.metrics.writes.inc();
+                    // The watch brings the same document soon; decide on it meanwhile.
+                    view.cd = Some((next.clone(), written));
+                }
+                CasOutcome::Conflict => {
+                    self.metrics.conflicts.inc();
+                    tracing::info!(
+                        "clusterdata changed underneath (or leadership lost); re-reading"
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        let request = view.obs.switchover.clone();
+        self.clear_switchover_request(&next, request.as_ref(), leadership)
+            .await?;
+        self.metrics
+            .last_check_success
+            .set(control::metrics::unix_now());
+        Ok(true)
+    }
+
+    /// Logs each reason once at its level, then at debug while it repeats.
+    fn log_reasons(&self, reasons: &[stolon_core::sentinel::Reason]) {
         let details: Vec<String> = reasons.iter().map(|r| r.detail.clone()).collect();
         let last = match self.last_reasons.lock() {
             Ok(mut l) => std::mem::replace(&mut *l, details),
             Err(_) => Vec::new(),
         };
-        for r in &reasons {
+        for r in reasons {
             match r.kind {
                 ReasonKind::Failover => {}
                 _ if last.contains(&r.detail) => {
@@ -261,91 +353,6 @@ impl Sentinel {
                 _ => tracing::info!(kind = ?r.kind, detail = %r.detail, "decision"),
             }
         }
-        let interval = next.cluster.spec.sleep_interval().as_std();
-        if next != cd {
-            if leadership.is_lost() {
-                return Ok(None);
-            }
-            match self
-                .cfg
-                .store
-                .put_cluster_data(&next, rev, Some(leadership))
-                .await?
-            {
-                CasOutcome::Written(_) => drop(self.metrics.writes.inc()),
-                CasOutcome::Conflict => {
-                    self.metrics.conflicts.inc();
-                    tracing::info!(
-                        "clusterdata changed underneath (or leadership lost); re-reading"
-                    );
-                    return Ok(None);
-                }
-            }
-        }
-        self.clear_switchover_request(&next, snap.obs.switchover.as_ref(), leadership)
-            .await?;
-        self.metrics
-            .last_check_success
-            .set(control::metrics::unix_now());
-        Ok(Some((snap.revision, interval)))
-    }
-
-    async fn read(&self) -> Result<Snapshot, StoreError> {
-        let store = &self.cfg.store;
-        let range = store
-            .store()
-            .get_prefix(&format!("{}/", store.prefix()))
-            .await?;
-        let (cd_key, keepers, proxies, switchover, pause) = (
-            store.clusterdata_key(),
-            store.keepers_info_prefix(),
-            store.proxies_info_prefix(),
-            store.switchover_key(),
-            store.pause_key(),
-        );
-        let mut snap = Snapshot {
-            cd: None,
-            obs: Observations::default(),
-            revision: range.revision,
-        };
-        for kv in range.kvs {
-            let bad = |e: stolon_core::model::ModelError| {
-                tracing::error!(key = %kv.key, error = %e, "ignoring malformed document");
-            };
-            if kv.key == cd_key {
-                match ClusterData::from_json(&kv.value) {
-                    Ok(cd) => snap.cd = Some((cd, kv.mod_revision)),
-                    Err(e) => {
-                        // Never overwrite a document we cannot read: it may hold the truth.
-                        return Err(StoreError::Malformed {
-                            key: kv.key.clone(),
-                            reason: e.to_string(),
-                        });
-                    }
-                }
-            } else if let Some(uid) = kv.key.strip_prefix(&keepers) {
-                match decode("keeper info", &kv.value) {
-                    Ok(info) => drop(snap.obs.keepers.insert(uid.to_string(), info)),
-                    Err(e) => bad(e),
-                }
-            } else if let Some(uid) = kv.key.strip_prefix(&proxies) {
-                match decode("proxy info", &kv.value) {
-                    Ok(info) => drop(snap.obs.proxies.insert(uid.to_string(), info)),
-                    Err(e) => bad(e),
-                }
-            } else if kv.key == pause {
-                match decode::<Pause>("pause", &kv.value) {
-                    Ok(p) => snap.obs.pause = Some(p),
-                    Err(e) => bad(e),
-                }
-            } else if kv.key == switchover {
-                match decode::<SwitchoverRequest>("switchover request", &kv.value) {
-                    Ok(req) => snap.obs.switchover = Some(req),
-                    Err(e) => bad(e),
-                }
-            }
-        }
-        Ok(snap)
     }
 
     /// `--initial-cluster-spec`: creates the clusterdata if it does not exist (create-only,
@@ -493,6 +500,49 @@ async fn give_up_when_stuck(liveness: Liveness, store: ClusterStore, lease: stol
                 tracing::error!(error = %e, "cannot revoke the leader lease: it lapses after its TTL");
             }
             std::process::exit(1);
+        }
+    }
+}
+
+/// What the leader's loop carries between rounds.
+struct Lead {
+    /// The keys as the watch left them; `None`: read them in full before deciding.
+    view: Option<View>,
+    watcher: Option<Watcher>,
+    sleep_interval: Duration,
+    /// The tick: a round with a full read of the keys.
+    next_full_read: Instant,
+}
+
+/// At most this many watch updates already waiting are folded into one round.
+const BURST: usize = 4096;
+
+impl Lead {
+    /// Applies a watch update and every one already waiting behind it, so a burst of
+    /// changes is decided on once.
+    fn absorb(&mut self, keys: &Keys, first: stolon_store::WatchUpdate) {
+        let mut update = Some(first);
+        let mut n = 0;
+        while let Some(u) = update.take() {
+            if let Some(view) = self.view.as_mut() {
+                if let Err(e) = view.apply(keys, u) {
+                    tracing::error!(error = %e, "clusterdata cannot be read: reading again");
+                    self.view = None;
+                }
+            }
+            n += 1;
+            if n >= BURST {
+                break;
+            }
+            update = match self.watcher.as_mut().map(|w| w.next().now_or_never()) {
+                Some(Some(Ok(u))) => Some(u),
+                Some(Some(Err(_))) => {
+                    self.watcher = None;
+                    self.view = None;
+                    None
+                }
+                _ => None,
+            };
         }
     }
 }

@@ -122,6 +122,14 @@ impl MemStore {
         self.lock().revision
     }
 
+    /// A key as stored, even while the store is unavailable or faulty: a test's view from
+    /// outside the outage it made.
+    pub fn peek(&self, key: &str) -> Option<KeyValue> {
+        let mut st = self.lock();
+        st.expire_due(Instant::now());
+        st.kvs.get(key).cloned()
+    }
+
     async fn before_call(&self) -> Result<()> {
         let delay = {
             let mut st = self.lock();

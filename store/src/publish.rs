@@ -1,6 +1,7 @@
 //! A key held under a lease: the infos keepers, sentinels and proxies publish. Each put
 //! refreshes the lease (or grants a new one if it expired), so a component that publishes
-//! every interval keeps its key, and one that stops loses it after the TTL.
+//! every interval keeps its key, and one that stops loses it after the TTL. A component that
+//! writes only on change keeps its key with [`LeasedKey::keep_alive`] between writes.
 
 use super::*;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ pub struct LeasedKey {
     key: String,
     ttl: Duration,
     lease: Option<LeaseId>,
+    /// A lease replaced by [`LeasedKey::set_ttl`]: revoked once the key is written under
+    /// the new one (revoking it first would delete the key in between).
+    retired: Option<LeaseId>,
 }
 
 impl LeasedKey {
@@ -19,6 +23,40 @@ impl LeasedKey {
             key: key.into(),
             ttl,
             lease: None,
+            retired: None,
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Changes the TTL: the next [`LeasedKey::put`] writes the key under a new lease of
+    /// this TTL, then revokes the old one.
+    pub fn set_ttl(&mut self, ttl: Duration) {
+        if ttl == self.ttl {
+            return;
+        }
+        self.ttl = ttl;
+        if let Some(old) = self.lease.take() {
+            self.retired = Some(old);
+        }
+    }
+
+    /// Renews the lease without writing: `Ok(true)` if the key's lease is alive and
+    /// renewed, `Ok(false)` if there is none (never written, expired, or a TTL change
+    /// pending), and the caller must [`LeasedKey::put`] the value again.
+    pub async fn keep_alive(&mut self) -> Result<bool> {
+        let Some(lease) = self.lease else {
+            return Ok(false);
+        };
+        match self.store.keep_alive(lease).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::LeaseNotFound(_)) => {
+                self.lease = None;
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -37,7 +75,13 @@ impl LeasedKey {
                 lease: Some(lease),
             };
             match self.store.txn(vec![], vec![op]).await {
-                Ok(r) => return Ok(r.revision),
+                Ok(r) => {
+                    if let Some(old) = self.retired.take() {
+                        // Best effort: a lease left behind holds no key and expires.
+                        let _ = self.store.revoke_lease(old).await;
+                    }
+                    return Ok(r.revision);
+                }
                 // The lease expired between the refresh and the put: take a new one.
                 Err(StoreError::LeaseNotFound(_)) => self.lease = None,
                 Err(e) => return Err(e),
@@ -63,6 +107,9 @@ impl LeasedKey {
 
     /// Removes the key now (a clean stop), by revoking its lease.
     pub async fn revoke(&mut self) -> Result<()> {
+        if let Some(old) = self.retired.take() {
+            let _ = self.store.revoke_lease(old).await;
+        }
         if let Some(lease) = self.lease.take() {
             match self.store.revoke_lease(lease).await {
                 Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}

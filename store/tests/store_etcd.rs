@@ -226,3 +226,9 @@ async fn etcd_errors_are_matched_by_kind() {
         "the client's error is kept: {err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_keep_alive_without_writes() {
+    let etcd = Etcd::start().expect("etcd");
+    common::keep_alive_without_writes(connect(&etcd).await, Duration::from_secs(2)).await;
+}

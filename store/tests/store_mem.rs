@@ -191,3 +191,8 @@ async fn an_unwritable_clusterdata_is_refused_and_the_stored_one_stays() {
         cd
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn mem_keep_alive_without_writes() {
+    common::keep_alive_without_writes(Arc::new(MemStore::new()), Duration::from_secs(20)).await;
+}

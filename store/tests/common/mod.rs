@@ -114,6 +114,69 @@ pub async fn lease_lifecycle(store: Arc<dyn Store>, ttl: Duration) {
     assert!(infos.items.is_empty());
 }
 
+/// A key written once and kept by lease keep-alives alone (a proxy that writes its info
+/// only on change): it stays, unwritten, for as long as the keep-alives go on; a TTL change
+/// moves it to a new lease without a moment of absence; stopped, it is gone after the TTL.
+pub async fn keep_alive_without_writes(store: Arc<dyn Store>, ttl: Duration) {
+    let cs = ClusterStore::new(store.clone(), "stolon/cluster", "keepalive");
+    let mut info = cs.proxy_info_key("p1", ttl);
+    let key = info.key().to_string();
+    assert!(
+        !info.keep_alive().await.expect("keep-alive"),
+        "no lease before the first put"
+    );
+    info.put(br#"{"UID":"p1"}"#.to_vec())
+        .await
+        .expect("publish");
+    let written = store
+        .get(&key)
+        .await
+        .expect("get")
+        .expect("written")
+        .mod_revision;
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < ttl * 3 {
+        assert!(info.keep_alive().await.expect("keep-alive"), "lease lost");
+        tokio::time::sleep(ttl / 4).await;
+        let kv = store
+            .get(&key)
+            .await
+            .expect("get")
+            .expect("kept-alive key vanished");
+        assert_eq!(kv.mod_revision, written, "a keep-alive wrote the key");
+    }
+    // A new TTL: the next put moves the key to a new lease, then revokes the old one.
+    info.set_ttl(ttl * 2);
+    assert!(
+        !info.keep_alive().await.expect("keep-alive"),
+        "the old lease is retired"
+    );
+    info.put(br#"{"UID":"p1"}"#.to_vec())
+        .await
+        .expect("publish");
+    assert!(
+        store.get(&key).await.expect("get").is_some(),
+        "revoking the old lease deleted the key"
+    );
+    tokio::time::sleep(ttl + ttl / 2).await;
+    assert!(
+        store.get(&key).await.expect("get").is_some(),
+        "the key kept the old TTL"
+    );
+    assert!(info.keep_alive().await.expect("keep-alive"));
+    // Stopped: gone after the new TTL.
+    let gone = wait_absent(&store, &key, ttl * 6).await;
+    assert!(
+        gone.is_some_and(|g| g >= ttl),
+        "gone after {gone:?}, TTL {:?}",
+        ttl * 2
+    );
+    assert!(
+        !info.keep_alive().await.expect("keep-alive"),
+        "a keep-alive of an expired lease"
+    );
+}
+
 pub async fn election(store: Arc<dyn Store>, ttl: Duration) {
     let cs = ClusterStore::new(store.clone(), "stolon/cluster", "elect");
     let writes: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();

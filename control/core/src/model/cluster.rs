@@ -395,6 +395,12 @@ pub struct ProxySpec {
     /// once, which fences just as well).
     #[serde(default, skip_serializing_if = "is_default")]
     pub drain: bool,
+    /// Our addition: the sentinel that wrote this counts a proxy whose info says
+    /// `stolonLeaseLiveness` active while its key exists, so such proxies may stop rewriting
+    /// their info every interval. A Go sentinel drops the key when it rewrites the
+    /// document, and our proxies then go back to rewriting their infoUID every interval.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub lease_liveness: bool,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

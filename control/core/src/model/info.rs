@@ -111,6 +111,27 @@ pub struct ProxyInfo {
     /// sessions. A proxy without one has nothing to cut.
     #[serde(rename = "stolonReadOnly", default, skip_serializing_if = "is_default")]
     pub read_only: bool,
+    /// Our addition: this proxy rewrites its info only when what it reports changes and
+    /// proves it is alive by keeping its lease (TTL 2 x ProxyTimeout, [`proxy_lease_ttl`]),
+    /// so the sentinel counts it active while the key exists instead of waiting for the
+    /// infoUID to change. A Go proxy writes a new infoUID every interval and has no such key.
+    #[serde(
+        rename = "stolonLeaseLiveness",
+        default,
+        skip_serializing_if = "is_default"
+    )]
+    pub lease_liveness: bool,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// The lease TTL of a proxy that proves liveness by its lease: 2 x its proxyTimeout, as long
+/// as the infoUID rule lets a silent proxy live, in whole seconds (etcd's unit) and at least
+/// 2 s. The proxy fences itself after proxyTimeout without contact, and contact includes a
+/// keep-alive of this lease, so the key outlives the proxy's routing by at least
+/// proxyTimeout: once the key is gone, the proxy has fenced itself.
+pub fn proxy_lease_ttl(proxy_timeout: GoDuration) -> std::time::Duration {
+    let doubled = proxy_timeout.as_std().saturating_mul(2);
+    let secs = doubled.as_secs() + u64::from(doubled.subsec_nanos() > 0);
+    std::time::Duration::from_secs(secs.max(2))
 }

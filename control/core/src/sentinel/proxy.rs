@@ -1,18 +1,26 @@
 //! The proxy fencing handshake (architecture.md "Safety" 1): to change master the proxies
 //! are first told there is none (masterDbUid emptied, generation bumped); the new master is
 //! published only once every enabled proxy has reported that generation in its info, or its
-//! info stopped changing for 2 x its proxyTimeout (it has fenced itself by then).
+//! info stopped changing for 2 x its proxyTimeout (it has fenced itself by then). A proxy
+//! whose info says it proves liveness by its lease (`stolonLeaseLiveness`) rewrites its info
+//! only on change: it is active while its key exists, and its key is gone at most 2 x its
+//! proxyTimeout after its last contact with the store (`model::proxy_lease_ttl`), by which
+//! time it has fenced itself.
 
 use super::health::converged;
 use super::{ReasonKind, Round};
 use crate::model::GoDuration;
 
 impl Round<'_> {
-    /// A proxy is active while its infoUID changed within 2 x its ProxyTimeout.
+    /// A proxy is active while its infoUID changed within 2 x its ProxyTimeout, or, if it
+    /// proves liveness by its lease, while its key exists.
     fn proxy_active(&self, uid: &str) -> bool {
         let Some(info) = self.obs.proxies.get(uid) else {
             return false;
         };
+        if info.lease_liveness {
+            return true;
+        }
         let timeout = if info.proxy_timeout.0 > 0 {
             info.proxy_timeout
         } else {
@@ -25,8 +33,12 @@ impl Round<'_> {
             .is_some_and(|s| self.elapsed(s.since) < expiry)
     }
 
-    /// enabledProxies := the active proxies.
+    /// enabledProxies := the active proxies. Also says, in the document, that this
+    /// sentinel honours proxies that prove liveness by their lease.
     pub(super) fn update_proxies_enabled(&mut self) {
+        if !self.cd.proxy.spec.lease_liveness {
+            self.cd.proxy.spec.lease_liveness = true;
+        }
         let active: Vec<String> = self
             .obs
             .proxies

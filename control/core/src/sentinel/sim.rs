@@ -79,6 +79,9 @@ pub struct ProxySim {
     pub last_contact: Option<Timestamp>,
     /// Its info exists in the store.
     pub published: bool,
+    /// Proves liveness by its lease (when the sentinel's document allows it): rewrites its
+    /// info only on change, and its key expires a lease TTL after its last contact.
+    pub lease: bool,
 }
 
 #[derive(Clone)]
@@ -97,6 +100,10 @@ pub struct World {
     pub reasons: Vec<Reason>,
     /// Deliberate faults in the sentinel's rules (the simulation shows it catches them).
     pub faults: crate::faults::Faults,
+    /// The lease TTL of proxies that prove liveness by their lease; `None`: the real one
+    /// (`model::proxy_lease_ttl`). Tests shorten it to show the simulation catches a lease
+    /// that expires before its proxy has fenced itself.
+    pub proxy_lease_ttl: Option<GoDuration>,
     counter: u64,
 }
 
@@ -131,6 +138,7 @@ impl World {
             proxy_infos: BTreeMap::new(),
             reasons: Vec::new(),
             faults: crate::faults::Faults::NONE,
+            proxy_lease_ttl: None,
             counter: 0,
         }
     }
@@ -452,14 +460,20 @@ impl World {
     }
 
     /// Proxies read clusterdata, route to the published master while enabled, and ack the
-    /// generation; one without store contact for proxyTimeout stops routing.
+    /// generation; one without store contact for proxyTimeout stops routing. A proxy that
+    /// proves liveness by its lease rewrites its info only on change, and its key expires
+    /// a lease TTL after its last contact.
     pub fn act_proxies(&mut self) {
         let timeout = self.cd.cluster.spec.proxy_timeout();
+        let lease_ttl = self
+            .proxy_lease_ttl
+            .unwrap_or_else(|| GoDuration::from_std(crate::model::proxy_lease_ttl(timeout)));
         for (uid, p) in self.proxies.iter_mut() {
             if !p.published {
                 self.proxy_infos.remove(uid);
             }
-            // Contact is a read AND a publish that succeeded, as the real proxy counts it.
+            // Contact is a read AND a publish (or a lease keep-alive) that succeeded, as
+            // the real proxy counts it.
             let contact = p.alive && !p.slow && p.published;
             if p.alive {
                 let enabled = self.cd.proxy.spec.enabled_proxies.contains(uid);
@@ -473,10 +487,25 @@ impl World {
                 if p.last_contact.is_none_or(|t| self.now.since(t) >= timeout) {
                     p.route.clear();
                 }
+                let leased = self.proxy_infos.get(uid).is_some_and(|i| i.lease_liveness);
+                if leased
+                    && p.last_contact
+                        .is_none_or(|t| self.now.since(t) >= lease_ttl)
+                {
+                    self.proxy_infos.remove(uid);
+                }
                 continue;
             }
             p.last_contact = Some(self.now);
             p.generation = self.cd.proxy.generation;
+            let lease_mode = p.lease && self.cd.proxy.spec.lease_liveness;
+            let unchanged = self.proxy_infos.get(uid).is_some_and(|i| {
+                i.lease_liveness && i.generation == p.generation && i.proxy_timeout == timeout
+            });
+            if lease_mode && unchanged {
+                // A keep-alive: the info (and its infoUID) stays as it is.
+                continue;
+            }
             self.counter += 1;
             self.proxy_infos.insert(
                 uid.clone(),
@@ -485,6 +514,7 @@ impl World {
                     uid: uid.clone(),
                     generation: p.generation,
                     proxy_timeout: timeout,
+                    lease_liveness: lease_mode,
                     ..Default::default()
                 },
             );

@@ -53,7 +53,11 @@ impl Run {
             w.keepers.insert(format!("k{i}"), KeeperSim::default());
         }
         for i in 0..rng.gen_range(1..=3) {
-            w.add_proxy(&format!("p{i}"));
+            let uid = format!("p{i}");
+            w.add_proxy(&uid);
+            // Half the proxies prove liveness by their lease (ours), half rewrite their
+            // infoUID every step (Go's).
+            w.proxies.get_mut(&uid).expect("proxy").lease = rng.gen_bool(0.5);
         }
         Run {
             w,
@@ -307,8 +311,18 @@ impl Run {
 
 /// Runs one seed: init, a fault phase, then healing until the cluster settles.
 fn run_seed(seed: u64, faults: Faults) -> Result<Stats, String> {
+    run_seed_with(seed, faults, None)
+}
+
+/// [`run_seed`] with the proxies' lease TTL set (`None`: the real one).
+fn run_seed_with(
+    seed: u64,
+    faults: Faults,
+    proxy_lease_ttl: Option<GoDuration>,
+) -> Result<Stats, String> {
     let mut run = Run::new(seed);
     run.w.faults = faults;
+    run.w.proxy_lease_ttl = proxy_lease_ttl;
     let result = (|| {
         if !run.w.run_until(300, |w| w.settled()) {
             return Err(format!("did not initialise: {:?}", run.w.reasons));
@@ -388,4 +402,20 @@ fn simulation_catches_broken_variants() {
         let (seed, err) = caught.unwrap_or_else(|| panic!("{fault} not caught"));
         eprintln!("{fault} caught by seed {seed}: {err}");
     }
+}
+
+/// A proxy lease that can expire before its proxy has fenced itself (shorter than
+/// proxyTimeout) lets the sentinel stop waiting for a proxy that still routes to the old
+/// master: the simulation must catch it, so the real TTL (2 x proxyTimeout) is what keeps
+/// lease-liveness proxies safe.
+#[test]
+fn simulation_catches_a_proxy_lease_shorter_than_the_proxy_timeout() {
+    let short = GoDuration::from_secs(4); // test_spec's proxyTimeout is 10 s
+    let caught = (0..seed_count()).find_map(|seed| {
+        run_seed_with(seed, Faults::NONE, Some(short))
+            .err()
+            .map(|e| (seed, e))
+    });
+    let (seed, err) = caught.expect("a lease shorter than proxyTimeout not caught");
+    eprintln!("short proxy lease caught by seed {seed}: {err}");
 }

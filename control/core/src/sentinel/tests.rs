@@ -521,6 +521,68 @@ fn a_silent_proxy_expires_after_twice_its_timeout_and_is_disabled() {
     assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0", "p1"]);
 }
 
+/// A proxy that proves liveness by its lease writes its info once and then only on change:
+/// it stays enabled with the same infoUID for as long as its key exists, acks a new
+/// generation by writing, and once frozen is waited for only until its lease (2 x
+/// proxyTimeout after its last contact) deletes its key.
+#[test]
+fn a_lease_proxy_is_active_while_its_key_exists() {
+    let mut w = cluster(test_spec(), 2);
+    assert!(
+        w.cd.proxy.spec.lease_liveness,
+        "the sentinel honours leases"
+    );
+    w.add_proxy("p1");
+    w.proxies.get_mut("p1").expect("p1").lease = true;
+    w.run(2);
+    let info = w.proxy_infos["p1"].clone();
+    assert!(info.lease_liveness);
+    w.run(60); // far past 2 x proxyTimeout with no write
+    assert_eq!(
+        w.proxy_infos["p1"].info_uid, info.info_uid,
+        "rewritten while idle"
+    );
+    assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0", "p1"]);
+    // Frozen, then the master dies: the new master waits for p1's key to expire.
+    w.proxies.get_mut("p1").expect("p1").alive = false;
+    let frozen_at = w.now;
+    w.keeper("k0").alive = false;
+    assert!(w.run_until(60, |w| w.master_keeper() == "k1"
+        && w.proxy_master() == w.master()));
+    let waited = w.now.since(frozen_at);
+    let ttl = GoDuration::from_std(crate::model::proxy_lease_ttl(
+        w.cd.cluster.spec.proxy_timeout(),
+    ));
+    assert!(
+        waited >= ttl,
+        "published after {waited:?}, before p1's lease expired"
+    );
+    assert!(
+        waited <= GoDuration(ttl.0 + GoDuration::from_secs(3).0),
+        "waited {waited:?}"
+    );
+    assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0"]);
+    assert!(!w.proxy_infos.contains_key("p1"), "an expired lease's key");
+}
+
+/// A Go proxy (no lease liveness) is still judged by its infoUID, and a document without
+/// the sentinel's lease mark (a Go sentinel wrote it) keeps our proxies rewriting theirs.
+#[test]
+fn without_the_lease_mark_proxies_rewrite_their_info_every_step() {
+    let mut w = cluster(test_spec(), 2);
+    w.add_proxy("p1");
+    w.proxies.get_mut("p1").expect("p1").lease = true;
+    w.cd.proxy.spec.lease_liveness = false;
+    w.act_proxies();
+    let before = w.proxy_infos["p1"].clone();
+    assert!(
+        !before.lease_liveness,
+        "lease mode without the sentinel's mark"
+    );
+    w.act_proxies();
+    assert_ne!(w.proxy_infos["p1"].info_uid, before.info_uid);
+}
+
 // ---- standbys ----
 
 #[test]
