@@ -59,12 +59,19 @@ impl Checker {
     /// Starts two writers (through the proxies in turn) and a probe per proxy and per
     /// PostgreSQL.
     pub fn start(c: &Cluster) -> Checker {
+        let all: Vec<&str> = c.proxies.iter().map(|p| p.name.as_str()).collect();
+        Checker::start_on(c, &all)
+    }
+
+    /// As [`Checker::start`], through the named proxies only (the others may be frozen).
+    pub fn start_on(c: &Cluster, names: &[&str]) -> Checker {
         let stop = CancellationToken::new();
         let acks = Arc::new(Mutex::new(Vec::new()));
         let probes = Arc::new(Mutex::new(Vec::new()));
         let proxies: Vec<Target> = c
             .proxies
             .iter()
+            .filter(|p| names.contains(&p.name.as_str()))
             .map(|p| Target {
                 name: p.name.clone(),
                 addr: p.addr.clone(),

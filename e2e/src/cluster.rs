@@ -121,9 +121,13 @@ pub struct Cluster {
     pub env: Vec<(String, String)>,
 }
 
-/// Where the workspace's binaries are: next to this test binary's `deps/` directory, or
-/// next to the running binary itself (the `loadtest` tool, built beside them).
+/// Where the workspace's binaries are: `STOLON_BIN_DIR` if set (another build's, for a
+/// before/after comparison), else next to this test binary's `deps/` directory, or next to
+/// the running binary itself (the `loadtest` tool, built beside them).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("STOLON_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let own_dir = exe.parent().expect("exe dir");
     let dir = if own_dir.ends_with("deps") {
@@ -279,8 +283,14 @@ impl Cluster {
     }
 
     pub fn add_sentinel(&mut self, name: &str) -> Result<()> {
+        self.add_sentinel_with(name, Vec::new())
+    }
+
+    /// A sentinel with extra flags (a metrics listener).
+    pub fn add_sentinel_with(&mut self, name: &str, extra: Vec<String>) -> Result<()> {
         let host = self.host(name);
         let mut args = self.common_args();
+        args.extend(extra);
         args.extend([
             "--uid".into(),
             name.into(),

@@ -2,12 +2,14 @@
 //!   compare: pgbench side by side: direct, stolon-proxy engines, HAProxy, PgBouncer
 //!   sever:   time to close N sessions after a master change, and memory per idle session
 //!   ha:      what clients see of switchovers and failovers, stolon-proxy and HAProxy side by side
+//!   swarm:   what N proxies cost the store and the sentinel, and master changes with N proxies
 
 mod compare;
 mod ha;
 mod pgbench;
 mod procstat;
 mod sever;
+mod swarm;
 mod targets;
 
 use clap::{Parser, Subcommand};
@@ -100,6 +102,43 @@ enum Cmd {
         #[arg(long, default_value = "bench-results/ha")]
         out_dir: std::path::PathBuf,
     },
+    /// N real stolon-proxy processes on one cluster of real processes, for each N of
+    /// --proxies in one run: etcd's idle load (writes, lease renewals, watch events, CPU,
+    /// memory), the sentinel's rounds, proxy memory, and switchovers and failovers under a
+    /// light write load (no-commit gap, errors, time until every proxy routes to the new
+    /// master); with --freeze, a failover with one proxy frozen (SIGSTOP). A JSON result, a
+    /// markdown table and a chart (swarm.svg). STOLON_BIN_DIR runs other builds' binaries
+    /// (a before/after comparison)
+    Swarm {
+        /// Fleet sizes (comma list), each measured in turn on the same cluster
+        #[arg(long, default_value = "1,10,100", value_delimiter = ',')]
+        proxies: Vec<usize>,
+        /// Planned switchovers at each size
+        #[arg(long, default_value_t = 3)]
+        switchovers: usize,
+        /// kill -9 failovers at each size
+        #[arg(long, default_value_t = 3)]
+        failovers: usize,
+        /// How long the idle store load is measured at each size
+        #[arg(long, default_value = "10s", value_parser = humantime_ms)]
+        idle: std::time::Duration,
+        /// Writers, each opening a session per transaction through the proxies in turn
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Pause after each transaction, per writer
+        #[arg(long, default_value = "20ms", value_parser = humantime_ms)]
+        think: std::time::Duration,
+        /// At the largest size, one more failover with one proxy frozen (SIGSTOP)
+        #[arg(long)]
+        freeze: bool,
+        /// Cluster spec keys (JSON) over the e2e suite's timings (sleepInterval 1s,
+        /// failInterval 5s, proxyCheckInterval 1s, proxyTimeout 3s)
+        #[arg(long, default_value = "{}", value_parser = parse_json)]
+        spec: serde_json::Value,
+        /// Where swarm.json, swarm.md and swarm.svg go
+        #[arg(long, default_value = "bench-results/swarm")]
+        out_dir: std::path::PathBuf,
+    },
 }
 
 fn parse_json(s: &str) -> Result<serde_json::Value, String> {
@@ -162,6 +201,27 @@ fn main() -> anyhow::Result<()> {
             sync,
             spec,
             haproxy_check,
+            out_dir,
+        }),
+        Cmd::Swarm {
+            proxies,
+            switchovers,
+            failovers,
+            idle,
+            clients,
+            think,
+            freeze,
+            spec,
+            out_dir,
+        } => swarm::run(&swarm::Options {
+            proxies,
+            switchovers,
+            failovers,
+            idle,
+            clients,
+            think,
+            freeze,
+            spec,
             out_dir,
         }),
     }

@@ -104,7 +104,7 @@ pub fn error_kind(e: &tokio_postgres::Error) -> String {
     }
 }
 
-async fn connect(sh: &Shared, e: &Endpoint, kind: Kind) -> Option<Client> {
+pub async fn connect(sh: &Shared, e: &Endpoint, kind: Kind) -> Option<Client> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&e.addr)
         .port(e.port)
@@ -134,7 +134,7 @@ async fn connect(sh: &Shared, e: &Endpoint, kind: Kind) -> Option<Client> {
 }
 
 /// One transaction (an autocommit insert of a unique id); false if it failed.
-async fn transact(sh: &Shared, e: &Endpoint, kind: Kind, c: &Client, client_no: i32) -> bool {
+pub async fn transact(sh: &Shared, e: &Endpoint, kind: Kind, c: &Client, client_no: i32) -> bool {
     let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
     let r = tokio::time::timeout(

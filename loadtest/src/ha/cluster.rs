@@ -243,7 +243,7 @@ fn haproxy_config(c: &Cluster, port: u16, check: &str) -> String {
 }
 
 /// A minimal HTTP/1.0 GET (the body), for a metrics scrape.
-async fn http_get(addr: &str, path: &str) -> Result<String> {
+pub async fn http_get(addr: &str, path: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await??;

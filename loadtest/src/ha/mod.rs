@@ -10,9 +10,9 @@
 //! window (`report::Window`); the result is a JSON file and a chart per scenario.
 
 mod chart;
-mod clients;
-mod cluster;
-mod report;
+pub(crate) mod clients;
+pub(crate) mod cluster;
+pub(crate) mod report;
 
 use anyhow::{Context, Result};
 use clients::{Endpoint, Kind, Outcome, Sample, Shared};
@@ -41,7 +41,7 @@ pub struct Options {
 pub const TARGETS: [&str; 2] = ["stolon-proxy", "haproxy"];
 
 #[derive(Serialize)]
-struct Change {
+pub(crate) struct Change {
     scenario: &'static str,
     index: usize,
     window: Window,
