@@ -1,6 +1,7 @@
 //! `loadtest swarm` in its small form, as CI runs it: 1 and then 10 real proxies on one
 //! cluster of real processes, a switchover and a failover at each size, and a failover
-//! with one proxy frozen. Timings are the benchmark's to report, not this test's to
+//! with one proxy frozen. With `STOLON_TEST_LONG` (`scripts/test.sh --long`): 1, 10 and
+//! 100 proxies, three changes of each kind at each size. Timings are the benchmark's to report, not this test's to
 //! assert; what must hold is what the fleet design promises: no acknowledged write lost,
 //! (synchronous replication), every proxy's route change read, and idle proxies writing nothing to the store (their
 //! info is written on change and kept alive by its lease).
@@ -10,15 +11,21 @@ use std::process::{Command, Stdio};
 #[test]
 fn swarm_of_ten() {
     let out = tempfile::tempdir().expect("tempdir");
+    let long = std::env::var_os("STOLON_TEST_LONG").is_some();
+    let (sizes, changes) = if long {
+        ("1,10,100", "3")
+    } else {
+        ("1,10", "1")
+    };
     let status = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args([
             "swarm",
             "--proxies",
-            "1,10",
+            sizes,
             "--switchovers",
-            "1",
+            changes,
             "--failovers",
-            "1",
+            changes,
             "--idle",
             "5s",
             "--freeze",
@@ -40,7 +47,7 @@ fn swarm_of_ten() {
     );
     assert_eq!(r["acked_lost"], 0, "acknowledged writes lost");
     let steps = r["steps"].as_array().expect("steps");
-    assert_eq!(steps.len(), 2);
+    assert_eq!(steps.len(), if long { 3 } else { 2 });
     for step in steps {
         let n = step["proxies"].as_u64().expect("proxies");
         let idle = &step["idle"];
@@ -60,7 +67,7 @@ fn swarm_of_ten() {
             );
         }
     }
-    let frozen = steps[1]["changes"]
+    let frozen = steps[steps.len() - 1]["changes"]
         .as_array()
         .expect("changes")
         .iter()

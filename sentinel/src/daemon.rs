@@ -185,6 +185,7 @@ impl Sentinel {
             watcher: None,
             sleep_interval: stolon_core::model::defaults::SLEEP_INTERVAL.as_std(),
             next_full_read: Instant::now(),
+            last_write: None,
         };
         let liveness = Liveness::new(stuck_bound(lead.sleep_interval, self.cfg.store_timeout));
         let mut rounds = 0u32;
@@ -222,7 +223,10 @@ impl Sentinel {
                     continue;
                 }
                 Err(e) => {
+                    // Read again on the next tick (or watch event), not at once: a store
+                    // that fails fast would otherwise be hammered.
                     lead.view = None;
+                    lead.next_full_read = Instant::now() + lead.sleep_interval;
                     self.metrics.store_errors.inc();
                     tracing::warn!(error = %e, "sentinel round failed");
                 }
@@ -290,7 +294,14 @@ impl Sentinel {
         *memory = mem;
         self.log_reasons(&reasons);
         lead.sleep_interval = next.cluster.spec.sleep_interval().as_std();
-        if next != cd {
+        // WAL positions alone are written once per sleepInterval, not on every keeper report
+        // (the next tick writes them): every proxy and keeper watching the document would
+        // otherwise be woken for each.
+        let churn_only = cd.differs_only_in_wal_positions(&next)
+            && lead
+                .last_write
+                .is_some_and(|t| t.elapsed() < lead.sleep_interval);
+        if next != cd && !churn_only {
             if leadership.is_lost() {
                 return Ok(false);
             }
@@ -302,6 +313,7 @@ impl Sentinel {
             {
                 CasOutcome::Written(written) => {
                     self.metrics.writes.inc();
+                    lead.last_write = Some(Instant::now());
                     // The watch brings the same document soon; decide on it meanwhile.
                     view.cd = Some((next.clone(), written));
                 }
@@ -512,6 +524,8 @@ struct Lead {
     sleep_interval: Duration,
     /// The tick: a round with a full read of the keys.
     next_full_read: Instant,
+    /// When this leader last wrote the clusterdata.
+    last_write: Option<Instant>,
 }
 
 /// At most this many watch updates already waiting are folded into one round.

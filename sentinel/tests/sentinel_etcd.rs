@@ -79,6 +79,17 @@ fn spawn_keepers(
     live: Arc<Mutex<BTreeSet<String>>>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_keepers_with(store, live, stop, false)
+}
+
+/// As [`spawn_keepers`]; `writing`: a cluster under write load, each report at a new WAL
+/// position.
+fn spawn_keepers_with(
+    store: ClusterStore,
+    live: Arc<Mutex<BTreeSet<String>>>,
+    stop: CancellationToken,
+    writing: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut keys = std::collections::BTreeMap::new();
         let mut n = 0u64;
@@ -110,7 +121,7 @@ fn spawn_keepers(
                         port: Some(5432),
                         system_id: "7000000000000000001".into(),
                         timeline_id: 1,
-                        x_log_pos: 5000,
+                        x_log_pos: if writing { 5000 + n * 100 } else { 5000 },
                         synchronous_standbys: db.spec.synchronous_standbys.clone(),
                         ..Default::default()
                     }),
@@ -325,4 +336,83 @@ async fn initial_cluster_spec_never_overwrites_an_existing_cluster() {
         cd.cluster.spec.sleep_interval, None,
         "the file's spec was not applied"
     );
+}
+
+/// Under write load every keeper report carries a new WAL position. The leader folds those
+/// into the clusterdata at most once per sleepInterval (1 s here), not at each report
+/// (about 7 a second here), so the keepers and proxies watching the document are not woken
+/// for each; a real change (a keeper gone) is still written at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_positions_alone_are_written_once_per_sleep_interval() {
+    let etcd = Etcd::start().expect("etcd");
+    let dir = testkit::temp_dir("sentinel").expect("tmp");
+    let spec = spec_file(&dir);
+    let store = cluster_store(&etcd).await;
+    let live = Arc::new(Mutex::new(BTreeSet::from([
+        "k0".to_string(),
+        "k1".to_string(),
+    ])));
+    let stop = CancellationToken::new();
+    let keepers = spawn_keepers_with(store.clone(), live.clone(), stop.clone(), true);
+    let s1 = spawn_sentinel(&etcd, "s1", &spec);
+    wait_for(
+        "an initialised cluster",
+        Duration::from_secs(30),
+        async || {
+            let cd = cluster_data(&store).await?;
+            let ready = cd.cluster.status.phase == Some(ClusterPhase::Normal)
+                && cd.proxy.spec.master_db_uid == cd.cluster.status.master
+                && cd.dbs.len() == 2;
+            ready.then_some(())
+        },
+    )
+    .await;
+    let writes = |p: &SentinelProc| metric(p, "stolon_sentinel_writes_total");
+    let (w0, rev0) = (writes(&s1).expect("metrics"), cd_revision_any(&store).await);
+    let start = Instant::now();
+    // Forty more store writes: keeper reports, each at a new position, and the sentinel's.
+    let rev1 = wait_for("keeper reports", Duration::from_secs(30), async || {
+        let rev = cd_revision_any(&store).await;
+        (rev >= rev0 + 40).then_some(rev)
+    })
+    .await;
+    let w1 = writes(&s1).expect("metrics");
+    let written = w1 - w0;
+    let reports = (rev1 - rev0) as f64 - written;
+    eprintln!(
+        "{written} clusterdata writes for {reports} keeper reports in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    // Written at each report, there would be one write per report.
+    assert!(
+        written * 3.0 < reports,
+        "{written} clusterdata writes for {reports} reports of WAL positions alone"
+    );
+    let cd = cluster_data(&store).await.expect("cd");
+    assert!(
+        cd.dbs.values().all(|d| d.status.x_log_pos > 5000),
+        "WAL positions never written"
+    );
+    // A real change is not held back: a dead keeper is noticed after failInterval (3 s),
+    // and its db's health written at once.
+    let master = master_keeper(&cd).expect("master");
+    let standby = if master == "k0" { "k1" } else { "k0" };
+    live.lock().expect("lock").remove(standby);
+    wait_for("the standby failed", Duration::from_secs(20), async || {
+        let cd = cluster_data(&store).await?;
+        let db = cd.dbs.values().find(|d| d.spec.keeper_uid == standby)?;
+        (!db.status.healthy).then_some(())
+    })
+    .await;
+    stop.cancel();
+    let _ = keepers.await;
+}
+
+/// The store's revision (every write to any key moves it).
+async fn cd_revision_any(store: &ClusterStore) -> i64 {
+    store
+        .store()
+        .get_prefix("stolon/")
+        .await
+        .map_or(0, |r| r.revision)
 }

@@ -424,3 +424,64 @@ fn unknown_numbers_are_written_back_exactly() {
     assert_eq!(again, info);
     assert_eq!(serde_json::to_vec(&again).expect("writes"), written);
 }
+
+/// WAL positions (and the document's change time) alone are churn the sentinel may hold back
+/// for a sleepInterval; anything else is a change to write at once.
+#[test]
+fn wal_positions_alone_are_churn() {
+    let base = {
+        let mut cd = ClusterData::new("c", Default::default(), Timestamp::now());
+        let mut db = Db {
+            uid: "d1".into(),
+            ..Default::default()
+        };
+        db.status.x_log_pos = 100;
+        db.status.healthy = true;
+        cd.dbs.insert("d1".into(), db);
+        cd
+    };
+    let with = |f: &dyn Fn(&mut ClusterData)| {
+        let mut cd = base.clone();
+        f(&mut cd);
+        cd
+    };
+    let cases: Vec<(&str, ClusterData, bool)> = vec![
+        ("identical", base.clone(), false),
+        (
+            "a WAL position",
+            with(&|cd| cd.dbs.get_mut("d1").expect("d1").status.x_log_pos = 200),
+            true,
+        ),
+        (
+            "a WAL position and the change time",
+            with(&|cd| {
+                cd.dbs.get_mut("d1").expect("d1").status.x_log_pos = 300;
+                cd.change_time = None;
+            }),
+            true,
+        ),
+        (
+            "health",
+            with(&|cd| cd.dbs.get_mut("d1").expect("d1").status.healthy = false),
+            false,
+        ),
+        (
+            "a WAL position and a timeline",
+            with(&|cd| {
+                let st = &mut cd.dbs.get_mut("d1").expect("d1").status;
+                st.x_log_pos = 200;
+                st.timeline_id = 2;
+            }),
+            false,
+        ),
+        (
+            "the proxies' generation",
+            with(&|cd| cd.proxy.generation += 1),
+            false,
+        ),
+        ("a db removed", with(&|cd| drop(cd.dbs.remove("d1"))), false),
+    ];
+    for (what, next, churn) in cases {
+        assert_eq!(base.differs_only_in_wal_positions(&next), churn, "{what}");
+    }
+}

@@ -22,10 +22,11 @@ mod probe;
 use crate::ha::clients::{self, Endpoint, Kind, Outcome, Shared};
 use crate::ha::cluster::watch_master;
 use crate::ha::report::{percentile, seen, Window};
+use crate::procstat::{cpu_seconds, rss_kib};
 use anyhow::{bail, Context, Result};
 use e2e::{Cluster, Opts};
 use nix::sys::signal::Signal;
-use probe::{rss_bytes, sentinel_rounds, EtcdLoad, Scrape};
+use probe::{sentinel_rounds, EtcdLoad, Scrape};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -88,6 +89,8 @@ struct Idle {
     sentinel_rounds_per_s: f64,
     sentinel_round_ms_mean: f64,
     proxy_info_writes_per_s: f64,
+    /// Every proxy's utime + stime together, as a share of one core.
+    proxies_cpu_percent: f64,
     proxy_rss_mib_mean: f64,
 }
 
@@ -105,15 +108,23 @@ struct Change {
     txns_failed: usize,
     /// Every failure by kind (SQLSTATE or what the socket did), connects and transactions.
     errors: std::collections::BTreeMap<String, usize>,
-    /// From the sentinel's decision to route the new master (the document's changeTime) to
-    /// each proxy routing to it (its own `stolon_proxy_route_changed_seconds`).
+    /// From the routing write reaching this tool's own watch of the store (the moment etcd
+    /// delivered the change) to each proxy routing to the new master (its own
+    /// `stolon_proxy_route_changed_seconds`); a proxy served by etcd before this tool shows
+    /// a negative figure.
     propagation_ms_p50: f64,
     propagation_ms_p99: f64,
     propagation_ms_max: f64,
+    /// The same to the last proxy, from the sentinel's decision to route the new master
+    /// (the document's changeTime, before its write to etcd is committed).
+    decision_to_last_proxy_ms: f64,
     /// Proxies whose route change was read (all but a frozen one).
     propagation_proxies: usize,
     /// A proxy was frozen (SIGSTOP) through this change.
     frozen_proxy: bool,
+    /// CPU seconds every proxy spent together from the change to the new master routed
+    /// and healthy: on this 2-core machine they share the cores with PostgreSQL and etcd.
+    proxies_cpu_s: f64,
 }
 
 #[derive(Serialize)]
@@ -418,8 +429,10 @@ impl Swarm {
             self.sentinel().await?,
             self.info_writes().await,
         );
+        let c0 = self.proxies_cpu();
         let start = Instant::now();
         tokio::time::sleep(d).await;
+        let c1 = self.proxies_cpu();
         let (e1, r1, w1) = (
             self.etcd().await?,
             self.sentinel().await?,
@@ -428,8 +441,8 @@ impl Swarm {
         let secs = start.elapsed().as_secs_f64();
         let rate = |a: f64, b: f64| (b - a) / secs;
         let rss: Vec<f64> = (self.members.iter())
-            .filter_map(|m| rss_bytes(m.pid))
-            .map(|b| b as f64 / 1048576.0)
+            .map(|m| rss_kib(m.pid) as f64 / 1024.0)
+            .filter(|m| *m > 0.0)
             .collect();
         let rounds = r1.0 - r0.0;
         Ok(Idle {
@@ -448,6 +461,7 @@ impl Swarm {
                 0.0
             },
             proxy_info_writes_per_s: rate(w0, w1),
+            proxies_cpu_percent: rate(c0, c1) * 100.0,
             proxy_rss_mib_mean: rss.iter().sum::<f64>() / rss.len().max(1) as f64,
         })
     }
@@ -467,6 +481,7 @@ impl Swarm {
         if freeze {
             self.freeze_last(true)?;
         }
+        let cpu_before = self.proxies_cpu();
         let mark = Instant::now();
         if scenario == "switchover" {
             switchover(&self.c).await?;
@@ -481,6 +496,7 @@ impl Swarm {
             self.c.restart_keeper(&old)?;
         }
         self.c.wait_healthy(Duration::from_secs(240)).await?;
+        let proxies_cpu_s = self.proxies_cpu() - cpu_before;
         tokio::time::sleep(AFTER).await;
         let secs = |t: Instant| t.duration_since(sh.t0).as_secs_f64();
         let mark_s = secs(mark);
@@ -490,17 +506,18 @@ impl Swarm {
             .find(|(t, m)| *t >= mark_s && m.as_deref() == Some(new.as_str()))
             .map(|(t, _)| *t)
             .context("the routing write was not seen")?;
-        // From the sentinel's decision to publish the new master (its changeTime) when the
-        // document still carries it, else from the write reaching this tool's watch.
-        let published = self
-            .c
-            .data()
-            .await
+        let routes = self.route_changes().await;
+        let lags: Vec<f64> = (routes.iter())
+            .map(|at| (at - (t0_unix + routed)) * 1000.0)
+            .collect();
+        // The sentinel's decision to publish the new master (its changeTime), if the
+        // document still carries that one.
+        let decided = (self.c.data().await)
             .and_then(|(cd, _)| cd.proxy.change_time)
             .map(|t| t.0.unix_timestamp_nanos() as f64 / 1e9)
-            .filter(|t| *t >= t0_unix + mark_s)
-            .unwrap_or(t0_unix + routed);
-        let lags = self.propagation(published).await;
+            .filter(|t| *t >= t0_unix + mark_s);
+        let last = routes.iter().copied().fold(f64::MIN, f64::max);
+        let decision_to_last_proxy_ms = decided.map_or(f64::NAN, |d| (last - d) * 1000.0);
         if freeze {
             self.freeze_last(false)?;
             self.grow(self.members.len()).await?;
@@ -525,24 +542,29 @@ impl Swarm {
             errors: errors_of(&seen),
             propagation_ms_p50: percentile(&lags, 50.0),
             propagation_ms_p99: percentile(&lags, 99.0),
-            propagation_ms_max: lags.iter().copied().fold(0.0, f64::max),
+            propagation_ms_max: lags.iter().copied().fold(f64::MIN, f64::max),
+            decision_to_last_proxy_ms,
             propagation_proxies: lags.len(),
             frozen_proxy: freeze,
+            proxies_cpu_s,
         })
     }
 
-    /// Milliseconds from `routed_unix` to each proxy's last route change (not frozen). A
-    /// proxy's clock is this machine's: the figures are exact but for the scrape of a
-    /// gauge set after the route (a few microseconds).
-    async fn propagation(&self, routed_unix: f64) -> Vec<f64> {
-        let mut lags = Vec::new();
+    /// utime + stime of every proxy, in seconds.
+    fn proxies_cpu(&self) -> f64 {
+        self.members.iter().map(|m| cpu_seconds(m.pid)).sum()
+    }
+
+    /// When each proxy (not frozen) last changed its route, as unix seconds, from its own
+    /// metric: every process here reads the same clock.
+    async fn route_changes(&self) -> Vec<f64> {
+        let mut at = Vec::new();
         for m in self.members.iter().filter(|m| !m.frozen) {
             if let Some(s) = Scrape::of(&format!("127.0.0.1:{}", m.metrics)).await {
-                let at = s.get("stolon_proxy_route_changed_seconds");
-                lags.push(((at - routed_unix) * 1000.0).max(0.0));
+                at.push(s.get("stolon_proxy_route_changed_seconds"));
             }
         }
-        lags
+        at
     }
 
     /// Freezes (SIGSTOP) or thaws the last proxy, keeping the writers off it while frozen.
@@ -646,7 +668,8 @@ async fn lost(c: &Cluster, samples: &[clients::Sample]) -> Result<(usize, usize)
 fn line(c: &Change) -> String {
     format!(
         "{} with {} proxies{}: routed after {:.2} s, gap {:.2} s, {} failed connects, {} failed \
-         txns {:?}, propagation p50 {:.1} ms p99 {:.1} ms max {:.1} ms over {} proxies",
+         txns {:?}, propagation p50 {:.1} ms p99 {:.1} ms max {:.1} ms over {} proxies \
+         ({:.1} ms from the sentinel's decision to the last), proxies' CPU {:.2} s",
         c.scenario,
         c.proxies,
         if c.frozen_proxy { " (one frozen)" } else { "" },
@@ -658,7 +681,9 @@ fn line(c: &Change) -> String {
         c.propagation_ms_p50,
         c.propagation_ms_p99,
         c.propagation_ms_max,
-        c.propagation_proxies
+        c.propagation_proxies,
+        c.decision_to_last_proxy_ms,
+        c.proxies_cpu_s
     )
 }
 
@@ -666,9 +691,9 @@ fn line(c: &Change) -> String {
 fn table(r: &Result_) -> String {
     let mut s = format!(
         "`{}`\n\n| proxies | etcd proposals/s idle | lease renewals/s | watch events/s | \
-         etcd CPU % | etcd RSS MiB | sentinel rounds/s | round ms | proxy RSS MiB | \
+         etcd CPU % | etcd RSS MiB | sentinel rounds/s | round ms | proxies' CPU % | proxy RSS MiB | \
          switchover gap s | failover gap s | propagation p99 ms | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         r.command
     );
     for st in &r.steps {
@@ -691,7 +716,7 @@ fn table(r: &Result_) -> String {
             .sum();
         let i = &st.idle;
         s += &format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.1} | {} |\n",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {} | {:.1} | {} |\n",
             st.proxies,
             i.etcd_proposals_per_s,
             i.etcd_lease_renewals_per_s,
@@ -700,6 +725,7 @@ fn table(r: &Result_) -> String {
             i.etcd_rss_mib,
             i.sentinel_rounds_per_s,
             i.sentinel_round_ms_mean,
+            i.proxies_cpu_percent,
             i.proxy_rss_mib_mean,
             med("switchover", |c| c.max_gap_s),
             med("failover", |c| c.max_gap_s),

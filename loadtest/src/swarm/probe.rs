@@ -1,5 +1,5 @@
 //! Readings of the processes under test: Prometheus text scrapes (etcd's, the sentinel's,
-//! each proxy's) and resident memory from /proc.
+//! each proxy's).
 
 use crate::ha::cluster::http_get;
 use std::collections::BTreeMap;
@@ -68,14 +68,6 @@ pub fn sentinel_rounds(s: &Scrape) -> (f64, f64) {
         s.get("stolon_sentinel_round_seconds_count"),
         s.get("stolon_sentinel_round_seconds_sum"),
     )
-}
-
-/// A process's resident memory in bytes (VmRSS), if it still runs.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 #[cfg(test)]

@@ -454,6 +454,23 @@ impl ClusterData {
         db.acts_as_master() && !master.is_empty() && *master != db.uid
     }
 
+    /// Whether `next` differs from this document only in the dbs' reported WAL positions
+    /// (and the document's change time): the churn a cluster under write load makes on
+    /// every keeper report, which no keeper or proxy acts on. The sentinel writes such a
+    /// change at most once per sleepInterval (as Go's timer-driven sentinel does), so a
+    /// fleet of proxies watching the document is not woken for each WAL position.
+    pub fn differs_only_in_wal_positions(&self, next: &ClusterData) -> bool {
+        let strip = |cd: &ClusterData| {
+            let mut cd = cd.clone();
+            cd.change_time = None;
+            for db in cd.dbs.values_mut() {
+                db.status.x_log_pos = 0;
+            }
+            cd
+        };
+        self != next && strip(self) == strip(next)
+    }
+
     /// The address proxies must route to: the db named by `proxy.spec.masterDbUid`, when it
     /// exists and has a listen address and port. `None` means "no master".
     pub fn proxy_master_address(&self) -> Option<(&str, u16)> {
