@@ -281,6 +281,8 @@ pub fn watch_master(store: ClusterStore, t0: Instant, stop: CancellationToken) -
     tokio::spawn(async move {
         let mut last: Option<Option<String>> = None;
         let mut watch: Option<control::store::Watcher> = None;
+        // When the write was delivered: the watch event's arrival, not the read after it.
+        let mut delivered = t0.elapsed().as_secs_f64();
         while !stop.is_cancelled() {
             let (master, rev) = match store.get_cluster_data().await {
                 Ok(Some((cd, rev))) => (
@@ -293,7 +295,7 @@ pub fn watch_master(store: ClusterStore, t0: Instant, stop: CancellationToken) -
             };
             if last.as_ref() != Some(&master) {
                 if let Ok(mut c) = changes.lock() {
-                    c.push((t0.elapsed().as_secs_f64(), master.clone()));
+                    c.push((delivered, master.clone()));
                 }
                 last = Some(master);
             }
@@ -307,9 +309,12 @@ pub fn watch_master(store: ClusterStore, t0: Instant, stop: CancellationToken) -
             });
             tokio::select! {
                 _ = stop.cancelled() => return,
-                r = w.next() => if r.is_err() {
-                    watch = None;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                r = w.next() => {
+                    delivered = t0.elapsed().as_secs_f64();
+                    if r.is_err() {
+                        watch = None;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 },
             }
         }
