@@ -60,6 +60,8 @@ struct State {
     lease_mode: bool,
     /// The master route last installed.
     routed: Option<Result<String, NoMaster>>,
+    /// A longer proxyTimeout the spec asks for, taken on once the info reports it.
+    raise_timeout: Option<Duration>,
     /// The route the store asks for, before fencing is applied.
     wanted: Desired,
     fenced: bool,
@@ -88,6 +90,7 @@ impl Discovery {
             written: None,
             lease_mode: false,
             routed: None,
+            raise_timeout: None,
             wanted: Desired {
                 generation: 0,
                 master: Err(NoMaster::Starting),
@@ -237,14 +240,23 @@ impl Discovery {
             Ok(cd) => {
                 if let Some(cd) = &cd {
                     let spec = &cd.cluster.spec;
-                    st.contact.set_timeout(spec.proxy_timeout().as_std());
+                    // A shorter proxyTimeout fences sooner: at once. A longer one only once
+                    // the info saying so (and its longer lease) is written: until then the
+                    // sentinel may count this proxy gone by the old one.
+                    let want = spec.proxy_timeout().as_std();
+                    if want <= st.contact.timeout() {
+                        st.contact.set_timeout(want);
+                        st.raise_timeout = None;
+                    } else {
+                        st.raise_timeout = Some(want);
+                    }
                     st.check_interval = spec
                         .proxy_check_interval()
                         .as_std()
                         .max(Duration::from_millis(100));
                 }
                 st.lease_mode = cd.as_ref().is_some_and(|cd| cd.proxy.spec.lease_liveness);
-                let timeout = st.contact.timeout();
+                let timeout = reported_timeout(st);
                 st.info.set_ttl(if st.lease_mode {
                     control::model::proxy_lease_ttl(GoDuration::from_std(timeout))
                 } else {
@@ -420,7 +432,7 @@ impl Discovery {
                 Some(_) => st.published.unwrap_or(0),
                 None => st.wanted.generation,
             },
-            proxy_timeout: GoDuration::from_std(st.contact.timeout()),
+            proxy_timeout: GoDuration::from_std(reported_timeout(st)),
             read_only: self.ro_max_lag.is_some(),
             lease_liveness: st.lease_mode,
             extra: Default::default(),
@@ -442,6 +454,9 @@ impl Discovery {
         })) {
             Ok(_) => {
                 self.metrics.info_writes.inc();
+                if let Some(t) = st.raise_timeout.take() {
+                    st.contact.set_timeout(t);
+                }
                 st.published = Some(info.generation);
                 st.written = Some(ProxyInfo {
                     info_uid: String::new(),
@@ -456,6 +471,11 @@ impl Discovery {
             }
         }
     }
+}
+
+/// The proxyTimeout the info reports and its lease is sized for: a pending longer one.
+fn reported_timeout(st: &State) -> Duration {
+    st.raise_timeout.unwrap_or_else(|| st.contact.timeout())
 }
 
 /// How long a store call inside the loop may wait: never past the fence deadline, since

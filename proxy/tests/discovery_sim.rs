@@ -19,9 +19,14 @@ fn doc() -> ClusterData {
 
 /// The document at proxy `generation`; `leases`: its sentinel honours lease liveness.
 fn doc_with(generation: i64, leases: bool) -> ClusterData {
+    doc_timeout(generation, leases, "3s")
+}
+
+/// As [`doc_with`], with this proxyTimeout.
+fn doc_timeout(generation: i64, leases: bool, proxy_timeout: &str) -> ClusterData {
     let v = serde_json::json!({
         "formatVersion": 1,
-        "cluster": {"uid": "c", "spec": {"initMode": "new", "proxyCheckInterval": "500ms", "proxyTimeout": "3s"}},
+        "cluster": {"uid": "c", "spec": {"initMode": "new", "proxyCheckInterval": "500ms", "proxyTimeout": proxy_timeout}},
         "dbs": {"db0": {"uid": "db0", "status": {"listenAddress": "127.0.0.1", "port": "5432"}}},
         "proxy": {"generation": generation, "spec": {"masterDbUid": "db0", "enabledProxies": ["p1"], "leaseLiveness": leases}}
     });
@@ -249,5 +254,45 @@ async fn with_the_lease_mark_the_info_is_written_on_change_and_outlives_the_rout
     sim.mem.set_unavailable(false);
     let back = wait_until(Duration::from_secs(5), || sim.mem.peek(INFO_KEY).is_some()).await;
     assert!(back.is_some(), "info not written again after the outage");
+    sim.stop.cancel();
+}
+
+/// A longer proxyTimeout is taken on only once the info reporting it (and its longer lease)
+/// is written: if that write fails, the proxy still fences by the old timeout, before the
+/// old lease (which the sentinel goes by) runs out.
+#[tokio::test(start_paused = true)]
+async fn a_longer_proxy_timeout_counts_only_once_reported() {
+    let sim = start_doc(Some(doc_with(1, true))).await;
+    let routed = |s: &Sim| s.routes.load().master.is_ok();
+    assert!(wait_until(Duration::from_secs(2), || routed(&sim))
+        .await
+        .is_some());
+    let store: Arc<dyn Store> = Arc::new(sim.mem.clone());
+    let cs = ClusterStore::new(store, "stolon/cluster", "sim");
+    let (_, rev) = cs.get_cluster_data().await.expect("read").expect("doc");
+    // proxyTimeout 3 s -> 10 s, and from now on no write lands (reads still answer).
+    cs.put_cluster_data(&doc_timeout(1, true, "10s"), rev, None)
+        .await
+        .expect("put");
+    sim.mem.set_faults(Faults {
+        lose_write: 1.0,
+        ..Default::default()
+    });
+    let start = Instant::now();
+    let mut fenced_at = None;
+    let gone = wait_until(Duration::from_secs(12), || {
+        if fenced_at.is_none() && !routed(&sim) {
+            fenced_at = Some(start.elapsed());
+        }
+        sim.mem.peek(INFO_KEY).is_none()
+    })
+    .await
+    .expect("the old lease outlived its TTL");
+    let fenced = fenced_at.expect("the key expired while the proxy still routed");
+    assert!(
+        fenced <= Duration::from_millis(3600),
+        "fenced after {fenced:?}"
+    );
+    assert!(fenced < gone, "fenced {fenced:?}, key gone {gone:?}");
     sim.stop.cancel();
 }
