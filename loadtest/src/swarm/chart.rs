@@ -1,7 +1,7 @@
 //! The Scale chart: the store's idle load (left) and what a master change costs (right)
 //! against the number of proxies, one point per size of the run.
 
-use super::{Change, Result_};
+use super::report::{Change, Result_, Step};
 use crate::ha::report::percentile;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
@@ -24,7 +24,7 @@ fn median(changes: &[Change], scenario: &str, f: fn(&Change) -> f64) -> Option<f
 }
 
 pub fn draw(path: &Path, r: &Result_) -> Result<()> {
-    let n = |s: &super::Step| s.proxies as f64;
+    let n = |s: &Step| s.proxies as f64;
     let load: Vec<Series> = vec![
         (
             "etcd raft proposals/s (writes)",

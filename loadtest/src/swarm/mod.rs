@@ -18,6 +18,7 @@
 
 mod chart;
 mod probe;
+mod report;
 
 use crate::ha::clients::{self, Endpoint, Kind, Outcome, Shared};
 use crate::ha::cluster::watch_master;
@@ -27,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use e2e::{Cluster, Opts};
 use nix::sys::signal::Signal;
 use probe::{sentinel_rounds, EtcdLoad, Scrape};
-use serde::Serialize;
+use report::{errors_of, line, table, Change, Idle, Result_, Step};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, RwLock};
@@ -74,77 +75,6 @@ struct Swarm {
     sentinel_metrics: u16,
     /// Where the writers go: every proxy not frozen.
     endpoints: Arc<RwLock<Vec<Endpoint>>>,
-}
-
-#[derive(Serialize)]
-struct Idle {
-    seconds: f64,
-    etcd_proposals_per_s: f64,
-    etcd_puts_per_s: f64,
-    etcd_txns_per_s: f64,
-    etcd_lease_renewals_per_s: f64,
-    etcd_watch_events_per_s: f64,
-    etcd_cpu_percent: f64,
-    etcd_rss_mib: f64,
-    sentinel_rounds_per_s: f64,
-    sentinel_round_ms_mean: f64,
-    proxy_info_writes_per_s: f64,
-    /// Every proxy's utime + stime together, as a share of one core.
-    proxies_cpu_percent: f64,
-    proxy_rss_mib_mean: f64,
-}
-
-#[derive(Serialize)]
-struct Change {
-    scenario: &'static str,
-    proxies: usize,
-    old_master: String,
-    new_master: String,
-    /// From the change (the switchover command or the kill) to the routing write.
-    routed_after_s: f64,
-    /// The longest time with no commit, from the last commit before the change.
-    max_gap_s: f64,
-    connects_failed: usize,
-    txns_failed: usize,
-    /// Every failure by kind (SQLSTATE or what the socket did), connects and transactions.
-    errors: std::collections::BTreeMap<String, usize>,
-    /// From the routing write reaching this tool's own watch of the store (the moment etcd
-    /// delivered the change) to each proxy routing to the new master (its own
-    /// `stolon_proxy_route_changed_seconds`); a proxy served by etcd before this tool shows
-    /// a negative figure.
-    propagation_ms_p50: f64,
-    propagation_ms_p99: f64,
-    propagation_ms_max: f64,
-    /// The same to the last proxy, from the sentinel's decision to route the new master
-    /// (the document's changeTime, before its write to etcd is committed).
-    decision_to_last_proxy_ms: f64,
-    /// Proxies whose route change was read (all but a frozen one).
-    propagation_proxies: usize,
-    /// A proxy was frozen (SIGSTOP) through this change.
-    frozen_proxy: bool,
-    /// CPU seconds every proxy spent together from the change to the new master routed
-    /// and healthy: on this 2-core machine they share the cores with PostgreSQL and etcd.
-    proxies_cpu_s: f64,
-}
-
-#[derive(Serialize)]
-struct Step {
-    proxies: usize,
-    idle: Idle,
-    changes: Vec<Change>,
-}
-
-#[derive(Serialize)]
-struct Result_ {
-    command: String,
-    spec: serde_json::Value,
-    clients: usize,
-    think_ms: u128,
-    /// The lease TTL of a proxy at this spec's proxyTimeout.
-    proxy_lease_ttl_s: f64,
-    steps: Vec<Step>,
-    acked: usize,
-    acked_lost: usize,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -588,14 +518,6 @@ impl Swarm {
     }
 }
 
-fn errors_of(seen: &crate::ha::report::Seen) -> std::collections::BTreeMap<String, usize> {
-    let mut all = seen.connect_errors.clone();
-    for (k, n) in &seen.txn_errors {
-        *all.entry(format!("txn {k}")).or_default() += n;
-    }
-    all
-}
-
 fn endpoint(m: &Member) -> Endpoint {
     Endpoint {
         target: 0,
@@ -663,84 +585,4 @@ async fn lost(c: &Cluster, samples: &[clients::Sample]) -> Result<(usize, usize)
         .collect();
     let lost = acked.iter().filter(|id| !present.contains(id)).count();
     Ok((acked.len(), lost))
-}
-
-fn line(c: &Change) -> String {
-    format!(
-        "{} with {} proxies{}: routed after {:.2} s, gap {:.2} s, {} failed connects, {} failed \
-         txns {:?}, propagation p50 {:.1} ms p99 {:.1} ms max {:.1} ms over {} proxies \
-         ({:.1} ms from the sentinel's decision to the last), proxies' CPU {:.2} s",
-        c.scenario,
-        c.proxies,
-        if c.frozen_proxy { " (one frozen)" } else { "" },
-        c.routed_after_s,
-        c.max_gap_s,
-        c.connects_failed,
-        c.txns_failed,
-        c.errors,
-        c.propagation_ms_p50,
-        c.propagation_ms_p99,
-        c.propagation_ms_max,
-        c.propagation_proxies,
-        c.decision_to_last_proxy_ms,
-        c.proxies_cpu_s
-    )
-}
-
-/// The markdown table of the run: one row per size (medians over its changes).
-fn table(r: &Result_) -> String {
-    let mut s = format!(
-        "`{}`\n\n| proxies | etcd proposals/s idle | lease renewals/s | watch events/s | \
-         etcd CPU % | etcd RSS MiB | sentinel rounds/s | round ms | proxies' CPU % | proxy RSS MiB | \
-         switchover gap s | failover gap s | propagation p99 ms | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        r.command
-    );
-    for st in &r.steps {
-        let med = |scenario: &str, f: fn(&Change) -> f64| {
-            let v: Vec<f64> = (st.changes.iter())
-                .filter(|c| c.scenario == scenario && !c.frozen_proxy)
-                .map(f)
-                .collect();
-            if v.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{:.2}", percentile(&v, 50.0))
-            }
-        };
-        let p99 = (st.changes.iter().filter(|c| !c.frozen_proxy))
-            .map(|c| c.propagation_ms_p99)
-            .fold(0.0, f64::max);
-        let errors: usize = (st.changes.iter())
-            .map(|c| c.connects_failed + c.txns_failed)
-            .sum();
-        let i = &st.idle;
-        s += &format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {} | {:.1} | {} |\n",
-            st.proxies,
-            i.etcd_proposals_per_s,
-            i.etcd_lease_renewals_per_s,
-            i.etcd_watch_events_per_s,
-            i.etcd_cpu_percent,
-            i.etcd_rss_mib,
-            i.sentinel_rounds_per_s,
-            i.sentinel_round_ms_mean,
-            i.proxies_cpu_percent,
-            i.proxy_rss_mib_mean,
-            med("switchover", |c| c.max_gap_s),
-            med("failover", |c| c.max_gap_s),
-            p99,
-            errors,
-        );
-    }
-    for st in &r.steps {
-        for c in st.changes.iter().filter(|c| c.frozen_proxy) {
-            s += &format!("\nfrozen proxy: {}\n", line(c));
-        }
-    }
-    s += &format!(
-        "\nacknowledged writes {}, lost {}; proxy lease TTL {:.0} s\n",
-        r.acked, r.acked_lost, r.proxy_lease_ttl_s
-    );
-    s
 }
