@@ -47,19 +47,7 @@ impl Env {
             ],
         )?;
         c.wait_healthy(Duration::from_secs(180)).await?;
-        let (addr, port) = c.proxy_addr(0);
-        c.wait_for("the load table", Duration::from_secs(60), async || {
-            e2e::sql::exec(
-                &addr,
-                port,
-                "CREATE TABLE IF NOT EXISTS lt_writes (id bigint PRIMARY KEY, client int, \
-                 at timestamptz DEFAULT now())",
-                Duration::from_secs(5),
-            )
-            .await
-            .ok()
-        })
-        .await?;
+        create_load_table(&c).await?;
         let dir = testkit::temp_dir("ha-haproxy")?;
         let haproxy_port = free_port();
         let cfg = haproxy_config(&c, haproxy_port.0, haproxy_check);
@@ -119,7 +107,7 @@ impl Env {
         let holds_before = self.proxy_holds().await;
         let mark = Instant::now();
         if scenario == "switchover" {
-            self.switchover().await?;
+            switchover(&self.c).await?;
         } else {
             self.c.kill_keeper(&old, true);
         }
@@ -163,28 +151,6 @@ impl Env {
         })
     }
 
-    async fn switchover(&self) -> Result<()> {
-        let out = tokio::process::Command::new(e2e::cluster::bin("stolonctl"))
-            .args([
-                "--cluster-name",
-                e2e::cluster::CLUSTER,
-                "--store-endpoints",
-                &self.c.endpoints(),
-                "switchover",
-                "--wait",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .await?;
-        if !out.status.success() {
-            bail!(
-                "stolonctl switchover failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-
     /// stolon-proxy's count of held sessions so far.
     async fn proxy_holds(&self) -> Option<u64> {
         let url = format!("127.0.0.1:{}", self.proxy_metrics.0);
@@ -202,11 +168,7 @@ impl Env {
         &self,
         samples: &[Sample],
     ) -> Result<(BTreeMap<&'static str, usize>, BTreeMap<&'static str, usize>)> {
-        let m = self.c.wait_master(Duration::from_secs(60)).await?;
-        let (addr, port) = self.c.pg_addr(&m);
-        let client = e2e::sql::connect(&addr, port, Duration::from_secs(10)).await?;
-        let rows = client.query("SELECT id FROM lt_writes", &[]).await?;
-        let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let present = ids_on_master(&self.c).await?;
         let mut acked = BTreeMap::new();
         let mut lost = BTreeMap::new();
         for (i, t) in TARGETS.iter().enumerate() {
@@ -222,6 +184,56 @@ impl Env {
             h.stop(Duration::from_secs(5));
         }
     }
+}
+
+/// Creates the table the writers insert into (through the first proxy, once it routes).
+pub async fn create_load_table(c: &Cluster) -> Result<()> {
+    let (addr, port) = c.proxy_addr(0);
+    c.wait_for("the load table", Duration::from_secs(60), async || {
+        e2e::sql::exec(
+            &addr,
+            port,
+            "CREATE TABLE IF NOT EXISTS lt_writes (id bigint PRIMARY KEY, client int, \
+             at timestamptz DEFAULT now())",
+            Duration::from_secs(5),
+        )
+        .await
+        .ok()
+    })
+    .await?;
+    Ok(())
+}
+
+/// The ids the writers' table holds on the current master.
+pub async fn ids_on_master(c: &Cluster) -> Result<std::collections::HashSet<i64>> {
+    let m = c.wait_master(Duration::from_secs(60)).await?;
+    let (addr, port) = c.pg_addr(&m);
+    let client = e2e::sql::connect(&addr, port, Duration::from_secs(10)).await?;
+    let rows = client.query("SELECT id FROM lt_writes", &[]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// A planned switchover: `stolonctl switchover --wait`.
+pub async fn switchover(c: &Cluster) -> Result<()> {
+    let out = tokio::process::Command::new(e2e::cluster::bin("stolonctl"))
+        .args([
+            "--cluster-name",
+            e2e::cluster::CLUSTER,
+            "--store-endpoints",
+            &c.endpoints(),
+            "switchover",
+            "--wait",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "stolonctl switchover failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Patroni's documented HAProxy layout, checking each keeper's `/primary` on its metrics

@@ -336,7 +336,7 @@ fn table(summary: &[Summary]) -> String {
 }
 
 /// The committed ids of `target`.
-fn committed(samples: &[Sample], target: usize) -> Vec<i64> {
+pub(crate) fn committed(samples: &[Sample], target: usize) -> Vec<i64> {
     samples
         .iter()
         .filter(|s| s.target == target)

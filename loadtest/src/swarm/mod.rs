@@ -20,8 +20,9 @@ mod chart;
 mod probe;
 mod report;
 
-use crate::ha::clients::{self, Endpoint, Kind, Outcome, Shared};
-use crate::ha::cluster::watch_master;
+use crate::ha::clients::{self, Endpoint, Kind, Shared};
+use crate::ha::cluster::{create_load_table, ids_on_master, switchover, watch_master};
+use crate::ha::committed;
 use crate::ha::report::{percentile, seen, Window};
 use crate::procstat::{cpu_seconds, rss_kib};
 use anyhow::{bail, Context, Result};
@@ -30,7 +31,6 @@ use nix::sys::signal::Signal;
 use probe::{sentinel_rounds, EtcdLoad, Scrape};
 use report::{errors_of, line, table, Change, Idle, Result_, Step};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use testkit::{free_port, ChildGuard, PortGuard};
@@ -206,19 +206,8 @@ impl Swarm {
             ],
         )?;
         c.wait_healthy(Duration::from_secs(180)).await?;
-        let (addr, port) = c.proxy_addr(0);
-        c.wait_for("the load table", Duration::from_secs(60), async || {
-            e2e::sql::exec(
-                &addr,
-                port,
-                "CREATE TABLE IF NOT EXISTS lt_writes (id bigint PRIMARY KEY, client int, \
-                 at timestamptz DEFAULT now())",
-                Duration::from_secs(5),
-            )
-            .await
-            .ok()
-        })
-        .await?;
+        create_load_table(&c).await?;
+        let (_, port) = c.proxy_addr(0);
         let pid = c.proxies[0].child.as_ref().map_or(0, |ch| ch.pid());
         let first = Member {
             name: "p1".into(),
@@ -526,28 +515,6 @@ fn endpoint(m: &Member) -> Endpoint {
     }
 }
 
-async fn switchover(c: &Cluster) -> Result<()> {
-    let out = tokio::process::Command::new(e2e::cluster::bin("stolonctl"))
-        .args([
-            "--cluster-name",
-            e2e::cluster::CLUSTER,
-            "--store-endpoints",
-            &c.endpoints(),
-            "switchover",
-            "--wait",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .await?;
-    if !out.status.success() {
-        bail!(
-            "stolonctl switchover failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// A writer that opens a session per transaction through the proxies in turn.
 async fn rotating(sh: Arc<Shared>, eps: Arc<RwLock<Vec<Endpoint>>>, client_no: i32) {
     let mut next = client_no as usize;
@@ -571,18 +538,8 @@ async fn rotating(sh: Arc<Shared>, eps: Arc<RwLock<Vec<Endpoint>>>, client_no: i
 
 /// Acknowledged commits, and how many of them the final master lacks.
 async fn lost(c: &Cluster, samples: &[clients::Sample]) -> Result<(usize, usize)> {
-    let m = c.wait_master(Duration::from_secs(60)).await?;
-    let (addr, port) = c.pg_addr(&m);
-    let client = e2e::sql::connect(&addr, port, Duration::from_secs(10)).await?;
-    let rows = client.query("SELECT id FROM lt_writes", &[]).await?;
-    let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    let acked: Vec<i64> = samples
-        .iter()
-        .filter_map(|s| match s.outcome {
-            Outcome::Committed(id) => Some(id),
-            _ => None,
-        })
-        .collect();
+    let present = ids_on_master(c).await?;
+    let acked = committed(samples, 0);
     let lost = acked.iter().filter(|id| !present.contains(id)).count();
     Ok((acked.len(), lost))
 }
