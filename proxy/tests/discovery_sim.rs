@@ -35,6 +35,21 @@ fn doc_timeout(generation: i64, leases: bool, proxy_timeout: &str) -> ClusterDat
 
 const INFO_KEY: &str = "stolon/cluster/sim/proxies/info/p1";
 
+/// From now until the proxy's info key is gone (within `limit`): when the proxy stopped
+/// routing, if it did by then, and when the key went.
+async fn fence_then_expiry(sim: &Sim, limit: Duration) -> (Option<Duration>, Option<Duration>) {
+    let start = Instant::now();
+    let mut fenced_at = None;
+    let gone = wait_until(limit, || {
+        if fenced_at.is_none() && sim.routes.load().master.is_err() {
+            fenced_at = Some(start.elapsed());
+        }
+        sim.mem.peek(INFO_KEY).is_none()
+    })
+    .await;
+    (fenced_at, gone)
+}
+
 fn info_of(kv: &control::store::KeyValue) -> control::model::ProxyInfo {
     serde_json::from_slice(&kv.value).expect("proxy info")
 }
@@ -227,17 +242,9 @@ async fn with_the_lease_mark_the_info_is_written_on_change_and_outlives_the_rout
     // The store goes away: the proxy fences within proxyTimeout (3 s), its key lives on
     // until its lease (2 x 3 s) runs out after the last keep-alive.
     sim.mem.set_unavailable(true);
-    let outage = Instant::now();
-    let mut fenced_at = None;
-    let gone = wait_until(Duration::from_secs(10), || {
-        if fenced_at.is_none() && !routed(&sim) {
-            fenced_at = Some(outage.elapsed());
-        }
-        sim.mem.peek(INFO_KEY).is_none()
-    })
-    .await
-    .expect("the key outlived its lease");
-    let fenced = fenced_at.expect("the key expired before the proxy fenced");
+    let (fenced, gone) = fence_then_expiry(&sim, Duration::from_secs(10)).await;
+    let gone = gone.expect("the key outlived its lease");
+    let fenced = fenced.expect("the key expired before the proxy fenced");
     assert!(
         fenced <= Duration::from_millis(3010),
         "fenced after {fenced:?}"
@@ -278,17 +285,9 @@ async fn a_longer_proxy_timeout_counts_only_once_reported() {
         lose_write: 1.0,
         ..Default::default()
     });
-    let start = Instant::now();
-    let mut fenced_at = None;
-    let gone = wait_until(Duration::from_secs(12), || {
-        if fenced_at.is_none() && !routed(&sim) {
-            fenced_at = Some(start.elapsed());
-        }
-        sim.mem.peek(INFO_KEY).is_none()
-    })
-    .await
-    .expect("the old lease outlived its TTL");
-    let fenced = fenced_at.expect("the key expired while the proxy still routed");
+    let (fenced, gone) = fence_then_expiry(&sim, Duration::from_secs(12)).await;
+    let gone = gone.expect("the old lease outlived its TTL");
+    let fenced = fenced.expect("the key expired while the proxy still routed");
     assert!(
         fenced <= Duration::from_millis(3600),
         "fenced after {fenced:?}"

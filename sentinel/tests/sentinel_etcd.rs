@@ -148,6 +148,23 @@ async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> 
     }
 }
 
+/// Waits for the cluster created from the spec file: initialised on two keepers, the
+/// master published to proxies.
+async fn initialised(store: &ClusterStore) -> ClusterData {
+    wait_for(
+        "an initialised cluster",
+        Duration::from_secs(30),
+        async || {
+            let cd = cluster_data(store).await?;
+            let ready = cd.cluster.status.phase == Some(ClusterPhase::Normal)
+                && cd.proxy.spec.master_db_uid == cd.cluster.status.master
+                && cd.dbs.len() == 2;
+            ready.then_some(cd)
+        },
+    )
+    .await
+}
+
 async fn leader(store: &ClusterStore) -> Option<String> {
     let kv = store
         .election(Duration::from_secs(3))
@@ -197,18 +214,7 @@ async fn two_sentinels_one_leader_that_moves_when_frozen_or_killed() {
     ];
 
     // Created from --initial-cluster-spec, initialised, master published to proxies.
-    let cd = wait_for(
-        "an initialised cluster",
-        Duration::from_secs(30),
-        async || {
-            let cd = cluster_data(&store).await?;
-            let ready = cd.cluster.status.phase == Some(ClusterPhase::Normal)
-                && cd.proxy.spec.master_db_uid == cd.cluster.status.master
-                && cd.dbs.len() == 2;
-            ready.then_some(cd)
-        },
-    )
-    .await;
+    let cd = initialised(&store).await;
     let first_master = master_keeper(&cd).expect("master");
 
     let lead = leader(&store).await.expect("a leader");
@@ -355,18 +361,7 @@ async fn wal_positions_alone_are_written_once_per_sleep_interval() {
     let stop = CancellationToken::new();
     let keepers = spawn_keepers_with(store.clone(), live.clone(), stop.clone(), true);
     let s1 = spawn_sentinel(&etcd, "s1", &spec);
-    wait_for(
-        "an initialised cluster",
-        Duration::from_secs(30),
-        async || {
-            let cd = cluster_data(&store).await?;
-            let ready = cd.cluster.status.phase == Some(ClusterPhase::Normal)
-                && cd.proxy.spec.master_db_uid == cd.cluster.status.master
-                && cd.dbs.len() == 2;
-            ready.then_some(())
-        },
-    )
-    .await;
+    initialised(&store).await;
     let writes = |p: &SentinelProc| metric(p, "stolon_sentinel_writes_total");
     let (w0, rev0) = (writes(&s1).expect("metrics"), cd_revision_any(&store).await);
     let start = Instant::now();
