@@ -6,6 +6,7 @@ use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, sqlstate, Startup};
 use crate::relay::{relay, Drain, End};
 use crate::route::{NoMaster, Replica, Route, Routes, SocketHandle};
+use crate::stream::Stream;
 use crate::txstate::{Start, TxState};
 use socket2::{SockRef, TcpKeepalive};
 use std::future::Future;
@@ -49,6 +50,9 @@ pub struct Ctx {
     pub hold: Arc<crate::hold::Hold>,
     /// The read-only listener's sessions by cancel key (see `cancel`).
     pub cancel_keys: Arc<crate::cancel::Keys>,
+    /// `--client-tls terminate`: the proxy's TLS with clients and servers (`None`: clients'
+    /// TLS passes through).
+    pub tls: Option<Arc<crate::tls::Terminate>>,
 }
 
 /// The read-only listener's choice when no standby qualifies.
@@ -61,7 +65,7 @@ pub struct ReadOnly {
 /// Where a session is relayed: the master of a route, or a standby of its read-only pool.
 /// Each has its own token, task tracker and socket registry, cut when it is replaced or
 /// leaves the pool.
-enum Lane {
+pub(crate) enum Lane {
     Master,
     Replica(Arc<Replica>),
 }
@@ -117,16 +121,20 @@ impl Drop for ActiveOn {
 }
 
 /// A refusal: the SQLSTATE and message sent to the client, and the metric reason.
-struct Reject {
-    code: &'static str,
-    message: String,
-    reason: CloseReason,
+pub(crate) struct Reject {
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) reason: CloseReason,
     /// The client speaks TLS already (direct TLS): an ErrorResponse would land inside its
     /// handshake, so it only gets a clean close.
-    silent: bool,
+    pub(crate) silent: bool,
 }
 
-fn reject(code: &'static str, message: impl Into<String>, reason: CloseReason) -> Reject {
+pub(crate) fn reject(
+    code: &'static str,
+    message: impl Into<String>,
+    reason: CloseReason,
+) -> Reject {
     Reject {
         code,
         message: message.into(),
@@ -136,7 +144,7 @@ fn reject(code: &'static str, message: impl Into<String>, reason: CloseReason) -
 }
 
 /// What the startup phase leads to.
-enum Next {
+pub(crate) enum Next {
     /// Connect to the master, replay these bytes, relay.
     Relay(Vec<u8>),
     /// A CancelRequest: forward these bytes to the master and close.
@@ -155,9 +163,63 @@ pub fn tune(sock: &TcpStream, keepalive: Option<&TcpKeepalive>) {
 /// Serves one accepted client to the end, recording why it closed.
 pub async fn serve(client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
-    serve_with(client, ctx, |client, server, route, lane, tx| async move {
-        session(client, server, &route, &lane, tx, ctx).await
-    })
+    if let Some(t) = &ctx.tls {
+        return serve_terminated(client, ctx, t).await;
+    }
+    serve_with(
+        client,
+        None,
+        ctx,
+        |client, server, route, lane, tx| async move {
+            match server {
+                Stream::Plain(server) => session(client, server, &route, &lane, tx, ctx).await,
+                server => {
+                    let client = Stream::Plain(client);
+                    crate::terminate::session(client, server, &route, &lane, tx, ctx).await
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Terminate mode: the client's TLS is settled first (within the startup timeout), then the
+/// session takes the common path over the resulting stream.
+async fn serve_terminated(client: TcpStream, ctx: &Ctx, t: &crate::tls::Terminate) {
+    let deadline = ctx.config.startup_timeout;
+    let negotiated =
+        match tokio::time::timeout(deadline, crate::terminate::negotiate(client, t)).await {
+            Ok(n) => n,
+            Err(_) => Err(crate::terminate::Refusal {
+                reject: reject(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "no startup packet received in time",
+                    CloseReason::RejectedTimeout,
+                ),
+                stream: None,
+            }),
+        };
+    let n = match negotiated {
+        Ok(Some(n)) => n,
+        Ok(None) => return ctx.metrics.closed(CloseReason::ClientGone),
+        Err(r) => {
+            tracing::debug!(code = r.reject.code, message = %r.reject.message, "rejecting client");
+            if let Some(stream) = r.stream {
+                let message =
+                    (!r.reject.silent).then_some((r.reject.code, r.reject.message.as_str()));
+                close_with(stream, message).await;
+            }
+            return ctx.metrics.closed(r.reject.reason);
+        }
+    };
+    serve_with(
+        n.stream,
+        n.first,
+        ctx,
+        |client, server, route, lane, tx| async move {
+            crate::terminate::session(client, server, &route, &lane, tx, ctx).await
+        },
+    )
     .await
 }
 
@@ -166,6 +228,11 @@ pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin {
     /// Resolves once the client has closed its side (or the socket failed); never while it
     /// is open, even when it sent bytes (they stay in the socket for the relay).
     fn hung_up(&self) -> impl Future<Output = ()>;
+
+    /// Whether the proxy terminated TLS on it.
+    fn encrypted(&self) -> bool {
+        false
+    }
 }
 
 impl ClientStream for TcpStream {
@@ -204,13 +271,13 @@ impl ClientStream for tokio::io::DuplexStream {
 /// The path every engine shares: the startup phase, routing (holding while no master is
 /// routed), refusals with an ErrorResponse and a clean close; then `session` relays. Generic
 /// over the client stream, so it is tested over in-memory streams.
-async fn serve_with<S, F, Fut>(mut client: S, ctx: &Ctx, session: F)
+async fn serve_with<S, F, Fut>(mut client: S, first: Option<Next>, ctx: &Ctx, session: F)
 where
     S: ClientStream,
-    F: FnOnce(S, TcpStream, Arc<Route>, Lane, TxState) -> Fut,
+    F: FnOnce(S, Stream, Arc<Route>, Lane, TxState) -> Fut,
     Fut: Future<Output = CloseReason>,
 {
-    let reason = match prepare(&mut client, ctx).await {
+    let reason = match prepare(&mut client, first, ctx).await {
         Ok(Prepared::Done(reason)) => reason,
         Ok(Prepared::Session {
             server,
@@ -246,7 +313,7 @@ enum Prepared {
     /// Connected to the master of `route` or a standby of its pool, the startup bytes
     /// replayed.
     Session {
-        server: TcpStream,
+        server: Stream,
         route: Arc<Route>,
         lane: Lane,
         /// Where the session stands, from what was replayed and answered (for a drain).
@@ -261,20 +328,15 @@ enum Prepared {
     },
 }
 
-async fn prepare<S>(client: &mut S, ctx: &Ctx) -> Result<Prepared, Reject>
+/// `first`: the client's first packet when terminate mode read it already.
+async fn prepare<S>(client: &mut S, first: Option<Next>, ctx: &Ctx) -> Result<Prepared, Reject>
 where
     S: ClientStream,
 {
     let deadline = ctx.config.startup_timeout;
-    let next = match tokio::time::timeout(deadline, startup_phase(client)).await {
-        Ok(next) => next?,
-        Err(_) => {
-            return Err(reject(
-                sqlstate::PROTOCOL_VIOLATION,
-                "no startup packet received in time",
-                CloseReason::RejectedTimeout,
-            ))
-        }
+    let next = match first {
+        Some(next) => next,
+        None => read_first(client, deadline).await?,
     };
     let bytes = match next {
         Next::Gone => return Ok(Prepared::Done(CloseReason::ClientGone)),
@@ -284,12 +346,55 @@ where
         }
         Next::Relay(bytes) => bytes,
     };
+    if let Some(t) = &ctx.tls {
+        // Terminated: only a startup packet may follow (a second SSLRequest or a TLS
+        // record inside the session is a protocol error, as PostgreSQL says).
+        if !matches!(
+            protocol::parse(&bytes),
+            Ok(Some((Startup::Startup { .. }, _)))
+        ) {
+            return Err(reject(
+                sqlstate::PROTOCOL_VIOLATION,
+                "unsupported frontend protocol: SSL negotiation already done",
+                CloseReason::RejectedProtocol,
+            ));
+        }
+        if t.required && !client.encrypted() {
+            return Err(crate::terminate::tls_required(&bytes));
+        }
+    }
     // A client that hangs up while its session is held (or connecting) is dropped at once:
     // it is not replayed to the next master with the others, in one burst, for nobody.
     let routed = tokio::select! {
         r = route_session(bytes, ctx) => r,
         _ = client.hung_up() => return Ok(Prepared::Done(CloseReason::ClientGone)),
     };
+    refused_after_ssl(client, routed, deadline).await
+}
+
+async fn read_first<S>(client: &mut S, deadline: Duration) -> Result<Next, Reject>
+where
+    S: ClientStream,
+{
+    match tokio::time::timeout(deadline, startup_phase(client)).await {
+        Ok(next) => next,
+        Err(_) => Err(reject(
+            sqlstate::PROTOCOL_VIOLATION,
+            "no startup packet received in time",
+            CloseReason::RejectedTimeout,
+        )),
+    }
+}
+
+/// The routing's outcome, answered as PostgreSQL would after an SSLRequest it must refuse.
+async fn refused_after_ssl<S>(
+    client: &mut S,
+    routed: Result<Prepared, Refused>,
+    deadline: Duration,
+) -> Result<Prepared, Reject>
+where
+    S: ClientStream,
+{
     match routed {
         Err(r) if is_ssl_request(&r.bytes) => {
             // Refused after an SSLRequest: answer as PostgreSQL does when it must refuse
@@ -395,10 +500,16 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         Lane::Master => "the primary",
         Lane::Replica(_) => "the standby",
     };
-    let mut server = connect(&addr, what, ctx.config.connect_timeout)
+    let server = connect(&addr, what, ctx.config.connect_timeout)
         .await
         .map_err(|r| refused(r, bytes))?;
     tune(&server, None);
+    let mut server = match &ctx.tls {
+        Some(t) => crate::terminate::to_server(server, &addr, t, what, ctx.config.connect_timeout)
+            .await
+            .map_err(|r| refused(r, bytes))?,
+        None => Stream::Plain(server),
+    };
     let refs = lane.refs(&route, false);
     // Counted from here, not from the connect: an unplanned sever waits for the lane's
     // sessions, and a connect to an unreachable master may hang for the connect timeout.
@@ -442,7 +553,7 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
 /// client, which has seen nothing yet, never knows. Any other answer is the session's, and
 /// the caller passes it on. The route's token ends the wait if the server is replaced.
 async fn first_answer(
-    server: &mut TcpStream,
+    server: &mut (impl AsyncRead + Unpin),
     token: &CancellationToken,
     what: &str,
     master: bool,
@@ -624,7 +735,7 @@ async fn close_drained(client: &TcpStream, server: &TcpStream) {
 /// What every engine does around its relay: count the session in its lane, register its
 /// sockets for a sever (refused if the lane was severed since the route snapshot, so not
 /// one byte of the session reaches an old master), relay, and say why it ended.
-async fn in_lane<'a, F, Fut>(
+pub(crate) async fn in_lane<'a, F, Fut>(
     route: &'a Route,
     lane: &'a Lane,
     ctx: &Ctx,
@@ -665,10 +776,11 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
     }
 }
 
-const DRAINED_MESSAGE: &str = "terminating connection: planned switchover of the primary \
+pub(crate) const DRAINED_MESSAGE: &str =
+    "terminating connection: planned switchover of the primary \
      (closed between transactions by stolon-proxy)";
 /// The Terminate message: the backend exits cleanly.
-const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+pub(crate) const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 fn no_master(why: NoMaster) -> Reject {
     let detail = match why {
@@ -713,7 +825,7 @@ async fn connect(addr: &str, what: &str, timeout: Duration) -> Result<TcpStream,
 /// Whether a failed connect to `addr` is logged at warn: the first one, and then once per
 /// 10 s. Held sessions retry a dead master many times a second until the failover; one line
 /// says it, not hundreds.
-fn warn_now(addr: &str) -> bool {
+pub(crate) fn warn_now(addr: &str) -> bool {
     static LAST: std::sync::Mutex<Option<(String, std::time::Instant)>> =
         std::sync::Mutex::new(None);
     let Ok(mut last) = LAST.lock() else {
@@ -731,7 +843,7 @@ fn warn_now(addr: &str) -> bool {
 
 /// Reads packets until one decides the session. Bytes after the decisive packet (a
 /// pipelining client) are kept and replayed.
-async fn startup_phase<S>(client: &mut S) -> Result<Next, Reject>
+pub(crate) async fn startup_phase<S>(client: &mut S) -> Result<Next, Reject>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -13,4 +13,7 @@ pub mod protocol;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod stream;
+pub mod terminate;
+pub mod tls;
 pub mod txstate;

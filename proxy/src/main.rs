@@ -99,9 +99,61 @@ struct Args {
     /// Most sessions held at once; more are refused (57P03) at once
     #[arg(long, default_value_t = 1000)]
     hold_max_sessions: usize,
+    /// Clients' TLS: passthrough relays it to the server unread (Go stolon's behaviour; the
+    /// drain then cannot see a TLS session's transactions and waits its timeout);
+    /// terminate answers it with --tls-cert-file, so the proxy reads every session
+    #[arg(long, value_enum, default_value = "passthrough")]
+    client_tls: proxy::tls::ClientTlsMode,
+    /// PEM certificate chain shown to clients in terminate mode (reloaded when the file
+    /// changes, or on SIGHUP). Without it, terminate mode declines TLS ('N')
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert-file
+    #[arg(long, requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
+    /// In terminate mode, refuse plaintext sessions (28000, as PostgreSQL's hostssl rules)
+    #[arg(long)]
+    client_tls_required: bool,
+    /// In terminate mode, TLS to the servers, in libpq's terms: disable, prefer, require
+    /// (encrypted, unverified) or verify-full (against --server-ca-file). Default disable:
+    /// until the proxy authenticates clients itself, SCRAM with channel binding (libpq's
+    /// default when the server offers it) cannot pass through two TLS sessions
+    #[arg(long, value_enum, default_value = "disable")]
+    server_sslmode: proxy::tls::ServerSslMode,
+    /// PEM CA certificates that sign the servers' certificates (verify-full)
+    #[arg(long)]
+    server_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Args {
+    /// Terminate mode's settings (`None` in passthrough); refuses combinations that cannot
+    /// work rather than ignore a flag.
+    fn terminate(&self) -> anyhow::Result<Option<Arc<proxy::tls::Terminate>>> {
+        use proxy::tls::{Acceptor, CertFiles, ClientTlsMode, ServerSslMode, ServerTls};
+        let files = self.tls_cert_file.clone().zip(self.tls_key_file.clone());
+        if self.client_tls == ClientTlsMode::Passthrough {
+            anyhow::ensure!(
+                files.is_none()
+                    && !self.client_tls_required
+                    && self.server_sslmode == ServerSslMode::Disable,
+                "--tls-cert-file, --client-tls-required and --server-sslmode need --client-tls terminate (in passthrough the client's TLS goes to the server unread)"
+            );
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            files.is_some() || !self.client_tls_required,
+            "--client-tls-required needs --tls-cert-file and --tls-key-file: no client could connect"
+        );
+        let files = files.map(|(cert, key)| CertFiles { cert, key });
+        let acceptor = Acceptor::load(files).context("cannot load the TLS certificate")?;
+        let server = ServerTls::new(self.server_sslmode, self.server_ca_file.as_deref())?;
+        Ok(Some(Arc::new(proxy::tls::Terminate {
+            acceptor,
+            required: self.client_tls_required,
+            server,
+        })))
+    }
+
     /// Keepalive for client connections: on unless the OS refuses, idle and interval 15 s
     /// unless set (what Go's net.Listen gives stolon-proxy's sockets), count the OS's.
     fn keepalive(&self) -> Option<TcpKeepalive> {
@@ -169,6 +221,29 @@ fn serve_metrics_thread(
     }
 }
 
+/// Reloads the certificate when its files change (checked every 2 s) or on SIGHUP.
+async fn reload_certificate(t: Arc<proxy::tls::Terminate>) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: the certificate reloads on file changes only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async { match &mut hup { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        if forced {
+            tracing::info!("SIGHUP: reloading the TLS certificate");
+        }
+        t.acceptor.reload(forced);
+    }
+}
+
 async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
     let nofile = proxy::limits::raise_nofile().context("cannot read RLIMIT_NOFILE")?;
     let (max_connections, lowered) =
@@ -233,6 +308,16 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     let cancel_keys = Arc::new(proxy::cancel::Keys::default());
+    let tls = args.terminate()?;
+    if let Some(t) = &tls {
+        tokio::spawn(reload_certificate(t.clone()));
+        tracing::info!(
+            certificate = t.acceptor.config().is_some(),
+            required = t.required,
+            server_sslmode = ?t.server.mode,
+            "terminating client TLS"
+        );
+    }
     let shared_for = |read_only: Option<ReadOnly>| {
         Arc::new(Shared {
             ctx: Arc::new(Ctx {
@@ -242,6 +327,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
                 read_only,
                 hold: hold.clone(),
                 cancel_keys: cancel_keys.clone(),
+                tls: tls.clone(),
             }),
             listening: listening_rx.clone(),
             limit: limit.clone(),

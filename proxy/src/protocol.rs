@@ -220,6 +220,9 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     /// crash_shutdown: a backend of a server that crashed.
     pub const CRASH_SHUTDOWN: &str = "57P02";
+    /// invalid_authorization_specification: no pg_hba.conf entry (a plaintext session where
+    /// TLS is required).
+    pub const INVALID_AUTHORIZATION: &str = "28000";
 }
 
 #[cfg(test)]

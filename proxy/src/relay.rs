@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 const READ_BUF: usize = 64 * 1024;
 /// Flush byte counts to the shared metrics every this many bytes (and at the end), so
 /// the hot path does not touch shared atomics on every read.
-const METRIC_FLUSH: u64 = 1 << 20;
+pub(crate) const METRIC_FLUSH: u64 = 1 << 20;
 
 thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
@@ -396,7 +396,7 @@ async fn pipe(
 /// relay's reads and the drain's checks run in one task, so on a busy machine a check can
 /// come after the client sent and before the read; without this, the close crossed the
 /// request and the client saw a failed transaction. One syscall, at a drain's close only.
-fn has_unread(sock: &impl AsFd) -> bool {
+pub(crate) fn has_unread(sock: &impl AsFd) -> bool {
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd;
     let mut byte = [0u8; 1];
