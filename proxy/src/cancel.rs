@@ -1,73 +1,37 @@
-//! Which standby runs a read-only session, by its cancel key, so a CancelRequest on the
-//! read-only listener goes to that one server instead of every standby of the pool.
+//! The proxy's own cancel keys. Every session whose start the proxy reads gets a
+//! BackendKeyData minted by the proxy instead of its server's ("Message Formats" in the
+//! protocol docs: a process ID and a secret of 4 bytes up to protocol 3.1, up to 256 from
+//! 3.2). A CancelRequest carrying a minted key is mapped to the server session it belongs
+//! to now, and to nothing once that session has ended; so a later move of the session to
+//! another server keeps the client's key valid, and a stale key cancels nothing.
 //!
-//! The key is the body of the server's BackendKeyData ('K': process ID and secret key,
-//! "Message Formats" in the protocol docs; the secret is 4 bytes up to protocol 3.1 and up
-//! to 256 bytes from 3.2), sent once after authentication. A CancelRequest carries the same
-//! bytes after its code (ibid.: length, 80877102, process ID, secret). A session whose
-//! stream the proxy cannot read (TLS end to end) never shows its key: a cancel for a key
-//! the proxy does not know goes to every standby, as before (PostgreSQL ignores a key it
-//! did not issue).
+//! The process ID of a minted key names the proxy that owns it: its owner id (the high bit
+//! set, which no PostgreSQL process ID has), published in its ProxyInfo with the address
+//! other proxies reach it at. A cancel that reaches another proxy of the cluster (behind a
+//! load balancer) is forwarded there, as PgBouncer's peering does. A key the proxy did not
+//! mint (a session whose stream it cannot read: TLS passed through) goes where it went
+//! before: the master, or every standby of the read-only pool.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// The longest BackendKeyData body: a 4-byte process ID and a secret of at most 256 bytes.
 const MAX_KEY: usize = 4 + 256;
+/// Minted secrets are as long as the server's (a 3.0 client takes exactly 4 bytes), up to
+/// this: 32 random bytes are as good as 256.
+const MAX_MINTED_SECRET: usize = 32;
+/// Set in every owner id: PostgreSQL's process IDs are below 2^22 (Linux's pid_max).
+const OWNER_BIT: u32 = 0x8000_0000;
 
-/// Reads a server's message stream from its start until its BackendKeyData, or gives up
-/// (ReadyForQuery without one, a message that cannot be one, an unreadable stream).
-#[derive(Clone, Debug, Default)]
-pub struct KeySniffer {
-    header: Vec<u8>,
-    kind: u8,
-    body_left: usize,
-    key: Vec<u8>,
-    done: bool,
-}
-
-impl KeySniffer {
-    /// True once the key was found or cannot be: nothing more to feed.
-    pub fn done(&self) -> bool {
-        self.done
+/// This proxy's owner id, from its UID (FNV-1a: the same in every build, so a proxy of
+/// another version names the same owner).
+pub fn owner_id(uid: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in uid.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
     }
-
-    /// Feeds the server's next bytes; the key once complete.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<Vec<u8>> {
-        while !bytes.is_empty() && !self.done {
-            if self.body_left == 0 {
-                let take = (5 - self.header.len()).min(bytes.len());
-                self.header.extend_from_slice(&bytes[..take]);
-                bytes = &bytes[take..];
-                if self.header.len() < 5 {
-                    return None;
-                }
-                let h = &self.header;
-                self.kind = h[0];
-                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
-                self.header.clear();
-                self.body_left = len.saturating_sub(4);
-                match self.kind {
-                    b'K' if (8..=MAX_KEY).contains(&self.body_left) => {}
-                    b'K' | b'Z' => self.done = true,
-                    _ if len < 4 => self.done = true,
-                    _ => {}
-                }
-                continue;
-            }
-            let take = self.body_left.min(bytes.len());
-            if self.kind == b'K' {
-                self.key.extend_from_slice(&bytes[..take]);
-            }
-            self.body_left -= take;
-            bytes = &bytes[take..];
-            if self.kind == b'K' && self.body_left == 0 {
-                self.done = true;
-                return Some(std::mem::take(&mut self.key));
-            }
-        }
-        None
-    }
+    h | OWNER_BIT
 }
 
 /// The key of a CancelRequest packet (what follows its length and code).
@@ -75,25 +39,97 @@ pub fn request_key(packet: &[u8]) -> Option<&[u8]> {
     packet.get(8..).filter(|k| (8..=MAX_KEY).contains(&k.len()))
 }
 
-/// Cancel keys of the read-only listener's live sessions, and the standby each runs on.
-#[derive(Default)]
-pub struct Keys(Mutex<HashMap<Vec<u8>, Arc<str>>>);
+/// A CancelRequest for `key` (process ID and secret).
+pub fn request_packet(key: &[u8]) -> Vec<u8> {
+    let mut p = ((8 + key.len()) as u32).to_be_bytes().to_vec();
+    p.extend(crate::protocol::CANCEL_REQUEST_CODE.to_be_bytes());
+    p.extend(key);
+    p
+}
+
+/// Where a session's cancels go: its server and the key that server issued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub addr: Arc<str>,
+    pub real: Vec<u8>,
+}
+
+/// What a CancelRequest's key leads to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// A live session of this proxy.
+    Local(Target),
+    /// Minted here, for a session that has ended: nothing to cancel.
+    Ended,
+    /// Minted by the proxy with this owner id.
+    Peer(u32),
+    /// Not a minted key: a server's own, from a session the proxy could not read.
+    NotMinted,
+}
+
+/// The minted keys of this proxy's live sessions (both listeners share it).
+pub struct Keys {
+    owner: u32,
+    live: Mutex<HashMap<Vec<u8>, Target>>,
+}
 
 impl Keys {
-    /// Records `key` on `addr` until the returned guard is dropped (the session's end).
-    pub fn register(self: &Arc<Self>, key: Vec<u8>, addr: Arc<str>) -> KeyGuard {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(key.clone(), addr);
-        }
-        KeyGuard {
-            keys: self.clone(),
-            key,
+    pub fn new(owner: u32) -> Keys {
+        Keys {
+            owner,
+            live: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The standby that runs the session with this key, if the proxy saw it.
-    pub fn lookup(&self, key: &[u8]) -> Option<Arc<str>> {
-        self.0.lock().ok()?.get(key).cloned()
+    pub fn owner(&self) -> u32 {
+        self.owner
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Target>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mints the key the client sees for a session whose server issued `real` (a
+    /// BackendKeyData body) on `addr`; it leads there until the guard is dropped.
+    pub fn mint(self: &Arc<Self>, real: Vec<u8>, addr: Arc<str>) -> (Vec<u8>, KeyGuard) {
+        use rand::RngCore;
+        let secret_len = real.len().saturating_sub(4).clamp(4, MAX_MINTED_SECRET);
+        let mut key = self.owner.to_be_bytes().to_vec();
+        key.resize(4 + secret_len, 0);
+        let mut live = self.lock();
+        loop {
+            rand::rngs::OsRng.fill_bytes(&mut key[4..]);
+            if !live.contains_key(&key) {
+                break;
+            }
+        }
+        live.insert(key.clone(), Target { addr, real });
+        drop(live);
+        let guard = KeyGuard {
+            keys: self.clone(),
+            key: key.clone(),
+        };
+        (key, guard)
+    }
+
+    /// Where a CancelRequest with `key` goes.
+    pub fn route(&self, key: &[u8]) -> Routed {
+        let Some(pid) = key
+            .get(..4)
+            .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+        else {
+            return Routed::NotMinted;
+        };
+        if pid & OWNER_BIT == 0 {
+            return Routed::NotMinted;
+        }
+        if pid != self.owner {
+            return Routed::Peer(pid);
+        }
+        match self.lock().get(key) {
+            Some(t) => Routed::Local(t.clone()),
+            None => Routed::Ended,
+        }
     }
 }
 
@@ -105,9 +141,7 @@ pub struct KeyGuard {
 
 impl Drop for KeyGuard {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.keys.0.lock() {
-            m.remove(&self.key);
-        }
+        self.keys.lock().remove(&self.key);
     }
 }
 
@@ -115,72 +149,62 @@ impl Drop for KeyGuard {
 mod tests {
     use super::*;
 
-    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![kind];
-        v.extend(((body.len() + 4) as u32).to_be_bytes());
-        v.extend(body);
-        v
-    }
-
-    /// A startup answer as PostgreSQL sends it after authentication.
-    fn answer(key: &[u8]) -> Vec<u8> {
-        let mut v = msg(b'R', &[0, 0, 0, 0]);
-        v.extend(msg(b'S', b"server_version\x0015\x00"));
-        v.extend(msg(b'K', key));
-        v.extend(msg(b'Z', b"I"));
-        v
-    }
-
-    #[test]
-    fn the_key_is_found_in_any_split_of_the_stream() {
-        for key in [vec![0, 0, 0, 7, 1, 2, 3, 4], (0..36u8).collect::<Vec<u8>>()] {
-            let stream = answer(&key);
-            for cut in 0..=stream.len() {
-                for cut2 in cut..=stream.len() {
-                    let mut s = KeySniffer::default();
-                    let found: Vec<Vec<u8>> = [&stream[..cut], &stream[cut..cut2], &stream[cut2..]]
-                        .iter()
-                        .filter_map(|part| s.feed(part))
-                        .collect();
-                    assert_eq!(found, vec![key.clone()], "cuts {cut} {cut2}");
-                    assert!(s.done());
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn it_gives_up_at_ready_for_query_or_on_nonsense() {
-        let mut s = KeySniffer::default();
-        let mut v = msg(b'R', &[0, 0, 0, 0]);
-        v.extend(msg(b'Z', b"I"));
-        assert_eq!(s.feed(&v), None);
-        assert!(s.done());
-        let mut s = KeySniffer::default();
-        assert_eq!(s.feed(&msg(b'K', &[1, 2, 3])), None, "too short for a key");
-        assert!(s.done());
-        let mut s = KeySniffer::default();
-        assert_eq!(
-            s.feed(&[0x16, 3, 1, 0, 200]),
-            None,
-            "TLS: waits, finds nothing"
-        );
-    }
-
     #[test]
     fn a_cancel_requests_key_is_what_follows_its_code() {
-        let mut p = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
-        p.extend([0, 0, 0, 7, 1, 2, 3, 4]);
-        assert_eq!(request_key(&p), Some(&[0, 0, 0, 7, 1, 2, 3, 4][..]));
+        let key = [0, 0, 0, 7, 1, 2, 3, 4];
+        let p = request_packet(&key);
+        assert_eq!(&p[..8], &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e]);
+        assert_eq!(request_key(&p), Some(&key[..]));
         assert_eq!(request_key(&p[..12]), None);
     }
 
     #[test]
-    fn a_key_is_known_while_its_session_lives() {
-        let keys = Arc::new(Keys::default());
-        let guard = keys.register(vec![1; 8], "10.0.0.1:5432".into());
-        assert_eq!(keys.lookup(&[1; 8]).as_deref(), Some("10.0.0.1:5432"));
+    fn a_minted_key_leads_to_its_session_while_it_lives_and_then_to_nothing() {
+        let keys = Arc::new(Keys::new(owner_id("p1")));
+        let real = vec![0, 0, 0x30, 0x39, 9, 9, 9, 9];
+        let (key, guard) = keys.mint(real.clone(), "10.0.0.1:5432".into());
+        assert_eq!(key.len(), 8, "a 3.0 client takes a 4-byte secret");
+        assert_eq!(&key[..4], &keys.owner().to_be_bytes());
+        assert_ne!(key, real);
+        let target = Target {
+            addr: "10.0.0.1:5432".into(),
+            real,
+        };
+        assert_eq!(keys.route(&key), Routed::Local(target));
         drop(guard);
-        assert_eq!(keys.lookup(&[1; 8]), None);
+        assert_eq!(keys.route(&key), Routed::Ended);
+    }
+
+    #[test]
+    fn keys_are_as_long_as_the_servers_up_to_a_bound_and_never_repeat_while_live() {
+        let keys = Arc::new(Keys::new(owner_id("p1")));
+        let (long, _g) = keys.mint(vec![1; 4 + 256], "a:1".into());
+        assert_eq!(long.len(), 4 + MAX_MINTED_SECRET);
+        let (mid, _g2) = keys.mint(vec![1; 4 + 16], "a:1".into());
+        assert_eq!(mid.len(), 4 + 16);
+        let guards: Vec<_> = (0..1000)
+            .map(|_| keys.mint(vec![1; 8], "a:1".into()))
+            .collect();
+        let distinct: std::collections::HashSet<_> =
+            guards.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(distinct.len(), 1000);
+    }
+
+    #[test]
+    fn a_key_names_its_owner_and_a_servers_key_is_no_ones() {
+        let here = Keys::new(owner_id("p1"));
+        let there = owner_id("p2");
+        assert_ne!(here.owner(), there);
+        let mut foreign = there.to_be_bytes().to_vec();
+        foreign.extend([1, 2, 3, 4]);
+        assert_eq!(here.route(&foreign), Routed::Peer(there));
+        // A PostgreSQL process ID never has the owner bit.
+        assert_eq!(
+            here.route(&[0, 0x3f, 0xff, 0xff, 1, 2, 3, 4]),
+            Routed::NotMinted
+        );
+        assert_eq!(here.route(&[1, 2]), Routed::NotMinted);
+        // Stable across builds: other versions of the proxy compute the same id.
+        assert_eq!(owner_id("p1"), 0xa04e_d67a);
     }
 }

@@ -48,8 +48,11 @@ pub struct Ctx {
     pub read_only: Option<ReadOnly>,
     /// Holding sessions while no master is routed (the read-write listener only).
     pub hold: Arc<crate::hold::Hold>,
-    /// The read-only listener's sessions by cancel key (see `cancel`).
+    /// The minted cancel keys of this proxy's sessions, both listeners (see `cancel`).
     pub cancel_keys: Arc<crate::cancel::Keys>,
+    /// The other proxies of the cluster, for cancels of keys they minted (`None`: such a
+    /// cancel is dropped).
+    pub peers: Option<Arc<crate::peers::Peers>>,
     /// `--client-tls terminate`: the proxy's TLS with clients and servers (`None`: clients'
     /// TLS passes through).
     pub tls: Option<Arc<crate::tls::Terminate>>,
@@ -280,22 +283,38 @@ where
     let reason = match prepare(&mut client, first, ctx).await {
         Ok(Prepared::Done(reason)) => reason,
         Ok(Prepared::Session {
-            server,
+            mut server,
             route,
             lane,
-            tx,
+            mut tx,
             answer,
             task,
+            addr,
+            visible,
         }) => {
             // Counted in its lane until the session ends (the relay takes its own count too).
             let _task = task;
-            if client.write_all(&answer).await.is_err() {
-                CloseReason::ClientGone
+            let token = lane.refs(&route, false).token.clone();
+            let started = if visible {
+                crate::session_start::run(
+                    &mut client,
+                    &mut server,
+                    answer,
+                    &mut tx,
+                    &token,
+                    &ctx.cancel_keys,
+                    &addr,
+                    &ctx.metrics,
+                )
+                .await
+                .map_err(|end| close_reason(end, &lane.refs(&route, false)))
             } else {
-                let n = answer.len() as u64;
-                ctx.metrics
-                    .add_bytes(crate::metrics::Direction::ServerToClient, n);
-                session(client, server, route, lane, *tx).await
+                write_answer(&mut client, &answer, ctx).await.map(|()| None)
+            };
+            match started {
+                // The key leads to this session until it ends.
+                Ok(_key) => session(client, server, route, lane, *tx).await,
+                Err(reason) => reason,
             }
         }
         Err(r) => {
@@ -306,6 +325,21 @@ where
         }
     };
     ctx.metrics.closed(reason);
+}
+
+/// Passes the server's first answer on as it is (a session the proxy cannot read).
+async fn write_answer<S>(client: &mut S, answer: &[u8], ctx: &Ctx) -> Result<(), CloseReason>
+where
+    S: AsyncWrite + Unpin,
+{
+    client
+        .write_all(answer)
+        .await
+        .map_err(|_| CloseReason::ClientGone)?;
+    let n = answer.len() as u64;
+    ctx.metrics
+        .add_bytes(crate::metrics::Direction::ServerToClient, n);
+    Ok(())
 }
 
 enum Prepared {
@@ -325,6 +359,11 @@ enum Prepared {
         /// for it too, instead of finding the lane empty, finishing, and severing the
         /// session just after it registered (a failed connect in `loadtest ha`).
         task: tokio_util::task::task_tracker::TaskTrackerToken,
+        /// The server's address, where the session's cancels go.
+        addr: Arc<str>,
+        /// The session starts with a startup message the proxy replayed: its messages are
+        /// readable from the start (not TLS passed through), and it gets a minted key.
+        visible: bool,
     },
 }
 
@@ -536,6 +575,10 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
     };
     let mut tx = tx_state(bytes);
     tx.from_server(&answer);
+    let visible = matches!(
+        protocol::parse(bytes),
+        Ok(Some((Startup::Startup { .. }, _)))
+    );
     Ok(Prepared::Session {
         server,
         route,
@@ -543,6 +586,8 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         tx: Box::new(tx),
         answer,
         task,
+        addr,
+        visible,
     })
 }
 
@@ -639,10 +684,6 @@ async fn session(
     let tx = std::sync::Mutex::new(tx);
     let (client, server, tx) = (&client, &server, &tx);
     let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
-        let _key = match lane {
-            Lane::Replica(r) => key_phase(client, server, tx, token, ctx, &r.addr).await,
-            Lane::Master => None,
-        };
         let drain = signal.map(|signal| Drain { signal, tx });
         relay(client, server, token, drain, &ctx.metrics).await
     })
@@ -651,71 +692,6 @@ async fn session(
         close_drained(client, server).await;
     }
     reason
-}
-
-/// A read-only session's start, relayed until the server's BackendKeyData has passed (the
-/// authentication in between goes both ways), so its cancel key is registered on its
-/// standby for as long as the guard lives. None for a stream the proxy cannot read (TLS
-/// end to end), a session that ends first, or one whose server sent no key.
-async fn key_phase(
-    client: &TcpStream,
-    server: &TcpStream,
-    tx: &std::sync::Mutex<TxState>,
-    token: &CancellationToken,
-    ctx: &Ctx,
-    addr: &Arc<str>,
-) -> Option<crate::cancel::KeyGuard> {
-    use crate::metrics::Direction;
-    let (mut sniffer, found, opaque) = {
-        let t = tx.lock().ok()?;
-        (t.key.clone(), t.found_key.clone(), t.opaque())
-    };
-    if let Some(k) = found {
-        return Some(ctx.cancel_keys.register(k, addr.clone()));
-    }
-    if opaque || sniffer.done() {
-        return None;
-    }
-    let mut buf = vec![0u8; 8192];
-    loop {
-        let (from_server, ready) = tokio::select! {
-            _ = token.cancelled() => return None,
-            r = client.readable() => (false, r),
-            r = server.readable() => (true, r),
-        };
-        ready.ok()?;
-        let (src, dst) = if from_server {
-            (server, client)
-        } else {
-            (client, server)
-        };
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return None,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return None,
-        };
-        let key = if from_server {
-            sniffer.feed(&buf[..n])
-        } else {
-            None
-        };
-        let direction = if from_server {
-            Direction::ServerToClient
-        } else {
-            Direction::ClientToServer
-        };
-        ctx.metrics.add_bytes(direction, n as u64);
-        crate::relay::write_pending(dst, &mut buf[..n].to_vec())
-            .await
-            .ok()?;
-        if let Some(k) = key {
-            return Some(ctx.cancel_keys.register(k, addr.clone()));
-        }
-        if sniffer.done() {
-            return None;
-        }
-    }
 }
 
 /// Closes a drained session as a PostgreSQL shutting down closes an idle one: FATAL 57P01
@@ -883,46 +859,52 @@ where
     }
 }
 
-/// Forwards a CancelRequest to the backends of this listener: the master, or on the
-/// read-only listener every standby of the pool (and the master with the fallback), since
-/// the proxy does not track which backend key is whose. PostgreSQL answers a cancel with
-/// nothing, and so does the proxy; an unknown key is harmless to PostgreSQL.
+/// Sends a CancelRequest where its key leads (see `cancel`): the server session a minted
+/// key belongs to now, the proxy that minted it, or (a key the proxy did not mint: a
+/// session it could not read) the backends of this listener: the master, or every standby
+/// of the read-only pool (and the master with the fallback), as PostgreSQL ignores a key it
+/// did not issue. PostgreSQL answers a cancel with nothing, and so does the proxy.
 async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
-    let route = ctx.routes.load();
-    let mut targets: Vec<Arc<str>> = Vec::new();
-    // On the read-only listener: the standby that runs the session, when the proxy saw its
-    // key.
-    let known = (ctx.read_only.is_some())
-        .then(|| crate::cancel::request_key(packet).and_then(|k| ctx.cancel_keys.lookup(k)))
-        .flatten();
-    match ctx.read_only {
-        Some(_) if known.is_some() => targets.extend(known.clone()),
-        // A key it could not see (TLS end to end): every standby, as PostgreSQL ignores a
-        // key it did not issue.
-        Some(ro) => {
-            targets.extend(route.replicas.iter().map(|r| r.addr.clone()));
-            if ro.fallback_master {
-                targets.extend(route.master.as_ref().ok().cloned());
-            }
+    use crate::cancel::Routed;
+    let timeout = ctx.config.connect_timeout;
+    let routed = crate::cancel::request_key(packet).map(|k| ctx.cancel_keys.route(k));
+    let label = match routed {
+        Some(Routed::Local(t)) => {
+            cancel_one(&t.addr, &crate::cancel::request_packet(&t.real), timeout).await;
+            "local"
         }
-        None => targets.extend(route.master.as_ref().ok().cloned()),
-    }
-    tracing::debug!(
-        targets = targets.len(),
-        known = known.is_some(),
-        "cancel request forwarded"
-    );
-    let sends = targets
-        .iter()
-        .map(|addr| cancel_one(addr, packet, ctx.config.connect_timeout));
-    futures::future::join_all(sends).await;
+        Some(Routed::Peer(owner)) => match &ctx.peers {
+            Some(peers) => peers.forward(owner, packet, timeout).await,
+            None => "peer_unknown",
+        },
+        Some(Routed::Ended) | None => "ended",
+        Some(Routed::NotMinted) => {
+            let route = ctx.routes.load();
+            let mut targets: Vec<Arc<str>> = Vec::new();
+            match ctx.read_only {
+                Some(ro) => {
+                    targets.extend(route.replicas.iter().map(|r| r.addr.clone()));
+                    if ro.fallback_master {
+                        targets.extend(route.master.as_ref().ok().cloned());
+                    }
+                }
+                None => targets.extend(route.master.as_ref().ok().cloned()),
+            }
+            let sends = targets.iter().map(|addr| cancel_one(addr, packet, timeout));
+            futures::future::join_all(sends).await;
+            "not_minted"
+        }
+    };
+    tracing::debug!(result = label, "cancel request");
+    ctx.metrics.cancel(label);
 }
 
-async fn cancel_one(addr: &str, packet: &[u8], connect_timeout: Duration) {
+/// Sends one cancel packet to `addr` and waits for the far end to close (PostgreSQL has
+/// processed it then).
+pub(crate) async fn cancel_one(addr: &str, packet: &[u8], connect_timeout: Duration) {
     if let Ok(Ok(mut s)) = tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
         let _ = s.write_all(packet).await;
         let _ = s.shutdown().await;
-        // Wait for PostgreSQL to close, so the cancel is processed before we return.
         let mut sink = [0u8; 64];
         let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
     }

@@ -40,7 +40,8 @@ fn ctx(routes: Arc<Routes>) -> Ctx {
         },
         read_only: None,
         hold: Arc::new(crate::hold::Hold::new(Duration::ZERO, 0, metrics)),
-        cancel_keys: Default::default(),
+        cancel_keys: Arc::new(crate::cancel::Keys::new(crate::cancel::owner_id("p1"))),
+        peers: None,
         tls: None,
     }
 }

@@ -46,6 +46,10 @@ pub struct Discovery {
     pub drain_timeout: Duration,
     /// Deliberate faults (tests only).
     pub faults: Faults,
+    /// Published for other proxies: the owner id in this proxy's cancel keys, and where it
+    /// takes CancelRequests (empty: nowhere they can reach).
+    pub cancel_id: u32,
+    pub cancel_address: String,
 }
 
 struct State {
@@ -435,6 +439,8 @@ impl Discovery {
             proxy_timeout: GoDuration::from_std(reported_timeout(st)),
             read_only: self.ro_max_lag.is_some(),
             lease_liveness: st.lease_mode,
+            cancel_id: self.cancel_id,
+            cancel_address: self.cancel_address.clone(),
             extra: Default::default(),
         }
     }

@@ -123,9 +123,27 @@ struct Args {
     /// PEM CA certificates that sign the servers' certificates (verify-full)
     #[arg(long)]
     server_ca_file: Option<std::path::PathBuf>,
+    /// host:port where the other proxies of the cluster reach this one's client port, to
+    /// forward a CancelRequest for a session of this proxy that reached them (behind a load
+    /// balancer). Default: --listen-address and --port, unless that address is a wildcard
+    /// (0.0.0.0, ::): then such cancels are not forwarded here
+    #[arg(long)]
+    advertise_address: Option<String>,
 }
 
 impl Args {
+    /// Where other proxies forward cancels for this proxy's sessions ("" if nowhere).
+    fn cancel_address(&self, addr: SocketAddr) -> String {
+        match &self.advertise_address {
+            Some(a) => a.clone(),
+            None if addr.ip().is_unspecified() => {
+                tracing::warn!("--listen-address is a wildcard address: set --advertise-address so that other proxies can forward cancel requests for this proxy's sessions");
+                String::new()
+            }
+            None => addr.to_string(),
+        }
+    }
+
     /// Terminate mode's settings (`None` in passthrough); refuses combinations that cannot
     /// work rather than ignore a flag.
     fn terminate(&self) -> anyhow::Result<Option<Arc<proxy::tls::Terminate>>> {
@@ -281,6 +299,10 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
             .spawn(move || serve_metrics_thread(l, m, r, &c, stop))
             .context("cannot start the metrics thread")?;
     }
+    let owner = proxy::cancel::owner_id(&uid);
+    let peers = Some(Arc::new(proxy::peers::Peers {
+        store: store.clone(),
+    }));
     let discovery = Discovery {
         store,
         uid,
@@ -291,6 +313,8 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         ro_max_lag: args.ro_port.map(|_| args.ro_max_lag),
         faults: control::faults::from_env(),
         drain_timeout: args.drain_timeout,
+        cancel_id: owner,
+        cancel_address: args.cancel_address(addr),
     };
     let mut discovery = tokio::spawn(discovery.run(stop_discovery.clone()));
 
@@ -307,7 +331,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         args.hold_max_sessions,
         metrics.clone(),
     ));
-    let cancel_keys = Arc::new(proxy::cancel::Keys::default());
+    let cancel_keys = Arc::new(proxy::cancel::Keys::new(owner));
     let tls = args.terminate()?;
     if let Some(t) = &tls {
         tokio::spawn(reload_certificate(t.clone()));
@@ -328,6 +352,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
                 hold: hold.clone(),
                 cancel_keys: cancel_keys.clone(),
                 tls: tls.clone(),
+                peers: peers.clone(),
             }),
             listening: listening_rx.clone(),
             limit: limit.clone(),

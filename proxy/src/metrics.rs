@@ -71,6 +71,13 @@ pub struct Metrics {
     /// ProxyInfo writes, and lease keep-alives in their place: the store load of this proxy.
     pub info_writes: Counter,
     pub info_keepalives: Counter,
+    /// CancelRequests by where they went.
+    pub cancels: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
 }
 
 impl Metrics {
@@ -125,10 +132,22 @@ impl Metrics {
             self.info_writes.clone(),
         );
         r.register(
+            "cancel_requests",
+            "CancelRequests by where they went: local (a session of this proxy), peer (the \
+             proxy that minted the key), peer_unknown, ended (its session is over), not_minted \
+             (a server's own key: sent to this listener's servers)",
+            self.cancels.clone(),
+        );
+        r.register(
             "info_keepalives",
             "ProxyInfo lease keep-alives (checks that wrote nothing)",
             self.info_keepalives.clone(),
         );
+    }
+
+    /// A CancelRequest handled: local, peer, peer_unknown, ended or not_minted.
+    pub fn cancel(&self, result: &'static str) {
+        self.cancels.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub fn closed(&self, reason: CloseReason) {

@@ -139,10 +139,6 @@ pub struct TxState {
     /// A drain that has waited long enough for this session to fall quiet: it closes it
     /// at its next transaction boundary instead.
     pub(crate) forced: bool,
-    /// The server's BackendKeyData, looked for from the start of its stream, and the key
-    /// once found (a read-only session registers it, so its cancels reach its standby).
-    pub(crate) key: crate::cancel::KeySniffer,
-    pub(crate) found_key: Option<Vec<u8>>,
 }
 
 impl TxState {
@@ -163,8 +159,6 @@ impl TxState {
             activity: 0,
             idle_at: std::time::Instant::now(),
             forced: false,
-            key: crate::cancel::KeySniffer::default(),
-            found_key: None,
         };
         st.from_client(replayed_tail);
         st
@@ -223,11 +217,6 @@ impl TxState {
                 return;
             }
             bytes = &bytes[1..];
-        }
-        if !self.key.done() {
-            if let Some(k) = self.key.feed(bytes) {
-                self.found_key = Some(k);
-            }
         }
         let (mut answered, mut last) = (0u64, None);
         let fed = self.server.feed(bytes, |kind, first| {

@@ -89,6 +89,8 @@ async fn start_doc(doc: Option<ClusterData>) -> Sim {
         ro_max_lag: None,
         faults: control::faults::Faults::NONE,
         drain_timeout: Duration::from_secs(5),
+        cancel_id: proxy::cancel::owner_id("p1"),
+        cancel_address: "127.0.0.1:5432".into(),
     };
     tokio::spawn(d.run(stop.clone()));
     Sim {

@@ -367,6 +367,22 @@ async fn terminated_clients_are_served_over_tls_and_in_the_clear() {
         .await
         .expect("tokio-postgres over TLS");
     assert!(!server_side_ssl(&c).await);
+    // A cancel over TLS (tokio-postgres opens it as its session: SSLRequest, handshake,
+    // CancelRequest inside) reaches the session by the key the proxy minted.
+    let token = c.cancel_token();
+    let sleeper =
+        tokio::spawn(async move { c.simple_query("select pg_sleep(60)").await.map(drop) });
+    let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).expect("ssl");
+    b.set_ca_file(&ca).expect("ca");
+    let tls = postgres_openssl::MakeTlsConnector::new(b.build());
+    let cancelled = wait_for(Duration::from_secs(15), || async {
+        let _ = token.cancel_query(tls.clone()).await;
+        sleeper.is_finished()
+    })
+    .await;
+    assert!(cancelled, "{}", proxy.log_text());
+    let err = sleeper.await.expect("task").expect_err("cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
     // Plaintext is still served (no --client-tls-required).
     let plain = proxy.connect().await.expect("plaintext client");
     assert_eq!(server_port(&plain).await.expect("port"), s.pgs[0].port());

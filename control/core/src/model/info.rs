@@ -121,6 +121,17 @@ pub struct ProxyInfo {
         skip_serializing_if = "is_default"
     )]
     pub lease_liveness: bool,
+    /// Our addition: the process ID this proxy puts in the cancel keys it mints, and the
+    /// address where it takes CancelRequests, so another proxy that receives one of its
+    /// keys forwards the cancel there. Empty: it cannot be reached that way.
+    #[serde(rename = "stolonCancelId", default, skip_serializing_if = "is_default")]
+    pub cancel_id: u32,
+    #[serde(
+        rename = "stolonCancelAddress",
+        default,
+        skip_serializing_if = "is_default"
+    )]
+    pub cancel_address: String,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

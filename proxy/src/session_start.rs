@@ -1,0 +1,222 @@
+//! A session's start, from the server's first answer to its first ReadyForQuery: both ways
+//! are relayed (authentication goes back and forth), the server's messages read whole, and
+//! its BackendKeyData replaced by a key the proxy mints (see `cancel`). Then the relay
+//! takes over. The client's bytes are passed on as they come.
+
+use crate::cancel::{KeyGuard, Keys};
+use crate::metrics::{Direction, Metrics};
+use crate::relay::End;
+use crate::txstate::TxState;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// A startup message longer than this is not what PostgreSQL sends before its first
+/// ReadyForQuery (authentication requests, ParameterStatus, notices are small): the proxy
+/// stops reading messages and passes the stream on as it is.
+const MAX_START_MESSAGE: usize = 1 << 20;
+
+/// What the server said so far, cut into whole messages.
+#[derive(Default)]
+struct ServerMessages {
+    buf: Vec<u8>,
+}
+
+/// What one pass over the server's bytes found.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Wait for more bytes.
+    More,
+    /// ReadyForQuery was passed, or the stream is not what a start looks like: the rest is
+    /// the relay's.
+    Done,
+}
+
+impl ServerMessages {
+    /// Moves every whole message from the buffer to `out`, a BackendKeyData through
+    /// `mint` (which gives the body the client sees).
+    fn drain(&mut self, out: &mut Vec<u8>, mut mint: impl FnMut(&[u8]) -> Vec<u8>) -> Step {
+        let mut at = 0;
+        let step = loop {
+            let rest = &self.buf[at..];
+            if rest.len() < 5 {
+                break Step::More;
+            }
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if !(4..=MAX_START_MESSAGE).contains(&len) {
+                break Step::Done;
+            }
+            let Some(msg) = rest.get(..1 + len) else {
+                break Step::More;
+            };
+            match msg[0] {
+                b'K' if (8..=4 + crate::protocol::MAX_CANCEL_KEY).contains(&(len - 4)) => {
+                    let minted = mint(&msg[5..]);
+                    out.push(b'K');
+                    out.extend(((minted.len() + 4) as u32).to_be_bytes());
+                    out.extend(minted);
+                }
+                _ => out.extend_from_slice(msg),
+            }
+            at += msg.len();
+            if msg[0] == b'Z' {
+                break Step::Done;
+            }
+        };
+        self.buf.drain(..at);
+        if step == Step::Done {
+            // After ReadyForQuery (or on a stream it cannot read) everything goes as it is.
+            out.append(&mut self.buf);
+        }
+        step
+    }
+}
+
+/// The session's start, `answer` being what the server sent first (already fed to `tx`).
+/// `Ok` with the key's registration (none if the server sent no key) once the relay can
+/// take over; `Err` if the session ended during it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run<C, S>(
+    client: &mut C,
+    server: &mut S,
+    answer: Vec<u8>,
+    tx: &mut TxState,
+    token: &CancellationToken,
+    keys: &Arc<Keys>,
+    addr: &Arc<str>,
+    metrics: &Metrics,
+) -> Result<Option<KeyGuard>, End>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut messages = ServerMessages { buf: answer };
+    let mut guard = None;
+    let mut out = Vec::new();
+    let mut cbuf = vec![0u8; 4096];
+    let mut sbuf = vec![0u8; 8192];
+    loop {
+        let step = messages.drain(&mut out, |real| {
+            let (key, g) = keys.mint(real.to_vec(), addr.clone());
+            guard = Some(g);
+            key
+        });
+        if !out.is_empty() {
+            let written = async {
+                client.write_all(&out).await?;
+                client.flush().await
+            };
+            written.await.map_err(End::Error)?;
+            metrics.add_bytes(Direction::ServerToClient, out.len() as u64);
+            out.clear();
+        }
+        if step == Step::Done {
+            return Ok(guard);
+        }
+        tokio::select! {
+            _ = token.cancelled() => return Err(End::Severed),
+            r = client.read(&mut cbuf) => {
+                let n = r.map_err(End::Error)?;
+                if n == 0 {
+                    return Err(End::ClientClosed);
+                }
+                tx.from_client(&cbuf[..n]);
+                let written = async {
+                    server.write_all(&cbuf[..n]).await?;
+                    server.flush().await
+                };
+                written.await.map_err(End::Error)?;
+                metrics.add_bytes(Direction::ClientToServer, n as u64);
+            }
+            r = server.read(&mut sbuf) => {
+                let n = r.map_err(End::Error)?;
+                if n == 0 {
+                    return Err(End::ServerClosed);
+                }
+                tx.from_server(&sbuf[..n]);
+                messages.buf.extend_from_slice(&sbuf[..n]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind];
+        v.extend(((body.len() + 4) as u32).to_be_bytes());
+        v.extend(body);
+        v
+    }
+
+    /// A start as PostgreSQL sends it after a password exchange, and a query's answer
+    /// right behind it (a client that pipelined its first query).
+    fn start(key: &[u8]) -> Vec<u8> {
+        let mut v = msg(b'R', &[0, 0, 0, 0]);
+        v.extend(msg(b'S', b"server_version\x0015\x00"));
+        v.extend(msg(b'K', key));
+        v.extend(msg(b'Z', b"I"));
+        v.extend(msg(b'C', b"SELECT 1\x00"));
+        v
+    }
+
+    #[test]
+    fn the_key_is_replaced_in_any_split_of_the_stream_and_the_rest_passes_as_it_is() {
+        let key = [0, 0, 0x30, 0x39, 1, 2, 3, 4];
+        let minted = [0xa0, 0, 0, 1, 9, 9, 9, 9];
+        let stream = start(&key);
+        let mut want = msg(b'R', &[0, 0, 0, 0]);
+        want.extend(msg(b'S', b"server_version\x0015\x00"));
+        want.extend(msg(b'K', &minted));
+        want.extend(msg(b'Z', b"I"));
+        want.extend(msg(b'C', b"SELECT 1\x00"));
+        for cut in 0..=stream.len() {
+            let mut m = ServerMessages::default();
+            let mut out = Vec::new();
+            let mut seen = Vec::new();
+            let mut steps = Vec::new();
+            for (i, part) in [&stream[..cut], &stream[cut..]].into_iter().enumerate() {
+                m.buf.extend_from_slice(part);
+                steps.push(m.drain(&mut out, |real| {
+                    seen.push(real.to_vec());
+                    minted.to_vec()
+                }));
+                if steps.last() == Some(&Step::Done) {
+                    if i == 0 {
+                        // The relay has the rest, as it is.
+                        out.extend_from_slice(&stream[cut..]);
+                    }
+                    break;
+                }
+            }
+            assert_eq!(out, want, "cut {cut}");
+            assert_eq!(seen, vec![key.to_vec()], "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn an_error_before_ready_for_query_passes_and_nonsense_ends_the_reading() {
+        let mut m = ServerMessages::default();
+        let mut out = Vec::new();
+        let err = msg(b'E', b"SFATAL\0C28P01\0Mpassword authentication failed\0\0");
+        m.buf.extend_from_slice(&err);
+        assert_eq!(m.drain(&mut out, |_| unreachable!()), Step::More);
+        assert_eq!(out, err);
+        // A length no start message has: the rest goes as it is.
+        let mut m = ServerMessages::default();
+        let mut out = Vec::new();
+        let junk = [b'X', 0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        m.buf.extend_from_slice(&junk);
+        assert_eq!(m.drain(&mut out, |_| unreachable!()), Step::Done);
+        assert_eq!(out, junk);
+        // A key too short to be one is passed unchanged.
+        let mut m = ServerMessages::default();
+        let mut out = Vec::new();
+        let short = msg(b'K', &[1, 2, 3]);
+        m.buf.extend_from_slice(&short);
+        assert_eq!(m.drain(&mut out, |_| unreachable!()), Step::More);
+        assert_eq!(out, short);
+    }
+}
