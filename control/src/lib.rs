@@ -5,6 +5,7 @@
 //! the store under their old paths (`control::model`, `control::store`, ...).
 #![deny(unsafe_code)]
 
+pub mod auth_sql;
 pub mod cli;
 pub mod faults;
 pub mod metrics;

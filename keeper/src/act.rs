@@ -597,6 +597,7 @@ impl Keeper {
                             self.settings.repl_password.as_deref(),
                         )
                         .await?;
+                        self.ensure_auth_role(&client).await?;
                     }
                 }
                 return Ok(());
@@ -625,6 +626,19 @@ impl Keeper {
             self.settings.repl_password.as_deref(),
         )
         .await?;
+        self.ensure_auth_role(&client).await?;
+        Ok(())
+    }
+
+    /// The proxy's auth role and lookup function, when `--pg-auth-username` is set.
+    async fn ensure_auth_role(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
+        if let Some((user, password)) = &self.settings.auth {
+            sql::ensure_auth_role(client, user, password)
+                .await
+                .with_context(|| {
+                    format!("cannot create the auth role {user} and its lookup function")
+                })?;
+        }
         Ok(())
     }
 

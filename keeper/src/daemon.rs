@@ -34,6 +34,8 @@ pub struct Settings {
     pub advertise_port: u16,
     pub su_password: Option<String>,
     pub repl_password: Option<String>,
+    /// `--pg-auth-username` and its password: the proxy's auth role, kept on the master.
+    pub auth: Option<(String, String)>,
     pub can_be_master: bool,
     pub can_be_sync: bool,
     pub priority: i32,

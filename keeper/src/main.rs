@@ -62,6 +62,14 @@ struct Args {
     /// File holding the replication password
     #[arg(long)]
     pg_repl_passwordfile: Option<PathBuf>,
+    /// Role the proxies' --auth-user logs in as to look up other roles' stored passwords
+    /// (stolon-proxy --client-tls terminate): the keeper creates it and its lookup function
+    /// on the master, as it does the replication role (off by default)
+    #[arg(long, requires = "pg_auth_passwordfile")]
+    pg_auth_username: Option<String>,
+    /// File holding the --pg-auth-username password
+    #[arg(long, requires = "pg_auth_username")]
+    pg_auth_passwordfile: Option<PathBuf>,
     /// Replication authentication method
     #[arg(long, value_enum, default_value = "md5")]
     pg_repl_auth_method: AuthMethod,
@@ -133,6 +141,25 @@ fn password(
 
 /// A password file as it is (its trailing newline is `passwords::trim`'s), with Go's warning
 /// when others than its owner may read it.
+/// `--pg-auth-username` with the password from `--pg-auth-passwordfile` (trailing CR/LF
+/// removed), or none.
+fn auth_role(args: &Args) -> anyhow::Result<Option<(String, String)>> {
+    let (Some(user), Some(file)) = (&args.pg_auth_username, &args.pg_auth_passwordfile) else {
+        return Ok(None);
+    };
+    let raw = read_password_file(file)?;
+    let password = raw.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        bail!("password file {} is empty", file.display());
+    }
+    for other in [&args.pg_repl_username] {
+        if other == user {
+            bail!("--pg-auth-username {user} is the replication role: give the proxies' auth role its own name");
+        }
+    }
+    Ok(Some((user.clone(), password.to_string())))
+}
+
 fn read_password_file(f: &std::path::Path) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let cannot =
@@ -247,6 +274,7 @@ fn main() -> anyhow::Result<()> {
         &args.pg_repl_passwordfile,
         args.pg_repl_auth_method,
     )?;
+    let auth = auth_role(&args)?;
     let su_user = args
         .pg_su_username
         .clone()
@@ -331,6 +359,7 @@ fn main() -> anyhow::Result<()> {
             advertise_port: args.pg_advertise_port.unwrap_or(args.pg_port),
             su_password,
             repl_password,
+            auth,
             can_be_master: args.can_be_master,
             can_be_sync: args.can_be_synchronous_replica,
             priority: args.priority,

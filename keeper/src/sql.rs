@@ -223,6 +223,31 @@ pub async fn ensure_repl_role(
     client.batch_execute(&sql).await
 }
 
+/// Creates (or updates) the proxy's auth role (`--pg-auth-username`) and the lookup function
+/// it calls (`control::auth_sql`), on the master.
+pub async fn ensure_auth_role(
+    client: &Client,
+    user: &str,
+    password: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+        .await?
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    // NOSUPERUSER and nothing else: the role can call the lookup function, no more. The
+    // statement holds a password: it is never logged by the keeper.
+    let sql = format!(
+        "{verb} ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION PASSWORD {}",
+        ident(user),
+        literal(password)
+    );
+    client.batch_execute(&sql).await?;
+    client
+        .batch_execute(&control::auth_sql::lookup_function_sql(user))
+        .await
+}
+
 /// Physical replication slots: creates `wanted`, drops stale `stolon_*` ones, leaves the
 /// others alone.
 pub async fn sync_slots(client: &Client, wanted: &[String]) -> Result<(), tokio_postgres::Error> {

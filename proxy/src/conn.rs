@@ -56,6 +56,8 @@ pub struct Ctx {
     /// `--client-tls terminate`: the proxy's TLS with clients and servers (`None`: clients'
     /// TLS passes through).
     pub tls: Option<Arc<crate::tls::Terminate>>,
+    /// `--auth-user` (terminate mode): the proxy authenticates clients itself.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// The read-only listener's choice when no standby qualifies.
@@ -290,30 +292,34 @@ where
             answer,
             task,
             addr,
-            visible,
+            user,
         }) => {
             // Counted in its lane until the session ends (the relay takes its own count too).
             let _task = task;
             let token = lane.refs(&route, false).token.clone();
-            let started = if visible {
-                crate::session_start::run(
-                    &mut client,
-                    &mut server,
-                    answer,
-                    &mut tx,
-                    &token,
-                    &ctx.cancel_keys,
-                    &addr,
-                    &ctx.metrics,
-                )
-                .await
-                .map_err(|end| close_reason(end, &lane.refs(&route, false)))
-            } else {
-                write_answer(&mut client, &answer, ctx).await.map(|()| None)
+            let started = match user {
+                Some(user) => {
+                    let s = crate::session_start::Start {
+                        token: &token,
+                        addr: &addr,
+                        user: &user,
+                        ctx,
+                    };
+                    s.begin(&mut client, &mut server, answer, &mut tx)
+                        .await
+                        .map_err(|end| {
+                            end.map_or(CloseReason::AuthFailed, |e| {
+                                close_reason(e, &lane.refs(&route, false))
+                            })
+                        })
+                }
+                None => write_answer(&mut client, &answer, ctx)
+                    .await
+                    .map(|()| Default::default()),
             };
             match started {
-                // The key leads to this session until it ends.
-                Ok(_key) => session(client, server, route, lane, *tx).await,
+                // The key leads to this session, and its credentials are kept, until it ends.
+                Ok(_started) => session(client, server, route, lane, *tx).await,
                 Err(reason) => reason,
             }
         }
@@ -361,9 +367,10 @@ enum Prepared {
         task: tokio_util::task::task_tracker::TaskTrackerToken,
         /// The server's address, where the session's cancels go.
         addr: Arc<str>,
-        /// The session starts with a startup message the proxy replayed: its messages are
-        /// readable from the start (not TLS passed through), and it gets a minted key.
-        visible: bool,
+        /// The startup message's user, when the proxy replayed one: the session's messages
+        /// are readable from the start (not TLS passed through), it gets a minted key and
+        /// may be authenticated by the proxy. `None`: an opaque session.
+        user: Option<String>,
     },
 }
 
@@ -575,10 +582,16 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
     };
     let mut tx = tx_state(bytes);
     tx.from_server(&answer);
-    let visible = matches!(
-        protocol::parse(bytes),
-        Ok(Some((Startup::Startup { .. }, _)))
-    );
+    let user = match protocol::parse(bytes) {
+        Ok(Some((Startup::Startup { params, .. }, _))) => Some(
+            params
+                .iter()
+                .find(|(k, _)| *k == b"user")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default(),
+        ),
+        _ => None,
+    };
     Ok(Prepared::Session {
         server,
         route,
@@ -587,7 +600,7 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         answer,
         task,
         addr,
-        visible,
+        user,
     })
 }
 

@@ -42,6 +42,7 @@ fn ctx(routes: Arc<Routes>) -> Ctx {
         hold: Arc::new(crate::hold::Hold::new(Duration::ZERO, 0, metrics)),
         cancel_keys: Arc::new(crate::cancel::Keys::new(crate::cancel::owner_id("p1"))),
         peers: None,
+        auth: None,
         tls: None,
     }
 }

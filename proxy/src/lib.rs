@@ -2,6 +2,7 @@
 //! the one master named in the store; severs every session to an old master at once.
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod cancel;
 pub mod conn;
 pub mod discovery;

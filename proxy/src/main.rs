@@ -129,9 +129,53 @@ struct Args {
     /// (0.0.0.0, ::): then such cancels are not forwarded here
     #[arg(long)]
     advertise_address: Option<String>,
+    /// In terminate mode, authenticate clients at the proxy: the role whose login reads
+    /// other roles' stored passwords through the lookup function the keeper keeps
+    /// (keeper --pg-auth-username; README "TLS and authentication"). Roles it cannot check
+    /// pass through to the server
+    #[arg(long, requires = "auth_passwordfile")]
+    auth_user: Option<String>,
+    /// File with the --auth-user's password (trailing newlines removed)
+    #[arg(long, requires = "auth_user")]
+    auth_passwordfile: Option<std::path::PathBuf>,
+    /// Database the --auth-user logs into for lookups (where the lookup function is)
+    #[arg(long, default_value = "postgres")]
+    auth_dbname: String,
+    /// How long a role's looked-up password is used before it is read again (a failed
+    /// login reads it again at once)
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    auth_cache_ttl: Duration,
 }
 
 impl Args {
+    /// `--auth-user` (terminate mode only).
+    fn auth(&self) -> anyhow::Result<Option<Arc<proxy::auth::Auth>>> {
+        let (Some(user), Some(file)) = (&self.auth_user, &self.auth_passwordfile) else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            self.client_tls == proxy::tls::ClientTlsMode::Terminate,
+            "--auth-user needs --client-tls terminate (in passthrough the proxy cannot read the session)"
+        );
+        let password = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read --auth-passwordfile {}", file.display()))?;
+        let password = password.trim_end_matches(['\r', '\n']).to_string();
+        anyhow::ensure!(
+            !password.is_empty(),
+            "--auth-passwordfile {} is empty",
+            file.display()
+        );
+        let role = proxy::auth::lookup::AuthRole {
+            user: user.clone(),
+            password,
+            database: self.auth_dbname.clone(),
+        };
+        Ok(Some(Arc::new(proxy::auth::Auth::new(
+            role,
+            self.auth_cache_ttl,
+        ))))
+    }
+
     /// Where other proxies forward cancels for this proxy's sessions ("" if nowhere).
     fn cancel_address(&self, addr: SocketAddr) -> String {
         match &self.advertise_address {
@@ -333,6 +377,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
     ));
     let cancel_keys = Arc::new(proxy::cancel::Keys::new(owner));
     let tls = args.terminate()?;
+    let auth = args.auth()?;
     if let Some(t) = &tls {
         tokio::spawn(reload_certificate(t.clone()));
         tracing::info!(
@@ -353,6 +398,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
                 cancel_keys: cancel_keys.clone(),
                 tls: tls.clone(),
                 peers: peers.clone(),
+                auth: auth.clone(),
             }),
             listening: listening_rx.clone(),
             limit: limit.clone(),

@@ -29,6 +29,8 @@ pub enum CloseReason {
     RejectedTimeout,
     BackendUnreachable,
     ClientGone,
+    /// The proxy refused the client's authentication (a wrong password).
+    AuthFailed,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +75,8 @@ pub struct Metrics {
     pub info_keepalives: Counter,
     /// CancelRequests by where they went.
     pub cancels: Family<ResultLabel, Counter>,
+    /// Session starts by who authenticated the client.
+    pub auth: Family<ResultLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +136,13 @@ impl Metrics {
             self.info_writes.clone(),
         );
         r.register(
+            "auth",
+            "Session starts by who authenticated the client (--auth-user): scram or md5 (the \
+             proxy), passthrough (the server: a role the proxy does not look up or cannot \
+             answer for), lookup_error (passed through), failed (refused by the proxy)",
+            self.auth.clone(),
+        );
+        r.register(
             "cancel_requests",
             "CancelRequests by where they went: local (a session of this proxy), peer (the \
              proxy that minted the key), peer_unknown, ended (its session is over), not_minted \
@@ -143,6 +154,11 @@ impl Metrics {
             "ProxyInfo lease keep-alives (checks that wrote nothing)",
             self.info_keepalives.clone(),
         );
+    }
+
+    /// A session start by who authenticated it (see the metric's help).
+    pub fn auth(&self, result: &'static str) {
+        self.auth.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// A CancelRequest handled: local, peer, peer_unknown, ended or not_minted.

@@ -223,6 +223,8 @@ pub mod sqlstate {
     /// invalid_authorization_specification: no pg_hba.conf entry (a plaintext session where
     /// TLS is required).
     pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// invalid_password: a wrong password.
+    pub const INVALID_PASSWORD: &str = "28P01";
 }
 
 #[cfg(test)]

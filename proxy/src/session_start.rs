@@ -3,9 +3,13 @@
 //! its BackendKeyData replaced by a key the proxy mints (see `cancel`). Then the relay
 //! takes over. The client's bytes are passed on as they come.
 
+use crate::auth::exchange;
+use crate::auth::{Credentials, Secret};
 use crate::cancel::{KeyGuard, Keys};
+use crate::conn::{ClientStream, Ctx};
 use crate::metrics::{Direction, Metrics};
 use crate::relay::End;
+use crate::stream::Stream;
 use crate::txstate::TxState;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -137,6 +141,162 @@ where
                 messages.buf.extend_from_slice(&sbuf[..n]);
             }
         }
+    }
+}
+
+/// A session about to start: what `begin` needs besides the streams.
+pub(crate) struct Start<'a> {
+    pub token: &'a CancellationToken,
+    pub addr: &'a Arc<str>,
+    pub user: &'a str,
+    pub ctx: &'a Ctx,
+}
+
+/// What a started session keeps until it ends.
+#[derive(Default)]
+pub(crate) struct Started {
+    /// Its minted cancel key's registration (the key leads nowhere once dropped).
+    #[expect(dead_code, reason = "held for its Drop")]
+    pub key: Option<KeyGuard>,
+    /// The client's credentials, when the proxy authenticated it: what a later session on
+    /// another server would authenticate with.
+    #[expect(
+        dead_code,
+        reason = "kept for the session's life; nothing opens another yet"
+    )]
+    pub credentials: Option<Credentials>,
+}
+
+impl Start<'_> {
+    /// Authenticates the client at the proxy when it can (`--auth-user`), then relays the
+    /// rest of the start. `Err(None)`: the proxy refused the client (it got the error).
+    pub(crate) async fn begin<C>(
+        &self,
+        client: &mut C,
+        server: &mut Stream,
+        mut answer: Vec<u8>,
+        tx: &mut TxState,
+    ) -> Result<Started, Option<End>>
+    where
+        C: ClientStream,
+    {
+        let mut credentials = None;
+        if let Some(asked) = self
+            .ctx
+            .auth
+            .as_ref()
+            .and_then(|_| exchange::asked(&answer))
+        {
+            if let Some(secret) = self.secret(&asked).await {
+                let binding = self
+                    .ctx
+                    .tls
+                    .as_ref()
+                    .filter(|_| client.encrypted())
+                    .and_then(|t| t.acceptor.end_point());
+                let done = exchange::run(
+                    client,
+                    server,
+                    asked,
+                    &secret,
+                    self.user,
+                    binding.as_deref(),
+                )
+                .await;
+                match done {
+                    Ok((rest, creds)) => {
+                        let how = match creds {
+                            Credentials::Scram { .. } => "scram",
+                            Credentials::Md5(_) => "md5",
+                        };
+                        self.ctx.metrics.auth(how);
+                        tx.from_server(&rest);
+                        answer = rest;
+                        credentials = Some(creds);
+                    }
+                    Err(f) => return Err(self.refused(client, f).await),
+                }
+            }
+        }
+        let key = run(
+            client,
+            server,
+            answer,
+            tx,
+            self.token,
+            &self.ctx.cancel_keys,
+            self.addr,
+            &self.ctx.metrics,
+        )
+        .await
+        .map_err(Some)?;
+        Ok(Started { key, credentials })
+    }
+
+    async fn refused<C>(&self, client: &mut C, f: exchange::Failure) -> Option<End>
+    where
+        C: ClientStream,
+    {
+        tracing::debug!(
+            user = self.user,
+            why = f.why,
+            "authentication at the proxy failed"
+        );
+        if f.forget {
+            if let Some(auth) = &self.ctx.auth {
+                auth.forget(self.user);
+            }
+        }
+        if let Some(e) = f.error {
+            let _ = crate::auth::wire::send(client, &e).await;
+        }
+        self.ctx.metrics.auth("failed");
+        None
+    }
+
+    /// The role's secret if the proxy can answer `asked` with it; `None` to pass through.
+    async fn secret(&self, asked: &exchange::Asked) -> Option<Secret> {
+        let auth = self.ctx.auth.as_ref()?;
+        let secret = match auth.cached(self.user) {
+            Some(s) => s,
+            None => match self.look_up(auth).await {
+                Ok(s) => {
+                    if s.is_none() {
+                        tracing::info!(user = self.user, "role passed through to the server: the lookup gives no password the proxy can check (unknown role, no login, superuser, expired, or none); its sessions cannot be moved to another server");
+                    }
+                    auth.remember(self.user, s.clone());
+                    s
+                }
+                Err(e) => {
+                    if crate::conn::warn_now(self.addr) {
+                        tracing::warn!(user = self.user, error = format!("{e:#}"), "cannot look up the role through --auth-user: passing its session through to the server");
+                    }
+                    self.ctx.metrics.auth("lookup_error");
+                    return None;
+                }
+            },
+        };
+        match secret {
+            Some(s) if exchange::fits(asked, &s) => Some(s),
+            _ => {
+                self.ctx.metrics.auth("passthrough");
+                None
+            }
+        }
+    }
+
+    async fn look_up(&self, auth: &crate::auth::Auth) -> anyhow::Result<Option<Secret>> {
+        let timeout = self.ctx.config.connect_timeout;
+        let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&**self.addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out connecting to {}", self.addr))??;
+        let stream = match &self.ctx.tls {
+            Some(t) => crate::terminate::to_server(tcp, self.addr, t, "the server", timeout)
+                .await
+                .map_err(|r| anyhow::anyhow!("{}", r.message))?,
+            None => Stream::Plain(tcp),
+        };
+        crate::auth::lookup::lookup(stream, &auth.role, self.user, timeout).await
     }
 }
 

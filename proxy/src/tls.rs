@@ -69,8 +69,15 @@ fn stamp(files: &CertFiles) -> Option<Stamp> {
 /// a handshake under way keeps the one it started with.
 pub struct Acceptor {
     files: Option<CertFiles>,
-    current: ArcSwapOption<ServerConfig>,
+    current: ArcSwapOption<Loaded>,
     stamp: Mutex<Option<Stamp>>,
+}
+
+/// A loaded certificate: the handshake's configuration and the certificate's
+/// tls-server-end-point hash (SCRAM channel binding).
+struct Loaded {
+    config: Arc<ServerConfig>,
+    end_point: Vec<u8>,
 }
 
 impl Acceptor {
@@ -84,7 +91,7 @@ impl Acceptor {
         };
         if let Some(f) = &a.files {
             let s = stamp(f);
-            a.current.store(Some(server_config(f)?));
+            a.current.store(Some(Arc::new(server_config(f)?)));
             *a.stamp.lock().unwrap_or_else(|e| e.into_inner()) = s;
         }
         Ok(a)
@@ -92,7 +99,13 @@ impl Acceptor {
 
     /// The configuration for the next handshake; `None` when no certificate is configured.
     pub fn config(&self) -> Option<Arc<ServerConfig>> {
-        self.current.load_full()
+        self.current.load().as_ref().map(|l| l.config.clone())
+    }
+
+    /// The current certificate's tls-server-end-point hash. (A reload between a client's
+    /// handshake and its SCRAM exchange makes its binding fail once; it reconnects.)
+    pub fn end_point(&self) -> Option<Vec<u8>> {
+        self.current.load().as_ref().map(|l| l.end_point.clone())
     }
 
     /// Reloads if either file changed since the last load (`force`: whatever the files say,
@@ -109,7 +122,7 @@ impl Acceptor {
         }
         match server_config(f) {
             Ok(c) => {
-                self.current.store(Some(c));
+                self.current.store(Some(Arc::new(c)));
                 tracing::info!(cert = %f.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
@@ -142,8 +155,9 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("{}: no private key in the file", path.display()))
 }
 
-fn server_config(f: &CertFiles) -> anyhow::Result<Arc<ServerConfig>> {
+fn server_config(f: &CertFiles) -> anyhow::Result<Loaded> {
     let certs = read_certs(&f.cert)?;
+    let end_point = crate::auth::scram::end_point(&certs[0]);
     let key = read_key(&f.key)?;
     let mut c = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -158,7 +172,10 @@ fn server_config(f: &CertFiles) -> anyhow::Result<Arc<ServerConfig>> {
             )
         })?;
     c.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(Arc::new(c))
+    Ok(Loaded {
+        config: Arc::new(c),
+        end_point,
+    })
 }
 
 /// The client side of the proxy's TLS to the servers.

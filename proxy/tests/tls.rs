@@ -7,81 +7,13 @@
 
 mod common;
 
+use common::pki::*;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use testkit::{Etcd, Postgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A CA and certificates it signs, written as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        // PostgreSQL, running as its own OS user, reads its certificate from here.
-        let dir = testkit::temp_dir("pki").expect("dir");
-        testkit::postgres::chown_to_pg_user(dir.path()).expect("chown");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, "test ca");
-        let ca_key = KeyPair::generate().expect("key");
-        let ca = p.self_signed(&ca_key).expect("ca");
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write ca");
-        Pki { dir, ca, ca_key }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A certificate for 127.0.0.1 and localhost, named `name` (CN), valid now unless
-    /// `expired`; returns (cert file, key file).
-    fn issue(&self, name: &str, expired: bool) -> (PathBuf, PathBuf) {
-        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .expect("params");
-        p.distinguished_name.push(DnType::CommonName, name);
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2000, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2001, 1, 1);
-        }
-        let key = KeyPair::generate().expect("key");
-        let cert = p.signed_by(&key, &self.ca, &self.ca_key).expect("sign");
-        let (c, k) = (
-            self.dir.path().join(format!("{name}.crt")),
-            self.dir.path().join(format!("{name}.key")),
-        );
-        write_key_pair(&c, &k, &cert.pem(), &key.serialize_pem());
-        (c, k)
-    }
-}
-
-/// Writes a pair as PostgreSQL accepts its key: owned by its OS user, mode 0600.
-fn write_key_pair(cert: &Path, key: &Path, cert_pem: &str, key_pem: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    // Written beside and renamed: a reload never reads half a file.
-    let (tc, tk) = (cert.with_extension("tmp-c"), key.with_extension("tmp-k"));
-    std::fs::write(&tc, cert_pem).expect("cert");
-    std::fs::write(&tk, key_pem).expect("key");
-    std::fs::set_permissions(&tk, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    testkit::postgres::chown_to_pg_user(&tc).expect("chown");
-    testkit::postgres::chown_to_pg_user(&tk).expect("chown");
-    std::fs::rename(&tk, key).expect("rename");
-    std::fs::rename(&tc, cert).expect("rename");
-}
-
-fn ssl_settings(cert: &Path, key: &Path) -> Vec<(String, String)> {
-    vec![
-        ("ssl".into(), "on".into()),
-        ("ssl_cert_file".into(), cert.display().to_string()),
-        ("ssl_key_file".into(), key.display().to_string()),
-    ]
-}
 
 /// etcd, and one PostgreSQL per certificate (ssl on), routed to db0 with proxy p1 enabled.
 async fn setup(pki: &Pki, certs: &[(&str, bool)]) -> Setup {
@@ -99,17 +31,6 @@ async fn setup(pki: &Pki, certs: &[(&str, bool)]) -> Setup {
     let s = Setup { etcd, pgs, store };
     s.route_to("db0", &["p1"], 1).await;
     s
-}
-
-fn terminate_flags(cert: &Path, key: &Path) -> Vec<String> {
-    vec![
-        "--client-tls".into(),
-        "terminate".into(),
-        "--tls-cert-file".into(),
-        cert.display().to_string(),
-        "--tls-key-file".into(),
-        key.display().to_string(),
-    ]
 }
 
 fn spawn(s: &Setup, flags: &[String]) -> Proxy {
@@ -146,22 +67,6 @@ async fn wait_psql(proxy: &Proxy, sslmode: &str, ca: &Path) {
         "psql sslmode={sslmode} through the proxy\n{}",
         proxy.log_text()
     );
-}
-
-/// tokio-postgres over OpenSSL, verifying the proxy against `ca`.
-async fn tls_client(
-    proxy: &Proxy,
-    ca: &Path,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).expect("ssl");
-    b.set_ca_file(ca).expect("ca");
-    let tls = postgres_openssl::MakeTlsConnector::new(b.build());
-    let conninfo = format!("{} sslmode=require", proxy.conninfo());
-    let (client, conn) = tokio_postgres::connect(&conninfo, tls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
 }
 
 /// Whether the proxy's own session to the server is encrypted.

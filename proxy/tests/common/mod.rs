@@ -2,6 +2,8 @@
 //! clusterdata, and the `stolon-proxy` binary as a child process.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use control::model::{ClusterData, ProxyInfo};
 use control::store::etcd::{EtcdConfig, EtcdStore};
 use control::store::timed::Timed;
