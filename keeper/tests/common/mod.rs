@@ -216,6 +216,11 @@ impl Env {
 impl Env {
     /// A stolon-proxy on a free port; returns its process and port.
     pub fn proxy(&self) -> (ChildGuard, PortGuard) {
+        self.proxy_with(&[])
+    }
+
+    /// A stolon-proxy with extra flags.
+    pub fn proxy_with(&self, extra: &[&str]) -> (ChildGuard, PortGuard) {
         let port = free_port();
         let (_, f) = self.log_file("proxy");
         let exe = PathBuf::from(env!("CARGO_BIN_EXE_stolon-keeper")).with_file_name("stolon-proxy");
@@ -227,6 +232,7 @@ impl Env {
         let mut cmd = Command::new(exe);
         cmd.args(self.common_args())
             .args(["--port", &port.0.to_string(), "--uid", "p1"])
+            .args(extra)
             .stdout(Stdio::from(f.try_clone().expect("log")))
             .stderr(Stdio::from(f));
         (
