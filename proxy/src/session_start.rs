@@ -20,6 +20,21 @@ use tokio_util::sync::CancellationToken;
 /// stops reading messages and passes the stream on as it is.
 const MAX_START_MESSAGE: usize = 1 << 20;
 
+/// The server's start as the proxy passes it on when it arrives in `chunks`: every whole
+/// message up to ReadyForQuery, a BackendKeyData through `mint`, then the rest as it is.
+/// The bytes out, and whether the start was over (public for the fuzz target).
+pub fn pass_start(chunks: &[&[u8]], mut mint: impl FnMut(&[u8]) -> Vec<u8>) -> (Vec<u8>, bool) {
+    let mut m = ServerMessages::default();
+    let mut out = Vec::new();
+    for c in chunks {
+        m.buf.extend_from_slice(c);
+        if m.drain(&mut out, &mut mint) == Step::Done {
+            return (out, true);
+        }
+    }
+    (out, false)
+}
+
 /// What the server said so far, cut into whole messages.
 #[derive(Default)]
 struct ServerMessages {
