@@ -33,3 +33,14 @@ mod tests {
         assert!(sql.contains("TO \"a\"\"b\";"), "{sql}");
     }
 }
+
+#[cfg(test)]
+mod readme {
+    /// The README's SQL for those who create the function by hand is this module's.
+    #[test]
+    fn the_readme_shows_this_sql() {
+        let readme = include_str!("../../README.md");
+        let sql = super::lookup_function_sql("proxyauth");
+        assert!(readme.contains(&sql), "README.md \"TLS and authentication\" differs from lookup_function_sql");
+    }
+}
