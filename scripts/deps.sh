@@ -7,7 +7,8 @@
 #   run:    etcd 3 (server and etcdctl), PostgreSQL 15 server and client (psql, pgbench),
 #           iproute2 (ip netns for the partition tests), openssl (test TLS certificates),
 #           util-linux (runuser, setsid), procps, strace (the keeper's durability test),
-#           python3-pip where python3 has no pip (PostgreSQL 16 and 18 come from PyPI);
+#           python3-pip where python3 has no pip (PostgreSQL 16 and 18 come from PyPI),
+#           python3-psycopg2 (a real client of the proxy's tests: scripts/clients.sh);
 #   peers:  HAProxy and PgBouncer, which the benchmarks and tests compare against.
 # Each package is checked by the file the project uses, not by name only. As root it
 # installs; otherwise it prints the one command to run and fails.
@@ -39,6 +40,8 @@ need openssl openssl
 need util-linux runuser setsid
 need procps ps
 need strace strace
+# psycopg2 (libpq) is one of the real clients the proxy's client tests drive.
+need python3-psycopg2 /usr/lib/python3/dist-packages/psycopg2/__init__.py
 # pip installs PostgreSQL 16 and 18 from PyPI (scripts/pg-versions.sh).
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 

@@ -14,6 +14,8 @@ for a in "$@"; do
 done
 
 bash scripts/deps.sh
+# pgx and pgjdbc, real clients of the proxy's tests (proxy/tests/clients.rs).
+bash scripts/clients.sh
 # A clean clone's build has no use for incremental state (it saves ~2 GB of disk there).
 if [ "${CI:-}" = "true" ]; then
   export CARGO_INCREMENTAL=0

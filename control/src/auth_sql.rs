@@ -41,6 +41,9 @@ mod readme {
     fn the_readme_shows_this_sql() {
         let readme = include_str!("../../README.md");
         let sql = super::lookup_function_sql("proxyauth");
-        assert!(readme.contains(&sql), "README.md \"TLS and authentication\" differs from lookup_function_sql");
+        assert!(
+            readme.contains(&sql),
+            "README.md \"TLS and authentication\" differs from lookup_function_sql"
+        );
     }
 }

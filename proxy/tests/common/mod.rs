@@ -2,6 +2,7 @@
 //! clusterdata, and the `stolon-proxy` binary as a child process.
 #![allow(dead_code)]
 
+pub mod authdb;
 pub mod pki;
 
 use control::model::{ClusterData, ProxyInfo};

@@ -1,0 +1,75 @@
+// A pgx client for the proxy's client tests (proxy/tests/clients.rs): connects with the
+// libpq-style CONNINFO, then prints one line per check: "connect ok" or "connect error
+// <SQLSTATE>", "prepared <value>" for a named prepared statement, "cancel ok" when a
+// running pg_sleep was cancelled through a CancelRequest (pgx sends one when the context
+// ends) and the session still works.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+func code(err error) string {
+	var pg *pgconn.PgError
+	if errors.As(err, &pg) {
+		return pg.Code
+	}
+	return "none: " + err.Error()
+}
+
+func main() {
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, os.Getenv("CONNINFO"))
+	if err != nil {
+		fmt.Println("connect error", code(err))
+		return
+	}
+	defer conn.Close(ctx)
+	fmt.Println("connect ok")
+
+	if _, err := conn.Prepare(ctx, "plus_one", "select $1::int + 1"); err != nil {
+		fmt.Println("prepared error", code(err))
+		return
+	}
+	var v int
+	if err := conn.QueryRow(ctx, "plus_one", 41).Scan(&v); err != nil {
+		fmt.Println("prepared error", code(err))
+		return
+	}
+	fmt.Println("prepared", v)
+
+	// pgconn's CancelRequest: a CancelRequest with the session's key, on a new connection,
+	// sent every 200 ms until the query ends (the first may come before it runs).
+	done := make(chan error, 1)
+	pg := conn.PgConn()
+	start := time.Now()
+	go func() {
+		_, err := pg.Exec(ctx, "select pg_sleep(30)").ReadAll()
+		done <- err
+	}()
+
+wait:
+	for {
+		select {
+		case err = <-done:
+			break wait
+		case <-time.After(200 * time.Millisecond):
+			_ = pg.CancelRequest(ctx)
+		}
+	}
+	took := time.Since(start)
+	var one int
+	after := conn.QueryRow(ctx, "select 1").Scan(&one)
+	if err != nil && code(err) == "57014" && took < 20*time.Second && after == nil && one == 1 {
+		fmt.Println("cancel ok")
+	} else {
+		fmt.Println("cancel failed", err, took, after)
+	}
+}

@@ -1,0 +1,46 @@
+"""A psycopg2 (libpq) client for the proxy's client tests (proxy/tests/clients.rs): connects
+with the CONNINFO environment variable and prints one line per check: "connect ok" or
+"connect error <SQLSTATE or message>", "prepared <value>" for a PREPARE/EXECUTE pair,
+"cancel ok" when connection.cancel() (libpq's PQcancel: a CancelRequest with the session's
+key) stopped a running pg_sleep and the session still works."""
+import os
+import sys
+import threading
+import time
+
+import psycopg2
+
+try:
+    conn = psycopg2.connect(os.environ["CONNINFO"])
+except psycopg2.OperationalError as e:
+    # libpq reports a FATAL at connect as a message: the tests look for its words.
+    print("connect error", str(e).strip().replace("\n", " "))
+    sys.exit(0)
+conn.autocommit = True
+print("connect ok")
+cur = conn.cursor()
+cur.execute("PREPARE plus_one(int) AS SELECT $1 + 1")
+cur.execute("EXECUTE plus_one(41)")
+print("prepared", cur.fetchone()[0])
+
+outcome = {}
+
+
+def sleep():
+    try:
+        conn.cursor().execute("SELECT pg_sleep(30)")
+        outcome["r"] = "finished"
+    except psycopg2.Error as e:
+        outcome["r"] = e.pgcode
+
+
+t = threading.Thread(target=sleep)
+t.start()
+deadline = time.time() + 20
+while t.is_alive() and time.time() < deadline:
+    time.sleep(0.2)
+    conn.cancel()
+t.join(5)
+cur.execute("SELECT 1")
+works = cur.fetchone()[0] == 1
+print("cancel ok" if outcome.get("r") == "57014" and works else "cancel failed %s" % outcome)
