@@ -9,9 +9,7 @@ mod common;
 use common::authdb::*;
 use common::pki::*;
 use common::*;
-use std::path::Path;
 use std::time::Duration;
-use testkit::{Etcd, Postgres};
 
 /// psql through the proxy as `user` with `password`: the one value, or psql's error.
 fn psql_as(proxy: &Proxy, user: &str, password: &str, extra: &str) -> Result<String, String> {
