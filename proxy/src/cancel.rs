@@ -14,6 +14,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The longest BackendKeyData body: a 4-byte process ID and a secret of at most 256 bytes.
 const MAX_KEY: usize = 4 + 256;
@@ -142,6 +145,56 @@ pub struct KeyGuard {
 impl Drop for KeyGuard {
     fn drop(&mut self) {
         self.keys.lock().remove(&self.key);
+    }
+}
+
+/// Sends a CancelRequest where its key leads (see `cancel`): the server session a minted
+/// key belongs to now, the proxy that minted it, or (a key the proxy did not mint: a
+/// session it could not read) the backends of this listener: the master, or every standby
+/// of the read-only pool (and the master with the fallback), as PostgreSQL ignores a key it
+/// did not issue. PostgreSQL answers a cancel with nothing, and so does the proxy.
+pub(crate) async fn forward(ctx: &crate::conn::Ctx, packet: &[u8]) {
+    let timeout = ctx.config.connect_timeout;
+    let routed = request_key(packet).map(|k| ctx.cancel_keys.route(k));
+    let label = match routed {
+        Some(Routed::Local(t)) => {
+            cancel_one(&t.addr, &request_packet(&t.real), timeout).await;
+            "local"
+        }
+        Some(Routed::Peer(owner)) => match &ctx.peers {
+            Some(peers) => peers.forward(owner, packet, timeout).await,
+            None => "peer_unknown",
+        },
+        Some(Routed::Ended) | None => "ended",
+        Some(Routed::NotMinted) => {
+            let route = ctx.routes.load();
+            let mut targets: Vec<Arc<str>> = Vec::new();
+            match ctx.read_only {
+                Some(ro) => {
+                    targets.extend(route.replicas.iter().map(|r| r.addr.clone()));
+                    if ro.fallback_master {
+                        targets.extend(route.master.as_ref().ok().cloned());
+                    }
+                }
+                None => targets.extend(route.master.as_ref().ok().cloned()),
+            }
+            let sends = targets.iter().map(|addr| cancel_one(addr, packet, timeout));
+            futures::future::join_all(sends).await;
+            "not_minted"
+        }
+    };
+    tracing::debug!(result = label, "cancel request");
+    ctx.metrics.cancel(label);
+}
+
+/// Sends one cancel packet to `addr` and waits for the far end to close (PostgreSQL has
+/// processed it then).
+pub(crate) async fn cancel_one(addr: &str, packet: &[u8], connect_timeout: Duration) {
+    if let Ok(Ok(mut s)) = tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        let _ = s.write_all(packet).await;
+        let _ = s.shutdown().await;
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
     }
 }
 

@@ -169,7 +169,7 @@ pub fn tune(sock: &TcpStream, keepalive: Option<&TcpKeepalive>) {
 pub async fn serve(client: TcpStream, ctx: &Ctx) {
     tune(&client, ctx.config.keepalive.as_ref());
     if let Some(t) = &ctx.tls {
-        return serve_terminated(client, ctx, t).await;
+        return crate::terminate::serve(client, ctx, t).await;
     }
     serve_with(
         client,
@@ -183,46 +183,6 @@ pub async fn serve(client: TcpStream, ctx: &Ctx) {
                     crate::terminate::session(client, server, &route, &lane, tx, ctx).await
                 }
             }
-        },
-    )
-    .await
-}
-
-/// Terminate mode: the client's TLS is settled first (within the startup timeout), then the
-/// session takes the common path over the resulting stream.
-async fn serve_terminated(client: TcpStream, ctx: &Ctx, t: &crate::tls::Terminate) {
-    let deadline = ctx.config.startup_timeout;
-    let negotiated =
-        match tokio::time::timeout(deadline, crate::terminate::negotiate(client, t)).await {
-            Ok(n) => n,
-            Err(_) => Err(crate::terminate::Refusal {
-                reject: reject(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "no startup packet received in time",
-                    CloseReason::RejectedTimeout,
-                ),
-                stream: None,
-            }),
-        };
-    let n = match negotiated {
-        Ok(Some(n)) => n,
-        Ok(None) => return ctx.metrics.closed(CloseReason::ClientGone),
-        Err(r) => {
-            tracing::debug!(code = r.reject.code, message = %r.reject.message, "rejecting client");
-            if let Some(stream) = r.stream {
-                let message =
-                    (!r.reject.silent).then_some((r.reject.code, r.reject.message.as_str()));
-                close_with(stream, message).await;
-            }
-            return ctx.metrics.closed(r.reject.reason);
-        }
-    };
-    serve_with(
-        n.stream,
-        n.first,
-        ctx,
-        |client, server, route, lane, tx| async move {
-            crate::terminate::session(client, server, &route, &lane, tx, ctx).await
         },
     )
     .await
@@ -276,7 +236,7 @@ impl ClientStream for tokio::io::DuplexStream {
 /// The path every engine shares: the startup phase, routing (holding while no master is
 /// routed), refusals with an ErrorResponse and a clean close; then `session` relays. Generic
 /// over the client stream, so it is tested over in-memory streams.
-async fn serve_with<S, F, Fut>(mut client: S, first: Option<Next>, ctx: &Ctx, session: F)
+pub(crate) async fn serve_with<S, F, Fut>(mut client: S, first: Option<Next>, ctx: &Ctx, session: F)
 where
     S: ClientStream,
     F: FnOnce(S, Stream, Arc<Route>, Lane, TxState) -> Fut,
@@ -387,7 +347,7 @@ where
     let bytes = match next {
         Next::Gone => return Ok(Prepared::Done(CloseReason::ClientGone)),
         Next::Cancel(bytes) => {
-            forward_cancel(ctx, &bytes).await;
+            crate::cancel::forward(ctx, &bytes).await;
             return Ok(Prepared::Done(CloseReason::Cancel));
         }
         Next::Relay(bytes) => bytes,
@@ -684,7 +644,7 @@ fn choose(route: &Route, ro: Option<ReadOnly>) -> Result<(Lane, Arc<str>), Rejec
     }
 }
 
-async fn session(
+pub(crate) async fn session(
     client: TcpStream,
     server: TcpStream,
     route: &Route,
@@ -872,57 +832,6 @@ where
     }
 }
 
-/// Sends a CancelRequest where its key leads (see `cancel`): the server session a minted
-/// key belongs to now, the proxy that minted it, or (a key the proxy did not mint: a
-/// session it could not read) the backends of this listener: the master, or every standby
-/// of the read-only pool (and the master with the fallback), as PostgreSQL ignores a key it
-/// did not issue. PostgreSQL answers a cancel with nothing, and so does the proxy.
-async fn forward_cancel(ctx: &Ctx, packet: &[u8]) {
-    use crate::cancel::Routed;
-    let timeout = ctx.config.connect_timeout;
-    let routed = crate::cancel::request_key(packet).map(|k| ctx.cancel_keys.route(k));
-    let label = match routed {
-        Some(Routed::Local(t)) => {
-            cancel_one(&t.addr, &crate::cancel::request_packet(&t.real), timeout).await;
-            "local"
-        }
-        Some(Routed::Peer(owner)) => match &ctx.peers {
-            Some(peers) => peers.forward(owner, packet, timeout).await,
-            None => "peer_unknown",
-        },
-        Some(Routed::Ended) | None => "ended",
-        Some(Routed::NotMinted) => {
-            let route = ctx.routes.load();
-            let mut targets: Vec<Arc<str>> = Vec::new();
-            match ctx.read_only {
-                Some(ro) => {
-                    targets.extend(route.replicas.iter().map(|r| r.addr.clone()));
-                    if ro.fallback_master {
-                        targets.extend(route.master.as_ref().ok().cloned());
-                    }
-                }
-                None => targets.extend(route.master.as_ref().ok().cloned()),
-            }
-            let sends = targets.iter().map(|addr| cancel_one(addr, packet, timeout));
-            futures::future::join_all(sends).await;
-            "not_minted"
-        }
-    };
-    tracing::debug!(result = label, "cancel request");
-    ctx.metrics.cancel(label);
-}
-
-/// Sends one cancel packet to `addr` and waits for the far end to close (PostgreSQL has
-/// processed it then).
-pub(crate) async fn cancel_one(addr: &str, packet: &[u8], connect_timeout: Duration) {
-    if let Ok(Ok(mut s)) = tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-        let _ = s.write_all(packet).await;
-        let _ = s.shutdown().await;
-        let mut sink = [0u8; 64];
-        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
-    }
-}
-
 /// Sends the ErrorResponse, then closes without a reset: shut down our side, and read and
 /// discard what the client still sends for a short while, so unread input does not turn
 /// the close into an RST that could destroy the error message in flight.
@@ -931,7 +840,7 @@ pub async fn send_error_and_close(client: TcpStream, code: &str, message: &str) 
 }
 
 /// Closes cleanly, after an ErrorResponse when one is given.
-async fn close_with<S>(mut client: S, error: Option<(&str, &str)>)
+pub(crate) async fn close_with<S>(mut client: S, error: Option<(&str, &str)>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -38,7 +38,7 @@ impl Peers {
         }
         let sends = addrs
             .iter()
-            .map(|a| crate::conn::cancel_one(a, packet, timeout));
+            .map(|a| crate::cancel::cancel_one(a, packet, timeout));
         futures::future::join_all(sends).await;
         "peer"
     }

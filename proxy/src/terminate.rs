@@ -16,6 +16,51 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+/// Terminate mode: the client's TLS is settled first (within the startup timeout), then the
+/// session takes the common path over the resulting stream.
+pub(crate) async fn serve(client: TcpStream, ctx: &crate::conn::Ctx, t: &Terminate) {
+    let deadline = ctx.config.startup_timeout;
+    let negotiated = match tokio::time::timeout(deadline, negotiate(client, t)).await {
+        Ok(n) => n,
+        Err(_) => Err(Refusal {
+            reject: reject(
+                sqlstate::PROTOCOL_VIOLATION,
+                "no startup packet received in time",
+                CloseReason::RejectedTimeout,
+            ),
+            stream: None,
+        }),
+    };
+    let n = match negotiated {
+        Ok(Some(n)) => n,
+        Ok(None) => return ctx.metrics.closed(CloseReason::ClientGone),
+        Err(r) => {
+            tracing::debug!(code = r.reject.code, message = %r.reject.message, "rejecting client");
+            if let Some(stream) = r.stream {
+                let message =
+                    (!r.reject.silent).then_some((r.reject.code, r.reject.message.as_str()));
+                crate::conn::close_with(stream, message).await;
+            }
+            return ctx.metrics.closed(r.reject.reason);
+        }
+    };
+    crate::conn::serve_with(
+        n.stream,
+        n.first,
+        ctx,
+        |client, server, route, lane, tx| async move {
+            match (client, server) {
+                // Plaintext both ways: the plain relay, as in passthrough.
+                (Stream::Plain(client), Stream::Plain(server)) => {
+                    crate::conn::session(client, server, &route, &lane, tx, ctx).await
+                }
+                (client, server) => session(client, server, &route, &lane, tx, ctx).await,
+            }
+        },
+    )
+    .await
+}
+
 /// The client's encryption, settled: its stream (TLS or plain) and, when the client started
 /// in the clear without asking for TLS, the packet it sent (read already).
 pub(crate) struct Negotiated {
