@@ -18,6 +18,8 @@ pub struct Options {
     pub haproxy_threads: Vec<u32>,
     pub workloads: Option<Vec<String>>,
     pub out: Option<std::path::PathBuf>,
+    /// How pgbench reaches every target: plaintext, TLS, or a SCRAM role.
+    pub security: crate::security::Security,
 }
 
 #[derive(Clone, Debug)]
@@ -28,13 +30,26 @@ struct Sample {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    let pg = testkit::Postgres::start(&[("max_connections", "300"), ("shared_buffers", "256MB")])?;
+    let sec = crate::security::Secured::new(opts.security)?;
+    let mut settings: Vec<(String, String)> = vec![
+        ("max_connections".into(), "300".into()),
+        ("shared_buffers".into(), "256MB".into()),
+    ];
+    settings.extend(sec.pg_settings());
+    let refs: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let pg = testkit::Postgres::start(&refs)?;
     eprintln!(
-        "postgres on {}; initialising pgbench scale {}",
+        "postgres on {}; initialising pgbench scale {} ({:?})",
         pg.port(),
-        opts.scale
+        opts.scale,
+        opts.security
     );
     pgbench::init(pg.port(), opts.scale)?;
+    sec.prepare(&pg)?;
+    let login = sec.login();
     let etcd = testkit::Etcd::start()?;
     let logs = testkit::temp_dir("bench-logs")?;
     let uids: Vec<String> = opts.engines.iter().map(|e| format!("bench-{e}")).collect();
@@ -48,6 +63,7 @@ pub fn run(opts: &Options) -> Result<()> {
             uid,
             engine,
             logs.path(),
+            &sec.terminate_flags(),
         )?);
     }
     if opts.peers {
@@ -55,7 +71,7 @@ pub fn run(opts: &Options) -> Result<()> {
         for n in &opts.haproxy_threads {
             targets.push(targets::haproxy(pg.port(), Some(*n))?);
         }
-        targets.push(targets::pgbouncer(pg.port())?);
+        targets.push(targets::pgbouncer(pg.port(), sec.pgbouncer())?);
     }
     // Wait until every proxy routes (they listen only after reading the store).
     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -75,7 +91,7 @@ pub fn run(opts: &Options) -> Result<()> {
             for i in 0..n {
                 let t = &targets[(i + round) % n];
                 let cpu0 = t.pid.map(cpu_seconds);
-                let outcome = pgbench::run(t.port, w, opts.seconds)?;
+                let outcome = pgbench::run(t.port, &login, w, opts.seconds)?;
                 let cpu_us_per_tx = t
                     .pid
                     .zip(cpu0)
@@ -146,10 +162,10 @@ fn summarise(
     opts: &Options,
 ) -> String {
     let mut out = format!(
-        "### stolon-proxy vs direct / HAProxy / PgBouncer: {} rounds x {} s, pgbench scale {}\n\n\
+        "### stolon-proxy vs direct / HAProxy / PgBouncer: {} rounds x {} s, pgbench scale {}, clients {:?}\n\n\
          | workload | target | TPS ratio to direct: median (min-max) | median TPS | added latency (ms) | CPU per tx (us) |\n\
          |---|---|---|---|---|---|\n",
-        opts.rounds, opts.seconds, opts.scale
+        opts.rounds, opts.seconds, opts.scale, opts.security
     );
     for w in workloads {
         let direct = &samples[&(w.name, "direct".to_string())];

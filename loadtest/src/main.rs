@@ -8,6 +8,7 @@ mod compare;
 mod ha;
 mod pgbench;
 mod procstat;
+mod security;
 mod sever;
 mod swarm;
 mod targets;
@@ -47,6 +48,12 @@ enum Cmd {
         /// Also run HAProxy pinned to these thread counts (comma list), as `haproxy:N`
         #[arg(long, value_delimiter = ',')]
         haproxy_threads: Vec<u32>,
+        /// How pgbench reaches every target: plain, tls (PostgreSQL with ssl on, sslmode
+        /// require everywhere) or scram (a SCRAM role through md5 rules). Engines with a
+        /// `+terminate` suffix run --client-tls terminate (with a certificate in tls mode,
+        /// with --auth-user in scram mode)
+        #[arg(long, value_enum, default_value = "plain")]
+        security: security::Security,
         /// Only these workloads (names as printed, comma list)
         #[arg(long, value_delimiter = ',')]
         workloads: Option<Vec<String>>,
@@ -101,6 +108,10 @@ enum Cmd {
         /// Where ha.json and the charts go
         #[arg(long, default_value = "bench-results/ha")]
         out_dir: std::path::PathBuf,
+        /// PostgreSQL with ssl on and every client at sslmode=require: stolon-proxy
+        /// terminates the TLS (--client-tls terminate), HAProxy passes it through
+        #[arg(long)]
+        tls: bool,
     },
     /// N real stolon-proxy processes on one cluster of real processes, for each N of
     /// --proxies in one run: etcd's idle load (writes, lease renewals, watch events, CPU,
@@ -161,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             haproxy_threads,
             workloads,
             out,
+            security,
         } => compare::run(&compare::Options {
             rounds,
             seconds,
@@ -170,6 +182,7 @@ fn main() -> anyhow::Result<()> {
             haproxy_threads,
             workloads,
             out,
+            security,
         }),
         Cmd::Sever {
             sessions,
@@ -192,6 +205,7 @@ fn main() -> anyhow::Result<()> {
             spec,
             haproxy_check,
             out_dir,
+            tls,
         } => ha::run(&ha::Options {
             switchovers,
             failovers,
@@ -202,6 +216,7 @@ fn main() -> anyhow::Result<()> {
             spec,
             haproxy_check,
             out_dir,
+            tls,
         }),
         Cmd::Swarm {
             proxies,

@@ -41,11 +41,39 @@ pub struct Outcome {
     pub transactions: f64,
 }
 
-/// pgbench connecting to `port` as the superuser over TCP.
+/// How pgbench logs in: its user and libpq environment (PGSSLMODE, PGPASSWORD).
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub user: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Login {
+    fn default() -> Self {
+        Login {
+            user: "postgres".into(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// pgbench connecting to `port` over TCP, as the superuser.
 fn pgbench(port: u16) -> Command {
+    pgbench_as(port, &Login::default())
+}
+
+fn pgbench_as(port: u16, login: &Login) -> Command {
     let mut cmd = Command::new(pg_bin_dir().join("pgbench"));
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .stdin(Stdio::null());
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        &login.user,
+    ])
+    .envs(login.env.iter().map(|(k, v)| (k, v)))
+    .stdin(Stdio::null());
     cmd
 }
 
@@ -63,8 +91,8 @@ pub fn init(port: u16, scale: u32) -> Result<()> {
     Ok(())
 }
 
-pub fn run(port: u16, workload: &Workload, seconds: u32) -> Result<Outcome> {
-    let out = pgbench(port)
+pub fn run(port: u16, login: &Login, workload: &Workload, seconds: u32) -> Result<Outcome> {
+    let out = pgbench_as(port, login)
         .args(["-n", "-T", &seconds.to_string()])
         .args(workload.args)
         .arg("postgres")

@@ -105,7 +105,7 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     let mut cd = targets::routing_clusterdata(backend_port, std::slice::from_ref(&uid));
     rt.block_on(put(&store, &cd))?;
-    let proxy = targets::stolon_proxy(&etcd, "bench", &uid, &opts.engine, logs.path())?;
+    let proxy = targets::stolon_proxy(&etcd, "bench", &uid, &opts.engine, logs.path(), &[])?;
     let pid = proxy.pid.context("proxy pid")?;
     let log_path = logs.path().join(format!("{uid}.log"));
     if std::env::var_os("STOLON_SEVER_PAUSE").is_some() {

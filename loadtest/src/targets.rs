@@ -91,12 +91,21 @@ pub fn stolon_proxy(
     uid: &str,
     spec: &str,
     log_dir: &std::path::Path,
+    terminate_flags: &[String],
 ) -> Result<Target> {
     let port = free_port();
     let log = std::fs::File::create(log_dir.join(format!("{uid}.log")))?;
     let mut cmd = Command::new(proxy_binary()?);
     // `engine:threads` pins the relay thread count (default: one per core); a `+no-drain`
-    // suffix runs it with `--drain-timeout 0` (no transaction tracking).
+    // suffix runs it with `--drain-timeout 0` (no transaction tracking), `+terminate` with
+    // the proxy's own TLS and authentication (`terminate_flags`).
+    let (spec, terminate) = match spec.strip_suffix("+terminate") {
+        Some(core) => (core, true),
+        None => (spec, false),
+    };
+    if terminate {
+        cmd.args(terminate_flags);
+    }
     let (spec_core, no_drain) = match spec.strip_suffix("+no-drain") {
         Some(core) => (core, true),
         None => (spec, false),
@@ -135,7 +144,7 @@ pub fn stolon_proxy(
         bail!("{e}; its log:\n{log}");
     }
     Ok(Target {
-        name: format!("stolon-{spec}"),
+        name: format!("stolon-{spec}{}", if terminate { "+terminate" } else { "" }),
         port: port.0,
         pid: Some(child.pid()),
         _guard: Some(child),
@@ -182,21 +191,24 @@ pub fn spawn_haproxy(cfg: &std::path::Path) -> Result<ChildGuard> {
     ChildGuard::spawn("haproxy", &mut cmd).context("starting haproxy")
 }
 
-pub fn pgbouncer(pg_port: u16) -> Result<Target> {
+/// PgBouncer in session mode; `auth` is its authentication and TLS lines and its userlist
+/// (`security::Secured::pgbouncer`).
+pub fn pgbouncer(pg_port: u16, auth: (String, String)) -> Result<Target> {
     let dir = testkit::temp_dir("pgbouncer")?;
     let port = free_port();
     let d = dir.path();
-    std::fs::write(d.join("userlist.txt"), "\"postgres\" \"\"\n")?;
+    std::fs::write(d.join("userlist.txt"), auth.1)?;
     std::fs::write(
         d.join("pgbouncer.ini"),
         format!(
             "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {}\nunix_socket_dir = {}\n\
-             auth_type = trust\nauth_file = {}\npool_mode = session\nmax_client_conn = 2000\n\
+             {}auth_file = {}\npool_mode = session\nmax_client_conn = 2000\n\
              default_pool_size = 100\nignore_startup_parameters = extra_float_digits\n\
              logfile = {}\n",
             port.0,
             d.display(),
+            auth.0,
             d.join("userlist.txt").display(),
             d.join("pgbouncer.log").display()
         ),

@@ -58,6 +58,8 @@ pub struct Shared {
     pub connect_timeout: Duration,
     /// Pause after each transaction (keeps the 2-core machine from saturating).
     pub think: Duration,
+    /// Connect with TLS (sslmode=require: encrypted, the certificate not verified).
+    pub tls: bool,
 }
 
 impl Shared {
@@ -104,6 +106,14 @@ pub fn error_kind(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// libpq's sslmode=require: TLS, the server's certificate not verified.
+fn tls_connector() -> postgres_openssl::MakeTlsConnector {
+    let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())
+        .expect("OpenSSL connector");
+    b.set_verify(openssl::ssl::SslVerifyMode::NONE);
+    postgres_openssl::MakeTlsConnector::new(b.build())
+}
+
 pub async fn connect(sh: &Shared, e: &Endpoint, kind: Kind) -> Option<Client> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&e.addr)
@@ -113,12 +123,28 @@ pub async fn connect(sh: &Shared, e: &Endpoint, kind: Kind) -> Option<Client> {
         .dbname("postgres")
         .connect_timeout(sh.connect_timeout);
     let start = Instant::now();
-    let r = tokio::time::timeout(sh.connect_timeout, cfg.connect(NoTls)).await;
-    match r {
-        Ok(Ok((client, conn))) => {
+    let r = if sh.tls {
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+        let connected = tokio::time::timeout(sh.connect_timeout, async {
+            let (client, conn) = cfg.connect(tls_connector()).await?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
+            Ok(client)
+        });
+        connected.await
+    } else {
+        let connected = tokio::time::timeout(sh.connect_timeout, async {
+            let (client, conn) = cfg.connect(NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(client)
+        });
+        connected.await
+    };
+    match r {
+        Ok(Ok(client)) => {
             sh.record(e, kind, start, Outcome::Connected);
             Some(client)
         }

@@ -29,8 +29,65 @@ const BEFORE: Duration = Duration::from_secs(2);
 /// After the cluster is healthy again, the window stays open this long.
 const AFTER: Duration = Duration::from_secs(1);
 
+/// `ha --tls`: a certificate PostgreSQL (as its OS user) and the proxy can read.
+pub struct TlsSetup {
+    dir: tempfile::TempDir,
+}
+
+impl TlsSetup {
+    pub fn new() -> Result<TlsSetup> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = testkit::temp_dir("ha-tls")?;
+        let files = testkit::TlsFiles::generate()?;
+        std::fs::copy(&files.server_cert, dir.path().join("server.crt"))?;
+        std::fs::copy(&files.server_key, dir.path().join("server.key"))?;
+        std::fs::set_permissions(
+            dir.path().join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        testkit::postgres::chown_to_pg_user(dir.path())?;
+        Ok(TlsSetup { dir })
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// The spec with ssl on in every keeper's PostgreSQL.
+    pub fn spec(&self, mut spec: serde_json::Value) -> serde_json::Value {
+        if let Some(o) = spec.as_object_mut() {
+            let params = o
+                .entry("pgParameters")
+                .or_insert_with(|| serde_json::json!({}));
+            if let Some(p) = params.as_object_mut() {
+                p.insert("ssl".into(), "on".into());
+                p.insert("ssl_cert_file".into(), self.file("server.crt").into());
+                p.insert("ssl_key_file".into(), self.file("server.key").into());
+            }
+        }
+        spec
+    }
+
+    /// stolon-proxy terminates the clients' TLS with the same certificate.
+    fn proxy_flags(&self) -> Vec<String> {
+        vec![
+            "--client-tls".into(),
+            "terminate".into(),
+            "--tls-cert-file".into(),
+            self.file("server.crt"),
+            "--tls-key-file".into(),
+            self.file("server.key"),
+        ]
+    }
+}
+
 impl Env {
-    pub async fn start(spec: serde_json::Value, haproxy_check: &str) -> Result<Env> {
+    pub async fn start(
+        spec: serde_json::Value,
+        haproxy_check: &str,
+        tls: Option<&TlsSetup>,
+    ) -> Result<Env> {
         let mut c = Cluster::launch(&Opts {
             keepers: 3,
             proxies: 0,
@@ -39,13 +96,12 @@ impl Env {
         })
         .await?;
         let proxy_metrics = free_port();
-        c.add_proxy_with(
-            "p1",
-            vec![
-                "--metrics-listen-address".into(),
-                format!("127.0.0.1:{}", proxy_metrics.0),
-            ],
-        )?;
+        let mut flags = vec![
+            "--metrics-listen-address".into(),
+            format!("127.0.0.1:{}", proxy_metrics.0),
+        ];
+        flags.extend(tls.map(TlsSetup::proxy_flags).unwrap_or_default());
+        c.add_proxy_with("p1", flags)?;
         c.wait_healthy(Duration::from_secs(180)).await?;
         create_load_table(&c).await?;
         let dir = testkit::temp_dir("ha-haproxy")?;

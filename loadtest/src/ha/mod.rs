@@ -36,6 +36,9 @@ pub struct Options {
     /// HAProxy's check timing for every server (`default-server` options).
     pub haproxy_check: String,
     pub out_dir: PathBuf,
+    /// TLS everywhere: PostgreSQL ssl on, clients at sslmode=require, stolon-proxy
+    /// terminating it.
+    pub tls: bool,
 }
 
 pub const TARGETS: [&str; 2] = ["stolon-proxy", "haproxy"];
@@ -103,7 +106,16 @@ pub fn run(opts: &Options) -> Result<()> {
 
 async fn run_async(opts: &Options) -> Result<()> {
     let spec = spec_of(opts);
-    let mut env = cluster::Env::start(spec.clone(), &opts.haproxy_check).await?;
+    let tls = if opts.tls {
+        Some(cluster::TlsSetup::new()?)
+    } else {
+        None
+    };
+    let spec = match &tls {
+        Some(t) => t.spec(spec),
+        None => spec,
+    };
+    let mut env = cluster::Env::start(spec.clone(), &opts.haproxy_check, tls.as_ref()).await?;
     eprintln!("cluster up in {}", env.c.dir.display());
     let shared = Arc::new(Shared {
         t0: Instant::now(),
@@ -112,6 +124,7 @@ async fn run_async(opts: &Options) -> Result<()> {
         stop: Default::default(),
         connect_timeout: opts.connect_timeout,
         think: opts.think,
+        tls: opts.tls,
     });
     let endpoints = [env.proxy_endpoint(), env.haproxy_endpoint()];
     let tasks = spawn_clients(&shared, &endpoints, opts.clients);

@@ -101,6 +101,7 @@ async fn run_async(opts: &Options) -> Result<()> {
         stop: Default::default(),
         connect_timeout: Duration::from_secs(30),
         think: opts.think,
+        tls: false,
     });
     let t0_unix = control::metrics::unix_now();
     let tasks: Vec<_> = (0..opts.clients)
