@@ -133,6 +133,8 @@ where
             return Ok(guard);
         }
         tokio::select! {
+            // The route's cut first: nothing more of the session reaches an old master.
+            biased;
             _ = token.cancelled() => return Err(End::Severed),
             r = client.read(&mut cbuf) => {
                 let n = r.map_err(End::Error)?;

@@ -102,6 +102,16 @@ async fn the_proxy_authenticates_scram_and_md5_roles_and_passes_the_rest_through
     );
     assert_eq!(auth_count(&proxy, "passthrough"), 2.0);
 
+    // A role that may not log in: the server's own refusal, passed through.
+    s.pgs[0]
+        .psql("CREATE ROLE locked NOLOGIN PASSWORD 'locked-pw'")
+        .expect("locked");
+    let err = psql_as(&proxy, "locked", "locked-pw", "sslmode=require").expect_err("locked");
+    assert!(
+        err.contains("role \"locked\" is not permitted to log in"),
+        "{err}"
+    );
+
     // Another client library: tokio-postgres over OpenSSL picks SCRAM-SHA-256-PLUS.
     let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).expect("ssl");
     b.set_ca_file(pki.ca_file()).expect("ca");
@@ -152,4 +162,34 @@ async fn a_changed_password_is_read_again_after_a_failed_login() {
     );
     let err = psql_as(&proxy, "alice", "alice-pw", "sslmode=require").expect_err("old one");
     assert!(err.contains("password authentication failed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_lookup_passes_the_session_through_to_the_server() {
+    let pki = Pki::new();
+    let s = setup(&pki).await;
+    // The auth role's password is wrong: every lookup fails.
+    s.pgs[0]
+        .psql("ALTER ROLE proxyauth PASSWORD 'something-else'")
+        .expect("alter");
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = spawn_proxy(&s, &pki, dir.path());
+    let up = wait_for(Duration::from_secs(15), || async {
+        psql_as(&proxy, "alice", "alice-pw", "sslmode=require").is_ok()
+    })
+    .await;
+    assert!(
+        up,
+        "alice gets in, authenticated by the server\n{}",
+        proxy.log_text()
+    );
+    assert!(auth_count(&proxy, "lookup_error") >= 1.0);
+    assert_eq!(auth_count(&proxy, "scram"), 0.0);
+    assert!(
+        proxy
+            .log_text()
+            .contains("cannot look up the role through --auth-user"),
+        "{}",
+        proxy.log_text()
+    );
 }
