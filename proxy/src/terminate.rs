@@ -366,6 +366,11 @@ pub(crate) async fn close_drained(client: &mut Stream, server: &mut Stream) {
     let _ = socket2::SockRef::from(server.tcp()).shutdown(std::net::Shutdown::Both);
 }
 
+/// The message of `tls_required` (public for the fuzz target).
+pub fn tls_required_message(startup: &[u8]) -> String {
+    tls_required(startup).message
+}
+
 /// The refusal a plaintext startup gets under `--client-tls-required`: PostgreSQL's answer
 /// when only hostssl rows match (28000, with its message's shape).
 pub(crate) fn tls_required(startup: &[u8]) -> Reject {
