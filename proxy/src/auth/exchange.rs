@@ -135,6 +135,33 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let (client_key, server_final) = scram_with_client(client, verifier, user, binding).await?;
+    let creds = Credentials::Scram {
+        client_key,
+        verifier: verifier.clone(),
+    };
+    let rest = scram_to_server(server, &creds).await?;
+    // The client hears it is in only once the server took the proxy's proof.
+    send(
+        client,
+        &wire::auth_request(wire::AUTH_SASL_FINAL, server_final.as_bytes()),
+    )
+    .await
+    .map_err(gone)?;
+    Ok((rest, creds))
+}
+
+/// The proxy as the SCRAM server of its client, up to the checked proof: the ClientKey it
+/// revealed and the server-final-message to send once the server is won.
+async fn scram_with_client<C>(
+    client: &mut C,
+    verifier: &scram::Verifier,
+    user: &str,
+    binding: Option<&[u8]>,
+) -> Result<([u8; 32], String), Failure>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     let mut mechs = Vec::new();
     if binding.is_some() {
         mechs.extend(scram::MECHANISM_PLUS.as_bytes());
@@ -170,13 +197,27 @@ where
     let body = client_p(client, &mut cbuf).await?;
     let fin = std::str::from_utf8(&body)
         .map_err(|_| scram_failure(ScramError::Malformed("utf-8"), user))?;
-    let (client_key, server_final) = exchange
+    exchange
         .finish(fin, binding)
-        .map_err(|e| scram_failure(e, user))?;
+        .map_err(|e| scram_failure(e, user))
+}
 
-    // Now the proxy, as the client's role, to the server.
-    let mut c = scram::Client::new(ClientSecret::Keys {
+/// The proxy as the client's role to a server that asked for SCRAM, with the kept
+/// credentials (what a session moved to another server will need too): the server's bytes
+/// after its SASL final message (AuthenticationOk and the rest of its start).
+async fn scram_to_server<S>(server: &mut S, creds: &Credentials) -> Result<Vec<u8>, Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Credentials::Scram {
         client_key,
+        verifier,
+    } = creds
+    else {
+        return Err(stale("SCRAM asked of an md5 role".into()));
+    };
+    let mut c = scram::Client::new(ClientSecret::Keys {
+        client_key: *client_key,
         server_key: verifier.server_key,
     });
     let initial = wire::sasl_initial_message(scram::MECHANISM, c.client_first().as_bytes());
@@ -193,17 +234,7 @@ where
     std::str::from_utf8(&data)
         .map_err(|_| stale("a malformed server-final-message".into()))
         .and_then(|d| c.verify(d).map_err(|e| stale(e.to_string())))?;
-    send(
-        client,
-        &wire::auth_request(wire::AUTH_SASL_FINAL, server_final.as_bytes()),
-    )
-    .await
-    .map_err(gone)?;
-    let creds = Credentials::Scram {
-        client_key,
-        verifier: verifier.clone(),
-    };
-    Ok((sbuf, creds))
+    Ok(sbuf)
 }
 
 /// The server refused what the proxy derived from the looked-up secret: it changed.
