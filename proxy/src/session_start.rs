@@ -39,6 +39,19 @@ pub fn pass_start(chunks: &[&[u8]], mut mint: impl FnMut(&[u8]) -> Vec<u8>) -> (
 #[derive(Default)]
 struct ServerMessages {
     buf: Vec<u8>,
+    /// The ParameterStatus values passed on (name, value), in order.
+    reported: Vec<(String, String)>,
+}
+
+/// A ParameterStatus body: its name and value.
+fn parameter(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|&b| b == 0);
+    let name = parts.next()?;
+    let value = parts.next()?;
+    Some((
+        String::from_utf8_lossy(name).into_owned(),
+        String::from_utf8_lossy(value).into_owned(),
+    ))
 }
 
 /// What one pass over the server's bytes found.
@@ -75,6 +88,10 @@ impl ServerMessages {
                     out.extend(((minted.len() + 4) as u32).to_be_bytes());
                     out.extend(minted);
                 }
+                b'S' => {
+                    self.reported.extend(parameter(&msg[5..]));
+                    out.extend_from_slice(msg);
+                }
                 _ => out.extend_from_slice(msg),
             }
             at += msg.len();
@@ -92,8 +109,8 @@ impl ServerMessages {
 }
 
 /// The session's start, `answer` being what the server sent first (already fed to `tx`).
-/// `Ok` with the key's registration (none if the server sent no key) once the relay can
-/// take over; `Err` if the session ended during it.
+/// `Ok` with the key's registration (none if the server sent no key) and the parameters the
+/// server reported, once the relay can take over; `Err` if the session ended during it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<C, S>(
     client: &mut C,
@@ -104,12 +121,15 @@ pub(crate) async fn run<C, S>(
     keys: &Arc<Keys>,
     addr: &Arc<str>,
     metrics: &Metrics,
-) -> Result<Option<KeyGuard>, End>
+) -> Result<(Option<KeyGuard>, Vec<(String, String)>), End>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut messages = ServerMessages { buf: answer };
+    let mut messages = ServerMessages {
+        buf: answer,
+        reported: Vec::new(),
+    };
     let mut guard = None;
     let mut out = Vec::new();
     let mut cbuf = vec![0u8; 4096];
@@ -130,7 +150,7 @@ where
             out.clear();
         }
         if step == Step::Done {
-            return Ok(guard);
+            return Ok((guard, messages.reported));
         }
         tokio::select! {
             // The route's cut first: nothing more of the session reaches an old master.
@@ -182,6 +202,13 @@ pub(crate) struct Started {
         reason = "kept for the session's life; nothing opens another yet"
     )]
     pub credentials: Option<Credentials>,
+    /// The parameters the server reported at the start (ParameterStatus), as the client
+    /// knows them: what a session opened elsewhere must match.
+    #[expect(
+        dead_code,
+        reason = "kept for the session's life; nothing opens another yet"
+    )]
+    pub reported: Vec<(String, String)>,
 }
 
 impl Start<'_> {
@@ -235,7 +262,7 @@ impl Start<'_> {
                 }
             }
         }
-        let key = run(
+        let (key, reported) = run(
             client,
             server,
             answer,
@@ -247,7 +274,11 @@ impl Start<'_> {
         )
         .await
         .map_err(Some)?;
-        Ok(Started { key, credentials })
+        Ok(Started {
+            key,
+            credentials,
+            reported,
+        })
     }
 
     async fn refused<C>(&self, client: &mut C, f: exchange::Failure) -> Option<End>
@@ -371,6 +402,18 @@ mod tests {
             assert_eq!(out, want, "cut {cut}");
             assert_eq!(seen, vec![key.to_vec()], "cut {cut}");
         }
+    }
+
+    #[test]
+    fn the_parameters_the_server_reports_are_kept() {
+        let mut m = ServerMessages::default();
+        let mut out = Vec::new();
+        m.buf = start(&[0, 0, 0, 1, 2, 2, 2, 2]);
+        assert_eq!(m.drain(&mut out, |k| k.to_vec()), Step::Done);
+        assert_eq!(
+            m.reported,
+            vec![("server_version".to_string(), "15".to_string())]
+        );
     }
 
     #[test]
