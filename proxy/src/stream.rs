@@ -24,14 +24,6 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }
-
-    /// A handle on the socket for a sever (shutdown reaches the socket through a duplicate
-    /// descriptor too), independent of who owns the stream.
-    pub fn handle(&self) -> io::Result<crate::route::SocketHandle> {
-        Ok(std::sync::Arc::new(
-            self.tcp().as_fd().try_clone_to_owned()?,
-        ))
-    }
 }
 
 impl AsFd for Stream {
