@@ -204,17 +204,25 @@ fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// "ALTER" for a role that exists, "CREATE" for one that does not.
+async fn create_or_alter(
+    client: &Client,
+    user: &str,
+) -> Result<&'static str, tokio_postgres::Error> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+        .await?
+        .is_some();
+    Ok(if exists { "ALTER" } else { "CREATE" })
+}
+
 /// Creates (or updates) the replication role after initdb.
 pub async fn ensure_repl_role(
     client: &Client,
     user: &str,
     password: Option<&str>,
 ) -> Result<(), tokio_postgres::Error> {
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
-        .await?
-        .is_some();
-    let verb = if exists { "ALTER" } else { "CREATE" };
+    let verb = create_or_alter(client, user).await?;
     let pw = password
         .map(|p| format!(" PASSWORD {}", literal(p)))
         .unwrap_or_default();
@@ -230,11 +238,7 @@ pub async fn ensure_auth_role(
     user: &str,
     password: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
-        .await?
-        .is_some();
-    let verb = if exists { "ALTER" } else { "CREATE" };
+    let verb = create_or_alter(client, user).await?;
     // NOSUPERUSER and nothing else: the role can call the lookup function, no more. The
     // statement holds a password: it is never logged by the keeper.
     let sql = format!(
