@@ -142,6 +142,16 @@ pub struct KeyGuard {
     key: Vec<u8>,
 }
 
+impl KeyGuard {
+    /// The key now leads to the session's new server (a session moved by a switchover): the
+    /// client keeps the key it was given.
+    pub fn retarget(&self, real: Vec<u8>, addr: Arc<str>) {
+        if let Some(t) = self.keys.lock().get_mut(&self.key) {
+            *t = Target { addr, real };
+        }
+    }
+}
+
 impl Drop for KeyGuard {
     fn drop(&mut self) {
         self.keys.lock().remove(&self.key);
@@ -222,6 +232,14 @@ mod tests {
         let target = Target {
             addr: "10.0.0.1:5432".into(),
             real,
+        };
+        assert_eq!(keys.route(&key), Routed::Local(target));
+        // The session moved: the same key leads to its new server.
+        let moved = vec![0, 0, 0x40, 0x00, 7, 7, 7, 7];
+        guard.retarget(moved.clone(), "10.0.0.2:5432".into());
+        let target = Target {
+            addr: "10.0.0.2:5432".into(),
+            real: moved,
         };
         assert_eq!(keys.route(&key), Routed::Local(target));
         drop(guard);

@@ -4,7 +4,7 @@
 
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, sqlstate, Startup};
-use crate::relay::{relay, Drain, End};
+use crate::relay::End;
 use crate::route::{NoMaster, Replica, Route, Routes, SocketHandle};
 use crate::stream::Stream;
 use crate::txstate::{Start, TxState};
@@ -171,20 +171,9 @@ pub async fn serve(client: TcpStream, ctx: &Ctx) {
     if let Some(t) = &ctx.tls {
         return crate::terminate::serve(client, ctx, t).await;
     }
-    serve_with(
-        client,
-        None,
-        ctx,
-        |client, server, route, lane, tx| async move {
-            match server {
-                Stream::Plain(server) => session(client, server, &route, &lane, tx, ctx).await,
-                server => {
-                    let client = Stream::Plain(client);
-                    crate::terminate::session(client, server, &route, &lane, tx, ctx).await
-                }
-            }
-        },
-    )
+    serve_with(Stream::Plain(client), None, ctx, |parts| {
+        crate::session::run(parts, ctx)
+    })
     .await
 }
 
@@ -239,7 +228,7 @@ impl ClientStream for tokio::io::DuplexStream {
 pub(crate) async fn serve_with<S, F, Fut>(mut client: S, first: Option<Next>, ctx: &Ctx, session: F)
 where
     S: ClientStream,
-    F: FnOnce(S, Stream, Arc<Route>, Lane, TxState) -> Fut,
+    F: FnOnce(crate::session::Parts<S>) -> Fut,
     Fut: Future<Output = CloseReason>,
 {
     let reason = match prepare(&mut client, first, ctx).await {
@@ -253,16 +242,15 @@ where
             task,
             addr,
             user,
+            startup,
         }) => {
-            // Counted in its lane until the session ends (the relay takes its own count too).
-            let _task = task;
             let token = lane.refs(&route, false).token.clone();
-            let started = match user {
+            let started = match &user {
                 Some(user) => {
                     let s = crate::session_start::Start {
                         token: &token,
                         addr: &addr,
-                        user: &user,
+                        user,
                         ctx,
                     };
                     s.begin(&mut client, &mut server, answer, &mut tx)
@@ -278,8 +266,23 @@ where
                     .map(|()| Default::default()),
             };
             match started {
-                // The key leads to this session, and its credentials are kept, until it ends.
-                Ok(_started) => session(client, server, route, lane, *tx).await,
+                // The key leads to this session, and its credentials are kept, until it ends;
+                // the task counts it in its lane until it ends or moves (the relay takes its
+                // own count too).
+                Ok(started) => {
+                    session(crate::session::Parts {
+                        client,
+                        server,
+                        route,
+                        lane,
+                        tx: *tx,
+                        started,
+                        startup,
+                        user,
+                        task: Some(task),
+                    })
+                    .await
+                }
                 Err(reason) => reason,
             }
         }
@@ -331,6 +334,8 @@ enum Prepared {
         /// are readable from the start (not TLS passed through), it gets a minted key and
         /// may be authenticated by the proxy. `None`: an opaque session.
         user: Option<String>,
+        /// The startup packet alone (without what a pipelining client sent after it).
+        startup: Vec<u8>,
     },
 }
 
@@ -542,15 +547,18 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
     };
     let mut tx = tx_state(bytes);
     tx.from_server(&answer);
-    let user = match protocol::parse(bytes) {
-        Ok(Some((Startup::Startup { params, .. }, _))) => Some(
-            params
-                .iter()
-                .find(|(k, _)| *k == b"user")
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default(),
+    let (user, startup) = match protocol::parse(bytes) {
+        Ok(Some((Startup::Startup { params, .. }, len))) => (
+            Some(
+                params
+                    .iter()
+                    .find(|(k, _)| *k == b"user")
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default(),
+            ),
+            bytes[..len].to_vec(),
         ),
-        _ => None,
+        _ => (None, Vec::new()),
     };
     Ok(Prepared::Session {
         server,
@@ -561,6 +569,7 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         task,
         addr,
         user,
+        startup,
     })
 }
 
@@ -570,7 +579,7 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
 /// 57P02, 57P03), has not taken the session: that is a refusal the hold retries, and the
 /// client, which has seen nothing yet, never knows. Any other answer is the session's, and
 /// the caller passes it on. The route's token ends the wait if the server is replaced.
-async fn first_answer(
+pub(crate) async fn first_answer(
     server: &mut (impl AsyncRead + Unpin),
     token: &CancellationToken,
     what: &str,
@@ -644,43 +653,6 @@ fn choose(route: &Route, ro: Option<ReadOnly>) -> Result<(Lane, Arc<str>), Rejec
     }
 }
 
-pub(crate) async fn session(
-    client: TcpStream,
-    server: TcpStream,
-    route: &Route,
-    lane: &Lane,
-    tx: TxState,
-    ctx: &Ctx,
-) -> CloseReason {
-    let (client, server) = (Arc::new(client), Arc::new(server));
-    let handles: (SocketHandle, SocketHandle) = (client.clone(), server.clone());
-    let tx = std::sync::Mutex::new(tx);
-    let (client, server, tx) = (&client, &server, &tx);
-    let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
-        let drain = signal.map(|signal| Drain { signal, tx });
-        relay(client, server, token, drain, &ctx.metrics).await
-    })
-    .await;
-    if reason == CloseReason::Drained {
-        close_drained(client, server).await;
-    }
-    reason
-}
-
-/// Closes a drained session as a PostgreSQL shutting down closes an idle one: FATAL 57P01
-/// to the client, Terminate to the server (its backend exits without an "unexpected EOF").
-async fn close_drained(client: &TcpStream, server: &TcpStream) {
-    let mut to_client = protocol::error_response(sqlstate::ADMIN_SHUTDOWN, DRAINED_MESSAGE);
-    let mut terminate = TERMINATE.to_vec();
-    let write = async {
-        let _ = crate::relay::write_pending(client, &mut to_client).await;
-        let _ = crate::relay::write_pending(server, &mut terminate).await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
-    let _ = SockRef::from(client).shutdown(std::net::Shutdown::Both);
-    let _ = SockRef::from(server).shutdown(std::net::Shutdown::Both);
-}
-
 /// What every engine does around its relay: count the session in its lane, register its
 /// sockets for a sever (refused if the lane was severed since the route snapshot, so not
 /// one byte of the session reaches an old master), relay, and say why it ended.
@@ -748,7 +720,11 @@ fn no_master(why: NoMaster) -> Reject {
     )
 }
 
-async fn connect(addr: &str, what: &str, timeout: Duration) -> Result<TcpStream, Reject> {
+pub(crate) async fn connect(
+    addr: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<TcpStream, Reject> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {

@@ -67,7 +67,7 @@ async fn read_all(c: &mut DuplexStream) -> Vec<u8> {
 async fn refused(ctx: &Ctx, send: &[u8]) -> (Vec<u8>, DuplexStream) {
     let (mut client, proxy_side) = duplex(64 * 1024);
     client.write_all(send).await.expect("write");
-    let serve = serve_with(proxy_side, None, ctx, |_, _, _, _, _| async {
+    let serve = serve_with(proxy_side, None, ctx, |_| async {
         panic!("no session may start")
     });
     let mut first = vec![0u8; 1];
@@ -146,7 +146,7 @@ async fn a_refused_ssl_request_is_declined_then_answered() {
         .write_all(&request(protocol::SSL_REQUEST_CODE))
         .await
         .expect("write");
-    let serve = serve_with(proxy_side, None, &ctx, |_, _, _, _, _| async {
+    let serve = serve_with(proxy_side, None, &ctx, |_| async {
         panic!("no session may start")
     });
     let talk = async {
@@ -241,17 +241,12 @@ async fn a_routed_client_reaches_the_master_with_its_pipelined_bytes() {
     client.write_all(&sent).await.expect("write");
     let done = tokio::sync::Notify::new();
     let serve = async {
-        serve_with(
-            proxy_side,
-            None,
-            &ctx,
-            |_client, _server, route, lane, tx| async move {
-                assert_eq!(route.generation, 4);
-                assert!(matches!(lane, Lane::Master));
-                assert!(!tx.idle(), "the pipelined query is not answered yet");
-                CloseReason::ClientClosed
-            },
-        )
+        serve_with(proxy_side, None, &ctx, |p| async move {
+            assert_eq!(p.route.generation, 4);
+            assert!(matches!(p.lane, Lane::Master));
+            assert!(!p.tx.idle(), "the pipelined query is not answered yet");
+            CloseReason::ClientClosed
+        })
         .await;
         done.notify_one();
     };
@@ -280,8 +275,8 @@ async fn a_master_that_dies_before_answering_is_retried_on_the_next_route() {
         client.write_all(&sent).await.expect("write");
         let done = tokio::sync::Notify::new();
         let serve = async {
-            serve_with(proxy_side, None, &ctx, |_, _, route, _, _| async move {
-                assert_eq!(route.generation, 5, "{name}: the new master's route");
+            serve_with(proxy_side, None, &ctx, |p| async move {
+                assert_eq!(p.route.generation, 5, "{name}: the new master's route");
                 CloseReason::ClientClosed
             })
             .await;
@@ -334,8 +329,8 @@ async fn a_refusal_at_startup_reaches_the_client() {
         client.write_all(&sent).await.expect("write");
         // The client hangs up its side: a refusal's close need not wait for it.
         client.shutdown().await.expect("shutdown");
-        let serve = serve_with(proxy_side, None, &ctx, |_, server, _, _, _| async move {
-            drop(server);
+        let serve = serve_with(proxy_side, None, &ctx, |p| async move {
+            drop(p.server);
             CloseReason::ServerClosed
         });
         let accept = fake_master(&master, sent.len(), &first, async {});
@@ -365,7 +360,7 @@ async fn a_session_counts_in_its_lane_while_it_waits_for_the_first_answer() {
     client.write_all(&sent).await.expect("write");
     let done = tokio::sync::Notify::new();
     let serve = async {
-        serve_with(proxy_side, None, &ctx, |_, _, _, _, _| async {
+        serve_with(proxy_side, None, &ctx, |_| async {
             CloseReason::ClientClosed
         })
         .await;

@@ -6,6 +6,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -77,6 +78,27 @@ pub struct Metrics {
     pub cancels: Family<ResultLabel, Counter>,
     /// Session starts by who authenticated the client.
     pub auth: Family<ResultLabel, Counter>,
+    /// Drained sessions by what became of them: moved, or why not.
+    pub moves: Family<ResultLabel, Counter>,
+    /// How long each moved session was held (from its drain to its first byte relayed on
+    /// the new master).
+    pub move_seconds: HeldSeconds,
+}
+
+/// A histogram of hold times, from 10 ms to about 20 s.
+pub struct HeldSeconds(pub Histogram);
+
+impl Default for HeldSeconds {
+    fn default() -> Self {
+        HeldSeconds(Histogram::new(exponential_buckets(0.01, 2.0, 12)))
+    }
+}
+
+impl std::ops::Deref for HeldSeconds {
+    type Target = Histogram;
+    fn deref(&self) -> &Histogram {
+        &self.0
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,6 +172,20 @@ impl Metrics {
             self.cancels.clone(),
         );
         r.register(
+            "session_moves",
+            "Sessions a planned switchover drained, by what became of them: moved (to the new \
+             master, unseen by the client), or why each was closed at its boundary instead: \
+             no_credentials (the proxy did not authenticate it), listen, advisory_lock, \
+             temp_table, hold_cursor, sql_prepare, session_authorization, custom_setting, \
+             inspect_failed, no_master (none within --hold-timeout), replay_failed",
+            self.moves.clone(),
+        );
+        r.register(
+            "session_move_seconds",
+            "How long each moved session was held, from its drain to the new master",
+            self.move_seconds.0.clone(),
+        );
+        r.register(
             "info_keepalives",
             "ProxyInfo lease keep-alives (checks that wrote nothing)",
             self.info_keepalives.clone(),
@@ -159,6 +195,20 @@ impl Metrics {
     /// A session start by who authenticated it (see the metric's help).
     pub fn auth(&self, result: &'static str) {
         self.auth.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// A session moved to the new master at a planned switchover, held for `held`.
+    pub fn moved(&self, held: std::time::Duration) {
+        self.moves
+            .get_or_create(&ResultLabel { result: "moved" })
+            .inc();
+        self.move_seconds.observe(held.as_secs_f64());
+    }
+
+    /// A drained session that could not be moved, by why (`Unmovable::label`): closed at
+    /// its boundary.
+    pub fn unmoved(&self, why: &'static str) {
+        self.moves.get_or_create(&ResultLabel { result: why }).inc();
     }
 
     /// A CancelRequest handled: local, peer, peer_unknown, ended or not_minted.

@@ -192,22 +192,14 @@ pub(crate) struct Start<'a> {
 /// What a started session keeps until it ends.
 #[derive(Default)]
 pub(crate) struct Started {
-    /// Its minted cancel key's registration (the key leads nowhere once dropped).
-    #[expect(dead_code, reason = "held for its Drop")]
+    /// Its minted cancel key's registration (the key leads nowhere once dropped; a moved
+    /// session points it at its new server).
     pub key: Option<KeyGuard>,
     /// The client's credentials, when the proxy authenticated it: what a later session on
     /// another server would authenticate with.
-    #[expect(
-        dead_code,
-        reason = "kept for the session's life; nothing opens another yet"
-    )]
     pub credentials: Option<Credentials>,
     /// The parameters the server reported at the start (ParameterStatus), as the client
-    /// knows them: what a session opened elsewhere must match.
-    #[expect(
-        dead_code,
-        reason = "kept for the session's life; nothing opens another yet"
-    )]
+    /// knows them: a session opened elsewhere tells the client only of the values that differ.
     pub reported: Vec<(String, String)>,
 }
 

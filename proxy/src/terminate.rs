@@ -9,7 +9,7 @@ use crate::relay::{drive, End, Stop};
 use crate::stream::Stream;
 use crate::tls::{ServerSslMode, Terminate};
 use std::io::{self, ErrorKind};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,20 +44,9 @@ pub(crate) async fn serve(client: TcpStream, ctx: &crate::conn::Ctx, t: &Termina
             return ctx.metrics.closed(r.reject.reason);
         }
     };
-    crate::conn::serve_with(
-        n.stream,
-        n.first,
-        ctx,
-        |client, server, route, lane, tx| async move {
-            match (client, server) {
-                // Plaintext both ways: the plain relay, as in passthrough.
-                (Stream::Plain(client), Stream::Plain(server)) => {
-                    crate::conn::session(client, server, &route, &lane, tx, ctx).await
-                }
-                (client, server) => session(client, server, &route, &lane, tx, ctx).await,
-            }
-        },
-    )
+    crate::conn::serve_with(n.stream, n.first, ctx, |parts| {
+        crate::session::run(parts, ctx)
+    })
     .await
 }
 
@@ -351,7 +340,9 @@ where
     result
 }
 
-/// Closes a drained session as `conn::close_drained` does, through the streams' TLS.
+/// Closes a drained session as a PostgreSQL shutting down closes an idle one: FATAL 57P01
+/// to the client, Terminate to the server (its backend exits without an "unexpected EOF"),
+/// through the streams' TLS if any.
 pub(crate) async fn close_drained(client: &mut Stream, server: &mut Stream) {
     let write = async {
         let to_client =
@@ -392,39 +383,4 @@ pub(crate) fn tls_required(startup: &[u8]) -> Reject {
         ),
         CloseReason::RejectedProtocol,
     )
-}
-
-/// A session over streams (terminate mode, or TLS to the server): as `conn::session`, with
-/// the drain reading the decrypted messages.
-pub(crate) async fn session(
-    mut client: Stream,
-    mut server: Stream,
-    route: &crate::route::Route,
-    lane: &crate::conn::Lane,
-    tx: crate::txstate::TxState,
-    ctx: &crate::conn::Ctx,
-) -> CloseReason {
-    let fds = client
-        .tcp()
-        .as_fd()
-        .try_clone_to_owned()
-        .and_then(|c| Ok((c, server.tcp().as_fd().try_clone_to_owned()?)));
-    let Ok((cfd, sfd)) = fds else {
-        return CloseReason::IoError;
-    };
-    let (cfd, sfd) = (Arc::new(cfd), Arc::new(sfd));
-    let handles: (crate::route::SocketHandle, crate::route::SocketHandle) =
-        (cfd.clone(), sfd.clone());
-    let tx = std::sync::Mutex::new(tx);
-    let (c, s, tx_ref) = (&mut client, &mut server, &tx);
-    let (cfd_ref, sfd_ref) = (&*cfd, &*sfd);
-    let reason = crate::conn::in_lane(route, lane, ctx, handles, |token, signal| async move {
-        let drain = signal.map(|signal| crate::relay::Drain { signal, tx: tx_ref });
-        relay_streams(c, s, (cfd_ref, sfd_ref), token, drain, &ctx.metrics).await
-    })
-    .await;
-    if reason == CloseReason::Drained {
-        close_drained(&mut client, &mut server).await;
-    }
-    reason
 }

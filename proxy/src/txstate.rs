@@ -139,6 +139,8 @@ pub struct TxState {
     /// A drain that has waited long enough for this session to fall quiet: it closes it
     /// at its next transaction boundary instead.
     pub(crate) forced: bool,
+    /// Whether the client set a custom setting, which no view shows (a move would lose it).
+    custom: crate::migrate::scan::CustomScan,
 }
 
 impl TxState {
@@ -159,9 +161,24 @@ impl TxState {
             activity: 0,
             idle_at: std::time::Instant::now(),
             forced: false,
+            custom: Default::default(),
         };
         st.from_client(replayed_tail);
         st
+    }
+
+    /// A session just moved to a new server (its start done, its state replayed): idle and
+    /// settled, and nothing custom set on it (else it would not have moved).
+    pub fn moved() -> TxState {
+        let mut st = TxState::new(Start::Startup, &[]);
+        st.from_server(&[b'Z', 0, 0, 0, 5, b'I']);
+        st.half_pair = false;
+        st
+    }
+
+    /// The client set a custom (dotted) setting or called set_config (see `migrate::scan`).
+    pub fn custom_settings(&self) -> bool {
+        self.custom.found()
     }
 
     /// Bytes the client sent, as they are forwarded.
@@ -175,6 +192,7 @@ impl TxState {
             self.opaque = true;
             return;
         }
+        self.custom.feed(bytes);
         let mut requests = 0u64;
         let (mut cycle_open, mut cycle, mut half_pair) =
             (self.cycle_open, self.cycle, self.half_pair);

@@ -237,6 +237,40 @@ where
     Ok(sbuf)
 }
 
+/// Logs in to a server as the client's role with the kept credentials, `answer` being the
+/// server's first answer to the replayed startup packet (a session moved to another
+/// server). `Ok`: the server's bytes after its acceptance.
+pub async fn login<S>(
+    server: &mut S,
+    answer: &[u8],
+    creds: &Credentials,
+) -> Result<Vec<u8>, Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match (asked(answer), creds) {
+        (Some(Asked::Scram), Credentials::Scram { .. }) => scram_to_server(server, creds).await,
+        (Some(Asked::Md5(salt)), Credentials::Md5(stored)) => {
+            let mut response = super::md5_response(stored, &salt).into_bytes();
+            response.push(0);
+            send(server, &wire::message(b'p', &response))
+                .await
+                .map_err(gone)?;
+            Ok(Vec::new())
+        }
+        // Trusted, or refused at once: the caller reads what follows.
+        _ if answer.first() != Some(&b'R')
+            || wire::auth_code(answer.get(5..).unwrap_or_default())
+                .is_some_and(|(code, _)| code == wire::AUTH_OK) =>
+        {
+            Ok(answer.to_vec())
+        }
+        _ => Err(stale(
+            "the server asks for another method than the client's login used".into(),
+        )),
+    }
+}
+
 /// The server refused what the proxy derived from the looked-up secret: it changed.
 fn stale(why: String) -> Failure {
     Failure {

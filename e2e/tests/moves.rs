@@ -1,0 +1,205 @@
+//! Sessions move to the new master at a planned switchover (issue 20, point 1), with real
+//! keepers, sentinel and a proxy terminating the session and authenticating its clients:
+//! a session that only changed settings and prepared statements keeps its socket, its
+//! settings, its statements and its cancel key on the new master, and never sees an
+//! error; a session holding a temporary table or a custom setting is closed at its
+//! boundary, as before, and counted by reason.
+
+use e2e::{sql, Cluster, Opts};
+use std::time::Duration;
+use testkit::free_port;
+use tokio_postgres::error::SqlState;
+
+const MIN: Duration = Duration::from_secs(60);
+
+async fn as_alice(port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    sql::connect_as(
+        "127.0.0.1",
+        port,
+        "alice",
+        "alice-pw",
+        Duration::from_secs(5),
+    )
+    .await
+}
+
+async fn server_port(c: &tokio_postgres::Client) -> u16 {
+    let row = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("port");
+    u16::try_from(row.get::<_, i32>(0)).expect("a port")
+}
+
+async fn metrics(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("ask");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+fn count(text: &str, result: &str) -> u64 {
+    let want = format!("stolon_proxy_session_moves_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key() {
+    let _s = e2e::serial().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let pw = dir.path().join("auth.pw");
+    std::fs::write(&pw, "auth-secret\n").expect("pw");
+    let pw = pw.display().to_string();
+    let auth = vec![
+        "--pg-auth-username".to_string(),
+        "proxyauth".into(),
+        "--pg-auth-passwordfile".into(),
+        pw.clone(),
+    ];
+    let mut c = Cluster::start(Opts {
+        keepers: 2,
+        keeper_args: vec![auth.clone(), auth],
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let m = c.master().await.expect("master");
+    let target = c.others(&m).first().expect("a standby").clone();
+    c.exec_via_proxy("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
+        .await
+        .expect("alice");
+    let mport = free_port();
+    c.add_proxy_with(
+        "p2",
+        vec![
+            "--client-tls".into(),
+            "terminate".into(),
+            "--auth-user".into(),
+            "proxyauth".into(),
+            "--auth-passwordfile".into(),
+            pw,
+            "--metrics-listen-address".into(),
+            format!("127.0.0.1:{}", mport.0),
+        ],
+    )
+    .expect("proxy");
+    let port = c.proxy_addr(1).1;
+    // The standby must have the role before the switchover (it replays it).
+    let a = c
+        .wait_for("alice through the proxy", MIN, async || {
+            as_alice(port).await.ok()
+        })
+        .await
+        .expect("alice");
+    let before = server_port(&a).await;
+    assert_eq!(
+        count(&metrics(mport.0).await, "moved"),
+        0,
+        "nothing moved yet"
+    );
+    a.batch_execute("SET statement_timeout = '1234ms'; SET search_path = public, pg_catalog")
+        .await
+        .expect("settings");
+    let stmt = a
+        .prepare("SELECT $1::int + 1")
+        .await
+        .expect("a named statement");
+    let temp = as_alice(port).await.expect("second session");
+    temp.batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .expect("temp table");
+    let custom = as_alice(port).await.expect("third session");
+    custom
+        .batch_execute("SET app.tenant = 'acme'")
+        .await
+        .expect("custom setting");
+    let standby_has_alice = c
+        .wait_for("alice on the standby", MIN, async || {
+            let n = c
+                .query(
+                    &target,
+                    "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'",
+                )
+                .await
+                .ok()?;
+            (n == "1").then_some(())
+        })
+        .await;
+    standby_has_alice.expect("replicated");
+
+    let out = c.ctl(&["switchover", "--to", &target, "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = c
+        .wait_for("the drained sessions counted", MIN, async || {
+            let t = metrics(mport.0).await;
+            (count(&t, "moved") + count(&t, "temp_table") + count(&t, "custom_setting") >= 3)
+                .then_some(t)
+        })
+        .await
+        .expect("counted");
+    assert_eq!(count(&text, "moved"), 1, "{text}");
+    assert_eq!(count(&text, "temp_table"), 1, "{text}");
+    assert_eq!(count(&text, "custom_setting"), 1, "{text}");
+
+    // The moved session: the same socket, on the new master, with its state.
+    let after = server_port(&a).await;
+    assert_ne!(after, before, "on the new master");
+    let row = a
+        .query_one("SELECT pg_is_in_recovery(), current_setting('statement_timeout'), current_setting('search_path')", &[])
+        .await
+        .expect("the session still works");
+    assert!(!row.get::<_, bool>(0), "the new master takes writes");
+    assert_eq!(row.get::<_, String>(1), "1234ms");
+    assert_eq!(row.get::<_, String>(2), "public, pg_catalog");
+    let row = a.query_one(&stmt, &[&41]).await.expect("the statement");
+    assert_eq!(
+        row.get::<_, i32>(0),
+        42,
+        "the prepared statement runs there"
+    );
+    // Its cancel key leads to its new backend.
+    let token = a.cancel_token();
+    let sleeper = async {
+        a.batch_execute("SET statement_timeout = 0; SELECT pg_sleep(30)")
+            .await
+    };
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel");
+    };
+    let (slept, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(sleeper, cancel)
+    })
+    .await
+    .expect("the cancel ends the sleep");
+    let e = slept.expect_err("cancelled");
+    assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e}");
+
+    // The unmovable ones were closed at their boundary, as before moves.
+    for (name, s) in [("temp table", &temp), ("custom setting", &custom)] {
+        let e = s
+            .query_one("SELECT 1", &[])
+            .await
+            .expect_err(&format!("{name}: closed"));
+        assert!(
+            e.is_closed() || e.code() == Some(&SqlState::ADMIN_SHUTDOWN),
+            "{name}: {e}"
+        );
+    }
+}

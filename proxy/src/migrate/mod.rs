@@ -1,0 +1,279 @@
+//! Moving a session to the new master at a planned switchover (issue 20): when the drain
+//! finds the session between transactions, instead of closing it the proxy asks the old
+//! server what the session holds (`state`), ends it there, waits for the new master as a
+//! held session does, logs in to it as the client's role with the credentials kept at the
+//! start, and replays the startup packet, the settings and the prepared statements. The
+//! client's bytes wait in its socket meanwhile; it keeps its socket, its cancel key and its
+//! statement names, and sees nothing. A session that cannot be moved is closed at its
+//! boundary as before, and counted by reason.
+
+pub mod scan;
+pub mod state;
+
+use crate::auth::{exchange, wire, Credentials};
+use crate::conn::{ClientStream, Ctx};
+use crate::route::Route;
+use crate::stream::Stream;
+use state::{SessionState, Unmovable};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// How long the old server may take to answer the inspection, and the new one to take the
+/// login and the replay (each well under a second on a live server).
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest answer the inspection or the replay may get (a session with thousands of
+/// prepared statements is still far below it).
+const MAX_ANSWER: usize = 16 << 20;
+
+/// A session's new server side.
+pub(crate) struct Moved {
+    pub server: Stream,
+    pub route: Arc<Route>,
+    pub addr: Arc<str>,
+    /// The new server's BackendKeyData body (the client's minted key now leads to it).
+    pub key: Option<Vec<u8>>,
+    /// ParameterStatus messages for the client: the new server's values that differ from
+    /// those reported at the session's start, then those the replay changed (as a server
+    /// reports a SET), so the client's view ends as the new server's.
+    pub reports: Vec<u8>,
+}
+
+/// Reads one simple query's answer from `server`.
+async fn read_answer<S>(server: &mut S) -> Result<state::Answer, String>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if let Some(a) = state::answer(&buf) {
+            return a;
+        }
+        if buf.len() > MAX_ANSWER {
+            return Err("answer too long".into());
+        }
+        match server.read_buf(&mut buf).await {
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Asks the old server what the idle session holds. Notices and notifications that arrive
+/// with the answer are the client's: passed on.
+pub(crate) async fn inspect<C, S>(
+    client: &mut C,
+    server: &mut S,
+    user: &str,
+) -> Result<SessionState, Unmovable>
+where
+    C: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut query = state::INSPECT.as_bytes().to_vec();
+    query.push(0);
+    let ask = async {
+        wire::send(server, &wire::message(b'Q', &query))
+            .await
+            .map_err(|e| e.to_string())?;
+        read_answer(server).await
+    };
+    let answer = match tokio::time::timeout(STEP_TIMEOUT, ask).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(why)) => {
+            tracing::debug!(why, "cannot inspect the session on the old master");
+            return Err(Unmovable::Inspect);
+        }
+        Err(_) => return Err(Unmovable::Inspect),
+    };
+    if !answer.passed.is_empty() && wire::send(client, &answer.passed).await.is_err() {
+        return Err(Unmovable::Inspect);
+    }
+    if let Some(e) = answer.error {
+        tracing::debug!(error = e, "the old master refused the session's inspection");
+        return Err(Unmovable::Inspect);
+    }
+    state::judge(&answer.sets, user)
+}
+
+/// Ends the session on the old server as a client leaving does (its backend exits without
+/// an "unexpected EOF"), without waiting for more than a moment.
+pub(crate) async fn leave(server: &mut Stream) {
+    let bye = async {
+        let _ = server.write_all(&crate::conn::TERMINATE).await;
+        let _ = server.shutdown().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), bye).await;
+    let _ = socket2::SockRef::from(server.tcp()).shutdown(std::net::Shutdown::Both);
+}
+
+/// Waits (as a held session, within `--hold-timeout`) for a master that is not draining,
+/// and opens the session there. `Err` if none came in time, the client left, or the new
+/// master refused the login or the replay.
+pub(crate) async fn open_on_next<C>(
+    client: &C,
+    start: &Start<'_>,
+    state: &SessionState,
+    ctx: &Ctx,
+) -> Result<Moved, Unmovable>
+where
+    C: ClientStream,
+{
+    let Some(held) = ctx.hold.start() else {
+        return Err(Unmovable::NoMaster);
+    };
+    let mut retry = false;
+    loop {
+        let changed = ctx.routes.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let route = ctx.routes.load();
+        let ready = !route.drain.is_cancelled() && !route.token.is_cancelled();
+        if let (Ok(addr), true) = (&route.master, ready) {
+            match open(route.clone(), addr.clone(), start, state, ctx).await {
+                Ok(m) => return Ok(m),
+                // The new master not accepting connections yet: tried again, as a held
+                // session's connect is.
+                Err(Attempt::NotYet) => retry = true,
+                Err(Attempt::Refused) => return Err(Unmovable::Replay),
+            }
+        }
+        tokio::select! {
+            go_on = held.wait(changed, retry) => if !go_on {
+                return Err(Unmovable::NoMaster);
+            },
+            _ = client.hung_up() => return Err(Unmovable::NoMaster),
+        }
+    }
+}
+
+/// Why one attempt to open the session failed.
+enum Attempt {
+    /// Not reachable or not accepting connections: worth another try.
+    NotYet,
+    /// It refused the login or the replay: no other try will differ.
+    Refused,
+}
+
+/// What a session elsewhere starts from: the startup packet, the client's credentials, and
+/// the parameters the client was told at the start.
+pub(crate) struct Start<'a> {
+    pub startup: &'a [u8],
+    pub creds: &'a Credentials,
+    pub reported: &'a [(String, String)],
+}
+
+async fn open(
+    route: Arc<Route>,
+    addr: Arc<str>,
+    start: &Start<'_>,
+    state: &SessionState,
+    ctx: &Ctx,
+) -> Result<Moved, Attempt> {
+    let timeout = ctx.config.connect_timeout;
+    let what = "the primary";
+    let tcp = crate::conn::connect(&addr, what, timeout)
+        .await
+        .map_err(|_| Attempt::NotYet)?;
+    crate::conn::tune(&tcp, None);
+    let mut server = match &ctx.tls {
+        Some(t) => crate::terminate::to_server(tcp, &addr, t, what, timeout)
+            .await
+            .map_err(|_| Attempt::NotYet)?,
+        None => Stream::Plain(tcp),
+    };
+    let first = async {
+        server.write_all(start.startup).await.ok()?;
+        crate::conn::first_answer(&mut server, &route.token, what, true)
+            .await
+            .ok()
+    };
+    let answer = tokio::time::timeout(STEP_TIMEOUT, first)
+        .await
+        .ok()
+        .flatten()
+        .ok_or(Attempt::NotYet)?;
+    let started = async {
+        let rest = exchange::login(&mut server, &answer, start.creds)
+            .await
+            .map_err(|f| f.why)?;
+        let (key, mut reports) = read_start(&mut server, rest, start.reported).await?;
+        wire::send(&mut server, &state::replay(state))
+            .await
+            .map_err(|e| e.to_string())?;
+        let a = read_answer(&mut server).await?;
+        match a.error {
+            Some(e) => Err(format!("the replay failed: {e}")),
+            None => {
+                reports.extend(a.passed);
+                Ok((key, reports))
+            }
+        }
+    };
+    match tokio::time::timeout(STEP_TIMEOUT, started).await {
+        Ok(Ok((key, reports))) => Ok(Moved {
+            server,
+            route,
+            addr,
+            key,
+            reports,
+        }),
+        Ok(Err(why)) => {
+            tracing::warn!(
+                addr = &*addr,
+                why,
+                "cannot move a session to the new master"
+            );
+            Err(Attempt::Refused)
+        }
+        Err(_) => {
+            tracing::warn!(
+                addr = &*addr,
+                "timed out moving a session to the new master"
+            );
+            Err(Attempt::Refused)
+        }
+    }
+}
+
+/// Reads the server's start after the login, up to its ReadyForQuery: its BackendKeyData,
+/// and its ParameterStatus messages whose values differ from `reported` (the client knows
+/// the others already).
+async fn read_start(
+    server: &mut Stream,
+    mut buf: Vec<u8>,
+    reported: &[(String, String)],
+) -> Result<(Option<Vec<u8>>, Vec<u8>), String> {
+    let (mut key, mut reports) = (None, Vec::new());
+    loop {
+        let (kind, body) = wire::read_message(server, &mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        match kind {
+            b'K' => key = Some(body),
+            b'E' => {
+                let mut whole = wire::message(b'E', &body);
+                whole.truncate(whole.len().min(4096));
+                let why = crate::protocol::error_fields(&whole)
+                    .map_or_else(|| "an error".into(), |(c, m)| format!("{c}: {m}"));
+                return Err(format!("the new master refused the login: {why}"));
+            }
+            b'Z' => return Ok((key, reports)),
+            b'S' if !known(&body, reported) => reports.extend(wire::message(b'S', &body)),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a ParameterStatus body names a value the client was told at the start.
+fn known(body: &[u8], reported: &[(String, String)]) -> bool {
+    let mut parts = body.split(|&b| b == 0);
+    let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    reported
+        .iter()
+        .any(|(n, v)| n.as_bytes() == name && v.as_bytes() == value)
+}
