@@ -112,6 +112,12 @@ enum Cmd {
         /// terminates the TLS (--client-tls terminate), HAProxy passes it through
         #[arg(long)]
         tls: bool,
+        /// Sessions move at a switchover: every keeper keeps the proxies' auth role,
+        /// stolon-proxy terminates the sessions and authenticates the clients
+        /// (--client-tls terminate --auth-user), and every client of both targets logs in
+        /// as a SCRAM role (a superuser is never authenticated by the proxy)
+        #[arg(long)]
+        move_sessions: bool,
     },
     /// N real stolon-proxy processes on one cluster of real processes, for each N of
     /// --proxies in one run: etcd's idle load (writes, lease renewals, watch events, CPU,
@@ -206,6 +212,7 @@ fn main() -> anyhow::Result<()> {
             haproxy_check,
             out_dir,
             tls,
+            move_sessions,
         } => ha::run(&ha::Options {
             switchovers,
             failovers,
@@ -217,6 +224,7 @@ fn main() -> anyhow::Result<()> {
             haproxy_check,
             out_dir,
             tls,
+            move_sessions,
         }),
         Cmd::Swarm {
             proxies,

@@ -60,6 +60,8 @@ pub struct Shared {
     pub think: Duration,
     /// Connect with TLS (sslmode=require: encrypted, the certificate not verified).
     pub tls: bool,
+    /// The role and password every client logs in with.
+    pub login: (String, String),
 }
 
 impl Shared {
@@ -118,8 +120,8 @@ pub async fn connect(sh: &Shared, e: &Endpoint, kind: Kind) -> Option<Client> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&e.addr)
         .port(e.port)
-        .user(e2e::sql::SU)
-        .password(e2e::sql::SU_PASSWORD)
+        .user(&sh.login.0)
+        .password(&sh.login.1)
         .dbname("postgres")
         .connect_timeout(sh.connect_timeout);
     let start = Instant::now();

@@ -82,16 +82,62 @@ impl TlsSetup {
     }
 }
 
+/// `ha --move-sessions`: the proxies' auth role on every keeper, and the role the clients
+/// log in as (a SCRAM role: the proxy never authenticates a superuser).
+pub struct AuthSetup {
+    dir: tempfile::TempDir,
+}
+
+pub const WRITER: &str = "lt_writer";
+pub const WRITER_PASSWORD: &str = "lt-writer-pw";
+const AUTH_ROLE: &str = "proxyauth";
+
+impl AuthSetup {
+    pub fn new() -> Result<AuthSetup> {
+        let dir = testkit::temp_dir("ha-auth")?;
+        std::fs::write(dir.path().join("auth.pw"), "auth-secret\n")?;
+        Ok(AuthSetup { dir })
+    }
+
+    fn file(&self) -> String {
+        self.dir.path().join("auth.pw").display().to_string()
+    }
+
+    fn keeper_args(&self) -> Vec<String> {
+        vec![
+            "--pg-auth-username".into(),
+            AUTH_ROLE.into(),
+            "--pg-auth-passwordfile".into(),
+            self.file(),
+        ]
+    }
+
+    fn proxy_flags(&self, tls: bool) -> Vec<String> {
+        let mut f = vec![
+            "--auth-user".into(),
+            AUTH_ROLE.into(),
+            "--auth-passwordfile".into(),
+            self.file(),
+        ];
+        if !tls {
+            f.extend(["--client-tls".into(), "terminate".into()]);
+        }
+        f
+    }
+}
+
 impl Env {
     pub async fn start(
         spec: serde_json::Value,
         haproxy_check: &str,
         tls: Option<&TlsSetup>,
+        auth: Option<&AuthSetup>,
     ) -> Result<Env> {
         let mut c = Cluster::launch(&Opts {
             keepers: 3,
             proxies: 0,
             spec,
+            keeper_args: vec![auth.map(AuthSetup::keeper_args).unwrap_or_default(); 3],
             ..Default::default()
         })
         .await?;
@@ -101,9 +147,21 @@ impl Env {
             format!("127.0.0.1:{}", proxy_metrics.0),
         ];
         flags.extend(tls.map(TlsSetup::proxy_flags).unwrap_or_default());
+        flags.extend(
+            auth.map(|a| a.proxy_flags(tls.is_some()))
+                .unwrap_or_default(),
+        );
         c.add_proxy_with("p1", flags)?;
         c.wait_healthy(Duration::from_secs(180)).await?;
         create_load_table(&c).await?;
+        if auth.is_some() {
+            c.exec_via_proxy(&format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{WRITER}') THEN \
+                 CREATE ROLE {WRITER} LOGIN PASSWORD '{WRITER_PASSWORD}'; END IF; END $$; \
+                 GRANT SELECT, INSERT ON lt_writes TO {WRITER}"
+            ))
+            .await?;
+        }
         let dir = testkit::temp_dir("ha-haproxy")?;
         let haproxy_port = free_port();
         let cfg = haproxy_config(&c, haproxy_port.0, haproxy_check);
@@ -161,6 +219,7 @@ impl Env {
         tokio::time::sleep(BEFORE).await;
         let old = self.c.master().await.context("no master")?;
         let holds_before = self.proxy_holds().await;
+        let moves_before = self.proxy_moves().await;
         let mark = Instant::now();
         if scenario == "switchover" {
             switchover(&self.c).await?;
@@ -192,6 +251,15 @@ impl Env {
         };
         let samples = sh.log.lock().map(|l| l.clone()).unwrap_or_default();
         let holds_after = self.proxy_holds().await;
+        let moves_after = self.proxy_moves().await;
+        let proxy_moves = moves_after
+            .into_iter()
+            .map(|(r, n)| {
+                let before = moves_before.get(&r).copied().unwrap_or(0);
+                (r, n.saturating_sub(before))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
         Ok(Change {
             scenario,
             index,
@@ -204,7 +272,23 @@ impl Env {
             proxy_holds: holds_before
                 .zip(holds_after)
                 .map(|(a, b)| b.saturating_sub(a)),
+            proxy_moves,
         })
+    }
+
+    /// stolon-proxy's counts of drained sessions so far, by what became of them.
+    async fn proxy_moves(&self) -> BTreeMap<String, u64> {
+        let url = format!("127.0.0.1:{}", self.proxy_metrics.0);
+        let Ok(text) = http_get(&url, "/metrics").await else {
+            return BTreeMap::new();
+        };
+        text.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("stolon_proxy_session_moves_total{result=\"")?;
+                let (result, value) = rest.split_once("\"} ")?;
+                Some((result.to_string(), value.trim().parse().ok()?))
+            })
+            .collect()
     }
 
     /// stolon-proxy's count of held sessions so far.

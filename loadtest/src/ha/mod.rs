@@ -39,6 +39,8 @@ pub struct Options {
     /// TLS everywhere: PostgreSQL ssl on, clients at sslmode=require, stolon-proxy
     /// terminating it.
     pub tls: bool,
+    /// Sessions movable at a switchover (see `cluster::AuthSetup`).
+    pub move_sessions: bool,
 }
 
 pub const TARGETS: [&str; 2] = ["stolon-proxy", "haproxy"];
@@ -56,6 +58,9 @@ pub(crate) struct Change {
     seen: BTreeMap<&'static str, BTreeMap<&'static str, Seen>>,
     /// Sessions stolon-proxy held during the window (its sessions_holds counter).
     proxy_holds: Option<u64>,
+    /// What became of the sessions stolon-proxy drained in the window: moved, or why it
+    /// closed them (its session_moves counter, by result).
+    proxy_moves: BTreeMap<String, u64>,
     /// Every failed transaction in the window (seconds relative to the change).
     failed_txns: Vec<report::Failure>,
 }
@@ -115,7 +120,18 @@ async fn run_async(opts: &Options) -> Result<()> {
         Some(t) => t.spec(spec),
         None => spec,
     };
-    let mut env = cluster::Env::start(spec.clone(), &opts.haproxy_check, tls.as_ref()).await?;
+    let auth = if opts.move_sessions {
+        Some(cluster::AuthSetup::new()?)
+    } else {
+        None
+    };
+    let mut env = cluster::Env::start(
+        spec.clone(),
+        &opts.haproxy_check,
+        tls.as_ref(),
+        auth.as_ref(),
+    )
+    .await?;
     eprintln!("cluster up in {}", env.c.dir.display());
     let shared = Arc::new(Shared {
         t0: Instant::now(),
@@ -125,6 +141,10 @@ async fn run_async(opts: &Options) -> Result<()> {
         connect_timeout: opts.connect_timeout,
         think: opts.think,
         tls: opts.tls,
+        login: match &auth {
+            Some(_) => (cluster::WRITER.into(), cluster::WRITER_PASSWORD.into()),
+            None => (e2e::sql::SU.into(), e2e::sql::SU_PASSWORD.into()),
+        },
     });
     let endpoints = [env.proxy_endpoint(), env.haproxy_endpoint()];
     let tasks = spawn_clients(&shared, &endpoints, opts.clients);
@@ -210,13 +230,23 @@ fn progress_line(change: &Change) -> String {
             )
         })
         .collect();
+    let moves: Vec<String> = change
+        .proxy_moves
+        .iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
     format!(
-        "{} {}: {} -> {}; {}",
+        "{} {}: {} -> {}; {}; stolon-proxy drained sessions: {}",
         change.scenario,
         change.index,
         change.old_master,
         change.new_master,
-        per_target.join("; ")
+        per_target.join("; "),
+        if moves.is_empty() {
+            "none".to_string()
+        } else {
+            moves.join(", ")
+        }
     )
 }
 

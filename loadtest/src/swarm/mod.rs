@@ -102,6 +102,7 @@ async fn run_async(opts: &Options) -> Result<()> {
         connect_timeout: Duration::from_secs(30),
         think: opts.think,
         tls: false,
+        login: (e2e::sql::SU.into(), e2e::sql::SU_PASSWORD.into()),
     });
     let t0_unix = control::metrics::unix_now();
     let tasks: Vec<_> = (0..opts.clients)
