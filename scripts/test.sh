@@ -49,14 +49,15 @@ else
   bash scripts/fuzz.sh
 fi
 # PostgreSQL 16 and 18 beside Debian's 15: the core scenarios (init, kill -9 failover async
-# and sync, pg_rewind, switchover, standby cluster, PITR) on each; with --long, every e2e
+# and sync, pg_rewind, switchover, standby cluster, PITR, sessions moved) on each; with --long, every e2e
 # scenario. E2E_PG_MAJOR makes each scenario check that every keeper ran that version.
 bash scripts/pg-versions.sh
 core=(init_with_three_keepers_and_two_sentinels_one_master_rest_standbys
   init_pitr_with_and_without_a_recovery_target_time
   kill9_master_keeper_and_postgres_async kill9_master_keeper_and_postgres_sync
   old_master_rejoins_with_pg_rewind planned_switchover_under_load_loses_nothing
-  standby_cluster_async)
+  standby_cluster_async
+  a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key)
 for v in 16 18; do
   echo "== PostgreSQL $v"
   export PG_BIN_PATH E2E_PG_MAJOR=$v
@@ -64,7 +65,7 @@ for v in 16 18; do
   if [ "$long" -eq 1 ]; then
     STOLON_TEST_LONG=1 cargo test -p e2e
   else
-    cargo test -p e2e --test initialisation --test failover --test standby_cluster -- \
+    cargo test -p e2e --test initialisation --test failover --test standby_cluster --test moves -- \
       --exact "${core[@]}"
   fi
   unset PG_BIN_PATH E2E_PG_MAJOR

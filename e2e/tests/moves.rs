@@ -52,57 +52,109 @@ fn count(text: &str, result: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key() {
-    let _s = e2e::serial().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let pw = dir.path().join("auth.pw");
-    std::fs::write(&pw, "auth-secret\n").expect("pw");
-    let pw = pw.display().to_string();
-    let auth = vec![
-        "--pg-auth-username".to_string(),
-        "proxyauth".into(),
-        "--pg-auth-passwordfile".into(),
-        pw.clone(),
-    ];
-    let mut c = Cluster::start(Opts {
-        keepers: 2,
-        keeper_args: vec![auth.clone(), auth],
-        ..Default::default()
-    })
-    .await
-    .expect("cluster");
-    let m = c.master().await.expect("master");
-    let target = c.others(&m).first().expect("a standby").clone();
-    c.exec_via_proxy("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
-        .await
-        .expect("alice");
-    let mport = free_port();
-    c.add_proxy_with(
-        "p2",
-        vec![
-            "--client-tls".into(),
-            "terminate".into(),
-            "--auth-user".into(),
+/// A cluster of two keepers keeping the proxies' auth role, the role alice on it, and a
+/// second proxy (p2) terminating sessions and authenticating clients, with its metrics.
+struct Movable {
+    c: Cluster,
+    /// p2's client port and metrics port.
+    port: u16,
+    metrics: u16,
+    _metrics: testkit::PortGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl Movable {
+    async fn start() -> Movable {
+        let dir = tempfile::tempdir().expect("dir");
+        let pw = dir.path().join("auth.pw");
+        std::fs::write(&pw, "auth-secret\n").expect("pw");
+        let pw = pw.display().to_string();
+        let auth = vec![
+            "--pg-auth-username".to_string(),
             "proxyauth".into(),
-            "--auth-passwordfile".into(),
-            pw,
-            "--metrics-listen-address".into(),
-            format!("127.0.0.1:{}", mport.0),
-        ],
-    )
-    .expect("proxy");
-    let port = c.proxy_addr(1).1;
-    // The standby must have the role before the switchover (it replays it).
-    let a = c
-        .wait_for("alice through the proxy", MIN, async || {
+            "--pg-auth-passwordfile".into(),
+            pw.clone(),
+        ];
+        let mut c = Cluster::start(Opts {
+            keepers: 2,
+            keeper_args: vec![auth.clone(), auth],
+            ..Default::default()
+        })
+        .await
+        .expect("cluster");
+        c.exec_via_proxy("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
+            .await
+            .expect("alice");
+        let metrics = free_port();
+        c.add_proxy_with(
+            "p2",
+            vec![
+                "--client-tls".into(),
+                "terminate".into(),
+                "--auth-user".into(),
+                "proxyauth".into(),
+                "--auth-passwordfile".into(),
+                pw,
+                "--metrics-listen-address".into(),
+                format!("127.0.0.1:{}", metrics.0),
+            ],
+        )
+        .expect("proxy");
+        let port = c.proxy_addr(1).1;
+        c.wait_for("alice through the proxy", MIN, async || {
             as_alice(port).await.ok()
         })
         .await
         .expect("alice");
+        Movable {
+            c,
+            port,
+            metrics: metrics.0,
+            _metrics: metrics,
+            _dir: dir,
+        }
+    }
+
+    /// The standby that a switchover will promote, once it has replayed everything so far.
+    async fn target(&self) -> String {
+        let m = self.c.master().await.expect("master");
+        let target = self.c.others(&m).first().expect("a standby").clone();
+        self.c
+            .wait_for("alice on the standby", MIN, async || {
+                let n = self
+                    .c
+                    .query(
+                        &target,
+                        "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'",
+                    )
+                    .await
+                    .ok()?;
+                (n == "1").then_some(())
+            })
+            .await
+            .expect("replicated");
+        target
+    }
+
+    fn switchover(&self, target: &str) {
+        let out = self.c.ctl(&["switchover", "--to", target, "--wait"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key() {
+    let _s = e2e::serial().await;
+    let env = Movable::start().await;
+    let (c, port) = (&env.c, env.port);
+    let a = as_alice(port).await.expect("alice");
     let before = server_port(&a).await;
     assert_eq!(
-        count(&metrics(mport.0).await, "moved"),
+        count(&metrics(env.metrics).await, "moved"),
         0,
         "nothing moved yet"
     );
@@ -122,29 +174,11 @@ async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_can
         .batch_execute("SET app.tenant = 'acme'")
         .await
         .expect("custom setting");
-    let standby_has_alice = c
-        .wait_for("alice on the standby", MIN, async || {
-            let n = c
-                .query(
-                    &target,
-                    "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'",
-                )
-                .await
-                .ok()?;
-            (n == "1").then_some(())
-        })
-        .await;
-    standby_has_alice.expect("replicated");
-
-    let out = c.ctl(&["switchover", "--to", &target, "--wait"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let target = env.target().await;
+    env.switchover(&target);
     let text = c
         .wait_for("the drained sessions counted", MIN, async || {
-            let t = metrics(mport.0).await;
+            let t = metrics(env.metrics).await;
             (count(&t, "moved") + count(&t, "temp_table") + count(&t, "custom_setting") >= 3)
                 .then_some(t)
         })
@@ -202,4 +236,60 @@ async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_can
             "{name}: {e}"
         );
     }
+}
+
+/// pgbench -M prepared, a client we did not write, keeps its sessions (and their prepared
+/// statements) through a switchover: no client aborts, no transaction fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_runs_through_a_switchover_without_an_error() {
+    let _s = e2e::serial().await;
+    let env = Movable::start().await;
+    let c = &env.c;
+    let m = c.master().await.expect("master");
+    let (maddr, mport) = c.pg_addr(&m);
+    let pgbench = testkit::postgres::pg_bin_dir().join("pgbench");
+    let init = std::process::Command::new(&pgbench)
+        .args(["-i", "-q", "-s", "1", "-h", &maddr, "-p", &mport.to_string()])
+        .args(["-U", sql::SU, "postgres"])
+        .env("PGPASSWORD", sql::SU_PASSWORD)
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    c.exec_via_proxy(
+        "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, \
+         pgbench_history TO alice",
+    )
+    .await
+    .expect("grants");
+    let target = env.target().await;
+    let run = tokio::process::Command::new(&pgbench)
+        .args(["-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", "12"])
+        .args(["-h", "127.0.0.1", "-p", &env.port.to_string(), "-U", "alice"])
+        .arg("postgres")
+        .env("PGPASSWORD", "alice-pw")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let switch = async {
+        // Its sessions are open and prepared by then.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let moved = count(&metrics(env.metrics).await, "moved");
+        env.switchover(&target);
+        moved
+    };
+    let (out, moved_before) = tokio::join!(run, switch);
+    let out = out.expect("pgbench");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(moved_before, 0);
+    assert!(out.status.success(), "pgbench failed: {stdout}{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("aborted"), "{stderr}");
+    let text = metrics(env.metrics).await;
+    assert_eq!(count(&text, "moved"), 4, "each client's session moved: {text}");
+    assert_ne!(c.master().await.expect("master"), m, "the master changed");
 }
