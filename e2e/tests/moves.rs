@@ -249,12 +249,25 @@ async fn pgbench_prepared_runs_through_a_switchover_without_an_error() {
     let (maddr, mport) = c.pg_addr(&m);
     let pgbench = testkit::postgres::pg_bin_dir().join("pgbench");
     let init = std::process::Command::new(&pgbench)
-        .args(["-i", "-q", "-s", "1", "-h", &maddr, "-p", &mport.to_string()])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "-h",
+            &maddr,
+            "-p",
+            &mport.to_string(),
+        ])
         .args(["-U", sql::SU, "postgres"])
         .env("PGPASSWORD", sql::SU_PASSWORD)
         .output()
         .expect("pgbench -i");
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     c.exec_via_proxy(
         "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, \
          pgbench_history TO alice",
@@ -264,7 +277,14 @@ async fn pgbench_prepared_runs_through_a_switchover_without_an_error() {
     let target = env.target().await;
     let run = tokio::process::Command::new(&pgbench)
         .args(["-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", "12"])
-        .args(["-h", "127.0.0.1", "-p", &env.port.to_string(), "-U", "alice"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.port.to_string(),
+            "-U",
+            "alice",
+        ])
         .arg("postgres")
         .env("PGPASSWORD", "alice-pw")
         .stdin(std::process::Stdio::null())
@@ -290,6 +310,10 @@ async fn pgbench_prepared_runs_through_a_switchover_without_an_error() {
     );
     assert!(!stderr.contains("aborted"), "{stderr}");
     let text = metrics(env.metrics).await;
-    assert_eq!(count(&text, "moved"), 4, "each client's session moved: {text}");
+    assert_eq!(
+        count(&text, "moved"),
+        4,
+        "each client's session moved: {text}"
+    );
     assert_ne!(c.master().await.expect("master"), m, "the master changed");
 }
