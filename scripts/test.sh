@@ -57,7 +57,8 @@ core=(init_with_three_keepers_and_two_sentinels_one_master_rest_standbys
   kill9_master_keeper_and_postgres_async kill9_master_keeper_and_postgres_sync
   old_master_rejoins_with_pg_rewind planned_switchover_under_load_loses_nothing
   standby_cluster_async
-  a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key)
+  a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key
+  pgbench_prepared_runs_through_a_switchover_without_an_error)
 for v in 16 18; do
   echo "== PostgreSQL $v"
   export PG_BIN_PATH E2E_PG_MAJOR=$v

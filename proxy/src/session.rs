@@ -34,16 +34,41 @@ pub(crate) struct Parts<S> {
 }
 
 /// Relays the session to its end, moving it at each planned switchover it can survive.
-pub(crate) async fn run(mut s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
+pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
+    let Parts {
+        mut client,
+        mut server,
+        route,
+        lane,
+        tx,
+        started,
+        startup,
+        user,
+        task,
+    } = s;
+    let mut k = Known {
+        route,
+        lane,
+        tx,
+        started,
+        startup,
+        user,
+        task,
+    };
     loop {
-        let tx = Mutex::new(s.tx);
-        let reason = relay_once(&mut s.client, &mut s.server, &s.route, &s.lane, &tx, ctx).await;
-        s.tx = tx.into_inner().unwrap_or_else(|p| p.into_inner());
+        let tx = Mutex::new(k.tx);
+        let (reason, streams) = relay_once(client, server, &k.route, &k.lane, &tx, ctx).await;
+        k.tx = tx.into_inner().unwrap_or_else(|p| p.into_inner());
+        let Some((c, s)) = streams else {
+            // Its sockets are being cut by a sever that came with the drain.
+            return CloseReason::Severed;
+        };
+        (client, server) = (c, s);
         if reason != CloseReason::Drained {
             return reason;
         }
         let since = std::time::Instant::now();
-        match move_session(&mut s, ctx).await {
+        match move_session(&mut client, &mut server, &mut k, ctx).await {
             Ok(()) => {
                 ctx.metrics.moved(since.elapsed());
                 tracing::debug!(
@@ -54,50 +79,83 @@ pub(crate) async fn run(mut s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
             Err(why) => {
                 ctx.metrics.unmoved(why.label());
                 tracing::debug!(why = why.label(), "session closed at its boundary");
-                crate::terminate::close_drained(&mut s.client, &mut s.server).await;
+                crate::terminate::close_drained(&mut client, &mut server).await;
                 return reason;
             }
         }
     }
 }
 
+/// What is known of a session besides its two sides (see `Parts`).
+struct Known {
+    route: Arc<Route>,
+    lane: Lane,
+    tx: TxState,
+    started: Started,
+    startup: Vec<u8>,
+    user: Option<String>,
+    task: Option<TaskTrackerToken>,
+}
+
 /// One relay of the session on its current server, in its lane, until it ends or drains.
+/// The streams come back unless a sever still holds the plain sockets.
 async fn relay_once(
-    client: &mut Stream,
-    server: &mut Stream,
+    client: Stream,
+    server: Stream,
     route: &Route,
     lane: &Lane,
     tx: &Mutex<TxState>,
     ctx: &Ctx,
-) -> CloseReason {
-    // The lane's sever cuts the sockets through their own descriptors (duplicates), so the
-    // relay keeps the streams to itself.
-    let fds = client
-        .as_fd()
-        .try_clone_to_owned()
-        .and_then(|c| Ok((c, server.as_fd().try_clone_to_owned()?)));
-    let Ok((cfd, sfd)) = fds else {
-        return CloseReason::IoError;
-    };
-    let (cfd, sfd) = (Arc::new(cfd), Arc::new(sfd));
-    let handles: (SocketHandle, SocketHandle) = (cfd.clone(), sfd.clone());
+) -> (CloseReason, Option<(Stream, Stream)>) {
     let metrics = &ctx.metrics;
-    in_lane(route, lane, ctx, handles, |token, signal| async move {
-        let drain = signal.map(|signal| Drain { signal, tx });
-        match (client, server) {
-            // Plaintext both ways: the readiness relay, with no copy into a stream buffer.
-            (Stream::Plain(c), Stream::Plain(s)) => relay(c, s, token, drain, metrics).await,
-            (c, s) => {
-                crate::terminate::relay_streams(c, s, (&cfd, &sfd), token, drain, metrics).await
-            }
+    match (client, server) {
+        // Plaintext both ways: the readiness relay, with no copy into a stream buffer; the
+        // lane's sever shuts the sockets down through shared handles (no descriptor more).
+        (Stream::Plain(c), Stream::Plain(s)) => {
+            let (c, s) = (Arc::new(c), Arc::new(s));
+            let handles: (SocketHandle, SocketHandle) = (c.clone(), s.clone());
+            let (cr, sr) = (&c, &s);
+            let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
+                let drain = signal.map(|signal| Drain { signal, tx });
+                relay(cr, sr, token, drain, metrics).await
+            })
+            .await;
+            let back = Arc::try_unwrap(c).ok().zip(Arc::try_unwrap(s).ok());
+            (
+                reason,
+                back.map(|(c, s)| (Stream::Plain(c), Stream::Plain(s))),
+            )
         }
-    })
-    .await
+        // A TLS side owns its socket: the sever gets duplicates of the descriptors.
+        (mut client, mut server) => {
+            let fds = client
+                .as_fd()
+                .try_clone_to_owned()
+                .and_then(|c| Ok((c, server.as_fd().try_clone_to_owned()?)));
+            let Ok((cfd, sfd)) = fds else {
+                return (CloseReason::IoError, Some((client, server)));
+            };
+            let (cfd, sfd) = (Arc::new(cfd), Arc::new(sfd));
+            let handles: (SocketHandle, SocketHandle) = (cfd.clone(), sfd.clone());
+            let (c, s) = (&mut client, &mut server);
+            let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
+                let drain = signal.map(|signal| Drain { signal, tx });
+                crate::terminate::relay_streams(c, s, (&cfd, &sfd), token, drain, metrics).await
+            })
+            .await;
+            (reason, Some((client, server)))
+        }
+    }
 }
 
 /// Moves a drained session: inspect it on the old server, leave that one, open it on the
 /// next master. On `Err` the old server side may already be gone; the caller closes.
-async fn move_session(s: &mut Parts<Stream>, ctx: &Ctx) -> Result<(), Unmovable> {
+async fn move_session(
+    client: &mut Stream,
+    server: &mut Stream,
+    s: &mut Known,
+    ctx: &Ctx,
+) -> Result<(), Unmovable> {
     let (Some(creds), Some(user)) = (&s.started.credentials, &s.user) else {
         return Err(Unmovable::NoCredentials);
     };
@@ -107,8 +165,8 @@ async fn move_session(s: &mut Parts<Stream>, ctx: &Ctx) -> Result<(), Unmovable>
     if s.tx.custom_settings() {
         return Err(Unmovable::CustomSetting);
     }
-    let state = migrate::inspect(&mut s.client, &mut s.server, user).await?;
-    migrate::leave(&mut s.server).await;
+    let state = migrate::inspect(client, server, user).await?;
+    migrate::leave(server).await;
     // No longer on the old master: its drain need not wait for this session.
     s.task = None;
     let start = migrate::Start {
@@ -116,17 +174,17 @@ async fn move_session(s: &mut Parts<Stream>, ctx: &Ctx) -> Result<(), Unmovable>
         creds,
         reported: &s.started.reported,
     };
-    let moved = migrate::open_on_next(&s.client, &start, &state, ctx).await?;
+    let moved = migrate::open_on_next(client, &start, &state, ctx).await?;
     if let (Some(key), Some(real)) = (&s.started.key, moved.key) {
         key.retarget(real, moved.addr.clone());
     }
     s.task = Some(moved.route.sessions.token());
-    s.server = moved.server;
+    *server = moved.server;
     s.route = moved.route;
     s.tx = TxState::moved();
     if !moved.reports.is_empty() {
         // As a server reports a SET: the client reads them before its next answer.
-        crate::auth::wire::send(&mut s.client, &moved.reports)
+        crate::auth::wire::send(client, &moved.reports)
             .await
             .map_err(|_| Unmovable::NoMaster)?;
     }
