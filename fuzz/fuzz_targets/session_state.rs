@@ -1,0 +1,26 @@
+//! Fuzz what a session move reads: the old server's answer to the inspection (cut into
+//! result sets, then judged) must never panic, and an answer found whole is found the same
+//! from every prefix on; the scan of the client's bytes for custom settings must never
+//! panic, and what it finds in one read it also finds when the bytes come in two (a split
+//! may see more, never less: it errs towards not moving).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use proxy::migrate::{scan, state};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&cut, bytes)) = data.split_first() else {
+        return;
+    };
+    if let Some(Ok(a)) = state::answer(bytes) {
+        let _ = state::judge(&a.sets, "alice");
+        let _ = state::replay(&state::SessionState::default());
+    }
+    let cut = usize::from(cut).min(bytes.len());
+    let mut whole = scan::CustomScan::default();
+    whole.feed(bytes);
+    let mut split = scan::CustomScan::default();
+    split.feed(&bytes[..cut]);
+    split.feed(&bytes[cut..]);
+    assert!(!whole.found() || split.found(), "a split read missed what one read found");
+});
