@@ -273,13 +273,15 @@ where
                     session(crate::session::Parts {
                         client,
                         server,
-                        route,
-                        lane,
-                        tx: *tx,
-                        started,
-                        startup,
-                        user,
-                        task: Some(task),
+                        known: crate::session::Known {
+                            route,
+                            lane,
+                            tx: *tx,
+                            started,
+                            startup,
+                            user,
+                            task: Some(task),
+                        },
                     })
                     .await
                 }

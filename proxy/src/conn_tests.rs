@@ -242,9 +242,12 @@ async fn a_routed_client_reaches_the_master_with_its_pipelined_bytes() {
     let done = tokio::sync::Notify::new();
     let serve = async {
         serve_with(proxy_side, None, &ctx, |p| async move {
-            assert_eq!(p.route.generation, 4);
-            assert!(matches!(p.lane, Lane::Master));
-            assert!(!p.tx.idle(), "the pipelined query is not answered yet");
+            assert_eq!(p.known.route.generation, 4);
+            assert!(matches!(p.known.lane, Lane::Master));
+            assert!(
+                !p.known.tx.idle(),
+                "the pipelined query is not answered yet"
+            );
             CloseReason::ClientClosed
         })
         .await;
@@ -276,7 +279,10 @@ async fn a_master_that_dies_before_answering_is_retried_on_the_next_route() {
         let done = tokio::sync::Notify::new();
         let serve = async {
             serve_with(proxy_side, None, &ctx, |p| async move {
-                assert_eq!(p.route.generation, 5, "{name}: the new master's route");
+                assert_eq!(
+                    p.known.route.generation, 5,
+                    "{name}: the new master's route"
+                );
                 CloseReason::ClientClosed
             })
             .await;

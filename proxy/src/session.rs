@@ -21,6 +21,11 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 pub(crate) struct Parts<S> {
     pub client: S,
     pub server: Stream,
+    pub known: Known,
+}
+
+/// What is known of a session besides its two sides.
+pub(crate) struct Known {
     pub route: Arc<Route>,
     pub lane: Lane,
     pub tx: TxState,
@@ -38,23 +43,8 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
     let Parts {
         mut client,
         mut server,
-        route,
-        lane,
-        tx,
-        started,
-        startup,
-        user,
-        task,
+        known: mut k,
     } = s;
-    let mut k = Known {
-        route,
-        lane,
-        tx,
-        started,
-        startup,
-        user,
-        task,
-    };
     loop {
         let tx = Mutex::new(k.tx);
         let (reason, streams) = relay_once(client, server, &k.route, &k.lane, &tx, ctx).await;
@@ -84,17 +74,6 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
             }
         }
     }
-}
-
-/// What is known of a session besides its two sides (see `Parts`).
-struct Known {
-    route: Arc<Route>,
-    lane: Lane,
-    tx: TxState,
-    started: Started,
-    startup: Vec<u8>,
-    user: Option<String>,
-    task: Option<TaskTrackerToken>,
 }
 
 /// One relay of the session on its current server, in its lane, until it ends or drains.
