@@ -513,16 +513,9 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         Lane::Master => "the primary",
         Lane::Replica(_) => "the standby",
     };
-    let server = connect(&addr, what, ctx.config.connect_timeout)
+    let mut server = open_server(&addr, what, ctx)
         .await
         .map_err(|r| refused(r, bytes))?;
-    tune(&server, None);
-    let mut server = match &ctx.tls {
-        Some(t) => crate::terminate::to_server(server, &addr, t, what, ctx.config.connect_timeout)
-            .await
-            .map_err(|r| refused(r, bytes))?,
-        None => Stream::Plain(server),
-    };
     let refs = lane.refs(&route, false);
     // Counted from here, not from the connect: an unplanned sever waits for the lane's
     // sessions, and a connect to an unreachable master may hang for the connect timeout.
@@ -722,11 +715,19 @@ fn no_master(why: NoMaster) -> Reject {
     )
 }
 
-pub(crate) async fn connect(
-    addr: &str,
-    what: &str,
-    timeout: Duration,
-) -> Result<TcpStream, Reject> {
+/// The proxy's side to a server: connected, tuned, and with TLS as `--server-sslmode` says
+/// in terminate mode (`what` names the server in errors).
+pub(crate) async fn open_server(addr: &str, what: &str, ctx: &Ctx) -> Result<Stream, Reject> {
+    let timeout = ctx.config.connect_timeout;
+    let tcp = connect(addr, what, timeout).await?;
+    tune(&tcp, None);
+    match &ctx.tls {
+        Some(t) => crate::terminate::to_server(tcp, addr, t, what, timeout).await,
+        None => Ok(Stream::Plain(tcp)),
+    }
+}
+
+async fn connect(addr: &str, what: &str, timeout: Duration) -> Result<TcpStream, Reject> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {

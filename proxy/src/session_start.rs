@@ -44,7 +44,7 @@ struct ServerMessages {
 }
 
 /// A ParameterStatus body: its name and value.
-fn parameter(body: &[u8]) -> Option<(String, String)> {
+pub(crate) fn parameter(body: &[u8]) -> Option<(String, String)> {
     let mut parts = body.split(|&b| b == 0);
     let name = parts.next()?;
     let value = parts.next()?;

@@ -172,18 +172,10 @@ async fn open(
     state: &SessionState,
     ctx: &Ctx,
 ) -> Result<Moved, Attempt> {
-    let timeout = ctx.config.connect_timeout;
     let what = "the primary";
-    let tcp = crate::conn::connect(&addr, what, timeout)
+    let mut server = crate::conn::open_server(&addr, what, ctx)
         .await
         .map_err(|_| Attempt::NotYet)?;
-    crate::conn::tune(&tcp, None);
-    let mut server = match &ctx.tls {
-        Some(t) => crate::terminate::to_server(tcp, &addr, t, what, timeout)
-            .await
-            .map_err(|_| Attempt::NotYet)?,
-        None => Stream::Plain(tcp),
-    };
     let first = async {
         server.write_all(start.startup).await.ok()?;
         crate::conn::first_answer(&mut server, &route.token, what, true)
@@ -254,9 +246,7 @@ async fn read_start(
         match kind {
             b'K' => key = Some(body),
             b'E' => {
-                let mut whole = wire::message(b'E', &body);
-                whole.truncate(whole.len().min(4096));
-                let why = crate::protocol::error_fields(&whole)
+                let why = crate::protocol::error_fields(&wire::message(b'E', &body))
                     .map_or_else(|| "an error".into(), |(c, m)| format!("{c}: {m}"));
                 return Err(format!("the new master refused the login: {why}"));
             }
@@ -269,11 +259,5 @@ async fn read_start(
 
 /// Whether a ParameterStatus body names a value the client was told at the start.
 fn known(body: &[u8], reported: &[(String, String)]) -> bool {
-    let mut parts = body.split(|&b| b == 0);
-    let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    reported
-        .iter()
-        .any(|(n, v)| n.as_bytes() == name && v.as_bytes() == value)
+    crate::session_start::parameter(body).is_some_and(|p| reported.contains(&p))
 }
