@@ -247,6 +247,8 @@ impl Start<'_> {
                         };
                         self.ctx.metrics.auth(how);
                         tx.from_server(&rest);
+                        // The session may move from here on: what it sets is watched.
+                        tx.watch_custom_settings();
                         answer = rest;
                         credentials = Some(creds);
                     }

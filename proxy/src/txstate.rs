@@ -139,8 +139,10 @@ pub struct TxState {
     /// A drain that has waited long enough for this session to fall quiet: it closes it
     /// at its next transaction boundary instead.
     pub(crate) forced: bool,
-    /// Whether the client set a custom setting, which no view shows (a move would lose it).
-    custom: crate::migrate::scan::CustomScan,
+    /// Whether the client set a custom setting, which no view shows (a move would lose it):
+    /// watched only in sessions the proxy could move (it authenticated the client), so the
+    /// others pay nothing for it on their reads.
+    custom: Option<Box<crate::migrate::scan::CustomScan>>,
 }
 
 impl TxState {
@@ -161,7 +163,7 @@ impl TxState {
             activity: 0,
             idle_at: std::time::Instant::now(),
             forced: false,
-            custom: Default::default(),
+            custom: None,
         };
         st.from_client(replayed_tail);
         st
@@ -173,12 +175,19 @@ impl TxState {
         let mut st = TxState::new(Start::Startup, &[]);
         st.from_server(&[b'Z', 0, 0, 0, 5, b'I']);
         st.half_pair = false;
+        st.watch_custom_settings();
         st
+    }
+
+    /// From now on, the client's bytes are watched for custom settings (a session the proxy
+    /// authenticated: it may move).
+    pub fn watch_custom_settings(&mut self) {
+        self.custom.get_or_insert_with(Default::default);
     }
 
     /// The client set a custom (dotted) setting or called set_config (see `migrate::scan`).
     pub fn custom_settings(&self) -> bool {
-        self.custom.found()
+        self.custom.as_ref().is_some_and(|c| c.found())
     }
 
     /// Bytes the client sent, as they are forwarded.
@@ -192,7 +201,9 @@ impl TxState {
             self.opaque = true;
             return;
         }
-        self.custom.feed(bytes);
+        if let Some(c) = &mut self.custom {
+            c.feed(bytes);
+        }
         let mut requests = 0u64;
         let (mut cycle_open, mut cycle, mut half_pair) =
             (self.cycle_open, self.cycle, self.half_pair);

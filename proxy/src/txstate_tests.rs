@@ -348,3 +348,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn custom_settings_are_watched_only_once_asked_and_after_a_move() {
+    let set = query("SET app.tenant = 'acme'");
+    let mut tx = TxState::new(Start::Startup, &[]);
+    tx.from_client(&set);
+    assert!(
+        !tx.custom_settings(),
+        "a session that cannot move is not watched"
+    );
+    tx.watch_custom_settings();
+    tx.from_client(&query("SELECT 1"));
+    assert!(!tx.custom_settings());
+    tx.from_client(&set);
+    assert!(tx.custom_settings());
+    let mut moved = TxState::moved();
+    assert!(moved.idle() && moved.settled());
+    moved.from_client(&set);
+    assert!(moved.custom_settings(), "a moved session is watched");
+}
