@@ -70,6 +70,22 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
+/// `pgbench -i -q -s 1` as the superuser on addr:port (a keeper's PostgreSQL or a proxy).
+pub fn pgbench_init(addr: &str, port: u16) -> anyhow::Result<()> {
+    let out = std::process::Command::new(testkit::postgres::pg_bin_dir().join("pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h", addr, "-p", &port.to_string()])
+        .args(["-U", SU, "postgres"])
+        .env("PGPASSWORD", SU_PASSWORD)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -248,26 +248,7 @@ async fn pgbench_prepared_runs_through_a_switchover_without_an_error() {
     let m = c.master().await.expect("master");
     let (maddr, mport) = c.pg_addr(&m);
     let pgbench = testkit::postgres::pg_bin_dir().join("pgbench");
-    let init = std::process::Command::new(&pgbench)
-        .args([
-            "-i",
-            "-q",
-            "-s",
-            "1",
-            "-h",
-            &maddr,
-            "-p",
-            &mport.to_string(),
-        ])
-        .args(["-U", sql::SU, "postgres"])
-        .env("PGPASSWORD", sql::SU_PASSWORD)
-        .output()
-        .expect("pgbench -i");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    sql::pgbench_init(&maddr, mport).expect("pgbench -i");
     c.exec_via_proxy(
         "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, \
          pgbench_history TO alice",

@@ -168,24 +168,7 @@ async fn read_only_sessions_land_on_standbys_within_the_lag_bound() {
     );
 
     // pgbench -S through the read-only listener against direct to a standby.
-    let pg = testkit::postgres::pg_bin_dir().join("pgbench");
-    let init = std::process::Command::new(&pg)
-        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1"])
-        .args([
-            "-p",
-            &c.proxy_addr(0).1.to_string(),
-            "-U",
-            sql::SU,
-            "postgres",
-        ])
-        .env("PGPASSWORD", sql::SU_PASSWORD)
-        .output()
-        .expect("pgbench -i");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    sql::pgbench_init("127.0.0.1", c.proxy_addr(0).1).expect("pgbench -i");
     let a = standbys[0].clone();
     c.wait_for("pgbench tables on the standby", MIN, async || {
         c.query(&a, "SELECT count(*)::text FROM pgbench_branches")
