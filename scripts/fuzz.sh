@@ -43,7 +43,9 @@ for t in $targets; do
   # The JSON dictionary helps the document readers only (not the wire-protocol parsers).
   case "$t" in startup | session_start | scram | session_state) ;; *) dict=(-dict=json.dict) ;; esac
   # New inputs go to corpus/<t>; seeds/<t> (committed) starts it from real documents.
-  if cargo fuzz run "$t" "corpus/$t" "seeds/$t" -- -max_total_time="$secs" "${dict[@]}" \
+  seeds=()
+  [ -d "seeds/$t" ] && seeds=("seeds/$t")
+  if cargo fuzz run "$t" "corpus/$t" "${seeds[@]}" -- -max_total_time="$secs" "${dict[@]}" \
       >"$logs/$t.log" 2>&1; then
     runs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$logs/$t.log" | tail -1)
     echo "fuzz $t: ${runs:-finished}, no crash (corpus $(ls "corpus/$t" | wc -l) inputs)"

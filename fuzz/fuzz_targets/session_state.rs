@@ -12,11 +12,17 @@ fuzz_target!(|data: &[u8]| {
     let Some((&cut, bytes)) = data.split_first() else {
         return;
     };
+    let cut = usize::from(cut).min(bytes.len());
     if let Some(Ok(a)) = state::answer(bytes) {
         let _ = state::judge(&a.sets, "alice");
         let _ = state::replay(&state::SessionState::default());
+        // A prefix is still incomplete, or (the answer ended before the cut) the same answer.
+        match state::answer(&bytes[..cut]) {
+            None => {}
+            Some(Ok(b)) => assert_eq!(b.sets, a.sets, "a prefix read another answer"),
+            Some(Err(e)) => panic!("a prefix of a good answer read as bad: {e}"),
+        }
     }
-    let cut = usize::from(cut).min(bytes.len());
     let mut whole = scan::CustomScan::default();
     whole.feed(bytes);
     let mut split = scan::CustomScan::default();
