@@ -3,7 +3,8 @@
 //! a session that only changed settings and prepared statements keeps its socket, its
 //! settings, its statements and its cancel key on the new master, and never sees an
 //! error; a session holding a temporary table or a custom setting is closed at its
-//! boundary, as before, and counted by reason.
+//! boundary, as before, and counted by reason. A read-only session whose standby leaves
+//! the pool (point 5) moves to another standby the same way.
 
 use e2e::{sql, Cluster, Opts};
 use std::time::Duration;
@@ -65,6 +66,11 @@ struct Movable {
 
 impl Movable {
     async fn start() -> Movable {
+        Movable::start_with(2, Vec::new()).await
+    }
+
+    /// `keepers` keepers; p2 gets `extra` flags besides terminate, auth and metrics.
+    async fn start_with(keepers: usize, extra: Vec<String>) -> Movable {
         let dir = tempfile::tempdir().expect("dir");
         let pw = dir.path().join("auth.pw");
         std::fs::write(&pw, "auth-secret\n").expect("pw");
@@ -76,8 +82,8 @@ impl Movable {
             pw.clone(),
         ];
         let mut c = Cluster::start(Opts {
-            keepers: 2,
-            keeper_args: vec![auth.clone(), auth],
+            keepers,
+            keeper_args: vec![auth; keepers],
             ..Default::default()
         })
         .await
@@ -97,7 +103,10 @@ impl Movable {
                 pw,
                 "--metrics-listen-address".into(),
                 format!("127.0.0.1:{}", metrics.0),
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect(),
         )
         .expect("proxy");
         let port = c.proxy_addr(1).1;
@@ -297,4 +306,100 @@ async fn pgbench_prepared_runs_through_a_switchover_without_an_error() {
         "each client's session moved: {text}"
     );
     assert_ne!(c.master().await.expect("master"), m, "the master changed");
+}
+
+/// Point 5: a read-only session whose standby leaves the pool (its replay paused, so it falls
+/// past the lag bound) moves to the other standby with its settings and statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_the_pool() {
+    let _s = e2e::serial().await;
+    let ro = free_port();
+    let extra = vec![
+        "--ro-port".to_string(),
+        ro.0.to_string(),
+        "--ro-max-lag".into(),
+        "1MB".into(),
+    ];
+    let env = Movable::start_with(3, extra).await;
+    let c = &env.c;
+    let m = c.master().await.expect("master");
+    let standbys = c.others(&m);
+    for s in &standbys {
+        c.wait_for("alice on the standby", MIN, async || {
+            let n = (c.query(
+                s,
+                "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'",
+            ))
+            .await
+            .ok()?;
+            (n == "1").then_some(())
+        })
+        .await
+        .expect("replicated");
+    }
+    let a = c
+        .wait_for("alice on the read-only listener", MIN, async || {
+            as_alice(ro.0).await.ok()
+        })
+        .await
+        .expect("a read-only session");
+    let before = server_port(&a).await;
+    let (from, to): (Vec<_>, Vec<_>) = standbys.iter().partition(|s| c.keeper(s).port == before);
+    let (from, to) = (from[0].clone(), to[0].clone());
+    a.batch_execute("SET statement_timeout = '4321ms'")
+        .await
+        .expect("a setting");
+    let stmt = a.prepare("SELECT $1::int * 2").await.expect("a statement");
+
+    c.query(&from, "SELECT pg_wal_replay_pause()::text")
+        .await
+        .expect("pause");
+    c.exec_via_proxy(
+        "CREATE TABLE filler (v text); \
+         INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 4000)",
+    )
+    .await
+    .expect("4 MB written");
+    c.wait_for("the session moved", MIN, async || {
+        (count(&metrics(env.metrics).await, "moved") == 1).then_some(())
+    })
+    .await
+    .expect("moved");
+    assert_eq!(
+        server_port(&a).await,
+        c.keeper(&to).port,
+        "on the other standby"
+    );
+    let row = a
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('statement_timeout')",
+            &[],
+        )
+        .await
+        .expect("the session still works");
+    assert!(row.get::<_, bool>(0), "still on a standby");
+    assert_eq!(row.get::<_, String>(1), "4321ms");
+    let row = a.query_one(&stmt, &[&21]).await.expect("the statement");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    c.query(&from, "SELECT pg_wal_replay_resume()::text")
+        .await
+        .expect("resume");
+
+    // Its new standby is promoted: the session moves on to a standby again.
+    env.switchover(&to);
+    c.wait_for("the session moved again", MIN, async || {
+        (count(&metrics(env.metrics).await, "moved") == 2).then_some(())
+    })
+    .await
+    .expect("moved again");
+    let row = a
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('statement_timeout')",
+            &[],
+        )
+        .await
+        .expect("the session still works");
+    assert!(row.get::<_, bool>(0), "on a standby, not the promoted one");
+    assert_eq!(row.get::<_, String>(1), "4321ms");
+    assert_ne!(server_port(&a).await, c.keeper(&to).port);
 }

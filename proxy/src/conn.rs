@@ -77,13 +77,38 @@ pub(crate) enum Lane {
 
 struct LaneRefs<'a> {
     token: &'a tokio_util::sync::CancellationToken,
-    /// The master's drain signal (standbys are not drained by a switchover).
+    /// The lane's drain signal: the master's at a planned switchover, a standby's when it
+    /// leaves the read-only pool.
     drain: Option<&'a CancellationToken>,
     sessions: &'a tokio_util::task::TaskTracker,
     sockets: &'a Arc<crate::route::SessionSockets>,
 }
 
 impl Lane {
+    /// Counts a session in this lane of `route` (see `Prepared`).
+    pub(crate) fn count_in(
+        &self,
+        route: &Route,
+    ) -> tokio_util::task::task_tracker::TaskTrackerToken {
+        self.refs(route, false).sessions.token()
+    }
+
+    /// What the client is told when the proxy closes its session at a boundary.
+    pub(crate) fn drained_message(&self) -> &'static str {
+        match self {
+            Lane::Master => DRAINED_MESSAGE,
+            Lane::Replica(_) => STANDBY_LEFT_MESSAGE,
+        }
+    }
+
+    /// The server this lane leads to, in a message.
+    pub(crate) fn what(&self) -> &'static str {
+        match self {
+            Lane::Master => "the primary",
+            Lane::Replica(_) => "the standby",
+        }
+    }
+
     fn refs<'a>(&'a self, route: &'a Route, drain: bool) -> LaneRefs<'a> {
         match self {
             Lane::Master => LaneRefs {
@@ -94,7 +119,7 @@ impl Lane {
             },
             Lane::Replica(r) => LaneRefs {
                 token: &r.token,
-                drain: None,
+                drain: drain.then_some(&r.drain),
                 sessions: &r.sessions,
                 sockets: &r.sockets,
             },
@@ -509,10 +534,7 @@ async fn try_route(route: Arc<Route>, bytes: &[u8], ctx: &Ctx) -> Result<Prepare
         r.silent = tls;
         refused(r, bytes)
     })?;
-    let what = match lane {
-        Lane::Master => "the primary",
-        Lane::Replica(_) => "the standby",
-    };
+    let what = lane.what();
     let mut server = open_server(&addr, what, ctx)
         .await
         .map_err(|r| refused(r, bytes))?;
@@ -627,7 +649,7 @@ fn tx_state(bytes: &[u8]) -> TxState {
 
 /// The master, or on the read-only listener the least-loaded standby of the pool (the
 /// master only with the fallback), or why there is none.
-fn choose(route: &Route, ro: Option<ReadOnly>) -> Result<(Lane, Arc<str>), Reject> {
+pub(crate) fn choose(route: &Route, ro: Option<ReadOnly>) -> Result<(Lane, Arc<str>), Reject> {
     let master = route.master.as_ref().map_err(|why| no_master(*why));
     let Some(ro) = ro else {
         return master.map(|m| (Lane::Master, m.clone()));
@@ -694,6 +716,9 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
 
 pub(crate) const DRAINED_MESSAGE: &str =
     "terminating connection: planned switchover of the primary \
+     (closed between transactions by stolon-proxy)";
+pub(crate) const STANDBY_LEFT_MESSAGE: &str =
+    "terminating connection: the standby left the read-only pool \
      (closed between transactions by stolon-proxy)";
 /// The Terminate message: the backend exits cleanly.
 pub(crate) const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];

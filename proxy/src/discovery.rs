@@ -309,6 +309,9 @@ impl Discovery {
             }
         }
         let swapped_at = Instant::now();
+        // A standby that leaves the pool while the proxy can see the store has its read-only
+        // sessions drained (moved or closed at their boundaries); fenced, everything is cut.
+        let ro_drain = (!st.fenced && !self.drain_timeout.is_zero()).then_some(self.drain_timeout);
         let drain = !st.fenced
             && st.wanted.drain
             && st.draining.is_none()
@@ -316,7 +319,7 @@ impl Discovery {
         if drain {
             let (old, severed_ro) =
                 self.routes
-                    .apply_draining(st.wanted.generation, master, replicas);
+                    .apply_draining(st.wanted.generation, master, replicas, ro_drain);
             log_severed_ro(severed_ro);
             if let Some(old) = old {
                 let now = Instant::now();
@@ -335,7 +338,7 @@ impl Discovery {
         } else {
             let (old_master, severed_ro) =
                 self.routes
-                    .apply_with_replicas(st.wanted.generation, master, replicas);
+                    .apply_with_replicas(st.wanted.generation, master, replicas, ro_drain);
             log_severed_ro(severed_ro);
             if let Some((old, stats)) = old_master {
                 let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
@@ -373,7 +376,7 @@ impl Discovery {
         let timed_out = Instant::now() >= d.until;
         let stats = d.old.sever();
         let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
-        let _ = tokio::time::timeout_at(until, d.old.sessions.wait()).await;
+        let _ = tokio::time::timeout_at(until, d.old.sessions_closed()).await;
         tracing::info!(
             generation = d.generation,
             drained_ms = d.started.elapsed().as_millis() as u64,
@@ -510,7 +513,7 @@ async fn next_update(
 async fn drained(d: Option<&Draining>) {
     match d {
         Some(d) => {
-            let _ = tokio::time::timeout_at(d.until, d.old.sessions.wait()).await;
+            let _ = tokio::time::timeout_at(d.until, d.old.sessions_closed()).await;
         }
         None => std::future::pending().await,
     }

@@ -158,6 +158,10 @@ pub struct Route {
     /// Rotates the starting point of the least-connections pick, so equally loaded
     /// standbys share short sessions.
     next_pick: AtomicU64,
+    /// At a planned switchover away from this master: the standby being promoted, whose
+    /// read-only sessions drain with this master's (the generation is reported, and the
+    /// keeper promotes it, only once they are gone) and are severed with them.
+    promoted: std::sync::OnceLock<Arc<Replica>>,
 }
 
 /// A standby of the read-only pool and the sessions relayed to it.
@@ -167,6 +171,10 @@ pub struct Replica {
     pub addr: Arc<str>,
     /// Cancelled when it leaves the pool: its sessions close.
     pub token: CancellationToken,
+    /// Cancelled first when it leaves the pool while the proxy is not fenced: each session
+    /// on it moves to another standby (or closes) at its next transaction boundary, before
+    /// `token` cuts what is left at the drain timeout.
+    pub drain: CancellationToken,
     pub sessions: TaskTracker,
     pub sockets: Arc<SessionSockets>,
     /// Sessions open on it now (least-connections).
@@ -179,6 +187,7 @@ impl Replica {
             db_uid: t.db_uid.clone(),
             addr: Arc::from(t.addr.as_str()),
             token: CancellationToken::new(),
+            drain: CancellationToken::new(),
             sessions: TaskTracker::new(),
             sockets: Arc::new(SessionSockets::new()),
             active: AtomicU64::new(0),
@@ -190,6 +199,27 @@ impl Replica {
         self.token.cancel();
         self.sessions.close();
         stats
+    }
+
+    /// Out of the pool: sever its sessions at once (`None`), or (`Some(timeout)`) let each
+    /// reach its transaction boundary first, and sever what is left at `timeout` (needs a
+    /// Tokio runtime). Returns the sessions severed now.
+    fn retire(self: Arc<Self>, drain: Option<std::time::Duration>) -> usize {
+        let Some(timeout) = drain else {
+            return self.sever().sessions;
+        };
+        self.drain.cancel();
+        self.sessions.close();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, self.sessions.wait()).await;
+            let stats = self.sever();
+            tracing::info!(
+                standby = &*self.addr,
+                severed_at_timeout = stats.sessions,
+                "read-only sessions of a standby that left the pool drained"
+            );
+        });
+        0
     }
 }
 
@@ -295,12 +325,24 @@ pub struct SeverStats {
 }
 
 impl Route {
-    /// Cuts every session on this master at once.
+    /// Cuts every session on this master (and on the standby it hands over to) at once.
     pub fn sever(&self) -> SeverStats {
-        let stats = self.sockets.sever_all();
+        let mut stats = self.sockets.sever_all();
         self.token.cancel();
         self.sessions.close();
+        if let Some(r) = self.promoted.get() {
+            stats.sessions += r.sever().sessions;
+        }
         stats
+    }
+
+    /// Completes once every session on this master (and on the standby it hands over to)
+    /// has ended.
+    pub async fn sessions_closed(&self) {
+        self.sessions.wait().await;
+        if let Some(r) = self.promoted.get() {
+            r.sessions.wait().await;
+        }
     }
 
     fn new(
@@ -317,6 +359,7 @@ impl Route {
             sockets: Arc::new(SessionSockets::new()),
             replicas,
             next_pick: AtomicU64::new(0),
+            promoted: std::sync::OnceLock::new(),
         }
     }
 
@@ -339,6 +382,9 @@ pub struct Routes {
     current: ArcSwap<Route>,
     /// Woken on every swap: held sessions wait on it for the next master.
     changed: tokio::sync::Notify,
+    /// Standbys out of the pool whose read-only sessions are still draining: one elected
+    /// master meanwhile has them severed before the swap completes.
+    retiring: Mutex<Vec<Arc<Replica>>>,
 }
 
 impl Default for Routes {
@@ -350,6 +396,7 @@ impl Default for Routes {
                 Arc::from(Vec::new()),
             )),
             changed: tokio::sync::Notify::new(),
+            retiring: Mutex::new(Vec::new()),
         }
     }
 }
@@ -378,21 +425,28 @@ impl Routes {
         generation: i64,
         master: Result<String, NoMaster>,
     ) -> Option<(Arc<Route>, SeverStats)> {
-        self.apply_with_replicas(generation, master, &[]).0
+        self.apply_with_replicas(generation, master, &[], None).0
     }
 
     /// Installs the route for `generation`, `master` and the read-only pool `replicas`. If
     /// the master changed (or became none), the old route's sessions are severed, and the old
     /// route is returned so the caller can wait for them to close. Same master: only the
     /// generation is updated and sessions continue. Standbys that left the pool are severed
-    /// at once (their count is returned); those that stay keep their sessions.
+    /// at once (their count is returned), or with `ro_drain` drained first (see
+    /// [`Replica::retire`]); those that stay keep their sessions.
     pub fn apply_with_replicas(
         &self,
         generation: i64,
         master: Result<String, NoMaster>,
         replicas: &[ReplicaTarget],
+        ro_drain: Option<std::time::Duration>,
     ) -> (Option<(Arc<Route>, SeverStats)>, usize) {
-        let (old, severed_ro) = self.swap(generation, master, replicas);
+        let (old, mut severed_ro, promoted) = self.swap(generation, master, replicas, ro_drain);
+        // A failover: the promoted standby's read-only sessions are cut at once, before the
+        // generation is reported (the keeper promotes it only then).
+        if let Some(r) = promoted {
+            severed_ro += r.sever().sessions;
+        }
         (
             old.map(|old| {
                 let stats = old.sever();
@@ -411,27 +465,52 @@ impl Routes {
         generation: i64,
         master: Result<String, NoMaster>,
         replicas: &[ReplicaTarget],
+        ro_drain: Option<std::time::Duration>,
     ) -> (Option<Arc<Route>>, usize) {
-        let (old, severed_ro) = self.swap(generation, master, replicas);
-        if let Some(old) = &old {
-            old.drain.cancel();
-            old.sessions.close();
+        let (old, severed_ro, promoted) = self.swap(generation, master, replicas, ro_drain);
+        match (&old, promoted) {
+            (Some(old), promoted) => {
+                old.drain.cancel();
+                old.sessions.close();
+                if let Some(r) = promoted {
+                    r.drain.cancel();
+                    r.sessions.close();
+                    let _ = old.promoted.set(r);
+                }
+            }
+            (None, Some(r)) => {
+                r.sever();
+            }
+            (None, None) => {}
         }
         (old, severed_ro)
     }
 
     /// Installs the next route; returns the old one if its master changed (its sessions
-    /// still open), and how many read-only sessions were severed.
+    /// still open), how many read-only sessions were severed, and the standby of the pool
+    /// that is the new master (its sessions still open: the caller drains or severs them).
+    /// The other standbys that left are retired (see [`Replica::retire`]).
     fn swap(
         &self,
         generation: i64,
         master: Result<String, NoMaster>,
         replicas: &[ReplicaTarget],
-    ) -> (Option<Arc<Route>>, usize) {
+        ro_drain: Option<std::time::Duration>,
+    ) -> (Option<Arc<Route>>, usize, Option<Arc<Replica>>) {
         let old = self.current.load_full();
         let (pool, left) = Self::next_pool(&old, replicas);
-        let severed_ro: usize = left.iter().map(|r| r.sever().sessions).sum();
         let pool_changed = !left.is_empty() || pool.len() != old.replicas.len();
+        let elected = |r: &Replica| master.as_ref().is_ok_and(|m| *r.addr == **m);
+        let (promoted, left): (Vec<_>, Vec<_>) = left.into_iter().partition(|r| elected(r));
+        let mut severed_ro = self.retire(left, ro_drain);
+        // One still draining from an earlier swap cannot wait for its boundaries any more.
+        self.lock_retiring().retain(|r| {
+            if elected(r) {
+                severed_ro += r.sever().sessions;
+            }
+            !r.token.is_cancelled()
+        });
+        let promoted = promoted.into_iter().next();
         let same_master = match (&old.master, &master) {
             (Ok(a), Ok(b)) => **a == **b,
             _ => false,
@@ -447,18 +526,35 @@ impl Routes {
                     sockets: old.sockets.clone(),
                     replicas: pool,
                     next_pick: AtomicU64::new(0),
+                    promoted: std::sync::OnceLock::new(),
                 };
                 self.store(kept);
             }
-            return (None, severed_ro);
+            return (None, severed_ro, promoted);
         }
         let new = Route::new(generation, master.map(Arc::from), pool);
         self.store(new);
         if old.master.is_err() {
             // No session was ever relayed on a route without a master.
-            return (None, severed_ro);
+            return (None, severed_ro, promoted);
         }
-        (Some(old), severed_ro)
+        (Some(old), severed_ro, promoted)
+    }
+
+    fn lock_retiring(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Replica>>> {
+        self.retiring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Retires standbys that left the pool; returns the sessions severed at once.
+    fn retire(&self, left: Vec<Arc<Replica>>, drain: Option<std::time::Duration>) -> usize {
+        let mut severed = 0;
+        for r in left {
+            if drain.is_some() {
+                self.lock_retiring().push(r.clone());
+            }
+            severed += r.retire(drain);
+        }
+        severed
     }
 
     /// The next pool: standbys that stay keep their `Replica`; returns it and those that left.

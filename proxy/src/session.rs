@@ -69,7 +69,8 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
             Err(why) => {
                 ctx.metrics.unmoved(why.label());
                 tracing::debug!(why = why.label(), "session closed at its boundary");
-                crate::terminate::close_drained(&mut client, &mut server).await;
+                let message = k.lane.drained_message();
+                crate::terminate::close_drained(&mut client, &mut server, message).await;
                 return reason;
             }
         }
@@ -128,7 +129,7 @@ async fn relay_once(
 }
 
 /// Moves a drained session: inspect it on the old server, leave that one, open it on the
-/// next master. On `Err` the old server side may already be gone; the caller closes.
+/// next server of its listener (the new master, or another standby of the read-only pool). On `Err` the old server side may already be gone; the caller closes.
 async fn move_session(
     client: &mut Stream,
     server: &mut Stream,
@@ -138,9 +139,6 @@ async fn move_session(
     let (Some(creds), Some(user)) = (&s.started.credentials, &s.user) else {
         return Err(Unmovable::NoCredentials);
     };
-    if !matches!(s.lane, Lane::Master) {
-        return Err(Unmovable::NoMaster);
-    }
     if s.tx.custom_settings() {
         return Err(Unmovable::CustomSetting);
     }
@@ -157,9 +155,10 @@ async fn move_session(
     if let (Some(key), Some(real)) = (&s.started.key, moved.key) {
         key.retarget(real, moved.addr.clone());
     }
-    s.task = Some(moved.route.sessions.token());
+    s.task = Some(moved.lane.count_in(&moved.route));
     *server = moved.server;
     s.route = moved.route;
+    s.lane = moved.lane;
     s.tx = TxState::moved();
     if !moved.reports.is_empty() {
         // As a server reports a SET: the client reads them before its next answer.

@@ -343,10 +343,9 @@ where
 /// Closes a drained session as a PostgreSQL shutting down closes an idle one: FATAL 57P01
 /// to the client, Terminate to the server (its backend exits without an "unexpected EOF"),
 /// through the streams' TLS if any.
-pub(crate) async fn close_drained(client: &mut Stream, server: &mut Stream) {
+pub(crate) async fn close_drained(client: &mut Stream, server: &mut Stream, message: &str) {
     let write = async {
-        let to_client =
-            protocol::error_response(sqlstate::ADMIN_SHUTDOWN, crate::conn::DRAINED_MESSAGE);
+        let to_client = protocol::error_response(sqlstate::ADMIN_SHUTDOWN, message);
         let _ = client.write_all(&to_client).await;
         let _ = client.shutdown().await;
         let _ = server.write_all(&crate::conn::TERMINATE).await;

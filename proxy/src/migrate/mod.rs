@@ -5,13 +5,14 @@
 //! start, and replays the startup packet, the settings and the prepared statements. The
 //! client's bytes wait in its socket meanwhile; it keeps its socket, its cancel key and its
 //! statement names, and sees nothing. A session that cannot be moved is closed at its
-//! boundary as before, and counted by reason.
+//! boundary as before, and counted by reason. A read-only session whose standby leaves the
+//! pool (promoted, lagging, unhealthy) moves the same way to another standby.
 
 pub mod scan;
 pub mod state;
 
 use crate::auth::{exchange, wire, Credentials};
-use crate::conn::{ClientStream, Ctx};
+use crate::conn::{ClientStream, Ctx, Lane};
 use crate::route::Route;
 use crate::stream::Stream;
 use state::{SessionState, Unmovable};
@@ -31,6 +32,7 @@ const MAX_ANSWER: usize = 16 << 20;
 pub(crate) struct Moved {
     pub server: Stream,
     pub route: Arc<Route>,
+    pub lane: Lane,
     pub addr: Arc<str>,
     /// The new server's BackendKeyData body (the client's minted key now leads to it).
     pub key: Option<Vec<u8>>,
@@ -109,9 +111,10 @@ pub(crate) async fn leave(server: &mut Stream) {
     let _ = socket2::SockRef::from(server.tcp()).shutdown(std::net::Shutdown::Both);
 }
 
-/// Waits (as a held session, within `--hold-timeout`) for a master that is not draining,
-/// and opens the session there. `Err` if none came in time, the client left, or the new
-/// master refused the login or the replay.
+/// Waits (as a held session, within `--hold-timeout`) for a master that is not draining
+/// (on the read-only listener: a standby of the pool, or the master with the fallback), and
+/// opens the session there. `Err` if none came in time, the client left, or the new server
+/// refused the login or the replay.
 pub(crate) async fn open_on_next<C>(
     client: &C,
     start: &Start<'_>,
@@ -131,8 +134,9 @@ where
         changed.as_mut().enable();
         let route = ctx.routes.load();
         let ready = !route.drain.is_cancelled() && !route.token.is_cancelled();
-        if let (Ok(addr), true) = (&route.master, ready) {
-            match open(route.clone(), addr.clone(), start, state, ctx).await {
+        let next = crate::conn::choose(&route, ctx.read_only).ok();
+        if let (Some((lane, addr)), true) = (next, ready) {
+            match open(route.clone(), lane, addr, start, state, ctx).await {
                 Ok(m) => return Ok(m),
                 // The new master not accepting connections yet: tried again, as a held
                 // session's connect is.
@@ -167,12 +171,13 @@ pub(crate) struct Start<'a> {
 
 async fn open(
     route: Arc<Route>,
+    lane: Lane,
     addr: Arc<str>,
     start: &Start<'_>,
     state: &SessionState,
     ctx: &Ctx,
 ) -> Result<Moved, Attempt> {
-    let what = "the primary";
+    let what = lane.what();
     let mut server = crate::conn::open_server(&addr, what, ctx)
         .await
         .map_err(|_| Attempt::NotYet)?;
@@ -208,23 +213,17 @@ async fn open(
         Ok(Ok((key, reports))) => Ok(Moved {
             server,
             route,
+            lane,
             addr,
             key,
             reports,
         }),
         Ok(Err(why)) => {
-            tracing::warn!(
-                addr = &*addr,
-                why,
-                "cannot move a session to the new master"
-            );
+            tracing::warn!(addr = &*addr, why, "cannot move a session to {what}");
             Err(Attempt::Refused)
         }
         Err(_) => {
-            tracing::warn!(
-                addr = &*addr,
-                "timed out moving a session to the new master"
-            );
+            tracing::warn!(addr = &*addr, "timed out moving a session to {what}");
             Err(Attempt::Refused)
         }
     }

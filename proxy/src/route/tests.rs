@@ -200,10 +200,11 @@ fn a_standby_leaving_the_pool_is_severed_and_those_staying_keep_their_sessions()
         addr: format!("127.0.0.1:{port}"),
     };
     let routes = Routes::default();
-    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)]);
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)], None);
     let first = routes.load();
     let (s1, s2) = (first.replicas[0].clone(), first.replicas[1].clone());
-    let (old_master, severed) = routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1)]);
+    let (old_master, severed) =
+        routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1)], None);
     assert!(old_master.is_none(), "the master's sessions go on");
     assert_eq!(severed, 0, "no session was open");
     assert!(s2.token.is_cancelled(), "s2 left: its sessions are cut");
@@ -212,8 +213,85 @@ fn a_standby_leaving_the_pool_is_severed_and_those_staying_keep_their_sessions()
     assert!(Arc::ptr_eq(&now.replicas[0], &s1));
     assert!(!now.token.is_cancelled() && Arc::ptr_eq(&now.sockets, &first.sockets));
     // Store lost: the pool empties with the master.
-    routes.apply_with_replicas(1, Err(NoMaster::StoreLost), &[]);
+    routes.apply_with_replicas(1, Err(NoMaster::StoreLost), &[], None);
     assert!(s1.token.is_cancelled() && routes.load().replicas.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_leaving_while_not_fenced_drains_then_is_severed_at_the_timeout() {
+    let t = |uid: &str, port: u16| ReplicaTarget {
+        db_uid: uid.into(),
+        addr: format!("127.0.0.1:{port}"),
+    };
+    let routes = Routes::default();
+    let drain = Some(std::time::Duration::from_secs(10));
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)], drain);
+    let s2 = routes.load().replicas[1].clone();
+    let session = s2.sessions.token();
+    let (_, severed) = routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1)], drain);
+    assert_eq!(severed, 0, "nothing cut at once");
+    assert!(s2.drain.is_cancelled() && !s2.token.is_cancelled());
+    assert!(s2.sessions.is_closed(), "no new session on it");
+    // A session still open at the timeout is cut then.
+    tokio::time::timeout(std::time::Duration::from_secs(11), s2.token.cancelled())
+        .await
+        .expect("severed at the drain timeout");
+    drop(session);
+    // One that ends before the timeout ends the drain early.
+    let routes = Routes::default();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1)], drain);
+    let s1 = routes.load().replicas[0].clone();
+    let session = s1.sessions.token();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[], drain);
+    let before = tokio::time::Instant::now();
+    drop(session);
+    s1.token.cancelled().await;
+    assert!(before.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_promoted_standby_is_cut_at_a_failover_and_drains_with_the_master_at_a_switchover() {
+    let t = |uid: &str, port: u16| ReplicaTarget {
+        db_uid: uid.into(),
+        addr: format!("127.0.0.1:{port}"),
+    };
+    let drain = Some(std::time::Duration::from_secs(10));
+    // Failover to s1: its read-only sessions are cut in the swap itself.
+    let routes = Routes::default();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)], drain);
+    let s1 = routes.load().replicas[0].clone();
+    routes.apply_with_replicas(2, Ok("127.0.0.1:1".into()), &[t("s2", 2)], drain);
+    assert!(
+        s1.token.is_cancelled(),
+        "cut before the generation is reported"
+    );
+    // Switchover to s1: they drain with the old master's, and go with its sever.
+    let routes = Routes::default();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)], drain);
+    let s1 = routes.load().replicas[0].clone();
+    let session = s1.sessions.token();
+    let (old, _) = routes.apply_draining(2, Ok("127.0.0.1:1".into()), &[t("s2", 2)], drain);
+    let old = old.expect("the old master drains");
+    assert!(s1.drain.is_cancelled() && !s1.token.is_cancelled());
+    let closed = old.sessions_closed();
+    tokio::pin!(closed);
+    assert!(
+        futures::poll!(closed.as_mut()).is_pending(),
+        "the drain waits for the promoted standby's read-only session"
+    );
+    drop(session);
+    closed.await;
+    old.sever();
+    assert!(s1.token.is_cancelled());
+    // A standby still draining out of the pool that is then elected is cut at once.
+    let routes = Routes::default();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)], drain);
+    let s1 = routes.load().replicas[0].clone();
+    let _session = s1.sessions.token();
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s2", 2)], drain);
+    assert!(!s1.token.is_cancelled(), "draining");
+    routes.apply_with_replicas(2, Ok("127.0.0.1:1".into()), &[t("s2", 2)], drain);
+    assert!(s1.token.is_cancelled(), "elected: cut");
 }
 
 #[test]
@@ -223,7 +301,7 @@ fn pick_is_least_connections_and_rotates_among_equals() {
         addr: format!("127.0.0.1:{port}"),
     };
     let routes = Routes::default();
-    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)]);
+    routes.apply_with_replicas(1, Ok("m:1".into()), &[t("s1", 1), t("s2", 2)], None);
     let r = routes.load();
     let picks: Vec<String> = (0..4)
         .map(|_| r.pick_replica().expect("pick").db_uid.clone())
