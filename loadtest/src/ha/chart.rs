@@ -50,6 +50,7 @@ pub fn draw(
     index: usize,
     w: Window,
     routed_at: Option<f64>,
+    moves: &[(f64, String)],
     samples: &[Sample],
 ) -> Result<()> {
     let x0 = w.from - w.mark;
@@ -99,6 +100,7 @@ pub fn draw(
             "new master routed (as the load generator saw it)".into(),
         ));
     }
+    marks.extend(moves.iter().cloned());
     draw_marks(&mut chart, &marks, ymax)?;
     chart
         .configure_series_labels()
@@ -141,9 +143,29 @@ fn draw_target(
     Ok(())
 }
 
-/// A labelled vertical line at each step.
+/// The marks of stolon-proxy's session moves (times from the change): the first session
+/// moved, and when the last drained session was moved or closed, with the counts.
+pub fn move_marks(seen: &[super::cluster::MovesSeen]) -> Vec<(f64, String)> {
+    let mut marks = Vec::new();
+    if let Some(first) = seen.iter().find(|s| s.moved > 0) {
+        marks.push((first.at, "first session moved".to_string()));
+    }
+    if let Some(last) = seen.last() {
+        marks.push((
+            last.at,
+            format!(
+                "{} sessions moved, {} closed at their boundary",
+                last.moved, last.closed
+            ),
+        ));
+    }
+    marks
+}
+
+/// A labelled vertical line at each step; labels step down so that close ones stay legible.
 fn draw_marks(chart: &mut Chart<'_, '_>, marks: &[(f64, String)], ymax: f64) -> Result<()> {
-    for (x, label) in marks {
+    for (i, (x, label)) in marks.iter().enumerate() {
+        let y = ymax * (0.97 - 0.06 * i as f64);
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![(*x, 0.0), (*x, ymax)],
@@ -153,7 +175,7 @@ fn draw_marks(chart: &mut Chart<'_, '_>, marks: &[(f64, String)], ymax: f64) -> 
         chart
             .draw_series(std::iter::once(Text::new(
                 label.clone(),
-                (x + 0.05, ymax * 0.97),
+                (x + 0.05, y),
                 ("sans-serif", 13),
             )))
             .map_err(|e| anyhow!("{e:?}"))?;
@@ -186,5 +208,31 @@ mod tests {
         let (c, e) = buckets(&samples, 0, 10.0, 0.0, 0.3);
         assert_eq!(c, vec![2.0, 0.0, 0.0]);
         assert_eq!(e, vec![0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn move_marks_show_the_first_move_and_the_last_change_with_its_counts() {
+        use crate::ha::cluster::MovesSeen;
+        let m = |at, moved, closed| MovesSeen { at, moved, closed };
+        assert!(move_marks(&[]).is_empty(), "no drained session, no mark");
+        let marks = move_marks(&[m(0.4, 0, 1), m(0.7, 3, 1), m(0.9, 4, 1)]);
+        assert_eq!(
+            marks,
+            vec![
+                (0.7, "first session moved".to_string()),
+                (
+                    0.9,
+                    "4 sessions moved, 1 closed at their boundary".to_string()
+                ),
+            ]
+        );
+        // Only closes (moves off): the last close is marked.
+        assert_eq!(
+            move_marks(&[m(0.5, 0, 4)]),
+            vec![(
+                0.5,
+                "0 sessions moved, 4 closed at their boundary".to_string()
+            )]
+        );
     }
 }

@@ -221,6 +221,12 @@ impl Env {
         let holds_before = self.proxy_holds().await;
         let moves_before = self.proxy_moves().await;
         let mark = Instant::now();
+        let stop = CancellationToken::new();
+        let timeline = tokio::spawn(move_timeline(
+            format!("127.0.0.1:{}", self.proxy_metrics.0),
+            mark,
+            stop.clone(),
+        ));
         if scenario == "switchover" {
             switchover(&self.c).await?;
         } else {
@@ -249,6 +255,8 @@ impl Env {
             routed: routed_at.unwrap_or(to),
             to,
         };
+        stop.cancel();
+        let moves_seen = timeline.await.unwrap_or_default();
         let samples = sh.log.lock().map(|l| l.clone()).unwrap_or_default();
         let holds_after = self.proxy_holds().await;
         let moves_after = self.proxy_moves().await;
@@ -273,22 +281,13 @@ impl Env {
                 .zip(holds_after)
                 .map(|(a, b)| b.saturating_sub(a)),
             proxy_moves,
+            moves_seen,
         })
     }
 
     /// stolon-proxy's counts of drained sessions so far, by what became of them.
     async fn proxy_moves(&self) -> BTreeMap<String, u64> {
-        let url = format!("127.0.0.1:{}", self.proxy_metrics.0);
-        let Ok(text) = http_get(&url, "/metrics").await else {
-            return BTreeMap::new();
-        };
-        text.lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix("stolon_proxy_session_moves_total{result=\"")?;
-                let (result, value) = rest.split_once("\"} ")?;
-                Some((result.to_string(), value.trim().parse().ok()?))
-            })
-            .collect()
+        proxy_moves(&format!("127.0.0.1:{}", self.proxy_metrics.0)).await
     }
 
     /// stolon-proxy's count of held sessions so far.
@@ -472,4 +471,58 @@ pub fn watch_master(store: ClusterStore, t0: Instant, stop: CancellationToken) -
         }
     });
     w
+}
+
+/// stolon-proxy's counts of drained sessions so far (its metrics at `url`), by what became
+/// of them.
+async fn proxy_moves(url: &str) -> BTreeMap<String, u64> {
+    let Ok(text) = http_get(url, "/metrics").await else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("stolon_proxy_session_moves_total{result=\"")?;
+            let (result, value) = rest.split_once("\"} ")?;
+            Some((result.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// When stolon-proxy moved or closed drained sessions: its counters read every 100 ms from
+/// `mark` until `stop`, one entry (seconds from `mark`, moved, closed so far in the window)
+/// each time they changed.
+async fn move_timeline(url: String, mark: Instant, stop: CancellationToken) -> Vec<MovesSeen> {
+    let split = |m: &BTreeMap<String, u64>| {
+        let moved = m.get("moved").copied().unwrap_or(0);
+        (moved, m.values().sum::<u64>() - moved)
+    };
+    let (moved0, closed0) = split(&proxy_moves(&url).await);
+    let mut seen: Vec<MovesSeen> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let (moved, closed) = split(&proxy_moves(&url).await);
+        let now = MovesSeen {
+            at: mark.elapsed().as_secs_f64(),
+            moved: moved.saturating_sub(moved0),
+            closed: closed.saturating_sub(closed0),
+        };
+        let last = seen.last().map_or((0, 0), |l| (l.moved, l.closed));
+        if (now.moved, now.closed) != last {
+            seen.push(now);
+        }
+    }
+    seen
+}
+
+/// What stolon-proxy had moved and closed of its drained sessions by `at` (seconds from
+/// the change).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct MovesSeen {
+    pub at: f64,
+    pub moved: u64,
+    pub closed: u64,
 }

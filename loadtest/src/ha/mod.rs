@@ -61,6 +61,8 @@ pub(crate) struct Change {
     /// What became of the sessions stolon-proxy drained in the window: moved, or why it
     /// closed them (its session_moves counter, by result).
     proxy_moves: BTreeMap<String, u64>,
+    /// When those moves and closes happened (polled every 100 ms).
+    moves_seen: Vec<cluster::MovesSeen>,
     /// Every failed transaction in the window (seconds relative to the change).
     failed_txns: Vec<report::Failure>,
 }
@@ -341,7 +343,16 @@ fn write_out(opts: &Options, result: &Result_, samples: &[Sample]) -> Result<()>
         });
         if let Some(c) = by_gap.get(by_gap.len() / 2) {
             let path = opts.out_dir.join(format!("ha-{scenario}.svg"));
-            chart::draw(&path, scenario, c.index, c.window, c.routed_at, samples)?;
+            let moves = chart::move_marks(&c.moves_seen);
+            chart::draw(
+                &path,
+                scenario,
+                c.index,
+                c.window,
+                c.routed_at,
+                &moves,
+                samples,
+            )?;
             eprintln!("chart: {}", path.display());
         }
     }
