@@ -8,6 +8,8 @@
 //! boundary as before, and counted by reason. A read-only session whose standby leaves the
 //! pool (promoted, lagging, unhealthy) moves the same way to another standby.
 
+pub mod classify;
+pub mod ledger;
 pub mod scan;
 pub mod state;
 
