@@ -403,3 +403,104 @@ async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_th
     assert_eq!(row.get::<_, String>(1), "4321ms");
     assert_ne!(server_port(&a).await, c.keeper(&to).port);
 }
+
+/// Point 2: kill -9 of the master's keeper and PostgreSQL. An idle session whose state the
+/// proxy proved (a setting and a prepared statement, each seen by an inspection the proxy
+/// made when the session changed them) moves to the new master with them; an idle one
+/// holding an advisory lock is closed with 57P01; one with a request in flight at the kill
+/// gets an error, as without moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
+    let _s = e2e::serial().await;
+    let mut env = Movable::start().await;
+    let port = env.port;
+    let a = as_alice(port).await.expect("alice");
+    let before = server_port(&a).await;
+    a.batch_execute("SET statement_timeout = '2345ms'")
+        .await
+        .expect("a setting");
+    let stmt = a.prepare("SELECT $1::int + 2").await.expect("a statement");
+    a.query_one(&stmt, &[&1]).await.expect("executed once");
+    a.query_one("SELECT count(*) FROM pg_class", &[])
+        .await
+        .expect("a clean query");
+    let locked = as_alice(port).await.expect("second session");
+    locked
+        .batch_execute("SELECT pg_advisory_lock(7)")
+        .await
+        .expect("a lock");
+    let busy = as_alice(port).await.expect("third session");
+    let in_flight = tokio::spawn(async move {
+        busy.batch_execute("SET statement_timeout = 0; SELECT pg_sleep(60)")
+            .await
+    });
+    let target = env.target().await;
+    let m = env.c.master().await.expect("master");
+    // The sleep is running before the kill.
+    env.c
+        .wait_for("the sleep running", MIN, async || {
+            let n = env
+                .c
+                .query(
+                    &m,
+                    "SELECT count(*)::text FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND pid <> pg_backend_pid()",
+                )
+                .await
+                .ok()?;
+            (n == "1").then_some(())
+        })
+        .await
+        .expect("sleeping");
+    env.c.kill_keeper(&m, true);
+    let new = env
+        .c
+        .wait_master_change(&m, Duration::from_secs(120))
+        .await
+        .expect("failover");
+    assert_eq!(new, target);
+    let text = env
+        .c
+        .wait_for("the lost sessions counted", MIN, async || {
+            let t = metrics(env.metrics).await;
+            (count(&t, "moved") + count(&t, "unproven") + count(&t, "in_flight") >= 3).then_some(t)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            let moves: Vec<String> = (env.c.log("p2").lines())
+                .filter(|l| l.contains("session") || l.contains("move"))
+                .map(String::from)
+                .collect();
+            panic!("{e}: {moves:#?}")
+        });
+    let log = env.c.log("p2");
+    let lines: Vec<&str> = (log.lines())
+        .filter(|l| l.contains("session") || l.contains("move") || l.contains("inspect"))
+        .collect();
+    assert_eq!(count(&text, "moved"), 1, "{text}{lines:#?}");
+    assert_eq!(count(&text, "unproven"), 1, "{text}");
+    assert_eq!(count(&text, "in_flight"), 1, "{text}");
+
+    // The proven session: the same socket, on the new master, with its state.
+    assert_ne!(server_port(&a).await, before, "on the new master");
+    let row = a
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('statement_timeout')",
+            &[],
+        )
+        .await
+        .expect("the session still works");
+    assert!(!row.get::<_, bool>(0), "the new master takes writes");
+    assert_eq!(row.get::<_, String>(1), "2345ms");
+    let row = a.query_one(&stmt, &[&40]).await.expect("the statement");
+    assert_eq!(row.get::<_, i32>(0), 42);
+
+    // The lock holder: closed with 57P01 (its lock is gone with the old master).
+    let e = locked.query_one("SELECT 1", &[]).await.expect_err("closed");
+    assert!(
+        e.is_closed() || e.code() == Some(&SqlState::ADMIN_SHUTDOWN),
+        "{e}"
+    );
+    // The request in flight: an error.
+    let slept = in_flight.await.expect("task");
+    assert!(slept.is_err(), "the sleep's session was lost: {slept:?}");
+}

@@ -677,7 +677,7 @@ pub(crate) async fn in_lane<'a, F, Fut>(
     route: &'a Route,
     lane: &'a Lane,
     ctx: &Ctx,
-    (client, server): (SocketHandle, SocketHandle),
+    (client, server): (Option<SocketHandle>, SocketHandle),
     relay: F,
 ) -> CloseReason
 where
@@ -707,6 +707,8 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
         End::ServerClosed => CloseReason::ServerClosed,
         End::Severed => CloseReason::Severed,
         End::Drained => CloseReason::Drained,
+        End::Inspect => CloseReason::Inspect,
+        End::ServerLost => CloseReason::ServerLost,
         End::Error(e) => {
             tracing::debug!(error = %e, "relay ended with an error");
             CloseReason::IoError

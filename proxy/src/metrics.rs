@@ -32,6 +32,12 @@ pub enum CloseReason {
     ClientGone,
     /// The proxy refused the client's authentication (a wrong password).
     AuthFailed,
+    /// Not a close (never counted): the relay stopped so the proxy can inspect a movable
+    /// session, which then goes on.
+    Inspect,
+    /// Not a close yet (counted as ServerClosed or Severed if it does not move): a movable
+    /// session's server side ended, its client's is open.
+    ServerLost,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

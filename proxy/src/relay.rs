@@ -40,6 +40,12 @@ pub enum End {
     /// A planned switchover's drain found the session between transactions: the caller
     /// closes it cleanly.
     Drained,
+    /// A movable session changed what the proxy knows of it and is idle: the caller asks
+    /// its server what it holds now, then relays again.
+    Inspect,
+    /// The server's side ended while the client's is open (a movable session, whose
+    /// client's side the relay leaves alone: the caller may move it).
+    ServerLost,
     Error(io::Error),
 }
 
@@ -49,14 +55,21 @@ pub enum Stop {
     Eof,
     /// The drain signal is on and the session is between transactions.
     Drained,
+    /// See `End::Inspect`.
+    Inspect,
+    /// See `Drain::hold_if_lost`.
+    Lost,
 }
 
 /// A session's drain: the route's signal and the session's transaction state, fed by both
-/// directions as bytes are read.
+/// directions as bytes are read. A session that may move has one without a signal too.
 #[derive(Clone, Copy)]
 pub struct Drain<'a> {
-    pub signal: &'a CancellationToken,
+    pub signal: Option<&'a CancellationToken>,
     pub tx: &'a std::sync::Mutex<TxState>,
+    /// The session may move (the proxy authenticated its client): it stops for an
+    /// inspection when it asks for one, and a server's end leaves its client's side open.
+    pub movable: bool,
 }
 
 impl Drain<'_> {
@@ -69,12 +82,39 @@ impl Drain<'_> {
         }
     }
 
-    /// Draining past the quiet wait, and nothing of the session would be cut by closing it
-    /// now: the relay closes it right after the answer that made it idle.
-    pub fn due(&self) -> bool {
-        // `forced` first: it is false outside a drain, and the token's check takes a lock
-        // (this runs after every chunk from the server).
-        self.tx.lock().is_ok_and(|tx| tx.forced && tx.idle()) && self.signal.is_cancelled()
+    /// Whether the server's `chunk` (fed already) carries an error that answers no request
+    /// (its backend is ending) in a movable session: then it is kept in the session's state
+    /// instead of passed on, and the relay ends. The session may still move: its client
+    /// must not have seen its server end.
+    pub(crate) fn hold_if_lost(&self, chunk: &[u8]) -> bool {
+        if !self.movable {
+            return false;
+        }
+        let Ok(mut tx) = self.tx.lock() else {
+            return false;
+        };
+        if tx.lost_with_error {
+            tx.held.extend_from_slice(chunk);
+        }
+        tx.lost_with_error
+    }
+
+    /// Whether a chunk was held back (see `hold_if_lost`).
+    fn held(&self) -> bool {
+        self.movable && self.tx.lock().is_ok_and(|tx| !tx.held.is_empty())
+    }
+
+    /// Where the server-to-client direction stops after a chunk (this runs after every
+    /// chunk from the server), if it does; the caller checks that the client has nothing
+    /// unread. Drained: draining past the quiet wait, and nothing of the session would be
+    /// cut by closing it now (the relay closes it right after the answer that made it idle).
+    pub fn stop_after_chunk(&self) -> Option<Stop> {
+        let tx = self.tx.lock().ok()?;
+        // `forced` first: it is false outside a drain, and the token's check takes a lock.
+        if tx.forced && tx.idle() && self.signal.is_some_and(|s| s.is_cancelled()) {
+            return Some(Stop::Drained);
+        }
+        (self.movable && tx.wants_inspection()).then_some(Stop::Inspect)
     }
 
     /// Whether the session is between transactions, whether it is also settled (not
@@ -194,7 +234,7 @@ pub async fn drive(
     // token's wait takes two locks, and the task is polled on every read (twice per
     // transaction), a cost PgBouncer's loop does not have.
     let severed = token.cancelled();
-    let signal = drain.map(|d| d.signal);
+    let signal = drain.and_then(|d| d.signal);
     let draining = wait_signal(signal);
     tokio::pin!(c2s, s2c, severed, draining);
     let mut severed = Gated::new(severed);
@@ -232,6 +272,8 @@ pub async fn drive(
                 match r {
                     Err(e) => return End::Error(e),
                     Ok(Stop::Drained) => return End::Drained,
+                    Ok(Stop::Inspect) => return End::Inspect,
+                    Ok(Stop::Lost) => return End::ServerLost,
                     Ok(Stop::Eof) => {}
                 }
                 c_done = true;
@@ -241,8 +283,18 @@ pub async fn drive(
             }
             r = &mut s2c, if !s_done => {
                 match r {
+                    Err(e) if drain.is_some_and(|d| d.movable) && !c_done => {
+                        tracing::debug!(error = %e, "server side lost");
+                        return End::ServerLost;
+                    }
                     Err(e) => return End::Error(e),
                     Ok(Stop::Drained) => return End::Drained,
+                    Ok(Stop::Inspect) => return End::Inspect,
+                    Ok(Stop::Lost) => return End::ServerLost,
+                    // The client's side stays open: the caller may move the session.
+                    Ok(Stop::Eof) if drain.is_some_and(|d| d.movable) && !c_done => {
+                        return End::ServerLost
+                    }
                     Ok(Stop::Eof) => {}
                 }
                 s_done = true;
@@ -350,6 +402,9 @@ async fn pipe(
             };
             if let Some(d) = drain {
                 d.feed(direction, &buf[..n]);
+                if direction == Direction::ServerToClient && d.hold_if_lost(&buf[..n]) {
+                    return Ok(None);
+                }
             }
             let mut off = 0;
             while off < n {
@@ -365,6 +420,11 @@ async fn pipe(
             Ok(Some(n))
         });
         match step {
+            Ok(None)
+                if direction == Direction::ServerToClient && drain.is_some_and(|d| d.held()) =>
+            {
+                break Ok(Stop::Lost)
+            }
             Ok(None) => break Ok(Stop::Eof),
             Ok(Some(n)) => unflushed += n as u64,
             Err(e) => break Err(e),
@@ -376,11 +436,12 @@ async fn pipe(
             // Give the memory back: an idle session keeps no buffer.
             pending = Vec::new();
         }
-        if direction == Direction::ServerToClient
-            && drain.is_some_and(|d| d.due())
-            && !has_unread(dst)
-        {
-            break Ok(Stop::Drained);
+        if direction == Direction::ServerToClient {
+            if let Some(stop) = drain.and_then(|d| d.stop_after_chunk()) {
+                if !has_unread(dst) {
+                    break Ok(stop);
+                }
+            }
         }
         if unflushed >= METRIC_FLUSH {
             metrics.add_bytes(direction, unflushed);
@@ -484,8 +545,9 @@ mod tests {
 
         fn drain(&self) -> Drain<'_> {
             Drain {
-                signal: &self.signal,
+                signal: Some(&self.signal),
                 tx: &self.tx,
+                movable: false,
             }
         }
     }
@@ -541,7 +603,10 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(drain_check(&d, &mut q), Check::Again);
         }
-        assert!(!d.due(), "the relay does not close it at a boundary yet");
+        assert!(
+            d.stop_after_chunk().is_none(),
+            "the relay does not close it at a boundary yet"
+        );
     }
 
     #[tokio::test]
@@ -553,7 +618,10 @@ mod tests {
             d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
             assert_eq!(drain_check(&d, &mut q), Check::Again, "busy at tick {tick}");
             d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
-            assert!(!d.due(), "not forced yet at tick {tick}");
+            assert!(
+                d.stop_after_chunk().is_none(),
+                "not forced yet at tick {tick}"
+            );
         }
         d.feed(Direction::ClientToServer, &msg(b'Q', b"SELECT 1\0"));
         assert_eq!(
@@ -561,9 +629,13 @@ mod tests {
             Check::Forced,
             "in flight at the force tick: no more ticks"
         );
-        assert!(!d.due(), "not at a boundary");
+        assert!(d.stop_after_chunk().is_none(), "not at a boundary");
         d.feed(Direction::ServerToClient, &msg(b'Z', b"I"));
-        assert!(d.due(), "forced: closed right after the answer");
+        assert_eq!(
+            d.stop_after_chunk(),
+            Some(Stop::Drained),
+            "forced: closed right after the answer"
+        );
     }
 
     #[tokio::test]
@@ -702,9 +774,10 @@ mod tests {
             t.forced = true;
         }
         let d = Drain {
-            signal: &signal,
+            signal: Some(&signal),
             tx: &tx,
+            movable: false,
         };
-        assert!(!d.due());
+        assert!(d.stop_after_chunk().is_none());
     }
 }

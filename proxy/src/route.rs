@@ -226,8 +226,9 @@ impl Replica {
 /// A handle on a session's socket, whatever engine relays it.
 pub type SocketHandle = Arc<dyn AsFd + Send + Sync>;
 
-/// Live sessions' (client, server) sockets by session id.
-type SocketMap = HashMap<u64, (SocketHandle, SocketHandle)>;
+/// Live sessions' (client, server) sockets by session id. No client socket for a session
+/// that may move: a sever cuts its server side, and the session decides about its client.
+type SocketMap = HashMap<u64, (Option<SocketHandle>, SocketHandle)>;
 
 /// The client and server sockets of the live sessions of one route.
 #[derive(Default)]
@@ -281,7 +282,7 @@ impl SessionSockets {
     /// relay).
     pub fn register(
         self: &Arc<Self>,
-        client: SocketHandle,
+        client: Option<SocketHandle>,
         server: SocketHandle,
     ) -> Option<Registration> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -300,7 +301,7 @@ impl SessionSockets {
         let Some(map) = self.lock().take() else {
             return SeverStats::default();
         };
-        for (client, _) in map.values() {
+        for client in map.values().filter_map(|(c, _)| c.as_ref()) {
             let _ = socket2::SockRef::from(&client.as_fd()).shutdown(Shutdown::Both);
         }
         let clients_cut = start.elapsed();

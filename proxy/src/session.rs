@@ -3,7 +3,8 @@
 //! packet, the client's credentials, its minted cancel key). It relays until the session
 //! ends; when a planned switchover's drain finds it between transactions, it moves to the
 //! new master (a swap of its server side, see `migrate`) if it can, and is closed at that
-//! boundary if it cannot.
+//! boundary if it cannot. A session whose server goes away (a failover's sever, a crash)
+//! while it is idle moves too, if the proxy can prove its state (`migrate::ledger`).
 
 use crate::conn::{in_lane, Ctx, Lane};
 use crate::metrics::CloseReason;
@@ -38,73 +39,144 @@ pub(crate) struct Known {
     pub task: Option<TaskTrackerToken>,
 }
 
-/// Relays the session to its end, moving it at each planned switchover it can survive.
+impl Known {
+    /// The proxy authenticated the client: it can log in as it elsewhere.
+    fn may_move(&self) -> bool {
+        self.started.credentials.is_some() && self.user.is_some()
+    }
+}
+
+/// Relays the session to its end, moving it at each master change it can survive.
 pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
     let Parts {
         mut client,
-        mut server,
+        server,
         known: mut k,
     } = s;
+    let mut server = Some(server);
     loop {
+        let Some(s) = server.take() else {
+            return CloseReason::Severed;
+        };
+        let (movable, lane) = (k.may_move(), (&k.route, &k.lane));
         let tx = Mutex::new(k.tx);
-        let (reason, streams) = relay_once(client, server, &k.route, &k.lane, &tx, ctx).await;
+        let (reason, c, s) = relay_once(client, s, lane, movable, &tx, ctx).await;
         k.tx = tx.into_inner().unwrap_or_else(|p| p.into_inner());
-        let Some((c, s)) = streams else {
-            // Its sockets are being cut by a sever that came with the drain.
+        let Some(c) = c else {
+            // Its sockets are being cut by a sever.
             return CloseReason::Severed;
         };
         (client, server) = (c, s);
-        if reason != CloseReason::Drained {
-            return reason;
-        }
         let since = std::time::Instant::now();
-        match move_session(&mut client, &mut server, &mut k, ctx).await {
+        let result = match (reason, server.as_mut()) {
+            (CloseReason::Inspect, Some(s)) => {
+                inspect_in_place(&mut client, s, &mut k).await;
+                continue;
+            }
+            (CloseReason::Drained, Some(s)) => move_drained(&mut client, s, &mut k, ctx).await,
+            (CloseReason::Severed | CloseReason::ServerLost, _) if k.may_move() => {
+                match move_lost(&mut client, &mut k, ctx).await {
+                    Ok(s) => {
+                        server = Some(s);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => return reason,
+        };
+        match result {
             Ok(()) => {
                 ctx.metrics.moved(since.elapsed());
-                tracing::debug!(
-                    held_ms = since.elapsed().as_millis() as u64,
-                    "session moved to the new master"
-                );
+                tracing::debug!(after = ?reason, "session moved");
             }
             Err(why) => {
                 ctx.metrics.unmoved(why.label());
-                tracing::debug!(why = why.label(), "session closed at its boundary");
-                let message = k.lane.drained_message();
-                crate::terminate::close_drained(&mut client, &mut server, message).await;
-                return reason;
+                tracing::debug!(why = why.label(), after = ?reason, "session closed");
+                return close(client, server, &k, reason).await;
             }
         }
     }
 }
 
-/// One relay of the session on its current server, in its lane, until it ends or drains.
-/// The streams come back unless a sever still holds the plain sockets.
+/// Closes a session that could not move: at its boundary after a drain (FATAL 57P01), with
+/// 57P01 too if its server went away while it was idle (it reads it when it next sends), or
+/// as a sever does (no message) if it had a request in flight.
+async fn close(
+    mut client: Stream,
+    server: Option<Stream>,
+    k: &Known,
+    reason: CloseReason,
+) -> CloseReason {
+    match (reason, server) {
+        (CloseReason::Drained, Some(mut server)) => {
+            let message = k.lane.drained_message();
+            crate::terminate::close_drained(&mut client, &mut server, message).await;
+            reason
+        }
+        (_, _) => {
+            if !k.tx.held.is_empty() || k.tx.idle() {
+                // The server's own last words if it said any, else the proxy's.
+                let e = if k.tx.held.is_empty() {
+                    crate::protocol::error_response(
+                        crate::protocol::sqlstate::ADMIN_SHUTDOWN,
+                        LOST_MESSAGE,
+                    )
+                } else {
+                    k.tx.held.clone()
+                };
+                let say = async {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = client.write_all(&e).await;
+                    let _ = client.shutdown().await;
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), say).await;
+            }
+            let _ = socket2::SockRef::from(client.tcp()).shutdown(std::net::Shutdown::Both);
+            match reason {
+                CloseReason::ServerLost => CloseReason::ServerClosed,
+                r => r,
+            }
+        }
+    }
+}
+
+const LOST_MESSAGE: &str = "terminating connection: its server went away and the session's \
+     state could not be carried to another (closed by stolon-proxy)";
+
+/// One relay of the session on its current server, in its lane, until it ends, drains or
+/// stops for an inspection. The client's stream comes back unless a sever still holds its
+/// plain socket, the server's unless a sever holds it.
 async fn relay_once(
     client: Stream,
     server: Stream,
-    route: &Route,
-    lane: &Lane,
+    (route, lane): (&Arc<Route>, &Lane),
+    movable: bool,
     tx: &Mutex<TxState>,
     ctx: &Ctx,
-) -> (CloseReason, Option<(Stream, Stream)>) {
+) -> (CloseReason, Option<Stream>, Option<Stream>) {
     let metrics = &ctx.metrics;
     match (client, server) {
         // Plaintext both ways: the readiness relay, with no copy into a stream buffer; the
         // lane's sever shuts the sockets down through shared handles (no descriptor more).
+        // A movable session's client socket is not the sever's: it may move.
         (Stream::Plain(c), Stream::Plain(s)) => {
             let (c, s) = (Arc::new(c), Arc::new(s));
-            let handles: (SocketHandle, SocketHandle) = (c.clone(), s.clone());
+            let client_handle = (!movable).then(|| c.clone() as SocketHandle);
+            let handles = (client_handle, s.clone() as SocketHandle);
             let (cr, sr) = (&c, &s);
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
-                let drain = signal.map(|signal| Drain { signal, tx });
-                relay(cr, sr, token, drain, metrics).await
+                let d = (signal.is_some() || movable).then_some(Drain {
+                    signal,
+                    tx,
+                    movable,
+                });
+                relay(cr, sr, token, d, metrics).await
             })
             .await;
-            let back = Arc::try_unwrap(c).ok().zip(Arc::try_unwrap(s).ok());
-            (
-                reason,
-                back.map(|(c, s)| (Stream::Plain(c), Stream::Plain(s))),
-            )
+            let c = Arc::try_unwrap(c).ok().map(Stream::Plain);
+            let s = Arc::try_unwrap(s).ok().map(Stream::Plain);
+            (reason, c, s)
         }
         // A TLS side owns its socket: the sever gets duplicates of the descriptors.
         (mut client, mut server) => {
@@ -113,30 +185,51 @@ async fn relay_once(
                 .try_clone_to_owned()
                 .and_then(|c| Ok((c, server.as_fd().try_clone_to_owned()?)));
             let Ok((cfd, sfd)) = fds else {
-                return (CloseReason::IoError, Some((client, server)));
+                return (CloseReason::IoError, Some(client), Some(server));
             };
             let (cfd, sfd) = (Arc::new(cfd), Arc::new(sfd));
-            let handles: (SocketHandle, SocketHandle) = (cfd.clone(), sfd.clone());
+            let client_handle = (!movable).then(|| cfd.clone() as SocketHandle);
+            let handles = (client_handle, sfd.clone() as SocketHandle);
             let (c, s) = (&mut client, &mut server);
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
-                let drain = signal.map(|signal| Drain { signal, tx });
-                crate::terminate::relay_streams(c, s, (&cfd, &sfd), token, drain, metrics).await
+                let d = (signal.is_some() || movable).then_some(Drain {
+                    signal,
+                    tx,
+                    movable,
+                });
+                crate::terminate::relay_streams(c, s, (&cfd, &sfd), token, d, metrics).await
             })
             .await;
-            (reason, Some((client, server)))
+            (reason, Some(client), Some(server))
         }
     }
 }
 
+/// Asks the server what the idle session holds now (it changed what the proxy knew), and
+/// keeps the answer as what a move after a failover gives it. A failed inspection leaves the
+/// state unknown (the session then cannot move without its server); the relay goes on.
+async fn inspect_in_place(client: &mut Stream, server: &mut Stream, k: &mut Known) {
+    let Some(user) = &k.user else { return };
+    let state = migrate::inspect(client, server, user).await;
+    if let Err(why) = &state {
+        tracing::debug!(
+            why = why.label(),
+            "session state not provable until it ends"
+        );
+    }
+    k.tx.inspected(state.ok());
+}
+
 /// Moves a drained session: inspect it on the old server, leave that one, open it on the
-/// next server of its listener (the new master, or another standby of the read-only pool). On `Err` the old server side may already be gone; the caller closes.
-async fn move_session(
+/// next server of its listener (the new master, or another standby of the read-only pool).
+/// On `Err` the old server side may already be gone; the caller closes.
+async fn move_drained(
     client: &mut Stream,
     server: &mut Stream,
     s: &mut Known,
     ctx: &Ctx,
 ) -> Result<(), Unmovable> {
-    let (Some(creds), Some(user)) = (&s.started.credentials, &s.user) else {
+    let (Some(_), Some(user)) = (&s.started.credentials, &s.user) else {
         return Err(Unmovable::NoCredentials);
     };
     if s.tx.custom_settings() {
@@ -146,25 +239,78 @@ async fn move_session(
     migrate::leave(server).await;
     // No longer on the old master: its drain need not wait for this session.
     s.task = None;
+    *server = land(client, s, state, false, ctx).await?;
+    Ok(())
+}
+
+/// Moves a session whose server went away (a failover's sever, a crash) with the state the
+/// proxy proved, if it was idle and its state is proven (see `migrate::ledger`); the new
+/// server's catalog must show no implicit call the proxy could not see.
+async fn move_lost(client: &mut Stream, s: &mut Known, ctx: &Ctx) -> Result<Stream, Unmovable> {
+    if s.tx.custom_settings() {
+        return Err(Unmovable::CustomSetting);
+    }
+    if !s.tx.idle() {
+        return Err(Unmovable::InFlight);
+    }
+    if !s.tx.held.is_empty() && still_serving(s).await {
+        return Err(Unmovable::ServerEnded);
+    }
+    let Some(state) = s.tx.provable().cloned() else {
+        tracing::debug!(tx = ?s.tx, "session state not proven");
+        return Err(Unmovable::Unproven);
+    };
+    s.task = None;
+    land(client, s, state, true, ctx).await
+}
+
+/// Whether the session's old server still accepts connections (its postmaster lives): then
+/// the error that ended the session was its decision, not its death.
+async fn still_serving(s: &Known) -> bool {
+    let addr = match &s.lane {
+        Lane::Master => match &s.route.master {
+            Ok(a) => a.clone(),
+            Err(_) => return false,
+        },
+        Lane::Replica(r) => r.addr.clone(),
+    };
+    let connect = tokio::net::TcpStream::connect(&*addr);
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), connect).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Opens the session on the next server with `state`, and points the client's view (its
+/// cancel key, its parameters) at it. Returns the new server side.
+async fn land(
+    client: &mut Stream,
+    s: &mut Known,
+    state: migrate::state::SessionState,
+    after_loss: bool,
+    ctx: &Ctx,
+) -> Result<Stream, Unmovable> {
+    let Some(creds) = &s.started.credentials else {
+        return Err(Unmovable::NoCredentials);
+    };
     let start = migrate::Start {
         startup: &s.startup,
         creds,
         reported: &s.started.reported,
     };
-    let moved = migrate::open_on_next(client, &start, &state, ctx).await?;
+    let moved = migrate::open_on_next(client, &start, &state, after_loss, ctx).await?;
     if let (Some(key), Some(real)) = (&s.started.key, moved.key) {
         key.retarget(real, moved.addr.clone());
     }
     s.task = Some(moved.lane.count_in(&moved.route));
-    *server = moved.server;
     s.route = moved.route;
     s.lane = moved.lane;
-    s.tx = TxState::moved();
+    s.tx = TxState::moved(state);
     if !moved.reports.is_empty() {
         // As a server reports a SET: the client reads them before its next answer.
         crate::auth::wire::send(client, &moved.reports)
             .await
             .map_err(|_| Unmovable::NoMaster)?;
     }
-    Ok(())
+    Ok(moved.server)
 }

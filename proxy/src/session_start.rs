@@ -248,7 +248,7 @@ impl Start<'_> {
                         self.ctx.metrics.auth(how);
                         tx.from_server(&rest);
                         // The session may move from here on: what it sets is watched.
-                        tx.watch_custom_settings();
+                        tx.watch_for_moves();
                         answer = rest;
                         credentials = Some(creds);
                     }

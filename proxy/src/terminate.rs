@@ -313,6 +313,9 @@ where
         };
         if let Some(d) = drain {
             d.feed(direction, &buf[..n]);
+            if direction == Direction::ServerToClient && d.hold_if_lost(&buf[..n]) {
+                break Ok(Stop::Lost);
+            }
         }
         let written = async {
             dst.write_all(&buf[..n]).await?;
@@ -322,18 +325,21 @@ where
             break Err(e);
         }
         unflushed += n as u64;
-        if direction == Direction::ServerToClient
-            && drain.is_some_and(|d| d.due())
-            && !crate::relay::has_unread(client_fd)
-        {
-            break Ok(Stop::Drained);
+        if direction == Direction::ServerToClient {
+            if let Some(stop) = drain.and_then(|d| d.stop_after_chunk()) {
+                if !crate::relay::has_unread(client_fd) {
+                    break Ok(stop);
+                }
+            }
         }
         if unflushed >= crate::relay::METRIC_FLUSH {
             metrics.add_bytes(direction, unflushed);
             unflushed = 0;
         }
     };
-    if matches!(result, Ok(Stop::Eof)) {
+    // A movable session's client is not told its server's end: it may move.
+    let keep = direction == Direction::ServerToClient && drain.is_some_and(|d| d.movable);
+    if matches!(result, Ok(Stop::Eof)) && !keep {
         let _ = dst.shutdown().await;
     }
     metrics.add_bytes(direction, unflushed);

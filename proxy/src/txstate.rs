@@ -143,6 +143,18 @@ pub struct TxState {
     /// watched only in sessions the proxy could move (it authenticated the client), so the
     /// others pay nothing for it on their reads.
     custom: Option<Box<crate::migrate::scan::CustomScan>>,
+    /// What the proxy can prove of the session's state without its server (a move after a
+    /// failover), kept beside `custom` for the same sessions.
+    ledger: Option<Box<crate::migrate::ledger::Ledger>>,
+    /// The server sent nothing but notices, notifications and parameter changes since its
+    /// last ReadyForQuery, or an error answering no request (see `lost_with_error`).
+    quiet_since_ready: bool,
+    /// The server sent an ErrorResponse that answers no request: a FATAL as its backend
+    /// ends (its postmaster died, a shutdown, an administrator's command).
+    pub(crate) lost_with_error: bool,
+    /// The bytes that carried that error, held back from a movable session's client (see
+    /// `relay::Drain::hold_if_lost`): sent on if the session does not move.
+    pub(crate) held: Vec<u8>,
 }
 
 impl TxState {
@@ -164,25 +176,56 @@ impl TxState {
             idle_at: std::time::Instant::now(),
             forced: false,
             custom: None,
+            ledger: None,
+            quiet_since_ready: false,
+            lost_with_error: false,
+            held: Vec::new(),
         };
         st.from_client(replayed_tail);
         st
     }
 
-    /// A session just moved to a new server (its start done, its state replayed): idle and
-    /// settled, and nothing custom set on it (else it would not have moved).
-    pub fn moved() -> TxState {
+    /// A session just moved to a new server (its start done, `state` replayed): idle and
+    /// settled, nothing custom set on it (else it would not have moved), and its state known.
+    pub fn moved(state: crate::migrate::state::SessionState) -> TxState {
         let mut st = TxState::new(Start::Startup, &[]);
         st.from_server(&[b'Z', 0, 0, 0, 5, b'I']);
         st.half_pair = false;
-        st.watch_custom_settings();
+        st.watch_for_moves();
+        st.inspected(Some(state));
         st
     }
 
-    /// From now on, the client's bytes are watched for custom settings (a session the proxy
-    /// authenticated: it may move).
-    pub fn watch_custom_settings(&mut self) {
+    /// From now on, the client's bytes are watched for custom settings and for what could
+    /// change the session's state (a session the proxy authenticated: it may move). Called
+    /// at the end of the start: only the startup is set on the session so far.
+    pub fn watch_for_moves(&mut self) {
         self.custom.get_or_insert_with(Default::default);
+        self.ledger
+            .get_or_insert_with(|| Box::new(crate::migrate::ledger::Ledger::started()));
+    }
+
+    /// Whether the relay should inspect the session now: it changed what the proxy knows
+    /// of it, and it is between transactions, not between a prepare and its execute.
+    pub fn wants_inspection(&self) -> bool {
+        self.ledger.as_ref().is_some_and(|l| l.wants_inspection()) && self.settled()
+    }
+
+    /// The server showed the session's state (`None`: the inspection found it unmovable or
+    /// failed).
+    pub fn inspected(&mut self, state: Option<crate::migrate::state::SessionState>) {
+        if let Some(l) = &mut self.ledger {
+            l.shown(state);
+        }
+    }
+
+    /// The session's state if it can move without its server (which went away): it was
+    /// idle, the server said nothing but notices since, and its state is proven.
+    pub fn provable(&self) -> Option<&crate::migrate::state::SessionState> {
+        if !self.idle() || !self.quiet_since_ready || self.custom_settings() {
+            return None;
+        }
+        self.ledger.as_ref()?.proven()
     }
 
     /// The client set a custom (dotted) setting or called set_config (see `migrate::scan`).
@@ -203,6 +246,9 @@ impl TxState {
         }
         if let Some(c) = &mut self.custom {
             c.feed(bytes);
+        }
+        if let Some(l) = &mut self.ledger {
+            l.feed(bytes);
         }
         let mut requests = 0u64;
         let (mut cycle_open, mut cycle, mut half_pair) =
@@ -248,12 +294,24 @@ impl TxState {
             bytes = &bytes[1..];
         }
         let (mut answered, mut last) = (0u64, None);
-        let fed = self.server.feed(bytes, |kind, first| {
-            if kind == b'Z' {
+        let (mut quiet, mut lost) = (self.quiet_since_ready, self.lost_with_error);
+        // Requests that ReadyForQuery will answer, and an extended-protocol cycle not closed
+        // by a Sync yet: an error may answer either.
+        let (mut pending, cycle_open) = (self.outstanding, self.cycle_open);
+        let fed = self.server.feed(bytes, |kind, first| match kind {
+            b'Z' => {
                 answered += 1;
+                pending = pending.saturating_sub(1);
                 last = Some(first == Some(b'I'));
+                quiet = true;
             }
+            b'N' | b'A' | b'S' => {}
+            // Only a FATAL comes unasked: the backend is ending.
+            b'E' if pending == 0 && !cycle_open => lost = true,
+            _ => quiet = false,
         });
+        self.quiet_since_ready = quiet;
+        self.lost_with_error = lost;
         self.outstanding = self.outstanding.saturating_sub(answered);
         if let Some(idle) = last {
             self.last_idle = idle;

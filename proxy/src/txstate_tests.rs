@@ -358,13 +358,41 @@ fn custom_settings_are_watched_only_once_asked_and_after_a_move() {
         !tx.custom_settings(),
         "a session that cannot move is not watched"
     );
-    tx.watch_custom_settings();
+    tx.watch_for_moves();
     tx.from_client(&query("SELECT 1"));
     assert!(!tx.custom_settings());
     tx.from_client(&set);
     assert!(tx.custom_settings());
-    let mut moved = TxState::moved();
+    let mut moved = TxState::moved(Default::default());
     assert!(moved.idle() && moved.settled());
     moved.from_client(&set);
     assert!(moved.custom_settings(), "a moved session is watched");
+}
+
+#[test]
+fn an_error_answering_no_request_marks_the_server_lost_and_keeps_the_state_provable() {
+    let mut tx = TxState::new(Start::Startup, &[]);
+    tx.from_server(&[auth_ok(), ready(b'I')].concat());
+    tx.watch_for_moves();
+    tx.from_client(&query("SELECT 1"));
+    tx.from_server(&result_then(b'I'));
+    assert!(tx.provable().is_some(), "a clean query keeps it proven");
+    assert!(!tx.lost_with_error);
+    let fatal = msg(b'E', b"SFATAL\0C57P01\0Mterminating connection\0\0");
+    tx.from_server(&fatal);
+    assert!(tx.lost_with_error, "an error answering no request");
+    assert!(
+        tx.provable().is_some(),
+        "still provable: the client has not seen it"
+    );
+    // An error that answers a request is the request's.
+    let mut tx = TxState::new(Start::Startup, &[]);
+    tx.from_server(&[auth_ok(), ready(b'I')].concat());
+    tx.from_client(&query("SELECT 1/0"));
+    tx.from_server(&[fatal.clone(), ready(b'I')].concat());
+    assert!(!tx.lost_with_error);
+    // So is one answering a cycle with no Sync yet (a Flush).
+    tx.from_client(&[msg(b'P', b"\0SELECT 1/0\0\0\0"), msg(b'H', b"")].concat());
+    tx.from_server(&fatal);
+    assert!(!tx.lost_with_error);
 }

@@ -10,7 +10,7 @@
 //! wrong towards dirty costs one round trip; the lexer knows comments, quoted strings
 //! (standard, escape and dollar quoting) and quoted identifiers, so text inside them is never
 //! taken for a keyword or a call. Calls the text does not show (triggers, defaults, views,
-//! policies) are checked on the new master's catalog at the move (`CATALOG_CHECK`).
+//! policies) are checked on the new master's catalog at the move (`migrate::catalog_check`).
 
 /// Statement leads that run a query or end a transaction, and change no session state.
 const CLEAN_LEADS: &[&str] = &[
@@ -174,6 +174,27 @@ pub const PURE_FUNCTIONS: &[&str] = &[
     "varbit",
     "varchar",
     "version",
+];
+
+/// Built-ins whose effect outlives the transaction in the session: what the catalog check
+/// looks for in stored expressions (`catalog_check`). A direct call of one in a statement is
+/// not clean anyway (none is in `PURE_FUNCTIONS`).
+pub const SESSION_STATE_FUNCTIONS: &[&str] = &[
+    "set_config",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "setseed",
+    "pg_create_logical_replication_slot",
+    "pg_create_physical_replication_slot",
+    "pg_backup_start",
+    "pg_start_backup",
+    "pg_backup_stop",
+    "pg_stop_backup",
 ];
 
 /// Keywords a parenthesis follows without a call (a list, a subquery, a clause).

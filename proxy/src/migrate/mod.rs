@@ -18,6 +18,7 @@ use crate::conn::{ClientStream, Ctx, Lane};
 use crate::route::Route;
 use crate::stream::Stream;
 use state::{SessionState, Unmovable};
+
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -121,6 +122,7 @@ pub(crate) async fn open_on_next<C>(
     client: &C,
     start: &Start<'_>,
     state: &SessionState,
+    after_loss: bool,
     ctx: &Ctx,
 ) -> Result<Moved, Unmovable>
 where
@@ -138,12 +140,13 @@ where
         let ready = !route.drain.is_cancelled() && !route.token.is_cancelled();
         let next = crate::conn::choose(&route, ctx.read_only).ok();
         if let (Some((lane, addr)), true) = (next, ready) {
-            match open(route.clone(), lane, addr, start, state, ctx).await {
+            match open(route.clone(), lane, addr, start, state, after_loss, ctx).await {
                 Ok(m) => return Ok(m),
                 // The new master not accepting connections yet: tried again, as a held
                 // session's connect is.
                 Err(Attempt::NotYet) => retry = true,
                 Err(Attempt::Refused) => return Err(Unmovable::Replay),
+                Err(Attempt::ImplicitCalls) => return Err(Unmovable::ImplicitCalls),
             }
         }
         tokio::select! {
@@ -161,6 +164,8 @@ enum Attempt {
     NotYet,
     /// It refused the login or the replay: no other try will differ.
     Refused,
+    /// Its catalog has implicit calls the proxy cannot judge (`CATALOG_CHECK`).
+    ImplicitCalls,
 }
 
 /// What a session elsewhere starts from: the startup packet, the client's credentials, and
@@ -171,12 +176,14 @@ pub(crate) struct Start<'a> {
     pub reported: &'a [(String, String)],
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn open(
     route: Arc<Route>,
     lane: Lane,
     addr: Arc<str>,
     start: &Start<'_>,
     state: &SessionState,
+    after_loss: bool,
     ctx: &Ctx,
 ) -> Result<Moved, Attempt> {
     let what = lane.what();
@@ -199,6 +206,9 @@ async fn open(
             .await
             .map_err(|f| f.why)?;
         let (key, mut reports) = read_start(&mut server, rest, start.reported).await?;
+        if after_loss && implicit_calls(&mut server).await? {
+            return Ok(None);
+        }
         wire::send(&mut server, &state::replay(state))
             .await
             .map_err(|e| e.to_string())?;
@@ -207,12 +217,19 @@ async fn open(
             Some(e) => Err(format!("the replay failed: {e}")),
             None => {
                 reports.extend(a.passed);
-                Ok((key, reports))
+                Ok(Some((key, reports)))
             }
         }
     };
     match tokio::time::timeout(STEP_TIMEOUT, started).await {
-        Ok(Ok((key, reports))) => Ok(Moved {
+        Ok(Ok(None)) => {
+            tracing::info!(
+                addr = &*addr,
+                "not moving a session after a failover: its database has triggers, defaults, views or policies calling functions the proxy cannot judge"
+            );
+            Err(Attempt::ImplicitCalls)
+        }
+        Ok(Ok(Some((key, reports)))) => Ok(Moved {
             server,
             route,
             lane,
@@ -229,6 +246,53 @@ async fn open(
             Err(Attempt::Refused)
         }
     }
+}
+
+/// Whether the database has objects created by users (triggers, defaults, views, rules,
+/// policies, constraints, index expressions) that call a user-defined function or operator,
+/// or a built-in with session state (`classify::SESSION_STATE_FUNCTIONS`): a statement the
+/// proxy found clean may have changed the session's state through one of them.
+async fn implicit_calls(server: &mut Stream) -> Result<bool, String> {
+    let mut q = catalog_check().into_bytes();
+    q.push(0);
+    wire::send(server, &wire::message(b'Q', &q))
+        .await
+        .map_err(|e| e.to_string())?;
+    let a = read_answer(server).await?;
+    if let Some(e) = a.error {
+        return Err(format!("the catalog check failed: {e}"));
+    }
+    let first = a
+        .sets
+        .first()
+        .and_then(|rows| rows.first())
+        .and_then(|r| r.first());
+    Ok(!matches!(first, Some(Some(v)) if v == "f"))
+}
+
+/// The catalog check's query (see `implicit_calls`). 16384 is FirstNormalObjectId: below
+/// it, every object is the system's own. PostgreSQL records no dependency on a built-in
+/// (pinned) function, so calls of those are found in the stored expression trees.
+pub fn catalog_check() -> String {
+    let trees = "SELECT ev_action::text AS n FROM pg_catalog.pg_rewrite WHERE oid >= 16384 \
+         UNION ALL SELECT adbin::text FROM pg_catalog.pg_attrdef WHERE oid >= 16384 \
+         UNION ALL SELECT conbin::text FROM pg_catalog.pg_constraint WHERE oid >= 16384 AND conbin IS NOT NULL \
+         UNION ALL SELECT polqual::text FROM pg_catalog.pg_policy WHERE polqual IS NOT NULL \
+         UNION ALL SELECT polwithcheck::text FROM pg_catalog.pg_policy WHERE polwithcheck IS NOT NULL \
+         UNION ALL SELECT tgqual::text FROM pg_catalog.pg_trigger WHERE tgqual IS NOT NULL \
+         UNION ALL SELECT indexprs::text FROM pg_catalog.pg_index WHERE indexrelid >= 16384 AND indexprs IS NOT NULL \
+         UNION ALL SELECT indpred::text FROM pg_catalog.pg_index WHERE indexrelid >= 16384 AND indpred IS NOT NULL";
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+         WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass, 'pg_catalog.pg_operator'::pg_catalog.regclass) \
+         AND d.classid NOT IN ('pg_catalog.pg_proc'::pg_catalog.regclass, 'pg_catalog.pg_operator'::pg_catalog.regclass) \
+         AND d.refobjid >= 16384 AND d.deptype <> 'e') \
+         OR EXISTS (SELECT 1 FROM ({trees}) t, \
+         pg_catalog.regexp_matches(t.n, ':funcid (\\d+)', 'g') m \
+         JOIN pg_catalog.pg_proc p ON p.oid = m[1]::pg_catalog.oid \
+         WHERE p.proname = ANY ('{{{}}}'::pg_catalog.name[]))",
+        classify::SESSION_STATE_FUNCTIONS.join(",")
+    )
 }
 
 /// Reads the server's start after the login, up to its ReadyForQuery: its BackendKeyData,

@@ -44,6 +44,20 @@ pub enum Unmovable {
     NoMaster,
     /// The new master refused the login or the replay.
     Replay,
+    /// Its server went away with a request of the session in flight or inside a
+    /// transaction: the client gets the error it would get without moves.
+    InFlight,
+    /// Its server went away and the proxy cannot prove the session's state (it changed
+    /// it since the last inspection, or an inspection found something unmovable).
+    Unproven,
+    /// Its server ended it with an error while the server still accepts connections (an
+    /// administrator's command, a crash restart): the end was the server's to decide, so
+    /// the client gets that error.
+    ServerEnded,
+    /// Its server went away and the new server's database has triggers, defaults, views or
+    /// policies that call functions the proxy cannot judge: a statement it trusted may
+    /// have changed the session's state through them.
+    ImplicitCalls,
 }
 
 impl Unmovable {
@@ -60,6 +74,10 @@ impl Unmovable {
             Unmovable::Inspect => "inspect_failed",
             Unmovable::NoMaster => "no_master",
             Unmovable::Replay => "replay_failed",
+            Unmovable::InFlight => "in_flight",
+            Unmovable::Unproven => "unproven",
+            Unmovable::ImplicitCalls => "implicit_calls",
+            Unmovable::ServerEnded => "server_ended",
         }
     }
 }
