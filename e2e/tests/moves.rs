@@ -407,8 +407,9 @@ async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_th
 /// Point 2: kill -9 of the master's keeper and PostgreSQL. An idle session whose state the
 /// proxy proved (a setting and a prepared statement, each seen by an inspection the proxy
 /// made when the session changed them) moves to the new master with them; an idle one
-/// holding an advisory lock is closed with 57P01; one with a request in flight at the kill
-/// gets an error, as without moves.
+/// holding an advisory lock (taken by a simple query, or by a prepared statement's
+/// execution) is closed with 57P01; one with a request in flight at the kill gets an error,
+/// as without moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
     let _s = e2e::serial().await;
@@ -427,6 +428,12 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
     let locked = as_alice(port).await.expect("second session");
     locked
         .batch_execute("SELECT pg_advisory_lock(7)")
+        .await
+        .expect("a lock");
+    // The same through a prepared statement: its execution is what the proxy judges.
+    let locked_prepared = as_alice(port).await.expect("another session");
+    locked_prepared
+        .query_one("SELECT pg_advisory_lock(8)::text", &[])
         .await
         .expect("a lock");
     let busy = as_alice(port).await.expect("third session");
@@ -462,7 +469,7 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
         .c
         .wait_for("the lost sessions counted", MIN, async || {
             let t = metrics(env.metrics).await;
-            (count(&t, "moved") + count(&t, "unproven") + count(&t, "in_flight") >= 3).then_some(t)
+            (count(&t, "moved") + count(&t, "unproven") + count(&t, "in_flight") >= 4).then_some(t)
         })
         .await
         .unwrap_or_else(|e| {
@@ -477,7 +484,7 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
         .filter(|l| l.contains("session") || l.contains("move") || l.contains("inspect"))
         .collect();
     assert_eq!(count(&text, "moved"), 1, "{text}{lines:#?}");
-    assert_eq!(count(&text, "unproven"), 1, "{text}");
+    assert_eq!(count(&text, "unproven"), 2, "{text}");
     assert_eq!(count(&text, "in_flight"), 1, "{text}");
 
     // The proven session: the same socket, on the new master, with its state.
@@ -494,12 +501,14 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
     let row = a.query_one(&stmt, &[&40]).await.expect("the statement");
     assert_eq!(row.get::<_, i32>(0), 42);
 
-    // The lock holder: closed with 57P01 (its lock is gone with the old master).
-    let e = locked.query_one("SELECT 1", &[]).await.expect_err("closed");
-    assert!(
-        e.is_closed() || e.code() == Some(&SqlState::ADMIN_SHUTDOWN),
-        "{e}"
-    );
+    // The lock holders: closed with 57P01 (their locks are gone with the old master).
+    for s in [&locked, &locked_prepared] {
+        let e = s.query_one("SELECT 1", &[]).await.expect_err("closed");
+        assert!(
+            e.is_closed() || e.code() == Some(&SqlState::ADMIN_SHUTDOWN),
+            "{e}"
+        );
+    }
     // The request in flight: an error.
     let slept = in_flight.await.expect("task");
     assert!(slept.is_err(), "the sleep's session was lost: {slept:?}");

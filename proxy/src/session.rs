@@ -256,7 +256,7 @@ async fn move_lost(client: &mut Stream, s: &mut Known, ctx: &Ctx) -> Result<Stre
     if !s.tx.held.is_empty() && still_serving(s).await {
         return Err(Unmovable::ServerEnded);
     }
-    let Some(state) = s.tx.provable().cloned() else {
+    let Some(state) = s.tx.provable() else {
         tracing::debug!(tx = ?s.tx, "session state not proven");
         return Err(Unmovable::Unproven);
     };

@@ -201,8 +201,13 @@ impl TxState {
     /// at the end of the start: only the startup is set on the session so far.
     pub fn watch_for_moves(&mut self) {
         self.custom.get_or_insert_with(Default::default);
-        self.ledger
-            .get_or_insert_with(|| Box::new(crate::migrate::ledger::Ledger::started()));
+        if self.ledger.is_none() {
+            let mut l = crate::migrate::ledger::Ledger::started();
+            if self.outstanding > 0 {
+                l.expect_ready();
+            }
+            self.ledger = Some(Box::new(l));
+        }
     }
 
     /// Whether the relay should inspect the session now: it changed what the proxy knows
@@ -221,7 +226,7 @@ impl TxState {
 
     /// The session's state if it can move without its server (which went away): it was
     /// idle, the server said nothing but notices since, and its state is proven.
-    pub fn provable(&self) -> Option<&crate::migrate::state::SessionState> {
+    pub fn provable(&self) -> Option<crate::migrate::state::SessionState> {
         if !self.idle() || !self.quiet_since_ready || self.custom_settings() {
             return None;
         }
@@ -298,17 +303,23 @@ impl TxState {
         // Requests that ReadyForQuery will answer, and an extended-protocol cycle not closed
         // by a Sync yet: an error may answer either.
         let (mut pending, cycle_open) = (self.outstanding, self.cycle_open);
-        let fed = self.server.feed(bytes, |kind, first| match kind {
-            b'Z' => {
-                answered += 1;
-                pending = pending.saturating_sub(1);
-                last = Some(first == Some(b'I'));
-                quiet = true;
+        let ledger = &mut self.ledger;
+        let fed = self.server.feed(bytes, |kind, first| {
+            if let Some(l) = ledger {
+                l.server(kind);
             }
-            b'N' | b'A' | b'S' => {}
-            // Only a FATAL comes unasked: the backend is ending.
-            b'E' if pending == 0 && !cycle_open => lost = true,
-            _ => quiet = false,
+            match kind {
+                b'Z' => {
+                    answered += 1;
+                    pending = pending.saturating_sub(1);
+                    last = Some(first == Some(b'I'));
+                    quiet = true;
+                }
+                b'N' | b'A' | b'S' => {}
+                // Only a FATAL comes unasked: the backend is ending.
+                b'E' if pending == 0 && !cycle_open => lost = true,
+                _ => quiet = false,
+            }
         });
         self.quiet_since_ready = quiet;
         self.lost_with_error = lost;

@@ -4,53 +4,109 @@
 //! - the proxy knows a state exactly when a server showed it: at the session's start
 //!   (nothing but the startup parameters and the role's own defaults, which any new session
 //!   of the role gets too), or by an inspection (`state::INSPECT`) of an idle session;
-//! - it keeps trusting that state while every message the client sends since is one that
-//!   cannot change it: Bind, Execute, Describe, Sync, Flush, the close of a portal, an
-//!   unnamed Parse and a simple Query whose texts are clean (`classify`);
-//! - anything else (a named Parse, the close of a statement, a FunctionCall, a text that is
-//!   not clean, a message the proxy does not know or cannot read whole) makes the session
-//!   dirty; the relay then inspects it again at its next idle moment (one round trip), and
-//!   the new answer is the state it trusts;
+//! - it tracks what the protocol shows exactly: a named Parse the server completed
+//!   (ParseComplete) adds a statement, a completed Close removes it, an error drops the rest
+//!   of its cycle up to the Sync, as the server does;
+//! - it keeps trusting the rest while every statement the session runs cannot change it: a
+//!   simple Query, or the execution (Bind) of a prepared statement, whose text is clean
+//!   (`classify`). Anything else (a text that is not clean, a Bind of a statement the proxy
+//!   does not know, a FunctionCall, a message it does not know or cannot read whole, an
+//!   answer it cannot match) makes the session dirty; the relay then inspects it again at
+//!   its next idle moment (one round trip), and the new answer is the state it trusts;
 //! - the session moves after a failover only if it was idle when its server went away (the
-//!   last answer ReadyForQuery 'I', nothing asked since, nothing but notices after it) and
-//!   clean: it gets exactly the state it had. Anything else is closed as before.
+//!   last answer ReadyForQuery 'I', nothing asked since, nothing but notices after it or the
+//!   backend's own FATAL, held back) and clean: it gets exactly the state it had. Anything
+//!   else is closed as before.
 //!
-//! Only the client's Query, Parse and Close bodies are read (up to `MAX_BODY`); the other
-//! messages are skipped by their length, so a client that only binds and executes prepared
-//! statements pays for headers alone.
+//! Only the client's Query, Parse, Close bodies and the names at the head of a Bind are read
+//! (up to `MAX_BODY`); the other messages are skipped by their length.
 
 use super::classify;
-use super::state::SessionState;
+use super::state::{Prepared, SessionState};
+use std::collections::{BTreeMap, VecDeque};
 
 /// The longest Query or Parse the ledger reads; a longer one makes the session dirty.
 const MAX_BODY: usize = 64 << 10;
+/// What the ledger reads of a Bind: its portal's and statement's names (at most 63 bytes
+/// each in PostgreSQL).
+const BIND_HEAD: usize = 256;
+
+/// A named statement the session holds, and whether its text is clean.
+#[derive(Clone, Debug)]
+struct Statement {
+    query: String,
+    param_types: Vec<u32>,
+    clean: bool,
+}
+
+/// What the proxy knows of the session.
+#[derive(Clone, Debug, Default)]
+struct Known {
+    settings: Vec<(String, String)>,
+    role: Option<String>,
+    statements: BTreeMap<String, Statement>,
+}
+
+/// A client message whose answer changes what the ledger knows, waiting for it.
+#[derive(Clone, Debug)]
+enum Op {
+    Parse(String, Statement),
+    /// A Close: of the named statement, or (`None`) of a portal.
+    Close(Option<String>),
+    /// A Sync, a simple Query or a FunctionCall: answered by ReadyForQuery.
+    Ready,
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    /// The state a server last showed (`None`: not known, e.g. an inspection failed).
-    known: Option<SessionState>,
+    /// `None`: not known (an inspection found the session unmovable, or failed).
+    known: Option<Known>,
     dirty: bool,
-    /// The current message: its header so far, its kind and the body bytes still to come.
+    /// Whether the unnamed statement's text (if any) is clean.
+    unnamed_clean: Option<bool>,
+    pending: VecDeque<Op>,
+    /// The current client message: its header so far, its kind, the body bytes still to
+    /// come, and the head of its body the ledger reads.
     header: Vec<u8>,
     kind: u8,
     left: usize,
-    /// Its body, when it is one the ledger reads.
     body: Option<Vec<u8>>,
+    keep: usize,
 }
 
 impl Ledger {
     /// A session just started: nothing but its start is set on it.
     pub fn started() -> Ledger {
         Ledger {
-            known: Some(SessionState::default()),
+            known: Some(Known::default()),
             ..Ledger::default()
         }
     }
 
+    /// The session's start is not answered yet: its ReadyForQuery is still to come.
+    pub fn expect_ready(&mut self) {
+        self.pending.push_back(Op::Ready);
+    }
+
     /// The server showed `state` (an inspection of the idle session): trusted from now on.
     pub fn shown(&mut self, state: Option<SessionState>) {
-        self.known = state;
+        self.known = state.map(|s| Known {
+            settings: s.settings,
+            role: s.role,
+            statements: (s.prepared.into_iter())
+                .map(|p| {
+                    let clean = classify::clean(p.query.as_bytes());
+                    let st = Statement {
+                        query: p.query,
+                        param_types: p.param_types,
+                        clean,
+                    };
+                    (p.name, st)
+                })
+                .collect(),
+        });
         self.dirty = false;
+        self.pending.clear();
     }
 
     /// Whether the relay should inspect the session at its next idle moment.
@@ -59,10 +115,20 @@ impl Ledger {
     }
 
     /// The state the session has for sure, if the proxy can prove it.
-    pub fn proven(&self) -> Option<&SessionState> {
-        (!self.dirty && self.left == 0 && self.header.is_empty())
-            .then_some(self.known.as_ref())
-            .flatten()
+    pub fn proven(&self) -> Option<SessionState> {
+        let whole = self.left == 0 && self.header.is_empty() && self.pending.is_empty();
+        let k = self.known.as_ref().filter(|_| !self.dirty && whole)?;
+        Some(SessionState {
+            settings: k.settings.clone(),
+            role: k.role.clone(),
+            prepared: (k.statements.iter())
+                .map(|(name, s)| Prepared {
+                    name: name.clone(),
+                    query: s.query.clone(),
+                    param_types: s.param_types.clone(),
+                })
+                .collect(),
+        })
     }
 
     /// Bytes the client sent, as they are forwarded.
@@ -80,7 +146,8 @@ impl Ledger {
             }
             let take = self.left.min(bytes.len());
             if let Some(body) = &mut self.body {
-                body.extend_from_slice(&bytes[..take]);
+                let room = self.keep.saturating_sub(body.len()).min(take);
+                body.extend_from_slice(&bytes[..room]);
             }
             self.left -= take;
             bytes = &bytes[take..];
@@ -95,13 +162,23 @@ impl Ledger {
         self.kind = h[0];
         let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
         self.left = len.saturating_sub(4);
-        match self.kind {
-            b'Q' | b'P' | b'C' if self.left <= MAX_BODY => {
-                self.body = Some(Vec::with_capacity(self.left));
+        self.keep = match self.kind {
+            b'Q' | b'P' | b'C' if self.left <= MAX_BODY => self.left,
+            b'B' => self.left.min(BIND_HEAD),
+            // Execute, Describe, Flush, Terminate, COPY data/done/fail: no state.
+            b'E' | b'D' | b'H' | b'X' | b'd' | b'c' | b'f' => 0,
+            b'S' | b'F' => {
+                self.pending.push_back(Op::Ready);
+                self.dirty |= self.kind == b'F';
+                0
             }
-            // Bind, Execute, Describe, Sync, Flush, Terminate, COPY data/done/fail.
-            b'B' | b'E' | b'D' | b'S' | b'H' | b'X' | b'd' | b'c' | b'f' => {}
-            _ => self.dirty = true,
+            _ => {
+                self.dirty = true;
+                0
+            }
+        };
+        if self.keep > 0 || matches!(self.kind, b'Q' | b'P' | b'C' | b'B') {
+            self.body = Some(Vec::with_capacity(self.keep));
         }
         if self.left == 0 {
             self.end_message();
@@ -112,25 +189,137 @@ impl Ledger {
         let Some(body) = self.body.take() else {
             return;
         };
-        let clean = match self.kind {
-            b'Q' => classify::clean(cstr(&body).unwrap_or(b"\xff")),
-            b'P' => parse_is_clean(&body),
-            // Closing a portal changes nothing that outlives the transaction; a statement's
-            // name is state.
-            b'C' => body.first() == Some(&b'P'),
+        let ok = match self.kind {
+            b'Q' => {
+                self.pending.push_back(Op::Ready);
+                cstr(&body).is_some_and(classify::clean)
+            }
+            b'P' if body.len() == self.keep => self.parse(&body),
+            b'C' if body.len() == self.keep => self.close(&body),
+            b'B' => self.bind(&body),
             _ => false,
         };
-        self.dirty |= !clean;
+        self.dirty |= !ok;
     }
-}
 
-/// An unnamed Parse of a clean text.
-fn parse_is_clean(body: &[u8]) -> bool {
-    let Some(name) = cstr(body) else { return false };
-    let Some(query) = cstr(&body[name.len() + 1..]) else {
-        return false;
-    };
-    name.is_empty() && classify::clean(query)
+    /// A Parse: waits for its ParseComplete. False if it cannot be read.
+    fn parse(&mut self, body: &[u8]) -> bool {
+        let Some(name) = cstr(body) else { return false };
+        let rest = &body[name.len() + 1..];
+        let Some(query) = cstr(rest) else {
+            return false;
+        };
+        let types = &rest[query.len() + 1..];
+        let n = types
+            .get(..2)
+            .map(|t| u16::from_be_bytes([t[0], t[1]]) as usize);
+        let param_types: Option<Vec<u32>> = n.and_then(|n| {
+            (0..n)
+                .map(|i| {
+                    let t = types.get(2 + 4 * i..6 + 4 * i)?;
+                    Some(u32::from_be_bytes([t[0], t[1], t[2], t[3]]))
+                })
+                .collect()
+        });
+        let (Ok(name), Ok(query), Some(param_types)) = (
+            String::from_utf8(name.to_vec()),
+            String::from_utf8(query.to_vec()),
+            param_types,
+        ) else {
+            return false;
+        };
+        let clean = classify::clean(query.as_bytes());
+        let st = Statement {
+            query,
+            param_types,
+            clean,
+        };
+        self.pending.push_back(Op::Parse(name, st));
+        true
+    }
+
+    /// A Close: waits for its CloseComplete.
+    fn close(&mut self, body: &[u8]) -> bool {
+        let name = cstr(body.get(1..).unwrap_or_default());
+        let op = match (body.first(), name) {
+            (Some(b'S'), Some(n)) => match String::from_utf8(n.to_vec()) {
+                Ok(n) => Op::Close(Some(n)),
+                Err(_) => return false,
+            },
+            (Some(b'P'), Some(_)) => Op::Close(None),
+            _ => return false,
+        };
+        self.pending.push_back(op);
+        true
+    }
+
+    /// A Bind runs a statement: clean only if the proxy knows that statement's text is.
+    fn bind(&self, body: &[u8]) -> bool {
+        let Some(portal) = cstr(body) else {
+            return false;
+        };
+        let Some(name) = cstr(&body[portal.len() + 1..]) else {
+            return false;
+        };
+        // The latest Parse or Close of that name still in flight decides, else the known.
+        let in_flight = self.pending.iter().rev().find_map(|op| match op {
+            Op::Parse(n, s) if n.as_bytes() == name => Some(s.clean),
+            Op::Close(Some(n)) if n.as_bytes() == name => Some(false),
+            _ => None,
+        });
+        in_flight
+            .or_else(|| {
+                if name.is_empty() {
+                    return self.unnamed_clean;
+                }
+                let k = self.known.as_ref()?;
+                let s = k.statements.get(std::str::from_utf8(name).ok()?)?;
+                Some(s.clean)
+            })
+            .unwrap_or(false)
+    }
+
+    /// A message the server sent (its kind), as it is forwarded.
+    pub fn server(&mut self, kind: u8) {
+        match kind {
+            b'1' => match self.pending.pop_front() {
+                Some(Op::Parse(name, st)) if name.is_empty() => self.unnamed_clean = Some(st.clean),
+                Some(Op::Parse(name, st)) => {
+                    if let Some(k) = &mut self.known {
+                        k.statements.insert(name, st);
+                    }
+                }
+                _ => self.lost_track(),
+            },
+            b'3' => match self.pending.pop_front() {
+                Some(Op::Close(Some(name))) => {
+                    if let Some(k) = &mut self.known {
+                        k.statements.remove(&name);
+                    }
+                }
+                Some(Op::Close(None)) => {}
+                _ => self.lost_track(),
+            },
+            // An error in an extended-protocol cycle: the server skips the rest of it up to
+            // the Sync (a simple Query's error is its own, its ReadyForQuery follows).
+            b'E' => {
+                while matches!(self.pending.front(), Some(Op::Parse(..) | Op::Close(_))) {
+                    self.pending.pop_front();
+                }
+            }
+            b'Z' => match self.pending.pop_front() {
+                Some(Op::Ready) => {}
+                _ => self.lost_track(),
+            },
+            _ => {}
+        }
+    }
+
+    /// An answer the ledger cannot match to what the client asked: it no longer knows.
+    fn lost_track(&mut self) {
+        self.pending.clear();
+        self.dirty = true;
+    }
 }
 
 /// The NUL-terminated string at the start of `b`, without its NUL.
