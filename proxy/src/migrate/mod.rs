@@ -137,6 +137,11 @@ where
         tokio::pin!(changed);
         changed.as_mut().enable();
         let route = ctx.routes.load();
+        // Waited for only while no master is elected, as a new session is: a fenced or
+        // stopping proxy routes nothing, and closes what it cannot route.
+        if matches!(&route.master, Err(why) if *why != crate::route::NoMaster::NoMasterDb) {
+            return Err(Unmovable::NoMaster);
+        }
         let ready = !route.drain.is_cancelled() && !route.token.is_cancelled();
         let next = crate::conn::choose(&route, ctx.read_only).ok();
         if let (Some((lane, addr)), true) = (next, ready) {
