@@ -409,12 +409,32 @@ async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_th
 /// made when the session changed them) moves to the new master with them; an idle one
 /// holding an advisory lock (taken by a simple query, or by a prepared statement's
 /// execution) is closed with 57P01; one with a request in flight at the kill gets an error,
-/// as without moves.
+/// as without moves; so does an idle one through a proxy run with `--session-moves
+/// switchover`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
     let _s = e2e::serial().await;
     let mut env = Movable::start().await;
     let port = env.port;
+    // A proxy that moves sessions only at switchovers: its sessions are cut as before.
+    let pw = env._dir.path().join("auth.pw").display().to_string();
+    let p3 = [
+        "--client-tls",
+        "terminate",
+        "--auth-user",
+        "proxyauth",
+        "--auth-passwordfile",
+    ];
+    let p3: Vec<String> = (p3.iter().map(|s| s.to_string()))
+        .chain([pw, "--session-moves".into(), "switchover".into()])
+        .collect();
+    env.c.add_proxy_with("p3", p3).expect("p3");
+    let p3 = env.c.proxy_addr(2).1;
+    let untracked = env
+        .c
+        .wait_for("alice through p3", MIN, async || as_alice(p3).await.ok())
+        .await
+        .expect("p3 session");
     let a = as_alice(port).await.expect("alice");
     let before = server_port(&a).await;
     a.batch_execute("SET statement_timeout = '2345ms'")
@@ -509,6 +529,11 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
             "{e}"
         );
     }
+    // Not tracked for a failover (--session-moves switchover): cut, as without moves.
+    untracked
+        .query_one("SELECT 1", &[])
+        .await
+        .expect_err("cut with its server");
     // The request in flight: an error.
     let slept = in_flight.await.expect("task");
     assert!(slept.is_err(), "the sleep's session was lost: {slept:?}");

@@ -39,7 +39,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         scale: u32,
         /// stolon-proxy engines to run (comma list; `engine:threads` pins the thread count,
-        /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking)
+        /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking; `+moves-switchover` with --session-moves switchover; `+terminate` last)
         #[arg(long, default_value = "tokio-tpc", value_delimiter = ',')]
         engines: Vec<String>,
         /// Leave out HAProxy and PgBouncer

@@ -98,7 +98,8 @@ pub fn stolon_proxy(
     let mut cmd = Command::new(proxy_binary()?);
     // `engine:threads` pins the relay thread count (default: one per core); a `+no-drain`
     // suffix runs it with `--drain-timeout 0` (no transaction tracking), `+terminate` with
-    // the proxy's own TLS and authentication (`terminate_flags`).
+    // the proxy's own TLS and authentication (`terminate_flags`); suffixes in that order,
+    // `+moves-switchover` between the other two.
     let (spec, terminate) = match spec.strip_suffix("+terminate") {
         Some(core) => (core, true),
         None => (spec, false),
@@ -106,7 +107,16 @@ pub fn stolon_proxy(
     if terminate {
         cmd.args(terminate_flags);
     }
-    let (spec_core, no_drain) = match spec.strip_suffix("+no-drain") {
+    // `+moves-switchover` runs it with `--session-moves switchover`: nothing tracked for a
+    // move after a failover (the A/B of that tracking's cost).
+    let (spec_moves, moves_switchover) = match spec.strip_suffix("+moves-switchover") {
+        Some(core) => (core, true),
+        None => (spec, false),
+    };
+    if moves_switchover {
+        cmd.args(["--session-moves", "switchover"]);
+    }
+    let (spec_core, no_drain) = match spec_moves.strip_suffix("+no-drain") {
         Some(core) => (core, true),
         None => (spec, false),
     };

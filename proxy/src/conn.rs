@@ -27,6 +27,8 @@ pub struct ConnConfig {
     /// Track where master sessions stand between transactions, for a switchover's drain
     /// (off with `--drain-timeout 0`: a drain then severs at once, and nothing is tracked).
     pub drain: bool,
+    /// `--session-moves`.
+    pub moves: crate::migrate::Moves,
 }
 
 impl Default for ConnConfig {
@@ -36,6 +38,7 @@ impl Default for ConnConfig {
             connect_timeout: Duration::from_secs(5),
             keepalive: None,
             drain: true,
+            moves: crate::migrate::Moves::All,
         }
     }
 }

@@ -96,6 +96,14 @@ struct Args {
     /// sever at once
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Which sessions the proxy moves to another server instead of closing them (only
+    /// sessions it authenticated, --client-tls terminate with --auth-user): all (at a planned
+    /// switchover or a standby leaving the read-only pool, and after an unplanned failover
+    /// when it can prove the session's state: it then tracks each session's statements),
+    /// switchover (not after a failover, and nothing tracked for it), off (none, as Go
+    /// stolon)
+    #[arg(long, value_enum, default_value = "all")]
+    session_moves: proxy::migrate::Moves,
     /// Most sessions held at once; more are refused (57P03) at once
     #[arg(long, default_value_t = 1000)]
     hold_max_sessions: usize,
@@ -367,6 +375,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         keepalive: args.keepalive(),
         drain: !args.drain_timeout.is_zero(),
+        moves: args.session_moves,
     };
     let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let rejecting = Arc::new(tokio::sync::Semaphore::new(proxy::server::REJECTING_MAX));

@@ -40,9 +40,10 @@ pub(crate) struct Known {
 }
 
 impl Known {
-    /// The proxy authenticated the client: it can log in as it elsewhere.
+    /// The proxy authenticated the client (it can log in as it elsewhere) and tracks the
+    /// session for a move after a failover (`--session-moves all`).
     fn may_move(&self) -> bool {
-        self.started.credentials.is_some() && self.user.is_some()
+        self.started.credentials.is_some() && self.user.is_some() && self.tx.tracked()
     }
 }
 
@@ -229,6 +230,9 @@ async fn move_drained(
     s: &mut Known,
     ctx: &Ctx,
 ) -> Result<(), Unmovable> {
+    if ctx.config.moves == migrate::Moves::Off {
+        return Err(Unmovable::Disabled);
+    }
     let (Some(_), Some(user)) = (&s.started.credentials, &s.user) else {
         return Err(Unmovable::NoCredentials);
     };
@@ -305,7 +309,7 @@ async fn land(
     s.task = Some(moved.lane.count_in(&moved.route));
     s.route = moved.route;
     s.lane = moved.lane;
-    s.tx = TxState::moved(state);
+    s.tx = TxState::moved(state, ctx.config.moves == migrate::Moves::All);
     if !moved.reports.is_empty() {
         // As a server reports a SET: the client reads them before its next answer.
         crate::auth::wire::send(client, &moved.reports)

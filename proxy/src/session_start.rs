@@ -8,6 +8,7 @@ use crate::auth::{Credentials, Secret};
 use crate::cancel::{KeyGuard, Keys};
 use crate::conn::{ClientStream, Ctx};
 use crate::metrics::{Direction, Metrics};
+use crate::migrate::Moves;
 use crate::relay::End;
 use crate::stream::Stream;
 use crate::txstate::TxState;
@@ -248,7 +249,11 @@ impl Start<'_> {
                         self.ctx.metrics.auth(how);
                         tx.from_server(&rest);
                         // The session may move from here on: what it sets is watched.
-                        tx.watch_for_moves();
+                        match self.ctx.config.moves {
+                            Moves::All => tx.watch_for_moves(true),
+                            Moves::Switchover => tx.watch_for_moves(false),
+                            Moves::Off => {}
+                        }
                         answer = rest;
                         credentials = Some(creds);
                     }

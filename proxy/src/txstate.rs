@@ -187,21 +187,27 @@ impl TxState {
 
     /// A session just moved to a new server (its start done, `state` replayed): idle and
     /// settled, nothing custom set on it (else it would not have moved), and its state known.
-    pub fn moved(state: crate::migrate::state::SessionState) -> TxState {
+    pub fn moved(state: crate::migrate::state::SessionState, after_failover: bool) -> TxState {
         let mut st = TxState::new(Start::Startup, &[]);
         st.from_server(&[b'Z', 0, 0, 0, 5, b'I']);
         st.half_pair = false;
-        st.watch_for_moves();
+        st.watch_for_moves(after_failover);
         st.inspected(Some(state));
         st
     }
 
-    /// From now on, the client's bytes are watched for custom settings and for what could
-    /// change the session's state (a session the proxy authenticated: it may move). Called
-    /// at the end of the start: only the startup is set on the session so far.
-    pub fn watch_for_moves(&mut self) {
+    /// Whether the session is watched for a move after a failover (see `watch_for_moves`).
+    pub fn tracked(&self) -> bool {
+        self.ledger.is_some()
+    }
+
+    /// From now on, the client's bytes are watched for custom settings and (for a move
+    /// after a failover) for what could change the session's state (a session the proxy
+    /// authenticated: it may move). Called at the end of the start: only the startup is set
+    /// on the session so far.
+    pub fn watch_for_moves(&mut self, after_failover: bool) {
         self.custom.get_or_insert_with(Default::default);
-        if self.ledger.is_none() {
+        if after_failover && self.ledger.is_none() {
             let mut l = crate::migrate::ledger::Ledger::started();
             if self.outstanding > 0 {
                 l.expect_ready();

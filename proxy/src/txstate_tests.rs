@@ -358,12 +358,12 @@ fn custom_settings_are_watched_only_once_asked_and_after_a_move() {
         !tx.custom_settings(),
         "a session that cannot move is not watched"
     );
-    tx.watch_for_moves();
+    tx.watch_for_moves(true);
     tx.from_client(&query("SELECT 1"));
     assert!(!tx.custom_settings());
     tx.from_client(&set);
     assert!(tx.custom_settings());
-    let mut moved = TxState::moved(Default::default());
+    let mut moved = TxState::moved(Default::default(), true);
     assert!(moved.idle() && moved.settled());
     moved.from_client(&set);
     assert!(moved.custom_settings(), "a moved session is watched");
@@ -373,7 +373,7 @@ fn custom_settings_are_watched_only_once_asked_and_after_a_move() {
 fn an_error_answering_no_request_marks_the_server_lost_and_keeps_the_state_provable() {
     let mut tx = TxState::new(Start::Startup, &[]);
     tx.from_server(&[auth_ok(), ready(b'I')].concat());
-    tx.watch_for_moves();
+    tx.watch_for_moves(true);
     tx.from_client(&query("SELECT 1"));
     tx.from_server(&result_then(b'I'));
     assert!(tx.provable().is_some(), "a clean query keeps it proven");

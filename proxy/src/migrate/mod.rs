@@ -8,6 +8,20 @@
 //! boundary as before, and counted by reason. A read-only session whose standby leaves the
 //! pool (promoted, lagging, unhealthy) moves the same way to another standby.
 
+/// `--session-moves`: how far the proxy moves the sessions it authenticated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Moves {
+    /// At a planned switchover (and a standby leaving the pool), and after an unplanned
+    /// failover when the proxy can prove the session's state.
+    #[default]
+    All,
+    /// Only at a planned switchover or a standby leaving the pool: nothing is tracked for a
+    /// failover, whose sessions are cut as without moves.
+    Switchover,
+    /// Never: every session is closed at the drain or cut at a failover, as Go stolon does.
+    Off,
+}
+
 pub mod classify;
 pub mod ledger;
 pub mod scan;

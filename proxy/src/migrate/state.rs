@@ -30,6 +30,8 @@ pub const INSPECT: &str = "SELECT \
 pub enum Unmovable {
     /// The proxy did not authenticate the client: it cannot log in as it elsewhere.
     NoCredentials,
+    /// `--session-moves off`.
+    Disabled,
     Listen,
     AdvisoryLock,
     TempTable,
@@ -64,6 +66,7 @@ impl Unmovable {
     pub fn label(self) -> &'static str {
         match self {
             Unmovable::NoCredentials => "no_credentials",
+            Unmovable::Disabled => "disabled",
             Unmovable::Listen => "listen",
             Unmovable::AdvisoryLock => "advisory_lock",
             Unmovable::TempTable => "temp_table",
