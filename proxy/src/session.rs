@@ -84,6 +84,9 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
                     Err(e) => Err(e),
                 }
             }
+            // Not closes of their own if they end it (a sever raced them): counted as one.
+            (CloseReason::Inspect, _) => return CloseReason::Severed,
+            (CloseReason::ServerLost, _) => return CloseReason::ServerClosed,
             _ => return reason,
         };
         match result {
