@@ -2,13 +2,43 @@
 with the CONNINFO environment variable and prints one line per check: "connect ok" or
 "connect error <SQLSTATE or message>", "prepared <value>" for a PREPARE/EXECUTE pair,
 "cancel ok" when connection.cancel() (libpq's PQcancel: a CancelRequest with the session's
-key) stopped a running pg_sleep and the session still works."""
+key) stopped a running pg_sleep and the session still works.
+
+With MODE=writer it is an application's writer instead (e2e/tests/moves.rs): one session in
+autocommit, an INSERT into client_writes every 20 ms for SECS seconds; an error is counted
+and the session opened again (as a pool would). Prints "error <SQLSTATE or message>" for
+each, then "writes <acknowledged> errors <count>"."""
 import os
 import sys
 import threading
 import time
 
 import psycopg2
+
+
+def writer():
+    conn, errors, writes = None, 0, 0
+    end = time.time() + float(os.environ.get("SECS", "10"))
+    while time.time() < end:
+        try:
+            if conn is None:
+                conn = psycopg2.connect(os.environ["CONNINFO"])
+                conn.autocommit = True
+            conn.cursor().execute(
+                "INSERT INTO client_writes (client, n) VALUES (%s, %s)", ("psycopg2", writes)
+            )
+            writes += 1
+        except psycopg2.Error as e:
+            errors += 1
+            print("error", e.pgcode or str(e).strip().replace("\n", " "))
+            conn = None
+        time.sleep(0.02)
+    print("writes", writes, "errors", errors)
+
+
+if os.environ.get("MODE") == "writer":
+    writer()
+    sys.exit(0)
 
 try:
     conn = psycopg2.connect(os.environ["CONNINFO"])

@@ -2,7 +2,8 @@
 // libpq-style CONNINFO, then prints one line per check: "connect ok" or "connect error
 // <SQLSTATE>", "prepared <value>" for a named prepared statement, "cancel ok" when a
 // running pg_sleep was cancelled through a CancelRequest (pgx sends one when the context
-// ends) and the session still works.
+// ends) and the session still works. With MODE=writer it is an application's writer instead
+// (e2e/tests/moves.rs): see writer.
 package main
 
 import (
@@ -10,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -24,8 +26,44 @@ func code(err error) string {
 	return "none: " + err.Error()
 }
 
+// writer: one session, an INSERT into client_writes every 20 ms for SECS seconds (pgx
+// prepares it once, as a named statement of its cache, and executes it after); an error is
+// counted and the session opened again, as a pool would. Prints "error <SQLSTATE>" for each,
+// then "writes <acknowledged> errors <count>".
+func writer(ctx context.Context) {
+	secs, _ := strconv.Atoi(os.Getenv("SECS"))
+	end := time.Now().Add(time.Duration(secs) * time.Second)
+	var conn *pgx.Conn
+	writes, errs := 0, 0
+	for time.Now().Before(end) {
+		var err error
+		if conn == nil {
+			conn, err = pgx.Connect(ctx, os.Getenv("CONNINFO"))
+		}
+		if err == nil {
+			_, err = conn.Exec(ctx, "insert into client_writes (client, n) values ($1, $2)", "pgx", writes)
+		}
+		if err != nil {
+			errs++
+			fmt.Println("error", code(err))
+			if conn != nil {
+				conn.Close(ctx)
+			}
+			conn = nil
+		} else {
+			writes++
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	fmt.Println("writes", writes, "errors", errs)
+}
+
 func main() {
 	ctx := context.Background()
+	if os.Getenv("MODE") == "writer" {
+		writer(ctx)
+		return
+	}
 	conn, err := pgx.Connect(ctx, os.Getenv("CONNINFO"))
 	if err != nil {
 		fmt.Println("connect error", code(err))

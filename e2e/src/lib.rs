@@ -10,6 +10,7 @@
 pub mod checker;
 pub mod cluster;
 mod health;
+pub mod moves;
 pub mod sql;
 pub mod verify;
 

@@ -6,154 +6,11 @@
 //! boundary, as before, and counted by reason. A read-only session whose standby leaves
 //! the pool (point 5) moves to another standby the same way.
 
-use e2e::{sql, Cluster, Opts};
+use e2e::moves::*;
+use e2e::sql;
 use std::time::Duration;
 use testkit::free_port;
 use tokio_postgres::error::SqlState;
-
-const MIN: Duration = Duration::from_secs(60);
-
-async fn as_alice(port: u16) -> anyhow::Result<tokio_postgres::Client> {
-    sql::connect_as(
-        "127.0.0.1",
-        port,
-        "alice",
-        "alice-pw",
-        Duration::from_secs(5),
-    )
-    .await
-}
-
-async fn server_port(c: &tokio_postgres::Client) -> u16 {
-    let row = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .expect("port");
-    u16::try_from(row.get::<_, i32>(0)).expect("a port")
-}
-
-async fn metrics(port: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("metrics");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .expect("ask");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
-
-fn count(text: &str, result: &str) -> u64 {
-    let want = format!("stolon_proxy_session_moves_total{{result=\"{result}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// A cluster of two keepers keeping the proxies' auth role, the role alice on it, and a
-/// second proxy (p2) terminating sessions and authenticating clients, with its metrics.
-struct Movable {
-    c: Cluster,
-    /// p2's client port and metrics port.
-    port: u16,
-    metrics: u16,
-    _metrics: testkit::PortGuard,
-    _dir: tempfile::TempDir,
-}
-
-impl Movable {
-    async fn start() -> Movable {
-        Movable::start_with(2, Vec::new()).await
-    }
-
-    /// `keepers` keepers; p2 gets `extra` flags besides terminate, auth and metrics.
-    async fn start_with(keepers: usize, extra: Vec<String>) -> Movable {
-        let dir = tempfile::tempdir().expect("dir");
-        let pw = dir.path().join("auth.pw");
-        std::fs::write(&pw, "auth-secret\n").expect("pw");
-        let pw = pw.display().to_string();
-        let auth = vec![
-            "--pg-auth-username".to_string(),
-            "proxyauth".into(),
-            "--pg-auth-passwordfile".into(),
-            pw.clone(),
-        ];
-        let mut c = Cluster::start(Opts {
-            keepers,
-            keeper_args: vec![auth; keepers],
-            ..Default::default()
-        })
-        .await
-        .expect("cluster");
-        c.exec_via_proxy("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
-            .await
-            .expect("alice");
-        let metrics = free_port();
-        c.add_proxy_with(
-            "p2",
-            vec![
-                "--client-tls".into(),
-                "terminate".into(),
-                "--auth-user".into(),
-                "proxyauth".into(),
-                "--auth-passwordfile".into(),
-                pw,
-                "--metrics-listen-address".into(),
-                format!("127.0.0.1:{}", metrics.0),
-            ]
-            .into_iter()
-            .chain(extra)
-            .collect(),
-        )
-        .expect("proxy");
-        let port = c.proxy_addr(1).1;
-        c.wait_for("alice through the proxy", MIN, async || {
-            as_alice(port).await.ok()
-        })
-        .await
-        .expect("alice");
-        Movable {
-            c,
-            port,
-            metrics: metrics.0,
-            _metrics: metrics,
-            _dir: dir,
-        }
-    }
-
-    /// The standby that a switchover will promote, once it has replayed everything so far.
-    async fn target(&self) -> String {
-        let m = self.c.master().await.expect("master");
-        let target = self.c.others(&m).first().expect("a standby").clone();
-        self.c
-            .wait_for("alice on the standby", MIN, async || {
-                let n = self
-                    .c
-                    .query(
-                        &target,
-                        "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'",
-                    )
-                    .await
-                    .ok()?;
-                (n == "1").then_some(())
-            })
-            .await
-            .expect("replicated");
-        target
-    }
-
-    fn switchover(&self, target: &str) {
-        let out = self.c.ctl(&["switchover", "--to", target, "--wait"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key() {
@@ -417,7 +274,7 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
     let mut env = Movable::start().await;
     let port = env.port;
     // A proxy that moves sessions only at switchovers: its sessions are cut as before.
-    let pw = env._dir.path().join("auth.pw").display().to_string();
+    let pw = env.dir.path().join("auth.pw").display().to_string();
     let p3 = [
         "--client-tls",
         "terminate",

@@ -86,22 +86,15 @@ impl Drain<'_> {
     /// (its backend is ending) in a movable session: then it is kept in the session's state
     /// instead of passed on, and the relay ends. The session may still move: its client
     /// must not have seen its server end.
-    pub(crate) fn hold_if_lost(&self, chunk: &[u8]) -> bool {
+    /// Returns how much of `chunk`, before the error, still goes to the client.
+    pub(crate) fn hold_if_lost(&self, chunk: &[u8]) -> Option<usize> {
         if !self.movable {
-            return false;
+            return None;
         }
-        let Ok(mut tx) = self.tx.lock() else {
-            return false;
-        };
-        if tx.lost_with_error {
-            tx.held.extend_from_slice(chunk);
-        }
-        tx.lost_with_error
-    }
-
-    /// Whether a chunk was held back (see `hold_if_lost`).
-    fn held(&self) -> bool {
-        self.movable && self.tx.lock().is_ok_and(|tx| !tx.held.is_empty())
+        let mut tx = self.tx.lock().ok()?;
+        let from = tx.lost_from.take()?.min(chunk.len());
+        tx.held.extend_from_slice(&chunk[from..]);
+        Some(from)
     }
 
     /// Where the server-to-client direction stops after a chunk (this runs after every
@@ -388,6 +381,7 @@ async fn pipe(
 ) -> io::Result<Stop> {
     let mut unflushed = 0u64;
     let mut pending: Vec<u8> = Vec::new();
+    let mut lost = false;
     let result = loop {
         if let Err(e) = src.readable().await {
             break Err(e);
@@ -400,31 +394,30 @@ async fn pipe(
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Some(0)),
                 Err(e) => return Err(e),
             };
+            // With a server's unasked error in it, only what comes before it goes on.
+            let mut upto = n;
             if let Some(d) = drain {
                 d.feed(direction, &buf[..n]);
-                if direction == Direction::ServerToClient && d.hold_if_lost(&buf[..n]) {
-                    return Ok(None);
+                if direction == Direction::ServerToClient {
+                    if let Some(from) = d.hold_if_lost(&buf[..n]) {
+                        (upto, lost) = (from, true);
+                    }
                 }
             }
             let mut off = 0;
-            while off < n {
-                match dst.try_write(&buf[off..n]) {
+            while off < upto {
+                match dst.try_write(&buf[off..upto]) {
                     Ok(w) => off += w,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
                 }
             }
-            if off < n {
-                pending.extend_from_slice(&buf[off..n]);
+            if off < upto {
+                pending.extend_from_slice(&buf[off..upto]);
             }
             Ok(Some(n))
         });
         match step {
-            Ok(None)
-                if direction == Direction::ServerToClient && drain.is_some_and(|d| d.held()) =>
-            {
-                break Ok(Stop::Lost)
-            }
             Ok(None) => break Ok(Stop::Eof),
             Ok(Some(n)) => unflushed += n as u64,
             Err(e) => break Err(e),
@@ -435,6 +428,9 @@ async fn pipe(
             }
             // Give the memory back: an idle session keeps no buffer.
             pending = Vec::new();
+        }
+        if lost {
+            break Ok(Stop::Lost);
         }
         if direction == Direction::ServerToClient {
             if let Some(stop) = drain.and_then(|d| d.stop_after_chunk()) {

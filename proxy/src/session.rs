@@ -75,7 +75,13 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
                 continue;
             }
             (CloseReason::Drained, Some(s)) => move_drained(&mut client, s, &mut k, ctx).await,
-            (CloseReason::Severed | CloseReason::ServerLost, _) if k.may_move() => {
+            // The client said goodbye (Terminate) and its server went first: its end.
+            (CloseReason::ServerLost, _) if k.tx.client_terminated => {
+                return CloseReason::ClientClosed
+            }
+            (CloseReason::Severed | CloseReason::ServerLost, _)
+                if k.may_move() && !k.tx.client_terminated =>
+            {
                 match move_lost(&mut client, &mut k, ctx).await {
                     Ok(s) => {
                         server = Some(s);

@@ -311,18 +311,26 @@ where
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => break Ok(Stop::Eof),
             Err(e) => break Err(e),
         };
+        // With a server's unasked error in it, only what comes before it goes on.
+        let mut upto = n;
+        let mut lost = false;
         if let Some(d) = drain {
             d.feed(direction, &buf[..n]);
-            if direction == Direction::ServerToClient && d.hold_if_lost(&buf[..n]) {
-                break Ok(Stop::Lost);
+            if direction == Direction::ServerToClient {
+                if let Some(from) = d.hold_if_lost(&buf[..n]) {
+                    (upto, lost) = (from, true);
+                }
             }
         }
         let written = async {
-            dst.write_all(&buf[..n]).await?;
+            dst.write_all(&buf[..upto]).await?;
             dst.flush().await
         };
         if let Err(e) = written.await {
             break Err(e);
+        }
+        if lost {
+            break Ok(Stop::Lost);
         }
         unflushed += n as u64;
         if direction == Direction::ServerToClient {

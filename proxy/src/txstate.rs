@@ -64,7 +64,12 @@ impl Frames {
 
     /// Feeds bytes; calls `done(kind, first_body_byte)` for each message that completes.
     /// `Err` for a length no message can have (the stream is then opaque).
-    fn feed(&mut self, mut bytes: &[u8], mut done: impl FnMut(u8, Option<u8>)) -> Result<(), ()> {
+    /// `done` also gets how many of `bytes` follow the message.
+    fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        mut done: impl FnMut(u8, Option<u8>, usize),
+    ) -> Result<(), ()> {
         while !bytes.is_empty() {
             if self.body_left == 0 {
                 let want = if self.untyped_next { 4 } else { 5 };
@@ -90,7 +95,7 @@ impl Frames {
                 self.kind = kind;
                 self.first = None;
                 if self.body_left == 0 {
-                    done(kind, None);
+                    done(kind, None, bytes.len());
                 }
                 continue;
             }
@@ -101,7 +106,7 @@ impl Frames {
             self.body_left -= take;
             bytes = &bytes[take..];
             if self.body_left == 0 {
-                done(self.kind, self.first);
+                done(self.kind, self.first, bytes.len());
             }
         }
         Ok(())
@@ -152,9 +157,14 @@ pub struct TxState {
     /// The server sent an ErrorResponse that answers no request: a FATAL as its backend
     /// ends (its postmaster died, a shutdown, an administrator's command).
     pub(crate) lost_with_error: bool,
-    /// The bytes that carried that error, held back from a movable session's client (see
+    /// Where that error begins in the read that carried it (what comes before it is the
+    /// client's: passed on).
+    pub(crate) lost_from: Option<usize>,
+    /// The bytes from that error on, held back from a movable session's client (see
     /// `relay::Drain::hold_if_lost`): sent on if the session does not move.
     pub(crate) held: Vec<u8>,
+    /// The client sent Terminate: the session ends by its will (never moved).
+    pub(crate) client_terminated: bool,
 }
 
 impl TxState {
@@ -179,7 +189,9 @@ impl TxState {
             ledger: None,
             quiet_since_ready: false,
             lost_with_error: false,
+            lost_from: None,
             held: Vec::new(),
+            client_terminated: false,
         };
         st.from_client(replayed_tail);
         st
@@ -264,7 +276,9 @@ impl TxState {
         let mut requests = 0u64;
         let (mut cycle_open, mut cycle, mut half_pair) =
             (self.cycle_open, self.cycle, self.half_pair);
-        let fed = self.client.feed(bytes, |kind, _| {
+        let mut terminated = self.client_terminated;
+        let fed = self.client.feed(bytes, |kind, _, _| {
+            terminated |= kind == b'X';
             match kind {
                 // Kind 0: the untyped StartupMessage (no typed message has type byte 0).
                 b'Q' | b'F' | 0 => half_pair = kind == 0,
@@ -281,6 +295,7 @@ impl TxState {
                 cycle_open = true;
             }
         });
+        self.client_terminated = terminated;
         self.outstanding += requests;
         self.cycle_open = cycle_open;
         self.cycle = cycle;
@@ -306,14 +321,21 @@ impl TxState {
         }
         let (mut answered, mut last) = (0u64, None);
         let (mut quiet, mut lost) = (self.quiet_since_ready, self.lost_with_error);
+        // Where in `bytes` the message being read began (`None`: in an earlier read, whose
+        // bytes went on already), and where an unasked error begins.
+        let total = bytes.len();
+        let mut start = self.server.at_boundary().then_some(0);
+        let mut lost_from = None;
         // Requests that ReadyForQuery will answer, and an extended-protocol cycle not closed
         // by a Sync yet: an error may answer either.
         let (mut pending, cycle_open) = (self.outstanding, self.cycle_open);
         let ledger = &mut self.ledger;
-        let fed = self.server.feed(bytes, |kind, first| {
+        let fed = self.server.feed(bytes, |kind, first, rest| {
             if let Some(l) = ledger {
                 l.server(kind);
             }
+            let began = start;
+            start = Some(total - rest);
             match kind {
                 b'Z' => {
                     answered += 1;
@@ -323,12 +345,23 @@ impl TxState {
                 }
                 b'N' | b'A' | b'S' => {}
                 // Only a FATAL comes unasked: the backend is ending.
-                b'E' if pending == 0 && !cycle_open => lost = true,
+                // Held from its first byte; one begun in an earlier read reached the client
+                // in part: it ends the session as without moves.
+                b'E' if pending == 0 && !cycle_open && !lost => match began {
+                    Some(at) => {
+                        lost = true;
+                        lost_from = Some(at);
+                    }
+                    None => quiet = false,
+                },
                 _ => quiet = false,
             }
         });
         self.quiet_since_ready = quiet;
         self.lost_with_error = lost;
+        if lost_from.is_some() {
+            self.lost_from = lost_from;
+        }
         self.outstanding = self.outstanding.saturating_sub(answered);
         if let Some(idle) = last {
             self.last_idle = idle;

@@ -391,8 +391,39 @@ fn an_error_answering_no_request_marks_the_server_lost_and_keeps_the_state_prova
     tx.from_client(&query("SELECT 1/0"));
     tx.from_server(&[fatal.clone(), ready(b'I')].concat());
     assert!(!tx.lost_with_error);
+    assert!(!tx.client_terminated);
+    tx.from_client(&msg(b'X', b""));
+    assert!(
+        tx.client_terminated,
+        "a Terminate: the session ends by the client's will"
+    );
     // So is one answering a cycle with no Sync yet (a Flush).
     tx.from_client(&[msg(b'P', b"\0SELECT 1/0\0\0\0"), msg(b'H', b"")].concat());
     tx.from_server(&fatal);
     assert!(!tx.lost_with_error);
+}
+
+#[test]
+fn an_unasked_error_after_an_answer_in_the_same_read_is_found_where_it_begins() {
+    let fatal = msg(b'E', b"SFATAL\0C57P01\0Mterminating connection\0\0");
+    let mut tx = TxState::new(Start::Startup, &[]);
+    tx.from_server(&[auth_ok(), ready(b'I')].concat());
+    tx.watch_for_moves(true);
+    tx.from_client(&query("SELECT 1"));
+    // The answer, then the backend's FATAL as its postmaster dies, in one read: the answer
+    // is the client's, the error is held from its first byte.
+    let answer = result_then(b'I');
+    tx.from_server(&[answer.clone(), fatal.clone()].concat());
+    assert!(tx.lost_with_error);
+    assert_eq!(tx.lost_from, Some(answer.len()));
+    assert!(tx.provable().is_some(), "the answer came: idle and clean");
+    // An unasked error whose first bytes went on in an earlier read: the client saw part of
+    // it, the session cannot move.
+    let mut tx = TxState::new(Start::Startup, &[]);
+    tx.from_server(&[auth_ok(), ready(b'I')].concat());
+    tx.watch_for_moves(true);
+    tx.from_server(&fatal[..3]);
+    tx.from_server(&fatal[3..]);
+    assert!(!tx.lost_with_error && tx.lost_from.is_none());
+    assert!(tx.provable().is_none());
 }
