@@ -58,7 +58,8 @@ core=(init_with_three_keepers_and_two_sentinels_one_master_rest_standbys
   old_master_rejoins_with_pg_rewind planned_switchover_under_load_loses_nothing
   standby_cluster_async
   a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key
-  pgbench_prepared_runs_through_a_switchover_without_an_error)
+  pgbench_prepared_runs_through_a_switchover_without_an_error
+  a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved)
 for v in 16 18; do
   echo "== PostgreSQL $v"
   export PG_BIN_PATH E2E_PG_MAJOR=$v
