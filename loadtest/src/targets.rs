@@ -118,7 +118,7 @@ pub fn stolon_proxy(
     }
     let (spec_core, no_drain) = match spec_moves.strip_suffix("+no-drain") {
         Some(core) => (core, true),
-        None => (spec, false),
+        None => (spec_moves, false),
     };
     if no_drain {
         cmd.args(["--drain-timeout", "0"]);
