@@ -149,3 +149,21 @@ impl Movable {
         );
     }
 }
+
+/// A histogram's sum and count in a metrics page.
+pub fn histogram(text: &str, name: &str) -> (f64, u64) {
+    let value = |suffix: &str| {
+        let want = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("sum"), value("count") as u64)
+}
+
+/// The mean time a move took once its new server was routed, in ms, and how many moves.
+pub fn move_after_route_ms(text: &str) -> (f64, u64) {
+    let (sum, n) = histogram(text, "stolon_proxy_session_move_after_route_seconds");
+    (if n == 0 { 0.0 } else { sum * 1000.0 / n as f64 }, n)
+}

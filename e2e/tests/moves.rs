@@ -51,6 +51,8 @@ async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_can
         .await
         .expect("counted");
     assert_eq!(count(&text, "moved"), 1, "{text}");
+    let (ms, n) = move_after_route_ms(&text);
+    println!("E2E moves at a switchover: {n} moved, {ms:.2} ms each once the new master was routed (login, replay)");
     assert_eq!(count(&text, "temp_table"), 1, "{text}");
     assert_eq!(count(&text, "custom_setting"), 1, "{text}");
 
@@ -361,6 +363,8 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
         .filter(|l| l.contains("session") || l.contains("move") || l.contains("inspect"))
         .collect();
     assert_eq!(count(&text, "moved"), 1, "{text}{lines:#?}");
+    let (ms, n) = move_after_route_ms(&text);
+    println!("E2E moves after a kill -9 failover: {n} moved, {ms:.2} ms each once the new master was routed (login, catalog check, replay)");
     assert_eq!(count(&text, "unproven"), 2, "{text}");
     assert_eq!(count(&text, "in_flight"), 1, "{text}");
 

@@ -89,6 +89,18 @@ pub struct Metrics {
     /// How long each moved session was held (from its drain to its first byte relayed on
     /// the new master).
     pub move_seconds: HeldSeconds,
+    /// How long each move took once the proxy saw its new server routed (the login, the
+    /// catalog check after a failover, the replay): what a move adds to a client's wait.
+    pub move_after_route_seconds: StepSeconds,
+}
+
+/// A histogram of short steps, from 0.1 ms to about 3 s.
+pub struct StepSeconds(pub Histogram);
+
+impl Default for StepSeconds {
+    fn default() -> Self {
+        StepSeconds(Histogram::new(exponential_buckets(0.0001, 2.0, 16)))
+    }
 }
 
 /// A histogram of hold times, from 10 ms to about 20 s.
@@ -179,17 +191,28 @@ impl Metrics {
         );
         r.register(
             "session_moves",
-            "Sessions a planned switchover drained, by what became of them: moved (to the new \
-             master, unseen by the client), or why each was closed at its boundary instead: \
-             no_credentials (the proxy did not authenticate it), listen, advisory_lock, \
+            "Sessions drained by a planned switchover or a standby leaving the read-only pool, \
+             or whose server went away, by what became of them: moved (to the new server, \
+             unseen by the client), or why each was closed instead: no_credentials (the proxy \
+             did not authenticate it), disabled (--session-moves off), listen, advisory_lock, \
              temp_table, hold_cursor, sql_prepare, session_authorization, custom_setting, \
-             inspect_failed, no_master (none within --hold-timeout), replay_failed",
+             inspect_failed, no_master (none within --hold-timeout), replay_failed; after a \
+             lost server: in_flight (a request in flight or a transaction open), unproven \
+             (its state not proven), server_ended (the old server ended it and still runs), \
+             implicit_calls (the database's catalog calls functions the proxy cannot judge)",
             self.moves.clone(),
         );
         r.register(
             "session_move_seconds",
-            "How long each moved session was held, from its drain to the new master",
+            "How long each moved session was held, from its drain (or its server's loss) to \
+             the new server",
             self.move_seconds.0.clone(),
+        );
+        r.register(
+            "session_move_after_route_seconds",
+            "How long each move took once its new server was routed: the login, the catalog \
+             check after a failover and the replay",
+            self.move_after_route_seconds.0.clone(),
         );
         r.register(
             "info_keepalives",

@@ -146,6 +146,8 @@ where
         return Err(Unmovable::NoMaster);
     };
     let mut retry = false;
+    // When the next server was first seen routed: what the move adds from there is measured.
+    let mut routed_at: Option<(Arc<str>, std::time::Instant)> = None;
     loop {
         let changed = ctx.routes.changed();
         tokio::pin!(changed);
@@ -159,8 +161,22 @@ where
         let ready = !route.drain.is_cancelled() && !route.token.is_cancelled();
         let next = crate::conn::choose(&route, ctx.read_only).ok();
         if let (Some((lane, addr)), true) = (next, ready) {
+            // Measured from the first try of this server (a dead old master tried first, while
+            // still routed, does not count).
+            let routed = match &routed_at {
+                Some((a, t)) if *a == addr => *t,
+                _ => {
+                    routed_at
+                        .insert((addr.clone(), std::time::Instant::now()))
+                        .1
+                }
+            };
             match open(route.clone(), lane, addr, start, state, after_loss, ctx).await {
-                Ok(m) => return Ok(m),
+                Ok(m) => {
+                    let took = routed.elapsed().as_secs_f64();
+                    ctx.metrics.move_after_route_seconds.0.observe(took);
+                    return Ok(m);
+                }
                 // The new master not accepting connections yet: tried again, as a held
                 // session's connect is.
                 Err(Attempt::NotYet) => retry = true,
