@@ -27,6 +27,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 /// The longest Query or Parse the ledger reads; a longer one makes the session dirty.
 const MAX_BODY: usize = 64 << 10;
+/// The most the ledger keeps of statements waiting for their ParseComplete (a client
+/// pipelining more stops being tracked: dirty until an inspection).
+const MAX_PENDING_BYTES: usize = 1 << 20;
 /// What the ledger reads of a Bind: its portal's and statement's names (at most 63 bytes
 /// each in PostgreSQL).
 const BIND_HEAD: usize = 256;
@@ -65,6 +68,8 @@ pub struct Ledger {
     /// Whether the unnamed statement's text (if any) is clean.
     unnamed_clean: Option<bool>,
     pending: VecDeque<Op>,
+    /// The bytes of the statements in `pending`.
+    pending_bytes: usize,
     /// The current client message: its header so far, its kind, the body bytes still to
     /// come, and the head of its body the ledger reads.
     header: Vec<u8>,
@@ -107,6 +112,7 @@ impl Ledger {
         });
         self.dirty = false;
         self.pending.clear();
+        self.pending_bytes = 0;
     }
 
     /// Whether the relay should inspect the session at its next idle moment.
@@ -234,6 +240,10 @@ impl Ledger {
             param_types,
             clean,
         };
+        if self.pending_bytes + st.query.len() > MAX_PENDING_BYTES {
+            return false;
+        }
+        self.pending_bytes += st.query.len();
         self.pending.push_back(Op::Parse(name, st));
         true
     }
@@ -282,7 +292,7 @@ impl Ledger {
     /// A message the server sent (its kind), as it is forwarded.
     pub fn server(&mut self, kind: u8) {
         match kind {
-            b'1' => match self.pending.pop_front() {
+            b'1' => match self.pop() {
                 Some(Op::Parse(name, st)) if name.is_empty() => self.unnamed_clean = Some(st.clean),
                 Some(Op::Parse(name, st)) => {
                     if let Some(k) = &mut self.known {
@@ -291,7 +301,7 @@ impl Ledger {
                 }
                 _ => self.lost_track(),
             },
-            b'3' => match self.pending.pop_front() {
+            b'3' => match self.pop() {
                 Some(Op::Close(Some(name))) => {
                     if let Some(k) = &mut self.known {
                         k.statements.remove(&name);
@@ -304,10 +314,10 @@ impl Ledger {
             // the Sync (a simple Query's error is its own, its ReadyForQuery follows).
             b'E' => {
                 while matches!(self.pending.front(), Some(Op::Parse(..) | Op::Close(_))) {
-                    self.pending.pop_front();
+                    self.pop();
                 }
             }
-            b'Z' => match self.pending.pop_front() {
+            b'Z' => match self.pop() {
                 Some(Op::Ready) => {}
                 _ => self.lost_track(),
             },
@@ -318,7 +328,17 @@ impl Ledger {
     /// An answer the ledger cannot match to what the client asked: it no longer knows.
     fn lost_track(&mut self) {
         self.pending.clear();
+        self.pending_bytes = 0;
         self.dirty = true;
+    }
+
+    /// The oldest request waiting for its answer.
+    fn pop(&mut self) -> Option<Op> {
+        let op = self.pending.pop_front();
+        if let Some(Op::Parse(_, st)) = &op {
+            self.pending_bytes = self.pending_bytes.saturating_sub(st.query.len());
+        }
+        op
     }
 }
 

@@ -261,3 +261,21 @@ fn the_start_is_answered_before_the_first_request() {
     l.server(b'Z');
     assert!(l.proven().is_some());
 }
+
+#[test]
+fn a_client_pipelining_more_than_the_budget_is_not_tracked_until_inspected() {
+    let mut l = Ledger::started();
+    let big = format!("SELECT '{}'", "x".repeat(60_000));
+    for i in 0..20 {
+        l.feed(&parse(&format!("s{i}"), &big));
+    }
+    l.feed(&sync());
+    assert!(l.pending_bytes <= MAX_PENDING_BYTES, "bounded");
+    for _ in 0..20 {
+        l.server(b'1');
+    }
+    l.server(b'Z');
+    assert!(l.proven().is_none(), "past the budget: dirty");
+    l.shown(Some(SessionState::default()));
+    assert!(l.proven().is_some() && l.pending_bytes == 0);
+}
