@@ -248,10 +248,39 @@ const KEYWORDS_BEFORE_PAREN: &[&str] = &[
 /// Names that make a statement dirty wherever they appear (a temporary object).
 const DIRTY_WORDS: &[&str] = &["temp", "temporary", "pg_temp"];
 
+/// An unquoted name, lowercased in place (no allocation per word: the classifier runs on
+/// every query of a tracked session). One longer than any name the lists hold reads as "".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Name {
+    buf: [u8; NAME_MAX],
+    len: usize,
+}
+
+const NAME_MAX: usize = 24;
+
+impl Name {
+    fn new(word: &[u8]) -> Name {
+        let mut n = Name {
+            buf: [0; NAME_MAX],
+            len: 0,
+        };
+        if word.len() <= NAME_MAX {
+            n.buf[..word.len()].copy_from_slice(word);
+            n.buf[..word.len()].make_ascii_lowercase();
+            n.len = word.len();
+        }
+        n
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Token {
     /// An unquoted name, lowercased.
-    Word(String),
+    Word(Name),
     /// A quoted identifier.
     Quoted,
     Open,
@@ -339,7 +368,7 @@ fn lex(sql: &[u8]) -> Option<Vec<Token>> {
             b'/' if b.get(i + 1) == Some(&b'*') => i = block_comment(b, i)?,
             b'\'' => {
                 // E'...' takes backslash escapes (the E was lexed as a word just before).
-                let escapes = matches!(out.last(), Some(Token::Word(w)) if w == "e")
+                let escapes = matches!(out.last(), Some(Token::Word(w)) if w.as_str() == "e")
                     && i > 0
                     && b[i - 1].eq_ignore_ascii_case(&b'e');
                 if escapes {
@@ -387,7 +416,7 @@ fn lex(sql: &[u8]) -> Option<Vec<Token>> {
                 {
                     i += 1;
                 }
-                out.push(Token::Word(sql[start..i].to_lowercase()));
+                out.push(Token::Word(Name::new(&b[start..i])));
             }
             _ => {
                 out.push(Token::Other);

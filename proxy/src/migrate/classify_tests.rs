@@ -19,6 +19,7 @@ fn statements_that_cannot_change_session_state_are_clean() {
         "SELECT nextval('s'), currval('s'), 1.5, t.x FROM t",
         "",
         ";;",
+        "SELECT COUNT(*), Now(), LOWER(\"Name\") FROM T WHERE X IN (1)",
     ];
     for sql in clean_ones {
         assert!(clean(sql.as_bytes()), "clean: {sql}");
@@ -70,6 +71,8 @@ fn statements_that_can_change_session_state_are_dirty() {
         "SELECT 1 /* open comment",
         "SELECT $$ open dollar quote",
         "SELECT \"open identifier",
+        "SELECT SET_CONFIG('a', 'b', false)",
+        "SELECT a_function_name_longer_than_any_listed(1)",
     ];
     for sql in dirty {
         assert!(!clean(sql.as_bytes()), "dirty: {sql}");

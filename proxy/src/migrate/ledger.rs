@@ -30,6 +30,8 @@ const MAX_BODY: usize = 64 << 10;
 /// The most the ledger keeps of statements waiting for their ParseComplete (a client
 /// pipelining more stops being tracked: dirty until an inspection).
 const MAX_PENDING_BYTES: usize = 1 << 20;
+/// The largest buffer kept from one message to the next.
+const SPARE_MAX: usize = 4096;
 /// What the ledger reads of a Bind: its portal's and statement's names (at most 63 bytes
 /// each in PostgreSQL).
 const BIND_HEAD: usize = 256;
@@ -77,6 +79,8 @@ pub struct Ledger {
     left: usize,
     body: Option<Vec<u8>>,
     keep: usize,
+    /// The last body's buffer, for the next (see `start_message`).
+    spare: Vec<u8>,
 }
 
 impl Ledger {
@@ -184,7 +188,11 @@ impl Ledger {
             }
         };
         if self.keep > 0 || matches!(self.kind, b'Q' | b'P' | b'C' | b'B') {
-            self.body = Some(Vec::with_capacity(self.keep));
+            // The buffer of the last message read, reused: no allocation per message.
+            let mut body = std::mem::take(&mut self.spare);
+            body.clear();
+            body.reserve(self.keep);
+            self.body = Some(body);
         }
         if self.left == 0 {
             self.end_message();
@@ -206,6 +214,10 @@ impl Ledger {
             _ => false,
         };
         self.dirty |= !ok;
+        // A large one's memory goes back: an idle session keeps little.
+        if body.capacity() <= SPARE_MAX {
+            self.spare = body;
+        }
     }
 
     /// A Parse: waits for its ParseComplete. False if it cannot be read.
