@@ -119,24 +119,23 @@ impl Movable {
         }
     }
 
-    /// The standby that a switchover will promote, once it has replayed everything so far.
-    pub async fn target(&self) -> String {
-        let m = self.c.master().await.expect("master");
-        let target = self.c.others(&m).first().expect("a standby").clone();
+    /// Waits until keeper `uid`'s PostgreSQL has the role alice (replicated).
+    pub async fn wait_alice_on(&self, uid: &str) {
         self.c
             .wait_for("alice on the standby", MIN, async || {
-                let n = self
-                    .c
-                    .query(
-                        &target,
-                        "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'",
-                    )
-                    .await
-                    .ok()?;
+                let sql = "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'";
+                let n = self.c.query(uid, sql).await.ok()?;
                 (n == "1").then_some(())
             })
             .await
             .expect("replicated");
+    }
+
+    /// The standby that a switchover will promote, once it has replayed everything so far.
+    pub async fn target(&self) -> String {
+        let m = self.c.master().await.expect("master");
+        let target = self.c.others(&m).first().expect("a standby").clone();
+        self.wait_alice_on(&target).await;
         target
     }
 

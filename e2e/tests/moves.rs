@@ -12,6 +12,18 @@ use std::time::Duration;
 use testkit::free_port;
 use tokio_postgres::error::SqlState;
 
+/// Whether the session's server is in recovery, and its statement_timeout.
+async fn recovery_and_timeout(a: &tokio_postgres::Client) -> (bool, String) {
+    let row = a
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('statement_timeout')",
+            &[],
+        )
+        .await
+        .expect("the session still works");
+    (row.get(0), row.get(1))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_cancel_key() {
     let _s = e2e::serial().await;
@@ -184,17 +196,7 @@ async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_th
     let m = c.master().await.expect("master");
     let standbys = c.others(&m);
     for s in &standbys {
-        c.wait_for("alice on the standby", MIN, async || {
-            let n = (c.query(
-                s,
-                "SELECT count(*)::text FROM pg_roles WHERE rolname = 'alice'",
-            ))
-            .await
-            .ok()?;
-            (n == "1").then_some(())
-        })
-        .await
-        .expect("replicated");
+        env.wait_alice_on(s).await;
     }
     let a = c
         .wait_for("alice on the read-only listener", MIN, async || {
@@ -229,15 +231,9 @@ async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_th
         c.keeper(&to).port,
         "on the other standby"
     );
-    let row = a
-        .query_one(
-            "SELECT pg_is_in_recovery(), current_setting('statement_timeout')",
-            &[],
-        )
-        .await
-        .expect("the session still works");
-    assert!(row.get::<_, bool>(0), "still on a standby");
-    assert_eq!(row.get::<_, String>(1), "4321ms");
+    let (standby, timeout) = recovery_and_timeout(&a).await;
+    assert!(standby, "still on a standby");
+    assert_eq!(timeout, "4321ms");
     let row = a.query_one(&stmt, &[&21]).await.expect("the statement");
     assert_eq!(row.get::<_, i32>(0), 42);
     c.query(&from, "SELECT pg_wal_replay_resume()::text")
@@ -251,15 +247,9 @@ async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_th
     })
     .await
     .expect("moved again");
-    let row = a
-        .query_one(
-            "SELECT pg_is_in_recovery(), current_setting('statement_timeout')",
-            &[],
-        )
-        .await
-        .expect("the session still works");
-    assert!(row.get::<_, bool>(0), "on a standby, not the promoted one");
-    assert_eq!(row.get::<_, String>(1), "4321ms");
+    let (standby, timeout) = recovery_and_timeout(&a).await;
+    assert!(standby, "on a standby, not the promoted one");
+    assert_eq!(timeout, "4321ms");
     assert_ne!(server_port(&a).await, c.keeper(&to).port);
 }
 
@@ -370,15 +360,9 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
 
     // The proven session: the same socket, on the new master, with its state.
     assert_ne!(server_port(&a).await, before, "on the new master");
-    let row = a
-        .query_one(
-            "SELECT pg_is_in_recovery(), current_setting('statement_timeout')",
-            &[],
-        )
-        .await
-        .expect("the session still works");
-    assert!(!row.get::<_, bool>(0), "the new master takes writes");
-    assert_eq!(row.get::<_, String>(1), "2345ms");
+    let (standby, timeout) = recovery_and_timeout(&a).await;
+    assert!(!standby, "the new master takes writes");
+    assert_eq!(timeout, "2345ms");
     let row = a.query_one(&stmt, &[&40]).await.expect("the statement");
     assert_eq!(row.get::<_, i32>(0), 42);
 

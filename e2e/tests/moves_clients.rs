@@ -7,24 +7,7 @@
 
 use e2e::moves::*;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn built(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/clients")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/clients.sh",
-        p.display()
-    );
-    p
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
 
 /// The three writers through `port` for `secs` seconds.
 fn writers(port: u16, secs: u64) -> Vec<(&'static str, tokio::process::Command)> {
@@ -32,8 +15,8 @@ fn writers(port: u16, secs: u64) -> Vec<(&'static str, tokio::process::Command)>
         "host=127.0.0.1 port={port} user=alice password=alice-pw dbname=postgres sslmode=disable connect_timeout=10"
     );
     let mut psycopg2 = tokio::process::Command::new("/usr/bin/python3");
-    psycopg2.arg(repo("clients/psycopg2_client.py"));
-    let mut pgx = tokio::process::Command::new(built("pgx-client"));
+    psycopg2.arg(testkit::workspace_path("clients/psycopg2_client.py"));
+    let mut pgx = tokio::process::Command::new(testkit::built_client("pgx-client"));
     for c in [&mut psycopg2, &mut pgx] {
         c.env("CONNINFO", &conninfo)
             .env("MODE", "writer")
@@ -44,8 +27,8 @@ fn writers(port: u16, secs: u64) -> Vec<(&'static str, tokio::process::Command)>
     let mut pgjdbc = tokio::process::Command::new("java");
     pgjdbc
         .arg("-cp")
-        .arg(built("postgresql.jar"))
-        .arg(repo("clients/pgjdbc/Client.java"))
+        .arg(testkit::built_client("postgresql.jar"))
+        .arg(testkit::workspace_path("clients/pgjdbc/Client.java"))
         .args([
             url.as_str(),
             "alice",

@@ -9,25 +9,9 @@ mod common;
 use common::authdb::*;
 use common::pki::*;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn built(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/clients")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/clients.sh",
-        p.display()
-    );
-    p
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
 
 /// One client's run: its output lines.
 fn run(mut cmd: Command) -> Vec<String> {
@@ -62,13 +46,13 @@ fn conninfo(port: u16, ca: &Path, l: &Login) -> String {
 
 fn psycopg2(port: u16, ca: &Path, l: &Login) -> Vec<String> {
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(repo("clients/psycopg2_client.py"))
+    cmd.arg(testkit::workspace_path("clients/psycopg2_client.py"))
         .env("CONNINFO", conninfo(port, ca, l));
     run(cmd)
 }
 
 fn pgx(port: u16, ca: &Path, l: &Login) -> Vec<String> {
-    let mut cmd = Command::new(built("pgx-client"));
+    let mut cmd = Command::new(testkit::built_client("pgx-client"));
     cmd.env("CONNINFO", conninfo(port, ca, l));
     run(cmd)
 }
@@ -82,8 +66,8 @@ fn pgjdbc(port: u16, ca: &Path, l: &Login) -> Vec<String> {
     );
     let mut cmd = Command::new("java");
     cmd.arg("-cp")
-        .arg(built("postgresql.jar"))
-        .arg(repo("clients/pgjdbc/Client.java"))
+        .arg(testkit::built_client("postgresql.jar"))
+        .arg(testkit::workspace_path("clients/pgjdbc/Client.java"))
         .args([url.as_str(), l.user, l.password]);
     run(cmd)
 }

@@ -30,3 +30,21 @@ pub fn temp_dir(name: &str) -> std::io::Result<tempfile::TempDir> {
         b.tempdir()
     }
 }
+
+/// A path in the workspace (`path` relative to its root).
+pub fn workspace_path(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// A client that scripts/clients.sh built into target/clients (panics if it is missing).
+pub fn built_client(name: &str) -> std::path::PathBuf {
+    let p = workspace_path("target/clients").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/clients.sh",
+        p.display()
+    );
+    p
+}
