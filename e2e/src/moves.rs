@@ -48,6 +48,15 @@ pub fn count(text: &str, result: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `stolon_proxy_session_move_prepared_total` for `result` (used, discarded, refused).
+pub fn prepared(text: &str, result: &str) -> u64 {
+    let want = format!("stolon_proxy_session_move_prepared_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A cluster of two keepers keeping the proxies' auth role, the role alice on it, and a
 /// second proxy (p2) terminating sessions and authenticating clients, with its metrics.
 pub struct Movable {

@@ -64,7 +64,11 @@ async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_can
         .expect("counted");
     assert_eq!(count(&text, "moved"), 1, "{text}");
     let (ms, n) = move_after_route_ms(&text);
-    println!("E2E moves at a switchover: {n} moved, {ms:.2} ms each once the new master was routed (login, replay)");
+    println!(
+        "E2E moves at a switchover: {n} moved, {ms:.2} ms each once the new master was routed"
+    );
+    // It logged in to the target and replayed there during the drain, not after the route.
+    assert_eq!(prepared(&text, "used"), 1, "{text}");
     assert_eq!(count(&text, "temp_table"), 1, "{text}");
     assert_eq!(count(&text, "custom_setting"), 1, "{text}");
 
@@ -354,7 +358,9 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
         .collect();
     assert_eq!(count(&text, "moved"), 1, "{text}{lines:#?}");
     let (ms, n) = move_after_route_ms(&text);
-    println!("E2E moves after a kill -9 failover: {n} moved, {ms:.2} ms each once the new master was routed (login, catalog check, replay)");
+    println!("E2E moves after a kill -9 failover: {n} moved, {ms:.2} ms each once the new master was routed");
+    // It logged in to the elected standby (and checked its catalog) before it was routed.
+    assert_eq!(prepared(&text, "used"), 1, "{text}");
     assert_eq!(count(&text, "unproven"), 2, "{text}");
     assert_eq!(count(&text, "in_flight"), 1, "{text}");
 

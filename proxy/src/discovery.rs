@@ -100,6 +100,7 @@ impl Discovery {
                 master: Err(NoMaster::Starting),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
             fenced: true,
             draining: None,
@@ -273,6 +274,7 @@ impl Discovery {
                 master: Err(NoMaster::BadDocument),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         };
     }
@@ -289,6 +291,8 @@ impl Discovery {
             (st.wanted.master.clone(), &st.wanted.replicas[..])
         };
         let routing = master.is_ok();
+        self.routes
+            .set_next(st.wanted.next.as_deref().filter(|_| !st.fenced));
         if st.routed.as_ref() != Some(&master) {
             st.routed = Some(master.clone());
             self.metrics.route_changed.set(control::metrics::unix_now());

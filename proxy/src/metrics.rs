@@ -92,6 +92,8 @@ pub struct Metrics {
     /// How long each move took once the proxy saw its new server routed (the login, the
     /// catalog check after a failover, the replay): what a move adds to a client's wait.
     pub move_after_route_seconds: StepSeconds,
+    /// Sessions opened on the master-to-be before it was routed, by what became of them.
+    pub move_prepared: Family<ResultLabel, Counter>,
 }
 
 /// A histogram of short steps, from 0.1 ms to about 3 s.
@@ -215,6 +217,16 @@ impl Metrics {
             self.move_after_route_seconds.0.clone(),
         );
         r.register(
+            "session_move_prepared",
+            "Moving sessions logged in (and their state replayed) on the master-to-be while \
+             it was not routed yet (a switchover's target, a failover's elected standby), by \
+             what became of them: used (the move needed no login once the master was routed), \
+             discarded (another server was routed, the session ended there meanwhile, or the \
+             move gave up), refused (the login or the replay failed there: the move logs in \
+             again once a master is routed)",
+            self.move_prepared.clone(),
+        );
+        r.register(
             "info_keepalives",
             "ProxyInfo lease keep-alives (checks that wrote nothing)",
             self.info_keepalives.clone(),
@@ -238,6 +250,13 @@ impl Metrics {
     /// its boundary.
     pub fn unmoved(&self, why: &'static str) {
         self.moves.get_or_create(&ResultLabel { result: why }).inc();
+    }
+
+    /// A session prepared on the master-to-be: used, discarded or refused.
+    pub fn move_prepared(&self, result: &'static str) {
+        self.move_prepared
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// A CancelRequest handled: local, peer, peer_unknown, ended or not_minted.

@@ -45,6 +45,10 @@ pub struct Desired {
     /// No master because a planned switchover began (`proxy.spec.drain`): the old master's
     /// sessions close at transaction boundaries instead of at once.
     pub drain: bool,
+    /// While there is no master: `host:port` of the db the store names to become it (a
+    /// switchover's target, else the elected master), so a moving session can log in there
+    /// before it is routed (see `migrate::open_on_next`). Never routed to by itself.
+    pub next: Option<String>,
 }
 
 /// A standby the read-only listener may send sessions to.
@@ -83,6 +87,7 @@ pub fn desired_with_replicas(
             master: Err(NoMaster::NoCluster),
             replicas: Vec::new(),
             drain: false,
+            next: None,
         };
     };
     if !cd.proxy.spec.enabled_proxies.iter().any(|p| p == proxy_uid) {
@@ -91,6 +96,7 @@ pub fn desired_with_replicas(
             master: Err(NoMaster::NotEnabled),
             replicas: Vec::new(),
             drain: false,
+            next: None,
         };
     }
     let master = match cd.proxy_master_address() {
@@ -100,9 +106,33 @@ pub fn desired_with_replicas(
     Desired {
         generation: cd.proxy.generation,
         drain: cd.proxy.spec.drain && master.is_err(),
+        next: master.is_err().then(|| next_master(cd)).flatten(),
         master,
         replicas: ro_max_lag.map_or_else(Vec::new, |lag| replicas(cd, lag)),
     }
+}
+
+/// The db that is to become the master while proxies are told there is none: a planned
+/// switchover's target until it is promoted, else the elected master (a failover fences the
+/// proxies in the very write that elects it).
+fn next_master(cd: &ClusterData) -> Option<String> {
+    use control::model::SwitchoverPhase;
+    let target = cd
+        .cluster
+        .status
+        .switchover
+        .as_ref()
+        .filter(|s| {
+            matches!(
+                s.phase,
+                SwitchoverPhase::Draining | SwitchoverPhase::Stopping
+            )
+        })
+        .map(|s| &s.target_db_uid)
+        .filter(|uid| !uid.is_empty());
+    let db = cd.dbs.get(target.unwrap_or(&cd.cluster.status.master))?;
+    let port = db.status.port?;
+    (!db.status.listen_address.is_empty()).then(|| host_port(&db.status.listen_address, port))
 }
 
 fn replicas(cd: &ClusterData, max_lag: u64) -> Vec<ReplicaTarget> {
@@ -386,6 +416,8 @@ pub struct Routes {
     /// Standbys out of the pool whose read-only sessions are still draining: one elected
     /// master meanwhile has them severed before the swap completes.
     retiring: Mutex<Vec<Arc<Replica>>>,
+    /// [`Desired::next`], as last applied.
+    next: Mutex<Option<Arc<str>>>,
 }
 
 impl Default for Routes {
@@ -398,6 +430,7 @@ impl Default for Routes {
             )),
             changed: tokio::sync::Notify::new(),
             retiring: Mutex::new(Vec::new()),
+            next: Mutex::new(None),
         }
     }
 }
@@ -412,6 +445,21 @@ impl Routes {
     /// route it waits to see replaced, so a swap in between is not missed.
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
+    }
+
+    /// Where the master is to be while there is none ([`Desired::next`]).
+    pub fn next(&self) -> Option<Arc<str>> {
+        self.next.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets [`Self::next`]; a change wakes the sessions waiting for a master.
+    pub fn set_next(&self, next: Option<&str>) {
+        let mut cur = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.as_deref() != next {
+            *cur = next.map(Arc::from);
+            drop(cur);
+            self.changed.notify_waiters();
+        }
     }
 
     fn store(&self, route: Route) {

@@ -23,6 +23,7 @@ pub enum Moves {
 }
 
 pub mod classify;
+mod early;
 pub mod ledger;
 pub mod scan;
 pub mod state;
@@ -130,8 +131,10 @@ pub(crate) async fn leave(server: &mut Stream) {
 
 /// Waits (as a held session, within `--hold-timeout`) for a master that is not draining
 /// (on the read-only listener: a standby of the pool, or the master with the fallback), and
-/// opens the session there. `Err` if none came in time, the client left, or the new server
-/// refused the login or the replay.
+/// opens the session there. Meanwhile it opens the session on the master-to-be the store
+/// names (`Routes::next`), so that once that one is routed the move waits for no login.
+/// `Err` if none came in time, the client left, or the new server refused the login or the
+/// replay.
 pub(crate) async fn open_on_next<C>(
     client: &C,
     start: &Start<'_>,
@@ -148,6 +151,7 @@ where
     let mut retry = false;
     // When the next server was first seen routed: what the move adds from there is measured.
     let mut routed_at: Option<(Arc<str>, std::time::Instant)> = None;
+    let mut early = early::Early::new(&ctx.metrics);
     loop {
         let changed = ctx.routes.changed();
         tokio::pin!(changed);
@@ -171,17 +175,42 @@ where
                         .1
                 }
             };
-            match open(route.clone(), lane, addr, start, state, after_loss, ctx).await {
-                Ok(m) => {
+            let opened = match early.take(&addr).await {
+                Some(o) => Ok(o),
+                None => open(&route, &addr, lane.what(), start, state, after_loss, ctx).await,
+            };
+            match opened {
+                Ok(o) => {
                     let took = routed.elapsed().as_secs_f64();
                     ctx.metrics.move_after_route_seconds.0.observe(took);
-                    return Ok(m);
+                    return Ok(o.into_moved(route, lane, addr));
                 }
                 // The new master not accepting connections yet: tried again, as a held
                 // session's connect is.
                 Err(Attempt::NotYet) => retry = true,
-                Err(Attempt::Refused) => return Err(Unmovable::Replay),
-                Err(Attempt::ImplicitCalls) => return Err(Unmovable::ImplicitCalls),
+                Err(Attempt::Refused(why)) => {
+                    tracing::warn!(
+                        addr = &*addr,
+                        why,
+                        "cannot move a session to {}",
+                        lane.what()
+                    );
+                    return Err(Unmovable::Replay);
+                }
+                Err(Attempt::ImplicitCalls) => {
+                    tracing::info!(
+                        addr = &*addr,
+                        "not moving a session after a failover: its database has triggers, defaults, views or policies calling functions the proxy cannot judge"
+                    );
+                    return Err(Unmovable::ImplicitCalls);
+                }
+            }
+        } else if let Some(next) = ctx.routes.next().filter(|_| ctx.read_only.is_none()) {
+            if early.worth_trying(&next) {
+                let what = "the master-to-be";
+                let opened = open(&route, &next, what, start, state, after_loss, ctx).await;
+                early.prepared(next, opened);
+                continue;
             }
         }
         tokio::select! {
@@ -197,8 +226,8 @@ where
 enum Attempt {
     /// Not reachable or not accepting connections: worth another try.
     NotYet,
-    /// It refused the login or the replay: no other try will differ.
-    Refused,
+    /// It refused the login or the replay (why): no other try will differ.
+    Refused(String),
     /// Its catalog has implicit calls the proxy cannot judge (`CATALOG_CHECK`).
     ImplicitCalls,
 }
@@ -211,18 +240,38 @@ pub(crate) struct Start<'a> {
     pub reported: &'a [(String, String)],
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A session opened on a server, its state replayed, not yet relayed.
+struct Opened {
+    server: Stream,
+    key: Option<Vec<u8>>,
+    reports: Vec<u8>,
+}
+
+impl Opened {
+    fn into_moved(self, route: Arc<Route>, lane: Lane, addr: Arc<str>) -> Moved {
+        Moved {
+            server: self.server,
+            route,
+            lane,
+            addr,
+            key: self.key,
+            reports: self.reports,
+        }
+    }
+}
+
+/// Logs in to `addr` as the client (the startup packet, its credentials), checks the
+/// catalog after a failover, and replays `state`.
 async fn open(
-    route: Arc<Route>,
-    lane: Lane,
-    addr: Arc<str>,
+    route: &Route,
+    addr: &Arc<str>,
+    what: &str,
     start: &Start<'_>,
     state: &SessionState,
     after_loss: bool,
     ctx: &Ctx,
-) -> Result<Moved, Attempt> {
-    let what = lane.what();
-    let mut server = crate::conn::open_server(&addr, what, ctx)
+) -> Result<Opened, Attempt> {
+    let mut server = crate::conn::open_server(addr, what, ctx)
         .await
         .map_err(|_| Attempt::NotYet)?;
     let first = async {
@@ -257,29 +306,14 @@ async fn open(
         }
     };
     match tokio::time::timeout(STEP_TIMEOUT, started).await {
-        Ok(Ok(None)) => {
-            tracing::info!(
-                addr = &*addr,
-                "not moving a session after a failover: its database has triggers, defaults, views or policies calling functions the proxy cannot judge"
-            );
-            Err(Attempt::ImplicitCalls)
-        }
-        Ok(Ok(Some((key, reports)))) => Ok(Moved {
+        Ok(Ok(None)) => Err(Attempt::ImplicitCalls),
+        Ok(Ok(Some((key, reports)))) => Ok(Opened {
             server,
-            route,
-            lane,
-            addr,
             key,
             reports,
         }),
-        Ok(Err(why)) => {
-            tracing::warn!(addr = &*addr, why, "cannot move a session to {what}");
-            Err(Attempt::Refused)
-        }
-        Err(_) => {
-            tracing::warn!(addr = &*addr, "timed out moving a session to {what}");
-            Err(Attempt::Refused)
-        }
+        Ok(Err(why)) => Err(Attempt::Refused(why)),
+        Err(_) => Err(Attempt::Refused("timed out".into())),
     }
 }
 

@@ -27,6 +27,7 @@ fn desired_route_table() {
                 master: Err(NoMaster::NoCluster),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         ),
         (
@@ -37,6 +38,7 @@ fn desired_route_table() {
                 master: Ok("127.0.0.1:5433".into()),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         ),
         (
@@ -47,6 +49,7 @@ fn desired_route_table() {
                 master: Ok("[::1]:5434".into()),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         ),
         (
@@ -57,6 +60,7 @@ fn desired_route_table() {
                 master: Err(NoMaster::NotEnabled),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         ),
         (
@@ -67,6 +71,7 @@ fn desired_route_table() {
                 master: Err(NoMaster::NoMasterDb),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         ),
         (
@@ -77,6 +82,7 @@ fn desired_route_table() {
                 master: Err(NoMaster::NoMasterDb),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         ),
         (
@@ -87,12 +93,54 @@ fn desired_route_table() {
                 master: Err(NoMaster::NoMasterDb),
                 replicas: Vec::new(),
                 drain: false,
+                next: None,
             },
         ),
     ];
     for (name, doc, want) in cases {
         assert_eq!(desired(doc.as_ref(), "p1"), want, "{name}");
     }
+}
+
+#[test]
+fn next_master_while_there_is_none() {
+    use control::model::{SwitchoverPhase, SwitchoverStatus, Timestamp};
+    let next = |master: &str, elected: &str, switchover: Option<(SwitchoverPhase, &str)>| {
+        let mut c = cd(master, &["p1"], 5);
+        c.cluster.status.master = elected.into();
+        c.cluster.status.switchover = switchover.map(|(phase, target)| SwitchoverStatus {
+            target_keeper_uid: "k".into(),
+            requested_at: Timestamp::now(),
+            phase,
+            old_master_db_uid: elected.into(),
+            target_db_uid: target.into(),
+            stop_position: 0,
+            started_at: Timestamp::now(),
+            reason: String::new(),
+        });
+        desired(Some(&c), "p1").next
+    };
+    let at = |a: &str| Some(a.to_string());
+    // A failover fences the proxies in the write that elects: the elected master.
+    assert_eq!(next("", "db1", None), at("127.0.0.1:5433"));
+    // A switchover's target until it is promoted, whatever the status still names.
+    for phase in [SwitchoverPhase::Draining, SwitchoverPhase::Stopping] {
+        assert_eq!(next("", "db1", Some((phase, "db2"))), at("[::1]:5434"));
+    }
+    for phase in [SwitchoverPhase::Completed, SwitchoverPhase::Failed] {
+        assert_eq!(next("", "db1", Some((phase, "db2"))), at("127.0.0.1:5433"));
+    }
+    // Routed: nothing to prepare. Unknown or address-less dbs: nowhere.
+    assert_eq!(
+        next("db1", "db1", Some((SwitchoverPhase::Draining, "db2"))),
+        None
+    );
+    assert_eq!(next("", "dbX", None), None);
+    assert_eq!(next("", "db3", None), None);
+    // Not enabled: the proxy routes nothing and prepares nothing.
+    let mut c = cd("", &["p2"], 5);
+    c.cluster.status.master = "db1".into();
+    assert_eq!(desired(Some(&c), "p1").next, None);
 }
 
 #[test]
