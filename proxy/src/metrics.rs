@@ -94,6 +94,8 @@ pub struct Metrics {
     pub move_after_route_seconds: StepSeconds,
     /// Sessions opened on the master-to-be before it was routed, by what became of them.
     pub move_prepared: Family<ResultLabel, Counter>,
+    /// Sessions whose server went away during their start, by what became of them.
+    pub start_lost: Family<ResultLabel, Counter>,
 }
 
 /// A histogram of short steps, from 0.1 ms to about 3 s.
@@ -217,6 +219,15 @@ impl Metrics {
             self.move_after_route_seconds.0.clone(),
         );
         r.register(
+            "session_start_lost",
+            "Sessions the proxy authenticated whose server went away before their start ended \
+             (the client had sent it nothing yet), by what became of them: started (on the \
+             next master, unseen by the client), or why they were closed with the server's \
+             error: no_master (none within --hold-timeout, or the client left), replay_failed \
+             (the next master refused the login)",
+            self.start_lost.clone(),
+        );
+        r.register(
             "session_move_prepared",
             "Moving sessions logged in (and their state replayed) on the master-to-be while \
              it was not routed yet (a switchover's target, a failover's elected standby), by \
@@ -250,6 +261,11 @@ impl Metrics {
     /// its boundary.
     pub fn unmoved(&self, why: &'static str) {
         self.moves.get_or_create(&ResultLabel { result: why }).inc();
+    }
+
+    /// A session whose server went away during its start: started elsewhere, or why not.
+    pub fn restarted(&self, result: &'static str) {
+        self.start_lost.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// A session prepared on the master-to-be: used, discarded or refused.

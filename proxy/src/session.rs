@@ -55,6 +55,17 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
         known: mut k,
     } = s;
     let mut server = Some(server);
+    if let Some(held) = k.started.lost.take() {
+        drop(server.take());
+        match start_elsewhere(&mut client, &mut k, ctx).await {
+            Ok(s) => server = Some(s),
+            Err(why) => {
+                ctx.metrics.restarted(why.label());
+                k.tx.held = start_lost_error(held);
+                return close(client, None, &k, CloseReason::ServerLost).await;
+            }
+        }
+    }
     loop {
         let Some(s) = server.take() else {
             return CloseReason::Severed;
@@ -150,6 +161,22 @@ async fn close(
         }
     }
 }
+
+/// What a client whose session could not start elsewhere reads: the server's own last
+/// words, else the proxy's.
+fn start_lost_error(held: Vec<u8>) -> Vec<u8> {
+    if held.is_empty() {
+        crate::protocol::error_response(
+            crate::protocol::sqlstate::ADMIN_SHUTDOWN,
+            START_LOST_MESSAGE,
+        )
+    } else {
+        held
+    }
+}
+
+const START_LOST_MESSAGE: &str = "terminating connection: its server went away during the \
+     session's start and no other took it (closed by stolon-proxy)";
 
 const LOST_MESSAGE: &str = "terminating connection: its server went away and the session's \
      state could not be carried to another (closed by stolon-proxy)";
@@ -292,6 +319,54 @@ async fn still_serving(s: &Known) -> bool {
         tokio::time::timeout(std::time::Duration::from_secs(1), connect).await,
         Ok(Ok(_))
     )
+}
+
+/// Starts a session whose server went away before its start ended (the proxy had
+/// authenticated the client: nothing the client did reached the server yet) on the next
+/// master, as a held session waits for it: the client is told the parameters it was not
+/// told yet, its cancel key (minted now if the lost server had not sent one), and that the
+/// session is ready. It never knows.
+async fn start_elsewhere(
+    client: &mut Stream,
+    s: &mut Known,
+    ctx: &Ctx,
+) -> Result<Stream, Unmovable> {
+    let Some(creds) = &s.started.credentials else {
+        return Err(Unmovable::NoCredentials);
+    };
+    let fresh = migrate::state::SessionState::default();
+    let start = migrate::Start {
+        startup: &s.startup,
+        creds,
+        reported: &s.started.reported,
+    };
+    let moved = migrate::open_on_next(client, &start, &fresh, false, ctx).await;
+    let moved = moved.inspect_err(|why| {
+        tracing::debug!(
+            why = why.label(),
+            "server lost during the start; not started elsewhere"
+        );
+    })?;
+    let mut out = moved.reports;
+    match (&s.started.key, moved.key) {
+        (Some(key), Some(real)) => key.retarget(real, moved.addr.clone()),
+        (None, Some(real)) => {
+            let (minted, guard) = ctx.cancel_keys.mint(real, moved.addr.clone());
+            out.extend(crate::auth::wire::message(b'K', &minted));
+            s.started.key = Some(guard);
+        }
+        (_, None) => {}
+    }
+    out.extend(crate::auth::wire::message(b'Z', b"I"));
+    crate::auth::wire::send(client, &out)
+        .await
+        .map_err(|_| Unmovable::NoMaster)?;
+    s.task = Some(moved.lane.count_in(&moved.route));
+    s.route = moved.route;
+    s.lane = moved.lane;
+    s.tx = TxState::moved(fresh, ctx.config.moves == migrate::Moves::All);
+    ctx.metrics.restarted("started");
+    Ok(moved.server)
 }
 
 /// Opens the session on the next server with `state`, and points the client's view (its

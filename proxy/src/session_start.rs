@@ -42,6 +42,19 @@ struct ServerMessages {
     buf: Vec<u8>,
     /// The ParameterStatus values passed on (name, value), in order.
     reported: Vec<(String, String)>,
+    /// Hold back the server's end (see `Step::Lost`) instead of passing it on.
+    hold_loss: bool,
+    /// The server's end, held back.
+    lost: Option<Vec<u8>>,
+}
+
+/// The errors a server that is going away (or not there yet) ends a starting session with:
+/// a shutdown, a crash of another backend, the postmaster's death, still starting up.
+fn server_going_away(msg: &[u8]) -> bool {
+    use crate::protocol::sqlstate::{ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CRASH_SHUTDOWN};
+    crate::protocol::error_fields(msg).is_some_and(|(code, _)| {
+        [ADMIN_SHUTDOWN, CRASH_SHUTDOWN, CANNOT_CONNECT_NOW].contains(&code)
+    })
 }
 
 /// A ParameterStatus body: its name and value.
@@ -63,6 +76,9 @@ enum Step {
     /// ReadyForQuery was passed, or the stream is not what a start looks like: the rest is
     /// the relay's.
     Done,
+    /// With `hold_loss`: the server ended the start because it is going away; its error is
+    /// held back in `lost`, and what follows it dropped.
+    Lost,
 }
 
 impl ServerMessages {
@@ -82,6 +98,11 @@ impl ServerMessages {
             let Some(msg) = rest.get(..1 + len) else {
                 break Step::More;
             };
+            if self.hold_loss && msg[0] == b'E' && server_going_away(msg) {
+                self.lost = Some(msg.to_vec());
+                self.buf.clear();
+                return Step::Lost;
+            }
             match msg[0] {
                 b'K' if (8..=4 + crate::protocol::MAX_CANCEL_KEY).contains(&(len - 4)) => {
                     let minted = mint(&msg[5..]);
@@ -109,9 +130,21 @@ impl ServerMessages {
     }
 }
 
-/// The session's start, `answer` being what the server sent first (already fed to `tx`).
-/// `Ok` with the key's registration (none if the server sent no key) and the parameters the
-/// server reported, once the relay can take over; `Err` if the session ended during it.
+/// How a start relayed by [`run`] ended, short of an error.
+pub(crate) struct StartEnd {
+    /// The key's registration (none if the server sent no key yet).
+    pub key: Option<KeyGuard>,
+    /// The parameters the server reported (passed on).
+    pub reported: Vec<(String, String)>,
+    /// With `hold_loss`: the server went away before its ReadyForQuery (its error, held
+    /// back, or empty if it just closed or was cut): the session may start elsewhere.
+    pub lost: Option<Vec<u8>>,
+}
+
+/// The session's start, `answer` being what the server sent first (already fed to `tx`),
+/// once the relay can take over; `Err` if the session ended during it. With `hold_loss`
+/// (the proxy authenticated the client, so it can log in elsewhere), a server that goes away
+/// before its ReadyForQuery is not the client's error: see `StartEnd::lost`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<C, S>(
     client: &mut C,
@@ -119,17 +152,25 @@ pub(crate) async fn run<C, S>(
     answer: Vec<u8>,
     tx: &mut TxState,
     token: &CancellationToken,
-    keys: &Arc<Keys>,
-    addr: &Arc<str>,
+    (keys, addr): (&Arc<Keys>, &Arc<str>),
+    hold_loss: bool,
     metrics: &Metrics,
-) -> Result<(Option<KeyGuard>, Vec<(String, String)>), End>
+) -> Result<StartEnd, End>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut messages = ServerMessages {
         buf: answer,
-        reported: Vec::new(),
+        hold_loss,
+        ..Default::default()
+    };
+    let lost = |m: ServerMessages, guard, why: Vec<u8>| {
+        Ok(StartEnd {
+            key: guard,
+            reported: m.reported,
+            lost: Some(m.lost.unwrap_or(why)),
+        })
     };
     let mut guard = None;
     let mut out = Vec::new();
@@ -150,13 +191,26 @@ where
             metrics.add_bytes(Direction::ServerToClient, out.len() as u64);
             out.clear();
         }
-        if step == Step::Done {
-            return Ok((guard, messages.reported));
+        match step {
+            Step::Done => {
+                return Ok(StartEnd {
+                    key: guard,
+                    reported: messages.reported,
+                    lost: None,
+                })
+            }
+            Step::Lost => return lost(messages, guard, Vec::new()),
+            Step::More => {}
         }
         tokio::select! {
             // The route's cut first: nothing more of the session reaches an old master.
             biased;
-            _ = token.cancelled() => return Err(End::Severed),
+            _ = token.cancelled() => {
+                if hold_loss {
+                    return lost(messages, guard, Vec::new());
+                }
+                return Err(End::Severed);
+            }
             r = client.read(&mut cbuf) => {
                 let n = r.map_err(End::Error)?;
                 if n == 0 {
@@ -171,8 +225,15 @@ where
                 metrics.add_bytes(Direction::ClientToServer, n as u64);
             }
             r = server.read(&mut sbuf) => {
-                let n = r.map_err(End::Error)?;
+                let n = match r {
+                    Ok(n) => n,
+                    Err(_) if hold_loss => 0,
+                    Err(e) => return Err(End::Error(e)),
+                };
                 if n == 0 {
+                    if hold_loss {
+                        return lost(messages, guard, Vec::new());
+                    }
                     return Err(End::ServerClosed);
                 }
                 tx.from_server(&sbuf[..n]);
@@ -202,6 +263,9 @@ pub(crate) struct Started {
     /// The parameters the server reported at the start (ParameterStatus), as the client
     /// knows them: a session opened elsewhere tells the client only of the values that differ.
     pub reported: Vec<(String, String)>,
+    /// The server went away before the start ended (`StartEnd::lost`): the session is to
+    /// be opened elsewhere before it is relayed.
+    pub lost: Option<Vec<u8>>,
 }
 
 impl Start<'_> {
@@ -261,22 +325,24 @@ impl Start<'_> {
                 }
             }
         }
-        let (key, reported) = run(
+        let hold_loss = credentials.is_some() && self.ctx.config.moves != Moves::Off;
+        let end = run(
             client,
             server,
             answer,
             tx,
             self.token,
-            &self.ctx.cancel_keys,
-            self.addr,
+            (&self.ctx.cancel_keys, self.addr),
+            hold_loss,
             &self.ctx.metrics,
         )
         .await
         .map_err(Some)?;
         Ok(Started {
-            key,
+            key: end.key,
             credentials,
-            reported,
+            reported: end.reported,
+            lost: end.lost,
         })
     }
 
@@ -413,6 +479,52 @@ mod tests {
             m.reported,
             vec![("server_version".to_string(), "15".to_string())]
         );
+    }
+
+    #[test]
+    fn a_server_going_away_is_held_back_when_the_session_can_start_elsewhere() {
+        let going = msg(
+            b'E',
+            b"SFATAL\0C57P01\0Mterminating connection due to unexpected postmaster exit\0\0",
+        );
+        let refused = msg(b'E', b"SFATAL\0C28P01\0Mpassword authentication failed\0\0");
+        let mut stream = msg(b'R', &[0, 0, 0, 0]);
+        stream.extend(msg(b'S', b"server_version\x0015\x00"));
+        let before = stream.clone();
+        stream.extend(&going);
+        for cut in 0..=stream.len() {
+            let mut m = ServerMessages {
+                hold_loss: true,
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            let mut last = Step::More;
+            for part in [&stream[..cut], &stream[cut..]] {
+                m.buf.extend_from_slice(part);
+                last = m.drain(&mut out, |_| unreachable!());
+                if last != Step::More {
+                    break;
+                }
+            }
+            assert_eq!(last, Step::Lost, "cut {cut}");
+            assert_eq!(
+                out, before,
+                "cut {cut}: what came before passes, the error does not"
+            );
+            assert_eq!(m.lost.as_deref(), Some(&going[..]), "cut {cut}");
+        }
+        // Other errors are the client's; without hold_loss every error is.
+        for (hold_loss, e) in [(true, &refused), (false, &going)] {
+            let mut m = ServerMessages {
+                hold_loss,
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            m.buf.extend_from_slice(e);
+            assert_eq!(m.drain(&mut out, |_| unreachable!()), Step::More);
+            assert_eq!(&out, e);
+            assert!(m.lost.is_none());
+        }
     }
 
     #[test]

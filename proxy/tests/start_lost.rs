@@ -1,0 +1,167 @@
+//! A session whose server goes away during its start (after the proxy authenticated the
+//! client, before the server's ReadyForQuery: a kill -9 of the master while a client logs
+//! in) starts on the next master instead of failing: the client's connect just takes
+//! longer. Real etcd, PostgreSQL, the proxy binary and tokio-postgres; a shim in front of
+//! PostgreSQL plays the dying master (it ends alice's login with the FATAL a backend sends
+//! when its postmaster dies, then accepts no more connections).
+
+mod common;
+
+use common::authdb::*;
+use common::pki::*;
+use common::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// AuthenticationOk.
+const AUTH_OK: &[u8] = b"R\0\0\0\x08\0\0\0\0";
+
+/// A server in front of PostgreSQL at `pg` that relays every session but the first of
+/// alice, which it ends right after the server's AuthenticationOk with 57P01; then it stops
+/// listening, as a dead master's address does. Returns its port.
+async fn dying_master(pg: u16) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let died = std::sync::Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                // The listener goes with the postmaster.
+                _ = died.notified() => return,
+            };
+            let Ok((c, _)) = accepted else { return };
+            tokio::spawn(relay(c, pg, died.clone()));
+        }
+    });
+    port
+}
+
+/// Relays one session; alice's is ended after AuthenticationOk, and `died` told.
+async fn relay(mut c: tokio::net::TcpStream, pg: u16, died: std::sync::Arc<tokio::sync::Notify>) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", pg))
+        .await
+        .expect("pg");
+    let mut buf = vec![0u8; 4096];
+    let n = c.read(&mut buf).await.unwrap_or(0);
+    s.write_all(&buf[..n]).await.expect("startup");
+    if !buf[..n].windows(5).any(|w| w == b"alice") {
+        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+        return;
+    }
+    let (mut from_server, mut seen) = (vec![0u8; 8192], Vec::new());
+    loop {
+        tokio::select! {
+            r = c.read(&mut buf) => match r {
+                Ok(n) if n > 0 => s.write_all(&buf[..n]).await.expect("to pg"),
+                _ => return,
+            },
+            r = s.read(&mut from_server) => {
+                let n = r.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&from_server[..n]);
+                let Some(at) = seen.windows(AUTH_OK.len()).position(|w| w == AUTH_OK) else {
+                    c.write_all(&from_server[..n]).await.expect("to client");
+                    continue;
+                };
+                let already = seen.len() - n;
+                let upto = (at + AUTH_OK.len()).saturating_sub(already);
+                let _ = c.write_all(&from_server[..upto]).await;
+                let fatal: &[u8] =
+                    b"SFATAL\0C57P01\0Mterminating connection due to unexpected postmaster exit\0\0";
+                let mut e = vec![b'E'];
+                e.extend(((fatal.len() + 4) as u32).to_be_bytes());
+                e.extend_from_slice(fatal);
+                let _ = c.write_all(&e).await;
+                died.notify_one();
+                return;
+            }
+        }
+    }
+}
+
+fn count(proxy: &Proxy, result: &str) -> f64 {
+    metric(
+        proxy,
+        &format!("stolon_proxy_session_start_lost_total{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_cut_by_the_masters_death_starts_on_the_next_master() {
+    let pki = Pki::new();
+    let s = setup(&pki).await;
+    let pg = s.pgs[0].port();
+    let shim = dying_master(pg).await;
+    let dbs = [("db0", pg), ("dbX", shim)];
+    put_cd(&s.store, &clusterdata("dbX", &dbs, &["p1"], 2)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("auth-password");
+    std::fs::write(&file, "auth-pw\n").expect("password file");
+    let (cert, key) = pki.issue("proxy", false);
+    let mut flags = terminate_flags(&cert, &key);
+    let file = file.display().to_string();
+    flags.extend(
+        [
+            "--auth-user",
+            "proxyauth",
+            "--auth-passwordfile",
+            &file,
+            "--hold-timeout",
+            "60s",
+        ]
+        .map(String::from),
+    );
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let proxy = Proxy::spawn(&s.etcd, "p1", &refs);
+    assert!(wait_routed(&proxy, pg).await, "{}", proxy.log_text());
+
+    // alice logs in; her server dies after AuthenticationOk: the proxy holds her start.
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=alice password=alice-pw dbname=postgres sslmode=disable connect_timeout=60",
+        proxy.port.0
+    );
+    let login = tokio::spawn(async move { connect(&conninfo).await });
+    let held = wait_for(Duration::from_secs(15), || async {
+        metric(&proxy, "stolon_proxy_sessions_held").unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert!(held, "{}", proxy.log_text());
+    assert!(!login.is_finished(), "the client waits, it is not refused");
+    // The failover: the next master is routed.
+    put_cd(&s.store, &clusterdata("db0", &dbs, &["p1"], 3)).await;
+    let alice = tokio::time::timeout(Duration::from_secs(30), login)
+        .await
+        .expect("the login ends")
+        .expect("task")
+        .unwrap_or_else(|e| panic!("alice logs in: {e}\n{}", proxy.log_text()));
+    assert_eq!(count(&proxy, "started"), 1.0, "{}", proxy.log_text());
+    let row = alice
+        .query_one("SELECT current_user::text, current_setting('port')", &[])
+        .await
+        .expect("her session works");
+    assert_eq!(row.get::<_, String>(0), "alice");
+    assert_eq!(row.get::<_, String>(1), pg.to_string());
+    // Her cancel key (minted once the next master gave its own) cancels there.
+    let token = alice.cancel_token();
+    let sleeper = alice.batch_execute("SELECT pg_sleep(30)");
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel");
+    };
+    let (slept, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(sleeper, cancel)
+    })
+    .await
+    .expect("the cancel ends the sleep");
+    let e = slept.expect_err("cancelled");
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+}
