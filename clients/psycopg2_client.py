@@ -7,7 +7,13 @@ key) stopped a running pg_sleep and the session still works.
 With MODE=writer it is an application's writer instead (e2e/tests/moves.rs): one session in
 autocommit, an INSERT into client_writes every 20 ms for SECS seconds; an error is counted
 and the session opened again (as a pool would). Prints "error <SQLSTATE or message>" for
-each, then "writes <acknowledged> errors <count>"."""
+each, then "writes <acknowledged> errors <count>".
+
+With MODE=ha it is one of `loadtest ha`'s application writers: one session in autocommit, an
+INSERT into lt_writes (id from ID_BASE on, client CLIENT_NO) every THINK_MS until killed;
+an error closes the session, opened again at once (as a pool would). Prints a line as each
+attempt ends: "connected <us>", "connect_error <kind> <us>", "ok <id> <us>",
+"error <kind> <us>" (us: how long the attempt took, in microseconds)."""
 import os
 import sys
 import threading
@@ -35,6 +41,54 @@ def writer():
         time.sleep(0.02)
     print("writes", writes, "errors", errors)
 
+
+def kind(e):
+    """The SQLSTATE, else what the socket did (as loadtest's own clients name it)."""
+    if e.pgcode:
+        return e.pgcode
+    text = str(e).lower()
+    if "timeout" in text or "timed out" in text:
+        return "timeout"
+    if "refused" in text:
+        return "refused"
+    return "closed"
+
+
+def ha_writer():
+    conn, n = None, 0
+    base, client = int(os.environ["ID_BASE"]), int(os.environ["CLIENT_NO"])
+    think = float(os.environ.get("THINK_MS", "10")) / 1000
+    while True:
+        if conn is None:
+            t = time.monotonic()
+            try:
+                conn = psycopg2.connect(os.environ["CONNINFO"])
+                conn.autocommit = True
+                print("connected", int((time.monotonic() - t) * 1e6), flush=True)
+            except psycopg2.Error as e:
+                print("connect_error", kind(e), int((time.monotonic() - t) * 1e6), flush=True)
+                conn = None
+                time.sleep(0.01)
+                continue
+        n += 1
+        t = time.monotonic()
+        try:
+            conn.cursor().execute(
+                "INSERT INTO lt_writes (id, client) VALUES (%s, %s)", (base + n, client)
+            )
+            print("ok", base + n, int((time.monotonic() - t) * 1e6), flush=True)
+        except psycopg2.Error as e:
+            print("error", kind(e), int((time.monotonic() - t) * 1e6), flush=True)
+            try:
+                conn.close()
+            except psycopg2.Error:
+                pass
+            conn = None
+        time.sleep(think)
+
+
+if os.environ.get("MODE") == "ha":
+    ha_writer()
 
 if os.environ.get("MODE") == "writer":
     writer()

@@ -4,7 +4,8 @@
 // prepared statement (prepareThreshold=1), "cancel ok" when Statement.cancel() stopped a
 // running pg_sleep (pgjdbc sends a CancelRequest with the session's key) and the session
 // still works. With a fourth argument "writer SECS" it is an application's writer instead
-// (e2e/tests/moves.rs): see writer.
+// (e2e/tests/moves.rs): see writer. With "ha" it is one of `loadtest ha`'s writers: see
+// haWriter.
 import java.sql.*;
 import java.util.Properties;
 import java.util.concurrent.*;
@@ -43,11 +44,74 @@ public class Client {
         System.out.println("writes " + writes + " errors " + errors);
     }
 
+    // The SQLSTATE, else what the socket did (as loadtest's own clients name it).
+    static String kind(SQLException e) {
+        String state = e.getSQLState();
+        // pgjdbc's own connection-level states (08001, 08006) say nothing of the cause.
+        if (state != null && !state.startsWith("08")) return state;
+        String text = String.valueOf(e.getMessage()).toLowerCase();
+        if (text.contains("timeout") || text.contains("timed out")) return "timeout";
+        if (text.contains("refused")) return "refused";
+        return "closed";
+    }
+
+    // One of `loadtest ha`'s application writers: one session, an INSERT into lt_writes (id
+    // from ID_BASE on, client CLIENT_NO) every THINK_MS until killed, through a server-side
+    // prepared statement; an error closes the session, opened again at once (as a pool
+    // would). Prints a line as each attempt ends: "connected <us>", "connect_error <kind>
+    // <us>", "ok <id> <us>", "error <kind> <us>".
+    static void haWriter(String url, Properties p) throws Exception {
+        long base = Long.parseLong(System.getenv("ID_BASE"));
+        int client = Integer.parseInt(System.getenv("CLIENT_NO"));
+        long think = Long.parseLong(System.getenv().getOrDefault("THINK_MS", "10"));
+        Connection c = null;
+        PreparedStatement ps = null;
+        long n = 0;
+        while (true) {
+            long t = System.nanoTime();
+            if (c == null) {
+                try {
+                    c = DriverManager.getConnection(url, p);
+                    ps = c.prepareStatement("insert into lt_writes (id, client) values (?, ?)");
+                    System.out.println("connected " + (System.nanoTime() - t) / 1000);
+                } catch (SQLException e) {
+                    System.out.println("connect_error " + kind(e) + " " + (System.nanoTime() - t) / 1000);
+                    System.out.flush();
+                    c = null;
+                    Thread.sleep(10);
+                    continue;
+                }
+                t = System.nanoTime();
+            }
+            n++;
+            try {
+                ps.setLong(1, base + n);
+                ps.setInt(2, client);
+                ps.executeUpdate();
+                System.out.println("ok " + (base + n) + " " + (System.nanoTime() - t) / 1000);
+            } catch (SQLException e) {
+                System.out.println("error " + kind(e) + " " + (System.nanoTime() - t) / 1000);
+                try {
+                    c.close();
+                } catch (SQLException ignored) {
+                    // already gone
+                }
+                c = null;
+            }
+            System.out.flush();
+            Thread.sleep(think);
+        }
+    }
+
     public static void main(String[] args) throws Exception {
         Properties p = new Properties();
         p.setProperty("user", args[1]);
         p.setProperty("password", args[2]);
         p.setProperty("prepareThreshold", "1");
+        if (args.length > 3 && args[3].equals("ha")) {
+            haWriter(args[0], p);
+            return;
+        }
         if (args.length > 4 && args[3].equals("writer")) {
             writer(args[0], p, Integer.parseInt(args[4]));
             return;

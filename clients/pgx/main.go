@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -58,8 +59,65 @@ func writer(ctx context.Context) {
 	fmt.Println("writes", writes, "errors", errs)
 }
 
+// kind: the SQLSTATE, else what the socket did (as loadtest's own clients name it).
+func kind(err error) string {
+	var pg *pgconn.PgError
+	if errors.As(err, &pg) {
+		return pg.Code
+	}
+	text := strings.ToLower(err.Error())
+	switch {
+	case strings.Contains(text, "timeout"), strings.Contains(text, "timed out"):
+		return "timeout"
+	case strings.Contains(text, "refused"):
+		return "refused"
+	}
+	return "closed"
+}
+
+// haWriter: one of `loadtest ha`'s application writers. One session, an INSERT into
+// lt_writes (id from ID_BASE on, client CLIENT_NO) every THINK_MS until killed, through
+// pgx's statement cache (prepared once per session); an error closes the session, opened
+// again at once (as a pool would). Prints a line as each attempt ends: "connected <us>",
+// "connect_error <kind> <us>", "ok <id> <us>", "error <kind> <us>".
+func haWriter(ctx context.Context) {
+	base, _ := strconv.ParseInt(os.Getenv("ID_BASE"), 10, 64)
+	client, _ := strconv.Atoi(os.Getenv("CLIENT_NO"))
+	think, _ := strconv.Atoi(os.Getenv("THINK_MS"))
+	var conn *pgx.Conn
+	n := int64(0)
+	for {
+		if conn == nil {
+			t := time.Now()
+			c, err := pgx.Connect(ctx, os.Getenv("CONNINFO"))
+			if err != nil {
+				fmt.Println("connect_error", kind(err), time.Since(t).Microseconds())
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			fmt.Println("connected", time.Since(t).Microseconds())
+			conn = c
+		}
+		n++
+		t := time.Now()
+		_, err := conn.Exec(ctx, "insert into lt_writes (id, client) values ($1, $2)", base+n, client)
+		if err != nil {
+			fmt.Println("error", kind(err), time.Since(t).Microseconds())
+			conn.Close(ctx)
+			conn = nil
+		} else {
+			fmt.Println("ok", base+n, time.Since(t).Microseconds())
+		}
+		time.Sleep(time.Duration(think) * time.Millisecond)
+	}
+}
+
 func main() {
 	ctx := context.Background()
+	if os.Getenv("MODE") == "ha" {
+		haWriter(ctx)
+		return
+	}
 	if os.Getenv("MODE") == "writer" {
 		writer(ctx)
 		return

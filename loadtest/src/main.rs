@@ -118,6 +118,12 @@ enum Cmd {
         /// as a SCRAM role (a superuser is never authenticated by the proxy)
         #[arg(long)]
         move_sessions: bool,
+        /// Application writers in other languages too, one of each through each target:
+        /// psycopg2 (autocommit simple queries), pgx (its statement cache) and pgjdbc
+        /// (server-side prepared statements), each keeping a session as a pool does and
+        /// judged as loadtest's own clients (needs scripts/clients.sh)
+        #[arg(long)]
+        app_writers: bool,
     },
     /// N real stolon-proxy processes on one cluster of real processes, for each N of
     /// --proxies in one run: etcd's idle load (writes, lease renewals, watch events, CPU,
@@ -213,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             out_dir,
             tls,
             move_sessions,
+            app_writers,
         } => ha::run(&ha::Options {
             switchovers,
             failovers,
@@ -225,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             out_dir,
             tls,
             move_sessions,
+            app_writers,
         }),
         Cmd::Swarm {
             proxies,

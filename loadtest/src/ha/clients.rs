@@ -17,6 +17,31 @@ use tokio_util::sync::CancellationToken;
 pub enum Kind {
     PerTxn,
     Persistent,
+    /// Application writers in other languages (`apps`).
+    Psycopg2,
+    Pgx,
+    Pgjdbc,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::PerTxn,
+        Kind::Persistent,
+        Kind::Psycopg2,
+        Kind::Pgx,
+        Kind::Pgjdbc,
+    ];
+
+    /// Its name in the summary and the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::PerTxn => "per-txn",
+            Kind::Persistent => "persistent",
+            Kind::Psycopg2 => "psycopg2",
+            Kind::Pgx => "pgx",
+            Kind::Pgjdbc => "pgjdbc",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

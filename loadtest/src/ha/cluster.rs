@@ -2,7 +2,7 @@
 //! endpoint, and HAProxy checking each keeper's `/primary` (Patroni's HAProxy layout:
 //! `option httpchk`, `on-marked-down shutdown-sessions`).
 
-use super::clients::{Endpoint, Sample, Shared};
+use super::clients::{Endpoint, Kind, Sample, Shared};
 use super::report::Window;
 use super::{committed, seen_by_target, Change, TARGETS};
 use anyhow::{bail, Context, Result};
@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use testkit::{free_port, ChildGuard, PortGuard};
 use tokio_util::sync::CancellationToken;
+
+/// Counts by target, or by target and kind of client.
+pub type Counts = BTreeMap<String, usize>;
 
 pub struct Env {
     pub c: Cluster,
@@ -303,17 +306,24 @@ impl Env {
     }
 
     /// Acknowledged commits per target, and how many of them the final master lacks.
-    pub async fn lost(
-        &self,
-        samples: &[Sample],
-    ) -> Result<(BTreeMap<&'static str, usize>, BTreeMap<&'static str, usize>)> {
+    /// Acknowledged commits and those missing from the final master: per target, and per
+    /// target and kind of client ("stolon-proxy/pgx").
+    pub async fn lost(&self, samples: &[Sample]) -> Result<(Counts, Counts)> {
         let present = ids_on_master(&self.c).await?;
         let mut acked = BTreeMap::new();
         let mut lost = BTreeMap::new();
         for (i, t) in TARGETS.iter().enumerate() {
-            let ids = committed(samples, i);
-            acked.insert(*t, ids.len());
-            lost.insert(*t, ids.iter().filter(|id| !present.contains(id)).count());
+            let mut count = |key: String, kind: Option<Kind>| {
+                let ids = committed(samples, i, kind);
+                acked.insert(key.clone(), ids.len());
+                lost.insert(key, ids.iter().filter(|id| !present.contains(id)).count());
+            };
+            count(t.to_string(), None);
+            for k in Kind::ALL {
+                if samples.iter().any(|s| s.kind == k) {
+                    count(format!("{t}/{}", k.name()), Some(k));
+                }
+            }
         }
         Ok((acked, lost))
     }

@@ -9,6 +9,7 @@
 //! the keeper restarted once a new master is routed). Each change is judged on its own
 //! window (`report::Window`); the result is a JSON file and a chart per scenario.
 
+mod apps;
 mod chart;
 pub(crate) mod clients;
 pub(crate) mod cluster;
@@ -41,6 +42,8 @@ pub struct Options {
     pub tls: bool,
     /// Sessions movable at a switchover (see `cluster::AuthSetup`).
     pub move_sessions: bool,
+    /// psycopg2, pgx and pgjdbc writers too (`apps`).
+    pub app_writers: bool,
 }
 
 pub const TARGETS: [&str; 2] = ["stolon-proxy", "haproxy"];
@@ -98,9 +101,10 @@ struct Result_ {
     connect_timeout_s: f64,
     changes: Vec<Change>,
     summary: Vec<Summary>,
-    /// Acknowledged commits missing from the final master, per target.
-    acked_lost: BTreeMap<&'static str, usize>,
-    acked: BTreeMap<&'static str, usize>,
+    /// Acknowledged commits missing from the final master, per target, and per target and
+    /// kind of client.
+    acked_lost: cluster::Counts,
+    acked: cluster::Counts,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -112,6 +116,9 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 async fn run_async(opts: &Options) -> Result<()> {
+    if opts.app_writers {
+        apps::check()?;
+    }
     let spec = spec_of(opts);
     let tls = if opts.tls {
         Some(cluster::TlsSetup::new()?)
@@ -150,6 +157,12 @@ async fn run_async(opts: &Options) -> Result<()> {
     });
     let endpoints = [env.proxy_endpoint(), env.haproxy_endpoint()];
     let tasks = spawn_clients(&shared, &endpoints, opts.clients);
+    let writers = if opts.app_writers {
+        let first_no = (opts.clients * 2 * endpoints.len() + 1) as i32;
+        apps::start(&shared, &endpoints, first_no, &opts.out_dir).await?
+    } else {
+        Vec::new()
+    };
     let watcher = cluster::watch_master(env.c.store.clone(), shared.t0, shared.stop.clone());
     let mut changes = Vec::new();
     let plan = std::iter::repeat_n("switchover", opts.switchovers)
@@ -162,6 +175,9 @@ async fn run_async(opts: &Options) -> Result<()> {
     shared.stop.cancel();
     for t in tasks {
         let _ = t.await;
+    }
+    for w in writers {
+        w.stop().await;
     }
     let samples = shared.log.lock().map(|l| l.clone()).unwrap_or_default();
     let (acked, acked_lost) = env.lost(&samples).await?;
@@ -260,7 +276,7 @@ fn summarise(changes: &[Change]) -> Vec<Summary> {
             continue;
         }
         for target in TARGETS {
-            for kind in ["all", "per-txn", "persistent"] {
+            for &kind in mine[0].seen[target].keys() {
                 let v: Vec<&Seen> = mine.iter().map(|c| &c.seen[target][kind]).collect();
                 let f = |g: fn(&Seen) -> f64, p: f64| {
                     percentile(&v.iter().map(|s| g(s)).collect::<Vec<_>>(), p)
@@ -305,14 +321,12 @@ fn seen_by_target(
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let by_kind = [
-                ("all", None),
-                ("per-txn", Some(Kind::PerTxn)),
-                ("persistent", Some(Kind::Persistent)),
-            ]
-            .into_iter()
-            .map(|(name, k)| (name, seen(samples, i, k, w)))
-            .collect();
+            let kinds = Kind::ALL
+                .into_iter()
+                .filter(|k| samples.iter().any(|s| s.kind == *k));
+            let by_kind = std::iter::once(("all", seen(samples, i, None, w)))
+                .chain(kinds.map(|k| (k.name(), seen(samples, i, Some(k), w))))
+                .collect();
             (*t, by_kind)
         })
         .collect()
@@ -389,11 +403,11 @@ fn table(summary: &[Summary]) -> String {
     s
 }
 
-/// The committed ids of `target`.
-pub(crate) fn committed(samples: &[Sample], target: usize) -> Vec<i64> {
+/// The committed ids of `target` (of one kind of client, or all).
+pub(crate) fn committed(samples: &[Sample], target: usize, kind: Option<Kind>) -> Vec<i64> {
     samples
         .iter()
-        .filter(|s| s.target == target)
+        .filter(|s| s.target == target && kind.is_none_or(|k| s.kind == k))
         .filter_map(|s| match s.outcome {
             Outcome::Committed(id) => Some(id),
             _ => None,

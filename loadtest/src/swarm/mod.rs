@@ -541,7 +541,7 @@ async fn rotating(sh: Arc<Shared>, eps: Arc<RwLock<Vec<Endpoint>>>, client_no: i
 /// Acknowledged commits, and how many of them the final master lacks.
 async fn lost(c: &Cluster, samples: &[clients::Sample]) -> Result<(usize, usize)> {
     let present = ids_on_master(c).await?;
-    let acked = committed(samples, 0);
+    let acked = committed(samples, 0, None);
     let lost = acked.iter().filter(|id| !present.contains(id)).count();
     Ok((acked.len(), lost))
 }
