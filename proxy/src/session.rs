@@ -347,7 +347,8 @@ async fn start_elsewhere(
             "server lost during the start; not started elsewhere"
         );
     })?;
-    let mut out = moved.reports;
+    let mut out = std::mem::take(&mut s.started.pending);
+    out.extend(moved.reports);
     match (&s.started.key, moved.key) {
         (Some(key), Some(real)) => key.retarget(real, moved.addr.clone()),
         (None, Some(real)) => {

@@ -46,15 +46,13 @@ struct ServerMessages {
     hold_loss: bool,
     /// The server's end, held back.
     lost: Option<Vec<u8>>,
+    /// AuthenticationOk was passed on.
+    told_ok: bool,
 }
 
-/// The errors a server that is going away (or not there yet) ends a starting session with:
-/// a shutdown, a crash of another backend, the postmaster's death, still starting up.
-fn server_going_away(msg: &[u8]) -> bool {
-    use crate::protocol::sqlstate::{ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CRASH_SHUTDOWN};
-    crate::protocol::error_fields(msg).is_some_and(|(code, _)| {
-        [ADMIN_SHUTDOWN, CRASH_SHUTDOWN, CANNOT_CONNECT_NOW].contains(&code)
-    })
+/// AuthenticationOk.
+fn auth_ok() -> Vec<u8> {
+    crate::auth::wire::message(b'R', &[0, 0, 0, 0])
 }
 
 /// A ParameterStatus body: its name and value.
@@ -98,7 +96,7 @@ impl ServerMessages {
             let Some(msg) = rest.get(..1 + len) else {
                 break Step::More;
             };
-            if self.hold_loss && msg[0] == b'E' && server_going_away(msg) {
+            if self.hold_loss && msg[0] == b'E' && crate::protocol::going_away(msg) {
                 self.lost = Some(msg.to_vec());
                 self.buf.clear();
                 return Step::Lost;
@@ -112,6 +110,10 @@ impl ServerMessages {
                 }
                 b'S' => {
                     self.reported.extend(parameter(&msg[5..]));
+                    out.extend_from_slice(msg);
+                }
+                b'R' => {
+                    self.told_ok |= msg[5..] == [0, 0, 0, 0];
                     out.extend_from_slice(msg);
                 }
                 _ => out.extend_from_slice(msg),
@@ -139,6 +141,8 @@ pub(crate) struct StartEnd {
     /// With `hold_loss`: the server went away before its ReadyForQuery (its error, held
     /// back, or empty if it just closed or was cut): the session may start elsewhere.
     pub lost: Option<Vec<u8>>,
+    /// AuthenticationOk was passed on to the client.
+    pub told_ok: bool,
 }
 
 /// The session's start, `answer` being what the server sent first (already fed to `tx`),
@@ -170,6 +174,7 @@ where
             key: guard,
             reported: m.reported,
             lost: Some(m.lost.unwrap_or(why)),
+            told_ok: m.told_ok,
         })
     };
     let mut guard = None;
@@ -197,6 +202,7 @@ where
                     key: guard,
                     reported: messages.reported,
                     lost: None,
+                    told_ok: true,
                 })
             }
             Step::Lost => return lost(messages, guard, Vec::new()),
@@ -266,6 +272,9 @@ pub(crate) struct Started {
     /// The server went away before the start ended (`StartEnd::lost`): the session is to
     /// be opened elsewhere before it is relayed.
     pub lost: Option<Vec<u8>>,
+    /// With `lost`: what the client must still be told of its login before the rest of a
+    /// start elsewhere (SCRAM's final message, AuthenticationOk).
+    pub pending: Vec<u8>,
 }
 
 impl Start<'_> {
@@ -321,6 +330,9 @@ impl Start<'_> {
                         answer = rest;
                         credentials = Some(creds);
                     }
+                    Err(f) if f.lost.is_some() && self.ctx.config.moves != Moves::Off => {
+                        return Ok(self.lost_in_login(f));
+                    }
                     Err(f) => return Err(self.refused(client, f).await),
                 }
             }
@@ -338,12 +350,41 @@ impl Start<'_> {
         )
         .await
         .map_err(Some)?;
+        let pending = if end.told_ok { Vec::new() } else { auth_ok() };
         Ok(Started {
             key: end.key,
             credentials,
             reported: end.reported,
             lost: end.lost,
+            pending,
         })
+    }
+
+    /// The client proved its password, then the server went away before it took the
+    /// proxy's login: the session is to start elsewhere (see `Started::lost`).
+    fn lost_in_login(&self, f: exchange::Failure) -> Started {
+        tracing::debug!(
+            user = self.user,
+            why = f.why,
+            "the server went away during the login"
+        );
+        let Some(lost) = f.lost else {
+            return Started::default();
+        };
+        let how = match lost.creds {
+            Credentials::Scram { .. } => "scram",
+            Credentials::Md5(_) => "md5",
+        };
+        self.ctx.metrics.auth(how);
+        let mut pending = lost.tell;
+        pending.extend(auth_ok());
+        Started {
+            key: None,
+            credentials: Some(lost.creds),
+            reported: Vec::new(),
+            lost: Some(f.error.unwrap_or_default()),
+            pending,
+        }
     }
 
     async fn refused<C>(&self, client: &mut C, f: exchange::Failure) -> Option<End>

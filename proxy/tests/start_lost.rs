@@ -13,13 +13,11 @@ use common::*;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// AuthenticationOk.
-const AUTH_OK: &[u8] = b"R\0\0\0\x08\0\0\0\0";
-
 /// A server in front of PostgreSQL at `pg` that relays every session but the first of
-/// alice, which it ends right after the server's AuthenticationOk with 57P01; then it stops
-/// listening, as a dead master's address does. Returns its port.
-async fn dying_master(pg: u16) -> u16 {
+/// alice, which it ends when the server sends the authentication message `cut` (11 SASL
+/// continue, 12 SASL final, 0 AuthenticationOk) with the FATAL of a dying postmaster; then
+/// it stops listening, as a dead master's address does. Returns its port.
+async fn dying_master(pg: u16, cut: u32) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -33,14 +31,19 @@ async fn dying_master(pg: u16) -> u16 {
                 _ = died.notified() => return,
             };
             let Ok((c, _)) = accepted else { return };
-            tokio::spawn(relay(c, pg, died.clone()));
+            tokio::spawn(relay(c, pg, cut, died.clone()));
         }
     });
     port
 }
 
-/// Relays one session; alice's is ended after AuthenticationOk, and `died` told.
-async fn relay(mut c: tokio::net::TcpStream, pg: u16, died: std::sync::Arc<tokio::sync::Notify>) {
+/// Relays one session; alice's is ended at `cut`, and `died` told.
+async fn relay(
+    mut c: tokio::net::TcpStream,
+    pg: u16,
+    cut: u32,
+    died: std::sync::Arc<tokio::sync::Notify>,
+) {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", pg))
         .await
         .expect("pg");
@@ -51,8 +54,9 @@ async fn relay(mut c: tokio::net::TcpStream, pg: u16, died: std::sync::Arc<tokio
         let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
         return;
     }
-    let (mut from_server, mut seen) = (vec![0u8; 8192], Vec::new());
+    let mut seen = Vec::new();
     loop {
+        let mut from_server = vec![0u8; 8192];
         tokio::select! {
             r = c.read(&mut buf) => match r {
                 Ok(n) if n > 0 => s.write_all(&buf[..n]).await.expect("to pg"),
@@ -64,21 +68,26 @@ async fn relay(mut c: tokio::net::TcpStream, pg: u16, died: std::sync::Arc<tokio
                     return;
                 }
                 seen.extend_from_slice(&from_server[..n]);
-                let Some(at) = seen.windows(AUTH_OK.len()).position(|w| w == AUTH_OK) else {
-                    c.write_all(&from_server[..n]).await.expect("to client");
-                    continue;
-                };
-                let already = seen.len() - n;
-                let upto = (at + AUTH_OK.len()).saturating_sub(already);
-                let _ = c.write_all(&from_server[..upto]).await;
-                let fatal: &[u8] =
-                    b"SFATAL\0C57P01\0Mterminating connection due to unexpected postmaster exit\0\0";
-                let mut e = vec![b'E'];
-                e.extend(((fatal.len() + 4) as u32).to_be_bytes());
-                e.extend_from_slice(fatal);
-                let _ = c.write_all(&e).await;
-                died.notify_one();
-                return;
+                // Whole messages only: the cut one is replaced by the FATAL.
+                while seen.len() >= 5 {
+                    let len = u32::from_be_bytes([seen[1], seen[2], seen[3], seen[4]]) as usize;
+                    if seen.len() < 1 + len {
+                        break;
+                    }
+                    let msg: Vec<u8> = seen.drain(..1 + len).collect();
+                    let code = msg.get(5..9).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    if msg[0] == b'R' && code == Some(cut) {
+                        let fatal: &[u8] =
+                            b"SFATAL\0C57P01\0Mterminating connection due to unexpected postmaster exit\0\0";
+                        let mut e = vec![b'E'];
+                        e.extend(((fatal.len() + 4) as u32).to_be_bytes());
+                        e.extend_from_slice(fatal);
+                        let _ = c.write_all(&e).await;
+                        died.notify_one();
+                        return;
+                    }
+                    c.write_all(&msg).await.expect("to client");
+                }
             }
         }
     }
@@ -97,9 +106,6 @@ async fn a_login_cut_by_the_masters_death_starts_on_the_next_master() {
     let pki = Pki::new();
     let s = setup(&pki).await;
     let pg = s.pgs[0].port();
-    let shim = dying_master(pg).await;
-    let dbs = [("db0", pg), ("dbX", shim)];
-    put_cd(&s.store, &clusterdata("dbX", &dbs, &["p1"], 2)).await;
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("auth-password");
     std::fs::write(&file, "auth-pw\n").expect("password file");
@@ -119,49 +125,68 @@ async fn a_login_cut_by_the_masters_death_starts_on_the_next_master() {
     );
     let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
     let proxy = Proxy::spawn(&s.etcd, "p1", &refs);
-    assert!(wait_routed(&proxy, pg).await, "{}", proxy.log_text());
+    // Cut when the server would accept the proxy's proof (the proxy has checked alice's
+    // but not told her yet), then when it would say she is in.
+    let mut generation = 1;
+    for (n, cut) in [(1.0, 12), (2.0, 0)] {
+        let shim = dying_master(pg, cut).await;
+        let dbs = [("db0", pg), ("dbX", shim)];
+        generation += 1;
+        put_cd(&s.store, &clusterdata("dbX", &dbs, &["p1"], generation)).await;
+        wait_applied(&proxy, generation).await;
+        assert!(wait_routed(&proxy, pg).await, "{}", proxy.log_text());
+        let alice = login_across_the_failover(&s, &proxy, &dbs, &mut generation).await;
+        assert_eq!(count(&proxy, "started"), n, "{}", proxy.log_text());
+        let row = alice
+            .query_one("SELECT current_user::text, current_setting('port')", &[])
+            .await
+            .expect("her session works");
+        assert_eq!(row.get::<_, String>(0), "alice");
+        assert_eq!(row.get::<_, String>(1), pg.to_string());
+        // Her cancel key (minted once the next master gave its own) cancels there.
+        let token = alice.cancel_token();
+        let sleeper = alice.batch_execute("SELECT pg_sleep(30)");
+        let cancel = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            token
+                .cancel_query(tokio_postgres::NoTls)
+                .await
+                .expect("cancel");
+        };
+        let (slept, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(sleeper, cancel)
+        })
+        .await
+        .expect("the cancel ends the sleep");
+        let e = slept.expect_err("cancelled");
+        assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    }
+}
 
-    // alice logs in; her server dies after AuthenticationOk: the proxy holds her start.
+/// alice logs in through the proxy while the routed master dies; once she is held, the
+/// failover routes db0. Returns her session.
+async fn login_across_the_failover(
+    s: &Setup,
+    proxy: &Proxy,
+    dbs: &[(&str, u16)],
+    generation: &mut i64,
+) -> tokio_postgres::Client {
     let conninfo = format!(
         "host=127.0.0.1 port={} user=alice password=alice-pw dbname=postgres sslmode=disable connect_timeout=60",
         proxy.port.0
     );
     let login = tokio::spawn(async move { connect(&conninfo).await });
     let held = wait_for(Duration::from_secs(15), || async {
-        metric(&proxy, "stolon_proxy_sessions_held").unwrap_or(0.0) >= 1.0
+        metric(proxy, "stolon_proxy_sessions_held").unwrap_or(0.0) >= 1.0
     })
     .await;
     assert!(held, "{}", proxy.log_text());
     assert!(!login.is_finished(), "the client waits, it is not refused");
-    // The failover: the next master is routed.
-    put_cd(&s.store, &clusterdata("db0", &dbs, &["p1"], 3)).await;
-    let alice = tokio::time::timeout(Duration::from_secs(30), login)
+    *generation += 1;
+    put_cd(&s.store, &clusterdata("db0", dbs, &["p1"], *generation)).await;
+    tokio::time::timeout(Duration::from_secs(30), login)
         .await
         .expect("the login ends")
         .expect("task")
-        .unwrap_or_else(|e| panic!("alice logs in: {e}\n{}", proxy.log_text()));
-    assert_eq!(count(&proxy, "started"), 1.0, "{}", proxy.log_text());
-    let row = alice
-        .query_one("SELECT current_user::text, current_setting('port')", &[])
-        .await
-        .expect("her session works");
-    assert_eq!(row.get::<_, String>(0), "alice");
-    assert_eq!(row.get::<_, String>(1), pg.to_string());
-    // Her cancel key (minted once the next master gave its own) cancels there.
-    let token = alice.cancel_token();
-    let sleeper = alice.batch_execute("SELECT pg_sleep(30)");
-    let cancel = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        token
-            .cancel_query(tokio_postgres::NoTls)
-            .await
-            .expect("cancel");
-    };
-    let (slept, ()) = tokio::time::timeout(Duration::from_secs(20), async {
-        tokio::join!(sleeper, cancel)
-    })
-    .await
-    .expect("the cancel ends the sleep");
-    let e = slept.expect_err("cancelled");
-    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+        .unwrap_or_else(|e| panic!("alice logs in: {e}\n{}", proxy.log_text()))
 }

@@ -47,6 +47,29 @@ pub struct Failure {
     pub error: Option<Vec<u8>>,
     pub forget: bool,
     pub why: String,
+    /// The client was authenticated, and then the server went away (its socket's end, or
+    /// an error saying it is going away): the session may start on another server.
+    pub lost: Option<Box<Lost>>,
+}
+
+/// What a session whose server went away during the login needs to start elsewhere.
+pub struct Lost {
+    pub creds: Credentials,
+    /// What the client must still be told of its authentication (SCRAM's final message),
+    /// before AuthenticationOk.
+    pub tell: Vec<u8>,
+}
+
+impl std::fmt::Debug for Lost {
+    // The credentials are a login to the role: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lost { .. }")
+    }
+}
+
+/// Whether a failure of the proxy's login to the server says the server went away.
+fn server_went_away(f: &Failure) -> bool {
+    f.error.as_deref().is_none_or(crate::protocol::going_away)
 }
 
 fn fatal(code: &str, message: String) -> Failure {
@@ -54,6 +77,7 @@ fn fatal(code: &str, message: String) -> Failure {
         error: Some(protocol::error_response(code, &message)),
         forget: false,
         why: message,
+        lost: None,
     }
 }
 
@@ -62,6 +86,7 @@ fn gone(e: std::io::Error) -> Failure {
         error: None,
         forget: false,
         why: e.to_string(),
+        lost: None,
     }
 }
 
@@ -74,6 +99,7 @@ fn wrong_password(user: &str) -> Failure {
         // The password may have changed since the lookup: read it again next time.
         forget: true,
         why: "wrong password".into(),
+        lost: None,
     }
 }
 
@@ -140,14 +166,21 @@ where
         client_key,
         verifier: verifier.clone(),
     };
-    let rest = scram_to_server(server, &creds).await?;
+    let tell = wire::auth_request(wire::AUTH_SASL_FINAL, server_final.as_bytes());
+    let rest = match scram_to_server(server, &creds).await {
+        Ok(rest) => rest,
+        Err(f) if server_went_away(&f) => {
+            let lost = Lost { creds, tell };
+            return Err(Failure {
+                forget: false,
+                lost: Some(Box::new(lost)),
+                ..f
+            });
+        }
+        Err(f) => return Err(f),
+    };
     // The client hears it is in only once the server took the proxy's proof.
-    send(
-        client,
-        &wire::auth_request(wire::AUTH_SASL_FINAL, server_final.as_bytes()),
-    )
-    .await
-    .map_err(gone)?;
+    send(client, &tell).await.map_err(gone)?;
     Ok((rest, creds))
 }
 
@@ -280,6 +313,7 @@ fn stale(why: String) -> Failure {
         )),
         forget: true,
         why,
+        lost: None,
     }
 }
 
@@ -300,6 +334,7 @@ where
             why: "the server refused the proxy's authentication".into(),
             error: Some(wire::message(b'E', &body)),
             forget: true,
+            lost: None,
         }),
         (kind, _) => Err(stale(format!(
             "unexpected message {} from the server",
