@@ -346,7 +346,16 @@ impl Discovery {
             log_severed_ro(severed_ro);
             if let Some((old, stats)) = old_master {
                 let until = (Instant::now() + SEVER_WAIT).min(store_deadline(st));
-                let _ = tokio::time::timeout_at(until, old.sessions.wait()).await;
+                let waited = tokio::time::timeout_at(until, old.sessions.wait()).await;
+                if waited.is_err() {
+                    // A session task that does not end when its sockets are cut delays the
+                    // report of the generation, and with it the next master's publication.
+                    tracing::warn!(
+                        generation = st.wanted.generation,
+                        left = old.sessions.len(),
+                        "old master's sessions not all ended in time: reporting the generation anyway"
+                    );
+                }
                 tracing::info!(
                     generation = st.wanted.generation,
                     severed = stats.sessions,

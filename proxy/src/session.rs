@@ -334,6 +334,9 @@ async fn start_elsewhere(
     let Some(creds) = &s.started.credentials else {
         return Err(Unmovable::NoCredentials);
     };
+    // No longer on the lost server: the proxy's report of the new generation (which the
+    // sentinel waits for before it publishes the next master) must not wait for it.
+    s.task = None;
     let fresh = migrate::state::SessionState::default();
     let start = migrate::Start {
         startup: &s.startup,

@@ -182,6 +182,23 @@ async fn login_across_the_failover(
     .await;
     assert!(held, "{}", proxy.log_text());
     assert!(!login.is_finished(), "the client waits, it is not refused");
+    // The sentinel fences the proxies first; the proxy reports the generation at once: the
+    // held start is not counted among the dead master's sessions.
+    *generation += 1;
+    put_cd(&s.store, &clusterdata("", dbs, &["p1"], *generation)).await;
+    let want = *generation;
+    let acked = wait_for(Duration::from_secs(15), || async {
+        proxy_info(&s.store, "p1")
+            .await
+            .is_some_and(|i| i.generation == want)
+    })
+    .await;
+    assert!(acked, "{}", proxy.log_text());
+    assert!(
+        !proxy.log_text().contains("not all ended in time"),
+        "the report waited for the held start: {}",
+        proxy.log_text()
+    );
     *generation += 1;
     put_cd(&s.store, &clusterdata("db0", dbs, &["p1"], *generation)).await;
     tokio::time::timeout(Duration::from_secs(30), login)
