@@ -328,6 +328,27 @@ async fn a_kill_9_failover_moves_idle_sessions_whose_state_the_proxy_proved() {
     });
     let target = env.target().await;
     let m = env.c.master().await.expect("master");
+    // An administrator's pg_terminate_backend of an idle, proven session: its server still
+    // serves, so the end was the server's decision: the client gets the server's own error.
+    let ended = as_alice(port).await.expect("fourth session");
+    let pid: i32 = (ended.query_one("SELECT pg_backend_pid()", &[]).await)
+        .expect("pid")
+        .get(0);
+    (env.c
+        .query(&m, &format!("SELECT pg_terminate_backend({pid})::text"))
+        .await)
+        .expect("terminated");
+    env.c
+        .wait_for("the end counted", MIN, async || {
+            (count(&metrics(env.metrics).await, "server_ended") == 1).then_some(())
+        })
+        .await
+        .expect("server_ended");
+    let e = ended.query_one("SELECT 1", &[]).await.expect_err("ended");
+    assert!(
+        e.is_closed() || e.code() == Some(&SqlState::ADMIN_SHUTDOWN),
+        "{e}"
+    );
     // The sleep is running before the kill.
     env.c
         .wait_for("the sleep running", MIN, async || {

@@ -304,9 +304,12 @@ async fn move_lost(client: &mut Stream, s: &mut Known, ctx: &Ctx) -> Result<Stre
     land(client, s, state, true, ctx).await
 }
 
-/// Whether the session's old server still accepts connections (its postmaster lives): then
-/// the error that ended the session was its decision, not its death.
+/// Whether the session's old server still serves (its postmaster lives): then the error
+/// that ended the session was its decision, not its death. Asked with an SSLRequest, which a
+/// postmaster answers at once ('S' or 'N'): a socket that only accepts (a listen socket
+/// still open in a dying server's process) is not a server.
 async fn still_serving(s: &Known) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = match &s.lane {
         Lane::Master => match &s.route.master {
             Ok(a) => a.clone(),
@@ -314,11 +317,17 @@ async fn still_serving(s: &Known) -> bool {
         },
         Lane::Replica(r) => r.addr.clone(),
     };
-    let connect = tokio::net::TcpStream::connect(&*addr);
-    matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(1), connect).await,
-        Ok(Ok(_))
-    )
+    let ask = async {
+        let mut c = tokio::net::TcpStream::connect(&*addr).await.ok()?;
+        let mut request = 8u32.to_be_bytes().to_vec();
+        request.extend(crate::protocol::SSL_REQUEST_CODE.to_be_bytes());
+        c.write_all(&request).await.ok()?;
+        let mut answer = [0u8; 1];
+        c.read_exact(&mut answer).await.ok()?;
+        Some(matches!(answer[0], b'S' | b'N'))
+    };
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(1), ask).await;
+    matches!(answered, Ok(Some(true)))
 }
 
 /// Starts a session whose server went away before its start ended (the proxy had

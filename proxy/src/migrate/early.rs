@@ -124,6 +124,36 @@ mod tests {
     use super::*;
     use crate::auth::wire::message;
 
+    /// A prepared session is used only while nothing came from its server: a byte (an
+    /// error, a notice) or the socket's end makes it stale.
+    #[tokio::test]
+    async fn a_prepared_session_is_quiet_until_its_server_says_or_ends_anything() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        for end in ["a byte", "a close"] {
+            let ours = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut theirs, _) = listener.accept().await.expect("accept");
+            let ours = crate::stream::Stream::Plain(ours);
+            assert!(quiet(&ours), "{end}: nothing sent yet");
+            match end {
+                "a byte" => theirs.write_all(b"E").await.expect("write"),
+                _ => drop(theirs),
+            }
+            let mut stale = false;
+            for _ in 0..200 {
+                if !quiet(&ours) {
+                    stale = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            assert!(stale, "{end} makes it stale");
+        }
+    }
+
     #[test]
     fn in_hot_standby_is_not_told() {
         let param = |n: &str, v: &str| message(b'S', format!("{n}\0{v}\0").as_bytes());
