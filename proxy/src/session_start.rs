@@ -164,6 +164,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut hold_loss = hold_loss;
     let mut messages = ServerMessages {
         buf: answer,
         hold_loss,
@@ -229,6 +230,10 @@ where
                 };
                 written.await.map_err(End::Error)?;
                 metrics.add_bytes(Direction::ClientToServer, n as u64);
+                // What the client sent before the start ended (a pipelined first query)
+                // went to this server: a start elsewhere would lose it.
+                hold_loss = false;
+                messages.hold_loss = false;
             }
             r = server.read(&mut sbuf) => {
                 let n = match r {

@@ -136,3 +136,55 @@ fn an_error_before_ready_for_query_passes_and_nonsense_ends_the_reading() {
     assert_eq!(m.drain(&mut out, |_| unreachable!()), Step::More);
     assert_eq!(out, short);
 }
+
+/// The start relayed until the server closes: held as lost (the session may start
+/// elsewhere) unless the client sent something meanwhile, which went to the lost server.
+#[tokio::test]
+async fn a_lost_start_is_held_only_while_the_client_sent_nothing() {
+    use tokio::io::AsyncWriteExt;
+    for client_sends in [false, true] {
+        let (mut client, mut client_far) = tokio::io::duplex(4096);
+        let (mut server, mut server_far) = tokio::io::duplex(4096);
+        let mut tx = TxState::new(crate::txstate::Start::Startup, &[]);
+        let keys = Arc::new(Keys::new(1));
+        let addr: Arc<str> = Arc::from("127.0.0.1:1");
+        let metrics = Metrics::default();
+        let token = CancellationToken::new();
+        let far = async {
+            if client_sends {
+                client_far
+                    .write_all(&msg(b'Q', b"SELECT 1\0"))
+                    .await
+                    .expect("query");
+                let mut got = vec![0u8; 5];
+                server_far.read_exact(&mut got).await.expect("relayed");
+            }
+            server_far
+                .write_all(&msg(b'S', b"a\0b\0"))
+                .await
+                .expect("param");
+            drop(server_far);
+            client_far
+        };
+        let start = run(
+            &mut client,
+            &mut server,
+            msg(b'R', &[0, 0, 0, 0]),
+            &mut tx,
+            &token,
+            (&keys, &addr),
+            true,
+            &metrics,
+        );
+        let (end, _client_far) = tokio::join!(start, far);
+        match (client_sends, end) {
+            (false, Ok(e)) => {
+                assert_eq!(e.lost, Some(Vec::new()), "lost, with no server error");
+                assert!(e.told_ok);
+                assert_eq!(e.reported, vec![("a".into(), "b".into())]);
+            }
+            (true, Err(End::ServerClosed)) => {}
+            (sent, other) => panic!("client sent {sent}: {:?}", other.map(|e| e.lost)),
+        }
+    }
+}
