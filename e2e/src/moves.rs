@@ -41,16 +41,17 @@ pub async fn metrics(port: u16) -> String {
 }
 
 pub fn count(text: &str, result: &str) -> u64 {
-    let want = format!("stolon_proxy_session_moves_total{{result=\"{result}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    counter(text, "stolon_proxy_session_moves_total", result)
 }
 
 /// `stolon_proxy_session_move_prepared_total` for `result` (used, discarded, refused).
 pub fn prepared(text: &str, result: &str) -> u64 {
-    let want = format!("stolon_proxy_session_move_prepared_total{{result=\"{result}\"}} ");
+    counter(text, "stolon_proxy_session_move_prepared_total", result)
+}
+
+/// A counter labelled by `result` in a metrics page (0 when absent).
+fn counter(text: &str, name: &str, result: &str) -> u64 {
+    let want = format!("{name}{{result=\"{result}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&want))
         .and_then(|v| v.trim().parse().ok())

@@ -101,24 +101,8 @@ async fn a_switchover_moves_idle_sessions_with_their_settings_statements_and_can
         "the prepared statement runs there"
     );
     // Its cancel key leads to its new backend.
-    let token = a.cancel_token();
-    let sleeper = async {
-        a.batch_execute("SET statement_timeout = 0; SELECT pg_sleep(30)")
-            .await
-    };
-    let cancel = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        token
-            .cancel_query(tokio_postgres::NoTls)
-            .await
-            .expect("cancel");
-    };
-    let (slept, ()) = tokio::time::timeout(Duration::from_secs(20), async {
-        tokio::join!(sleeper, cancel)
-    })
-    .await
-    .expect("the cancel ends the sleep");
-    let e = slept.expect_err("cancelled");
+    let sleep = "SET statement_timeout = 0; SELECT pg_sleep(30)";
+    let e = testkit::cancel::cancel_running(&a, sleep, Duration::from_millis(500)).await;
     assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e}");
 
     // The unmovable ones were closed at their boundary, as before moves.

@@ -618,14 +618,12 @@ pub(crate) async fn first_answer(
             CloseReason::BackendUnreachable,
         ));
     }
-    const NOT_NOW: [&str; 3] = [
-        sqlstate::ADMIN_SHUTDOWN,
-        sqlstate::CRASH_SHUTDOWN,
-        sqlstate::CANNOT_CONNECT_NOW,
-    ];
     let not_now = protocol::error_fields(&answer)
         .filter(|_| master)
-        .and_then(|(code, message)| Some((NOT_NOW.into_iter().find(|c| *c == code)?, message)));
+        .and_then(|(code, message)| {
+            let code = protocol::GOING_AWAY.into_iter().find(|c| *c == code)?;
+            Some((code, message))
+        });
     match not_now {
         Some((code, message)) => {
             tracing::debug!(code, message, "{what} is not accepting connections");

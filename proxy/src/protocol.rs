@@ -182,19 +182,6 @@ pub fn error_response(sqlstate: &str, message: &str) -> Vec<u8> {
 /// if a whole one is there. `None` for anything else (another message, a partial one, or
 /// a malformed one): the caller then passes the bytes on unread.
 pub fn error_fields(bytes: &[u8]) -> Option<(&str, &str)> {
-    error_fields_of(bytes)
-}
-
-/// Whether `bytes` is the ErrorResponse of a server going away (or not there yet): a
-/// shutdown, a crash of another backend, the postmaster's death, still starting up.
-pub(crate) fn going_away(bytes: &[u8]) -> bool {
-    use sqlstate::{ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CRASH_SHUTDOWN};
-    error_fields(bytes).is_some_and(|(code, _)| {
-        [ADMIN_SHUTDOWN, CRASH_SHUTDOWN, CANNOT_CONNECT_NOW].contains(&code)
-    })
-}
-
-fn error_fields_of(bytes: &[u8]) -> Option<(&str, &str)> {
     if bytes.first() != Some(&b'E') {
         return None;
     }
@@ -216,6 +203,19 @@ fn error_fields_of(bytes: &[u8]) -> Option<(&str, &str)> {
         rest = &tail[end + 1..];
     }
     code.map(|c| (c, message))
+}
+
+/// The SQLSTATEs of a server going away (or not there yet): a shutdown, a crash of another
+/// backend, the postmaster's death, still starting up.
+pub(crate) const GOING_AWAY: [&str; 3] = [
+    sqlstate::ADMIN_SHUTDOWN,
+    sqlstate::CRASH_SHUTDOWN,
+    sqlstate::CANNOT_CONNECT_NOW,
+];
+
+/// Whether `bytes` is the ErrorResponse of a server going away (`GOING_AWAY`).
+pub(crate) fn going_away(bytes: &[u8]) -> bool {
+    error_fields(bytes).is_some_and(|(code, _)| GOING_AWAY.contains(&code))
 }
 
 /// SQLSTATEs the proxy answers with (PostgreSQL's errcodes.txt).

@@ -130,9 +130,8 @@ fn next_master(cd: &ClusterData) -> Option<String> {
         })
         .map(|s| &s.target_db_uid)
         .filter(|uid| !uid.is_empty());
-    let db = cd.dbs.get(target.unwrap_or(&cd.cluster.status.master))?;
-    let port = db.status.port?;
-    (!db.status.listen_address.is_empty()).then(|| host_port(&db.status.listen_address, port))
+    let (host, port) = cd.db_address(target.unwrap_or(&cd.cluster.status.master))?;
+    Some(host_port(host, port))
 }
 
 fn replicas(cd: &ClusterData, max_lag: u64) -> Vec<ReplicaTarget> {

@@ -340,19 +340,11 @@ async fn start_elsewhere(
     s: &mut Known,
     ctx: &Ctx,
 ) -> Result<Stream, Unmovable> {
-    let Some(creds) = &s.started.credentials else {
-        return Err(Unmovable::NoCredentials);
-    };
     // No longer on the lost server: the proxy's report of the new generation (which the
     // sentinel waits for before it publishes the next master) must not wait for it.
     s.task = None;
     let fresh = migrate::state::SessionState::default();
-    let start = migrate::Start {
-        startup: &s.startup,
-        creds,
-        reported: &s.started.reported,
-    };
-    let moved = migrate::open_on_next(client, &start, &fresh, false, ctx).await;
+    let moved = open_next(client, s, &fresh, false, ctx).await;
     let moved = moved.inspect_err(|why| {
         tracing::debug!(
             why = why.label(),
@@ -374,12 +366,43 @@ async fn start_elsewhere(
     crate::auth::wire::send(client, &out)
         .await
         .map_err(|_| Unmovable::NoMaster)?;
-    s.task = Some(moved.lane.count_in(&moved.route));
-    s.route = moved.route;
-    s.lane = moved.lane;
-    s.tx = TxState::moved(fresh, ctx.config.moves == migrate::Moves::All);
+    adopt(s, moved.route, moved.lane, fresh, ctx);
     ctx.metrics.restarted("started");
     Ok(moved.server)
+}
+
+/// Opens the session on the next server with `state` (see `migrate::open_on_next`), as the
+/// client's role with its kept credentials.
+async fn open_next(
+    client: &Stream,
+    s: &Known,
+    state: &migrate::state::SessionState,
+    after_loss: bool,
+    ctx: &Ctx,
+) -> Result<migrate::Moved, Unmovable> {
+    let Some(creds) = &s.started.credentials else {
+        return Err(Unmovable::NoCredentials);
+    };
+    let start = migrate::Start {
+        startup: &s.startup,
+        creds,
+        reported: &s.started.reported,
+    };
+    migrate::open_on_next(client, &start, state, after_loss, ctx).await
+}
+
+/// The session is relayed on `route`'s `lane` from now on, known to hold `state`.
+fn adopt(
+    s: &mut Known,
+    route: Arc<Route>,
+    lane: Lane,
+    state: migrate::state::SessionState,
+    ctx: &Ctx,
+) {
+    s.task = Some(lane.count_in(&route));
+    s.route = route;
+    s.lane = lane;
+    s.tx = TxState::moved(state, ctx.config.moves == migrate::Moves::All);
 }
 
 /// Opens the session on the next server with `state`, and points the client's view (its
@@ -391,22 +414,11 @@ async fn land(
     after_loss: bool,
     ctx: &Ctx,
 ) -> Result<Stream, Unmovable> {
-    let Some(creds) = &s.started.credentials else {
-        return Err(Unmovable::NoCredentials);
-    };
-    let start = migrate::Start {
-        startup: &s.startup,
-        creds,
-        reported: &s.started.reported,
-    };
-    let moved = migrate::open_on_next(client, &start, &state, after_loss, ctx).await?;
+    let moved = open_next(client, s, &state, after_loss, ctx).await?;
     if let (Some(key), Some(real)) = (&s.started.key, moved.key) {
         key.retarget(real, moved.addr.clone());
     }
-    s.task = Some(moved.lane.count_in(&moved.route));
-    s.route = moved.route;
-    s.lane = moved.lane;
-    s.tx = TxState::moved(state, ctx.config.moves == migrate::Moves::All);
+    adopt(s, moved.route, moved.lane, state, ctx);
     if !moved.reports.is_empty() {
         // As a server reports a SET: the client reads them before its next answer.
         crate::auth::wire::send(client, &moved.reports)

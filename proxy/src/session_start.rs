@@ -50,6 +50,14 @@ struct ServerMessages {
     told_ok: bool,
 }
 
+/// How the proxy authenticated a client, as `stolon_proxy_auth_total` names it.
+fn method(creds: &Credentials) -> &'static str {
+    match creds {
+        Credentials::Scram { .. } => "scram",
+        Credentials::Md5(_) => "md5",
+    }
+}
+
 /// AuthenticationOk.
 fn auth_ok() -> Vec<u8> {
     crate::auth::wire::message(b'R', &[0, 0, 0, 0])
@@ -164,7 +172,6 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut hold_loss = hold_loss;
     let mut messages = ServerMessages {
         buf: answer,
         hold_loss,
@@ -213,7 +220,7 @@ where
             // The route's cut first: nothing more of the session reaches an old master.
             biased;
             _ = token.cancelled() => {
-                if hold_loss {
+                if messages.hold_loss {
                     return lost(messages, guard, Vec::new());
                 }
                 return Err(End::Severed);
@@ -232,17 +239,16 @@ where
                 metrics.add_bytes(Direction::ClientToServer, n as u64);
                 // What the client sent before the start ended (a pipelined first query)
                 // went to this server: a start elsewhere would lose it.
-                hold_loss = false;
                 messages.hold_loss = false;
             }
             r = server.read(&mut sbuf) => {
                 let n = match r {
                     Ok(n) => n,
-                    Err(_) if hold_loss => 0,
+                    Err(_) if messages.hold_loss => 0,
                     Err(e) => return Err(End::Error(e)),
                 };
                 if n == 0 {
-                    if hold_loss {
+                    if messages.hold_loss {
                         return lost(messages, guard, Vec::new());
                     }
                     return Err(End::ServerClosed);
@@ -320,11 +326,7 @@ impl Start<'_> {
                 .await;
                 match done {
                     Ok((rest, creds)) => {
-                        let how = match creds {
-                            Credentials::Scram { .. } => "scram",
-                            Credentials::Md5(_) => "md5",
-                        };
-                        self.ctx.metrics.auth(how);
+                        self.ctx.metrics.auth(method(&creds));
                         tx.from_server(&rest);
                         // The session may move from here on: what it sets is watched.
                         match self.ctx.config.moves {
@@ -376,11 +378,7 @@ impl Start<'_> {
         let Some(lost) = f.lost else {
             return Started::default();
         };
-        let how = match lost.creds {
-            Credentials::Scram { .. } => "scram",
-            Credentials::Md5(_) => "md5",
-        };
-        self.ctx.metrics.auth(how);
+        self.ctx.metrics.auth(method(&lost.creds));
         let mut pending = lost.tell;
         pending.extend(auth_ok());
         Started {

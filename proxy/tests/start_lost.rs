@@ -144,21 +144,8 @@ async fn a_login_cut_by_the_masters_death_starts_on_the_next_master() {
         assert_eq!(row.get::<_, String>(0), "alice");
         assert_eq!(row.get::<_, String>(1), pg.to_string());
         // Her cancel key (minted once the next master gave its own) cancels there.
-        let token = alice.cancel_token();
-        let sleeper = alice.batch_execute("SELECT pg_sleep(30)");
-        let cancel = async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            token
-                .cancel_query(tokio_postgres::NoTls)
-                .await
-                .expect("cancel");
-        };
-        let (slept, ()) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(sleeper, cancel)
-        })
-        .await
-        .expect("the cancel ends the sleep");
-        let e = slept.expect_err("cancelled");
+        let sleep = "SELECT pg_sleep(30)";
+        let e = testkit::cancel::cancel_running(&alice, sleep, Duration::from_millis(300)).await;
         assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
     }
 }

@@ -3,6 +3,7 @@
 //! unprivileged `postgres` user when the tests run as root).
 #![deny(unsafe_code)]
 
+pub mod cancel;
 pub mod etcd;
 pub mod netns;
 pub mod ports;

@@ -160,9 +160,7 @@ async fn record(sh: Arc<Shared>, target: usize, kind: Kind, out: tokio::process:
             end,
             outcome,
         };
-        if let Ok(mut log) = sh.log.lock() {
-            log.push(s);
-        }
+        sh.push(s);
     }
 }
 

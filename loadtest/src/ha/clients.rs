@@ -102,6 +102,11 @@ impl Shared {
             end: self.secs(Instant::now()),
             outcome,
         };
+        self.push(s);
+    }
+
+    /// Adds one attempt to the log.
+    pub fn push(&self, s: Sample) {
         if let Ok(mut log) = self.log.lock() {
             log.push(s);
         }

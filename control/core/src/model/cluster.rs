@@ -474,10 +474,11 @@ impl ClusterData {
     /// The address proxies must route to: the db named by `proxy.spec.masterDbUid`, when it
     /// exists and has a listen address and port. `None` means "no master".
     pub fn proxy_master_address(&self) -> Option<(&str, u16)> {
-        let uid = &self.proxy.spec.master_db_uid;
-        if uid.is_empty() {
-            return None;
-        }
+        self.db_address(&self.proxy.spec.master_db_uid)
+    }
+
+    /// The listen address and port the db `uid` reports, when it exists and has both.
+    pub fn db_address(&self, uid: &str) -> Option<(&str, u16)> {
         let db = self.dbs.get(uid)?;
         let port = db.status.port?;
         if db.status.listen_address.is_empty() {
