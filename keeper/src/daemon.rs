@@ -51,6 +51,22 @@ pub struct Settings {
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            info: Mutex::new(KeeperInfo::default()),
+            last_ack: Mutex::new(None),
+            publish_now: Notify::new(),
+            sleep_ms: AtomicU64::new(5000),
+            fence_ns: AtomicU64::new(fence_timeout(GoDuration::from_secs(20)).0 as u64),
+            arm_pid: Mutex::new(None),
+            origin: std::time::Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            acting_until_ms: AtomicU64::new(0),
+            watchdog: tokio::sync::Mutex::new(None),
+            replayed: Mutex::new(None),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
     }
@@ -104,6 +120,34 @@ pub(crate) struct Shared {
     pub beat_ms: AtomicU64,
     pub acting_until_ms: AtomicU64,
     pub watchdog: tokio::sync::Mutex<Option<Watchdog>>,
+    /// (db uid, replay position) a switchover's target reported between its rounds
+    /// (`switchover::follow_replay`): a floor for the position the rounds publish, which
+    /// were observed earlier.
+    pub replayed: Mutex<Option<(String, u64)>>,
+}
+
+impl Shared {
+    /// Publishes at once that the db `db_uid` has replayed up to `lsn`.
+    pub(crate) fn report_replayed(&self, db_uid: &str, lsn: u64) {
+        *self.replayed.lock().expect("lock") = Some((db_uid.to_string(), lsn));
+        let mut info = self.info.lock().expect("lock");
+        let Some(ps) = info.postgres_state.as_mut() else {
+            return;
+        };
+        if ps.uid == db_uid && ps.x_log_pos < lsn {
+            ps.x_log_pos = lsn;
+            drop(info);
+            self.publish_now.notify_one();
+        }
+    }
+
+    /// The replay position reported for `db_uid` since its last observation, if any.
+    fn replayed_floor(&self, db_uid: &str) -> u64 {
+        match &*self.replayed.lock().expect("lock") {
+            Some((uid, lsn)) if uid == db_uid => *lsn,
+            _ => 0,
+        }
+    }
 }
 
 /// One keeper: its settings, what it knows of its PostgreSQL instance, what the cluster view
@@ -139,6 +183,9 @@ pub(crate) struct Instance {
     pub(crate) shutdown_checkpoint: Option<u64>,
     /// The switchover request a checkpoint ahead of the stop was started for (once each).
     pub(crate) switchover_checkpoint: Option<control::model::Timestamp>,
+    /// The switchover request this keeper, its target, follows its replay position for,
+    /// and the task doing it.
+    pub(crate) catch_up: Option<(control::model::Timestamp, tokio::task::AbortHandle)>,
     /// A reload was sent and no plan has found the configuration current since: the next
     /// one logs Go stolon's "postgres parameters not changed" (operators' checks match it).
     pub(crate) reloaded: bool,
@@ -156,18 +203,7 @@ pub(crate) struct View {
 
 impl Keeper {
     pub fn new(settings: Settings, version: PostgresBinaryVersion) -> Keeper {
-        let shared = Arc::new(Shared {
-            info: Mutex::new(KeeperInfo::default()),
-            last_ack: Mutex::new(None),
-            publish_now: Notify::new(),
-            sleep_ms: AtomicU64::new(5000),
-            fence_ns: AtomicU64::new(fence_timeout(GoDuration::from_secs(20)).0 as u64),
-            arm_pid: Mutex::new(None),
-            origin: std::time::Instant::now(),
-            beat_ms: AtomicU64::new(0),
-            acting_until_ms: AtomicU64::new(0),
-            watchdog: tokio::sync::Mutex::new(None),
-        });
+        let shared = Arc::new(Shared::new());
         Keeper {
             settings,
             boot_uuid: uuid::Uuid::new_v4().to_string(),
@@ -180,6 +216,7 @@ impl Keeper {
                 floors: Default::default(),
                 shutdown_checkpoint: None,
                 switchover_checkpoint: None,
+                catch_up: None,
                 reloaded: false,
                 fenced: false,
                 restricted: false,
@@ -404,8 +441,10 @@ impl Keeper {
         // pg_controldata.
         let limit = Duration::from_secs(8) + self.request_timeout();
         self.acting(Some(limit));
+        let started = Instant::now();
         let observed = self.observe().await;
         self.acting(None);
+        let observe_ms = started.elapsed().as_secs_f64() * 1000.0;
         let Some(local) = observed else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             return false;
@@ -420,7 +459,12 @@ impl Keeper {
         let actions = plan(&view, &local);
         tracing::debug!(?actions, "plan");
         self.checkpoint_ahead_of_switchover(&local);
-        self.execute(actions).await
+        self.catch_up_for_switchover(&local);
+        let acting = Instant::now();
+        let acted = self.execute(actions).await;
+        let act_ms = acting.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(observe_ms, act_ms, "round");
+        acted
     }
 
     /// What runs locally; `None` while PostgreSQL runs but cannot answer yet (starting).
@@ -492,12 +536,16 @@ impl Keeper {
     async fn query_state(&mut self) -> Option<PgState> {
         self.instance.answering = false;
         let conn = self.conn();
+        let started = Instant::now();
         let client = conn.connect(Duration::from_secs(2)).await.ok()?;
+        let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
         let limit = self.request_timeout();
         let st = tokio::time::timeout(limit, sql::state(&client, &self.settings.layout.pg_data()))
             .await
             .ok()?
             .ok()?;
+        let query_ms = started.elapsed().as_secs_f64() * 1000.0 - connect_ms;
+        tracing::debug!(connect_ms, query_ms, "observed PostgreSQL");
         self.instance.state = Some(st.clone());
         self.instance.answering = true;
         Some(st)
@@ -626,6 +674,11 @@ impl Keeper {
         let db_uid = self.settings.layout.db_state().map(|s| s.db_uid);
         let st = self.instance.state.clone().unwrap_or_default();
         let running = self.instance.postmaster.is_some() && self.instance.state.is_some();
+        // A standby's position may have been reported since it was observed.
+        let xlog_pos = match (&db_uid, st.in_recovery) {
+            (Some(uid), true) => st.xlog_pos.max(self.shared.replayed_floor(uid)),
+            _ => st.xlog_pos,
+        };
         let state = db_uid.map(|uid| PostgresState {
             generation: match &self.view.converged {
                 Some((u, g)) if *u == uid => *g,
@@ -637,7 +690,7 @@ impl Keeper {
             healthy: running && !self.instance.fenced,
             system_id: st.system_id,
             timeline_id: st.timeline,
-            x_log_pos: st.xlog_pos,
+            x_log_pos: xlog_pos,
             timelines_history: st.history,
             pg_parameters: self.settings.layout.init_params(),
             synchronous_standbys: st.sync_standbys,
@@ -796,7 +849,8 @@ async fn publish(
                 if let Some(wd) = wd.as_mut() {
                     // The watchdog is the backstop: a little after the keeper's own deadline.
                     let within = (fence + fence / 4).saturating_sub(sent.elapsed());
-                    tracing::debug!(?pid, ?within, "fencing watchdog deadline");
+                    let put_ms = sent.elapsed().as_secs_f64() * 1000.0;
+                    tracing::debug!(?pid, ?within, put_ms, "fencing watchdog deadline");
                     let r = match pid {
                         Some(pid) => wd.arm(pid, within).await,
                         None => wd.disarm().await,
@@ -827,6 +881,44 @@ fn publish_every(sleep: Duration, fence: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::loop_alive;
+
+    #[tokio::test]
+    async fn a_reported_replay_position_is_published_at_once_and_kept_as_a_floor() {
+        use super::*;
+        use control::model::PostgresState;
+        let shared = Shared::new();
+        shared.info.lock().expect("lock").postgres_state = Some(PostgresState {
+            uid: "d2".into(),
+            x_log_pos: 100,
+            ..Default::default()
+        });
+        let published = shared.publish_now.notified();
+        shared.report_replayed("d2", 150);
+        tokio::time::timeout(Duration::from_secs(5), published)
+            .await
+            .expect("a publish is asked for");
+        let pos = |s: &Shared| {
+            s.info
+                .lock()
+                .expect("lock")
+                .postgres_state
+                .clone()
+                .map(|p| p.x_log_pos)
+        };
+        assert_eq!(pos(&shared), Some(150));
+        // Neither an older position nor another db's lowers or moves it.
+        shared.report_replayed("d2", 120);
+        shared.report_replayed("d9", 900);
+        assert_eq!(pos(&shared), Some(150));
+        assert_eq!(
+            shared.replayed_floor("d2"),
+            0,
+            "the last report was another db's"
+        );
+        shared.report_replayed("d2", 160);
+        assert_eq!(shared.replayed_floor("d2"), 160);
+        assert_eq!(shared.replayed_floor("d9"), 0);
+    }
 
     #[test]
     fn a_publish_comes_at_least_twice_per_fence_window() {

@@ -305,6 +305,7 @@ impl Sentinel {
             if leadership.is_lost() {
                 return Ok(false);
             }
+            let writing = Instant::now();
             match self
                 .cfg
                 .store
@@ -313,6 +314,8 @@ impl Sentinel {
             {
                 CasOutcome::Written(written) => {
                     self.metrics.writes.inc();
+                    let write_ms = writing.elapsed().as_secs_f64() * 1000.0;
+                    tracing::debug!(revision = written, write_ms, "clusterdata written");
                     lead.last_write = Some(Instant::now());
                     // The watch brings the same document soon; decide on it meanwhile.
                     view.cd = Some((next.clone(), written));

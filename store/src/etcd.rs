@@ -214,6 +214,11 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResponse> {
+        // etcd refuses the whole txn when a put names a lease that is gone.
+        let lease = ops.iter().find_map(|op| match op {
+            Op::Put { lease, .. } => *lease,
+            Op::Delete { .. } => None,
+        });
         let when: Vec<EtcdCompare> = compares
             .into_iter()
             .map(|c| match c {
@@ -242,7 +247,10 @@ impl Store for EtcdStore {
             async move { kv.txn(txn).await }
         })
         .await
-        .map_err(unavailable)?;
+        .map_err(|e| match lease {
+            Some(lease) if not_found(&e) => StoreError::LeaseNotFound(lease),
+            _ => unavailable(e),
+        })?;
         Ok(TxnResponse {
             succeeded: resp.succeeded(),
             revision: header_revision(resp.header()),

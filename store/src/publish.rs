@@ -64,11 +64,22 @@ impl LeasedKey {
         &self.key
     }
 
-    /// Writes `value` under the lease; returns the store revision of the write, which the
-    /// caller can use as the time of its last acknowledged publish.
+    /// Writes `value` under the lease, then renews it; returns the store revision of the
+    /// write, which the caller can use as the time of its last acknowledged publish. The
+    /// renewal comes after the write, not before: readers wait for the write (a keeper's
+    /// report of its replay position holds up a switchover's promotion), and a lease
+    /// outlives the time between two puts by construction (its TTL is at least twice the
+    /// publishing interval).
     pub async fn put(&mut self, value: Vec<u8>) -> Result<i64> {
         for _ in 0..2 {
-            let lease = self.ensure_lease().await?;
+            let (lease, granted) = match self.lease {
+                Some(lease) => (lease, false),
+                None => {
+                    let lease = self.store.grant_lease(self.ttl).await?;
+                    self.lease = Some(lease);
+                    (lease, true)
+                }
+            };
             let op = Op::Put {
                 key: self.key.clone(),
                 value: value.clone(),
@@ -80,9 +91,17 @@ impl LeasedKey {
                         // Best effort: a lease left behind holds no key and expires.
                         let _ = self.store.revoke_lease(old).await;
                     }
-                    return Ok(r.revision);
+                    if granted {
+                        return Ok(r.revision);
+                    }
+                    match self.store.keep_alive(lease).await {
+                        Ok(()) => return Ok(r.revision),
+                        // Expired just after the write (the key went with it): write again.
+                        Err(StoreError::LeaseNotFound(_)) => self.lease = None,
+                        Err(e) => return Err(e),
+                    }
                 }
-                // The lease expired between the refresh and the put: take a new one.
+                // The lease expired since the last put: take a new one.
                 Err(StoreError::LeaseNotFound(_)) => self.lease = None,
                 Err(e) => return Err(e),
             }
@@ -90,19 +109,6 @@ impl LeasedKey {
         Err(StoreError::Unavailable(
             format!("could not keep a lease for {}", self.key).into(),
         ))
-    }
-
-    async fn ensure_lease(&mut self) -> Result<LeaseId> {
-        if let Some(lease) = self.lease {
-            match self.store.keep_alive(lease).await {
-                Ok(()) => return Ok(lease),
-                Err(StoreError::LeaseNotFound(_)) => self.lease = None,
-                Err(e) => return Err(e),
-            }
-        }
-        let lease = self.store.grant_lease(self.ttl).await?;
-        self.lease = Some(lease);
-        Ok(lease)
     }
 
     /// Removes the key now (a clean stop), by revoking its lease.
