@@ -614,12 +614,16 @@ impl Keeper {
         let client = self.conn().connect(Duration::from_secs(2)).await?;
         self.arm_watchdog(self.instance.postmaster.as_ref().and_then(|p| p.pid()))
             .await;
+        let started = tokio::time::Instant::now();
         if !sql::promote(&client, Duration::from_secs(60)).await? {
             bail!("promotion did not finish within 60 s");
         }
+        let promote_ms = started.elapsed().as_secs_f64() * 1000.0;
         // The control file names the new timeline only after a checkpoint; pg_rewind on the
         // old master reads it and would otherwise find "no rewind required".
         client.batch_execute("CHECKPOINT").await?;
+        let checkpoint_ms = started.elapsed().as_secs_f64() * 1000.0 - promote_ms;
+        tracing::debug!(promote_ms, checkpoint_ms, "promoted");
         sql::ensure_repl_role(
             &client,
             &self.settings.local.repl_user,
