@@ -530,6 +530,8 @@ impl Keeper {
                 .pg_data()
                 .join("standby.signal")
                 .exists(),
+            clean_stop: self.instance.shutdown_checkpoint.is_some()
+                && self.instance.postmaster.is_none(),
         })
     }
 

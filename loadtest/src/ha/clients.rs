@@ -21,15 +21,18 @@ pub enum Kind {
     Psycopg2,
     Pgx,
     Pgjdbc,
+    /// `pgbench -M prepared`, one client, restarted after an abort.
+    Pgbench,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::PerTxn,
         Kind::Persistent,
         Kind::Psycopg2,
         Kind::Pgx,
         Kind::Pgjdbc,
+        Kind::Pgbench,
     ];
 
     /// Its name in the summary and the JSON.
@@ -40,6 +43,7 @@ impl Kind {
             Kind::Psycopg2 => "psycopg2",
             Kind::Pgx => "pgx",
             Kind::Pgjdbc => "pgjdbc",
+            Kind::Pgbench => "pgbench",
         }
     }
 }

@@ -161,7 +161,8 @@ impl Env {
             c.exec_via_proxy(&format!(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{WRITER}') THEN \
                  CREATE ROLE {WRITER} LOGIN PASSWORD '{WRITER_PASSWORD}'; END IF; END $$; \
-                 GRANT SELECT, INSERT ON lt_writes TO {WRITER}"
+                 GRANT SELECT, INSERT ON lt_writes TO {WRITER}; \
+                 GRANT USAGE ON SEQUENCE lt_pgbench_ids TO {WRITER}"
             ))
             .await?;
         }
@@ -343,7 +344,8 @@ pub async fn create_load_table(c: &Cluster) -> Result<()> {
             &addr,
             port,
             "CREATE TABLE IF NOT EXISTS lt_writes (id bigint PRIMARY KEY, client int, \
-             at timestamptz DEFAULT now())",
+             at timestamptz DEFAULT now()); \
+             CREATE SEQUENCE IF NOT EXISTS lt_pgbench_ids",
             Duration::from_secs(5),
         )
         .await

@@ -76,6 +76,9 @@ pub struct LocalObserved {
     pub fenced: bool,
     /// The data directory is a standby's (standby.signal): never promoted.
     pub standby_data: bool,
+    /// This keeper stopped its PostgreSQL cleanly as a master (its shutdown checkpoint is
+    /// reported) and has not started it since.
+    pub clean_stop: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,6 +296,16 @@ fn plan_old_master(local: &LocalObserved) -> Vec<PgAction> {
     }
 }
 
+/// Makes this db's data a copy of `from`'s: pg_rewind if the spec allows, else a new base
+/// backup.
+fn resync(db: &Db, from: String) -> Vec<PgAction> {
+    if db.spec.use_pgrewind {
+        vec![Rewind { from_db: from }]
+    } else {
+        vec![ClearData, BaseBackup { from_db: from }]
+    }
+}
+
 /// Whether the running standby's history diverged from the db it follows.
 fn forked_from_followed(cd: &ClusterData, db: &Db, r: &Running) -> bool {
     followed_db(db)
@@ -317,6 +330,23 @@ fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgActio
             out.push(WriteConfig);
             out.push(Reload);
         }
+        (None, false) if !local.standby_data && followed_db(db).is_some() => {
+            // A master's data that must now follow another db: resynced. After a clean
+            // stop (a switchover) only once the proxies route to the new master: until then
+            // it is being promoted, a base backup from it fails when the promotion lands
+            // ("the standby was promoted during online backup"), and it takes the new
+            // master's CPU and disk in the very window in which no one can write.
+            let from = followed_db(db).unwrap_or_default().to_string();
+            if local.clean_stop && cd.proxy.spec.master_db_uid != from {
+                out.push(Wait(format!(
+                    "the resync from {from} waits until the proxies route to it"
+                )));
+                return out;
+            }
+            out.extend(resync(db, from));
+            out.push(WriteConfig);
+            out.push(Start);
+        }
         (None, _) => {
             out.push(WriteConfig);
             out.push(Start);
@@ -334,18 +364,18 @@ fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgActio
             out.push(WriteConfig);
             out.push(Reload);
         }
-        (Some(r), false) if r.role == PgRole::Primary || forked_from_followed(cd, db, r) => {
-            // An old master turned standby may have WAL the new master lacks; so may a
-            // standby that was ahead of the one elected, or an old master that crashed and
+        (Some(r), false) if r.role == PgRole::Primary => {
+            // An old master turned standby may have WAL the new master lacks: stopped here,
+            // resynced by a later round (above), which knows how the stop went.
+            out.push(Stop(StopMode::Fast));
+            out.push(Wait("stopped as a master: resynced once stopped".into()));
+        }
+        (Some(r), false) if forked_from_followed(cd, db, r) => {
+            // A standby that was ahead of the one elected, or an old master that crashed and
             // came back as a standby (PostgreSQL then waits forever for WAL at the fork).
             let from = followed_db(db).unwrap_or_default().to_string();
             out.push(Stop(StopMode::Fast));
-            if db.spec.use_pgrewind {
-                out.push(Rewind { from_db: from });
-            } else {
-                out.push(ClearData);
-                out.push(BaseBackup { from_db: from });
-            }
+            out.extend(resync(db, from));
             out.push(WriteConfig);
             out.push(Start);
         }

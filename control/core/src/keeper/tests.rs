@@ -58,6 +58,7 @@ fn local(data: DataState, running: Option<PgRole>) -> LocalObserved {
         config_current: true,
         fenced: false,
         standby_data: false,
+        clean_stop: false,
     }
 }
 
@@ -76,6 +77,12 @@ fn run(cd: Option<&ClusterData>, silence: i64, local: &LocalObserved) -> Vec<PgA
         faults: crate::faults::Faults::NONE,
     };
     plan(&view, local)
+}
+
+/// `cd` with the proxies routed to `master`.
+fn routed(mut cd: ClusterData, master: &str) -> ClusterData {
+    cd.proxy.spec.master_db_uid = master.into();
+    cd
 }
 
 fn from(m: &str) -> String {
@@ -176,12 +183,24 @@ fn plan_table() {
         ("standby over another db's data with rewind: rewind",
             Some(cd_with(Some(with_rewind(standby.clone())), true, rewind())), 0, local(holds("old"), None),
             vec![Rewind { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
-        ("old master demoted to standby, no rewind: stop, base backup",
+        ("old master demoted to standby: stop, the resync in a later round",
             Some(cd_with(Some(standby.clone()), true, spec())), 0, local(holds("d1"), Some(PgRole::Primary)),
-            vec![Stop(StopMode::Fast), ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
-        ("old master demoted to standby with rewind: stop, rewind",
-            Some(cd_with(Some(with_rewind(standby.clone())), true, rewind())), 0, local(holds("d1"), Some(PgRole::Primary)),
-            vec![Stop(StopMode::Fast), Rewind { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
+            vec![Stop(StopMode::Fast), Wait("stopped as a master: resynced once stopped".into())]),
+        ("old master stopped, not cleanly, no rewind: base backup",
+            Some(cd_with(Some(standby.clone()), true, spec())), 0, local(holds("d1"), None),
+            vec![ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("old master stopped, not cleanly, with rewind: rewind",
+            Some(cd_with(Some(with_rewind(standby.clone())), true, rewind())), 0, local(holds("d1"), None),
+            vec![Rewind { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("old master stopped cleanly, the new master not routed yet: wait",
+            Some(cd_with(Some(standby.clone()), true, spec())), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
+            vec![Wait("the resync from m waits until the proxies route to it".into())]),
+        ("old master stopped cleanly, the new master routed: base backup",
+            Some(routed(cd_with(Some(standby.clone()), true, spec()), "m")), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
+            vec![ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("a standby's own data, stopped: start it",
+            Some(cd_with(Some(standby.clone()), true, spec())), 0, LocalObserved { standby_data: true, ..local(holds("d1"), None) },
+            vec![WriteConfig, Start, SyncSlots, Converged(7)]),
         ("standby elected master: promote",
             Some(cd_with(Some(master.clone()), true, spec())), 0, local(holds("d1"), Some(PgRole::Standby)),
             vec![Promote, WriteConfig, Reload, SyncSlots, Converged(7)]),

@@ -298,6 +298,7 @@ fn local() -> impl Strategy<Value = LocalObserved> {
                 config_current,
                 fenced,
                 standby_data,
+                clean_stop: fenced && standby_data,
             },
         )
 }
