@@ -232,3 +232,48 @@ async fn etcd_keep_alive_without_writes() {
     let etcd = Etcd::start().expect("etcd");
     common::keep_alive_without_writes(connect(&etcd).await, Duration::from_secs(2)).await;
 }
+
+/// Renewals go over a kept keep-alive stream: one that broke (etcd restarted) is opened
+/// again, and a lease that expired or was revoked is reported gone, not renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_kept_keep_alive_stream_survives_a_restart_and_sees_expiry() {
+    let mut etcd = Etcd::start().expect("etcd");
+    let store = connect(&etcd).await;
+    let lease = store
+        .grant_lease(Duration::from_secs(30))
+        .await
+        .expect("grant");
+    store.keep_alive(lease).await.expect("first renewal");
+    store
+        .keep_alive(lease)
+        .await
+        .expect("renewal on the kept stream");
+    etcd.restart().expect("restart etcd");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.keep_alive(lease).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "renewal after the restart, again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no renewal after the restart: {e}"),
+        }
+    }
+    store.revoke_lease(lease).await.expect("revoke");
+    assert!(matches!(
+        store.keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+    // Expiry seen on a kept stream.
+    let short = store
+        .grant_lease(Duration::from_secs(1))
+        .await
+        .expect("grant");
+    store.keep_alive(short).await.expect("renewal");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(matches!(
+        store.keep_alive(short).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+}
