@@ -236,6 +236,13 @@ async fn planned_switchover_under_load_loses_nothing() {
     // target was promoted without waiting for the old master to rejoin.
     let old_log = c.keeper_log(&m);
     assert!(old_log.contains("master stopped cleanly"), "{old_log}");
+    // It was resynced only once the proxies routed to the new master: a base backup started
+    // during the promotion failed ("the standby was promoted during online backup").
+    assert!(
+        old_log.contains("waits until the proxies route to it"),
+        "{old_log}"
+    );
+    assert!(!old_log.contains("action failed"), "{old_log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
