@@ -67,6 +67,28 @@ impl Shared {
         }
     }
 
+    /// Publishes at once that the db `db_uid` has replayed up to `lsn`.
+    pub(crate) fn report_replayed(&self, db_uid: &str, lsn: u64) {
+        *self.replayed.lock().expect("lock") = Some((db_uid.to_string(), lsn));
+        let mut info = self.info.lock().expect("lock");
+        let Some(ps) = info.postgres_state.as_mut() else {
+            return;
+        };
+        if ps.uid == db_uid && ps.x_log_pos < lsn {
+            ps.x_log_pos = lsn;
+            drop(info);
+            self.publish_now.notify_one();
+        }
+    }
+
+    /// The replay position reported for `db_uid` since its last observation, if any.
+    fn replayed_floor(&self, db_uid: &str) -> u64 {
+        match &*self.replayed.lock().expect("lock") {
+            Some((uid, lsn)) if uid == db_uid => *lsn,
+            _ => 0,
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
     }
@@ -124,30 +146,6 @@ pub(crate) struct Shared {
     /// (`switchover::follow_replay`): a floor for the position the rounds publish, which
     /// were observed earlier.
     pub replayed: Mutex<Option<(String, u64)>>,
-}
-
-impl Shared {
-    /// Publishes at once that the db `db_uid` has replayed up to `lsn`.
-    pub(crate) fn report_replayed(&self, db_uid: &str, lsn: u64) {
-        *self.replayed.lock().expect("lock") = Some((db_uid.to_string(), lsn));
-        let mut info = self.info.lock().expect("lock");
-        let Some(ps) = info.postgres_state.as_mut() else {
-            return;
-        };
-        if ps.uid == db_uid && ps.x_log_pos < lsn {
-            ps.x_log_pos = lsn;
-            drop(info);
-            self.publish_now.notify_one();
-        }
-    }
-
-    /// The replay position reported for `db_uid` since its last observation, if any.
-    fn replayed_floor(&self, db_uid: &str) -> u64 {
-        match &*self.replayed.lock().expect("lock") {
-            Some((uid, lsn)) if uid == db_uid => *lsn,
-            _ => 0,
-        }
-    }
 }
 
 /// One keeper: its settings, what it knows of its PostgreSQL instance, what the cluster view
