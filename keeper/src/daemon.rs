@@ -811,6 +811,7 @@ async fn publish(
     let mut ttl_for = Duration::ZERO;
     let mut key = store.keeper_info_key(&uid, info_ttl(ttl_for));
     let mut stalled = false;
+    let mut failing = false;
     loop {
         let sleep = Duration::from_millis(shared.sleep_ms.load(Ordering::Relaxed));
         if sleep != ttl_for {
@@ -824,7 +825,10 @@ async fn publish(
                 return;
             }
             _ = shared.publish_now.notified() => {}
-            _ = tokio::time::sleep(publish_every(sleep, fence)) => {}
+            _ = tokio::time::sleep(match failing {
+                true => PUBLISH_RETRY,
+                false => publish_every(sleep, fence),
+            }) => {}
         }
         if !shared.loop_alive() {
             if !stalled {
@@ -840,8 +844,18 @@ async fn publish(
         info.info_uid = uuid::Uuid::new_v4().simple().to_string();
         let sent = Instant::now();
         let bytes = serde_json::to_vec(&info).unwrap_or_default();
-        match key.put(bytes).await {
+        // One write can hang on an etcd member whose leader died (until etcd's own request
+        // timeout, 5 s): bounded to a quarter of the fence window and sent again soon, the
+        // next write reaches the leader the others elect meanwhile. Waiting it out made a
+        // just-elected master fence itself when the etcd leader died during the failover.
+        let attempt = (fence / 4).max(PUBLISH_RETRY);
+        let put = match tokio::time::timeout(attempt, key.put(bytes)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {attempt:?}")),
+        };
+        match put {
             Ok(_) => {
+                failing = false;
                 *shared.last_ack.lock().expect("lock") = Some(sent);
                 let pid = *shared.arm_pid.lock().expect("lock");
                 let fence = Duration::from_nanos(shared.fence_ns.load(Ordering::Relaxed));
@@ -860,10 +874,19 @@ async fn publish(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot publish keeper info"),
+            // Logged once per run of failures (retried every PUBLISH_RETRY meanwhile).
+            Err(error) if failing => tracing::debug!(%error, "cannot publish keeper info"),
+            Err(error) => {
+                failing = true;
+                tracing::warn!(%error, "cannot publish keeper info (retrying)");
+            }
         }
     }
 }
+
+/// The pause before a failed KeeperInfo write is tried again, and the shortest bound on
+/// one write.
+const PUBLISH_RETRY: Duration = Duration::from_millis(200);
 
 /// How long the publisher waits between periodic publishes: sleepInterval, but at most half
 /// the fence window (two publishes per window, as stolon's defaults give: sleepInterval 5 s,
