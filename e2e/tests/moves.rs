@@ -242,8 +242,11 @@ async fn a_read_only_session_moves_to_another_standby_when_its_standby_leaves_th
 
     // Its new standby is promoted: the session moves on to a standby again.
     env.switchover(&to);
+    // At least once more: read every 100 ms, two moves can land in one reading (a second
+    // session of this proxy's listener, or this one moved again as the standbys re-point at
+    // the new master); where the session ends up is checked below.
     c.wait_for("the session moved again", MIN, async || {
-        (count(&metrics(env.metrics).await, "moved") == 2).then_some(())
+        (count(&metrics(env.metrics).await, "moved") >= 2).then_some(())
     })
     .await
     .expect("moved again");
