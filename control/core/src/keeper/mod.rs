@@ -22,7 +22,7 @@
 mod tests;
 
 use crate::faults::{Fault, Faults};
-use crate::model::{ClusterData, Db, DbInitMode, DbRole, FollowType, GoDuration};
+use crate::model::{ClusterData, Db, DbInitMode, DbRole, FollowType, GoDuration, SwitchoverPhase};
 
 /// What the cluster view says, as far as this keeper is concerned.
 #[derive(Clone, Copy, Debug)]
@@ -296,6 +296,18 @@ fn plan_old_master(local: &LocalObserved) -> Vec<PgAction> {
     }
 }
 
+/// A switchover from this db to `from` has not reached the proxies yet: `from` is being
+/// promoted, or promoted and not routed.
+fn switchover_promoting(cd: &ClusterData, db: &Db, from: &str) -> bool {
+    let Some(st) = cd.cluster.status.switchover.as_ref() else {
+        return false;
+    };
+    st.old_master_db_uid == db.uid
+        && st.target_db_uid == from
+        && st.phase != SwitchoverPhase::Failed
+        && cd.proxy.spec.master_db_uid != from
+}
+
 /// Makes this db's data a copy of `from`'s: pg_rewind if the spec allows, else a new base
 /// backup.
 fn resync(db: &Db, from: String) -> Vec<PgAction> {
@@ -337,7 +349,7 @@ fn plan_same_db(cd: &ClusterData, db: &Db, local: &LocalObserved) -> Vec<PgActio
             // ("the standby was promoted during online backup"), and it takes the new
             // master's CPU and disk in the very window in which no one can write.
             let from = followed_db(db).unwrap_or_default().to_string();
-            if local.clean_stop && cd.proxy.spec.master_db_uid != from {
+            if local.clean_stop && switchover_promoting(cd, db, &from) {
                 out.push(Wait(format!(
                     "the resync from {from} waits until the proxies route to it"
                 )));

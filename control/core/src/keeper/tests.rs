@@ -79,9 +79,19 @@ fn run(cd: Option<&ClusterData>, silence: i64, local: &LocalObserved) -> Vec<PgA
     plan(&view, local)
 }
 
-/// `cd` with the proxies routed to `master`.
-fn routed(mut cd: ClusterData, master: &str) -> ClusterData {
-    cd.proxy.spec.master_db_uid = master.into();
+/// `cd` in a switchover from d1 to m at `phase`, the proxies routed to `routed`.
+fn switching(mut cd: ClusterData, phase: SwitchoverPhase, routed: &str) -> ClusterData {
+    cd.cluster.status.switchover = Some(crate::model::SwitchoverStatus {
+        target_keeper_uid: "km".into(),
+        requested_at: Timestamp::now(),
+        phase,
+        old_master_db_uid: "d1".into(),
+        target_db_uid: "m".into(),
+        stop_position: 0,
+        started_at: Timestamp::now(),
+        reason: String::new(),
+    });
+    cd.proxy.spec.master_db_uid = routed.into();
     cd
 }
 
@@ -192,11 +202,20 @@ fn plan_table() {
         ("old master stopped, not cleanly, with rewind: rewind",
             Some(cd_with(Some(with_rewind(standby.clone())), true, rewind())), 0, local(holds("d1"), None),
             vec![Rewind { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
-        ("old master stopped cleanly, the new master not routed yet: wait",
-            Some(cd_with(Some(standby.clone()), true, spec())), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
+        ("old master stopped cleanly, its switchover's target being promoted: wait",
+            Some(switching(cd_with(Some(standby.clone()), true, spec()), SwitchoverPhase::Stopping, "d1")), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
+            vec![Wait("the resync from m waits until the proxies route to it".into())]),
+        ("old master stopped cleanly, its switchover's target promoted, not routed: wait",
+            Some(switching(cd_with(Some(standby.clone()), true, spec()), SwitchoverPhase::Completed, "d1")), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
             vec![Wait("the resync from m waits until the proxies route to it".into())]),
         ("old master stopped cleanly, the new master routed: base backup",
-            Some(routed(cd_with(Some(standby.clone()), true, spec()), "m")), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
+            Some(switching(cd_with(Some(standby.clone()), true, spec()), SwitchoverPhase::Completed, "m")), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
+            vec![ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("old master stopped cleanly, no switchover (demoted by hand): base backup",
+            Some(cd_with(Some(standby.clone()), true, spec())), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
+            vec![ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
+        ("old master stopped cleanly, its switchover failed: base backup",
+            Some(switching(cd_with(Some(standby.clone()), true, spec()), SwitchoverPhase::Failed, "d1")), 0, LocalObserved { clean_stop: true, ..local(holds("d1"), None) },
             vec![ClearData, BaseBackup { from_db: from("m") }, WriteConfig, Start, SyncSlots, Converged(7)]),
         ("a standby's own data, stopped: start it",
             Some(cd_with(Some(standby.clone()), true, spec())), 0, LocalObserved { standby_data: true, ..local(holds("d1"), None) },
