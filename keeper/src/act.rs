@@ -618,12 +618,12 @@ impl Keeper {
         if !sql::promote(&client, Duration::from_secs(60)).await? {
             bail!("promotion did not finish within 60 s");
         }
-        let promote_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let promote = started.elapsed();
         // The control file names the new timeline only after a checkpoint; pg_rewind on the
         // old master reads it and would otherwise find "no rewind required".
         client.batch_execute("CHECKPOINT").await?;
-        let checkpoint_ms = started.elapsed().as_secs_f64() * 1000.0 - promote_ms;
-        tracing::debug!(promote_ms, checkpoint_ms, "promoted");
+        let checkpoint = started.elapsed() - promote;
+        tracing::debug!(?promote, ?checkpoint, "promoted");
         sql::ensure_repl_role(
             &client,
             &self.settings.local.repl_user,

@@ -442,7 +442,7 @@ impl Keeper {
         let started = Instant::now();
         let observed = self.observe().await;
         self.acting(None);
-        let observe_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let observe = started.elapsed();
         let Some(local) = observed else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             return false;
@@ -460,8 +460,7 @@ impl Keeper {
         self.catch_up_for_switchover(&local);
         let acting = Instant::now();
         let acted = self.execute(actions).await;
-        let act_ms = acting.elapsed().as_secs_f64() * 1000.0;
-        tracing::debug!(observe_ms, act_ms, "round");
+        tracing::debug!(?observe, act = ?acting.elapsed(), "round");
         acted
     }
 
@@ -538,14 +537,14 @@ impl Keeper {
         let conn = self.conn();
         let started = Instant::now();
         let client = conn.connect(Duration::from_secs(2)).await.ok()?;
-        let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let connect = started.elapsed();
         let limit = self.request_timeout();
         let st = tokio::time::timeout(limit, sql::state(&client, &self.settings.layout.pg_data()))
             .await
             .ok()?
             .ok()?;
-        let query_ms = started.elapsed().as_secs_f64() * 1000.0 - connect_ms;
-        tracing::debug!(connect_ms, query_ms, "observed PostgreSQL");
+        let query = started.elapsed() - connect;
+        tracing::debug!(?connect, ?query, "observed PostgreSQL");
         self.instance.state = Some(st.clone());
         self.instance.answering = true;
         Some(st)
@@ -863,8 +862,8 @@ async fn publish(
                 if let Some(wd) = wd.as_mut() {
                     // The watchdog is the backstop: a little after the keeper's own deadline.
                     let within = (fence + fence / 4).saturating_sub(sent.elapsed());
-                    let put_ms = sent.elapsed().as_secs_f64() * 1000.0;
-                    tracing::debug!(?pid, ?within, put_ms, "fencing watchdog deadline");
+                    let put = sent.elapsed();
+                    tracing::debug!(?pid, ?within, ?put, "fencing watchdog deadline");
                     let r = match pid {
                         Some(pid) => wd.arm(pid, within).await,
                         None => wd.disarm().await,

@@ -314,8 +314,8 @@ impl Sentinel {
             {
                 CasOutcome::Written(written) => {
                     self.metrics.writes.inc();
-                    let write_ms = writing.elapsed().as_secs_f64() * 1000.0;
-                    tracing::debug!(revision = written, write_ms, "clusterdata written");
+                    let write = writing.elapsed();
+                    tracing::debug!(revision = written, ?write, "clusterdata written");
                     lead.last_write = Some(Instant::now());
                     // The watch brings the same document soon; decide on it meanwhile.
                     view.cd = Some((next.clone(), written));

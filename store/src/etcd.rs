@@ -43,8 +43,10 @@ pub struct EtcdStore {
     /// Each lease's keep-alive stream, kept between renewals: opening one per renewal cost
     /// a stream set-up and an extra round trip each time (40-90 ms on a loaded machine, on
     /// the path of every keeper and proxy report), and CPU in every idle proxy.
-    keepers: Arc<tokio::sync::Mutex<HashMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>>>,
+    keepers: Arc<std::sync::Mutex<KeptStreams>>,
 }
+
+type KeptStreams = HashMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>;
 
 /// One renewal on a kept stream: `Ok(false)` if etcd answered that the lease is gone.
 async fn renew(
@@ -183,6 +185,12 @@ impl EtcdConfig {
 }
 
 impl EtcdStore {
+    /// The kept keep-alive streams; held only to take one out or put it back, never
+    /// across an await.
+    fn kept(&self) -> std::sync::MutexGuard<'_, KeptStreams> {
+        self.keepers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
         if config.endpoints.is_empty() {
             return Err(StoreError::Config("no store endpoints given".into()));
@@ -270,20 +278,15 @@ impl Store for EtcdStore {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
-        .await;
-        let resp = match resp {
-            Ok(resp) => resp,
-            Err(e) => {
-                return Err(match lease {
-                    Some(lease) if not_found(&e) => {
-                        // Gone: its kept keep-alive stream goes too.
-                        self.keepers.lock().await.remove(&lease);
-                        StoreError::LeaseNotFound(lease)
-                    }
-                    _ => unavailable(e),
-                });
+        .await
+        .map_err(|e| match lease {
+            Some(lease) if not_found(&e) => {
+                // Gone: its kept keep-alive stream goes too.
+                self.kept().remove(&lease);
+                StoreError::LeaseNotFound(lease)
             }
-        };
+            _ => unavailable(e),
+        })?;
         Ok(TxnResponse {
             succeeded: resp.succeeded(),
             revision: header_revision(resp.header()),
@@ -304,11 +307,11 @@ impl Store for EtcdStore {
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
         // Taken out while in use: a renewal cut short (a timeout) drops its stream, and
         // the next one opens a new stream.
-        let kept = self.keepers.lock().await.remove(&lease);
+        let kept = self.kept().remove(&lease);
         if let Some((mut keeper, mut stream)) = kept {
             match renew(&mut keeper, &mut stream).await {
                 Ok(true) => {
-                    self.keepers.lock().await.insert(lease, (keeper, stream));
+                    self.kept().insert(lease, (keeper, stream));
                     return Ok(());
                 }
                 Ok(false) => return Err(StoreError::LeaseNotFound(lease)),
@@ -323,7 +326,7 @@ impl Store for EtcdStore {
         });
         match sent.await {
             Ok(kept) => {
-                self.keepers.lock().await.insert(lease, kept);
+                self.kept().insert(lease, kept);
                 Ok(())
             }
             Err(e) if lease_gone_on_keep_alive(&e) || not_found(&e) => {
@@ -334,7 +337,7 @@ impl Store for EtcdStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        self.keepers.lock().await.remove(&lease);
+        self.kept().remove(&lease);
         match self.client.lease_client().revoke(lease).await {
             Ok(_) => Ok(()),
             Err(e) if not_found(&e) => Err(StoreError::LeaseNotFound(lease)),
