@@ -7,6 +7,7 @@
 //! depends on is an argument, including deliberate faults ([`faults::Faults`]).
 #![deny(unsafe_code)]
 
+pub mod failsafe;
 pub mod faults;
 pub mod keeper;
 pub mod model;

@@ -37,6 +37,9 @@ pub struct KeeperView<'a> {
     pub store_silence: GoDuration,
     /// Deliberate faults (tests only; `Faults::NONE` in production).
     pub faults: Faults,
+    /// Failsafe mode: this keeper acknowledged a master that may still hold on it, so it
+    /// must not act as a master (promote, or start a db as master) yet.
+    pub promised: bool,
 }
 
 /// What the data directory holds.
@@ -202,6 +205,15 @@ pub fn plan(view: &KeeperView<'_>, local: &LocalObserved) -> Vec<PgAction> {
     for step in steps {
         // PostgreSQL is not started before the sentinel has seen this keeper's boot: until
         // then a stale view could still name it master.
+        // A keeper that acknowledged another master in failsafe mode stays out of the
+        // master's role until that promise ends (docs/design.md "Failsafe mode").
+        let as_master = matches!(step, Promote) || (matches!(step, Start) && db.acts_as_master());
+        if as_master && view.promised {
+            out.push(Wait(
+                "failsafe: this keeper acknowledged another master that may still hold; promoting once that promise ends".into(),
+            ));
+            return out;
+        }
         if matches!(step, Start | Promote) && !seen {
             out.push(Wait(
                 "the sentinel has not seen this keeper's boot yet".into(),

@@ -75,6 +75,7 @@ fn run(cd: Option<&ClusterData>, silence: i64, local: &LocalObserved) -> Vec<PgA
         cd,
         store_silence: GoDuration::from_secs(silence),
         faults: crate::faults::Faults::NONE,
+        promised: false,
     };
     plan(&view, local)
 }
@@ -394,4 +395,63 @@ fn an_old_master_runs_read_only_until_replaced_or_elected_back() {
         let cd = old_master(master);
         assert_eq!(run(Some(&cd), 0, &local), want, "{name}");
     }
+}
+
+/// Failsafe mode: a keeper that acknowledged another master stays out of the master's role
+/// until its promise ends, and does everything else as usual.
+#[test]
+fn a_promised_keeper_neither_promotes_nor_starts_a_master() {
+    let master = db(DbRole::Master, DbInitMode::None, None);
+    let standby = db(DbRole::Standby, DbInitMode::None, Some("m"));
+    let cases = [
+        (
+            "elected, running read-only",
+            master.clone(),
+            local(holds("d1"), Some(PgRole::Standby)),
+        ),
+        ("elected, stopped", master.clone(), local(holds("d1"), None)),
+    ];
+    for (what, db, l) in cases {
+        let cd = cd_with(Some(db), true, ClusterSpec::default());
+        let view = |promised| KeeperView {
+            keeper_uid: ME,
+            boot_uuid: BOOT,
+            cd: Some(&cd),
+            store_silence: GoDuration::from_secs(0),
+            faults: crate::faults::Faults::NONE,
+            promised,
+        };
+        let got = plan(&view(true), &l);
+        assert!(
+            matches!(got.last(), Some(Wait(w)) if w.starts_with("failsafe")),
+            "{what}: {got:?}"
+        );
+        assert!(
+            !got.iter().any(|a| matches!(a, Promote | Start)),
+            "{what}: {got:?}"
+        );
+        let free = plan(&view(false), &l);
+        assert!(
+            free.iter().any(|a| matches!(a, Promote | Start)),
+            "{what}: {free:?}"
+        );
+    }
+    // A standby starts as usual while promised.
+    let cd = cd_with(Some(standby), true, ClusterSpec::default());
+    let view = KeeperView {
+        keeper_uid: ME,
+        boot_uuid: BOOT,
+        cd: Some(&cd),
+        store_silence: GoDuration::from_secs(0),
+        faults: crate::faults::Faults::NONE,
+        promised: true,
+    };
+    let l = LocalObserved {
+        standby_data: true,
+        ..local(holds("d1"), None)
+    };
+    assert_eq!(
+        plan(&view, &l),
+        vec![WriteConfig, Start, SyncSlots, Converged(7)]
+    );
 }

@@ -178,6 +178,14 @@ pub struct KeeperStatus {
     pub can_be_master: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub can_be_synchronous_replica: Option<bool>,
+    /// Ours (a Go sentinel drops it): where the keeper answers failsafe requests, copied
+    /// from its KeeperInfo so that a master cut from the store still knows where to ask.
+    #[serde(
+        rename = "stolonFailsafeAddress",
+        default,
+        skip_serializing_if = "is_default"
+    )]
+    pub failsafe_address: String,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

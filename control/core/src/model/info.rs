@@ -35,8 +35,42 @@ pub struct KeeperInfo {
     /// Ours: the keeper has fenced its master.
     #[serde(default, skip_serializing_if = "is_default")]
     pub fenced: bool,
+    /// Ours: where this keeper answers failsafe requests (its health listener, host:port).
+    #[serde(
+        rename = "stolonFailsafeAddress",
+        default,
+        skip_serializing_if = "is_default"
+    )]
+    pub failsafe_address: String,
+    /// Ours: the keeper's failsafe state when it published (failsafe mode on only).
+    #[serde(
+        rename = "stolonFailsafe",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub failsafe: Option<FailsafeReport>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A keeper's failsafe state, as `stolonctl status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailsafeReport {
+    /// A master: since when it has been holding on its peers' acknowledgements (RFC 3339).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub held_since: String,
+    /// A master: the peers whose acknowledgement is valid now, out of how many it needs.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub acks: u32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub peers: u32,
+    /// A keeper that acknowledged a master: that db, and how long it stays out of the
+    /// master's role from the publish.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub promised_to: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub promised_for_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

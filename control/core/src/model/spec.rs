@@ -186,6 +186,11 @@ pub struct ClusterSpec {
     pub pg_hba: Option<Vec<String>>,
     #[serde(default)]
     pub automatic_pg_restart: Option<bool>,
+    /// Ours (a Go component ignores it): while the store cannot be reached, a master stays
+    /// writable as long as every keeper of the last clusterdata acknowledges it directly
+    /// (docs/design.md "Failsafe mode").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_mode: Option<bool>,
     /// Fields this version does not know, kept so a rewrite does not drop them.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -252,6 +257,7 @@ accessors! {
     role: ClusterRole = ClusterRole::Master;
     default_su_repl_access_mode: SuReplAccessMode = SuReplAccessMode::All;
     automatic_pg_restart: bool = false;
+    failsafe_mode: bool = false;
 }
 
 /// A validation failure: which field, and what is wrong with it.

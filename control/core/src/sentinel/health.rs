@@ -148,6 +148,7 @@ impl Round<'_> {
                 status.postgres_binary_version = info.postgres_binary_version.clone();
                 status.can_be_master = info.can_be_master;
                 status.can_be_synchronous_replica = info.can_be_synchronous_replica;
+                status.failsafe_address = info.failsafe_address.clone();
             }
         }
     }

@@ -343,6 +343,7 @@ proptest! {
                     cd,
                     store_silence: GoDuration::from_secs(silence),
                     faults: Faults::NONE,
+                    promised: false,
                 };
                 let _ = plan(&view, &local);
             }
