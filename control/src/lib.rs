@@ -9,6 +9,7 @@ pub mod auth_sql;
 pub mod cli;
 pub mod faults;
 pub mod metrics;
+pub mod peer_http;
 
-pub use stolon_core::{keeper, model, sentinel};
+pub use stolon_core::{failsafe, keeper, model, sentinel};
 pub use stolon_store as store;

@@ -48,11 +48,17 @@ pub struct Settings {
     pub exe: PathBuf,
     /// Deliberate faults (tests only).
     pub faults: Faults,
+    /// Failsafe mode's state, shared with the HTTP answers (`/failsafe/...`).
+    pub failsafe: crate::failsafe::Shared,
+    /// Where this keeper answers failsafe requests (host:port), published in KeeperInfo;
+    /// empty without a metrics listener.
+    pub failsafe_address: String,
 }
 
 impl Shared {
-    fn new() -> Shared {
+    fn new(failsafe: crate::failsafe::Shared) -> Shared {
         Shared {
+            failsafe,
             info: Mutex::new(KeeperInfo::default()),
             last_ack: Mutex::new(None),
             publish_now: Notify::new(),
@@ -146,6 +152,8 @@ pub(crate) struct Shared {
     /// (`switchover::follow_replay`): a floor for the position the rounds publish, which
     /// were observed earlier.
     pub replayed: Mutex<Option<(String, u64)>>,
+    /// Failsafe mode's state (the publisher records each acknowledged write there too).
+    pub failsafe: crate::failsafe::Shared,
 }
 
 /// One keeper: its settings, what it knows of its PostgreSQL instance, what the cluster view
@@ -197,11 +205,13 @@ pub(crate) struct View {
     pub(crate) converged: Option<(String, i64)>,
     /// Why the last action failed, reported in KeeperInfo until one succeeds.
     pub(crate) problem: Option<String>,
+    /// The store revision of `cd` (failsafe acknowledgements compare it).
+    pub(crate) revision: i64,
 }
 
 impl Keeper {
     pub fn new(settings: Settings, version: PostgresBinaryVersion) -> Keeper {
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(settings.failsafe.clone()));
         Keeper {
             settings,
             boot_uuid: uuid::Uuid::new_v4().to_string(),
@@ -247,6 +257,11 @@ impl Keeper {
             self.shared.clone(),
             shutdown.clone(),
         ));
+        let failsafe = tokio::spawn(crate::failsafe::run(
+            self.settings.failsafe.clone(),
+            arm_for_hold(self.shared.clone()),
+            shutdown.clone(),
+        ));
         self.refresh_info();
         let mut first = true;
         loop {
@@ -262,7 +277,12 @@ impl Keeper {
             }
             let fresh = first || cd_rx.has_changed().unwrap_or(false);
             first = false;
-            self.view.cd = cd_rx.borrow_and_update().clone();
+            let (cd, revision) = match cd_rx.borrow_and_update().clone() {
+                Some((cd, rev)) => (Some(cd), rev),
+                None => (None, 0),
+            };
+            self.view.cd = cd;
+            self.view.revision = revision;
             if fresh && self.view.cd.is_some() {
                 let now = control::metrics::unix_now();
                 self.settings.metrics.clusterdata_last_valid_update.set(now);
@@ -307,6 +327,7 @@ impl Keeper {
         self.stop_pg(nix::sys::signal::Signal::SIGINT).await;
         // The publisher removes the info (revokes its lease) as it stops.
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+        failsafe.abort();
         Ok(())
     }
 
@@ -355,6 +376,9 @@ impl Keeper {
             routed,
             converged,
             lag,
+            failsafe: (self.settings.failsafe.lock().ok())
+                .map(|f| f.health_json(Instant::now()))
+                .unwrap_or_default(),
         };
         if let Ok(mut h) = self.settings.health.lock() {
             *h = state;
@@ -389,6 +413,13 @@ impl Keeper {
         }
         let sleep = self.shared.sleep_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         m.sleep_interval.set(sleep);
+        if let Some(r) = (self.settings.failsafe.lock().ok()).and_then(|f| f.report(Instant::now()))
+        {
+            m.failsafe_held.set(i64::from(!r.held_since.is_empty()));
+            m.failsafe_acks.set(i64::from(r.acks));
+            m.failsafe_peers.set(i64::from(r.peers));
+            m.failsafe_promised.set(i64::from(r.promised_for_ms > 0));
+        }
     }
 
     /// sleepInterval and the fence timeout from the current spec.
@@ -420,17 +451,66 @@ impl Keeper {
     /// deadline, counted from the send time of the last acknowledged publish.
     pub(crate) fn watchdog_window(&self) -> Duration {
         let fence = self.fence_timeout();
-        (fence + fence / 4).saturating_sub(self.store_silence())
+        (fence + fence / 4).saturating_sub(self.effective_silence())
     }
 
-    /// When a running master must be fenced if no publish is acknowledged before.
+    /// When a running master must be fenced if no publish is acknowledged before (nor a
+    /// failsafe hold extends it).
     fn fence_deadline(&self) -> Instant {
         let ack = *self.shared.last_ack.lock().expect("lock");
         let primary = self.instance.state.as_ref().is_some_and(|p| !p.in_recovery);
         if !primary || self.instance.fenced {
             return Instant::now() + Duration::from_secs(3600);
         }
-        ack.unwrap_or(self.started) + self.fence_timeout() + Duration::from_millis(1)
+        let store = ack.unwrap_or(self.started) + self.fence_timeout();
+        store.max(self.hold_until().unwrap_or(store)) + Duration::from_millis(1)
+    }
+
+    /// A failsafe hold in force now, if any.
+    fn hold_until(&self) -> Option<Instant> {
+        let f = self.settings.failsafe.lock().ok()?;
+        f.holding(Instant::now())
+    }
+
+    /// The store silence the plan judges fencing by: the real one, or while a failsafe hold
+    /// is in force, as if store contact lasted until the hold's end. A fenced master stays
+    /// fenced until the store itself answers.
+    pub(crate) fn effective_silence(&self) -> Duration {
+        let real = self.store_silence();
+        match self.hold_until() {
+            Some(h) if !self.instance.fenced => {
+                let left = h.saturating_duration_since(Instant::now());
+                real.min(self.fence_timeout().saturating_sub(left))
+            }
+            _ => real,
+        }
+    }
+
+    /// What failsafe mode needs from this round: the clusterdata, its revision, the local
+    /// role and whether this keeper is the master it may hold for.
+    fn update_failsafe(&self) {
+        let Ok(mut f) = self.settings.failsafe.lock() else {
+            return;
+        };
+        let primary = self.instance.state.as_ref().is_some_and(|p| !p.in_recovery)
+            && self.instance.postmaster.is_some();
+        let my = self.my_db().map(|d| d.uid.clone());
+        let named = self
+            .view
+            .cd
+            .as_ref()
+            .map(|c| c.cluster.status.master.clone());
+        f.keeper_uid = self.settings.uid.clone();
+        f.cd = self.view.cd.clone();
+        f.revision = self.view.revision;
+        f.runs_primary = primary;
+        f.master_of = my.filter(|m| primary && !self.instance.fenced && Some(m) == named.as_ref());
+        f.timing = self
+            .view
+            .cd
+            .as_ref()
+            .map(|c| control::failsafe::timing(c.cluster.spec.fail_interval()));
+        f.store_ack = *self.shared.last_ack.lock().expect("lock");
     }
 
     /// Observe, plan, act once; true if something was done (observe again at once).
@@ -447,12 +527,15 @@ impl Keeper {
             tokio::time::sleep(Duration::from_millis(200)).await;
             return false;
         };
+        self.update_failsafe();
+        let promised = (self.settings.failsafe.lock()).is_ok_and(|f| f.promised_at(Instant::now()));
         let view = KeeperView {
             keeper_uid: &self.settings.uid,
             boot_uuid: &self.boot_uuid,
             cd: self.view.cd.as_ref(),
-            store_silence: GoDuration::from_std(self.store_silence()),
+            store_silence: GoDuration::from_std(self.effective_silence()),
             faults: self.settings.faults,
+            promised,
         };
         let actions = plan(&view, &local);
         tracing::debug!(?actions, "plan");
@@ -716,6 +799,8 @@ impl Keeper {
             can_be_synchronous_replica: Some(self.settings.can_be_sync),
             priority: self.settings.priority,
             fenced: self.instance.fenced,
+            failsafe_address: self.settings.failsafe_address.clone(),
+            failsafe: (self.settings.failsafe.lock().ok()).and_then(|f| f.report(Instant::now())),
             ..Default::default()
         };
         {
@@ -748,7 +833,7 @@ impl Keeper {
 /// Keeps the latest readable clusterdata in `tx` (a malformed one is logged and skipped).
 async fn watch_cluster_data(
     store: ClusterStore,
-    tx: watch::Sender<Option<ClusterData>>,
+    tx: watch::Sender<Option<(ClusterData, i64)>>,
     shutdown: CancellationToken,
 ) {
     let key = store.clusterdata_key();
@@ -756,7 +841,7 @@ async fn watch_cluster_data(
         // Read, then watch from the revision after the one read (nothing missed between).
         let start = match store.get_cluster_data().await {
             Ok(Some((cd, rev))) => {
-                tx.send_replace(Some(cd));
+                tx.send_replace(Some((cd, rev)));
                 rev + 1
             }
             Ok(None) => match store.store().get_prefix(&key).await {
@@ -779,7 +864,7 @@ async fn watch_cluster_data(
                 Ok(WatchUpdate::Events(events)) => {
                     if let Some(ev) = events.last() {
                         match ClusterData::from_json(&ev.kv.value) {
-                            Ok(cd) => drop(tx.send_replace(Some(cd))),
+                            Ok(cd) => drop(tx.send_replace(Some((cd, ev.kv.mod_revision)))),
                             Err(e) => {
                                 tracing::error!(error = %e, "malformed clusterdata: keeping the last good one")
                             }
@@ -856,6 +941,9 @@ async fn publish(
             Ok(_) => {
                 failing = false;
                 *shared.last_ack.lock().expect("lock") = Some(sent);
+                if let Ok(mut f) = shared.failsafe.lock() {
+                    f.store_ack = Some(sent);
+                }
                 let pid = *shared.arm_pid.lock().expect("lock");
                 let fence = Duration::from_nanos(shared.fence_ns.load(Ordering::Relaxed));
                 let mut wd = shared.watchdog.lock().await;
@@ -880,6 +968,25 @@ async fn publish(
                 tracing::warn!(%error, "cannot publish keeper info (retrying)");
             }
         }
+    }
+}
+
+/// Re-arms the fencing watchdog for a failsafe hold: the postmaster armed for is the one
+/// the publisher arms (a running, unfenced primary).
+fn arm_for_hold(
+    shared: Arc<Shared>,
+) -> impl Fn(Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    move |within| {
+        let shared = shared.clone();
+        Box::pin(async move {
+            let pid = *shared.arm_pid.lock().expect("lock");
+            let Some(pid) = pid else { return };
+            if let Some(wd) = shared.watchdog.lock().await.as_mut() {
+                if let Err(e) = wd.arm(pid, within).await {
+                    tracing::error!(error = %e, "fencing watchdog unreachable");
+                }
+            }
+        })
     }
 }
 
@@ -908,7 +1015,7 @@ mod tests {
     async fn a_reported_replay_position_is_published_at_once_and_kept_as_a_floor() {
         use super::*;
         use control::model::PostgresState;
-        let shared = Shared::new();
+        let shared = Shared::new(Default::default());
         shared.info.lock().expect("lock").postgres_state = Some(PostgresState {
             uid: "d2".into(),
             x_log_pos: 100,

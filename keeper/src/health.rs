@@ -10,6 +10,7 @@
 //! | `/health` | PostgreSQL is running |
 //! | `/liveness` | the snapshot is fresh: the keeper's loop completed a round within the fence window (failInterval / 2), or is in a bounded step |
 //! | `/readiness` | `/primary`, or a running standby that streams |
+//! | `/failsafe/ack`, `/failsafe/confirm` | failsafe mode's requests between keepers and from proxies (`failsafe`) |
 //!
 //! Every path answers from the snapshot the loop left after its last round; once that is
 //! older than the fence window and no bounded step is under way (a stuck loop), every path
@@ -43,6 +44,8 @@ pub struct HealthState {
     pub converged: bool,
     /// Bytes behind the master's last published WAL position (standbys).
     pub lag: Option<u64>,
+    /// Failsafe mode's state as JSON (`failsafe::State::health_json`); empty: off.
+    pub failsafe: String,
 }
 
 impl HealthState {
@@ -79,8 +82,13 @@ impl HealthState {
         let age = (self.loop_at).map_or("null".to_string(), |t| {
             now.saturating_duration_since(t).as_millis().to_string()
         });
+        let failsafe = if self.failsafe.is_empty() {
+            "null"
+        } else {
+            &self.failsafe
+        };
         format!(
-            "{{\"role\":\"{role}\",\"state\":\"{state}\",\"elected\":{},\"routed\":{},\"streaming\":{},\"fenced\":{},\"lag\":{lag},\"age_ms\":{age}}}",
+            "{{\"role\":\"{role}\",\"state\":\"{state}\",\"elected\":{},\"routed\":{},\"streaming\":{},\"fenced\":{},\"lag\":{lag},\"failsafe\":{failsafe},\"age_ms\":{age}}}",
             self.elected, self.routed, self.streaming, self.fenced
         )
     }

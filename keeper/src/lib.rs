@@ -7,6 +7,7 @@ pub mod config;
 #[cfg(test)]
 mod config_tests;
 pub mod daemon;
+pub mod failsafe;
 pub mod health;
 pub mod layout;
 pub mod metrics;

@@ -327,7 +327,10 @@ fn main() -> anyhow::Result<()> {
         let store = args.common.open_cluster_store().await.context("cannot set up the store client")?;
         let metrics = keeper::metrics::KeeperMetrics::new();
         let health = Arc::new(std::sync::Mutex::new(keeper::health::HealthState::default()));
+        let failsafe: keeper::failsafe::Shared = Default::default();
         let stop_metrics = CancellationToken::new();
+        let advertise_address = args.pg_advertise_address.clone().unwrap_or(args.pg_listen_address.clone());
+        let mut failsafe_address = String::new();
         if let Some(maddr) = &args.common.metrics_listen_address {
             let l = tokio::net::TcpListener::bind(maddr)
                 .await
@@ -336,10 +339,15 @@ fn main() -> anyhow::Result<()> {
             metrics.register(&mut registry);
             // `/health` and the other Patroni paths come from the loop's last view.
             let h = health.clone();
+            let f = failsafe.clone();
             let routes: control::metrics::RouteFn = Arc::new(move |path: &str, query: &str| {
+                if path.starts_with("/failsafe/") {
+                    return keeper::failsafe::answer(&f, path, query);
+                }
                 let state = h.lock().ok()?.clone();
                 state.answer(path, query, std::time::Instant::now())
             });
+            failsafe_address = failsafe_address_for(&l.local_addr()?, &advertise_address);
             let unused: control::metrics::HealthFn = Arc::new(|| Ok("ok".to_string()));
             tokio::spawn(control::metrics::serve_with(
                 l,
@@ -355,7 +363,7 @@ fn main() -> anyhow::Result<()> {
             layout,
             tools,
             local,
-            advertise_address: args.pg_advertise_address.clone().unwrap_or(args.pg_listen_address.clone()),
+            advertise_address,
             advertise_port: args.pg_advertise_port.unwrap_or(args.pg_port),
             su_password,
             repl_password,
@@ -368,6 +376,8 @@ fn main() -> anyhow::Result<()> {
             health,
             exe: std::env::current_exe()?,
             faults: control::faults::from_env(),
+            failsafe,
+            failsafe_address,
         };
         let shutdown = CancellationToken::new();
         let mut keeper = tokio::spawn(Keeper::new(settings, version).run(shutdown.clone()));
@@ -394,4 +404,40 @@ fn main() -> anyhow::Result<()> {
         keeper.await??;
         Ok(())
     })
+}
+
+/// Where other keepers and the proxies reach this keeper's failsafe answers: the metrics
+/// listener's port, on its own address unless that is a wildcard (then PostgreSQL's
+/// advertised host).
+fn failsafe_address_for(bound: &std::net::SocketAddr, pg_advertise: &str) -> String {
+    if bound.ip().is_unspecified() {
+        let host = if pg_advertise.contains(':') && !pg_advertise.starts_with('[') {
+            format!("[{pg_advertise}]")
+        } else {
+            pg_advertise.to_string()
+        };
+        format!("{host}:{}", bound.port())
+    } else {
+        bound.to_string()
+    }
+}
+
+#[cfg(test)]
+mod failsafe_address_tests {
+    #[test]
+    fn a_wildcard_listener_is_reached_at_the_advertised_host() {
+        let at = |s: &str| s.parse().expect("addr");
+        assert_eq!(
+            super::failsafe_address_for(&at("127.0.0.1:8080"), "10.0.0.1"),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            super::failsafe_address_for(&at("0.0.0.0:8080"), "10.0.0.1"),
+            "10.0.0.1:8080"
+        );
+        assert_eq!(
+            super::failsafe_address_for(&at("[::]:8080"), "fd00::1"),
+            "[fd00::1]:8080"
+        );
+    }
 }

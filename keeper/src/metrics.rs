@@ -1,7 +1,8 @@
 //! The keeper's metrics on `--metrics-listen-address`, under Go stolon's names so a stolon
 //! dashboard keeps working: `stolon_keeper_clusterdata_last_valid_update_seconds`,
 //! `_target_role{role}`, `_local_role{role}`, `_needs_reload`, `_needs_restart`,
-//! `_last_sync_success_seconds`, `_sleep_interval`, `_shutdown_seconds`, plus
+//! `_last_sync_success_seconds`, `_sleep_interval`, `_shutdown_seconds`, ours
+//! `_failsafe_held`, `_failsafe_acks`, `_failsafe_peers`, `_failsafe_promised`, plus
 //! `stolon_cluster_identifier` and the process metrics (see `control::metrics`).
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,6 +32,13 @@ pub struct KeeperMetrics {
     pub last_sync_success: F64Gauge,
     pub sleep_interval: F64Gauge,
     pub shutdown: F64Gauge,
+    /// Ours, failsafe mode: holding on the peers' acknowledgements (0/1), how many of them
+    /// acknowledge now out of how many the hold needs, and whether this keeper promised to
+    /// stay out of the master's role (0/1).
+    pub failsafe_held: Gauge,
+    pub failsafe_acks: Gauge,
+    pub failsafe_peers: Gauge,
+    pub failsafe_promised: Gauge,
 }
 
 impl KeeperMetrics {
@@ -83,6 +91,26 @@ impl KeeperMetrics {
             "shutdown_seconds",
             "Shutdown time (received termination signal) since unix epoch in seconds",
             self.shutdown.clone(),
+        );
+        r.register(
+            "failsafe_held",
+            "1 while this master holds on its peers' failsafe acknowledgements without the store",
+            self.failsafe_held.clone(),
+        );
+        r.register(
+            "failsafe_acks",
+            "Peers whose failsafe acknowledgement of this master is valid now",
+            self.failsafe_acks.clone(),
+        );
+        r.register(
+            "failsafe_peers",
+            "Peers a failsafe hold of this master needs",
+            self.failsafe_peers.clone(),
+        );
+        r.register(
+            "failsafe_promised",
+            "1 while this keeper stays out of the master's role after acknowledging another master",
+            self.failsafe_promised.clone(),
         );
     }
 }

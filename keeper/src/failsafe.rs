@@ -1,0 +1,315 @@
+//! Failsafe mode in the keeper (spec `failsafeMode`; the rules are `control::failsafe`, the
+//! ordering argument docs/design.md "Failsafe mode"):
+//! - every keeper answers `/failsafe/ack` on its metrics listener: a yes is a promise not to
+//!   act as a master for `Timing::promise`, which the loop's plan honours;
+//! - a master whose store contact is going stale (or that a proxy asked for confirmation)
+//!   asks every peer each `Timing::ask_every`; while every peer's yes is valid it holds:
+//!   its fence deadline and the watchdog's move to the hold's end;
+//! - `/failsafe/confirm?db=D` tells a proxy cut from the store how long the master of D
+//!   holds, so it may route there until then.
+
+use control::failsafe::{acknowledge, hold_until, peers, AckRequest, AckerView, Timing};
+use control::model::{ClusterData, FailsafeReport};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What the loop, the asking task and the HTTP answers share.
+#[derive(Default)]
+pub struct State {
+    /// The newest clusterdata read and its revision (from the loop).
+    pub cd: Option<ClusterData>,
+    pub revision: i64,
+    pub keeper_uid: String,
+    /// The local PostgreSQL runs as a primary (last observation).
+    pub runs_primary: bool,
+    /// This keeper's db, when the clusterdata names it the master and it runs as a primary,
+    /// not fenced: what it may hold for.
+    pub master_of: Option<String>,
+    pub timing: Option<Timing>,
+    /// Send time of the last acknowledged KeeperInfo write (the store-contact deadline's
+    /// start) and the fence window it is counted over.
+    pub store_ack: Option<Instant>,
+    /// Acker side: the db acknowledged last and until when this keeper stays out of the
+    /// master's role.
+    pub promised: Option<(String, Instant)>,
+    /// Master side: each peer's acknowledgement, valid until then.
+    pub acks: BTreeMap<String, Instant>,
+    /// The peers the hold needs (their failsafe address, if published).
+    pub peers: BTreeMap<String, Option<String>>,
+    pub hold_until: Option<Instant>,
+    pub held_since: Option<control::model::Timestamp>,
+    /// When a proxy last asked this keeper to confirm its hold.
+    pub proxy_asked: Option<Instant>,
+    /// Rounds of asking done, and the refusals of the last one (peer, why).
+    pub asks: u64,
+    pub refusals: Vec<(String, String)>,
+}
+
+pub type Shared = Arc<Mutex<State>>;
+
+impl State {
+    fn failsafe_on(&self) -> bool {
+        self.cd
+            .as_ref()
+            .is_some_and(|cd| cd.cluster.spec.failsafe_mode())
+    }
+
+    /// The promise is still in force at `now`.
+    pub fn promised_at(&self, now: Instant) -> bool {
+        self.promised
+            .as_ref()
+            .is_some_and(|(_, until)| now < *until)
+    }
+
+    /// A valid hold at `now`, if any.
+    pub fn holding(&self, now: Instant) -> Option<Instant> {
+        self.hold_until
+            .filter(|h| *h > now && self.master_of.is_some())
+    }
+
+    /// How many peers' acknowledgements are valid at `now`.
+    fn valid_acks(&self, now: Instant) -> usize {
+        (self.peers.keys())
+            .filter(|p| self.acks.get(*p).is_some_and(|t| *t > now))
+            .count()
+    }
+
+    /// The state `stolonctl status` shows (failsafe mode on only).
+    pub fn report(&self, now: Instant) -> Option<FailsafeReport> {
+        if !self.failsafe_on() {
+            return None;
+        }
+        let held_since = (self.holding(now).and(self.held_since))
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let (promised_to, promised_for_ms) = match &self.promised {
+            Some((db, until)) if *until > now => (db.clone(), (*until - now).as_millis() as u64),
+            _ => (String::new(), 0),
+        };
+        Some(FailsafeReport {
+            held_since,
+            acks: self.valid_acks(now) as u32,
+            peers: self.peers.len() as u32,
+            promised_to,
+            promised_for_ms,
+        })
+    }
+
+    /// For `/health`: `{"held_since":..., "acks":N, "peers":M}` or `null`.
+    pub fn health_json(&self, now: Instant) -> String {
+        match self.report(now) {
+            None => "null".into(),
+            Some(r) => format!(
+                "{{\"held_since\":{},\"acks\":{},\"peers\":{},\"promised_to\":\"{}\",\"promised_for_ms\":{}}}",
+                if r.held_since.is_empty() {
+                    "null".to_string()
+                } else {
+                    format!("\"{}\"", r.held_since)
+                },
+                r.acks,
+                r.peers,
+                r.promised_to,
+                r.promised_for_ms
+            ),
+        }
+    }
+}
+
+/// The failsafe paths of the keeper's HTTP listener; `None` for any other path.
+pub fn answer(state: &Shared, path: &str, query: &str) -> Option<Result<String, String>> {
+    let now = Instant::now();
+    let mut st = state.lock().ok()?;
+    match path {
+        "/failsafe/ack" => Some(ack(&mut st, query, now)),
+        "/failsafe/confirm" => {
+            st.proxy_asked = Some(now);
+            let db = query.split('&').find_map(|kv| kv.strip_prefix("db="));
+            let hold = st.holding(now).filter(|_| st.master_of.as_deref() == db);
+            Some(match hold {
+                Some(until) => Ok(format!(
+                    "{{\"db\":\"{}\",\"remaining_ms\":{}}}",
+                    db.unwrap_or_default(),
+                    (until - now).as_millis()
+                )),
+                None => Err("{\"error\":\"not holding the failsafe for that db\"}".into()),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn ack(st: &mut State, query: &str, now: Instant) -> Result<String, String> {
+    let Some(req) = AckRequest::from_query(query) else {
+        return Err("{\"ack\":false,\"reason\":\"malformed request\"}".into());
+    };
+    let view = AckerView {
+        keeper_uid: &st.keeper_uid,
+        cd: st.cd.as_ref(),
+        revision: st.revision,
+        runs_primary: st.runs_primary,
+    };
+    match acknowledge(&view, &req) {
+        Ok(()) => {
+            let promise = st.timing.map_or(Duration::ZERO, |t| t.promise);
+            let until = now + promise;
+            let fresh = !st.promised_at(now);
+            // The promise only ever grows: an earlier yes may still be counted on.
+            let until = match &st.promised {
+                Some((_, u)) if *u > until => *u,
+                _ => until,
+            };
+            st.promised = Some((req.master_db.clone(), until));
+            if fresh {
+                tracing::info!(master = %req.master_db, revision = req.revision, ?promise, "failsafe: acknowledged the master; not acting as a master meanwhile");
+            }
+            Ok("{\"ack\":true}".into())
+        }
+        Err(reason) => {
+            tracing::debug!(master = %req.master_db, %reason, "failsafe: refused an acknowledgement");
+            Err(format!(
+                "{{\"ack\":false,\"reason\":{}}}",
+                serde_json::Value::String(reason)
+            ))
+        }
+    }
+}
+
+/// What one round of asking needs, taken under the lock.
+struct Ask {
+    req: AckRequest,
+    peers: BTreeMap<String, Option<String>>,
+    timing: Timing,
+}
+
+/// Whether the master must ask now, and what; clears the hold when it need not.
+fn next_ask(st: &mut State, now: Instant) -> Option<Ask> {
+    let timing = st.timing?;
+    let needed = st.failsafe_on()
+        && st.master_of.is_some()
+        && (st
+            .store_ack
+            .is_none_or(|a| now.saturating_duration_since(a) >= timing.ask_after)
+            || st
+                .proxy_asked
+                .is_some_and(|p| now.saturating_duration_since(p) < timing.promise));
+    let (Some(cd), Some(db), true) = (&st.cd, &st.master_of, needed) else {
+        if st.held_since.take().is_some() {
+            tracing::info!(
+                "failsafe: no longer holding (store contact is back, or not the master)"
+            );
+        }
+        st.acks.clear();
+        st.hold_until = None;
+        return None;
+    };
+    let req = AckRequest {
+        cluster_uid: cd.cluster.uid.clone(),
+        master_db: db.clone(),
+        revision: st.revision,
+    };
+    st.peers = peers(cd, &st.keeper_uid);
+    Some(Ask {
+        req,
+        peers: st.peers.clone(),
+        timing,
+    })
+}
+
+/// Asks every peer once; returns the peers that said yes and the refusals.
+async fn ask_peers(ask: &Ask) -> (Vec<String>, Vec<(String, String)>) {
+    let path = format!("/failsafe/ack?{}", ask.req.to_query());
+    let calls = ask.peers.iter().map(|(uid, addr)| {
+        let path = path.clone();
+        async move {
+            let r = match addr {
+                None => Err("it published no failsafe address".to_string()),
+                Some(a) => match control::peer_http::get(a, &path, ask.timing.ask_every).await {
+                    Ok((200, _)) => Ok(()),
+                    Ok((code, body)) => Err(format!("{code} {body}")),
+                    Err(e) => Err(e),
+                },
+            };
+            (uid.clone(), r)
+        }
+    });
+    let mut yes = Vec::new();
+    let mut no = Vec::new();
+    for (uid, r) in futures::future::join_all(calls).await {
+        match r {
+            Ok(()) => yes.push(uid),
+            Err(e) => no.push((uid, e)),
+        }
+    }
+    (yes, no)
+}
+
+/// The master's side: asks its peers while it needs them, and keeps the hold and the
+/// watchdog in step. `arm` re-arms the fencing watchdog to a hold's end plus its slack.
+pub async fn run<A, F>(state: Shared, arm: A, shutdown: CancellationToken)
+where
+    A: Fn(Duration) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let mut refusing: Option<String> = None;
+    loop {
+        let every = (state.lock().ok())
+            .and_then(|st| st.timing)
+            .map_or(Duration::from_millis(250), |t| t.ask_every);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(ask) = state
+            .lock()
+            .ok()
+            .and_then(|mut st| next_ask(&mut st, Instant::now()))
+        else {
+            refusing = None;
+            continue;
+        };
+        let sent = Instant::now();
+        let (yes, no) = ask_peers(&ask).await;
+        let extended = {
+            let Ok(mut st) = state.lock() else { return };
+            for uid in yes {
+                st.acks.insert(uid, sent + ask.timing.validity);
+            }
+            st.asks += 1;
+            st.refusals = no.clone();
+            let now = Instant::now();
+            let before = st.holding(now);
+            st.hold_until = hold_until(st.peers.keys(), &st.acks);
+            let after = st.holding(now);
+            match (before, after) {
+                (None, Some(_)) if st.held_since.is_none() => {
+                    st.held_since = Some(control::model::Timestamp::now());
+                    tracing::warn!(
+                        peers = st.peers.len(),
+                        "failsafe: every peer acknowledges this master; holding without the store"
+                    );
+                }
+                (Some(_), None) => {
+                    tracing::error!(refusals = ?no, "failsafe: the hold lapses (a peer refused or did not answer): fencing at the store deadline")
+                }
+                _ => {}
+            }
+            after.map(|h| h - now)
+        };
+        let summary = (!no.is_empty()).then(|| format!("{no:?}"));
+        if summary != refusing {
+            if let Some(s) = &summary {
+                tracing::warn!(refusals = %s, "failsafe: peers that do not acknowledge this master");
+            }
+            refusing = summary;
+        }
+        if let Some(left) = extended {
+            arm(left + ask.timing.watchdog_slack).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

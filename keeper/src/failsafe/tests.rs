@@ -1,0 +1,187 @@
+//! The keeper's failsafe answers and its asking loop, against real HTTP listeners.
+
+use super::*;
+use control::model::{ClusterSpec, Db, DbSpec, GoDuration, Keeper, KeeperStatus, Timestamp};
+
+/// Cluster "c": d1 on k1 (the master), d2 on k2, with k2 answering at `k2_addr`.
+fn cd(k2_addr: &str) -> ClusterData {
+    let spec = ClusterSpec {
+        failsafe_mode: Some(true),
+        fail_interval: Some(GoDuration::from_secs(2)),
+        ..Default::default()
+    };
+    let mut cd = ClusterData::new("c", spec, Timestamp::now());
+    for (k, d, addr) in [("k1", "d1", ""), ("k2", "d2", k2_addr)] {
+        let status = KeeperStatus {
+            failsafe_address: addr.into(),
+            ..Default::default()
+        };
+        cd.keepers.insert(
+            k.into(),
+            Keeper {
+                uid: k.into(),
+                status,
+                ..Default::default()
+            },
+        );
+        let spec = DbSpec {
+            keeper_uid: k.into(),
+            ..Default::default()
+        };
+        cd.dbs.insert(
+            d.into(),
+            Db {
+                uid: d.into(),
+                spec,
+                ..Default::default()
+            },
+        );
+    }
+    cd.cluster.status.master = "d1".into();
+    cd
+}
+
+fn state(me: &str, cd: ClusterData, revision: i64, master_of: Option<&str>) -> Shared {
+    let timing = control::failsafe::timing(cd.cluster.spec.fail_interval());
+    Arc::new(Mutex::new(State {
+        keeper_uid: me.into(),
+        cd: Some(cd),
+        revision,
+        runs_primary: master_of.is_some(),
+        master_of: master_of.map(String::from),
+        timing: Some(timing),
+        ..Default::default()
+    }))
+}
+
+/// Serves `state`'s failsafe paths on a real listener, as the keeper's main does.
+async fn serve(state: Shared) -> (String, CancellationToken) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let stop = CancellationToken::new();
+    let routes: control::metrics::RouteFn =
+        Arc::new(move |path: &str, query: &str| answer(&state, path, query));
+    let registry = Arc::new(control::metrics::root_registry("keeper", "c"));
+    let health: control::metrics::HealthFn = Arc::new(|| Ok("ok".into()));
+    tokio::spawn(control::metrics::serve_with(
+        l,
+        registry,
+        health,
+        Some(routes),
+        stop.clone(),
+    ));
+    (addr, stop)
+}
+
+#[tokio::test]
+async fn an_acknowledgement_is_a_promise_and_a_refusal_is_none() {
+    let k2 = state("k2", cd(""), 10, None);
+    let q = "cluster=c&db=d1&rev=10";
+    assert!(answer(&k2, "/failsafe/ack", q).is_some_and(|r| r.is_ok()));
+    let st = k2.lock().expect("lock");
+    let (db, until) = st.promised.clone().expect("promised");
+    assert_eq!(db, "d1");
+    let left = until - Instant::now();
+    assert!(
+        left > Duration::from_millis(900) && left <= Duration::from_secs(1),
+        "{left:?}"
+    );
+    assert!(st.promised_at(Instant::now()));
+    drop(st);
+    let k2b = state("k2", cd(""), 11, None);
+    let r = answer(&k2b, "/failsafe/ack", q).expect("answered");
+    assert!(r.is_err_and(|b| b.contains("newer clusterdata")));
+    assert!(
+        k2b.lock().expect("lock").promised.is_none(),
+        "no promise on a refusal"
+    );
+    let r = answer(&k2b, "/failsafe/ack", "db=d1").expect("answered");
+    assert!(r.is_err_and(|b| b.contains("malformed")));
+    assert!(
+        answer(&k2b, "/primary", "").is_none(),
+        "not a failsafe path"
+    );
+}
+
+/// The master asks its peer once its store contact is stale, holds while the peer says
+/// yes (re-arming the watchdog), confirms to a proxy only while holding, and the hold
+/// lapses once the peer has read a newer clusterdata.
+#[tokio::test]
+async fn the_master_holds_while_its_peer_acknowledges_and_not_after() {
+    let k2 = state("k2", cd(""), 10, None);
+    let (addr, stop_server) = serve(k2.clone()).await;
+    let k1 = state("k1", cd(&addr), 10, Some("d1"));
+    k1.lock().expect("lock").store_ack = Some(Instant::now());
+    let confirm = || answer(&k1, "/failsafe/confirm", "db=d1").expect("answered");
+    assert!(confirm().is_err(), "store contact fresh: not holding yet");
+    let armed = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let a = armed.clone();
+    let arm = move |d: Duration| {
+        a.lock().expect("lock").push(d);
+        std::future::ready(())
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(k1.clone(), arm, stop.clone()));
+    let holding = || k1.lock().expect("lock").holding(Instant::now()).is_some();
+    // A proxy's request alone makes the master ask (its store contact is fresh).
+    wait_for(Duration::from_secs(5), holding).await;
+    let body = confirm().expect("confirmed while holding");
+    assert!(body.contains("\"db\":\"d1\""), "{body}");
+    assert!(answer(&k1, "/failsafe/confirm", "db=d2")
+        .expect("answered")
+        .is_err());
+    assert!(k2.lock().expect("lock").promised_at(Instant::now()));
+    assert!(
+        !armed.lock().expect("lock").is_empty(),
+        "the watchdog follows the hold"
+    );
+    let report = k1.lock().expect("lock").report(Instant::now()).expect("on");
+    assert_eq!((report.acks, report.peers), (1, 1));
+    assert!(!report.held_since.is_empty());
+    // The peer reads a newer clusterdata: it refuses, and the hold runs out.
+    k2.lock().expect("lock").revision = 11;
+    wait_for(Duration::from_secs(5), || !holding()).await;
+    assert!(confirm().is_err());
+    stop.cancel();
+    stop_server.cancel();
+    task.await.expect("task");
+}
+
+/// A peer that cannot be reached is a refusal: no hold at all.
+#[tokio::test]
+async fn an_unreachable_peer_means_no_hold() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    drop(l);
+    let k1 = state("k1", cd(&addr), 10, Some("d1"));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(k1.clone(), |_| std::future::ready(()), stop.clone()));
+    // The store contact is stale from the start (no acknowledged publish): it asks.
+    wait_for(Duration::from_secs(5), || {
+        k1.lock().expect("lock").asks >= 2
+    })
+    .await;
+    {
+        let st = k1.lock().expect("lock");
+        assert!(st.holding(Instant::now()).is_none());
+        assert!(
+            st.refusals
+                .iter()
+                .any(|(p, why)| p == "k2" && why.contains("connect")),
+            "{:?}",
+            st.refusals
+        );
+    }
+    stop.cancel();
+    task.await.expect("task");
+}
+
+async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < end, "not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
