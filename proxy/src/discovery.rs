@@ -9,6 +9,9 @@
 //! changes and the check renews its lease (TTL 2 x proxyTimeout), so idle proxies cost the
 //! store no writes; otherwise (a Go sentinel) it is rewritten with a new infoUID every
 //! check, as Go's proxy does.
+//!
+//! Failsafe mode (spec `failsafeMode`): while the store contact goes stale, the master's
+//! keeper is asked directly (`failsafe`); its confirmed hold extends the fence deadline.
 
 use crate::fence::StoreContact;
 use crate::metrics::Metrics;
@@ -71,6 +74,11 @@ struct State {
     fenced: bool,
     /// A planned switchover's drain under way: the generation is reported once it ends.
     draining: Option<Draining>,
+    /// Failsafe mode on: the routed master's keeper (failsafe address), db, and how often
+    /// to ask it.
+    failsafe: Option<(String, String, Duration)>,
+    /// Routing on the failsafe now (logged when it starts and ends).
+    on_failsafe: bool,
 }
 
 /// The old master's sessions closing at transaction boundaries.
@@ -104,13 +112,25 @@ impl Discovery {
             },
             fenced: true,
             draining: None,
+            failsafe: None,
+            on_failsafe: false,
         };
+        let (target_tx, target_rx) = watch::channel(None);
+        let (confirm_tx, mut confirmed) = watch::channel(None);
+        let confirmer = tokio::spawn(crate::failsafe::run(
+            target_rx,
+            confirm_tx,
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
         let key = self.store.clusterdata_key();
         let mut watcher: Option<Watcher> = None;
         let mut watch_retry_at: Option<Instant> = None;
         let mut next_check = Instant::now();
         let mut last_check = Instant::now();
         loop {
+            st.contact.confirm(*confirmed.borrow_and_update());
+            self.failsafe_step(&mut st, &target_tx);
             let fence_at = if st.fenced {
                 None
             } else {
@@ -148,7 +168,9 @@ impl Discovery {
                 _ = drained(st.draining.as_ref()) => {
                     self.finish_drain(&mut st).await;
                 }
+                _ = confirmed.changed() => {}
                 _ = sleep_until_opt(fence_at) => {
+                    st.contact.confirm(*confirmed.borrow_and_update());
                     if st.contact.is_fenced(Instant::now()) && !self.faults.has(Fault::NoProxyFencing) {
                         tracing::warn!(timeout = ?st.contact.timeout(), "no store contact within proxyTimeout: fencing");
                         st.fenced = true;
@@ -160,8 +182,46 @@ impl Discovery {
         if let Some(d) = st.draining.take() {
             d.old.sever();
         }
+        confirmer.abort();
         self.routes.apply(0, Err(NoMaster::Stopping));
         let _ = st.info.revoke().await;
+    }
+
+    /// Failsafe mode: points the confirmation task at the routed master's keeper (due from
+    /// half a proxyTimeout after the last store contact), and says when routing starts and
+    /// stops resting on its confirmed hold.
+    fn failsafe_step(
+        &self,
+        st: &mut State,
+        target: &watch::Sender<Option<crate::failsafe::Target>>,
+    ) {
+        let want = match (&st.failsafe, st.contact.last_ok()) {
+            (Some((address, db, every)), Some(last)) if !st.fenced && st.wanted.master.is_ok() => {
+                Some(crate::failsafe::Target {
+                    address: address.clone(),
+                    db: db.clone(),
+                    every: *every,
+                    from: last + st.contact.timeout() / 2,
+                })
+            }
+            _ => None,
+        };
+        target.send_if_modified(|t| {
+            let changed = *t != want;
+            *t = want;
+            changed
+        });
+        let now = Instant::now();
+        let on = !st.fenced && st.contact.on_failsafe(now);
+        if on != st.on_failsafe {
+            st.on_failsafe = on;
+            self.metrics.failsafe_routing.set(i64::from(on));
+            if on {
+                tracing::warn!("failsafe: no store contact within proxyTimeout, routing on the master keeper's confirmed hold");
+            } else if !st.fenced {
+                tracing::info!("failsafe: store contact is back");
+            }
+        }
     }
 
     /// Reads clusterdata and publishes ProxyInfo; on success of both counts as contact from
@@ -261,6 +321,7 @@ impl Discovery {
                         .max(Duration::from_millis(100));
                 }
                 st.lease_mode = cd.as_ref().is_some_and(|cd| cd.proxy.spec.lease_liveness);
+                st.failsafe = cd.as_ref().and_then(failsafe_target);
                 let timeout = reported_timeout(st);
                 st.info.set_ttl(if st.lease_mode {
                     control::model::proxy_lease_ttl(GoDuration::from_std(timeout))
@@ -493,6 +554,20 @@ impl Discovery {
             }
         }
     }
+}
+
+/// In failsafe mode, the keeper of the db the proxies route to: its failsafe address, the
+/// db, and how often to ask.
+fn failsafe_target(cd: &ClusterData) -> Option<(String, String, Duration)> {
+    if !cd.cluster.spec.failsafe_mode() {
+        return None;
+    }
+    let db_uid = &cd.proxy.spec.master_db_uid;
+    let db = cd.dbs.get(db_uid)?;
+    let keeper = cd.keepers.get(&db.spec.keeper_uid)?;
+    let address = Some(keeper.status.failsafe_address.clone()).filter(|a| !a.is_empty())?;
+    let every = control::failsafe::timing(cd.cluster.spec.fail_interval()).ask_every;
+    Some((address, db_uid.clone(), every))
 }
 
 /// The proxyTimeout the info reports and its lease is sized for: a pending longer one.

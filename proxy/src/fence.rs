@@ -2,6 +2,8 @@
 //! proxy with no successful store contact for proxyTimeout must close everything and refuse
 //! new sessions (consistency over availability). Contact is timed from when the successful
 //! request was SENT, so the proxy fences no later than the sentinel may assume it has.
+//! In failsafe mode the master's keeper may extend that, directly: until the end of its
+//! own failsafe hold, which no new master can outlast (docs/design.md "Failsafe mode").
 
 use std::time::Duration;
 use tokio::time::Instant;
@@ -11,6 +13,9 @@ pub struct StoreContact {
     timeout: Duration,
     /// When the last request that then succeeded was sent; `None` before the first.
     last_ok: Option<Instant>,
+    /// Until when the master's keeper confirmed its failsafe hold (from the request's
+    /// send time plus what it said was left).
+    failsafe_until: Option<Instant>,
 }
 
 impl StoreContact {
@@ -18,6 +23,7 @@ impl StoreContact {
         StoreContact {
             timeout,
             last_ok: None,
+            failsafe_until: None,
         }
     }
 
@@ -37,9 +43,33 @@ impl StoreContact {
         }
     }
 
-    /// The instant the proxy must be fenced from, if contact does not come back.
-    pub fn deadline(&self) -> Option<Instant> {
+    /// The master's keeper confirmed its failsafe hold until `until` (`None`: no valid
+    /// confirmation).
+    pub fn confirm(&mut self, until: Option<Instant>) {
+        self.failsafe_until = until;
+    }
+
+    /// The store-contact deadline alone.
+    pub fn store_deadline(&self) -> Option<Instant> {
         self.last_ok.map(|t| t + self.timeout)
+    }
+
+    /// When the last successful store request was sent.
+    pub fn last_ok(&self) -> Option<Instant> {
+        self.last_ok
+    }
+
+    /// The instant the proxy must be fenced from, if contact does not come back: the store
+    /// deadline, or a later end of the master's confirmed failsafe hold. Never before the
+    /// first store contact.
+    pub fn deadline(&self) -> Option<Instant> {
+        let store = self.store_deadline()?;
+        Some(self.failsafe_until.map_or(store, |f| f.max(store)))
+    }
+
+    /// The deadline is the failsafe's, not the store's, at `now`.
+    pub fn on_failsafe(&self, now: Instant) -> bool {
+        self.store_deadline().is_some_and(|d| now >= d) && !self.is_fenced(now)
     }
 
     pub fn is_fenced(&self, now: Instant) -> bool {
@@ -69,6 +99,34 @@ mod tests {
         // Contact returns: unfenced.
         c.ok(Instant::now());
         assert!(!c.is_fenced(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_failsafe_hold_extends_the_deadline_never_shortens_it() {
+        let mut c = StoreContact::new(Duration::from_secs(3));
+        c.confirm(Some(Instant::now() + Duration::from_secs(60)));
+        assert!(
+            c.is_fenced(Instant::now()),
+            "no store contact yet: fenced anyway"
+        );
+        c.ok(Instant::now());
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(!c.is_fenced(Instant::now()));
+        assert!(c.on_failsafe(Instant::now()));
+        c.confirm(Some(Instant::now() + Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!c.is_fenced(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(c.is_fenced(Instant::now()), "the hold's end");
+        assert!(!c.on_failsafe(Instant::now()));
+        // A confirmation shorter than the store deadline does not shorten it.
+        c.ok(Instant::now());
+        c.confirm(Some(Instant::now()));
+        tokio::time::advance(Duration::from_millis(2999)).await;
+        assert!(!c.is_fenced(Instant::now()));
+        c.confirm(None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(c.is_fenced(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cancel;
 pub mod conn;
 pub mod discovery;
+pub mod failsafe;
 pub mod fence;
 pub mod hold;
 pub mod limits;

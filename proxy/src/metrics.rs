@@ -77,6 +77,10 @@ pub struct Metrics {
     /// When the master route last changed (to a master or to none), as unix seconds: how
     /// long a master change took to reach this proxy (`loadtest swarm`).
     pub route_changed: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Failsafe mode: 1 while the proxy routes on the master keeper's confirmed hold, the
+    /// store out of reach; confirmations asked, by result.
+    pub failsafe_routing: Gauge,
+    pub failsafe_confirms: Family<ResultLabel, Counter>,
     /// ProxyInfo writes, and lease keep-alives in their place: the store load of this proxy.
     pub info_writes: Counter,
     pub info_keepalives: Counter,
@@ -168,6 +172,16 @@ impl Metrics {
             "sessions_holds",
             "Sessions that were held for a master",
             self.holds.clone(),
+        );
+        r.register(
+            "failsafe_routing",
+            "1 while routing on the master keeper's confirmed failsafe hold, the store out of reach",
+            self.failsafe_routing.clone(),
+        );
+        r.register(
+            "failsafe_confirms",
+            "Failsafe confirmations asked of the master's keeper, by result",
+            self.failsafe_confirms.clone(),
         );
         r.register(
             "route_changed_seconds",

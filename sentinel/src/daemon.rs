@@ -186,6 +186,7 @@ impl Sentinel {
             sleep_interval: stolon_core::model::defaults::SLEEP_INTERVAL.as_std(),
             next_full_read: Instant::now(),
             last_write: None,
+            last_read: None,
         };
         let liveness = Liveness::new(stuck_bound(lead.sleep_interval, self.cfg.store_timeout));
         let mut rounds = 0u32;
@@ -272,6 +273,10 @@ impl Sentinel {
                 .get_prefix(&format!("{}/", self.cfg.store.prefix()))
                 .await?;
             let view = View::from_range(keys, range)?;
+            let gap = lead.last_read.replace(Instant::now()).map(|t| t.elapsed());
+            if let (Some(gap), Some((cd, _))) = (gap, &view.cd) {
+                forget_after_outage(memory, cd, gap);
+            }
             if lead.watcher.is_none() {
                 let prefix = format!("{}/", self.cfg.store.prefix());
                 let store = self.cfg.store.store().clone();
@@ -529,6 +534,24 @@ struct Lead {
     next_full_read: Instant,
     /// When this leader last wrote the clusterdata.
     last_write: Option<Instant>,
+    /// When a full read last succeeded: a long gap before the next is the store's outage.
+    last_read: Option<Instant>,
+}
+
+/// Failsafe mode: after a store outage longer than half a failInterval, the sentinel forgets
+/// when it last saw each info change, as a new leader does (its next round only observes).
+/// The keepers' silence during the outage was the store's, not theirs: judged by it, the
+/// return of the store would fail over a master that held all along. Without failsafe mode
+/// the behaviour stays Go stolon's (the master fenced itself during the outage anyway).
+fn forget_after_outage(memory: &mut SentinelMemory, cd: &ClusterData, gap: Duration) {
+    let spec = &cd.cluster.spec;
+    if spec.failsafe_mode() && gap > spec.fail_interval().as_std() / 2 && memory.rounds > 0 {
+        tracing::warn!(
+            ?gap,
+            "failsafe: the store could not be read for longer than half a failInterval: judging keepers afresh from now"
+        );
+        *memory = SentinelMemory::default();
+    }
 }
 
 /// At most this many watch updates already waiting are folded into one round.
