@@ -275,7 +275,7 @@ impl Sentinel {
             let view = View::from_range(keys, range)?;
             let gap = lead.last_read.replace(Instant::now()).map(|t| t.elapsed());
             if let (Some(gap), Some((cd, _))) = (gap, &view.cd) {
-                forget_after_outage(memory, cd, gap);
+                forget_after_outage(memory, cd, gap, self.clock.now());
             }
             if lead.watcher.is_none() {
                 let prefix = format!("{}/", self.cfg.store.prefix());
@@ -543,14 +543,25 @@ struct Lead {
 /// The keepers' silence during the outage was the store's, not theirs: judged by it, the
 /// return of the store would fail over a master that held all along. Without failsafe mode
 /// the behaviour stays Go stolon's (the master fenced itself during the outage anyway).
-fn forget_after_outage(memory: &mut SentinelMemory, cd: &ClusterData, gap: Duration) {
+/// Proxies keep their place among the enabled ones for 2 x proxyTimeout meanwhile (their
+/// info's lease may have expired with the outage).
+fn forget_after_outage(
+    memory: &mut SentinelMemory,
+    cd: &ClusterData,
+    gap: Duration,
+    now: Timestamp,
+) {
     let spec = &cd.cluster.spec;
     if spec.failsafe_mode() && gap > spec.fail_interval().as_std() / 2 && memory.rounds > 0 {
         tracing::warn!(
             ?gap,
             "failsafe: the store could not be read for longer than half a failInterval: judging keepers afresh from now"
         );
-        *memory = SentinelMemory::default();
+        let grace = GoDuration(spec.proxy_timeout().0.saturating_mul(2));
+        *memory = SentinelMemory {
+            proxy_grace_until: Some(now.plus(grace)),
+            ..SentinelMemory::default()
+        };
     }
 }
 

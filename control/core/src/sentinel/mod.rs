@@ -88,6 +88,10 @@ pub struct SentinelMemory {
     pub init_attempt: Option<(String, Timestamp)>,
     /// Keepers an initialisation was already tried on and timed out.
     pub init_tried: BTreeSet<String>,
+    /// Failsafe mode, after a store outage: until then no enabled proxy is dropped for a
+    /// missing info (its lease may have expired in the outage while it kept routing on the
+    /// master's hold; it writes the info again at its next check).
+    pub proxy_grace_until: Option<Timestamp>,
 }
 
 /// Why the decision is what it is: logged by the daemon and shown by tests.

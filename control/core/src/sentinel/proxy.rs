@@ -39,13 +39,18 @@ impl Round<'_> {
         if !self.cd.proxy.spec.lease_liveness {
             self.cd.proxy.spec.lease_liveness = true;
         }
-        let active: Vec<String> = self
+        let mut active: Vec<String> = self
             .obs
             .proxies
             .keys()
             .filter(|u| self.proxy_active(u))
             .cloned()
             .collect();
+        if self.mem.proxy_grace_until.is_some_and(|t| self.now < t) {
+            active.extend(self.cd.proxy.spec.enabled_proxies.iter().cloned());
+            active.sort();
+            active.dedup();
+        }
         if self.cd.proxy.spec.enabled_proxies != active {
             self.cd.proxy.spec.enabled_proxies = active;
         }

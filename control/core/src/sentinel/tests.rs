@@ -1255,3 +1255,30 @@ fn a_pause_holds_back_a_requested_switchover_and_standby_changes() {
         before.keys().collect::<Vec<_>>()
     );
 }
+
+/// Failsafe mode, after a store outage: the daemon starts the sentinel's memory afresh
+/// with a grace for the enabled proxies, so a proxy whose lease expired in the outage (it
+/// kept routing on the master's hold) is not disabled before it writes its info again.
+#[test]
+fn after_a_store_outage_enabled_proxies_keep_their_place_for_the_grace() {
+    let mut w = cluster(test_spec(), 2);
+    w.add_proxy("p1");
+    w.proxies.get_mut("p1").expect("p1").lease = true;
+    w.run(2);
+    assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0", "p1"]);
+    // The outage took p1's key (its lease) with it; p1 has not written it back yet.
+    w.proxies.get_mut("p1").expect("p1").alive = false;
+    w.proxy_infos.remove("p1");
+    w.mem = SentinelMemory {
+        proxy_grace_until: Some(w.now.plus(secs(6))),
+        ..SentinelMemory::default()
+    };
+    w.run(4);
+    assert_eq!(
+        w.cd.proxy.spec.enabled_proxies,
+        ["p0", "p1"],
+        "within the grace"
+    );
+    w.run(4);
+    assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0"], "past the grace");
+}
