@@ -13,7 +13,7 @@
 use crate::cluster::Cluster;
 use crate::sql;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -46,6 +46,8 @@ pub struct Checker {
     acks: Arc<Mutex<Vec<Write>>>,
     probes: Arc<Mutex<Vec<Write>>>,
     nemesis: Option<Instant>,
+    /// What the writers' clients saw go wrong: failed connects and failed or hung writes.
+    errors: Arc<AtomicUsize>,
 }
 
 static NEXT_ID: AtomicI64 = AtomicI64::new(1);
@@ -84,9 +86,11 @@ impl Checker {
             port: k.port,
         });
         let mut tasks = Vec::new();
+        let errors = Arc::new(AtomicUsize::new(0));
         for w in 0..2 {
             let ts = proxies.clone();
-            tasks.push(tokio::spawn(writer(w, ts, stop.clone(), acks.clone())));
+            let e = errors.clone();
+            tasks.push(tokio::spawn(writer(w, ts, stop.clone(), acks.clone(), e)));
         }
         for t in proxies.iter().cloned().chain(direct) {
             tasks.push(tokio::spawn(probe(t, stop.clone(), probes.clone())));
@@ -98,7 +102,13 @@ impl Checker {
             acks,
             probes,
             nemesis: None,
+            errors,
         }
+    }
+
+    /// Failed connects and failed or hung writes the writers' clients have seen so far.
+    pub fn errors(&self) -> usize {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// Marks the moment the nemesis strikes (figures are measured from here).
@@ -144,6 +154,7 @@ async fn writer(
     targets: Vec<Target>,
     stop: CancellationToken,
     acks: Arc<Mutex<Vec<Write>>>,
+    errors: Arc<AtomicUsize>,
 ) {
     let mut client: Option<Client> = None;
     let mut turn = w;
@@ -155,6 +166,9 @@ async fn writer(
                 .await
                 .ok();
             if client.is_none() {
+                if !stop.is_cancelled() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -181,6 +195,9 @@ async fn writer(
             }
             // A refused or hung write is not acknowledged: start over on a new session.
             _ => {
+                if !stop.is_cancelled() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
                 cancel(client.take());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -275,7 +275,7 @@ impl Sentinel {
             let view = View::from_range(keys, range)?;
             let gap = lead.last_read.replace(Instant::now()).map(|t| t.elapsed());
             if let (Some(gap), Some((cd, _))) = (gap, &view.cd) {
-                forget_after_outage(memory, cd, gap, self.clock.now());
+                forget_after_outage(memory, cd, gap);
             }
             if lead.watcher.is_none() {
                 let prefix = format!("{}/", self.cfg.store.prefix());
@@ -557,11 +557,8 @@ fn forget_after_outage(
             ?gap,
             "failsafe: the store could not be read for longer than half a failInterval: judging keepers afresh from now"
         );
-        let grace = GoDuration(spec.proxy_timeout().0.saturating_mul(2));
-        *memory = SentinelMemory {
-            proxy_grace_until: Some(now.plus(grace)),
-            ..SentinelMemory::default()
-        };
+        // The first round of a fresh memory gives the enabled proxies their grace.
+        *memory = SentinelMemory::default();
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Status {
     pub proxy_generation: i64,
     /// master keeper -> standby keepers.
     pub tree: Vec<(String, Vec<String>)>,
+    /// Spec `failsafeMode` (ours).
+    pub failsafe_mode: bool,
 }
 
 /// Go's `ClusterStatus`: empty strings when there is no master, as Go writes them.
@@ -61,6 +63,8 @@ pub struct KeeperRow {
     pub role: Option<String>,
     /// Bytes behind the master's last reported WAL position (standbys only).
     pub lag_bytes: Option<u64>,
+    /// Failsafe mode: the keeper's state as it last published it.
+    pub failsafe: Option<stolon_core::model::FailsafeReport>,
 }
 
 fn keeper_rows(cd: &ClusterData) -> Vec<KeeperRow> {
@@ -98,6 +102,7 @@ fn keeper_rows(cd: &ClusterData) -> Vec<KeeperRow> {
                 db: db.map(|d| d.uid.clone()),
                 role,
                 lag_bytes: lag,
+                failsafe: None,
             }
         })
         .collect()
@@ -113,6 +118,17 @@ pub async fn status(store: &ClusterStore) -> Result<Status> {
         .proxy_infos()
         .await
         .map_err(|e| store_error(store, e))?;
+    let keeper_infos = store
+        .keeper_infos()
+        .await
+        .map_err(|e| store_error(store, e))?;
+    let mut keepers = keeper_rows(&cd);
+    for k in &mut keepers {
+        k.failsafe = keeper_infos
+            .items
+            .get(&k.uid)
+            .and_then(|i| i.failsafe.clone());
+    }
     let leader = store
         .election(stolon_store::LEADER_TTL)
         .leader()
@@ -151,7 +167,8 @@ pub async fn status(store: &ClusterStore) -> Result<Status> {
                 generation: p.generation,
             })
             .collect(),
-        keepers: keeper_rows(&cd),
+        keepers,
+        failsafe_mode: cd.cluster.spec.failsafe_mode(),
         cluster: ClusterRow {
             available: true,
             master_keeper_uid: master
@@ -227,6 +244,14 @@ pub fn render_text(s: &Status) -> String {
             .unwrap_or("-"),
         s.proxy_master_db.as_deref().unwrap_or("none (fenced)")
     );
+    if s.failsafe_mode {
+        let _ = writeln!(out, "failsafe mode: on");
+        for k in &s.keepers {
+            if let Some(line) = k.failsafe.as_ref().and_then(failsafe_line) {
+                let _ = writeln!(out, "  {}: {line}", k.uid);
+            }
+        }
+    }
     for (m, standbys) in &s.tree {
         let _ = writeln!(out, "{m}");
         for (i, sb) in standbys.iter().enumerate() {
@@ -239,4 +264,49 @@ pub fn render_text(s: &Status) -> String {
         }
     }
     out
+}
+
+/// "held since T, acks N/M" for a holding master, "promised to D for X ms" for a keeper
+/// that acknowledged one; nothing when neither.
+fn failsafe_line(r: &stolon_core::model::FailsafeReport) -> Option<String> {
+    let mut parts = Vec::new();
+    if !r.held_since.is_empty() {
+        parts.push(format!(
+            "held since {}, acks {}/{}",
+            r.held_since, r.acks, r.peers
+        ));
+    }
+    if !r.promised_to.is_empty() {
+        parts.push(format!(
+            "acknowledged master db {} (not a master for {} ms more)",
+            r.promised_to, r.promised_for_ms
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+#[cfg(test)]
+mod failsafe_tests {
+    use stolon_core::model::FailsafeReport;
+
+    #[test]
+    fn a_holding_master_and_a_promised_keeper_are_shown() {
+        let held = FailsafeReport {
+            held_since: "2026-12-03T07:00:00Z".into(),
+            acks: 2,
+            peers: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            super::failsafe_line(&held).as_deref(),
+            Some("held since 2026-12-03T07:00:00Z, acks 2/2")
+        );
+        let promised = FailsafeReport {
+            promised_to: "d1".into(),
+            promised_for_ms: 1200,
+            ..Default::default()
+        };
+        assert!(super::failsafe_line(&promised).is_some_and(|l| l.contains("db d1")));
+        assert_eq!(super::failsafe_line(&FailsafeReport::default()), None);
+    }
 }

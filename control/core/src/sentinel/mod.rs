@@ -167,6 +167,13 @@ pub fn decide_with(
     if memory.rounds == 0 {
         // A new leader does not know how long infos have been unchanged: acting now could
         // fail a healthy master whose infos it has simply not watched long enough.
+        if cd.cluster.spec.failsafe_mode() && round.mem.proxy_grace_until.is_none() {
+            // Failsafe mode: leadership changes hands after a store outage, and the proxies'
+            // leases may have expired with it while they kept routing on the master's hold:
+            // the enabled ones keep their place until they have written their infos again.
+            let grace = GoDuration(cd.cluster.spec.proxy_timeout().0.saturating_mul(2));
+            round.mem.proxy_grace_until = Some(now.plus(grace));
+        }
         round.reason(
             ReasonKind::FirstRound,
             "first round as leader: observing only",

@@ -1256,8 +1256,8 @@ fn a_pause_holds_back_a_requested_switchover_and_standby_changes() {
     );
 }
 
-/// Failsafe mode, after a store outage: the daemon starts the sentinel's memory afresh
-/// with a grace for the enabled proxies, so a proxy whose lease expired in the outage (it
+/// Failsafe mode, after a store outage: a sentinel with a fresh memory (a new leader, or
+/// the daemon forgetting after the outage) gives the enabled proxies a grace, so a proxy whose lease expired in the outage (it
 /// kept routing on the master's hold) is not disabled before it writes its info again.
 #[test]
 fn after_a_store_outage_enabled_proxies_keep_their_place_for_the_grace() {
@@ -1269,16 +1269,19 @@ fn after_a_store_outage_enabled_proxies_keep_their_place_for_the_grace() {
     // The outage took p1's key (its lease) with it; p1 has not written it back yet.
     w.proxies.get_mut("p1").expect("p1").alive = false;
     w.proxy_infos.remove("p1");
-    w.mem = SentinelMemory {
-        proxy_grace_until: Some(w.now.plus(secs(6))),
-        ..SentinelMemory::default()
-    };
+    w.cd.cluster.spec.failsafe_mode = Some(true);
+    w.mem = SentinelMemory::default();
+    let mut off = w.clone();
     w.run(4);
     assert_eq!(
         w.cd.proxy.spec.enabled_proxies,
         ["p0", "p1"],
         "within the grace"
     );
-    w.run(4);
+    w.run(17); // 2 x proxyTimeout (10 s) from the first round
     assert_eq!(w.cd.proxy.spec.enabled_proxies, ["p0"], "past the grace");
+    // Failsafe mode off: a new leader drops it at once, as before.
+    off.cd.cluster.spec.failsafe_mode = None;
+    off.run(4);
+    assert_eq!(off.cd.proxy.spec.enabled_proxies, ["p0"]);
 }

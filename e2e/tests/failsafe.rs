@@ -1,0 +1,274 @@
+//! Failsafe mode (spec `failsafeMode`, issue 21): a store outage is not an outage. Each
+//! scenario runs the acknowledged-write checker and the split-brain detector (which probes
+//! every PostgreSQL directly too). With failsafe off, `partitions.rs` shows today's
+//! behaviour (etcd out: proxies and master fence, the same master resumes).
+
+use e2e::{running, serial, Checker, Cluster, Opts};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const MIN: Duration = Duration::from_secs(60);
+/// The suite's fence window: failInterval 5 s / 2.
+const FENCE: Duration = Duration::from_millis(2500);
+
+fn failsafe(netns: bool, proxies: usize, sync: bool) -> Opts {
+    Opts {
+        netns,
+        proxies,
+        spec: json!({"failsafeMode": true, "synchronousReplication": sync}),
+        ..Default::default()
+    }
+}
+
+/// Waits until the clusterdata carries every keeper's failsafe address (the sentinel
+/// copies them from the keepers' infos): before that a master could not ask its peers.
+async fn wait_failsafe_ready(c: &Cluster) {
+    c.wait_for("every keeper's failsafe address", MIN, async || {
+        let (cd, _) = c.data().await?;
+        let ready = cd.cluster.spec.failsafe_mode()
+            && cd.keepers.len() == c.keepers.len()
+            && (cd.keepers.values()).all(|k| !k.status.failsafe_address.is_empty());
+        ready.then_some(())
+    })
+    .await
+    .expect("failsafe addresses published");
+}
+
+/// Keeps checking, for `span` from `from`, that writes go on: 10 more acknowledged within
+/// each second.
+async fn writes_go_on(checker: &Checker, from: Instant, span: Duration) {
+    while from.elapsed() < span {
+        assert!(
+            checker.wait_acks(10, Duration::from_secs(1)).await,
+            "writes stopped {:?} into the outage",
+            from.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_frozen_or_stopped_for_a_minute_changes_nothing_clients_see() {
+    let _s = serial().await;
+    let (mut c, mut checker) = running(failsafe(false, 1, false)).await;
+    wait_failsafe_ready(&c).await;
+    let m = c.master().await.expect("master");
+    let errors = checker.errors();
+    let from = checker.nemesis();
+    for freeze in [true, false] {
+        let start = Instant::now();
+        if freeze {
+            c.etcd.members[0].freeze().expect("freeze");
+        } else {
+            c.etcd.members[0].stop();
+        }
+        // Positive events first: the master holds on its peers, the proxy routes on it.
+        c.wait_for(
+            "the master to hold without the store",
+            Duration::from_secs(10),
+            async || {
+                let log = c.keeper_log(&m);
+                (log.matches("holding without the store").count() >= usize::from(!freeze) + 1)
+                    .then_some(())
+            },
+        )
+        .await
+        .expect("the master holds");
+        writes_go_on(&checker, start, MIN).await;
+        if freeze {
+            c.etcd.members[0].thaw().expect("thaw");
+        } else {
+            c.etcd.members[0].restart().expect("etcd back");
+        }
+        eprintln!(
+            "etcd {} for {:?}: client errors {}",
+            if freeze { "frozen" } else { "stopped" },
+            start.elapsed(),
+            checker.errors() - errors
+        );
+        c.wait_healthy(MIN).await.expect("healthy after etcd");
+        assert!(
+            checker.wait_acks(20, MIN).await,
+            "writes after etcd is back"
+        );
+    }
+    assert_eq!(checker.errors(), errors, "no client saw the outages");
+    let p1 = c.log("p1");
+    assert!(
+        p1.contains("routing on the master keeper's confirmed hold"),
+        "the proxy said it"
+    );
+    let out = c
+        .finish("failsafe_etcd_outage", checker)
+        .await
+        .expect("invariants");
+    eprintln!(
+        "failsafe, etcd out 2 x 60 s: longest gap without a write {:?} (from the first outage on)",
+        out.max_gap
+    );
+    assert_eq!(out.master, m, "no failover");
+    assert_eq!(out.missing, 0, "nothing lost");
+    assert!(
+        out.max_gap < Duration::from_secs(1),
+        "writes never stopped: {:?}",
+        out.max_gap
+    );
+    let k = c.keeper_log(&m);
+    assert!(!k.contains("fencing the master"), "the master never fenced");
+    let s1 = c.log("s1");
+    assert!(
+        !s1.contains("kind=Failover"),
+        "the gap triggered no failover"
+    );
+    assert!(!k.contains("PostgreSQL exited"), "no restart");
+    let _ = from;
+}
+
+/// The master cut from etcd only (it still reaches its peers, the sentinel and the
+/// standbys still reach etcd): the standbys read the newer clusterdata and refuse it, so it
+/// fences by its store deadline, and the failover comes after that; synchronous
+/// replication: nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_cut_from_etcd_alone_fences_before_the_new_master_takes_writes() {
+    let _s = serial().await;
+    let (c, mut checker) = running(failsafe(true, 1, true)).await;
+    wait_failsafe_ready(&c).await;
+    let m = c.master().await.expect("master");
+    let net = c.net.as_ref().expect("net");
+    let cut = checker.nemesis();
+    net.isolate_from(&m, &["etcd"]).expect("cut from etcd");
+    let new = c.wait_master_change(&m, MIN).await.expect("failover");
+    let elected = cut.elapsed();
+    net.heal(&m).expect("heal");
+    let out = c
+        .finish("failsafe_master_cut", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, new);
+    assert_eq!(out.missing, 0, "synchronous: nothing acknowledged lost");
+    let last_direct = last_write_on(&c, &out.report, &m, cut);
+    eprintln!(
+        "failsafe, master cut from etcd: last write it accepted {last_direct:?} after the cut, \
+         new master elected {elected:?} after it"
+    );
+    assert!(last_direct.is_none_or(|d| d < elected));
+    assert!(c.keeper_log(&m).contains("fencing the master"), "it fenced");
+}
+
+/// The master cut from etcd and from one standby: that standby cannot acknowledge it, so
+/// it fences within the fence window, as without failsafe mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_cut_from_etcd_and_a_standby_fences_within_the_fence_window() {
+    let _s = serial().await;
+    let (c, mut checker) = running(failsafe(true, 1, false)).await;
+    wait_failsafe_ready(&c).await;
+    let m = c.master().await.expect("master");
+    let others = c.others(&m);
+    let net = c.net.as_ref().expect("net");
+    let cut = checker.nemesis();
+    net.isolate_from(&m, &["etcd", &others[0]]).expect("cut");
+    let fenced = c
+        .wait_for("the master to fence", Duration::from_secs(10), async || {
+            c.keeper_log(&m)
+                .contains("fencing the master")
+                .then(|| cut.elapsed())
+        })
+        .await
+        .expect("fenced");
+    c.wait_master_change(&m, MIN).await.expect("failover");
+    net.heal(&m).expect("heal");
+    let out = c
+        .finish("failsafe_master_cut_and_standby", checker)
+        .await
+        .expect("invariants");
+    let last_direct = last_write_on(&c, &out.report, &m, cut);
+    eprintln!("failsafe, master cut from etcd and a standby: fenced {fenced:?} after the cut, last write it accepted {last_direct:?} after it");
+    // The deadline runs from the last acknowledged publish, before the cut; the stop
+    // itself and the log line take a little more.
+    assert!(fenced < FENCE + Duration::from_secs(1), "{fenced:?}");
+    assert!(last_direct.is_none_or(|d| d < FENCE + Duration::from_secs(1)));
+}
+
+/// A proxy cut from etcd but not from the keepers keeps serving on the master's confirmed
+/// hold long past its proxyTimeout; cut from the master too, it fences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_cut_from_etcd_serves_on_the_masters_hold_and_fences_without_it() {
+    let _s = serial().await;
+    let (c, mut checker) = running(failsafe(true, 2, false)).await;
+    wait_failsafe_ready(&c).await;
+    let m = c.master().await.expect("master");
+    let net = c.net.as_ref().expect("net");
+    let errors = checker.errors();
+    let cut = checker.nemesis();
+    net.isolate_from("p2", &["etcd"]).expect("cut p2 from etcd");
+    let (addr, port) = c.proxy_addr(1);
+    c.wait_for(
+        "p2 to route on the failsafe",
+        Duration::from_secs(10),
+        async || {
+            c.log("p2")
+                .contains("routing on the master keeper's confirmed hold")
+                .then_some(())
+        },
+    )
+    .await
+    .expect("p2 on the failsafe");
+    // Well past 2 x proxyTimeout (3 s), p2 still serves.
+    c.wait_for(
+        "p2 serving 8 s after the cut",
+        Duration::from_secs(20),
+        async || {
+            let r = e2e::sql::query_text(&addr, port, "SELECT 'ok'::text").await;
+            assert!(
+                r.is_ok(),
+                "p2 refused {:?} after the cut: {r:?}",
+                cut.elapsed()
+            );
+            (cut.elapsed() > Duration::from_secs(8)).then_some(())
+        },
+    )
+    .await
+    .expect("served");
+    assert_eq!(
+        checker.errors(),
+        errors,
+        "no client error while p2 is on the failsafe"
+    );
+    let served = cut.elapsed();
+    // Cut from the master's host too: no confirmation, p2 fences.
+    let recut = Instant::now();
+    net.isolate_from("p2", &[&m])
+        .expect("cut p2 from the master");
+    let refused = c
+        .wait_for(
+            "p2 to refuse sessions",
+            Duration::from_secs(10),
+            async || {
+                let r = e2e::sql::query_text(&addr, port, "SELECT 1::text").await;
+                r.is_err().then(|| recut.elapsed())
+            },
+        )
+        .await
+        .expect("p2 fenced");
+    eprintln!("failsafe, proxy cut from etcd: served {served:?} after the cut; cut from the master too, refused {refused:?} after");
+    assert!(c
+        .log("p2")
+        .contains("no store contact within proxyTimeout: fencing"));
+    net.heal("p2").expect("heal");
+    let out = c
+        .finish("failsafe_proxy_cut", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, m);
+}
+
+/// From `cut` to the end of the last write `uid`'s PostgreSQL accepted directly.
+fn last_write_on(c: &Cluster, report: &e2e::Report, uid: &str, cut: Instant) -> Option<Duration> {
+    let (addr, port) = c.pg_addr(uid);
+    let backend = format!("{addr}:{port}");
+    report
+        .probes
+        .iter()
+        .filter(|w| w.backend == backend && w.start > cut)
+        .map(|w| w.end - cut)
+        .max()
+}
