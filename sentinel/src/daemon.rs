@@ -545,12 +545,7 @@ struct Lead {
 /// the behaviour stays Go stolon's (the master fenced itself during the outage anyway).
 /// Proxies keep their place among the enabled ones for 2 x proxyTimeout meanwhile (their
 /// info's lease may have expired with the outage).
-fn forget_after_outage(
-    memory: &mut SentinelMemory,
-    cd: &ClusterData,
-    gap: Duration,
-    now: Timestamp,
-) {
+fn forget_after_outage(memory: &mut SentinelMemory, cd: &ClusterData, gap: Duration) {
     let spec = &cd.cluster.spec;
     if spec.failsafe_mode() && gap > spec.fail_interval().as_std() / 2 && memory.rounds > 0 {
         tracing::warn!(
