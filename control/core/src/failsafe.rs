@@ -166,4 +166,7 @@ pub fn hold_until<'a, T: Ord + Copy + 'a>(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a test: seeds from the environment
+mod simulation;
+#[cfg(test)]
 mod tests;
