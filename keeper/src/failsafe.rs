@@ -89,12 +89,17 @@ impl State {
             Some((db, until)) if *until > now => (db.clone(), (*until - now).as_millis() as u64),
             _ => (String::new(), 0),
         };
+        let dbs = match (&self.master_of, &self.cd) {
+            (Some(_), Some(cd)) => cd.dbs.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         Some(FailsafeReport {
             held_since,
             acks: self.valid_acks(now) as u32,
             peers: self.peers.len() as u32,
             promised_to,
             promised_for_ms,
+            dbs,
         })
     }
 
@@ -187,8 +192,15 @@ struct Ask {
 /// Whether the master must ask now, and what; clears the hold when it need not.
 fn next_ask(st: &mut State, now: Instant) -> Option<Ask> {
     let timing = st.timing?;
+    // The sentinel must have recorded which dbs it may elect in this master's place (the
+    // dbs this keeper reported holding) before it may hold: rule 4 of the design.
+    let recorded = (st.cd.as_ref())
+        .zip(st.master_of.as_ref())
+        .and_then(|(cd, db)| cd.dbs.get(db))
+        .is_some_and(|d| !d.status.failsafe_dbs.is_empty());
     let needed = st.failsafe_on()
         && st.master_of.is_some()
+        && recorded
         && (st
             .store_ack
             .is_none_or(|a| now.saturating_duration_since(a) >= timing.ask_after)

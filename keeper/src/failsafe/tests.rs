@@ -38,6 +38,10 @@ fn cd(k2_addr: &str) -> ClusterData {
         );
     }
     cd.cluster.status.master = "d1".into();
+    // The sentinel recorded the dbs the master reported (it may hold only then).
+    if let Some(d1) = cd.dbs.get_mut("d1") {
+        d1.status.failsafe_dbs = vec!["d1".into(), "d2".into()];
+    }
     cd
 }
 
@@ -184,4 +188,27 @@ async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < end, "not within {limit:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The master does not hold before the sentinel recorded which dbs may replace it.
+#[tokio::test]
+async fn no_hold_before_the_sentinel_recorded_the_masters_dbs() {
+    let k2 = state("k2", cd(""), 10, None);
+    let (addr, stop_server) = serve(k2.clone()).await;
+    let mut unrecorded = cd(&addr);
+    if let Some(d1) = unrecorded.dbs.get_mut("d1") {
+        d1.status.failsafe_dbs.clear();
+    }
+    let k1 = state("k1", unrecorded, 10, Some("d1"));
+    let now = Instant::now();
+    assert!(next_ask(&mut k1.lock().expect("lock"), now).is_none());
+    k1.lock().expect("lock").cd = Some(cd(&addr));
+    assert!(next_ask(&mut k1.lock().expect("lock"), now).is_some());
+    let report = k1.lock().expect("lock").report(now).expect("on");
+    assert_eq!(
+        report.dbs,
+        ["d1", "d2"],
+        "the master reports its clusterdata's dbs"
+    );
+    stop_server.cancel();
 }

@@ -341,6 +341,16 @@ pub struct DbStatus {
     pub synchronous_standbys: Vec<String>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub older_wal_file: String,
+    /// Ours, failsafe mode, on the master's db: the dbs of the clusterdata its keeper last
+    /// reported holding. Only one of them may replace it (db uids are never reused, so a db
+    /// listed there that still exists was in every clusterdata since: the master asks its
+    /// keeper before it holds).
+    #[serde(
+        rename = "stolonFailsafeDbs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub failsafe_dbs: Vec<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

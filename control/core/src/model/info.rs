@@ -71,6 +71,9 @@ pub struct FailsafeReport {
     pub promised_to: String,
     #[serde(default, skip_serializing_if = "is_default")]
     pub promised_for_ms: u64,
+    /// A master: the dbs of the clusterdata it holds (the sentinel elects only among them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dbs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -180,6 +180,16 @@ impl Round<'_> {
                     db.status.port = ps.port;
                 }
             }
+            // Failsafe mode: the master's keeper reports the dbs of the clusterdata it holds.
+            let reported_dbs = (self.obs.keepers.get(&keeper_uid))
+                .and_then(|i| i.failsafe.as_ref())
+                .map(|f| f.dbs.clone())
+                .filter(|d| !d.is_empty());
+            if !self.cd.cluster.spec.failsafe_mode() {
+                db.status.failsafe_dbs.clear();
+            } else if let (Some(dbs), true) = (reported_dbs, alive) {
+                db.status.failsafe_dbs = dbs;
+            }
             if let Some(ps) = state.filter(|ps| ps.healthy) {
                 let st = &mut db.status;
                 st.current_generation = ps.generation;

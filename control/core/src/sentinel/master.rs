@@ -128,6 +128,12 @@ impl Round<'_> {
         if keeper.is_none_or(|k| k.status.can_be_master == Some(false)) {
             return Err("keeper cannot be master");
         }
+        let listed = &m.status.failsafe_dbs;
+        if self.cd.cluster.spec.failsafe_mode() && !listed.is_empty() && !listed.contains(&db.uid) {
+            // The master may hold on acknowledgements of the keepers of the clusterdata it
+            // last reported: a db outside it was never asked (docs/design.md rule 4).
+            return Err("failsafe: not in the clusterdata the master last reported");
+        }
         if !m.status.system_id.is_empty() && db.status.system_id != m.status.system_id {
             return Err("different system id");
         }

@@ -1285,3 +1285,34 @@ fn after_a_store_outage_enabled_proxies_keep_their_place_for_the_grace() {
     off.run(4);
     assert_eq!(off.cd.proxy.spec.enabled_proxies, ["p0"]);
 }
+
+/// Failsafe mode: only a db of the clusterdata the master last reported holding may
+/// replace it (its keeper was asked for every acknowledgement the master held on), even
+/// when another is further ahead.
+#[test]
+fn failsafe_elects_only_among_the_dbs_the_master_reported() {
+    let setup = |listed: bool| {
+        let mut w = cluster(test_spec(), 3);
+        w.cd.cluster.spec.failsafe_mode = Some(true);
+        w.write(100);
+        w.keeper("k1").replicates = false;
+        w.run(2);
+        w.write(50);
+        w.run(2);
+        assert!(w.keepers["k2"].xlog > w.keepers["k1"].xlog);
+        if listed {
+            let keep = vec![db_uid(&w, "k0"), db_uid(&w, "k1")];
+            let m = w.master().to_string();
+            w.cd.dbs.get_mut(&m).expect("master db").status.failsafe_dbs = keep;
+        }
+        w
+    };
+    let mut w = setup(true);
+    assert_eq!(kill_master_and_fail_over(&mut w), "k1", "k2 was not listed");
+    let mut w = setup(false);
+    assert_eq!(
+        kill_master_and_fail_over(&mut w),
+        "k2",
+        "no list: the usual rule"
+    );
+}
