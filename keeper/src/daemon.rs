@@ -249,6 +249,7 @@ impl Keeper {
         tokio::spawn(watch_cluster_data(
             self.settings.store.clone(),
             cd_tx,
+            self.settings.failsafe.clone(),
             shutdown.clone(),
         ));
         let publisher = tokio::spawn(publish(
@@ -501,8 +502,9 @@ impl Keeper {
             .as_ref()
             .map(|c| c.cluster.status.master.clone());
         f.keeper_uid = self.settings.uid.clone();
-        f.cd = self.view.cd.clone();
-        f.revision = self.view.revision;
+        if let Some(cd) = &self.view.cd {
+            f.read(cd, self.view.revision);
+        }
         f.runs_primary = primary;
         f.master_of = my.filter(|m| primary && !self.instance.fenced && Some(m) == named.as_ref());
         f.timing = self
@@ -834,14 +836,24 @@ impl Keeper {
 async fn watch_cluster_data(
     store: ClusterStore,
     tx: watch::Sender<Option<(ClusterData, i64)>>,
+    failsafe: crate::failsafe::Shared,
     shutdown: CancellationToken,
 ) {
+    // Failsafe answers go by the newest clusterdata read, not the one the loop last
+    // planned on (a loop in a long step would have a master ask with an old revision,
+    // which its peers refuse).
+    let send = |cd: ClusterData, rev: i64| {
+        if let Ok(mut f) = failsafe.lock() {
+            f.read(&cd, rev);
+        }
+        tx.send_replace(Some((cd, rev)));
+    };
     let key = store.clusterdata_key();
     while !shutdown.is_cancelled() {
         // Read, then watch from the revision after the one read (nothing missed between).
         let start = match store.get_cluster_data().await {
             Ok(Some((cd, rev))) => {
-                tx.send_replace(Some((cd, rev)));
+                send(cd, rev);
                 rev + 1
             }
             Ok(None) => match store.store().get_prefix(&key).await {
@@ -864,7 +876,7 @@ async fn watch_cluster_data(
                 Ok(WatchUpdate::Events(events)) => {
                     if let Some(ev) = events.last() {
                         match ClusterData::from_json(&ev.kv.value) {
-                            Ok(cd) => drop(tx.send_replace(Some((cd, ev.kv.mod_revision)))),
+                            Ok(cd) => send(cd, ev.kv.mod_revision),
                             Err(e) => {
                                 tracing::error!(error = %e, "malformed clusterdata: keeping the last good one")
                             }

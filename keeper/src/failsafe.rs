@@ -57,6 +57,16 @@ impl State {
             .is_some_and(|cd| cd.cluster.spec.failsafe_mode())
     }
 
+    /// A clusterdata read at `revision`; an older one than the newest read is ignored
+    /// (unless it is another cluster's: a store recreated starts its revisions again).
+    pub fn read(&mut self, cd: &ClusterData, revision: i64) {
+        let other = (self.cd.as_ref()).is_none_or(|c| c.cluster.uid != cd.cluster.uid);
+        if other || revision > self.revision {
+            self.cd = Some(cd.clone());
+            self.revision = revision;
+        }
+    }
+
     /// The promise is still in force at `now`.
     pub fn promised_at(&self, now: Instant) -> bool {
         self.promised

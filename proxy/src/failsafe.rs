@@ -25,8 +25,10 @@ pub struct Target {
     pub from: Instant,
 }
 
-/// Asks while a target is set and due; sends each confirmation's end (`None` when one is
-/// refused or fails) on `out`.
+/// Asks while a target is set and due; sends each confirmation's end on `out`. A refused
+/// or failed request sends nothing: the last confirmed end stays true (a hold cannot end
+/// before the end its master stated, its acknowledgements cannot be taken back), so one
+/// lost request does not fence the proxy early.
 pub async fn run(
     mut target: watch::Receiver<Option<Target>>,
     out: watch::Sender<Option<Instant>>,
@@ -47,7 +49,9 @@ pub async fn run(
                 .failsafe_confirms
                 .get_or_create(&ResultLabel { result })
                 .inc();
-            out.send_replace(until);
+            if until.is_some() {
+                out.send_replace(until);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -113,7 +117,7 @@ mod tests {
     }
 
     /// Against a real listener answering as a holding keeper: a confirmation is sent once
-    /// due, and ends as the keeper said; a refusal sends `None`.
+    /// due, and ends as the keeper said; a refusal is counted and leaves it as it was.
     #[tokio::test]
     async fn confirms_once_due_and_reports_a_refusal() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -155,10 +159,24 @@ mod tests {
             until >= start + Duration::from_millis(5200),
             "asked only once due"
         );
-        out_rx.changed().await.expect("a second answer");
-        assert_eq!(*out_rx.borrow(), None, "a refusal ends the confirmation");
+        server.await.expect("server");
+        let refused = || {
+            metrics
+                .failsafe_confirms
+                .get_or_create(&ResultLabel { result: "refused" })
+                .get()
+        };
+        let end = Instant::now() + Duration::from_secs(5);
+        while refused() == 0 {
+            assert!(Instant::now() < end, "the refusal is counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            *out_rx.borrow(),
+            Some(until),
+            "the last confirmed end stays"
+        );
         stop.cancel();
         task.await.expect("task");
-        server.await.expect("server");
     }
 }

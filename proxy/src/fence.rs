@@ -43,10 +43,10 @@ impl StoreContact {
         }
     }
 
-    /// The master's keeper confirmed its failsafe hold until `until` (`None`: no valid
-    /// confirmation).
+    /// The master's keeper confirmed its failsafe hold until `until` (a later confirmation
+    /// extends it; none takes it back: a hold cannot end before its stated end).
     pub fn confirm(&mut self, until: Option<Instant>) {
-        self.failsafe_until = until;
+        self.failsafe_until = self.failsafe_until.max(until);
     }
 
     /// The store-contact deadline alone.
@@ -104,27 +104,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_confirmed_failsafe_hold_extends_the_deadline_never_shortens_it() {
         let mut c = StoreContact::new(Duration::from_secs(3));
-        c.confirm(Some(Instant::now() + Duration::from_secs(60)));
+        c.confirm(Some(Instant::now() + Duration::from_secs(2)));
         assert!(
             c.is_fenced(Instant::now()),
             "no store contact yet: fenced anyway"
         );
         c.ok(Instant::now());
         tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(!c.is_fenced(Instant::now()));
-        assert!(c.on_failsafe(Instant::now()));
+        assert!(
+            c.is_fenced(Instant::now()),
+            "store deadline and hold both passed"
+        );
         c.confirm(Some(Instant::now() + Duration::from_secs(1)));
+        assert!(!c.is_fenced(Instant::now()), "a newer hold");
+        assert!(c.on_failsafe(Instant::now()));
         tokio::time::advance(Duration::from_millis(999)).await;
         assert!(!c.is_fenced(Instant::now()));
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(c.is_fenced(Instant::now()), "the hold's end");
         assert!(!c.on_failsafe(Instant::now()));
-        // A confirmation shorter than the store deadline does not shorten it.
+        // A confirmation shorter than the store deadline does not shorten it, nor does an
+        // older or a missing one take a confirmed end back.
         c.ok(Instant::now());
         c.confirm(Some(Instant::now()));
+        c.confirm(None);
         tokio::time::advance(Duration::from_millis(2999)).await;
         assert!(!c.is_fenced(Instant::now()));
-        c.confirm(None);
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(c.is_fenced(Instant::now()));
     }
