@@ -249,10 +249,21 @@ async fn a_proxy_cut_from_etcd_serves_on_the_masters_hold_and_fences_without_it(
         )
         .await
         .expect("p2 fenced");
-    eprintln!("failsafe, proxy cut from etcd: served {served:?} after the cut; cut from the master too, refused {refused:?} after");
-    assert!(c
-        .log("p2")
-        .contains("no store contact within proxyTimeout: fencing"));
+    // It cannot reach the master any more, so sessions fail at once; it fences itself once
+    // the last confirmed hold has ended (at most its validity, failInterval / 4).
+    let fenced = c
+        .wait_for("p2 to fence", Duration::from_secs(5), async || {
+            c.log("p2")
+                .contains("no store contact within proxyTimeout: fencing")
+                .then(|| recut.elapsed())
+        })
+        .await
+        .expect("p2 fenced");
+    eprintln!("failsafe, proxy cut from etcd: served {served:?} after the cut; cut from the master too, refused {refused:?} and fenced {fenced:?} after");
+    assert!(
+        fenced < FENCE / 2 + Duration::from_millis(500),
+        "{fenced:?}"
+    );
     net.heal("p2").expect("heal");
     let out = c
         .finish("failsafe_proxy_cut", checker)
