@@ -58,6 +58,8 @@ impl Default for Opts {
 
 /// The suite's timings: sleepInterval 1 s, failInterval 5 s, proxies checked every second
 /// and expired after 3 s; fsync off (tests kill processes, durability is not under test).
+/// With `STOLON_E2E_FAILSAFE=1` every scenario runs with spec `failsafeMode` on
+/// (`scripts/test.sh --long` runs the partition and failover suites so).
 pub fn base_spec() -> Value {
     json!({
         "initMode": "new",
@@ -66,6 +68,7 @@ pub fn base_spec() -> Value {
         "convergenceTimeout": "30s",
         "proxyCheckInterval": "1s",
         "proxyTimeout": "3s",
+        "failsafeMode": crate::failsafe_on(),
         "pgParameters": {"fsync": "off", "max_wal_senders": "10"}
     })
 }

@@ -39,6 +39,11 @@ pub async fn running(o: Opts) -> (Cluster, Checker) {
     (c, checker)
 }
 
+/// Whether every scenario runs with spec `failsafeMode` on (`STOLON_E2E_FAILSAFE=1`).
+pub fn failsafe_on() -> bool {
+    std::env::var_os("STOLON_E2E_FAILSAFE").is_some_and(|v| v == "1")
+}
+
 /// Whether the long matrix and repetitions run (`scripts/test.sh --long`).
 pub fn long() -> bool {
     std::env::var_os("STOLON_TEST_LONG").is_some()
