@@ -186,7 +186,7 @@ impl Sentinel {
             sleep_interval: stolon_core::model::defaults::SLEEP_INTERVAL.as_std(),
             next_full_read: Instant::now(),
             last_write: None,
-            last_read: None,
+            last_round: None,
         };
         let liveness = Liveness::new(stuck_bound(lead.sleep_interval, self.cfg.store_timeout));
         let mut rounds = 0u32;
@@ -273,10 +273,6 @@ impl Sentinel {
                 .get_prefix(&format!("{}/", self.cfg.store.prefix()))
                 .await?;
             let view = View::from_range(keys, range)?;
-            let gap = lead.last_read.replace(Instant::now()).map(|t| t.elapsed());
-            if let (Some(gap), Some((cd, _))) = (gap, &view.cd) {
-                forget_after_outage(memory, cd, gap);
-            }
             if lead.watcher.is_none() {
                 let prefix = format!("{}/", self.cfg.store.prefix());
                 let store = self.cfg.store.store().clone();
@@ -294,6 +290,12 @@ impl Sentinel {
             return Ok(true);
         };
         self.metrics.rounds.inc();
+        // Rounds come at least every quarter failInterval (each keeper publishes that often,
+        // and each publish is a watch event): a longer gap was the store's.
+        if let Some(t) = lead.last_round {
+            forget_after_outage(memory, &cd, t.elapsed());
+        }
+        lead.last_round = Some(Instant::now());
         let (next, mem, reasons) =
             decide_with(&cd, memory, &view.obs, self.clock.now(), self.cfg.faults);
         *memory = mem;
@@ -534,8 +536,8 @@ struct Lead {
     next_full_read: Instant,
     /// When this leader last wrote the clusterdata.
     last_write: Option<Instant>,
-    /// When a full read last succeeded: a long gap before the next is the store's outage.
-    last_read: Option<Instant>,
+    /// When the last round was decided: a long gap before the next is the store's outage.
+    last_round: Option<Instant>,
 }
 
 /// Failsafe mode: after a store outage longer than half a failInterval, the sentinel forgets
@@ -596,5 +598,36 @@ struct DropAbort(tokio::task::JoinHandle<()>);
 impl Drop for DropAbort {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Failsafe mode only: a gap between rounds longer than half a failInterval was the
+    /// store's outage, and the memory starts afresh (as a new leader's).
+    #[test]
+    fn only_a_long_gap_in_failsafe_mode_forgets() {
+        let spec = |failsafe| ClusterSpec {
+            failsafe_mode: Some(failsafe),
+            fail_interval: Some(GoDuration::from_secs(20)),
+            ..Default::default()
+        };
+        let seen = SentinelMemory {
+            rounds: 7,
+            ..Default::default()
+        };
+        let table = [(true, 11, true), (true, 9, false), (false, 60, false)];
+        for (failsafe, gap_secs, forgets) in table {
+            let cd = ClusterData::new("c", spec(failsafe), Timestamp::now());
+            let mut mem = seen.clone();
+            forget_after_outage(&mut mem, &cd, Duration::from_secs(gap_secs));
+            assert_eq!(
+                mem.rounds == 0,
+                forgets,
+                "failsafe {failsafe}, gap {gap_secs} s"
+            );
+        }
     }
 }
