@@ -84,6 +84,13 @@ enum Cmd {
         /// Unplanned failovers (kill -9 of the master keeper and its PostgreSQL)
         #[arg(long, default_value_t = 10)]
         failovers: usize,
+        /// etcd outages: etcd frozen (SIGSTOP) for --etcd-freeze-for, then thawed; run with
+        /// --spec '{"failsafeMode":true}' and without it to compare
+        #[arg(long, default_value_t = 0)]
+        etcd_freezes: usize,
+        /// How long each etcd freeze lasts
+        #[arg(long, default_value = "10s", value_parser = humantime_ms)]
+        etcd_freeze_for: std::time::Duration,
         /// Clients of each kind (session per transaction; persistent) per target: with 2,
         /// four writers through each (the baseline)
         #[arg(long, default_value_t = 2)]
@@ -210,6 +217,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ha {
             switchovers,
             failovers,
+            etcd_freezes,
+            etcd_freeze_for,
             clients,
             think,
             connect_timeout,
@@ -223,6 +232,8 @@ fn main() -> anyhow::Result<()> {
         } => ha::run(&ha::Options {
             switchovers,
             failovers,
+            etcd_freezes,
+            etcd_freeze_for,
             clients,
             think,
             connect_timeout,

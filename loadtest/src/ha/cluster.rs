@@ -218,6 +218,7 @@ impl Env {
         index: usize,
         sh: &Shared,
         watcher: &Watcher,
+        freeze_for: Duration,
     ) -> Result<Change> {
         self.c.wait_healthy(Duration::from_secs(240)).await?;
         tokio::time::sleep(BEFORE).await;
@@ -231,15 +232,27 @@ impl Env {
             mark,
             stop.clone(),
         ));
-        if scenario == "switchover" {
-            switchover(&self.c).await?;
+        let new = if scenario == "etcd-freeze" {
+            // The store out, then back: with failsafe mode the master and the proxy carry
+            // on; without it both fence and the same master resumes.
+            self.c.etcd.members[0].freeze()?;
+            tokio::time::sleep(freeze_for).await;
+            self.c.etcd.members[0].thaw()?;
+            self.c.wait_healthy(Duration::from_secs(240)).await?;
+            self.c
+                .master()
+                .await
+                .context("no master after the freeze")?
         } else {
-            self.c.kill_keeper(&old, true);
-        }
-        let new = self
-            .c
-            .wait_master_change(&old, Duration::from_secs(120))
-            .await?;
+            if scenario == "switchover" {
+                switchover(&self.c).await?;
+            } else {
+                self.c.kill_keeper(&old, true);
+            }
+            self.c
+                .wait_master_change(&old, Duration::from_secs(120))
+                .await?
+        };
         if scenario == "failover" {
             self.c.restart_keeper(&old)?;
         }

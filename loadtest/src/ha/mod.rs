@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 pub struct Options {
     pub switchovers: usize,
     pub failovers: usize,
+    /// etcd frozen this many times, each for `etcd_freeze_for` (after the master changes).
+    pub etcd_freezes: usize,
+    pub etcd_freeze_for: Duration,
     /// Clients of each kind per target.
     pub clients: usize,
     pub think: Duration,
@@ -166,9 +169,12 @@ async fn run_async(opts: &Options) -> Result<()> {
     let watcher = cluster::watch_master(env.c.store.clone(), shared.t0, shared.stop.clone());
     let mut changes = Vec::new();
     let plan = std::iter::repeat_n("switchover", opts.switchovers)
-        .chain(std::iter::repeat_n("failover", opts.failovers));
+        .chain(std::iter::repeat_n("failover", opts.failovers))
+        .chain(std::iter::repeat_n("etcd-freeze", opts.etcd_freezes));
     for (i, scenario) in plan.enumerate() {
-        let change = env.change(scenario, i, &shared, &watcher).await?;
+        let change = env
+            .change(scenario, i, &shared, &watcher, opts.etcd_freeze_for)
+            .await?;
         eprintln!("{}", progress_line(&change));
         changes.push(change);
     }
@@ -270,7 +276,7 @@ fn progress_line(change: &Change) -> String {
 
 fn summarise(changes: &[Change]) -> Vec<Summary> {
     let mut out = Vec::new();
-    for scenario in ["switchover", "failover"] {
+    for scenario in ["switchover", "failover", "etcd-freeze"] {
         let mine: Vec<&Change> = changes.iter().filter(|c| c.scenario == scenario).collect();
         if mine.is_empty() {
             continue;
