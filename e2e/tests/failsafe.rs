@@ -73,6 +73,9 @@ async fn etcd_frozen_or_stopped_for_a_minute_changes_nothing_clients_see() {
         )
         .await
         .expect("the master holds");
+        if freeze {
+            health_shows_the_hold(&c, &m).await;
+        }
         writes_go_on(&checker, start, MIN).await;
         if freeze {
             c.etcd.members[0].thaw().expect("thaw");
@@ -92,6 +95,9 @@ async fn etcd_frozen_or_stopped_for_a_minute_changes_nothing_clients_see() {
         );
     }
     assert_eq!(checker.errors(), errors, "no client saw the outages");
+    let status = c.ctl(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("failsafe mode: on"), "{text}");
     let p1 = c.log("p1");
     assert!(
         p1.contains("routing on the master keeper's confirmed hold"),
@@ -270,6 +276,41 @@ async fn a_proxy_cut_from_etcd_serves_on_the_masters_hold_and_fences_without_it(
         .await
         .expect("invariants");
     assert_eq!(out.master, m);
+}
+
+/// The master keeper's `/health` and metrics show the hold: since when, and every peer's
+/// acknowledgement.
+async fn health_shows_the_hold(c: &Cluster, m: &str) {
+    let k = c.keeper(m);
+    let addr = format!("{}:{}", k.addr, k.metrics_port);
+    let t = Duration::from_secs(2);
+    // The endpoints answer from the loop's last round: poll until a round saw the hold.
+    let body = c
+        .wait_for(
+            "/health to show the hold",
+            Duration::from_secs(5),
+            async || {
+                let (code, body) = control::peer_http::get(&addr, "/health", t).await.ok()?;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                (code == 200 && v["failsafe"]["held_since"].is_string()).then_some(v)
+            },
+        )
+        .await
+        .expect("the hold in /health");
+    let f = &body["failsafe"];
+    assert_eq!(
+        (f["acks"].as_u64(), f["peers"].as_u64()),
+        (Some(2), Some(2)),
+        "{body}"
+    );
+    let (_, metrics) = control::peer_http::get(&addr, "/metrics", t)
+        .await
+        .expect("/metrics");
+    assert!(
+        metrics.contains("stolon_keeper_failsafe_held 1"),
+        "held in the metrics"
+    );
+    assert!(metrics.contains("stolon_keeper_failsafe_acks 2"));
 }
 
 /// From `cut` to the end of the last write `uid`'s PostgreSQL accepted directly.
