@@ -39,6 +39,8 @@ cargo machete
 echo "== cargo test"
 if [ "$long" -eq 1 ]; then
   STOLON_TEST_LONG=1 cargo test --workspace -- --include-ignored
+  echo "== the partition and failover suites again with spec failsafeMode on"
+  STOLON_E2E_FAILSAFE=1 cargo test -p e2e --test partitions --test failover
   echo "== the suite catches a broken system"
   bash scripts/e2e-broken.sh
   echo "== fuzzing (10 min per target)"
