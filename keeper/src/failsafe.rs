@@ -168,7 +168,13 @@ fn ack(st: &mut State, query: &str, now: Instant) -> Result<String, String> {
     };
     match acknowledge(&view, &req) {
         Ok(()) => {
-            let promise = st.timing.map_or(Duration::ZERO, |t| t.promise);
+            // From the clusterdata just judged (the loop's timing may not be set yet).
+            let own = (st.cd.as_ref())
+                .map(|cd| control::failsafe::timing(cd.cluster.spec.fail_interval()));
+            let Some(own) = own else {
+                return Err("{\"ack\":false,\"reason\":\"no clusterdata\"}".into());
+            };
+            let promise = req.promise_for(&own);
             let until = now + promise;
             let fresh = !st.promised_at(now);
             // The promise only ever grows: an earlier yes may still be counted on.
@@ -231,6 +237,7 @@ fn next_ask(st: &mut State, now: Instant) -> Option<Ask> {
         cluster_uid: cd.cluster.uid.clone(),
         master_db: db.clone(),
         revision: st.revision,
+        validity_ms: timing.validity.as_millis() as u64,
     };
     st.peers = peers(cd, &st.keeper_uid);
     Some(Ask {

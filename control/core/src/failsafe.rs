@@ -56,14 +56,18 @@ pub struct AckRequest {
     pub cluster_uid: String,
     pub master_db: String,
     pub revision: i64,
+    /// How long the master will count a yes (its `Timing::validity`, ms): the keeper
+    /// promises at least twice that (`promise_for`), so a master that read a longer
+    /// failInterval than the keeper did is still covered.
+    pub validity_ms: u64,
 }
 
 impl AckRequest {
     /// The query string the request travels as (`/failsafe/ack?...`).
     pub fn to_query(&self) -> String {
         format!(
-            "cluster={}&db={}&rev={}",
-            self.cluster_uid, self.master_db, self.revision
+            "cluster={}&db={}&rev={}&valid={}",
+            self.cluster_uid, self.master_db, self.revision, self.validity_ms
         )
     }
 
@@ -82,7 +86,17 @@ impl AckRequest {
             cluster_uid: id(field("cluster")?)?,
             master_db: id(field("db")?)?,
             revision: field("rev")?.parse().ok().filter(|r: &i64| *r > 0)?,
+            // At most a day: a promise must end.
+            validity_ms: (field("valid")?.parse().ok())
+                .filter(|v: &u64| *v > 0 && *v <= 86_400_000)?,
         })
+    }
+
+    /// What the keeper promises for this request: its own promise, or twice the validity
+    /// the master counts if that is longer (the ordering needs validity plus the
+    /// watchdog's slack, 1.5 x validity, well inside the promise on any clock).
+    pub fn promise_for(&self, own: &Timing) -> Duration {
+        own.promise.max(Duration::from_millis(self.validity_ms) * 2)
     }
 }
 

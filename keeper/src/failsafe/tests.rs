@@ -82,7 +82,7 @@ async fn serve(state: Shared) -> (String, CancellationToken) {
 #[tokio::test]
 async fn an_acknowledgement_is_a_promise_and_a_refusal_is_none() {
     let k2 = state("k2", cd(""), 10, None);
-    let q = "cluster=c&db=d1&rev=10";
+    let q = "cluster=c&db=d1&rev=10&valid=500";
     assert!(answer(&k2, "/failsafe/ack", q).is_some_and(|r| r.is_ok()));
     let st = k2.lock().expect("lock");
     let (db, until) = st.promised.clone().expect("promised");

@@ -228,6 +228,7 @@ impl Sim {
             cluster_uid: "c".into(),
             master_db: format!("d{i}"),
             revision: self.keepers[i].rev,
+            validity_ms: self.timing.validity.as_millis() as u64,
         };
         let validity = self.timing.validity + self.validity_fault.unwrap_or_default();
         for (peer, _) in peers(&cd, &uid(i)) {
@@ -246,7 +247,7 @@ impl Sim {
             };
             if acknowledge(&view, &req).is_ok() {
                 let pnow = pk.local(self.t);
-                let until = pnow + self.timing.promise.as_millis() as f64;
+                let until = pnow + req.promise_for(&self.timing).as_millis() as f64;
                 let pk = &mut self.keepers[j];
                 pk.promise_until = pk.promise_until.max(until);
                 let valid = (now + validity.as_millis() as f64) as u64;

@@ -43,6 +43,7 @@ fn req(db: &str, rev: i64) -> AckRequest {
         cluster_uid: "c".into(),
         master_db: db.into(),
         revision: rev,
+        validity_ms: 1250,
     }
 }
 
@@ -161,7 +162,10 @@ fn requests_travel_as_a_query_and_bad_ones_are_refused() {
     for bad in [
         "",
         "cluster=c&db=d1",
-        "cluster=c&db=d1&rev=x",
+        "cluster=c&db=d1&rev=x&valid=5",
+        "cluster=c&db=d1&rev=3",
+        "cluster=c&db=d1&rev=3&valid=0",
+        "cluster=c&db=d1&rev=3&valid=99999999999",
         "cluster=c&db=d1&rev=-3",
         "cluster=c&db=d%201&rev=3",
         "cluster=&db=d1&rev=3",
@@ -169,6 +173,33 @@ fn requests_travel_as_a_query_and_bad_ones_are_refused() {
     ] {
         assert_eq!(AckRequest::from_query(bad), None, "{bad:?}");
     }
+}
+
+/// A master that read a longer failInterval than the keeper (a spec change reaching them
+/// at different times) is still covered: the promise is at least twice its validity.
+#[test]
+fn the_promise_covers_a_master_with_a_longer_fail_interval() {
+    let keeper = timing(GoDuration::from_secs(5));
+    let master = timing(GoDuration::from_secs(60));
+    let r = AckRequest {
+        validity_ms: master.validity.as_millis() as u64,
+        ..req("d1", 1)
+    };
+    let promise = r.promise_for(&keeper);
+    let held = (master.validity + master.watchdog_slack).as_secs_f64() * (1.0 + CLOCK_RATE_BOUND);
+    assert!(
+        held < promise.as_secs_f64() * (1.0 - CLOCK_RATE_BOUND),
+        "{promise:?}"
+    );
+    let short = AckRequest {
+        validity_ms: 10,
+        ..req("d1", 1)
+    };
+    assert_eq!(
+        short.promise_for(&keeper),
+        keeper.promise,
+        "never less than its own"
+    );
 }
 
 /// The ordering argument's inequality, for every failInterval a spec may hold: a master
