@@ -849,10 +849,12 @@ async fn watch_cluster_data(
         tx.send_replace(Some((cd, rev)));
     };
     let key = store.clusterdata_key();
+    let mut failing = false;
     while !shutdown.is_cancelled() {
         // Read, then watch from the revision after the one read (nothing missed between).
         let start = match store.get_cluster_data().await {
             Ok(Some((cd, rev))) => {
+                failing = false;
                 send(cd, rev);
                 rev + 1
             }
@@ -861,7 +863,12 @@ async fn watch_cluster_data(
                 Err(_) => continue,
             },
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read clusterdata");
+                // Once per run of failures: an outage may last minutes in failsafe mode.
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "cannot read clusterdata (retrying every second; repeats at debug)");
+                } else {
+                    tracing::debug!(error = %e, "cannot read clusterdata");
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }

@@ -79,6 +79,8 @@ struct State {
     failsafe: Option<(String, String, Duration)>,
     /// Routing on the failsafe now (logged when it starts and ends).
     on_failsafe: bool,
+    /// The last check's read failed (a failure is logged once per run).
+    read_failing: bool,
 }
 
 /// The old master's sessions closing at transaction boundaries.
@@ -114,6 +116,7 @@ impl Discovery {
             draining: None,
             failsafe: None,
             on_failsafe: false,
+            read_failing: false,
         };
         let (target_tx, target_rx) = watch::channel(None);
         let (confirm_tx, mut confirmed) = watch::channel(None);
@@ -232,7 +235,14 @@ impl Discovery {
             tokio::time::timeout_at(store_deadline(st), self.store.get_cluster_data()).await
         else {
             self.metrics.store_error("timeout");
-            tracing::warn!("clusterdata read still pending at the fence deadline");
+            // Once per run of failures (an outage lasts, in failsafe mode, for minutes).
+            if !std::mem::replace(&mut st.read_failing, true) {
+                tracing::warn!(
+                    "clusterdata read still pending at the fence deadline (repeats at debug)"
+                );
+            } else {
+                tracing::debug!("clusterdata read still pending at the fence deadline");
+            }
             return None;
         };
         let (doc, revision) = match read {
@@ -246,10 +256,15 @@ impl Discovery {
             }
             Err(e) => {
                 self.metrics.store_error(e.kind());
-                tracing::warn!(error = %e, "cannot read clusterdata");
+                if !std::mem::replace(&mut st.read_failing, true) {
+                    tracing::warn!(error = %e, "cannot read clusterdata (repeats at debug)");
+                } else {
+                    tracing::debug!(error = %e, "cannot read clusterdata");
+                }
                 return None;
             }
         };
+        st.read_failing = false;
         self.set_wanted(st, doc);
         // Apply (and sever) before reporting anything about the new generation.
         self.apply(st).await;
