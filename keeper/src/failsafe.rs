@@ -282,7 +282,8 @@ where
     A: Fn(Duration) -> F,
     F: std::future::Future<Output = ()>,
 {
-    let mut refusing: Option<String> = None;
+    // The peers refusing in the last round (their reasons are logged when this changes).
+    let mut refusing: Vec<String> = Vec::new();
     loop {
         let every = (state.lock().ok())
             .and_then(|st| st.timing)
@@ -291,54 +292,67 @@ where
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let Some(ask) = state
-            .lock()
-            .ok()
-            .and_then(|mut st| next_ask(&mut st, Instant::now()))
+        let Some(ask) = (state.lock().ok()).and_then(|mut st| next_ask(&mut st, Instant::now()))
         else {
-            refusing = None;
+            refusing.clear();
             continue;
         };
         let sent = Instant::now();
         let (yes, no) = ask_peers(&ask).await;
-        let extended = {
-            let Ok(mut st) = state.lock() else { return };
-            for uid in yes {
-                st.acks.insert(uid, sent + ask.timing.validity);
-            }
-            st.asks += 1;
-            st.refusals = no.clone();
-            let now = Instant::now();
-            let before = st.holding(now);
-            st.hold_until = hold_until(st.peers.keys(), &st.acks);
-            let after = st.holding(now);
-            match (before, after) {
-                (None, Some(_)) if st.held_since.is_none() => {
-                    st.held_since = Some(control::model::Timestamp::now());
-                    tracing::warn!(
-                        peers = st.peers.len(),
-                        "failsafe: every peer acknowledges this master; holding without the store"
-                    );
-                }
-                (Some(_), None) => {
-                    tracing::error!(refusals = ?no, "failsafe: the hold lapses (a peer refused or did not answer): fencing at the store deadline")
-                }
-                _ => {}
-            }
-            after.map(|h| h - now)
-        };
-        let summary = (!no.is_empty()).then(|| format!("{no:?}"));
-        if summary != refusing {
-            if let Some(s) = &summary {
-                tracing::warn!(refusals = %s, "failsafe: peers that do not acknowledge this master");
-            }
-            refusing = summary;
+        let uids: Vec<String> = no.iter().map(|(u, _)| u.clone()).collect();
+        if uids != refusing && !no.is_empty() {
+            tracing::warn!(refusals = ?no, "failsafe: peers that do not acknowledge this master");
         }
-        if let Some(left) = extended {
+        refusing = uids;
+        let left = match state.lock() {
+            Ok(mut st) => record(&mut st, yes, no, sent, &ask.timing),
+            Err(_) => return,
+        };
+        if let Some(left) = left {
             arm(left + ask.timing.watchdog_slack).await;
         }
     }
 }
+
+/// Records one round of answers (requests sent at `sent`); returns how long the hold
+/// lasts from now, if it holds.
+fn record(
+    st: &mut State,
+    yes: Vec<String>,
+    no: Vec<(String, String)>,
+    sent: Instant,
+    timing: &Timing,
+) -> Option<Duration> {
+    for uid in yes {
+        st.acks.insert(uid, sent + timing.validity);
+    }
+    st.asks += 1;
+    st.refusals = no;
+    let now = Instant::now();
+    st.hold_until = hold_until(st.peers.keys(), &st.acks);
+    let holding = st.holding(now);
+    match (st.held_since.is_some(), holding.is_some()) {
+        (false, true) => {
+            st.held_since = Some(control::model::Timestamp::now());
+            tracing::warn!(
+                peers = st.peers.len(),
+                "failsafe: every peer acknowledges this master; holding without the store"
+            );
+        }
+        (true, false) => {
+            st.held_since = None;
+            tracing::error!(
+                refusals = ?st.refusals,
+                "failsafe: the hold lapsed (a peer refused or did not answer in time): fenced by the store deadline"
+            );
+        }
+        _ => {}
+    }
+    holding.map(|h| h - now)
+}
+
+mod in_loop;
+pub(crate) use in_loop::arm_for_hold;
 
 #[cfg(test)]
 mod tests;
