@@ -20,6 +20,14 @@ impl Round<'_> {
         if let Some(why) = self.master_failure(&master) {
             self.reason(ReasonKind::MasterFailed, format!("master {master}: {why}"));
             match self.candidates(&master).first().cloned() {
+                Some(new) if self.promised(&new) => {
+                    // Failsafe mode: it acknowledged the old master, and promotes only once
+                    // that promise ends; named now, it would wait as master-elect meanwhile.
+                    self.reason(
+                        ReasonKind::NoEligibleStandby,
+                        format!("failsafe: the best candidate {new} acknowledged master {master}; electing once its promise ends"),
+                    );
+                }
                 Some(new) => self.failover(&master, &new),
                 None => {
                     let why = self.no_candidate_reason(&master);
@@ -109,6 +117,25 @@ impl Round<'_> {
             })
         });
         out.into_iter().map(|db| db.uid.clone()).collect()
+    }
+
+    /// Failsafe mode: the keeper of `db` reported, in an info the sentinel first saw at
+    /// `since`, that it stays out of the master's role for `promised_for_ms` from then.
+    fn promised(&self, db: &str) -> bool {
+        let Some(keeper) = self.cd.dbs.get(db).map(|d| d.spec.keeper_uid.as_str()) else {
+            return false;
+        };
+        let report = (self.obs.keepers.get(keeper)).and_then(|i| i.failsafe.as_ref());
+        let since = self.mem.keepers.get(keeper).map(|s| s.since);
+        match (report, since) {
+            (Some(r), Some(since))
+                if r.promised_for_ms > 0 && self.cd.cluster.spec.failsafe_mode() =>
+            {
+                self.elapsed(since)
+                    < crate::model::GoDuration::from_millis(r.promised_for_ms as i64)
+            }
+            _ => false,
+        }
     }
 
     /// Whether `db` may replace master `m`, or why not.

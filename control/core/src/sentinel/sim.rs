@@ -40,6 +40,8 @@ pub struct KeeperSim {
     pub older_wal_file: String,
     /// A stopped master's shutdown checkpoint, as its keeper reports it (0: none).
     pub shutdown_checkpoint: u64,
+    /// Failsafe mode's state as its keeper reports it.
+    pub failsafe: Option<crate::model::FailsafeReport>,
 }
 
 impl Default for KeeperSim {
@@ -63,6 +65,7 @@ impl Default for KeeperSim {
             sync_standbys: Vec::new(),
             older_wal_file: String::new(),
             shutdown_checkpoint: 0,
+            failsafe: None,
         }
     }
 }
@@ -376,6 +379,7 @@ impl World {
             can_be_master: k.can_be_master,
             can_be_synchronous_replica: k.can_be_sync,
             priority: k.priority,
+            failsafe: k.failsafe.clone(),
             ..Default::default()
         }
     }

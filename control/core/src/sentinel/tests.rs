@@ -1316,3 +1316,42 @@ fn failsafe_elects_only_among_the_dbs_the_master_reported() {
         "no list: the usual rule"
     );
 }
+
+/// Failsafe mode: the best candidate reports it acknowledged the old master; the sentinel
+/// elects it only once that promise has ended (not a worse candidate meanwhile).
+#[test]
+fn failsafe_waits_for_the_best_candidates_promise() {
+    let mut w = cluster(test_spec(), 3);
+    w.cd.cluster.spec.failsafe_mode = Some(true);
+    w.write(100);
+    w.keeper("k2").replicates = false;
+    w.run(2);
+    w.write(50);
+    w.run(2);
+    let old = w.master().to_string();
+    w.keeper("k1").failsafe = Some(crate::model::FailsafeReport {
+        promised_to: old.clone(),
+        promised_for_ms: 60_000,
+        ..Default::default()
+    });
+    w.keeper("k0").alive = false;
+    w.run(30);
+    assert_eq!(
+        w.master_keeper(),
+        "k0",
+        "no election while the best candidate is promised"
+    );
+    assert!(
+        w.reasons
+            .iter()
+            .any(|r| r.detail.contains("acknowledged master")),
+        "{:#?}",
+        w.reasons
+    );
+    w.keeper("k1").failsafe = None;
+    assert!(
+        w.run_until(30, |w| w.master_keeper() == "k1"),
+        "{:#?}",
+        w.reasons
+    );
+}
