@@ -257,7 +257,14 @@ accessors! {
     role: ClusterRole = ClusterRole::Master;
     default_su_repl_access_mode: SuReplAccessMode = SuReplAccessMode::All;
     automatic_pg_restart: bool = false;
-    failsafe_mode: bool = false;
+}
+
+impl ClusterSpec {
+    /// `failsafeMode`, or false. Ours, so outside `with_defaults`: `stolonctl spec
+    /// --defaults` prints exactly Go stolon's keys, and this one only when it is set.
+    pub fn failsafe_mode(&self) -> bool {
+        self.failsafe_mode.unwrap_or(false)
+    }
 }
 
 /// A validation failure: which field, and what is wrong with it.

@@ -55,6 +55,8 @@ fn full_sample() -> ClusterSpec {
     .with_defaults();
     spec.pg_parameters.insert(s("x"), s("x"));
     spec.sleep_interval = Some(GoDuration::from_secs(1));
+    // Ours, not among the defaults Go prints: set here so it is a known key.
+    spec.failsafe_mode = Some(true);
     spec
 }
 
@@ -138,6 +140,7 @@ mod tests {
             "automaticPgRestart",
             "dbWaitReadyTimeout",
             "maxStandbyLag",
+            "failsafeMode",
         ] {
             assert!(top.contains_key(key), "{key} missing from the sample");
         }
