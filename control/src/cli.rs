@@ -47,7 +47,9 @@ pub struct CommonArgs {
     /// File holding the etcd user's password (trailing newline ignored)
     #[arg(long)]
     pub store_password_file: Option<PathBuf>,
-    /// Address for the Prometheus metrics endpoint (host:port); off when unset
+    /// Address for the Prometheus metrics endpoint (host:port); off when unset. The keeper
+    /// also serves its health paths there, and in failsafe mode the other keepers and the
+    /// proxies must reach it (docs/operating.md "Failsafe mode")
     #[arg(long)]
     pub metrics_listen_address: Option<String>,
     /// Log level: error, warn, info, debug
