@@ -28,9 +28,7 @@ pub struct State {
     /// This keeper's db, when the clusterdata names it the master and it runs as a primary,
     /// not fenced: what it may hold for.
     pub master_of: Option<String>,
-    pub timing: Option<Timing>,
-    /// Send time of the last acknowledged KeeperInfo write (the store-contact deadline's
-    /// start) and the fence window it is counted over.
+    /// Send time of the last acknowledged KeeperInfo write (the publisher records it).
     pub store_ack: Option<Instant>,
     /// Acker side: the db acknowledged last and until when this keeper stays out of the
     /// master's role.
@@ -65,6 +63,12 @@ impl State {
             self.cd = Some(cd.clone());
             self.revision = revision;
         }
+    }
+
+    /// The failsafe durations of the newest clusterdata read.
+    pub fn timing(&self) -> Option<Timing> {
+        let cd = self.cd.as_ref()?;
+        Some(control::failsafe::timing(cd.cluster.spec.fail_interval()))
     }
 
     /// The promise is still in force at `now`.
@@ -168,10 +172,8 @@ fn ack(st: &mut State, query: &str, now: Instant) -> Result<String, String> {
     };
     match acknowledge(&view, &req) {
         Ok(()) => {
-            // From the clusterdata just judged (the loop's timing may not be set yet).
-            let own = (st.cd.as_ref())
-                .map(|cd| control::failsafe::timing(cd.cluster.spec.fail_interval()));
-            let Some(own) = own else {
+            // From the clusterdata just judged.
+            let Some(own) = st.timing() else {
                 return Err("{\"ack\":false,\"reason\":\"no clusterdata\"}".into());
             };
             let promise = req.promise_for(&own);
@@ -207,7 +209,7 @@ struct Ask {
 
 /// Whether the master must ask now, and what; clears the hold when it need not.
 fn next_ask(st: &mut State, now: Instant) -> Option<Ask> {
-    let timing = st.timing?;
+    let timing = st.timing()?;
     // The sentinel must have recorded which dbs it may elect in this master's place (the
     // dbs this keeper reported holding) before it may hold: rule 4 of the design.
     let recorded = (st.cd.as_ref())
@@ -286,7 +288,7 @@ where
     let mut refusing: Vec<String> = Vec::new();
     loop {
         let every = (state.lock().ok())
-            .and_then(|st| st.timing)
+            .and_then(|st| st.timing())
             .map_or(Duration::from_millis(250), |t| t.ask_every);
         tokio::select! {
             _ = shutdown.cancelled() => return,

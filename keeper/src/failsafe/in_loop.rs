@@ -28,7 +28,8 @@ impl Keeper {
     }
 
     /// What failsafe mode needs from this round: the clusterdata, its revision, the local
-    /// role and whether this keeper is the master it may hold for.
+    /// role and whether this keeper is the master it may hold for (the publisher records
+    /// each acknowledged write itself).
     pub(crate) fn update_failsafe(&self) {
         let Ok(mut f) = self.settings.failsafe.lock() else {
             return;
@@ -47,12 +48,6 @@ impl Keeper {
         }
         f.runs_primary = primary;
         f.master_of = my.filter(|m| primary && !self.instance.fenced && Some(m) == named.as_ref());
-        f.timing = self
-            .view
-            .cd
-            .as_ref()
-            .map(|c| control::failsafe::timing(c.cluster.spec.fail_interval()));
-        f.store_ack = *self.shared.last_ack.lock().expect("lock");
     }
 }
 

@@ -46,14 +46,12 @@ fn cd(k2_addr: &str) -> ClusterData {
 }
 
 fn state(me: &str, cd: ClusterData, revision: i64, master_of: Option<&str>) -> Shared {
-    let timing = control::failsafe::timing(cd.cluster.spec.fail_interval());
     Arc::new(Mutex::new(State {
         keeper_uid: me.into(),
         cd: Some(cd),
         revision,
         runs_primary: master_of.is_some(),
         master_of: master_of.map(String::from),
-        timing: Some(timing),
         ..Default::default()
     }))
 }
