@@ -6,7 +6,7 @@ use crate::cluster::Cluster;
 use crate::sql;
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Below a fork point, a lost write's recorded insert position may sit this much lower than
 /// its commit (other writers' records in between).
@@ -25,6 +25,37 @@ pub struct Outcome {
 }
 
 impl Cluster {
+    /// From `since` to the end of the last write `uid`'s PostgreSQL accepted directly (the
+    /// checker's probes): when an isolated old master last took one.
+    pub fn last_direct_write(
+        &self,
+        report: &Report,
+        uid: &str,
+        since: Instant,
+    ) -> Option<Duration> {
+        let (addr, port) = self.pg_addr(uid);
+        let backend = format!("{addr}:{port}");
+        (report.probes.iter())
+            .filter(|w| w.backend == backend && w.start > since)
+            .map(|w| w.end - since)
+            .max()
+    }
+
+    /// Waits until proxy `i` refuses a session; how long after `since` that was.
+    pub async fn wait_proxy_refuses(
+        &self,
+        i: usize,
+        since: Instant,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let (addr, port) = self.proxy_addr(i);
+        self.wait_for("the proxy to refuse sessions", timeout, async || {
+            let r = sql::query_text(&addr, port, "SELECT 1::text").await;
+            r.is_err().then(|| since.elapsed())
+        })
+        .await
+    }
+
     /// Ends a scenario with the invariants (see the module doc); prints one summary line.
     pub async fn finish(&self, name: &str, checker: Checker) -> Result<Outcome> {
         self.finish_with(name, checker, false).await

@@ -151,7 +151,7 @@ async fn a_master_cut_from_etcd_alone_fences_before_the_new_master_takes_writes(
         .expect("invariants");
     assert_eq!(out.master, new);
     assert_eq!(out.missing, 0, "synchronous: nothing acknowledged lost");
-    let last_direct = last_write_on(&c, &out.report, &m, cut);
+    let last_direct = c.last_direct_write(&out.report, &m, cut);
     eprintln!(
         "failsafe, master cut from etcd: last write it accepted {last_direct:?} after the cut, \
          new master elected {elected:?} after it"
@@ -186,7 +186,7 @@ async fn a_master_cut_from_etcd_and_a_standby_fences_within_the_fence_window() {
         .finish("failsafe_master_cut_and_standby", checker)
         .await
         .expect("invariants");
-    let last_direct = last_write_on(&c, &out.report, &m, cut);
+    let last_direct = c.last_direct_write(&out.report, &m, cut);
     eprintln!("failsafe, master cut from etcd and a standby: fenced {fenced:?} after the cut, last write it accepted {last_direct:?} after it");
     // The deadline runs from the last acknowledged publish, before the cut; the stop
     // itself and the log line take a little more.
@@ -245,14 +245,7 @@ async fn a_proxy_cut_from_etcd_serves_on_the_masters_hold_and_fences_without_it(
     net.isolate_from("p2", &[&m])
         .expect("cut p2 from the master");
     let refused = c
-        .wait_for(
-            "p2 to refuse sessions",
-            Duration::from_secs(10),
-            async || {
-                let r = e2e::sql::query_text(&addr, port, "SELECT 1::text").await;
-                r.is_err().then(|| recut.elapsed())
-            },
-        )
+        .wait_proxy_refuses(1, recut, Duration::from_secs(10))
         .await
         .expect("p2 fenced");
     // It cannot reach the master any more, so sessions fail at once; it fences itself once
@@ -311,16 +304,4 @@ async fn health_shows_the_hold(c: &Cluster, m: &str) {
         "held in the metrics"
     );
     assert!(metrics.contains("stolon_keeper_failsafe_acks 2"));
-}
-
-/// From `cut` to the end of the last write `uid`'s PostgreSQL accepted directly.
-fn last_write_on(c: &Cluster, report: &e2e::Report, uid: &str, cut: Instant) -> Option<Duration> {
-    let (addr, port) = c.pg_addr(uid);
-    let backend = format!("{addr}:{port}");
-    report
-        .probes
-        .iter()
-        .filter(|w| w.backend == backend && w.start > cut)
-        .map(|w| w.end - cut)
-        .max()
 }

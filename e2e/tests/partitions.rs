@@ -51,15 +51,7 @@ async fn isolated_master_fences_itself_before_a_new_master_and_rejoins() {
         .await
         .expect("invariants");
     assert_eq!(out.master, new);
-    let (addr, port) = c.pg_addr(&m);
-    let backend = format!("{addr}:{port}");
-    let last_direct = out
-        .report
-        .probes
-        .iter()
-        .filter(|w| w.backend == backend && w.start > cut)
-        .map(|w| w.end - cut)
-        .max();
+    let last_direct = c.last_direct_write(&out.report, &m, cut);
     eprintln!(
         "isolated master: last write it accepted {last_direct:?} after the cut, new master \
          elected {elected:?} after it"
@@ -122,16 +114,8 @@ async fn a_proxy_cut_from_etcd_fences_and_the_sentinel_waits_for_it() {
     // Cut from etcd only: it still reaches the master, so only its fence stops it.
     net.isolate_from("p2", &["etcd"])
         .expect("isolate p2 from etcd");
-    let (addr, port) = c.proxy_addr(1);
     let refused = c
-        .wait_for(
-            "p2 to refuse sessions",
-            Duration::from_secs(10),
-            async || {
-                let r = e2e::sql::query_text(&addr, port, "SELECT 1::text").await;
-                r.is_err().then(|| cut.elapsed())
-            },
-        )
+        .wait_proxy_refuses(1, cut, Duration::from_secs(10))
         .await
         .expect("p2 fenced");
     eprintln!("proxy cut from etcd: refuses sessions {refused:?} after the cut (proxyTimeout 3 s)");
