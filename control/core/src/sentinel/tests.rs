@@ -337,15 +337,30 @@ fn a_new_leader_does_not_fail_over_in_its_first_rounds() {
 
 // ---- failover ----
 
-#[test]
-fn a_dead_master_is_replaced_by_the_standby_with_the_highest_wal_position() {
-    let mut w = cluster(test_spec(), 3);
+/// Three keepers (k0 the master) where `lagging` stopped replicating between two writes:
+/// the other standby is ahead of it.
+fn with_a_lagging_standby(spec: ClusterSpec, lagging: &str) -> World {
+    let mut w = cluster(spec, 3);
     w.write(100);
-    w.keeper("k1").replicates = false;
+    w.keeper(lagging).replicates = false;
     w.run(2);
     w.write(50);
     w.run(2);
-    assert!(w.keepers["k2"].xlog > w.keepers["k1"].xlog);
+    let ahead = if lagging == "k1" { "k2" } else { "k1" };
+    assert!(w.keepers[ahead].xlog > w.keepers[lagging].xlog);
+    w
+}
+
+fn failsafe_spec() -> ClusterSpec {
+    ClusterSpec {
+        failsafe_mode: Some(true),
+        ..test_spec()
+    }
+}
+
+#[test]
+fn a_dead_master_is_replaced_by_the_standby_with_the_highest_wal_position() {
+    let mut w = with_a_lagging_standby(test_spec(), "k1");
     assert_eq!(kill_master_and_fail_over(&mut w), "k2");
 }
 
@@ -1292,14 +1307,7 @@ fn after_a_store_outage_enabled_proxies_keep_their_place_for_the_grace() {
 #[test]
 fn failsafe_elects_only_among_the_dbs_the_master_reported() {
     let setup = |listed: bool| {
-        let mut w = cluster(test_spec(), 3);
-        w.cd.cluster.spec.failsafe_mode = Some(true);
-        w.write(100);
-        w.keeper("k1").replicates = false;
-        w.run(2);
-        w.write(50);
-        w.run(2);
-        assert!(w.keepers["k2"].xlog > w.keepers["k1"].xlog);
+        let mut w = with_a_lagging_standby(failsafe_spec(), "k1");
         if listed {
             let keep = vec![db_uid(&w, "k0"), db_uid(&w, "k1")];
             let m = w.master().to_string();
@@ -1321,13 +1329,7 @@ fn failsafe_elects_only_among_the_dbs_the_master_reported() {
 /// elects it only once that promise has ended (not a worse candidate meanwhile).
 #[test]
 fn failsafe_waits_for_the_best_candidates_promise() {
-    let mut w = cluster(test_spec(), 3);
-    w.cd.cluster.spec.failsafe_mode = Some(true);
-    w.write(100);
-    w.keeper("k2").replicates = false;
-    w.run(2);
-    w.write(50);
-    w.run(2);
+    let mut w = with_a_lagging_standby(failsafe_spec(), "k2");
     let old = w.master().to_string();
     w.keeper("k1").failsafe = Some(crate::model::FailsafeReport {
         promised_to: old.clone(),
