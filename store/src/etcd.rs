@@ -4,9 +4,12 @@
 use super::*;
 use etcd_client::{
     Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType,
-    GetOptions, LeaseKeepAliveStream, LeaseKeeper, OpenSslClientConfig, PutOptions, Txn, TxnOp,
+    GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, SslConnectorBuilder, Txn, TxnOp,
     WatchOptions,
 };
+use openssl::pkey::PKey;
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use openssl::x509::X509;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -131,40 +134,65 @@ fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
 }
 
 impl EtcdConfig {
-    fn connect_options(&self) -> Result<ConnectOptions> {
+    fn tls_wanted(&self) -> bool {
+        self.ca_file.is_some()
+            || self.cert_file.is_some()
+            || self.skip_tls_verify
+            || self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+
+    /// An endpoint without a scheme is dialled with TLS when any TLS option is given (as
+    /// etcd-client does).
+    fn endpoint_urls(&self) -> Vec<String> {
+        let scheme = if self.tls_wanted() { "https" } else { "http" };
+        (self.endpoints.iter())
+            .map(|e| match e.contains("://") {
+                true => e.clone(),
+                false => format!("{scheme}://{e}"),
+            })
+            .collect()
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout.max(Duration::from_millis(100)))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let tls_wanted = self.ca_file.is_some()
-            || self.cert_file.is_some()
-            || self.skip_tls_verify
-            || self.endpoints.iter().any(|e| e.starts_with("https://"));
-        if tls_wanted {
-            opts = opts.with_openssl_tls(self.tls_config()?);
-        }
         if let Some(user) = &self.user {
             let password = self.password.clone().unwrap_or_default();
             opts = opts.with_user(user.clone(), password);
         }
-        Ok(opts)
+        opts
     }
 
-    /// The TLS set-up: the system's CAs plus `--store-ca-file`, a client certificate, and
-    /// with `--store-skip-tls-verify` no verification of the server at all (as Go stolon).
-    fn tls_config(&self) -> Result<OpenSslClientConfig> {
-        let mut tls = OpenSslClientConfig::default();
+    /// The TLS set-up (used for https:// endpoints only): the system's CAs plus
+    /// `--store-ca-file`, a client certificate, and with `--store-skip-tls-verify` no
+    /// verification of the server at all (as Go stolon).
+    fn tls_config(&self) -> Result<SslConnectorBuilder> {
+        let ssl = |e: openssl::error::ErrorStack| StoreError::Config(format!("TLS set-up: {e}"));
+        let mut tls = SslConnector::builder(SslMethod::tls_client()).map_err(ssl)?;
+        // gRPC needs HTTP/2 negotiated by ALPN: without it etcd answers GONE.
+        tls.set_alpn_protos(b"\x02h2").map_err(ssl)?;
         if let Some(ca) = &self.ca_file {
             let pem = read_file("CA file", ca)?;
-            openssl::x509::X509::from_pem(&pem).map_err(|e| {
+            let cert = X509::from_pem(&pem).map_err(|e| {
                 StoreError::Config(format!("CA file {} is not PEM: {e}", ca.display()))
             })?;
-            tls = tls.ca_cert_pem(&pem);
+            tls.cert_store_mut().add_cert(cert).map_err(ssl)?;
         }
         match (&self.cert_file, &self.key_file) {
-            (Some(cert), Some(key)) => {
-                let cert = read_file("certificate file", cert)?;
-                let key = read_file("key file", key)?;
-                tls = tls.client_cert_pem_and_key(&cert, &key);
+            (Some(cert_file), Some(key_file)) => {
+                let pem = read_file("certificate file", cert_file)?;
+                let cert = X509::from_pem(&pem).map_err(|e| {
+                    let path = cert_file.display();
+                    StoreError::Config(format!("certificate file {path} is not PEM: {e}"))
+                })?;
+                let key = read_file("key file", key_file)?;
+                let key = PKey::private_key_from_pem(&key).map_err(|e| {
+                    let path = key_file.display();
+                    StoreError::Config(format!("key file {path} is not a PEM private key: {e}"))
+                })?;
+                tls.set_certificate(&cert).map_err(ssl)?;
+                tls.set_private_key(&key).map_err(ssl)?;
             }
             (None, None) => {}
             _ => {
@@ -175,10 +203,7 @@ impl EtcdConfig {
         }
         if self.skip_tls_verify {
             tracing::warn!("--store-skip-tls-verify: the store's certificate is not verified");
-            tls = tls.manually(|b| {
-                b.set_verify(openssl::ssl::SslVerifyMode::NONE);
-                Ok(())
-            });
+            tls.set_verify(SslVerifyMode::NONE);
         }
         Ok(tls)
     }
@@ -195,8 +220,11 @@ impl EtcdStore {
         if config.endpoints.is_empty() {
             return Err(StoreError::Config("no store endpoints given".into()));
         }
-        let opts = config.connect_options()?;
-        let client = Client::connect(&config.endpoints, Some(opts))
+        let channel = crate::etcd_channel::NoDelay {
+            tls: config.tls_config()?,
+        };
+        let opts = Some(config.connect_options());
+        let client = Client::connect_with_balanced_channel(config.endpoint_urls(), opts, channel)
             .await
             .map_err(unavailable)?;
         Ok(EtcdStore {

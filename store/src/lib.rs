@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod election;
 pub mod etcd;
+mod etcd_channel;
 pub mod mem;
 pub mod publish;
 pub mod timed;
