@@ -531,6 +531,8 @@ impl Discovery {
             proxy_timeout: GoDuration::from_std(reported_timeout(st)),
             read_only: self.ro_max_lag.is_some(),
             lease_liveness: st.lease_mode,
+            // `route::replicas` leaves a switchover's target out from the drain on.
+            target_out_at_drain: true,
             cancel_id: self.cancel_id,
             cancel_address: self.cancel_address.clone(),
             extra: Default::default(),

@@ -116,9 +116,15 @@ pub fn desired_with_replicas(
 /// switchover's target until it is promoted, else the elected master (a failover fences the
 /// proxies in the very write that elects it).
 fn next_master(cd: &ClusterData) -> Option<String> {
+    let target = switchover_target(cd);
+    let (host, port) = cd.db_address(target.unwrap_or(&cd.cluster.status.master))?;
+    Some(host_port(host, port))
+}
+
+/// The db a planned switchover in progress (draining or stopping) will promote.
+fn switchover_target(cd: &ClusterData) -> Option<&String> {
     use control::model::SwitchoverPhase;
-    let target = cd
-        .cluster
+    cd.cluster
         .status
         .switchover
         .as_ref()
@@ -129,20 +135,24 @@ fn next_master(cd: &ClusterData) -> Option<String> {
             )
         })
         .map(|s| &s.target_db_uid)
-        .filter(|uid| !uid.is_empty());
-    let (host, port) = cd.db_address(target.unwrap_or(&cd.cluster.status.master))?;
-    Some(host_port(host, port))
+        .filter(|uid| !uid.is_empty())
 }
 
+/// The standbys of the read-only pool: following the elected master, healthy, within the
+/// lag. A switchover's target leaves it in the drain's generation, so that the generation
+/// this proxy reports once drained also says it opens no read-only session there (the
+/// promotion then needs no generation of its own: `ProxyInfo::target_out_at_drain`).
 fn replicas(cd: &ClusterData, max_lag: u64) -> Vec<ReplicaTarget> {
     use control::model::DbRole;
     let elected = &cd.cluster.status.master;
     let Some(master) = cd.dbs.get(elected) else {
         return Vec::new();
     };
+    let target = switchover_target(cd);
     cd.dbs
         .values()
         .filter(|d| d.uid != *elected && d.spec.role == Some(DbRole::Standby))
+        .filter(|d| target != Some(&d.uid))
         .filter(|d| {
             d.spec
                 .follow_config

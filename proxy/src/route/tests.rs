@@ -239,6 +239,30 @@ fn the_read_only_pool_has_healthy_standbys_of_the_master_within_the_lag() {
         .replicas
         .iter()
         .all(|r| r.db_uid != "s1"));
+    // A switchover's target leaves it in the drain's generation, before the promotion
+    // (which then fences no more), and comes back if the switchover fails.
+    use control::model::{SwitchoverPhase, SwitchoverStatus, Timestamp};
+    let switching = |phase| {
+        let mut c = cd.clone();
+        c.cluster.status.switchover = Some(SwitchoverStatus {
+            target_keeper_uid: "k1".into(),
+            requested_at: Timestamp::now(),
+            phase,
+            old_master_db_uid: "m".into(),
+            target_db_uid: "s1".into(),
+            stop_position: 0,
+            started_at: Timestamp::now(),
+            reason: String::new(),
+        });
+        (desired_with_replicas(Some(&c), "p1", Some(5000))
+            .replicas
+            .into_iter())
+        .map(|r| r.db_uid)
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(switching(SwitchoverPhase::Draining), ["s2"]);
+    assert_eq!(switching(SwitchoverPhase::Stopping), ["s2"]);
+    assert_eq!(switching(SwitchoverPhase::Failed), ["s1", "s2"]);
 }
 
 #[test]

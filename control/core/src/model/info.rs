@@ -158,6 +158,16 @@ pub struct ProxyInfo {
         skip_serializing_if = "is_default"
     )]
     pub lease_liveness: bool,
+    /// Our addition: at a planned switchover this proxy takes the target out of its
+    /// read-only pool in the drain's generation (it opens no read-only session there once it
+    /// reported that generation), so the target's promotion needs no generation of its own.
+    /// Absent (an older proxy with a read-only listener): the promotion fences again.
+    #[serde(
+        rename = "stolonTargetOutAtDrain",
+        default,
+        skip_serializing_if = "is_default"
+    )]
+    pub target_out_at_drain: bool,
     /// Our addition: the process ID this proxy puts in the cancel keys it mints, and the
     /// address where it takes CancelRequests, so another proxy that receives one of its
     /// keys forwards the cancel there. Empty: it cannot be reached that way.

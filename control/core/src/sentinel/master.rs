@@ -242,8 +242,16 @@ impl Round<'_> {
 
     /// Names `new` master in the cluster status and its spec, and fences the proxies.
     pub(super) fn promote(&mut self, new: &str) {
-        self.cd.cluster.status.master = new.to_string();
         self.fence_proxies();
+        self.promote_fenced(new);
+    }
+
+    /// Promotes `new` when the proxies are fenced already (no route, every enabled proxy
+    /// at the current generation, the target out of every read-only pool): a switchover's
+    /// drain did it, and a generation of its own would cost another round of
+    /// acknowledgements from every proxy before the new master is published.
+    pub(super) fn promote_fenced(&mut self, new: &str) {
+        self.cd.cluster.status.master = new.to_string();
         let Some(db) = self.db(new, "promote").cloned() else {
             return;
         };

@@ -86,6 +86,19 @@ impl Round<'_> {
             .collect()
     }
 
+    /// Whether the drain's generation already fenced every proxy for the promotion of a
+    /// switchover's target: no route is published, every enabled proxy reported the
+    /// current generation, and each that runs a read-only listener took the target out of
+    /// its pool in that generation (`target_out_at_drain`; an older proxy did not, and the
+    /// promotion then fences again so that it cuts the target's read-only sessions first).
+    pub(super) fn drain_fenced_for_promotion(&self) -> bool {
+        self.cd.proxy.spec.master_db_uid.is_empty()
+            && self.proxies_lagging().is_empty()
+            && (self.cd.proxy.spec.enabled_proxies.iter()).all(|u| {
+                (self.obs.proxies.get(u)).is_some_and(|i| !i.read_only || i.target_out_at_drain)
+            })
+    }
+
     /// Publishes the master to the proxies once it runs as master (converged) and every
     /// enabled proxy acknowledged the current generation.
     pub(super) fn publish_master(&mut self, master: &str) {

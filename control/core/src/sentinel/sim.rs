@@ -85,6 +85,11 @@ pub struct ProxySim {
     /// Proves liveness by its lease (when the sentinel's document allows it): rewrites its
     /// info only on change, and its key expires a lease TTL after its last contact.
     pub lease: bool,
+    /// Runs a read-only listener (`ProxyInfo::read_only`).
+    pub read_only: bool,
+    /// Says it takes a switchover's target out of its pool at the drain
+    /// (`ProxyInfo::target_out_at_drain`; false: an older proxy).
+    pub target_out_at_drain: bool,
 }
 
 #[derive(Clone)]
@@ -519,6 +524,8 @@ impl World {
                     generation: p.generation,
                     proxy_timeout: timeout,
                     lease_liveness: lease_mode,
+                    read_only: p.read_only,
+                    target_out_at_drain: p.target_out_at_drain,
                     ..Default::default()
                 },
             );

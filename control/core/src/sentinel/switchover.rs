@@ -174,7 +174,11 @@ impl Round<'_> {
             finish(self, st);
             return true;
         }
-        self.promote(&target);
+        if self.drain_fenced_for_promotion() {
+            self.promote_fenced(&target);
+        } else {
+            self.promote(&target);
+        }
         st.phase = SwitchoverPhase::Completed;
         self.reason(
             ReasonKind::Switchover,

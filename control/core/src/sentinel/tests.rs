@@ -1070,6 +1070,42 @@ fn switchover_promotes_on_the_old_masters_clean_stop_not_after_its_resync() {
     );
 }
 
+/// The drain's generation fences the proxies for the promotion too when each reported it
+/// with the target out of its read-only pool: the promotion bumps no generation, so the new
+/// master is published without another round of acknowledgements from every proxy. An
+/// older proxy with a read-only listener (no `target_out_at_drain`) still gets the
+/// promotion's own generation, and the master is published only once it reported that.
+#[test]
+fn a_switchover_promotes_in_the_drains_generation_unless_an_older_read_only_proxy_needs_one() {
+    for (read_only, out_at_drain, own_generation) in [
+        (false, false, false),
+        (true, true, false),
+        (true, false, true),
+    ] {
+        let case = format!("read-only {read_only}, out at drain {out_at_drain}");
+        let mut w = cluster(test_spec(), 3);
+        let p0 = w.proxies.get_mut("p0").expect("p0");
+        (p0.read_only, p0.target_out_at_drain) = (read_only, out_at_drain);
+        let target = db_uid(&w, "k2");
+        w.switchover = Some(request(&w, "k2"));
+        w.step(S);
+        let drained = w.cd.proxy.generation;
+        assert!(w.run_until(20, |w| w.master() == target), "{case}");
+        assert_eq!(w.cd.proxy.generation > drained, own_generation, "{case}");
+        let promoted = w.cd.proxy.generation;
+        w.proxies.get_mut("p0").expect("p0").slow = true;
+        w.step(S);
+        assert_eq!(
+            w.proxy_master() == target,
+            !own_generation,
+            "{case}: published before p0 reported the promotion's generation"
+        );
+        w.proxies.get_mut("p0").expect("p0").slow = false;
+        assert!(w.run_until(20, |w| w.proxy_master() == target), "{case}");
+        assert_eq!(w.cd.proxy.generation, promoted, "{case}");
+    }
+}
+
 /// A proxy that does not report the drain's generation (slow, or gone) holds the old
 /// master's stop back for proxyTimeout at most; the new master is still published only
 /// after every enabled proxy acked (or expired), as for any master change.
