@@ -4,9 +4,12 @@
 //! passes; then turn the old master into a standby of the target (its keeper stops it
 //! cleanly, so every WAL record is sent); once the old master reports its final position
 //! (the shutdown checkpoint, reported right after the stop; from a Go keeper, its position
-//! once it rejoined) and the target has replayed up to it, promote the target. Progress is kept in `cluster.status.switchover`; the daemon
-//! deletes the request once it is completed or failed. A switchover that does not finish
-//! within convergenceTimeout is abandoned and the old master restored.
+//! once it rejoined) and the target has replayed up to it, promote the target: in the
+//! drain's generation when every proxy reported it with the target out of its read-only pool
+//! (`ProxyInfo::target_out_at_drain`), so the new master is published without a second round
+//! of acknowledgements from every proxy. Progress is kept in `cluster.status.switchover`; the
+//! daemon deletes the request once it is completed or failed. A switchover that does not
+//! finish within convergenceTimeout is abandoned and the old master restored.
 
 use super::health::converged;
 use super::{ReasonKind, Round};
