@@ -3,6 +3,7 @@
 //!   sever:   time to close N sessions after a master change, and memory per idle session
 //!   ha:      what clients see of switchovers and failovers, stolon-proxy and HAProxy side by side
 //!   swarm:   what N proxies cost the store and the sentinel, and master changes with N proxies
+//!   store:   an etcd round trip through the daemons' store client and etcd-client's stock one
 
 mod compare;
 mod ha;
@@ -10,6 +11,7 @@ mod pgbench;
 mod procstat;
 mod security;
 mod sever;
+mod store_rtt;
 mod swarm;
 mod targets;
 
@@ -169,6 +171,20 @@ enum Cmd {
         #[arg(long, default_value = "bench-results/swarm")]
         out_dir: std::path::PathBuf,
     },
+    /// An etcd round trip (a compare-and-swap txn and a read) through the daemons' store
+    /// client and through etcd-client's stock connection, alternating call by call against
+    /// one etcd started for the run: p50/p90/p99 as a markdown table
+    Store {
+        /// Calls of each kind per client
+        #[arg(long, default_value_t = 300)]
+        calls: usize,
+        /// Size of the value each txn writes
+        #[arg(long, default_value_t = 4096)]
+        value_bytes: usize,
+        /// Pause between calls
+        #[arg(long, default_value = "10ms", value_parser = humantime_ms)]
+        pause: std::time::Duration,
+    },
 }
 
 fn parse_json(s: &str) -> Result<serde_json::Value, String> {
@@ -265,6 +281,15 @@ fn main() -> anyhow::Result<()> {
             freeze,
             spec,
             out_dir,
+        }),
+        Cmd::Store {
+            calls,
+            value_bytes,
+            pause,
+        } => store_rtt::run(&store_rtt::Options {
+            calls,
+            value_bytes,
+            pause,
         }),
     }
 }
