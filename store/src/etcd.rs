@@ -182,10 +182,21 @@ impl EtcdConfig {
         match (&self.cert_file, &self.key_file) {
             (Some(cert_file), Some(key_file)) => {
                 let pem = read_file("certificate file", cert_file)?;
-                let cert = X509::from_pem(&pem).map_err(|e| {
+                let not_pem = |why: String| {
                     let path = cert_file.display();
-                    StoreError::Config(format!("certificate file {path} is not PEM: {e}"))
-                })?;
+                    StoreError::Config(format!("certificate file {path} is not PEM: {why}"))
+                };
+                // The client certificate first, then any intermediates it needs (as Go's
+                // tls.LoadX509KeyPair reads the file).
+                let mut chain = X509::stack_from_pem(&pem)
+                    .map_err(|e| not_pem(e.to_string()))?
+                    .into_iter();
+                let cert = chain
+                    .next()
+                    .ok_or_else(|| not_pem("no certificate".into()))?;
+                for intermediate in chain {
+                    tls.add_extra_chain_cert(intermediate).map_err(ssl)?;
+                }
                 let key = read_file("key file", key_file)?;
                 let key = PKey::private_key_from_pem(&key).map_err(|e| {
                     let path = key_file.display();

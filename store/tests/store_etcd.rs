@@ -111,6 +111,30 @@ async fn tls_options_are_checked() {
     assert!(err.to_string().contains("together"), "{err}");
 }
 
+/// A client certificate file may carry the intermediates after the certificate (as Go's
+/// tls.LoadX509KeyPair reads it): they are sent, and etcd, trusting the root only, accepts
+/// the client; the leaf alone is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_chain_file_is_sent_whole() {
+    let tls = testkit::TlsFiles::generate().expect("certs");
+    let (leaf, chain, key) = tls.client_via_intermediate().expect("intermediate");
+    let etcd = Etcd::start_tls(&tls).expect("etcd with tls");
+    let cfg = |cert: &std::path::Path| EtcdConfig {
+        endpoints: vec![etcd.endpoint()],
+        ca_file: Some(tls.ca.clone()),
+        cert_file: Some(cert.to_path_buf()),
+        key_file: Some(key.clone()),
+        connect_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let get = |cfg: EtcdConfig| async move {
+        let s = Timed::new(EtcdStore::connect(&cfg).await?, Duration::from_secs(3));
+        s.get("x").await
+    };
+    get(cfg(&chain)).await.expect("the chain is accepted");
+    assert!(get(cfg(&leaf)).await.is_err(), "the leaf alone is refused");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_with_client_certificates() {
     let tls = testkit::TlsFiles::generate().expect("certs");

@@ -103,4 +103,54 @@ impl TlsFiles {
             _dir: dir,
         })
     }
+
+    /// A client certificate signed by an intermediate CA that the root signed: the leaf
+    /// alone, the leaf followed by the intermediate (a chain file), and the key.
+    pub fn client_via_intermediate(&self) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let d = self._dir.path();
+        std::fs::write(
+            d.join("ca.ext"),
+            "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+        )?;
+        let sign = |name: &str, ca: &str, ext: &str| -> Result<()> {
+            let subject = format!("/CN={name}");
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let new_key = ["req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject];
+            openssl(
+                d,
+                &[&new_key[..], &["-keyout", &key, "-out", &csr]].concat(),
+            )?;
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    &ca_pem,
+                    "-CAkey",
+                    &ca_key,
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    ext,
+                    "-out",
+                    &pem,
+                ],
+            )
+        };
+        sign("intermediate", "ca", "ca.ext")?;
+        sign("leaf", "intermediate", "san.ext")?;
+        let mut chain = std::fs::read(d.join("leaf.pem"))?;
+        chain.extend(std::fs::read(d.join("intermediate.pem"))?);
+        std::fs::write(d.join("chain.pem"), chain)?;
+        Ok((d.join("leaf.pem"), d.join("chain.pem"), d.join("leaf.key")))
+    }
 }
