@@ -28,7 +28,8 @@ pub struct CommonArgs {
     /// Store key prefix; the cluster lives under PREFIX/CLUSTER-NAME
     #[arg(long, default_value = "stolon/cluster")]
     pub store_prefix: String,
-    /// Certificate file for client identification to the store
+    /// Certificate file for client identification to the store (PEM; intermediate CA
+    /// certificates may follow the client's own, and are sent with it)
     #[arg(long)]
     pub store_cert_file: Option<PathBuf>,
     /// Private key file for client identification to the store (also --store-key, stolon's
