@@ -90,7 +90,7 @@ impl Round<'_> {
     /// switchover's target: no route is published, every enabled proxy reported the
     /// current generation, and each that runs a read-only listener took the target out of
     /// its pool in that generation (`target_out_at_drain`; an older proxy did not, and the
-    /// promotion then fences again so that it cuts the target's read-only sessions first).
+    /// promotion then fences again so that it stops opening read-only sessions there first).
     pub(super) fn drain_fenced_for_promotion(&self) -> bool {
         self.cd.proxy.spec.master_db_uid.is_empty()
             && self.proxies_lagging().is_empty()
