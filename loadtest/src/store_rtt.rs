@@ -2,6 +2,7 @@
 //! stock connection (the transport the store used before `store/src/etcd_channel.rs`, with
 //! Nagle's algorithm on) in the same run, alternating call by call against one etcd.
 
+use crate::ha::report::percentile;
 use anyhow::{Context, Result};
 use control::store::etcd::{EtcdConfig, EtcdStore};
 use control::store::{Compare, Op, Store};
@@ -38,11 +39,11 @@ pub fn run(o: &Options) -> Result<()> {
         "| client | txn p50 ms | txn p90 ms | txn p99 ms | get p50 ms | get p90 ms | get p99 ms |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (name, mut t) in [
+    for (name, t) in [
         ("stolon store (TCP_NODELAY)", ours),
         ("etcd-client stock", stock),
     ] {
-        let (txn, get) = (quantiles(&mut t.txn), quantiles(&mut t.get));
+        let (txn, get) = (quantiles(&t.txn), quantiles(&t.get));
         println!(
             "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             txn[0], txn[1], txn[2], get[0], get[1], get[2]
@@ -104,12 +105,7 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// p50, p90, p99 (nearest rank).
-fn quantiles(v: &mut [f64]) -> [f64; 3] {
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len().max(1)) - 1;
-        v.get(i).copied().unwrap_or(f64::NAN)
-    };
-    [at(0.5), at(0.9), at(0.99)]
+/// p50, p90, p99.
+fn quantiles(v: &[f64]) -> [f64; 3] {
+    [50.0, 90.0, 99.0].map(|p| percentile(v, p))
 }
