@@ -31,6 +31,45 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A new key and certificate `name.key`/`name.pem` in `d`, for CN=`name`, signed by
+/// `ca.pem`/`ca.key` with the extensions in the file `ext`.
+fn issue(d: &Path, name: &str, ca: &str, ext: &str) -> Result<()> {
+    let subject = format!("/CN={name}");
+    let (key, csr, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    openssl(
+        d,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out",
+            &csr,
+        ],
+    )?;
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            "-out",
+            &pem,
+        ],
+    )
+}
+
 impl TlsFiles {
     pub fn generate() -> Result<TlsFiles> {
         let dir = crate::temp_dir("tls")?;
@@ -58,41 +97,7 @@ impl TlsFiles {
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
         )?;
         for name in ["server", "client"] {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-subj",
-                    &format!("/CN={name}"),
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                ],
-            )?;
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    "san.ext",
-                    "-out",
-                    &format!("{name}.pem"),
-                ],
-            )?;
+            issue(d, name, "ca", "san.ext")?;
         }
         Ok(TlsFiles {
             ca: d.join("ca.pem"),
@@ -112,42 +117,8 @@ impl TlsFiles {
             d.join("ca.ext"),
             "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
         )?;
-        let sign = |name: &str, ca: &str, ext: &str| -> Result<()> {
-            let subject = format!("/CN={name}");
-            let (key, csr, pem) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-            );
-            let new_key = ["req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject];
-            openssl(
-                d,
-                &[&new_key[..], &["-keyout", &key, "-out", &csr]].concat(),
-            )?;
-            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    &ca_pem,
-                    "-CAkey",
-                    &ca_key,
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    ext,
-                    "-out",
-                    &pem,
-                ],
-            )
-        };
-        sign("intermediate", "ca", "ca.ext")?;
-        sign("leaf", "intermediate", "san.ext")?;
+        issue(d, "intermediate", "ca", "ca.ext")?;
+        issue(d, "leaf", "intermediate", "san.ext")?;
         let mut chain = std::fs::read(d.join("leaf.pem"))?;
         chain.extend(std::fs::read(d.join("intermediate.pem"))?);
         std::fs::write(d.join("chain.pem"), chain)?;
