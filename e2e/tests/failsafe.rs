@@ -34,6 +34,33 @@ async fn wait_failsafe_ready(c: &Cluster) {
     .expect("failsafe addresses published");
 }
 
+/// The store revision of the newest clusterdata keeper `uid` has read, from its metrics.
+async fn keeper_revision(c: &Cluster, uid: &str) -> Option<i64> {
+    let k = c.keeper(uid);
+    let addr = format!("{}:{}", k.addr, k.metrics_port);
+    let t = Duration::from_secs(2);
+    let (_, text) = control::peer_http::get(&addr, "/metrics", t).await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("stolon_keeper_clusterdata_revision "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until every keeper has read the store's current clusterdata
+/// (`stolon_keeper_clusterdata_revision`): each keeper's store client is back after the
+/// outage, not only the sentinel's and the proxy's.
+async fn wait_keepers_caught_up(c: &Cluster) {
+    c.wait_for("every keeper at the current clusterdata", MIN, async || {
+        let (_, rev) = c.data().await?;
+        for k in &c.keepers {
+            // The sentinel may write again between the two reads: then ask again.
+            (keeper_revision(c, &k.uid).await == Some(rev)).then_some(())?;
+        }
+        Some(())
+    })
+    .await
+    .expect("every keeper reads the store again");
+}
+
 /// Keeps checking, for `span` from `from`, that writes go on: 10 more acknowledged within
 /// each second.
 async fn writes_go_on(checker: &Checker, from: Instant, span: Duration) {
@@ -93,6 +120,7 @@ async fn etcd_frozen_or_stopped_for_a_minute_changes_nothing_clients_see() {
             checker.wait_acks(20, MIN).await,
             "writes after etcd is back"
         );
+        wait_keepers_caught_up(&c).await;
     }
     assert_eq!(checker.errors(), errors, "no client saw the outages");
     let status = c.ctl(&["status"]);
@@ -127,6 +155,84 @@ async fn etcd_frozen_or_stopped_for_a_minute_changes_nothing_clients_see() {
     );
     assert!(!k.contains("PostgreSQL exited"), "no restart");
     let _ = from;
+}
+
+/// The store goes out for everyone just after a write that a standby read and the master
+/// did not (CI once stopped etcd in the millisecond of a sentinel's write): the standby
+/// has a newer revision than the master asks with, but the store is out for it too, so it
+/// acknowledges and the master holds. Made deterministic by cutting the master and etcd
+/// from each other until a standby is ahead; failInterval 20 s gives the standby's probes room to find
+/// the store out before the master's store deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_out_after_a_write_only_a_standby_read_changes_nothing() {
+    let _s = serial().await;
+    let opts = Opts {
+        netns: true,
+        proxies: 1,
+        // proxyTimeout as long as the hold takes to start here (the standby's store
+        // silence, a quarter of the 10 s fence window, then its next probe).
+        spec: json!({"failsafeMode": true, "failInterval": "20s", "proxyTimeout": "10s"}),
+        ..Default::default()
+    };
+    let (mut c, mut checker) = running(opts).await;
+    wait_failsafe_ready(&c).await;
+    let m = c.master().await.expect("master");
+    let others = c.others(&m);
+    let errors = checker.errors();
+    let cut = checker.nemesis();
+    let net = c.net.as_ref().expect("net");
+    // Both ways: a blackhole on the master's side alone still lets etcd's pushes in.
+    net.isolate_from(&m, &["etcd"]).expect("cut");
+    net.isolate_from("etcd", &[&m]).expect("cut");
+    let ahead = c
+        .wait_for(
+            "a standby ahead of the master",
+            Duration::from_secs(10),
+            async || {
+                let mine = keeper_revision(&c, &m).await?;
+                for o in &others {
+                    if keeper_revision(&c, o).await? > mine {
+                        return Some(o.clone());
+                    }
+                }
+                None
+            },
+        )
+        .await
+        .expect("a standby read a write the master did not");
+    c.etcd.members[0].stop();
+    // The master's side heals at once; etcd's only before it comes back, so its kernel's
+    // retransmissions of the write cannot reach the master meanwhile.
+    c.net.as_ref().expect("net").heal(&m).expect("heal");
+    eprintln!(
+        "store out {:?} after the master's cut; {ahead} is ahead of it",
+        cut.elapsed()
+    );
+    c.wait_for(
+        "the master to hold without the store",
+        Duration::from_secs(15),
+        async || {
+            let log = c.keeper_log(&m);
+            log.contains("holding without the store").then_some(())
+        },
+    )
+    .await
+    .expect("the master holds");
+    writes_go_on(&checker, Instant::now(), Duration::from_secs(20)).await;
+    c.net.as_ref().expect("net").heal("etcd").expect("heal");
+    c.etcd.members[0].restart().expect("etcd back");
+    c.wait_healthy(MIN).await.expect("healthy after etcd");
+    assert_eq!(checker.errors(), errors, "no client saw the outage");
+    let out = c
+        .finish("failsafe_store_out_after_a_missed_write", checker)
+        .await
+        .expect("invariants");
+    assert_eq!(out.master, m, "no failover");
+    assert_eq!(out.missing, 0, "nothing lost");
+    assert!(
+        !c.keeper_log(&m).contains("fencing the master"),
+        "the master never fenced"
+    );
 }
 
 /// The master cut from etcd only (it still reaches its peers, the sentinel and the
@@ -249,7 +355,8 @@ async fn a_proxy_cut_from_etcd_serves_on_the_masters_hold_and_fences_without_it(
         .await
         .expect("p2 fenced");
     // It cannot reach the master any more, so sessions fail at once; it fences itself once
-    // the last confirmed hold has ended (at most its validity, failInterval / 4).
+    // the last confirmed end has passed: the master reaches the store, so that is its own
+    // store-contact deadline, at most the fence window after its last publish.
     let fenced = c
         .wait_for("p2 to fence", Duration::from_secs(5), async || {
             c.log("p2")
@@ -259,10 +366,7 @@ async fn a_proxy_cut_from_etcd_serves_on_the_masters_hold_and_fences_without_it(
         .await
         .expect("p2 fenced");
     eprintln!("failsafe, proxy cut from etcd: served {served:?} after the cut; cut from the master too, refused {refused:?} and fenced {fenced:?} after");
-    assert!(
-        fenced < FENCE / 2 + Duration::from_millis(500),
-        "{fenced:?}"
-    );
+    assert!(fenced < FENCE + Duration::from_millis(500), "{fenced:?}");
     net.heal("p2").expect("heal");
     let out = c
         .finish("failsafe_proxy_cut", checker)

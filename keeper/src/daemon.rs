@@ -263,6 +263,15 @@ impl Keeper {
             crate::failsafe::arm_for_hold(self.shared.clone()),
             shutdown.clone(),
         ));
+        let probe_store = self.settings.store.clone();
+        let probe = tokio::spawn(crate::failsafe::probe_store(
+            self.settings.failsafe.clone(),
+            move || {
+                let store = probe_store.clone();
+                async move { store.get_cluster_data().await.is_ok() }
+            },
+            shutdown.clone(),
+        ));
         self.refresh_info();
         let mut first = true;
         loop {
@@ -284,6 +293,7 @@ impl Keeper {
             };
             self.view.cd = cd;
             self.view.revision = revision;
+            self.settings.metrics.clusterdata_revision.set(revision);
             if fresh && self.view.cd.is_some() {
                 let now = control::metrics::unix_now();
                 self.settings.metrics.clusterdata_last_valid_update.set(now);
@@ -329,6 +339,7 @@ impl Keeper {
         // The publisher removes the info (revokes its lease) as it stops.
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
         failsafe.abort();
+        probe.abort();
         Ok(())
     }
 

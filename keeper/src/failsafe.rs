@@ -30,6 +30,15 @@ pub struct State {
     pub master_of: Option<String>,
     /// Send time of the last acknowledged KeeperInfo write (the publisher records it).
     pub store_ack: Option<Instant>,
+    /// Acker side: send time of the last store probe that was answered, and until when to
+    /// keep probing (a master asked while this keeper had read a newer clusterdata).
+    pub store_probe_ok: Option<Instant>,
+    pub probe_until: Option<Instant>,
+    /// Send time of the last store probe that went unanswered (failed, or no answer within
+    /// its bound).
+    pub probe_unanswered: Option<Instant>,
+    /// Wakes the prober when a master's request starts it.
+    pub probe_wake: Arc<tokio::sync::Notify>,
     /// Acker side: the db acknowledged last and until when this keeper stays out of the
     /// master's role.
     pub promised: Option<(String, Instant)>,
@@ -71,6 +80,17 @@ impl State {
         Some(control::failsafe::timing(cd.cluster.spec.fail_interval()))
     }
 
+    /// The store is out for this keeper too at `now`: its own store contact (its last
+    /// acknowledged publish or probe) has been silent for `peer_quiet`, and a probe sent
+    /// after that contact went unanswered. Silence alone is not enough:
+    /// with a long sleepInterval a healthy keeper publishes only every few seconds.
+    fn store_quiet(&self, now: Instant, timing: &Timing) -> bool {
+        let last = self.store_ack.max(self.store_probe_ok);
+        let silent = last.is_none_or(|l| now.saturating_duration_since(l) >= timing.peer_quiet);
+        let probed = (self.probe_unanswered).is_some_and(|p| last.is_none_or(|l| p > l));
+        silent && probed
+    }
+
     /// The promise is still in force at `now`.
     pub fn promised_at(&self, now: Instant) -> bool {
         self.promised
@@ -82,6 +102,18 @@ impl State {
     pub fn holding(&self, now: Instant) -> Option<Instant> {
         self.hold_until
             .filter(|h| *h > now && self.master_of.is_some())
+    }
+
+    /// Until when this master will take writes, as a proxy may count it: the later of the
+    /// hold's end and its own store-contact deadline (the fence window after its last
+    /// acknowledged publish's send), which stolon's ordering covers without any hold. A
+    /// master that still reaches the store thus confirms even while a round of its peers'
+    /// answers fails (a peer that read a clusterdata write a few milliseconds before the
+    /// master refuses that round); a proxy cut from the store fenced on such a stutter.
+    pub fn confirmable_until(&self, now: Instant) -> Option<Instant> {
+        self.master_of.as_ref()?;
+        let store = (self.store_ack.zip(self.timing())).map(|(a, t)| a + t.promise);
+        self.holding(now).max(store).filter(|u| *u > now)
     }
 
     /// How many peers' acknowledgements are valid at `now`.
@@ -146,7 +178,9 @@ pub fn answer(state: &Shared, path: &str, query: &str) -> Option<Result<String, 
         "/failsafe/confirm" => {
             st.proxy_asked = Some(now);
             let db = query.split('&').find_map(|kv| kv.strip_prefix("db="));
-            let hold = st.holding(now).filter(|_| st.master_of.as_deref() == db);
+            let hold = st
+                .confirmable_until(now)
+                .filter(|_| st.master_of.as_deref() == db);
             Some(match hold {
                 Some(until) => Ok(format!(
                     "{{\"db\":\"{}\",\"remaining_ms\":{}}}",
@@ -164,11 +198,23 @@ fn ack(st: &mut State, query: &str, now: Instant) -> Result<String, String> {
     let Some(req) = AckRequest::from_query(query) else {
         return Err("{\"ack\":false,\"reason\":\"malformed request\"}".into());
     };
+    let timing = st.timing();
+    if st.revision > req.revision {
+        // Whether to refuse depends on whether the store still answers this keeper: find
+        // out while the master asks (`probe_store`).
+        if let Some(t) = &timing {
+            if st.probe_until.is_none_or(|u| u <= now) {
+                st.probe_wake.notify_one();
+            }
+            st.probe_until = Some(now + t.promise);
+        }
+    }
     let view = AckerView {
         keeper_uid: &st.keeper_uid,
         cd: st.cd.as_ref(),
         revision: st.revision,
         runs_primary: st.runs_primary,
+        store_quiet: timing.is_some_and(|t| st.store_quiet(now, &t)),
     };
     match acknowledge(&view, &req) {
         Ok(()) => {
@@ -275,6 +321,45 @@ async fn ask_peers(ask: &Ask) -> (Vec<String>, Vec<(String, String)>) {
         }
     }
     (yes, no)
+}
+
+/// The asked keeper's side: while a master asks it with an older revision than it has
+/// read, reads the store every `ask_every` (each read bounded by it) so that
+/// `State::store_quiet` tells a store that still answers this keeper (the master alone is
+/// cut off) from one that is out for everyone. `probe` is one store read, true if answered.
+pub async fn probe_store<P, F>(state: Shared, probe: P, shutdown: CancellationToken)
+where
+    P: Fn() -> F,
+    F: std::future::Future<Output = bool>,
+{
+    let Some(wake) = state.lock().ok().map(|st| st.probe_wake.clone()) else {
+        return;
+    };
+    loop {
+        let every = (state.lock().ok())
+            .and_then(|st| st.timing())
+            .map_or(Duration::from_millis(250), |t| t.ask_every);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+            _ = wake.notified() => {}
+        }
+        let wanted = (state.lock().ok())
+            .and_then(|st| st.probe_until)
+            .is_some_and(|u| Instant::now() < u);
+        if !wanted {
+            continue;
+        }
+        let sent = Instant::now();
+        let answered = matches!(tokio::time::timeout(every, probe()).await, Ok(true));
+        if let Ok(mut st) = state.lock() {
+            if answered {
+                st.store_probe_ok = st.store_probe_ok.max(Some(sent));
+            } else {
+                st.probe_unanswered = st.probe_unanswered.max(Some(sent));
+            }
+        }
+    }
 }
 
 /// The master's side: asks its peers while it needs them, and keeps the hold and the

@@ -2,7 +2,8 @@
 //! dashboard keeps working: `stolon_keeper_clusterdata_last_valid_update_seconds`,
 //! `_target_role{role}`, `_local_role{role}`, `_needs_reload`, `_needs_restart`,
 //! `_last_sync_success_seconds`, `_sleep_interval`, `_shutdown_seconds`, ours
-//! `_failsafe_held`, `_failsafe_acks`, `_failsafe_peers`, `_failsafe_promised`, plus
+//! `_clusterdata_revision`, `_failsafe_held`, `_failsafe_acks`, `_failsafe_peers`,
+//! `_failsafe_promised`, plus
 //! `stolon_cluster_identifier` and the process metrics (see `control::metrics`).
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -32,6 +33,10 @@ pub struct KeeperMetrics {
     pub last_sync_success: F64Gauge,
     pub sleep_interval: F64Gauge,
     pub shutdown: F64Gauge,
+    /// Ours: the store revision of the newest clusterdata the loop has read (0 before
+    /// the first), so an operator sees a keeper that lags the store's; failsafe
+    /// acknowledgements compare it.
+    pub clusterdata_revision: Gauge,
     /// Ours, failsafe mode: holding on the peers' acknowledgements (0/1), how many of them
     /// acknowledge now out of how many the hold needs, and whether this keeper promised to
     /// stay out of the master's role (0/1).
@@ -91,6 +96,11 @@ impl KeeperMetrics {
             "shutdown_seconds",
             "Shutdown time (received termination signal) since unix epoch in seconds",
             self.shutdown.clone(),
+        );
+        r.register(
+            "clusterdata_revision",
+            "Store revision of the newest clusterdata this keeper has read",
+            self.clusterdata_revision.clone(),
         );
         r.register(
             "failsafe_held",

@@ -7,8 +7,8 @@
 //! moment it SENT the request; the keeper does not act as a master for `promise` from the
 //! moment it answered. `validity` plus the fencing watchdog's slack is well under
 //! `promise` even with clocks running `CLOCK_RATE_BOUND` apart, so M has stopped before any
-//! keeper that acknowledged it can be promoted, and a keeper that has read a newer
-//! clusterdata (the one that elects it) refuses.
+//! keeper that acknowledged it can be promoted, and a keeper that has read a clusterdata
+//! naming another master (the one that elects it) refuses.
 
 use crate::model::{ClusterData, GoDuration};
 use std::collections::BTreeMap;
@@ -35,6 +35,11 @@ pub struct Timing {
     /// The fencing watchdog's slack past a hold's end (a quarter fence window, as for the
     /// store-contact deadline).
     pub watchdog_slack: Duration,
+    /// How long an asked keeper's own store contact (its last acknowledged publish or
+    /// store probe) must be silent before it counts the store out for itself too. While a
+    /// master asks, the keeper probes the store every `ask_every`, so a store that answers
+    /// it stays well within this.
+    pub peer_quiet: Duration,
 }
 
 /// The failsafe durations for a failInterval.
@@ -46,6 +51,7 @@ pub fn timing(fail_interval: GoDuration) -> Timing {
         ask_every: (l / 10).max(Duration::from_millis(50)),
         ask_after: l * 6 / 10,
         watchdog_slack: l / 4,
+        peer_quiet: l / 4,
     }
 }
 
@@ -109,6 +115,9 @@ pub struct AckerView<'a> {
     pub revision: i64,
     /// Its own PostgreSQL runs as a primary.
     pub runs_primary: bool,
+    /// Its own store contact has been silent for `Timing::peer_quiet` and a store probe
+    /// sent since went unanswered: the store is out for it too, not only for the master.
+    pub store_quiet: bool,
 }
 
 /// Whether the keeper acknowledges the request; the reason for a refusal. A yes is a
@@ -123,16 +132,22 @@ pub fn acknowledge(view: &AckerView<'_>, req: &AckRequest) -> Result<(), String>
     if !cd.cluster.spec.failsafe_mode() {
         return Err("failsafe mode is off".into());
     }
-    if view.revision > req.revision {
-        return Err(format!(
-            "a newer clusterdata was read (revision {} > {})",
-            view.revision, req.revision
-        ));
-    }
-    if view.revision == req.revision && cd.cluster.status.master != req.master_db {
+    if view.revision >= req.revision && cd.cluster.status.master != req.master_db {
         return Err(format!(
             "revision {} names db {:?} the master",
             view.revision, cd.cluster.status.master
+        ));
+    }
+    // A newer revision that still names the master means the store moved on without it.
+    // While the store answers this keeper, the master alone is cut off: refuse, and it
+    // fences as without failsafe mode. Once the store is silent for this keeper too, the
+    // write it read may just be the last one before the whole store went out (CI saw etcd
+    // stop in the millisecond of a sentinel's write that one standby read and the master
+    // did not): refusing then would fence a master every peer still names.
+    if view.revision > req.revision && !view.store_quiet {
+        return Err(format!(
+            "a newer clusterdata was read (revision {} > {}) and this keeper has not found the store out",
+            view.revision, req.revision
         ));
     }
     let mine = crate::keeper::my_db(cd, view.keeper_uid).map(|d| d.uid.as_str());
@@ -145,9 +160,10 @@ pub fn acknowledge(view: &AckerView<'_>, req: &AckRequest) -> Result<(), String>
     Ok(())
 }
 
-/// The keepers a master must hear from: every other keeper that hosts a db in `cd` (only
-/// a keeper with a db can be elected, and giving a keeper a db is a newer revision, which
-/// every keeper that reads it refuses), with the failsafe address it published.
+/// The keepers a master must hear from: every other keeper that hosts a db in `cd` (in
+/// failsafe mode the sentinel elects only a db the master reported from a clusterdata it
+/// held, and db uids are never reused, so any electable db is in `cd`), with the failsafe
+/// address it published.
 pub fn peers(cd: &ClusterData, master_keeper: &str) -> BTreeMap<String, Option<String>> {
     cd.dbs
         .values()

@@ -92,9 +92,12 @@ async fn an_acknowledgement_is_a_promise_and_a_refusal_is_none() {
     );
     assert!(st.promised_at(Instant::now()));
     drop(st);
-    let k2b = state("k2", cd(""), 11, None);
+    // A newer revision that names another master: refused.
+    let mut elected = cd("");
+    elected.cluster.status.master = "d2".into();
+    let k2b = state("k2", elected, 11, None);
     let r = answer(&k2b, "/failsafe/ack", q).expect("answered");
-    assert!(r.is_err_and(|b| b.contains("newer clusterdata")));
+    assert!(r.is_err_and(|b| b.contains("revision 11 names db") && b.contains("d2")));
     assert!(
         k2b.lock().expect("lock").promised.is_none(),
         "no promise on a refusal"
@@ -108,8 +111,9 @@ async fn an_acknowledgement_is_a_promise_and_a_refusal_is_none() {
 }
 
 /// The master asks its peer once its store contact is stale, holds while the peer says
-/// yes (re-arming the watchdog), confirms to a proxy only while holding, and the hold
-/// lapses once the peer has read a newer clusterdata.
+/// yes (re-arming the watchdog), confirms to a proxy only while holding, holds on while the
+/// peer has read a newer clusterdata naming it but cannot reach the store either, and the
+/// hold lapses once the store answers the peer.
 #[tokio::test]
 async fn the_master_holds_while_its_peer_acknowledges_and_not_after() {
     let k2 = state("k2", cd(""), 10, None);
@@ -117,7 +121,15 @@ async fn the_master_holds_while_its_peer_acknowledges_and_not_after() {
     let k1 = state("k1", cd(&addr), 10, Some("d1"));
     k1.lock().expect("lock").store_ack = Some(Instant::now());
     let confirm = || answer(&k1, "/failsafe/confirm", "db=d1").expect("answered");
-    assert!(confirm().is_err(), "store contact fresh: not holding yet");
+    // Not holding, but its store contact is fresh: confirmed to its own store deadline.
+    let body = confirm().expect("confirmed on the store contact");
+    let left: u64 = serde_json::from_str::<serde_json::Value>(&body).expect("json")["remaining_ms"]
+        .as_u64()
+        .expect("remaining_ms");
+    assert!(
+        left > 500 && left <= 1000,
+        "the fence window, 1 s here: {left}"
+    );
     let armed = Arc::new(Mutex::new(Vec::<Duration>::new()));
     let a = armed.clone();
     let arm = move |d: Duration| {
@@ -142,8 +154,32 @@ async fn the_master_holds_while_its_peer_acknowledges_and_not_after() {
     let report = k1.lock().expect("lock").report(Instant::now()).expect("on");
     assert_eq!((report.acks, report.peers), (1, 1));
     assert!(!report.held_since.is_empty());
-    // The peer reads a newer clusterdata: it refuses, and the hold runs out.
-    k2.lock().expect("lock").revision = 11;
+    // From here on the master's own store contact is old: only the hold confirms.
+    k1.lock().expect("lock").store_ack = Instant::now().checked_sub(Duration::from_secs(10));
+    // The peer reads a newer clusterdata that names the same master, and the store is out
+    // for it too (no store contact at all here, a probe went unanswered): it goes on
+    // acknowledging, a fresh promise after the change.
+    let before = {
+        let mut st = k2.lock().expect("lock");
+        st.revision = 11;
+        st.probe_unanswered = Some(Instant::now());
+        st.promised.clone().expect("promised").1
+    };
+    wait_for(Duration::from_secs(5), || {
+        let st = k2.lock().expect("lock");
+        st.promised
+            .as_ref()
+            .is_some_and(|(_, until)| *until > before)
+    })
+    .await;
+    assert!(holding(), "still holding at a newer revision naming it");
+    assert!(
+        k2.lock().expect("lock").probe_until.is_some(),
+        "asked with an older revision, the peer probes the store"
+    );
+    // The store answers the peer: the master alone is cut off. It refuses, and the hold
+    // runs out.
+    k2.lock().expect("lock").store_probe_ok = Some(Instant::now() + Duration::from_secs(3600));
     wait_for(Duration::from_secs(5), || !holding()).await;
     assert!(confirm().is_err());
     stop.cancel();
@@ -209,4 +245,47 @@ async fn no_hold_before_the_sentinel_recorded_the_masters_dbs() {
         "the master reports its clusterdata's dbs"
     );
     stop_server.cancel();
+}
+
+/// A keeper asked with an older revision than it read refuses until a store probe went
+/// unanswered, then acknowledges; once a probe is answered it refuses again.
+#[tokio::test]
+async fn a_keeper_asked_with_an_older_revision_probes_the_store() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let k2 = state("k2", cd(""), 11, None);
+    let q = "cluster=c&db=d1&rev=10&valid=500";
+    assert!(k2.lock().expect("lock").probe_until.is_none());
+    // Silent, but not probed yet: refused, and the prober is started.
+    let r = answer(&k2, "/failsafe/ack", q).expect("answered");
+    assert!(r.is_err_and(|b| b.contains("not found the store out")));
+    assert!(k2.lock().expect("lock").probe_until.is_some());
+    let answers = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (a, p) = (answers.clone(), probes.clone());
+    let task = tokio::spawn(probe_store(
+        k2.clone(),
+        move || {
+            p.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(a.load(Ordering::SeqCst))
+        },
+        stop.clone(),
+    ));
+    // An unanswered probe, its bound past: the store is out for it too, it acknowledges.
+    wait_for(Duration::from_secs(5), || {
+        answer(&k2, "/failsafe/ack", q).is_some_and(|r| r.is_ok())
+    })
+    .await;
+    assert!(probes.load(Ordering::SeqCst) >= 1);
+    assert!(k2.lock().expect("lock").store_probe_ok.is_none());
+    // The store answers: the next ask is refused.
+    answers.store(true, Ordering::SeqCst);
+    wait_for(Duration::from_secs(5), || {
+        k2.lock().expect("lock").store_probe_ok.is_some()
+    })
+    .await;
+    let r = answer(&k2, "/failsafe/ack", q).expect("answered");
+    assert!(r.is_err_and(|b| b.contains("not found the store out")));
+    stop.cancel();
+    task.await.expect("task");
 }

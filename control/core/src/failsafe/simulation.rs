@@ -244,6 +244,8 @@ impl Sim {
                 cd: Some(&pcd),
                 revision: pk.rev,
                 runs_primary: pk.master,
+                // The model's store contact is all or nothing at each step.
+                store_quiet: !pk.store_ok || self.store_down,
             };
             if acknowledge(&view, &req).is_ok() {
                 let pnow = pk.local(self.t);

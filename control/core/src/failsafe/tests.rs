@@ -58,12 +58,17 @@ fn acknowledgements_by_what_the_keeper_knows() {
             cd,
             revision: rev,
             runs_primary: primary,
+            store_quiet: false,
         }
+    };
+    let quiet = |v: AckerView<'static>| AckerView {
+        store_quiet: true,
+        ..v
     };
     let on: &'static ClusterData = Box::leak(Box::new(on));
     let off: &'static ClusterData = Box::leak(Box::new(off));
     let other: &'static ClusterData = Box::leak(Box::new(other));
-    let rows: [(&str, AckerView<'static>, AckRequest, bool); 9] = [
+    let rows: [(&str, AckerView<'static>, AckRequest, bool); 11] = [
         (
             "same revision, same master",
             view(Some(on), "k2", 10, false),
@@ -77,9 +82,21 @@ fn acknowledgements_by_what_the_keeper_knows() {
             true,
         ),
         (
-            "a newer revision read",
+            "a newer revision read that names the same master, the store answering it",
             view(Some(on), "k2", 11, false),
             req("d1", 10),
+            false,
+        ),
+        (
+            "a newer revision read that names the same master, the store out for it too",
+            quiet(view(Some(on), "k2", 11, false)),
+            req("d1", 10),
+            true,
+        ),
+        (
+            "a newer revision read that names another master, the store out for it too",
+            quiet(view(Some(on), "k2", 11, false)),
+            req("d2", 10),
             false,
         ),
         (
