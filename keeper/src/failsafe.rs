@@ -1,12 +1,15 @@
 //! Failsafe mode in the keeper (spec `failsafeMode`; the rules are `control::failsafe`, the
 //! ordering argument docs/design.md "Failsafe mode"):
 //! - every keeper answers `/failsafe/ack` on its metrics listener: a yes is a promise not to
-//!   act as a master for `Timing::promise`, which the loop's plan honours;
+//!   act as a master for `Timing::promise`, which the loop's plan honours; asked with an
+//!   older revision than it read, it probes the store (`probe_store`) to tell a master cut
+//!   off alone from a store that is out for everyone;
 //! - a master whose store contact is going stale (or that a proxy asked for confirmation)
 //!   asks every peer each `Timing::ask_every`; while every peer's yes is valid it holds:
 //!   its fence deadline and the watchdog's move to the hold's end;
 //! - `/failsafe/confirm?db=D` tells a proxy cut from the store how long the master of D
-//!   holds, so it may route there until then.
+//!   will take writes (the later of its hold's end and its own store-contact deadline), so
+//!   it may route there until then.
 
 use control::failsafe::{acknowledge, hold_until, peers, AckRequest, AckerView, Timing};
 use control::model::{ClusterData, FailsafeReport};
@@ -323,6 +326,14 @@ async fn ask_peers(ask: &Ask) -> (Vec<String>, Vec<(String, String)>) {
     (yes, no)
 }
 
+/// How often both sides act: the failsafe timing's `ask_every` for the newest clusterdata
+/// read (250 ms before the first).
+fn ask_every(state: &Shared) -> Duration {
+    (state.lock().ok())
+        .and_then(|st| st.timing())
+        .map_or(Duration::from_millis(250), |t| t.ask_every)
+}
+
 /// The asked keeper's side: while a master asks it with an older revision than it has
 /// read, reads the store every `ask_every` (each read bounded by it) so that
 /// `State::store_quiet` tells a store that still answers this keeper (the master alone is
@@ -336,9 +347,7 @@ where
         return;
     };
     loop {
-        let every = (state.lock().ok())
-            .and_then(|st| st.timing())
-            .map_or(Duration::from_millis(250), |t| t.ask_every);
+        let every = ask_every(&state);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
@@ -372,12 +381,9 @@ where
     // The peers refusing in the last round (their reasons are logged when this changes).
     let mut refusing: Vec<String> = Vec::new();
     loop {
-        let every = (state.lock().ok())
-            .and_then(|st| st.timing())
-            .map_or(Duration::from_millis(250), |t| t.ask_every);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(ask_every(&state)) => {}
         }
         let Some(ask) = (state.lock().ok()).and_then(|mut st| next_ask(&mut st, Instant::now()))
         else {
