@@ -33,9 +33,9 @@ pub struct KeeperMetrics {
     pub last_sync_success: F64Gauge,
     pub sleep_interval: F64Gauge,
     pub shutdown: F64Gauge,
-    /// Ours: the store revision of the newest clusterdata the loop has read (0 before
-    /// the first), so an operator sees a keeper that lags the store's; failsafe
-    /// acknowledgements compare it.
+    /// Ours: the store revision of the clusterdata the loop's last round planned on (0
+    /// before the first), so an operator sees a keeper that lags the store's. Failsafe
+    /// acknowledgements compare the watch's newest, which may be a moment ahead of it.
     pub clusterdata_revision: Gauge,
     /// Ours, failsafe mode: holding on the peers' acknowledgements (0/1), how many of them
     /// acknowledge now out of how many the hold needs, and whether this keeper promised to
