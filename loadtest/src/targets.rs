@@ -61,8 +61,13 @@ fn wait_port(port: u16, child: &mut ChildGuard, what: &str) -> Result<()> {
 
 /// The stolon-proxy binary next to this one (cargo puts both in target/<profile>/).
 pub fn proxy_binary() -> Result<PathBuf> {
+    build_binary("stolon-proxy")
+}
+
+/// `name` beside this binary (a build of stolon-proxy kept for an A/B, or the current one).
+fn build_binary(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
-    let p = me.with_file_name("stolon-proxy");
+    let p = me.with_file_name(name);
     if !p.exists() {
         bail!(
             "{} not found: build it first (cargo build --release --workspace)",
@@ -95,7 +100,14 @@ pub fn stolon_proxy(
 ) -> Result<Target> {
     let port = free_port();
     let log = std::fs::File::create(log_dir.join(format!("{uid}.log")))?;
-    let mut cmd = Command::new(proxy_binary()?);
+    let full_spec = spec;
+    // An `@NAME` suffix (after every other) runs the build `stolon-proxy-NAME` kept beside
+    // this binary: an A/B of two builds in one run.
+    let (spec, binary) = match spec.rsplit_once('@') {
+        Some((core, name)) => (core, build_binary(&format!("stolon-proxy-{name}"))?),
+        None => (spec, proxy_binary()?),
+    };
+    let mut cmd = Command::new(binary);
     // `engine:threads` pins the relay thread count (default: one per core); a `+no-drain`
     // suffix runs it with `--drain-timeout 0` (no transaction tracking), `+terminate` with
     // the proxy's own TLS and authentication (`terminate_flags`); suffixes in that order,
@@ -154,7 +166,7 @@ pub fn stolon_proxy(
         bail!("{e}; its log:\n{log}");
     }
     Ok(Target {
-        name: format!("stolon-{spec}{}", if terminate { "+terminate" } else { "" }),
+        name: format!("stolon-{full_spec}"),
         port: port.0,
         pid: Some(child.pid()),
         _guard: Some(child),

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod migrate;
 pub mod peers;
+pub mod pipe;
 pub mod protocol;
 pub mod relay;
 pub mod route;

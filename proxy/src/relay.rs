@@ -1,16 +1,14 @@
-//! The byte relay between a client and its master. Readiness-driven: a session holds no
-//! buffer while idle. Each read goes into a per-thread buffer and is written straight on;
-//! only bytes the destination cannot take yet are copied into a buffer the session owns
-//! until they are written. Half-closes are passed on, and the route's token severs both
-//! sockets at once.
+//! The session state machine around the byte loops (`pipe`): both directions, half-closes
+//! passed on, the route's token severing both sockets at once, and a planned switchover's
+//! drain to the session's next transaction boundary.
 
 use crate::metrics::{Direction, Metrics};
+use crate::pipe::{has_unread, pipe, Tcp};
 use crate::txstate::TxState;
 use futures::task::AtomicWaker;
 use futures::FutureExt;
-use std::cell::RefCell;
 use std::future::Future;
-use std::io::{self, ErrorKind, Read};
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::pin::Pin;
@@ -18,19 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// Large enough that a big result set or COPY moves in few syscalls.
-const READ_BUF: usize = 64 * 1024;
 /// Flush byte counts to the shared metrics every this many bytes (and at the end), so
 /// the hot path does not touch shared atomics on every read.
 pub(crate) const METRIC_FLUSH: u64 = 1 << 20;
-
-thread_local! {
-    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
-}
 
 #[derive(Debug)]
 pub enum End {
@@ -204,8 +196,56 @@ pub async fn relay(
     drain: Option<Drain<'_>>,
     metrics: &Metrics,
 ) -> End {
-    let c2s = pipe(client, server, metrics, Direction::ClientToServer, drain);
-    let s2c = pipe(server, client, metrics, Direction::ServerToClient, drain);
+    let halves = ((Tcp(client), Tcp(client)), (Tcp(server), Tcp(server)));
+    both_ways(halves, (client, server), token, drain, metrics).await
+}
+
+/// `relay` over streams either of which may be TLS: the same loop, through the streams'
+/// own reading and writing. `fds` are the client's and the server's sockets (duplicates:
+/// a TLS stream owns its socket).
+pub(crate) async fn relay_streams(
+    client: &mut crate::stream::Stream,
+    server: &mut crate::stream::Stream,
+    fds: (&std::os::fd::OwnedFd, &std::os::fd::OwnedFd),
+    token: &CancellationToken,
+    drain: Option<Drain<'_>>,
+    metrics: &Metrics,
+) -> End {
+    let halves = (tokio::io::split(client), tokio::io::split(server));
+    both_ways(halves, fds, token, drain, metrics).await
+}
+
+/// Both directions of a session, each through the one byte loop (`pipe`) from a side's
+/// read half to the other's write half, under the session state machine (`drive`).
+async fn both_ways<CR, CW, SR, SW>(
+    ((mut cr, mut cw), (mut sr, mut sw)): ((CR, CW), (SR, SW)),
+    (client, server): (&impl AsFd, &impl AsFd),
+    token: &CancellationToken,
+    drain: Option<Drain<'_>>,
+    metrics: &Metrics,
+) -> End
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let c2s = pipe(
+        &mut cr,
+        &mut sw,
+        client,
+        metrics,
+        Direction::ClientToServer,
+        drain,
+    );
+    let s2c = pipe(
+        &mut sr,
+        &mut cw,
+        client,
+        metrics,
+        Direction::ServerToClient,
+        drain,
+    );
     drive(c2s, s2c, client, server, token, drain).await
 }
 
@@ -368,137 +408,6 @@ async fn wait_signal(signal: Option<&CancellationToken>) {
         Some(s) => s.cancelled().await,
         None => std::future::pending().await,
     }
-}
-
-/// Copies `src` to `dst` until EOF on `src`, or (server to client, with `drain`) until a
-/// chunk leaves the session between transactions while draining.
-async fn pipe(
-    src: &TcpStream,
-    dst: &TcpStream,
-    metrics: &Metrics,
-    direction: Direction,
-    drain: Option<Drain<'_>>,
-) -> io::Result<Stop> {
-    let mut unflushed = 0u64;
-    let mut pending: Vec<u8> = Vec::new();
-    let mut lost = false;
-    let result = loop {
-        if let Err(e) = src.readable().await {
-            break Err(e);
-        }
-        let step = BUF.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let n = match read_once(src, &mut buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Some(0)),
-                Err(e) => return Err(e),
-            };
-            // With a server's unasked error in it, only what comes before it goes on.
-            let mut upto = n;
-            if let Some(d) = drain {
-                d.feed(direction, &buf[..n]);
-                if direction == Direction::ServerToClient {
-                    if let Some(from) = d.hold_if_lost(&buf[..n]) {
-                        (upto, lost) = (from, true);
-                    }
-                }
-            }
-            let mut off = 0;
-            while off < upto {
-                match dst.try_write(&buf[off..upto]) {
-                    Ok(w) => off += w,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            if off < upto {
-                pending.extend_from_slice(&buf[off..upto]);
-            }
-            Ok(Some(n))
-        });
-        match step {
-            Ok(None) => break Ok(Stop::Eof),
-            Ok(Some(n)) => unflushed += n as u64,
-            Err(e) => break Err(e),
-        }
-        if !pending.is_empty() {
-            if let Err(e) = write_pending(dst, &mut pending).await {
-                break Err(e);
-            }
-            // Give the memory back: an idle session keeps no buffer.
-            pending = Vec::new();
-        }
-        if lost {
-            break Ok(Stop::Lost);
-        }
-        if direction == Direction::ServerToClient {
-            if let Some(stop) = drain.and_then(|d| d.stop_after_chunk()) {
-                if !has_unread(dst) {
-                    break Ok(stop);
-                }
-            }
-        }
-        if unflushed >= METRIC_FLUSH {
-            metrics.add_bytes(direction, unflushed);
-            unflushed = 0;
-        }
-    };
-    metrics.add_bytes(direction, unflushed);
-    result
-}
-
-/// Whether the client has sent bytes the relay has not read yet (still in the socket's
-/// receive queue): a drain must not close a session whose next request is on its way. The
-/// relay's reads and the drain's checks run in one task, so on a busy machine a check can
-/// come after the client sent and before the read; without this, the close crossed the
-/// request and the client saw a failed transaction. One syscall, at a drain's close only.
-pub(crate) fn has_unread(sock: &impl AsFd) -> bool {
-    use nix::sys::socket::{recv, MsgFlags};
-    use std::os::fd::AsRawFd;
-    let mut byte = [0u8; 1];
-    let fd = sock.as_fd().as_raw_fd();
-    matches!(
-        recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
-        Ok(n) if n > 0
-    )
-}
-
-/// One read. A read shorter than the buffer emptied the socket's receive queue, so the
-/// readiness is cleared at once instead of by a second read that returns EAGAIN: one
-/// syscall less per message in each direction. Safe with edge-triggered epoll: bytes that
-/// arrive after the read raise a new event, and tokio does not clear readiness an event
-/// newer than the read has set (tokio's own `poll_read` does the same).
-fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = None;
-    let r = src.try_io(Interest::READABLE, || {
-        let sock = socket2::SockRef::from(src);
-        let n = (&*sock).read(buf)?;
-        if n > 0 && n < buf.len() {
-            got = Some(n);
-            return Err(ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (r, got) {
-        (_, Some(n)) => Ok(n),
-        (r, None) => r,
-    }
-}
-
-/// Writes all of `pending` (emptied) to `dst`.
-pub async fn write_pending(dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result<()> {
-    let mut off = 0;
-    while off < pending.len() {
-        dst.writable().await?;
-        match dst.try_write(&pending[off..]) {
-            Ok(w) => off += w,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    pending.clear();
-    Ok(())
 }
 
 #[cfg(test)]
@@ -737,32 +646,6 @@ mod tests {
     }
 
     #[test]
-    fn unread_bytes_are_seen_without_being_consumed() {
-        use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut client =
-            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (mut proxied, _) = listener.accept().expect("accept");
-        assert!(!has_unread(&proxied), "nothing sent yet");
-        client.write_all(b"Q").expect("send");
-        let mut seen = false;
-        for _ in 0..1000 {
-            if has_unread(&proxied) {
-                seen = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(seen, "the queued byte is seen");
-        let mut b = [0u8; 1];
-        proxied.read_exact(&mut b).expect("still there to read");
-        assert_eq!(&b, b"Q");
-        assert!(!has_unread(&proxied), "read: nothing left");
-        drop(client);
-        assert!(!has_unread(&proxied), "end of stream is not a request");
-    }
-
-    #[test]
     fn without_the_signal_nothing_is_due() {
         let signal = CancellationToken::new();
         let tx = idle_session();
@@ -777,3 +660,7 @@ mod tests {
         assert!(d.stop_after_chunk().is_none());
     }
 }
+
+#[cfg(test)]
+#[path = "relay_tls_tests.rs"]
+mod tls_tests;

@@ -234,7 +234,7 @@ async fn relay_once(
                     tx,
                     movable,
                 });
-                crate::terminate::relay_streams(c, s, (&cfd, &sfd), token, d, metrics).await
+                crate::relay::relay_streams(c, s, (&cfd, &sfd), token, d, metrics).await
             })
             .await;
             (reason, Some(client), Some(server))

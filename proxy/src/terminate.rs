@@ -3,18 +3,15 @@
 //! boundaries as in a plaintext session. To the servers it speaks `--server-sslmode`.
 
 use crate::conn::{reject, Next, Reject};
-use crate::metrics::{CloseReason, Direction, Metrics};
+use crate::metrics::CloseReason;
 use crate::protocol::{self, sqlstate, Startup};
-use crate::relay::{drive, End, Stop};
 use crate::stream::Stream;
 use crate::tls::{ServerSslMode, Terminate};
 use std::io::{self, ErrorKind};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 /// Terminate mode: the client's TLS is settled first (within the startup timeout), then the
 /// session takes the common path over the resulting stream.
@@ -249,109 +246,6 @@ pub(crate) async fn to_server(
             "timed out in the TLS handshake with {what}"
         ))),
     }
-}
-
-/// Bytes read at a time: a TLS record's most plaintext.
-const STREAM_BUF: usize = 16 * 1024;
-
-/// Relays two streams until both directions end, an error, `token`, or the drain (as
-/// `relay::relay` does for plain sockets). `fds` are the client's and the server's sockets.
-pub(crate) async fn relay_streams(
-    client: &mut Stream,
-    server: &mut Stream,
-    fds: (&OwnedFd, &OwnedFd),
-    token: &CancellationToken,
-    drain: Option<crate::relay::Drain<'_>>,
-    metrics: &Metrics,
-) -> End {
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut sr, mut sw) = tokio::io::split(server);
-    let c2s = pipe(
-        &mut cr,
-        &mut sw,
-        fds.0,
-        metrics,
-        Direction::ClientToServer,
-        drain,
-    );
-    let s2c = pipe(
-        &mut sr,
-        &mut cw,
-        fds.0,
-        metrics,
-        Direction::ServerToClient,
-        drain,
-    );
-    drive(c2s, s2c, fds.0, fds.1, token, drain).await
-}
-
-/// Copies `src` to `dst` until EOF (passed on as a shutdown: TLS's close_notify), or, server
-/// to client while draining, until a chunk leaves the session between transactions and the
-/// client (`client_fd`) has nothing unread.
-async fn pipe<R, W>(
-    src: &mut R,
-    dst: &mut W,
-    client_fd: &OwnedFd,
-    metrics: &Metrics,
-    direction: Direction,
-    drain: Option<crate::relay::Drain<'_>>,
-) -> io::Result<Stop>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; STREAM_BUF];
-    let mut unflushed = 0u64;
-    let result = loop {
-        let n = match src.read(&mut buf).await {
-            Ok(0) => break Ok(Stop::Eof),
-            Ok(n) => n,
-            // libpq closes its socket without TLS's close_notify: the session has ended as
-            // surely as with one.
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => break Ok(Stop::Eof),
-            Err(e) => break Err(e),
-        };
-        // With a server's unasked error in it, only what comes before it goes on.
-        let mut upto = n;
-        let mut lost = false;
-        if let Some(d) = drain {
-            d.feed(direction, &buf[..n]);
-            if direction == Direction::ServerToClient {
-                if let Some(from) = d.hold_if_lost(&buf[..n]) {
-                    (upto, lost) = (from, true);
-                }
-            }
-        }
-        let written = async {
-            dst.write_all(&buf[..upto]).await?;
-            dst.flush().await
-        };
-        if let Err(e) = written.await {
-            break Err(e);
-        }
-        if lost {
-            break Ok(Stop::Lost);
-        }
-        unflushed += n as u64;
-        if direction == Direction::ServerToClient {
-            if let Some(stop) = drain.and_then(|d| d.stop_after_chunk()) {
-                if !crate::relay::has_unread(client_fd) {
-                    break Ok(stop);
-                }
-            }
-        }
-        if unflushed >= crate::relay::METRIC_FLUSH {
-            metrics.add_bytes(direction, unflushed);
-            unflushed = 0;
-        }
-    };
-    // A movable session's client is not told its server's end: it may move.
-    let keep = direction == Direction::ServerToClient && drain.is_some_and(|d| d.movable);
-    if matches!(result, Ok(Stop::Eof)) && !keep {
-        let _ = dst.shutdown().await;
-    }
-    metrics.add_bytes(direction, unflushed);
-    result
 }
 
 /// Closes a drained session as a PostgreSQL shutting down closes an idle one: FATAL 57P01

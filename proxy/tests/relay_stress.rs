@@ -74,8 +74,10 @@ async fn no_stall_on_a_multi_thread_runtime() {
     ping_pong(16, 2000).await;
 }
 
-/// Bulk transfer both ways at once, bigger than the relay's read buffer, in odd-sized
-/// writes: every byte arrives, in order, through full reads and short ones alike.
+/// Bulk transfer both ways, bigger than the relay's read buffer, in odd-sized writes:
+/// every byte arrives, in order, through full reads and short ones alike. The client reads
+/// only once it has sent everything, through small socket buffers, so the relay's writes to
+/// it are held back and wait in the session's buffer.
 #[tokio::test(flavor = "current_thread")]
 async fn bulk_both_ways_arrives_intact() {
     const LEN: usize = 3 * 1024 * 1024 + 17;
@@ -103,10 +105,16 @@ async fn bulk_both_ways_arrives_intact() {
     });
     tokio::spawn(async move {
         let (c, _) = front.accept().await.expect("accept");
+        socket2::SockRef::from(&c)
+            .set_send_buffer_size(16 * 1024)
+            .expect("sndbuf");
         let s = TcpStream::connect(baddr).await.expect("backend");
         let _ = relay(&c, &s, &CancellationToken::new(), None, &Metrics::default()).await;
     });
     let c = TcpStream::connect(faddr).await.expect("client");
+    socket2::SockRef::from(&c)
+        .set_recv_buffer_size(16 * 1024)
+        .expect("rcvbuf");
     let (mut r, mut w) = c.into_split();
     let d = data.clone();
     let send = async move {
@@ -115,8 +123,9 @@ async fn bulk_both_ways_arrives_intact() {
         }
         w.shutdown().await.expect("client shutdown");
     };
-    let (_, from_server) = tokio::time::timeout(Duration::from_secs(60), async {
-        tokio::join!(send, read_all(&mut r))
+    let from_server = tokio::time::timeout(Duration::from_secs(60), async {
+        send.await;
+        read_all(&mut r).await
     })
     .await
     .expect("the transfer stalled");
