@@ -170,6 +170,10 @@ enum Cmd {
         /// Where swarm.json, swarm.md and swarm.svg go
         #[arg(long, default_value = "bench-results/swarm")]
         out_dir: std::path::PathBuf,
+        /// Run every proxy at this nice value (a diagnostic: sidecars on hosts of their
+        /// own do not take the cluster's CPU; here they share its two cores)
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        proxy_nice: i32,
     },
     /// An etcd round trip (a compare-and-swap txn and a read) through the daemons' store
     /// client and through etcd-client's stock connection, alternating call by call against
@@ -271,6 +275,7 @@ fn main() -> anyhow::Result<()> {
             freeze,
             spec,
             out_dir,
+            proxy_nice,
         } => swarm::run(&swarm::Options {
             proxies,
             switchovers,
@@ -281,6 +286,7 @@ fn main() -> anyhow::Result<()> {
             freeze,
             spec,
             out_dir,
+            proxy_nice,
         }),
         Cmd::Store {
             calls,

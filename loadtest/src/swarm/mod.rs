@@ -50,6 +50,8 @@ pub struct Options {
     /// Spec keys over the e2e suite's timings.
     pub spec: serde_json::Value,
     pub out_dir: PathBuf,
+    /// The nice value every proxy runs at (0: as the cluster).
+    pub proxy_nice: i32,
 }
 
 /// Writes flow this long before a change (the gap is measured from the last commit).
@@ -114,6 +116,9 @@ async fn run_async(opts: &Options) -> Result<()> {
     for &n in &sizes {
         let grown = Instant::now();
         s.grow(n).await?;
+        if opts.proxy_nice != 0 {
+            s.renice(opts.proxy_nice)?;
+        }
         eprintln!(
             "{n} proxies routing ({:.1} s to grow)",
             grown.elapsed().as_secs_f64()
@@ -283,6 +288,27 @@ impl Swarm {
             .collect();
         if let Ok(mut e) = self.endpoints.write() {
             *e = eps;
+        }
+        Ok(())
+    }
+
+    /// Sets every proxy thread's nice value (`renice`, util-linux; on Linux a nice value
+    /// is a thread's, so each of /proc/PID/task).
+    fn renice(&self, nice: i32) -> Result<()> {
+        let mut pids = Vec::new();
+        for m in &self.members {
+            for task in std::fs::read_dir(format!("/proc/{}/task", m.pid))? {
+                pids.push(task?.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let status = std::process::Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p"])
+            .args(&pids)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("renice")?;
+        if !status.success() {
+            bail!("renice -n {nice} failed: {status}");
         }
         Ok(())
     }
