@@ -70,7 +70,7 @@ fn build_binary(name: &str) -> Result<PathBuf> {
     let p = me.with_file_name(name);
     if !p.exists() {
         bail!(
-            "{} not found: build it first (cargo build --release --workspace)",
+            "{} not found: build it first (cargo build --release --workspace; for an `@NAME` A/B, copy a build of stolon-proxy there)",
             p.display()
         );
     }

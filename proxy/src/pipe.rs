@@ -41,8 +41,8 @@ where
     let mut unflushed = 0u64;
     let mut pending: Vec<u8> = Vec::new();
     let result = loop {
-        let step = std::future::poll_fn(|cx| step(cx, src, dst, &mut pending, direction, drain));
-        let (n, lost) = match step.await {
+        let chunk = std::future::poll_fn(|cx| step(cx, src, dst, &mut pending, direction, drain));
+        let (n, lost) = match chunk.await {
             Ok(Some(step)) => step,
             Ok(None) => break Ok(Stop::Eof),
             // libpq closes its socket without TLS's close_notify: the session has ended as
@@ -177,9 +177,10 @@ impl AsyncWrite for Tcp<'_> {
         Poll::Ready(Ok(()))
     }
 
-    /// The half-close: the peer reads EOF, and its answer can still come back.
+    /// Nothing: the session state machine (`relay::drive`) half-closes the socket itself
+    /// when a direction ends, for plain and TLS sides alike (a TLS side's shutdown only
+    /// adds its close_notify before that).
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let _ = socket2::SockRef::from(self.0).shutdown(std::net::Shutdown::Write);
         Poll::Ready(Ok(()))
     }
 }

@@ -1,6 +1,7 @@
 //! The relay over TLS on both sides (a terminated client, a server reached over TLS): the
-//! same byte loop as plain sockets, through the streams' own reading and writing, so bytes
-//! a TLS writer could not take at once wait in the session's buffer and are flushed.
+//! same byte loop as plain sockets, through the streams' own reading and writing. Bytes a
+//! full client socket cannot take at once wait in the TLS writer (rustls takes a whole
+//! chunk) and must be flushed.
 
 use super::*;
 use crate::stream::Stream;
