@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod peers;
 pub mod pipe;
+pub mod placement;
 pub mod protocol;
 pub mod relay;
 pub mod route;

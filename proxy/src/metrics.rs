@@ -65,6 +65,8 @@ pub struct DirectionLabel {
 pub struct Metrics {
     pub accepted: Counter,
     pub active: Gauge,
+    /// Sessions on each relay thread (see `placement`).
+    pub relay_sessions: Family<ThreadLabel, Gauge>,
     pub closed: Family<ReasonLabel, Counter>,
     pub generation: Gauge,
     pub routing: Gauge,
@@ -128,6 +130,13 @@ impl std::ops::Deref for HeldSeconds {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThreadLabel {
+    /// The listener's address (the read-write and the read-only one have threads each).
+    pub listener: String,
+    pub thread: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -142,6 +151,11 @@ impl Metrics {
             self.accepted.clone(),
         );
         r.register("sessions_active", "Sessions open now", self.active.clone());
+        r.register(
+            "relay_thread_sessions",
+            "Sessions open now on each relay thread, by listener",
+            self.relay_sessions.clone(),
+        );
         r.register(
             "sessions_closed",
             "Sessions closed, by reason",

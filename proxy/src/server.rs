@@ -1,17 +1,20 @@
-//! Listeners and the relay engine: one current-thread runtime per relay thread, each with
-//! its own SO_REUSEPORT listener, so both sockets of a session stay on one thread and no task
-//! ever migrates. Listeners open only while discovery says so (after the first store read;
-//! closed while fenced with --stop-listening). Connections over the limit get 53300.
+//! Listeners and the relay engine: one current-thread runtime per relay thread. The first
+//! thread accepts and places each session on a thread (`placement`: it fills itself first);
+//! a session placed elsewhere is handed over as a socket before anything is read, so both
+//! its sockets stay on one thread and no task ever migrates. The listener opens only while
+//! discovery says so (after the first store read; closed while fenced with
+//! --stop-listening). Connections over the limit get 53300.
 
 use crate::conn::{self, Ctx};
 use crate::metrics::CloseReason;
+use crate::placement::{Seat, Seats};
 use crate::protocol::sqlstate;
 use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,7 +25,7 @@ use tokio_util::task::TaskTracker;
 pub enum Engine {
     /// The only engine: tokio-tpc.
     Auto,
-    /// A current-thread tokio runtime per core with SO_REUSEPORT listeners.
+    /// A current-thread tokio runtime per relay thread, one accepting for all.
     TokioTpc,
     /// Removed (relays as tokio-tpc).
     #[value(hide = true)]
@@ -46,6 +49,8 @@ pub struct Listen {
     pub addr: SocketAddr,
     pub engine: Engine,
     pub threads: usize,
+    /// Sessions the first relay thread takes before the others share new ones.
+    pub fill: usize,
     /// How long SIGTERM waits for sessions to end.
     pub grace: Duration,
 }
@@ -60,12 +65,9 @@ pub struct Shared {
     pub stop_accepting: CancellationToken,
 }
 
-fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
-    if reuse_port {
-        sock.set_reuse_port(true)?;
-    }
     sock.set_nonblocking(true)?;
     sock.set_nodelay(true)?;
     sock.bind(&addr.into())?;
@@ -75,9 +77,8 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
 
 /// Starts the engine's threads; each returns when accepting stopped and its sessions
 /// drained (or the grace period ran out).
-/// Fails if something already listens on `addr`. The per-core listeners use SO_REUSEPORT,
-/// which would otherwise silently share the port with any other process of the same user
-/// that listens with it too (an old proxy, an HAProxy), splitting the clients between them.
+/// Fails if something already listens on `addr`, with SO_REUSEPORT too (an old proxy, an
+/// HAProxy), rather than fail later or split the clients with it.
 pub fn check_port_free(addr: SocketAddr) -> std::io::Result<()> {
     match std::net::TcpListener::bind(addr) {
         Ok(probe) => {
@@ -97,10 +98,21 @@ pub fn start(
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     check_port_free(listen.addr)?;
     let engine = listen.engine.resolve();
-    tracing::info!(?engine, threads = listen.threads, addr = %listen.addr, "relay engine");
-    let mut handles = Vec::new();
+    let threads = listen.threads.max(1);
+    tracing::info!(?engine, threads, fill = listen.fill, addr = %listen.addr, "relay engine");
+    let seats = Seats::new(
+        threads,
+        listen.fill,
+        &shared.ctx.metrics,
+        &listen.addr.to_string(),
+    );
+    let (handoffs, inboxes): (Vec<_>, Vec<_>) =
+        (1..threads).map(|_| mpsc::unbounded_channel()).unzip();
+    let mut work = vec![Work::Accept(Dispatch { seats, handoffs })];
+    work.extend(inboxes.into_iter().map(Work::Receive));
     let (addr, grace) = (listen.addr, listen.grace);
-    for i in 0..listen.threads.max(1) {
+    let mut handles = Vec::new();
+    for (i, work) in work.into_iter().enumerate() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -108,21 +120,78 @@ pub fn start(
         handles.push(
             std::thread::Builder::new()
                 .name(format!("relay-{i}"))
-                .spawn(move || rt.block_on(run_listener(addr, shared, grace)))?,
+                .spawn(move || rt.block_on(run_thread(addr, shared, grace, work)))?,
         );
     }
     Ok(handles)
 }
 
-async fn run_listener(addr: SocketAddr, shared: Arc<Shared>, grace: Duration) {
+/// What a relay thread does besides relaying its sessions.
+enum Work {
+    /// Accept every connection and place it (the first thread).
+    Accept(Dispatch),
+    /// Take the sessions the first thread hands over.
+    Receive(mpsc::UnboundedReceiver<Handoff>),
+}
+
+/// A connection placed on another thread: its socket, out of the accepting thread's
+/// reactor, and its seat there.
+type Handoff = (std::net::TcpStream, Seat);
+
+struct Dispatch {
+    seats: Arc<Seats>,
+    /// To threads 1.. (the first relays its own).
+    handoffs: Vec<mpsc::UnboundedSender<Handoff>>,
+}
+
+impl Dispatch {
+    fn place(&self, sock: TcpStream, shared: &Shared, tracker: &TaskTracker) {
+        let seat = self.seats.take();
+        let Some(to) = (seat.thread.checked_sub(1)).and_then(|i| self.handoffs.get(i)) else {
+            return admit(sock, seat, shared, tracker);
+        };
+        // Out of this thread's reactor (nothing was read yet), into the other's on arrival.
+        match sock.into_std() {
+            // Fails only when that thread has ended (shutting down): the socket closes.
+            Ok(std) => drop(to.send((std, seat))),
+            Err(e) => tracing::warn!(error = %e, "cannot hand a connection to its relay thread"),
+        }
+    }
+}
+
+async fn run_thread(addr: SocketAddr, shared: Arc<Shared>, grace: Duration, work: Work) {
     let tracker = TaskTracker::new();
-    accept_loop(addr, &shared, &tracker).await;
+    match work {
+        Work::Accept(dispatch) => accept_loop(addr, &shared, &dispatch, &tracker).await,
+        Work::Receive(inbox) => receive_loop(inbox, &shared, &tracker).await,
+    }
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             left = tracker.len(),
             "grace period over: closing remaining sessions"
         );
+    }
+}
+
+/// A thread that does not accept: serves the connections handed to it until stopping.
+async fn receive_loop(
+    mut inbox: mpsc::UnboundedReceiver<Handoff>,
+    shared: &Shared,
+    tracker: &TaskTracker,
+) {
+    loop {
+        let (std, seat) = tokio::select! {
+            _ = shared.stop_accepting.cancelled() => return,
+            got = inbox.recv() => match got {
+                Some(h) => h,
+                None => return,
+            },
+        };
+        match TcpStream::from_std(std) {
+            Ok(sock) => admit(sock, seat, shared, tracker),
+            Err(e) => tracing::warn!(error = %e, "cannot take a connection on this relay thread"),
+        }
     }
 }
 
@@ -139,14 +208,19 @@ async fn wait_listening(rx: &mut watch::Receiver<bool>, stop: &CancellationToken
     }
 }
 
-async fn accept_loop(addr: SocketAddr, shared: &Shared, tracker: &TaskTracker) {
+async fn accept_loop(
+    addr: SocketAddr,
+    shared: &Shared,
+    dispatch: &Dispatch,
+    tracker: &TaskTracker,
+) {
     let mut listening = shared.listening.clone();
     let stop = &shared.stop_accepting;
     'outer: loop {
         if !wait_listening(&mut listening, stop).await {
             return;
         }
-        let listener = match bind(addr, true) {
+        let listener = match bind(addr) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(%addr, error = %e, "cannot listen; retrying in 1s");
@@ -168,7 +242,7 @@ async fn accept_loop(addr: SocketAddr, shared: &Shared, tracker: &TaskTracker) {
                     }
                 }
                 r = listener.accept() => match r {
-                    Ok((sock, _peer)) => admit(sock, shared, tracker),
+                    Ok((sock, _peer)) => dispatch.place(sock, shared, tracker),
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
@@ -180,14 +254,14 @@ async fn accept_loop(addr: SocketAddr, shared: &Shared, tracker: &TaskTracker) {
     }
 }
 
-fn admit(sock: TcpStream, shared: &Shared, tracker: &TaskTracker) {
+fn admit(sock: TcpStream, seat: Seat, shared: &Shared, tracker: &TaskTracker) {
     let ctx = shared.ctx.clone();
     ctx.metrics.accepted.inc();
     match shared.limit.clone().try_acquire_owned() {
         Ok(permit) => {
             tracker.spawn(async move {
                 conn::serve(sock, &ctx).await;
-                drop(permit);
+                drop((permit, seat));
             });
         }
         Err(_) => {

@@ -1,5 +1,7 @@
-//! The relay engine serves real PostgreSQL traffic, severing included; the names of the
-//! removed engines still start a proxy; a port another process listens on is refused.
+//! The relay engine serves real PostgreSQL traffic, severing included; the first relay
+//! thread fills before the others take sessions, and a session handed to another thread is
+//! served as well; the names of the removed engines still start a proxy; a port another
+//! process listens on is refused.
 
 mod common;
 
@@ -68,4 +70,56 @@ async fn refuses_to_share_a_port_another_process_listens_on() {
     let text = std::fs::read_to_string(log.path()).unwrap_or_default();
     assert!(child.exited(), "must not start on a port in use: {text}");
     assert!(text.contains("cannot listen on"), "{text}");
+}
+
+/// The sessions the proxy reports on relay thread `thread`.
+fn thread_sessions(proxy: &Proxy, thread: usize) -> Option<f64> {
+    let (_, body) = proxy.http_get("/metrics");
+    let label = format!("thread=\"{thread}\"");
+    body.lines()
+        .find(|l| l.starts_with("stolon_proxy_relay_thread_sessions{") && l.contains(&label))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Placement: with `--relay-fill 2` on two threads, the first two sessions stay on the
+/// accepting thread, the third is handed to the other and relays real traffic there, and a
+/// session's end gives its seat back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_thread_fills_then_another_serves_the_rest() {
+    let s = Setup::new(1).await;
+    let proxy = spawn_routed(&s, &["--threads", "2", "--relay-fill", "2"]).await;
+    // The routing probe's sessions have ended (each gives its seat back).
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            thread_sessions(&proxy, 0) == Some(0.0)
+        })
+        .await,
+        "{}",
+        proxy.log_text()
+    );
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(proxy.connect().await.expect("connect"));
+    }
+    assert_eq!(thread_sessions(&proxy, 0), Some(2.0));
+    assert_eq!(thread_sessions(&proxy, 1), Some(1.0));
+    for (n, c) in clients.iter().enumerate() {
+        for i in 0..50 {
+            let row = c
+                .query_one("select $1::int * 2", &[&i])
+                .await
+                .expect("query");
+            assert_eq!(row.get::<_, i32>(0), i * 2, "session {n}");
+        }
+    }
+    // The handed-over session ends: its thread's seat is free again.
+    drop(clients.pop());
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            thread_sessions(&proxy, 1) == Some(0.0)
+        })
+        .await
+    );
+    assert_eq!(thread_sessions(&proxy, 0), Some(2.0));
 }
