@@ -1,5 +1,5 @@
 //! Discovery and fencing: watch `P/clusterdata` and apply every change at once; every
-//! proxyCheckInterval read it again and prove liveness (proof of contact both ways); fence
+//! proxyCheckInterval check it and prove liveness (proof of contact both ways); fence
 //! (sever everything, refuse, optionally stop listening) once there was no successful
 //! contact for proxyTimeout. ProxyInfo is published right after a new generation is applied
 //! and the old master's sessions are closed.
@@ -9,6 +9,11 @@
 //! changes and the check renews its lease (TTL 2 x proxyTimeout), so idle proxies cost the
 //! store no writes; otherwise (a Go sentinel) it is rewritten with a new infoUID every
 //! check, as Go's proxy does.
+//!
+//! The check reads the whole document only when the watch may have missed something (it
+//! is down, or the key's revision moved past the one applied): else it asks etcd whether
+//! the key is still at that revision, a read-only compare that carries none of the
+//! document, so a fleet of idle proxies does not pull it from etcd every interval.
 //!
 //! Failsafe mode (spec `failsafeMode`): while the store contact goes stale, the master's
 //! keeper is asked directly (`failsafe`); its confirmed hold extends the fence deadline.
@@ -24,6 +29,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+const READ: crate::metrics::ResultLabel = crate::metrics::ResultLabel { result: "read" };
+const UNCHANGED: crate::metrics::ResultLabel = crate::metrics::ResultLabel {
+    result: "unchanged",
+};
 
 /// How long to wait for severed sessions to close before reporting the generation anyway
 /// (they were told to close; this only bounds a stuck task).
@@ -81,6 +91,10 @@ struct State {
     on_failsafe: bool,
     /// The last check's read failed (a failure is logged once per run).
     read_failing: bool,
+    /// The clusterdata revision the wanted route was computed from (`None`: none, or a
+    /// document that could not be read). While the watch is up and the key is still at
+    /// it, a check only proves contact: nothing of the document is read again.
+    seen_revision: Option<i64>,
 }
 
 /// The old master's sessions closing at transaction boundaries.
@@ -117,6 +131,7 @@ impl Discovery {
             failsafe: None,
             on_failsafe: false,
             read_failing: false,
+            seen_revision: None,
         };
         let (target_tx, target_rx) = watch::channel(None);
         let (confirm_tx, mut confirmed) = watch::channel(None);
@@ -143,14 +158,15 @@ impl Discovery {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(next_check) => {
                     last_check = Instant::now();
-                    if let Some(rev) = self.check(&mut st).await {
+                    let watch_up = watcher.is_some() && watch_retry_at.is_none();
+                    if let Some(rev) = self.check(&mut st, watch_up).await {
                         if watcher.is_none() {
                             watcher = Some(Watcher::from_revision(self.store.store().clone(), key.clone(), rev + 1));
                         }
                     }
                     next_check = Instant::now() + st.check_interval;
                 }
-                update = next_update(&mut watcher, watch_retry_at) => {
+                update = next_update(&mut watcher, watch_retry_at, self.faults) => {
                     watch_retry_at = None;
                     match update {
                         Ok(u) => {
@@ -229,8 +245,23 @@ impl Discovery {
 
     /// Reads clusterdata and publishes ProxyInfo; on success of both counts as contact from
     /// the moment the read was sent. Returns the clusterdata revision read.
-    async fn check(&self, st: &mut State) -> Option<i64> {
+    async fn check(&self, st: &mut State, watch_up: bool) -> Option<i64> {
         let sent = Instant::now();
+        if let Some(rev) = st.seen_revision.filter(|_| watch_up && !st.fenced) {
+            match self.unchanged_since(st, rev).await {
+                Some(true) => {
+                    self.metrics.checks.get_or_create(&UNCHANGED).inc();
+                    if self.prove_alive(st).await {
+                        st.contact.ok(sent);
+                    }
+                    return Some(rev);
+                }
+                // Changed (the watch brings it too): read it now.
+                Some(false) => {}
+                None => return None,
+            }
+        }
+        self.metrics.checks.get_or_create(&READ).inc();
         let Ok(read) =
             tokio::time::timeout_at(store_deadline(st), self.store.get_cluster_data()).await
         else {
@@ -265,6 +296,7 @@ impl Discovery {
             }
         };
         st.read_failing = false;
+        st.seen_revision = matches!(doc, Ok(Some(_))).then_some(revision);
         self.set_wanted(st, doc);
         // Apply (and sever) before reporting anything about the new generation.
         self.apply(st).await;
@@ -277,6 +309,36 @@ impl Discovery {
             }
         }
         Some(revision)
+    }
+
+    /// Whether clusterdata is still at `rev` (`None`: the store did not answer in time, or
+    /// failed, which is counted and logged as a failed read is).
+    async fn unchanged_since(&self, st: &mut State, rev: i64) -> Option<bool> {
+        let asked = self.store.cluster_data_unchanged(rev);
+        match tokio::time::timeout_at(store_deadline(st), asked).await {
+            Ok(Ok(unchanged)) => {
+                st.read_failing = false;
+                Some(unchanged)
+            }
+            Ok(Err(e)) => {
+                self.metrics.store_error(e.kind());
+                if !std::mem::replace(&mut st.read_failing, true) {
+                    tracing::warn!(error = %e, "cannot check clusterdata (repeats at debug)");
+                } else {
+                    tracing::debug!(error = %e, "cannot check clusterdata");
+                }
+                None
+            }
+            Err(_) => {
+                self.metrics.store_error("timeout");
+                if !std::mem::replace(&mut st.read_failing, true) {
+                    tracing::warn!(
+                        "clusterdata check still pending at the fence deadline (repeats at debug)"
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// The revision of the clusterdata key even when its content is bad.
@@ -294,7 +356,9 @@ impl Discovery {
         let value = match update {
             WatchUpdate::Progress(_) => return,
             WatchUpdate::Events(events) => match events.iter().rev().find(|e| e.kv.key == key) {
-                Some(e) if e.kind == EventKind::Put => Some(e.kv.value.clone()),
+                Some(e) if e.kind == EventKind::Put => {
+                    Some((e.kv.value.clone(), e.kv.mod_revision))
+                }
                 Some(_) => None,
                 None => return,
             },
@@ -302,11 +366,14 @@ impl Discovery {
                 .kvs
                 .into_iter()
                 .find(|kv| kv.key == key)
-                .map(|kv| kv.value),
+                .map(|kv| (kv.value, kv.mod_revision)),
         };
+        st.seen_revision = value.as_ref().map(|(_, rev)| *rev);
+        let value = value.map(|(v, _)| v);
         let doc = match value {
             None => Ok(None),
             Some(v) => ClusterData::from_json(&v).map(Some).map_err(|e| {
+                st.seen_revision = None;
                 tracing::error!(error = %e, "clusterdata cannot be read: not routing");
                 self.metrics.store_error("malformed");
             }),
@@ -604,8 +671,12 @@ fn store_deadline(st: &State) -> Instant {
 async fn next_update(
     watcher: &mut Option<Watcher>,
     retry_at: Option<Instant>,
+    faults: Faults,
 ) -> Result<WatchUpdate, StoreError> {
-    let Some(w) = watcher else {
+    let Some(w) = watcher
+        .as_mut()
+        .filter(|_| !faults.has(Fault::ProxyWatchDeaf))
+    else {
         return std::future::pending().await;
     };
     if let Some(at) = retry_at {

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub failsafe_confirms: Family<ResultLabel, Counter>,
     /// ProxyInfo writes, and lease keep-alives in their place: the store load of this proxy.
     pub info_writes: Counter,
+    /// Checks by what they read: the whole clusterdata, or only that it is unchanged.
+    pub checks: Family<ResultLabel, Counter>,
     pub info_keepalives: Counter,
     /// CancelRequests by where they went.
     pub cancels: Family<ResultLabel, Counter>,
@@ -206,6 +208,13 @@ impl Metrics {
             "info_writes",
             "ProxyInfo writes to the store",
             self.info_writes.clone(),
+        );
+        r.register(
+            "store_checks",
+            "Checks of the store every proxyCheckInterval, by what they read: read (the \
+             whole clusterdata) or unchanged (only that its revision is the one the watch \
+             brought)",
+            self.checks.clone(),
         );
         r.register(
             "auth",

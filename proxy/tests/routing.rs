@@ -1,5 +1,6 @@
 //! Routing, severing on master change, generation reporting, no-master errors, cancel
-//! forwarding and the health endpoint: real etcd, real PostgreSQL, the real binary.
+//! forwarding, the health endpoint and the checks that back the watch: real etcd, real
+//! PostgreSQL, the real binary.
 
 mod common;
 
@@ -214,4 +215,34 @@ async fn unreachable_master_is_08006() {
         .await
     );
     assert_eq!(connect_error_code(&proxy).await.as_deref(), Some("08006"));
+}
+
+/// The check every proxyCheckInterval reads only the clusterdata's revision while the watch
+/// is up; a change the watch does not bring (a silently stalled watch, injected) is still
+/// found by it, read whole and routed to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_watch_misses_is_found_by_the_check() {
+    let s = Setup::new(2).await;
+    let (p0, p1) = (s.pgs[0].port(), s.pgs[1].port());
+    s.route_to("db0", &["p1"], 1).await;
+    let env = [("STOLON_E2E_BREAK", "proxy-watch-deaf")];
+    let proxy = Proxy::spawn_env(&s.etcd, "p1", &[], &env);
+    assert!(wait_routed(&proxy, p0).await, "{}", proxy.log_text());
+    let checks = |result: &str| {
+        let label = format!("result=\"{result}\"");
+        labeled_metric(&proxy, "stolon_proxy_store_checks_total", &label).unwrap_or(0.0)
+    };
+    // Idle: the checks ask for the revision, not the document.
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            checks("unchanged") >= 2.0
+        })
+        .await,
+        "{}",
+        proxy.log_text()
+    );
+    let reads = checks("read");
+    s.route_to("db1", &["p1"], 2).await;
+    assert!(wait_routed(&proxy, p1).await, "{}", proxy.log_text());
+    assert!(checks("read") > reads);
 }

@@ -100,6 +100,18 @@ impl ClusterStore {
         Ok(Some((cd, kv.mod_revision)))
     }
 
+    /// Whether clusterdata is still at mod revision `revision`: a transaction of one
+    /// compare and no operation, which etcd answers as a read (no proposal) and which
+    /// carries none of the document. A proxy whose watch keeps the document current checks
+    /// its contact with the store this way instead of reading it all every interval.
+    pub async fn cluster_data_unchanged(&self, revision: i64) -> Result<bool> {
+        let compare = Compare::ModRevision {
+            key: self.clusterdata_key(),
+            revision,
+        };
+        Ok(self.store.txn(vec![compare], Vec::new()).await?.succeeded)
+    }
+
     /// Writes clusterdata if its mod revision is still `expected` (0: create only if absent)
     /// and, with `leader`, only while that leadership holds.
     pub async fn put_cluster_data(

@@ -31,9 +31,12 @@ pub enum Fault {
     SentinelLoopStall,
     /// The proxy's discovery task panics once it has published.
     ProxyDiscoveryPanic,
+    /// The proxy's clusterdata watch delivers nothing, as a silently stalled one would:
+    /// only its checks can learn a change.
+    ProxyWatchDeaf,
 }
 
-const NAMES: [(Fault, &str); 10] = [
+const NAMES: [(Fault, &str); 11] = [
     (Fault::SkipProxyHandshake, "skip-proxy-handshake"),
     (Fault::LowestWal, "lowest-wal"),
     (Fault::IgnoreSyncSet, "ignore-sync-set"),
@@ -44,6 +47,7 @@ const NAMES: [(Fault, &str); 10] = [
     (Fault::SentinelLoopPanic, "sentinel-loop-panic"),
     (Fault::SentinelLoopStall, "sentinel-loop-stall"),
     (Fault::ProxyDiscoveryPanic, "proxy-discovery-panic"),
+    (Fault::ProxyWatchDeaf, "proxy-watch-deaf"),
 ];
 
 impl fmt::Display for Fault {

@@ -27,6 +27,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn spawn(etcd: &Etcd, uid: &str, extra: &[&str]) -> Proxy {
+        Proxy::spawn_env(etcd, uid, extra, &[])
+    }
+
+    /// `spawn` with environment variables (a fault to inject, say).
+    pub fn spawn_env(etcd: &Etcd, uid: &str, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
         let port = free_port();
         let metrics_port = free_port();
         let log = tempfile::NamedTempFile::new().expect("log file");
@@ -41,6 +46,7 @@ impl Proxy {
         if !extra.contains(&"--hold-timeout") {
             cmd.args(["--hold-timeout", "0"]);
         }
+        cmd.envs(env.iter().copied());
         let child = ChildGuard::spawn("stolon-proxy", &mut cmd).expect("spawn proxy");
         Proxy {
             child,
@@ -284,6 +290,16 @@ pub async fn connect_error_code(proxy: &Proxy) -> Option<String> {
 /// listener threads have bound the port.
 pub fn proxy_listens(proxy: &Proxy) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", proxy.port.0)).is_ok()
+}
+
+/// A sample of the proxy's /metrics with labels, by name and one `label="value"`.
+pub fn labeled_metric(proxy: &Proxy, name: &str, label: &str) -> Option<f64> {
+    let (_, body) = proxy.http_get("/metrics");
+    let start = format!("{name}{{");
+    body.lines()
+        .find(|l| l.starts_with(&start) && l.contains(label))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
 }
 
 /// A sample of the proxy's /metrics, by name (no labels).
