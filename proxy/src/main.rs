@@ -52,10 +52,12 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Sessions the first relay thread takes before new ones go to the thread with the
-    /// fewest (0: always the fewest). One thread serving a light load uses less CPU per
-    /// transaction than several sharing it; a session never changes threads, so this also
-    /// bounds how many connections opened at once share one thread
-    #[arg(long, default_value_t = 32)]
+    /// fewest (0, the default: always the fewest). A fill uses less CPU per transaction (one
+    /// thread serving a light load wakes less than several sharing it) but adds latency
+    /// where the sessions' messages queue behind each other on that thread (measured: 6-9%
+    /// less throughput on pgbench's tpcb and prepared -S at 16 clients, docs/benchmarks.md);
+    /// for a sidecar whose CPU counts more than its latency. A session never changes threads
+    #[arg(long, default_value_t = 0)]
     relay_fill: usize,
     /// Most client sessions at once; more get SQLSTATE 53300. Each session needs two file
     /// descriptors: checked against RLIMIT_NOFILE at start (default 10000, lowered to what

@@ -1,11 +1,13 @@
-//! Which relay thread a new session runs on. One thread serving a light load spends less
-//! CPU per transaction than two sharing it: each wake-up serves more ready sockets, and
-//! fewer threads sleep and wake (`loadtest compare`, `-S -c16`, 15 rounds: 18.6 us per
-//! transaction with one relay thread, 21.5 us with two; docs/benchmarks.md). So the first
-//! thread takes new sessions until it holds `--relay-fill` of them; past that each goes to
-//! the thread with the fewest. A session never changes threads, so the fill is a bound:
-//! however many connections a pool opens at once, at most `fill` share the first thread
-//! before the others take their turn.
+//! Which relay thread a new session runs on. The first relay thread accepts every
+//! connection; by default each session goes to the thread with the fewest (an even spread,
+//! where SO_REUSEPORT's hash was only even on average). With `--relay-fill N` the first
+//! thread keeps new sessions until it holds N: one thread serving a light load spends less
+//! CPU per transaction than two sharing it (each wake-up serves more ready sockets, fewer
+//! threads sleep and wake: 18.2 against 22.0 us at `pgbench -S -c16`), but its sessions'
+//! messages queue behind each other, which costs latency and throughput on other workloads
+//! (6-9% at tpcb and prepared -S, 16 clients): docs/benchmarks.md. A session never changes
+//! threads, so the fill is also a bound: at most N of a pool's connections opened at once
+//! share the first thread.
 
 use crate::metrics::{Metrics, ThreadLabel};
 use prometheus_client::metrics::gauge::Gauge;

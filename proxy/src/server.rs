@@ -1,5 +1,6 @@
 //! Listeners and the relay engine: one current-thread runtime per relay thread. The first
-//! thread accepts and places each session on a thread (`placement`: it fills itself first);
+//! thread accepts and places each session on a thread (`placement`: the one with the fewest,
+//! or itself up to `--relay-fill`);
 //! a session placed elsewhere is handed over as a socket before anything is read, so both
 //! its sockets stay on one thread and no task ever migrates. The listener opens only while
 //! discovery says so (after the first store read; closed while fenced with

@@ -1,6 +1,6 @@
-//! The relay engine serves real PostgreSQL traffic, severing included; the first relay
-//! thread fills before the others take sessions, and a session handed to another thread is
-//! served as well; the names of the removed engines still start a proxy; a port another
+//! The relay engine serves real PostgreSQL traffic, severing included; sessions spread over
+//! the relay threads by default, and with a fill the first thread takes its fill before the
+//! others; a session handed to another thread is served as well; the names of the removed engines still start a proxy; a port another
 //! process listens on is refused.
 
 mod common;
@@ -122,4 +122,31 @@ async fn the_first_thread_fills_then_another_serves_the_rest() {
         .await
     );
     assert_eq!(thread_sessions(&proxy, 0), Some(2.0));
+}
+
+/// By default (no fill) each new session goes to the thread with the fewest: two sessions
+/// on two threads, one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_sessions_spread_over_the_threads() {
+    let s = Setup::new(1).await;
+    let proxy = spawn_routed(&s, &["--threads", "2"]).await;
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            thread_sessions(&proxy, 0) == Some(0.0) && thread_sessions(&proxy, 1) == Some(0.0)
+        })
+        .await
+    );
+    let a = proxy.connect().await.expect("connect");
+    let b = proxy.connect().await.expect("connect");
+    assert_eq!(thread_sessions(&proxy, 0), Some(1.0));
+    assert_eq!(thread_sessions(&proxy, 1), Some(1.0));
+    for c in [&a, &b] {
+        assert_eq!(
+            c.query_one("select 1", &[])
+                .await
+                .expect("query")
+                .get::<_, i32>(0),
+            1
+        );
+    }
 }
