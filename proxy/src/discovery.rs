@@ -243,8 +243,9 @@ impl Discovery {
         }
     }
 
-    /// Reads clusterdata and publishes ProxyInfo; on success of both counts as contact from
-    /// the moment the read was sent. Returns the clusterdata revision read.
+    /// Reads clusterdata (or, while the watch is up, only compares its revision with the one
+    /// applied) and publishes ProxyInfo; on success of both counts as contact from the moment
+    /// the read was sent. Returns the clusterdata revision read.
     async fn check(&self, st: &mut State, watch_up: bool) -> Option<i64> {
         let sent = Instant::now();
         if let Some(rev) = st.seen_revision.filter(|_| watch_up && !st.fenced) {

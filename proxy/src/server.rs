@@ -1,10 +1,9 @@
 //! Listeners and the relay engine: one current-thread runtime per relay thread. The first
-//! thread accepts and places each session on a thread (`placement`: the one with the fewest,
-//! or itself up to `--relay-fill`);
-//! a session placed elsewhere is handed over as a socket before anything is read, so both
-//! its sockets stay on one thread and no task ever migrates. The listener opens only while
-//! discovery says so (after the first store read; closed while fenced with
-//! --stop-listening). Connections over the limit get 53300.
+//! thread accepts and places each session on a thread (`placement`: the one with the
+//! fewest, or itself up to `--relay-fill`); a session placed elsewhere is handed over as a
+//! socket before anything is read, so both its sockets stay on one thread and no task ever
+//! migrates. The listener opens only while discovery says so (after the first store read;
+//! closed while fenced with --stop-listening). Connections over the limit get 53300.
 
 use crate::conn::{self, Ctx};
 use crate::metrics::CloseReason;
@@ -50,7 +49,8 @@ pub struct Listen {
     pub addr: SocketAddr,
     pub engine: Engine,
     pub threads: usize,
-    /// Sessions the first relay thread takes before the others share new ones.
+    /// Sessions the first relay thread keeps before new ones go to the thread with the
+    /// fewest (0: always the fewest).
     pub fill: usize,
     /// How long SIGTERM waits for sessions to end.
     pub grace: Duration,
