@@ -92,7 +92,7 @@ async fn the_first_thread_fills_then_another_serves_the_rest() {
     // The routing probe's sessions have ended (each gives its seat back).
     assert!(
         wait_for(Duration::from_secs(5), || async {
-            thread_sessions(&proxy, 0) == Some(0.0)
+            thread_sessions(&proxy, 0) == Some(0.0) && thread_sessions(&proxy, 1) == Some(0.0)
         })
         .await,
         "{}",
