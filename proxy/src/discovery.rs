@@ -266,15 +266,7 @@ impl Discovery {
         let Ok(read) =
             tokio::time::timeout_at(store_deadline(st), self.store.get_cluster_data()).await
         else {
-            self.metrics.store_error("timeout");
-            // Once per run of failures (an outage lasts, in failsafe mode, for minutes).
-            if !std::mem::replace(&mut st.read_failing, true) {
-                tracing::warn!(
-                    "clusterdata read still pending at the fence deadline (repeats at debug)"
-                );
-            } else {
-                tracing::debug!("clusterdata read still pending at the fence deadline");
-            }
+            self.read_failed(st, "read", None);
             return None;
         };
         let (doc, revision) = match read {
@@ -287,12 +279,7 @@ impl Discovery {
                 (Err(()), rev.await.ok().flatten()?)
             }
             Err(e) => {
-                self.metrics.store_error(e.kind());
-                if !std::mem::replace(&mut st.read_failing, true) {
-                    tracing::warn!(error = %e, "cannot read clusterdata (repeats at debug)");
-                } else {
-                    tracing::debug!(error = %e, "cannot read clusterdata");
-                }
+                self.read_failed(st, "read", Some(&e));
                 return None;
             }
         };
@@ -322,22 +309,33 @@ impl Discovery {
                 Some(unchanged)
             }
             Ok(Err(e)) => {
-                self.metrics.store_error(e.kind());
-                if !std::mem::replace(&mut st.read_failing, true) {
-                    tracing::warn!(error = %e, "cannot check clusterdata (repeats at debug)");
-                } else {
-                    tracing::debug!(error = %e, "cannot check clusterdata");
-                }
+                self.read_failed(st, "check", Some(&e));
                 None
             }
             Err(_) => {
-                self.metrics.store_error("timeout");
-                if !std::mem::replace(&mut st.read_failing, true) {
-                    tracing::warn!(
-                        "clusterdata check still pending at the fence deadline (repeats at debug)"
-                    );
-                }
+                self.read_failed(st, "check", None);
                 None
+            }
+        }
+    }
+
+    /// Counts a failed read or check of clusterdata (`error`: `None` for one still pending
+    /// at the fence deadline) and logs it, at warn once per run of failures (an outage
+    /// lasts, in failsafe mode, for minutes) and at debug after.
+    fn read_failed(&self, st: &mut State, what: &str, error: Option<&StoreError>) {
+        self.metrics
+            .store_error(error.map_or("timeout", StoreError::kind));
+        let first = !std::mem::replace(&mut st.read_failing, true);
+        match (error, first) {
+            (Some(e), true) => {
+                tracing::warn!(error = %e, "cannot {what} clusterdata (repeats at debug)")
+            }
+            (Some(e), false) => tracing::debug!(error = %e, "cannot {what} clusterdata"),
+            (None, true) => tracing::warn!(
+                "clusterdata {what} still pending at the fence deadline (repeats at debug)"
+            ),
+            (None, false) => {
+                tracing::debug!("clusterdata {what} still pending at the fence deadline")
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The relay engine serves real PostgreSQL traffic, severing included; sessions spread over
 //! the relay threads by default, and with a fill the first thread takes its fill before the
-//! others; a session handed to another thread is served as well; the names of the removed engines still start a proxy; a port another
-//! process listens on is refused.
+//! others; a session handed to another thread is served as well; the names of the removed
+//! engines still start a proxy; a port another process listens on is refused.
 
 mod common;
 
@@ -74,12 +74,8 @@ async fn refuses_to_share_a_port_another_process_listens_on() {
 
 /// The sessions the proxy reports on relay thread `thread`.
 fn thread_sessions(proxy: &Proxy, thread: usize) -> Option<f64> {
-    let (_, body) = proxy.http_get("/metrics");
     let label = format!("thread=\"{thread}\"");
-    body.lines()
-        .find(|l| l.starts_with("stolon_proxy_relay_thread_sessions{") && l.contains(&label))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
+    labeled_metric(proxy, "stolon_proxy_relay_thread_sessions", &label)
 }
 
 /// Placement: with `--relay-fill 2` on two threads, the first two sessions stay on the
