@@ -189,6 +189,7 @@ impl Keeper {
             pm.stop(sig, Duration::from_secs(30)).await;
         }
         self.instance.state = None;
+        self.instance.session = None;
     }
 
     /// Empties the data directory (mode 0700, owned by the OS user) and forgets its db.
@@ -611,11 +612,17 @@ impl Keeper {
 
     async fn promote(&mut self) -> anyhow::Result<()> {
         self.wait_proxies_before_promotion().await;
-        let client = self.conn().connect(Duration::from_secs(2)).await?;
+        let session = self.session(Duration::from_secs(2)).await?;
+        let done = self.promote_on(session.client()).await;
+        self.give_back(session, done.is_ok());
+        done
+    }
+
+    async fn promote_on(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
         self.arm_watchdog(self.instance.postmaster.as_ref().and_then(|p| p.pid()))
             .await;
         let started = tokio::time::Instant::now();
-        if !sql::promote(&client, Duration::from_secs(60)).await? {
+        if !sql::promote(client, Duration::from_secs(60)).await? {
             bail!("promotion did not finish within 60 s");
         }
         let promote = started.elapsed();
@@ -625,12 +632,12 @@ impl Keeper {
         let checkpoint = started.elapsed() - promote;
         tracing::debug!(?promote, ?checkpoint, "promoted");
         sql::ensure_repl_role(
-            &client,
+            client,
             &self.settings.local.repl_user,
             self.settings.repl_password.as_deref(),
         )
         .await?;
-        self.ensure_auth_role(&client).await?;
+        self.ensure_auth_role(client).await?;
         Ok(())
     }
 
@@ -666,9 +673,10 @@ impl Keeper {
                 .iter()
                 .map(|s| slot_name(s)),
         );
-        let client = self.conn().connect(Duration::from_secs(2)).await?;
-        sql::sync_slots(&client, &wanted).await?;
-        Ok(())
+        let session = self.session(Duration::from_secs(2)).await?;
+        let done = sql::sync_slots(session.client(), &wanted).await;
+        self.give_back(session, done.is_ok());
+        Ok(done?)
     }
 }
 

@@ -174,6 +174,8 @@ pub(crate) struct Instance {
     pub(crate) postmaster: Option<Postmaster>,
     /// The last observed state (kept when a query fails, for fencing).
     pub(crate) state: Option<PgState>,
+    /// The session the state is read on, kept between rounds.
+    pub(crate) session: Option<sql::StateSession>,
     pub(crate) version: PostgresBinaryVersion,
     /// The last state query was answered (a frozen or overloaded PostgreSQL is not healthy
     /// for the health endpoints, while `state` keeps the last known state for fencing).
@@ -219,6 +221,7 @@ impl Keeper {
             instance: Instance {
                 postmaster: None,
                 state: None,
+                session: None,
                 version,
                 answering: false,
                 floors: Default::default(),
@@ -328,6 +331,7 @@ impl Keeper {
                     tracing::warn!("PostgreSQL exited");
                     self.instance.postmaster = None;
                     self.instance.state = None;
+                    self.instance.session = None;
                 }
             }
         }
@@ -523,6 +527,7 @@ impl Keeper {
             tracing::warn!("PostgreSQL exited");
             self.instance.postmaster = None;
             self.instance.state = None;
+            self.instance.session = None;
         }
         let data = if self.settings.layout.has_data() {
             DataState::Present {
@@ -582,20 +587,35 @@ impl Keeper {
 
     async fn query_state(&mut self) -> Option<PgState> {
         self.instance.answering = false;
-        let conn = self.conn();
-        let started = Instant::now();
-        let client = conn.connect(Duration::from_secs(2)).await.ok()?;
-        let connect = started.elapsed();
         let limit = self.request_timeout();
-        let st = tokio::time::timeout(limit, sql::state(&client, &self.settings.layout.pg_data()))
-            .await
-            .ok()?
-            .ok()?;
-        let query = started.elapsed() - connect;
-        tracing::debug!(?connect, ?query, "observed PostgreSQL");
+        let data_dir = self.settings.layout.pg_data();
+        let kept = self.instance.session.take();
+        let started = Instant::now();
+        let (st, session, reused) =
+            sql::observe(kept, &self.conn(), &data_dir, limit, SESSION_MAX_AGE).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), reused, "observed PostgreSQL");
+        self.instance.session = Some(session);
         self.instance.state = Some(st.clone());
         self.instance.answering = true;
         Some(st)
+    }
+
+    /// A session for the keeper's own statements: the kept state session while it is
+    /// usable (a new one per action cost a backend fork each round on a master), else a
+    /// new one.
+    pub(crate) async fn session(&mut self, timeout: Duration) -> anyhow::Result<sql::StateSession> {
+        match (self.instance.session.take()).filter(|s| s.reusable(SESSION_MAX_AGE)) {
+            Some(s) => Ok(s),
+            None => sql::StateSession::open(&self.conn(), timeout).await,
+        }
+    }
+
+    /// Keeps `session` for the next round, unless what ran on it failed (it may be broken,
+    /// or left in a failed transaction).
+    pub(crate) fn give_back(&mut self, session: sql::StateSession, ok: bool) {
+        if ok && self.instance.postmaster.is_some() {
+            self.instance.session = Some(session);
+        }
     }
 
     /// The db spec's requestTimeout, which bounds the keeper's queries, as in Go stolon.
@@ -956,6 +976,11 @@ async fn publish(
 /// The pause before a failed KeeperInfo write is tried again, and the shortest bound on
 /// one write.
 const PUBLISH_RETRY: Duration = Duration::from_millis(200);
+
+/// How long the state session is kept before a new one replaces it: short enough that a
+/// PostgreSQL refusing new sessions stops looking healthy within a few rounds, long
+/// enough that a switchover's burst of rounds opens none.
+const SESSION_MAX_AGE: Duration = Duration::from_secs(2);
 
 /// How long the publisher waits between periodic publishes: sleepInterval, but at most half
 /// the fence window (two publishes per window, as stolon's defaults give: sleepInterval 5 s,

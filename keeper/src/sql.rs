@@ -3,8 +3,8 @@
 
 use control::model::TimelineHistoryEntry;
 use std::path::Path;
-use std::time::Duration;
-use tokio_postgres::{Client, Config, NoTls};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, Config, NoTls, Statement};
 
 /// How to reach the local PostgreSQL.
 #[derive(Clone, Debug)]
@@ -86,7 +86,6 @@ pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
         .collect()
 }
 
-/// Reads the state to publish. `data_dir` gives the timeline history files.
 /// The highest timeline of a WAL file this standby holds for the segment of `pos`: the
 /// walreceiver names the files it writes by the timeline it streams, so a standby that
 /// followed a new master has that timeline's file for its replay position, and one stuck
@@ -119,67 +118,132 @@ async fn wal_file_timeline(
 /// runs), the minimum recovery point's (moved as replay writes pages) and the last
 /// restartpoint's. Any one alone can lag behind the replay position reported with it, and
 /// a lagging timeline with a current position looks like a fork to the sentinel.
-pub async fn state(client: &Client, data_dir: &Path) -> Result<PgState, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), \
-             CASE WHEN pg_is_in_recovery() \
-                  THEN COALESCE(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn())::text \
-                  ELSE pg_current_wal_lsn()::text END, \
-             CASE WHEN pg_is_in_recovery() \
-                  THEN GREATEST((SELECT received_tli FROM pg_stat_wal_receiver), \
-                                (SELECT min_recovery_end_timeline FROM pg_control_recovery()), \
-                                (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
-                  ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
-             (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0, \
-             (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), \
-             COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)",
-            &[],
-        )
-        .await?;
-    let in_recovery: bool = row.get(0);
-    let lsn: Option<String> = row.get(2);
-    let timeline: i64 = row.get::<_, Option<i64>>(3).unwrap_or(0);
-    let sync = client
-        .query(
-            "SELECT application_name FROM pg_stat_replication \
-             WHERE sync_state IN ('sync', 'quorum') AND state = 'streaming'",
-            &[],
-        )
-        .await?;
-    let older = client
-        .query_one(
-            "SELECT COALESCE(min(name), '') FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'",
-            &[],
-        )
-        .await?;
-    let mut timeline = u64::try_from(timeline).unwrap_or(0);
-    let xlog_pos = lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
-    if in_recovery {
-        let seg_size = row
-            .get::<_, Option<i64>>(5)
-            .and_then(|s| u64::try_from(s).ok())
-            .unwrap_or(16 << 20);
-        timeline = timeline.max(wal_file_timeline(client, xlog_pos, seg_size).await?);
+///
+/// The state query: one statement, one round trip on a session that has it prepared.
+const STATE_SQL: &str = "SELECT pg_is_in_recovery(), \
+     (SELECT system_identifier::text FROM pg_control_system()), \
+     CASE WHEN pg_is_in_recovery() \
+          THEN COALESCE(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn())::text \
+          ELSE pg_current_wal_lsn()::text END, \
+     CASE WHEN pg_is_in_recovery() \
+          THEN GREATEST((SELECT received_tli FROM pg_stat_wal_receiver), \
+                        (SELECT min_recovery_end_timeline FROM pg_control_recovery()), \
+                        (SELECT timeline_id FROM pg_control_checkpoint()))::bigint \
+          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
+     (SELECT count(*) FROM pg_settings WHERE pending_restart) > 0, \
+     (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), \
+     COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false), \
+     ARRAY(SELECT application_name FROM pg_stat_replication \
+           WHERE sync_state IN ('sync', 'quorum') AND state = 'streaming'), \
+     (SELECT COALESCE(min(name), '') FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$')";
+
+/// A session kept open for the keeper's state query, with the query prepared. The keeper
+/// observes on every round (several a second while anything changes); a new session each
+/// time cost a backend fork, authentication and cold catalog caches, tens of milliseconds
+/// on a loaded host, on the path of every switchover and failover step.
+pub struct StateSession {
+    client: Client,
+    query: Statement,
+    opened: Instant,
+}
+
+impl StateSession {
+    /// Opens a session (within `timeout`, as `Conn::connect`) and prepares the query.
+    pub async fn open(conn: &Conn, timeout: Duration) -> anyhow::Result<StateSession> {
+        let opened = Instant::now();
+        let client = conn.connect(timeout).await?;
+        let query = tokio::time::timeout(timeout, client.prepare(STATE_SQL))
+            .await
+            .map_err(|_| anyhow::anyhow!("PostgreSQL did not prepare within {timeout:?}"))??;
+        Ok(StateSession {
+            client,
+            query,
+            opened,
+        })
     }
-    Ok(PgState {
-        in_recovery,
-        system_id: row.get::<_, Option<String>>(1).unwrap_or_default(),
-        timeline,
-        xlog_pos,
-        history: read_history(data_dir, timeline),
-        sync_standbys: sync
-            .iter()
-            .filter_map(|r| {
-                r.get::<_, String>(0)
-                    .strip_prefix("stolon_")
-                    .map(str::to_string)
-            })
-            .collect(),
-        older_wal_file: older.get(0),
-        pending_restart: row.get(4),
-        streaming: row.get(6),
-    })
+
+    /// Still usable, and younger than `max_age`: a session is replaced now and then so
+    /// that a PostgreSQL that stops accepting new sessions (a frozen postmaster, every
+    /// slot taken) is seen as not answering, as a new session each round saw it.
+    pub fn reusable(&self, max_age: Duration) -> bool {
+        !self.client.is_closed() && self.opened.elapsed() < max_age
+    }
+
+    /// The session, for the keeper's own statements between state queries.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The server process behind this session.
+    pub async fn backend_pid(&self) -> Result<i32, tokio_postgres::Error> {
+        Ok(self
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Reads the state to publish. `data_dir` gives the timeline history files.
+    pub async fn state(&self, data_dir: &Path) -> Result<PgState, tokio_postgres::Error> {
+        let row = self.client.query_one(&self.query, &[]).await?;
+        let in_recovery: bool = row.get(0);
+        let lsn: Option<String> = row.get(2);
+        let timeline: i64 = row.get::<_, Option<i64>>(3).unwrap_or(0);
+        let mut timeline = u64::try_from(timeline).unwrap_or(0);
+        let xlog_pos = lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
+        if in_recovery {
+            let seg_size = row
+                .get::<_, Option<i64>>(5)
+                .and_then(|s| u64::try_from(s).ok())
+                .unwrap_or(16 << 20);
+            timeline = timeline.max(wal_file_timeline(&self.client, xlog_pos, seg_size).await?);
+        }
+        let sync: Vec<String> = row.get(7);
+        Ok(PgState {
+            in_recovery,
+            system_id: row.get::<_, Option<String>>(1).unwrap_or_default(),
+            timeline,
+            xlog_pos,
+            history: read_history(data_dir, timeline),
+            sync_standbys: sync
+                .iter()
+                .filter_map(|name| name.strip_prefix("stolon_").map(str::to_string))
+                .collect(),
+            older_wal_file: row.get(8),
+            pending_restart: row.get(4),
+            streaming: row.get(6),
+        })
+    }
+}
+
+/// Reads the state on `kept` if it is still usable, else (or if it broke) on a new
+/// session; also returns the session to keep and whether it was `kept`. `None` when
+/// PostgreSQL cannot be reached or does not answer within `limit`.
+pub async fn observe(
+    kept: Option<StateSession>,
+    conn: &Conn,
+    data_dir: &Path,
+    limit: Duration,
+    max_age: Duration,
+) -> Option<(PgState, StateSession, bool)> {
+    if let Some(session) = kept.filter(|s| s.reusable(max_age)) {
+        match tokio::time::timeout(limit, session.state(data_dir)).await {
+            Ok(Ok(st)) => return Some((st, session, true)),
+            // Broken (PostgreSQL restarted, the backend was terminated): a new session at
+            // once, not a round reported as not answering.
+            Ok(Err(e)) => tracing::debug!(error = %e, "state session broken: opening another"),
+            // Slow, not broken: a second try would only double the wait.
+            Err(_) => return None,
+        }
+    }
+    let session = StateSession::open(conn, Duration::from_secs(2))
+        .await
+        .ok()?;
+    let st = tokio::time::timeout(limit, session.state(data_dir))
+        .await
+        .ok()?
+        .ok()?;
+    Some((st, session, false))
 }
 
 fn read_history(data_dir: &Path, timeline: u64) -> Vec<TimelineHistoryEntry> {
