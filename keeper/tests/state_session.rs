@@ -83,3 +83,32 @@ async fn a_state_session_sees_a_new_wal_position_and_no_answer_once_stopped() {
         "a stopped PostgreSQL does not answer through a kept session"
     );
 }
+
+/// Why a session is replaced when old: a frozen postmaster (SIGSTOP) still lets an open
+/// session answer, but accepts no new one, so it is seen as not answering once the kept
+/// session is due for replacement.
+#[tokio::test]
+async fn a_frozen_postmaster_is_not_answering_once_the_session_is_due() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pg = Postgres::start(&[]).expect("postgres");
+    let c = conn(&pg);
+    let data = pg.data_dir();
+    let pid: i32 = std::fs::read_to_string(data.join("postmaster.pid"))
+        .expect("postmaster.pid")
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("pid");
+    let (_, s, _) = observe(None, &c, &data, LIMIT, LONG).await.expect("first");
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("freeze");
+    let kept = observe(Some(s), &c, &data, LIMIT, LONG).await;
+    let (_, s, reused) = kept.expect("the open session still answers");
+    assert!(reused);
+    let due = observe(Some(s), &c, &data, LIMIT, Duration::ZERO).await;
+    kill(Pid::from_raw(pid), Signal::SIGCONT).expect("thaw");
+    assert!(
+        due.is_none(),
+        "a new session to a frozen postmaster does not answer"
+    );
+}
