@@ -188,8 +188,7 @@ impl Keeper {
         if let Some(mut pm) = self.instance.postmaster.take() {
             pm.stop(sig, Duration::from_secs(30)).await;
         }
-        self.instance.state = None;
-        self.instance.session = None;
+        self.instance.forget_observed();
     }
 
     /// Empties the data directory (mode 0700, owned by the OS user) and forgets its db.

@@ -199,6 +199,14 @@ pub(crate) struct Instance {
     pub(crate) reloaded: bool,
 }
 
+impl Instance {
+    /// PostgreSQL stopped or exited: its last state and the session it was read on go.
+    pub(crate) fn forget_observed(&mut self) {
+        self.state = None;
+        self.session = None;
+    }
+}
+
 /// The cluster view and how far this keeper has followed it.
 #[derive(Default)]
 pub(crate) struct View {
@@ -330,8 +338,7 @@ impl Keeper {
                 _ = exited => {
                     tracing::warn!("PostgreSQL exited");
                     self.instance.postmaster = None;
-                    self.instance.state = None;
-                    self.instance.session = None;
+                    self.instance.forget_observed();
                 }
             }
         }
@@ -526,8 +533,7 @@ impl Keeper {
         {
             tracing::warn!("PostgreSQL exited");
             self.instance.postmaster = None;
-            self.instance.state = None;
-            self.instance.session = None;
+            self.instance.forget_observed();
         }
         let data = if self.settings.layout.has_data() {
             DataState::Present {
