@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (fuzz/fuzz_targets: the proxy's startup parser, session-start
 # reader (cancel keys), SCRAM/authentication parsers and a session move's readers, the clusterdata,
-# spec and info readers, the spec merge patch) for a while each, and fails on any crash.
+# spec and info readers, the spec merge patch, the relay's transaction tracking) for a while
+# each, and fails on any crash.
 #   scripts/fuzz.sh            20 s per target (scripts/test.sh runs this)
 #   scripts/fuzz.sh --long     10 min per target (scripts/test.sh --long)
 #   scripts/fuzz.sh --secs N   N s per target
@@ -41,7 +42,7 @@ for t in $targets; do
   mkdir -p "corpus/$t"
   dict=()
   # The JSON dictionary helps the document readers only (not the wire-protocol parsers).
-  case "$t" in startup | session_start | scram | session_state) ;; *) dict=(-dict=json.dict) ;; esac
+  case "$t" in startup | session_start | scram | session_state | txstate) ;; *) dict=(-dict=json.dict) ;; esac
   # New inputs go to corpus/<t>; seeds/<t> (committed) starts it from real documents.
   seeds=()
   [ -d "seeds/$t" ] && seeds=("seeds/$t")

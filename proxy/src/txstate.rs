@@ -71,6 +71,25 @@ impl Frames {
         mut done: impl FnMut(u8, Option<u8>, usize),
     ) -> Result<(), ()> {
         while !bytes.is_empty() {
+            // Whole messages within this read, the common case: their headers are read in
+            // place, with no copy into `header` and no state kept between them.
+            if self.at_boundary() && !self.untyped_next {
+                if let Some((&[kind, a, b, c, d], after)) = bytes.split_first_chunk::<5>() {
+                    let body = usize::try_from(u32::from_be_bytes([a, b, c, d]))
+                        .map_err(drop)?
+                        .checked_sub(4)
+                        .ok_or(())?;
+                    if let Some(rest) = after.get(body..) {
+                        done(
+                            kind,
+                            after.first().copied().filter(|_| body > 0),
+                            rest.len(),
+                        );
+                        bytes = rest;
+                        continue;
+                    }
+                }
+            }
             if self.body_left == 0 {
                 let want = if self.untyped_next { 4 } else { 5 };
                 let take = (want - self.header_len).min(bytes.len());
