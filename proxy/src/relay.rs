@@ -197,7 +197,15 @@ pub async fn relay(
     metrics: &Metrics,
 ) -> End {
     let halves = ((Tcp(client), Tcp(client)), (Tcp(server), Tcp(server)));
-    both_ways(halves, (client, server), token, drain, metrics).await
+    both_ways(
+        halves,
+        (client, server),
+        token,
+        drain,
+        metrics,
+        Gate::Directions,
+    )
+    .await
 }
 
 /// `relay` over streams either of which may be TLS: the same loop, through the streams'
@@ -212,7 +220,9 @@ pub(crate) async fn relay_streams(
     metrics: &Metrics,
 ) -> End {
     let halves = (tokio::io::split(client), tokio::io::split(server));
-    both_ways(halves, fds, token, drain, metrics).await
+    // Not gated: reading a TLS stream may write to its socket (an alert, a key update),
+    // registering the reading direction's waker where the writing one's was.
+    both_ways(halves, fds, token, drain, metrics, Gate::TokensOnly).await
 }
 
 /// Both directions of a session, each through the one byte loop (`pipe`) from a side's
@@ -223,6 +233,7 @@ async fn both_ways<CR, CW, SR, SW>(
     token: &CancellationToken,
     drain: Option<Drain<'_>>,
     metrics: &Metrics,
+    gate: Gate,
 ) -> End
 where
     CR: AsyncRead + Unpin,
@@ -246,7 +257,26 @@ where
         Direction::ServerToClient,
         drain,
     );
-    drive(c2s, s2c, client, server, token, drain).await
+    match gate {
+        Gate::Directions => {
+            tokio::pin!(c2s, s2c);
+            let (c2s, s2c) = (Gated::new(c2s), Gated::new(s2c));
+            drive(c2s, s2c, client, server, token, drain).await
+        }
+        Gate::TokensOnly => drive(c2s, s2c, client, server, token, drain).await,
+    }
+}
+
+/// Which of a session's waits `drive` polls only after their own wake-up (`Gated`).
+#[derive(Clone, Copy)]
+enum Gate {
+    /// The tokens and each direction: a wake-up for one socket polls that direction only,
+    /// not the other's readiness as well (a lock in tokio's readiness check, on every
+    /// read). Sound where each socket's read readiness is waited on by one direction and
+    /// its write readiness by the other (plain TCP both sides).
+    Directions,
+    /// The tokens only.
+    TokensOnly,
 }
 
 /// The session state machine every engine shares: runs both directions; when one reaches
