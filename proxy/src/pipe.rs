@@ -7,7 +7,7 @@
 use crate::metrics::{Direction, Metrics};
 use crate::relay::{Drain, Stop, METRIC_FLUSH};
 use std::cell::RefCell;
-use std::io::{self, ErrorKind, Read};
+use std::io::{self, ErrorKind};
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -166,7 +166,11 @@ impl AsyncWrite for Tcp<'_> {
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
+            let sent = self.0.try_io(Interest::WRITABLE, || {
+                rustix::net::send(self.0, buf, rustix::net::SendFlags::NOSIGNAL)
+                    .map_err(io::Error::from)
+            });
+            match sent {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
@@ -193,8 +197,8 @@ impl AsyncWrite for Tcp<'_> {
 fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = None;
     let r = src.try_io(Interest::READABLE, || {
-        let sock = socket2::SockRef::from(src);
-        let n = (&*sock).read(buf)?;
+        let (n, _) = rustix::net::recv(src, &mut *buf, rustix::net::RecvFlags::empty())
+            .map_err(io::Error::from)?;
         if n > 0 && n < buf.len() {
             got = Some(n);
             return Err(ErrorKind::WouldBlock.into());
@@ -226,6 +230,7 @@ pub(crate) fn has_unread(sock: &impl AsFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::time::Duration;
 
     #[test]
