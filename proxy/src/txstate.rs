@@ -75,10 +75,7 @@ impl Frames {
             // place, with no copy into `header` and no state kept between them.
             if self.at_boundary() && !self.untyped_next {
                 if let Some((&[kind, a, b, c, d], after)) = bytes.split_first_chunk::<5>() {
-                    let body = usize::try_from(u32::from_be_bytes([a, b, c, d]))
-                        .map_err(drop)?
-                        .checked_sub(4)
-                        .ok_or(())?;
+                    let body = body_len(u32::from_be_bytes([a, b, c, d]))?;
                     if let Some(rest) = after.get(body..) {
                         done(
                             kind,
@@ -109,8 +106,7 @@ impl Frames {
                 };
                 self.untyped_next = false;
                 self.header_len = 0;
-                let len = usize::try_from(len).map_err(drop)?;
-                self.body_left = len.checked_sub(4).ok_or(())?;
+                self.body_left = body_len(len)?;
                 self.kind = kind;
                 self.first = None;
                 if self.body_left == 0 {
@@ -130,6 +126,12 @@ impl Frames {
         }
         Ok(())
     }
+}
+
+/// The body length a message header's length field gives (it counts itself); `Err` for
+/// one shorter than that.
+fn body_len(len: u32) -> Result<usize, ()> {
+    usize::try_from(len).map_err(drop)?.checked_sub(4).ok_or(())
 }
 
 /// One session's transaction state, fed by both directions of the relay.
