@@ -205,6 +205,13 @@ impl Instance {
         self.state = None;
         self.session = None;
     }
+
+    /// The postmaster exited on its own (not stopped by the keeper).
+    fn postmaster_exited(&mut self) {
+        tracing::warn!("PostgreSQL exited");
+        self.postmaster = None;
+        self.forget_observed();
+    }
 }
 
 /// The cluster view and how far this keeper has followed it.
@@ -335,11 +342,7 @@ impl Keeper {
                 _ = cd_rx.changed() => {}
                 _ = tokio::time::sleep(sleep) => {}
                 _ = tokio::time::sleep_until(fence_at) => {}
-                _ = exited => {
-                    tracing::warn!("PostgreSQL exited");
-                    self.instance.postmaster = None;
-                    self.instance.forget_observed();
-                }
+                _ = exited => self.instance.postmaster_exited(),
             }
         }
         self.settings
@@ -531,9 +534,7 @@ impl Keeper {
             .as_mut()
             .is_some_and(|pm| pm.has_exited())
         {
-            tracing::warn!("PostgreSQL exited");
-            self.instance.postmaster = None;
-            self.instance.forget_observed();
+            self.instance.postmaster_exited();
         }
         let data = if self.settings.layout.has_data() {
             DataState::Present {
