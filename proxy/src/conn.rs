@@ -323,7 +323,14 @@ where
             r.reason
         }
     };
-    ctx.metrics.closed(reason);
+    count_close(ctx, reason);
+}
+
+/// Counts a session's end (a move to another relay thread is none: it goes on there).
+pub(crate) fn count_close(ctx: &Ctx, reason: CloseReason) {
+    if reason != CloseReason::Rebalance {
+        ctx.metrics.closed(reason);
+    }
 }
 
 /// Passes the server's first answer on as it is (a session the proxy cannot read).
@@ -710,6 +717,7 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
         End::Drained => CloseReason::Drained,
         End::Inspect => CloseReason::Inspect,
         End::ServerLost => CloseReason::ServerLost,
+        End::Rebalance => CloseReason::Rebalance,
         End::Error(e) => {
             tracing::debug!(error = %e, "relay ended with an error");
             CloseReason::IoError

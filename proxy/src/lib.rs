@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod balance;
 pub mod cancel;
 pub mod conn;
 pub mod discovery;

@@ -51,12 +51,17 @@ struct Args {
     /// Relay threads (default: one per core)
     #[arg(long)]
     threads: Option<usize>,
-    /// Sessions the first relay thread takes before new ones go to the thread with the
-    /// fewest (0, the default: always the fewest). A fill uses less CPU per transaction (one
-    /// thread serving a light load wakes less than several sharing it) but adds latency
-    /// where the sessions' messages queue behind each other on that thread (measured: 6-9%
-    /// less throughput on pgbench's tpcb and prepared -S at 16 clients, docs/benchmarks.md);
-    /// for a sidecar whose CPU counts more than its latency. A session never changes threads
+    /// Relay threads pack sessions: a new session goes to the first thread that used less
+    /// than this share of a core over the last quarter second, and sessions move between
+    /// threads at transaction boundaries as the load changes (a thread over it gives part
+    /// of its sessions to the least busy; a light load gathers them back on the first).
+    /// One thread serving a load uses less CPU per transaction than several sharing it
+    /// (measured: 18.4 against 22.0 us at pgbench -S -c16, docs/benchmarks.md). 0: spread
+    /// sessions evenly over the threads when they connect and never move them
+    #[arg(long, default_value_t = 0.75, value_parser = parse_busy)]
+    relay_busy: f64,
+    /// With --relay-busy 0 only: sessions the first relay thread takes before new ones go
+    /// to the thread with the fewest (0, the default: always the fewest)
     #[arg(long, default_value_t = 0)]
     relay_fill: usize,
     /// Most client sessions at once; more get SQLSTATE 53300. Each session needs two file
@@ -265,6 +270,15 @@ fn listen_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--listen-address {host:?} resolves to no address"))
 }
 
+/// `--relay-busy`: a share of one core, 0 (spread) to 1.
+fn parse_busy(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is not a share of a core (0 to 1)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Args = parse_with_env("STPROXY_");
     args.common.init_tracing();
@@ -433,6 +447,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
                 .unwrap_or(1)
         }),
         fill: args.relay_fill,
+        busy: (args.relay_busy * 1000.0).round() as u32,
         grace: args.shutdown_grace,
     };
     let mut engines = server::start(&listen, shared)?;

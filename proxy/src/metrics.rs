@@ -38,6 +38,8 @@ pub enum CloseReason {
     /// Not a close yet (counted as ServerClosed or Severed if it does not move): a movable
     /// session's server side ended, its client's is open.
     ServerLost,
+    /// Not a close (never counted): the session moved to another relay thread.
+    Rebalance,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +69,8 @@ pub struct Metrics {
     pub active: Gauge,
     /// Sessions on each relay thread (see `placement`).
     pub relay_sessions: Family<ThreadLabel, Gauge>,
+    /// Sessions the balancer moved to another relay thread.
+    pub rebalanced: Counter,
     pub closed: Family<ReasonLabel, Counter>,
     pub generation: Gauge,
     pub routing: Gauge,
@@ -157,6 +161,11 @@ impl Metrics {
             "relay_thread_sessions",
             "Sessions open now on each relay thread, by listener",
             self.relay_sessions.clone(),
+        );
+        r.register(
+            "relay_sessions_rebalanced",
+            "Sessions moved to another relay thread at a transaction boundary, as the load changed",
+            self.rebalanced.clone(),
         );
         r.register(
             "sessions_closed",

@@ -1,20 +1,22 @@
-//! Which relay thread a new session runs on. The first relay thread accepts every
-//! connection; by default each session goes to the thread with the fewest (an even spread,
-//! where SO_REUSEPORT's hash was only even on average). With `--relay-fill N` the first
-//! thread keeps new sessions until it holds N: one thread serving a light load spends less
-//! CPU per transaction than two sharing it (each wake-up serves more ready sockets, fewer
-//! threads sleep and wake: 18.2 against 22.0 us at `pgbench -S -c16`), but its sessions'
-//! messages queue behind each other, which costs latency and throughput on other workloads
-//! (6-9% at tpcb and prepared -S, 16 clients): docs/benchmarks.md. A session never changes
-//! threads, so the fill is also a bound: at most N of a pool's connections opened at once
-//! share the first thread.
+//! Which relay thread a session runs on. The first relay thread accepts every connection.
+//! By default sessions are packed: each goes to the first thread whose CPU use over the
+//! balancer's last period is under `--relay-busy` (of one core), and the balancer
+//! (`balance`) moves sessions between threads at their transaction boundaries as the load
+//! changes: one thread serving a load spends less CPU per transaction than two sharing it
+//! (each wake-up serves more ready sockets, fewer threads sleep and wake: 18.4 against 22.0
+//! us at `pgbench -S -c16`), and a thread that gets busy hands part of its sessions to the
+//! least busy. With `--relay-busy 0` sessions are spread instead and never move: each goes
+//! to the thread with the fewest, or to the first until it holds `--relay-fill`.
 
 use crate::metrics::{Metrics, ThreadLabel};
 use prometheus_client::metrics::gauge::Gauge;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio_util::task::TaskTracker;
 
-/// The relay thread for a new session, given the sessions each holds now: the first while
-/// it holds fewer than `fill`, else the one with the fewest (the first of equals).
+/// The relay thread for a new session when spreading, given the sessions each holds now:
+/// the first while it holds fewer than `fill`, else the one with the fewest (the first of
+/// equals).
 pub fn choose(sessions: &[i64], fill: usize) -> usize {
     match sessions.first() {
         Some(&n) if usize::try_from(n).unwrap_or(0) < fill => 0,
@@ -24,16 +26,61 @@ pub fn choose(sessions: &[i64], fill: usize) -> usize {
     }
 }
 
+/// The relay thread for a new session when packing, given each thread's CPU use (in
+/// thousandths of a core): the first under `limit`, else the least busy.
+pub fn choose_packed(busy: &[u32], limit: u32) -> usize {
+    busy.iter().position(|&b| b < limit).unwrap_or_else(|| {
+        (busy.iter().enumerate())
+            .min_by_key(|&(_, &b)| b)
+            .map_or(0, |(i, _)| i)
+    })
+}
+
+/// What the balancer knows of one relay thread and asks of its sessions.
+#[derive(Default)]
+pub(crate) struct Thread {
+    /// CPU use over the balancer's last period, in thousandths of a core.
+    pub busy: AtomicU32,
+    /// Sessions that should leave this thread at their next transaction boundary.
+    pub quota: AtomicI64,
+    /// The thread they go to.
+    pub dest: AtomicUsize,
+    /// Set when the thread starts: its runtime, its sessions' tracker and where the
+    /// kernel counts its CPU time.
+    pub home: OnceLock<(tokio::runtime::Handle, TaskTracker, std::path::PathBuf)>,
+}
+
+impl Thread {
+    /// Whether a session at a transaction boundary should leave now (it takes one of the
+    /// quota's places).
+    pub(crate) fn take_leave(&self) -> bool {
+        self.quota.load(Ordering::Relaxed) > 0
+            && (self.quota)
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |q| {
+                    (q > 0).then(|| q - 1)
+                })
+                .is_ok()
+    }
+}
+
 /// The sessions of each relay thread of one listener (the metric
-/// `stolon_proxy_relay_thread_sessions` is the count itself).
+/// `stolon_proxy_relay_thread_sessions` is the count itself), and the balancer's view.
 pub struct Seats {
     counts: Vec<Gauge>,
     fill: usize,
+    /// `--relay-busy` in thousandths of a core (0: spread, no moves).
+    pub(crate) busy_limit: u32,
+    pub(crate) threads: Vec<Thread>,
 }
 
 impl Seats {
-    pub fn new(threads: usize, fill: usize, metrics: &Metrics, listener: &str) -> Arc<Seats> {
-        let counts = (0..threads.max(1))
+    pub fn new(
+        threads: usize,
+        (fill, busy_limit): (usize, u32),
+        metrics: &Metrics,
+        listener: &str,
+    ) -> Arc<Seats> {
+        let counts: Vec<Gauge> = (0..threads.max(1))
             .map(|i| {
                 metrics
                     .relay_sessions
@@ -44,18 +91,40 @@ impl Seats {
                     .clone()
             })
             .collect();
-        Arc::new(Seats { counts, fill })
+        let threads = counts.iter().map(|_| Thread::default()).collect();
+        Arc::new(Seats {
+            counts,
+            fill,
+            busy_limit,
+            threads,
+        })
     }
 
-    /// Takes a seat on the thread `choose` picks. Only the accepting thread calls it, so
-    /// no two sessions are placed on one count read.
+    /// Whether sessions are packed and moved (more than one thread, a busy limit).
+    pub(crate) fn packing(&self) -> bool {
+        self.busy_limit > 0 && self.threads.len() > 1
+    }
+
+    /// The sessions each thread holds now.
+    pub(crate) fn counts(&self) -> Vec<i64> {
+        self.counts.iter().map(Gauge::get).collect()
+    }
+
+    /// Takes a seat on the thread `choose` (spreading) or `choose_packed` picks. Only the
+    /// accepting thread calls it, so no two sessions are placed on one count read.
     pub fn take(self: &Arc<Self>) -> Seat {
-        let now: Vec<i64> = self.counts.iter().map(Gauge::get).collect();
-        let thread = choose(&now, self.fill);
+        let thread = if self.packing() {
+            let busy: Vec<u32> = (self.threads.iter())
+                .map(|t| t.busy.load(Ordering::Relaxed))
+                .collect();
+            choose_packed(&busy, self.busy_limit)
+        } else {
+            choose(&self.counts(), self.fill)
+        };
         self.counts[thread].inc();
         Seat {
             seats: self.clone(),
-            thread,
+            thread: AtomicUsize::new(thread),
         }
     }
 }
@@ -64,12 +133,29 @@ impl Seats {
 /// it was refused).
 pub struct Seat {
     seats: Arc<Seats>,
-    pub thread: usize,
+    thread: AtomicUsize,
+}
+
+impl Seat {
+    pub fn thread(&self) -> usize {
+        self.thread.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn seats(&self) -> &Arc<Seats> {
+        &self.seats
+    }
+
+    /// The session now runs on thread `to`.
+    pub(crate) fn moved_to(&self, to: usize) {
+        let from = self.thread.swap(to, Ordering::Relaxed);
+        self.seats.counts[from].dec();
+        self.seats.counts[to].inc();
+    }
 }
 
 impl Drop for Seat {
     fn drop(&mut self) {
-        self.seats.counts[self.thread].dec();
+        self.seats.counts[self.thread()].dec();
     }
 }
 
@@ -99,16 +185,55 @@ mod tests {
     #[test]
     fn seats_count_sessions_and_give_them_back() {
         let metrics = Metrics::default();
-        let seats = Seats::new(2, 2, &metrics, "test");
+        let seats = Seats::new(2, (2, 0), &metrics, "test");
         let a = seats.take();
         let b = seats.take();
         let c = seats.take();
-        assert_eq!((a.thread, b.thread, c.thread), (0, 0, 1));
+        assert_eq!((a.thread(), b.thread(), c.thread()), (0, 0, 1));
         drop(a);
         // Thread 0 is below its fill again.
-        assert_eq!(seats.take().thread, 0);
+        assert_eq!(seats.take().thread(), 0);
         drop(c);
         assert_eq!(seats.counts[1].get(), 0);
+    }
+
+    #[test]
+    fn packing_takes_the_first_thread_under_the_limit_else_the_least_busy() {
+        let cases: &[(&[u32], u32, usize)] = &[
+            (&[0, 0], 750, 0),
+            (&[749, 0], 750, 0),
+            (&[750, 0], 750, 1),
+            (&[900, 800, 100], 750, 2),
+            (&[900, 950, 800], 750, 2),
+            (&[900, 900], 750, 0),
+            (&[], 750, 0),
+        ];
+        for &(busy, limit, want) in cases {
+            assert_eq!(choose_packed(busy, limit), want, "{busy:?} limit {limit}");
+        }
+    }
+
+    #[test]
+    fn a_moved_seat_counts_on_its_new_thread_and_the_quota_runs_out() {
+        let metrics = Metrics::default();
+        let seats = Seats::new(2, (0, 750), &metrics, "test");
+        assert!(seats.packing());
+        let (a, b) = (seats.take(), seats.take());
+        assert_eq!((a.thread(), b.thread()), (0, 0), "packed while not busy");
+        seats.threads[0].busy.store(800, Ordering::Relaxed);
+        let c = seats.take();
+        assert_eq!(c.thread(), 1, "the first is busy");
+        a.moved_to(1);
+        assert_eq!(seats.counts(), vec![1, 2]);
+        drop(a);
+        assert_eq!(seats.counts(), vec![1, 1]);
+        drop((b, c));
+        assert_eq!(seats.counts(), vec![0, 0]);
+        let t = &seats.threads[1];
+        assert!(!t.take_leave(), "no quota");
+        t.quota.store(2, Ordering::Relaxed);
+        assert!(t.take_leave() && t.take_leave() && !t.take_leave());
+        assert_eq!(t.quota.load(Ordering::Relaxed), 0);
     }
 
     proptest! {

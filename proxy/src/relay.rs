@@ -38,6 +38,9 @@ pub enum End {
     /// The server's side ended while the client's is open (a movable session, whose
     /// client's side the relay leaves alone: the caller may move it).
     ServerLost,
+    /// The balancer asked the session's thread for sessions and it is between
+    /// transactions: the caller moves it to another relay thread (`balance`).
+    Rebalance,
     Error(io::Error),
 }
 
@@ -51,6 +54,8 @@ pub enum Stop {
     Inspect,
     /// See `Drain::hold_if_lost`.
     Lost,
+    /// See `End::Rebalance`.
+    Rebalance,
 }
 
 /// A session's drain: the route's signal and the session's transaction state, fed by both
@@ -62,6 +67,8 @@ pub struct Drain<'a> {
     /// The session may move (the proxy authenticated its client): it stops for an
     /// inspection when it asks for one, and a server's end leaves its client's side open.
     pub movable: bool,
+    /// The session's relay thread, when the balancer may move sessions off it.
+    pub(crate) thread: Option<&'a crate::placement::Thread>,
 }
 
 impl Drain<'_> {
@@ -98,6 +105,9 @@ impl Drain<'_> {
         // `forced` first: it is false outside a drain, and the token's check takes a lock.
         if tx.forced && tx.idle() && self.signal.is_some_and(|s| s.is_cancelled()) {
             return Some(Stop::Drained);
+        }
+        if tx.idle() && self.thread.is_some_and(|t| t.take_leave()) {
+            return Some(Stop::Rebalance);
         }
         (self.movable && tx.wants_inspection()).then_some(Stop::Inspect)
     }
@@ -337,6 +347,7 @@ pub async fn drive(
                     Ok(Stop::Drained) => return End::Drained,
                     Ok(Stop::Inspect) => return End::Inspect,
                     Ok(Stop::Lost) => return End::ServerLost,
+                    Ok(Stop::Rebalance) => return End::Rebalance,
                     Ok(Stop::Eof) => {}
                 }
                 c_done = true;
@@ -354,6 +365,7 @@ pub async fn drive(
                     Ok(Stop::Drained) => return End::Drained,
                     Ok(Stop::Inspect) => return End::Inspect,
                     Ok(Stop::Lost) => return End::ServerLost,
+                    Ok(Stop::Rebalance) => return End::Rebalance,
                     // The client's side stays open: the caller may move the session.
                     Ok(Stop::Eof) if drain.is_some_and(|d| d.movable) && !c_done => {
                         return End::ServerLost
@@ -483,6 +495,7 @@ mod tests {
                 signal: Some(&self.signal),
                 tx: &self.tx,
                 movable: false,
+                thread: None,
             }
         }
     }
@@ -686,6 +699,7 @@ mod tests {
             signal: Some(&signal),
             tx: &tx,
             movable: false,
+            thread: None,
         };
         assert!(d.stop_after_chunk().is_none());
     }

@@ -1,15 +1,17 @@
 //! Listeners and the relay engine: one current-thread runtime per relay thread. The first
-//! thread accepts and places each session on a thread (`placement`: the one with the
-//! fewest, or itself up to `--relay-fill`); a session placed elsewhere is handed over as a
-//! socket before anything is read, so both its sockets stay on one thread and no task ever
-//! migrates. The listener opens only while discovery says so (after the first store read;
+//! thread accepts and places each session on a thread (`placement`); a session placed
+//! elsewhere is handed over as a socket before anything is read, so both its sockets stay
+//! on one thread. The first thread also runs the balancer (`balance`), which moves
+//! sessions between threads at their transaction boundaries. The listener opens only while discovery says so (after the first store read;
 //! closed while fenced with --stop-listening). Connections over the limit get 53300.
 
+use crate::balance::{Home, HOME};
 use crate::conn::{self, Ctx};
 use crate::metrics::CloseReason;
 use crate::placement::{Seat, Seats};
 use crate::protocol::sqlstate;
 use socket2::{Domain, Socket, Type};
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +54,8 @@ pub struct Listen {
     /// Sessions the first relay thread keeps before new ones go to the thread with the
     /// fewest (0: always the fewest).
     pub fill: usize,
+    /// `--relay-busy` in thousandths of a core (0: spread, sessions never move).
+    pub busy: u32,
     /// How long SIGTERM waits for sessions to end.
     pub grace: Duration,
 }
@@ -100,16 +104,19 @@ pub fn start(
     check_port_free(listen.addr)?;
     let engine = listen.engine.resolve();
     let threads = listen.threads.max(1);
-    tracing::info!(?engine, threads, fill = listen.fill, addr = %listen.addr, "relay engine");
+    tracing::info!(?engine, threads, fill = listen.fill, busy = listen.busy, addr = %listen.addr, "relay engine");
     let seats = Seats::new(
         threads,
-        listen.fill,
+        (listen.fill, listen.busy),
         &shared.ctx.metrics,
         &listen.addr.to_string(),
     );
     let (handoffs, inboxes): (Vec<_>, Vec<_>) =
         (1..threads).map(|_| mpsc::unbounded_channel()).unzip();
-    let mut work = vec![Work::Accept(Dispatch { seats, handoffs })];
+    let mut work = vec![Work::Accept(Dispatch {
+        seats: seats.clone(),
+        handoffs,
+    })];
     work.extend(inboxes.into_iter().map(Work::Receive));
     let (addr, grace) = (listen.addr, listen.grace);
     let mut handles = Vec::new();
@@ -117,11 +124,11 @@ pub fn start(
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let shared = shared.clone();
+        let (shared, seats) = (shared.clone(), seats.clone());
         handles.push(
             std::thread::Builder::new()
                 .name(format!("relay-{i}"))
-                .spawn(move || rt.block_on(run_thread(addr, shared, grace, work)))?,
+                .spawn(move || rt.block_on(run_thread(addr, shared, grace, work, (seats, i))))?,
         );
     }
     Ok(handles)
@@ -148,7 +155,7 @@ struct Dispatch {
 impl Dispatch {
     fn place(&self, sock: TcpStream, shared: &Shared, tracker: &TaskTracker) {
         let seat = self.seats.take();
-        let Some(to) = (seat.thread.checked_sub(1)).and_then(|i| self.handoffs.get(i)) else {
+        let Some(to) = (seat.thread().checked_sub(1)).and_then(|i| self.handoffs.get(i)) else {
             return admit(sock, seat, shared, tracker);
         };
         // Out of this thread's reactor (nothing was read yet), into the other's on arrival.
@@ -160,10 +167,27 @@ impl Dispatch {
     }
 }
 
-async fn run_thread(addr: SocketAddr, shared: Arc<Shared>, grace: Duration, work: Work) {
+async fn run_thread(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    grace: Duration,
+    work: Work,
+    (seats, i): (Arc<Seats>, usize),
+) {
     let tracker = TaskTracker::new();
+    // Where sessions moving to this thread land, and where its CPU time is read.
+    let schedstat = crate::balance::own_schedstat().unwrap_or_default();
+    let home = (
+        tokio::runtime::Handle::current(),
+        tracker.clone(),
+        schedstat,
+    );
+    let _ = seats.threads[i].home.set(home);
     match work {
-        Work::Accept(dispatch) => accept_loop(addr, &shared, &dispatch, &tracker).await,
+        Work::Accept(dispatch) => {
+            tokio::spawn(crate::balance::run(seats, shared.stop_accepting.clone()));
+            accept_loop(addr, &shared, &dispatch, &tracker).await
+        }
         Work::Receive(inbox) => receive_loop(inbox, &shared, &tracker).await,
     }
     tracker.close();
@@ -260,10 +284,14 @@ fn admit(sock: TcpStream, seat: Seat, shared: &Shared, tracker: &TaskTracker) {
     ctx.metrics.accepted.inc();
     match shared.limit.clone().try_acquire_owned() {
         Ok(permit) => {
-            tracker.spawn(async move {
-                conn::serve(sock, &ctx).await;
-                drop((permit, seat));
-            });
+            // The seat and the permit stay with the session, on whichever thread it runs.
+            let home = Home {
+                seat,
+                _permit: permit,
+                ctx: ctx.clone(),
+            };
+            let session = async move { conn::serve(sock, &ctx).await };
+            tracker.spawn(HOME.scope(RefCell::new(Some(home)), session));
         }
         Err(_) => {
             ctx.metrics.closed(CloseReason::RejectedLimit);

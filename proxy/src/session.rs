@@ -6,6 +6,7 @@
 //! boundary if it cannot. A session whose server goes away (a failover's sever, a crash)
 //! while it is idle moves too, if the proxy can prove its state (`migrate::ledger`).
 
+use crate::balance::Hop;
 use crate::conn::{in_lane, Ctx, Lane};
 use crate::metrics::CloseReason;
 use crate::migrate::{self, state::Unmovable};
@@ -66,6 +67,17 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
             }
         }
     }
+    run_from(client, server, k, ctx).await
+}
+
+/// The session's relay from here on: on this thread until it ends or moves to another
+/// (`balance`), whose task goes on with it here.
+pub(crate) async fn run_from(
+    mut client: Stream,
+    mut server: Option<Stream>,
+    mut k: Known,
+    ctx: &Ctx,
+) -> CloseReason {
     loop {
         let Some(s) = server.take() else {
             return CloseReason::Severed;
@@ -79,6 +91,20 @@ pub(crate) async fn run(s: Parts<Stream>, ctx: &Ctx) -> CloseReason {
             return CloseReason::Severed;
         };
         (client, server) = (c, s);
+        if reason == CloseReason::Rebalance {
+            let Some(s) = server.take() else {
+                return CloseReason::Severed;
+            };
+            match crate::balance::hop(client, s, k) {
+                Hop::Gone => return CloseReason::Rebalance,
+                Hop::Lost => return CloseReason::IoError,
+                Hop::Stay(parts) => {
+                    let (c, s, known) = *parts;
+                    (client, server, k) = (c, Some(s), known);
+                    continue;
+                }
+            }
+        }
         let since = std::time::Instant::now();
         let result = match (reason, server.as_mut()) {
             (CloseReason::Inspect, Some(s)) => {
@@ -198,15 +224,19 @@ async fn relay_once(
         // lane's sever shuts the sockets down through shared handles (no descriptor more).
         // A movable session's client socket is not the sever's: it may move.
         (Stream::Plain(c), Stream::Plain(s)) => {
+            // The balancer may ask this thread for sessions (plain ones can move).
+            let here = crate::balance::this_thread();
+            let thread = here.as_ref().map(|(seats, i)| &seats.threads[*i]);
             let (c, s) = (Arc::new(c), Arc::new(s));
             let client_handle = (!movable).then(|| c.clone() as SocketHandle);
             let handles = (client_handle, s.clone() as SocketHandle);
             let (cr, sr) = (&c, &s);
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
-                let d = (signal.is_some() || movable).then_some(Drain {
+                let d = (signal.is_some() || movable || thread.is_some()).then_some(Drain {
                     signal,
                     tx,
                     movable,
+                    thread,
                 });
                 relay(cr, sr, token, d, metrics).await
             })
@@ -233,6 +263,7 @@ async fn relay_once(
                     signal,
                     tx,
                     movable,
+                    thread: None,
                 });
                 crate::relay::relay_streams(c, s, (&cfd, &sfd), token, d, metrics).await
             })

@@ -1,7 +1,9 @@
-//! The relay engine serves real PostgreSQL traffic, severing included; sessions spread over
-//! the relay threads by default, and with a fill the first thread takes its fill before the
-//! others; a session handed to another thread is served as well; the names of the removed
-//! engines still start a proxy; a port another process listens on is refused.
+//! The relay engine serves real PostgreSQL traffic, severing included; by default sessions
+//! pack on the first relay thread, a busy thread hands sessions to another at their
+//! transaction boundaries and a light load gathers them back; without packing they spread
+//! over the threads, or the first takes its fill before the others; a session handed to
+//! another thread is served as well; the names of the removed engines still start a proxy;
+//! a port another process listens on is refused.
 
 mod common;
 
@@ -78,13 +80,17 @@ fn thread_sessions(proxy: &Proxy, thread: usize) -> Option<f64> {
     labeled_metric(proxy, "stolon_proxy_relay_thread_sessions", &label)
 }
 
-/// Placement: with `--relay-fill 2` on two threads, the first two sessions stay on the
+/// Placement without packing: with `--relay-fill 2` on two threads, the first two sessions stay on the
 /// accepting thread, the third is handed to the other and relays real traffic there, and a
 /// session's end gives its seat back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_thread_fills_then_another_serves_the_rest() {
     let s = Setup::new(1).await;
-    let proxy = spawn_routed(&s, &["--threads", "2", "--relay-fill", "2"]).await;
+    let proxy = spawn_routed(
+        &s,
+        &["--threads", "2", "--relay-busy", "0", "--relay-fill", "2"],
+    )
+    .await;
     // The routing probe's sessions have ended (each gives its seat back).
     assert!(
         wait_for(Duration::from_secs(5), || async {
@@ -120,12 +126,12 @@ async fn the_first_thread_fills_then_another_serves_the_rest() {
     assert_eq!(thread_sessions(&proxy, 0), Some(2.0));
 }
 
-/// By default (no fill) each new session goes to the thread with the fewest: two sessions
-/// on two threads, one each.
+/// Without packing (`--relay-busy 0`) and no fill each new session goes to the thread with
+/// the fewest: two sessions on two threads, one each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn by_default_sessions_spread_over_the_threads() {
+async fn without_packing_sessions_spread_over_the_threads() {
     let s = Setup::new(1).await;
-    let proxy = spawn_routed(&s, &["--threads", "2"]).await;
+    let proxy = spawn_routed(&s, &["--threads", "2", "--relay-busy", "0"]).await;
     assert!(
         wait_for(Duration::from_secs(5), || async {
             thread_sessions(&proxy, 0) == Some(0.0) && thread_sessions(&proxy, 1) == Some(0.0)
@@ -145,4 +151,106 @@ async fn by_default_sessions_spread_over_the_threads() {
             1
         );
     }
+}
+
+/// Sessions closed so far, every reason.
+fn closed_total(proxy: &Proxy) -> f64 {
+    let (_, body) = proxy.http_get("/metrics");
+    (body.lines())
+        .filter(|l| l.starts_with("stolon_proxy_sessions_closed_total{"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A client running `select $1 + 7` in a loop, every answer checked, pausing `pause`
+/// between queries, until `stop`; gives the client back with the queries it ran or the
+/// first error.
+async fn query_loop(
+    c: tokio_postgres::Client,
+    pause: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> (tokio_postgres::Client, Result<u64, String>) {
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        let i = (n % 1000) as i32;
+        match c.query_one("select $1::int + 7", &[&i]).await {
+            Ok(row) if row.get::<_, i32>(0) == i + 7 => {}
+            Ok(_) => return (c, Err(format!("query {n}: a wrong answer"))),
+            Err(e) => return (c, Err(format!("query {n}: {e}"))),
+        }
+        n += 1;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    (c, Ok(n))
+}
+
+/// Packing (the default): every session starts on the first thread while it is not busy;
+/// with a busy limit a busy thread passes (here 2 % of a core), part of them move to the
+/// other thread at transaction boundaries, their clients seeing nothing but right answers,
+/// and when the load falls to a trickle they gather back on the first thread. A move is
+/// no close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_thread_hands_sessions_over_and_a_light_load_gathers_them_back() {
+    let s = Setup::new(1).await;
+    let proxy = spawn_routed(&s, &["--threads", "2", "--relay-busy", "0.02"]).await;
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            thread_sessions(&proxy, 0) == Some(0.0) && thread_sessions(&proxy, 1) == Some(0.0)
+        })
+        .await
+    );
+    let closed_before = closed_total(&proxy);
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(proxy.connect().await.expect("connect"));
+    }
+    assert_eq!(thread_sessions(&proxy, 0), Some(4.0), "packed while idle");
+    // Busy: queries back to back.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let busy: Vec<_> = (clients.into_iter())
+        .map(|c| tokio::spawn(query_loop(c, Duration::ZERO, stop.clone())))
+        .collect();
+    let spread = wait_for(Duration::from_secs(20), || async {
+        metric(&proxy, "stolon_proxy_relay_sessions_rebalanced_total").unwrap_or(0.0) > 0.0
+            && thread_sessions(&proxy, 1).unwrap_or(0.0) > 0.0
+    })
+    .await;
+    stop.cancel();
+    let mut clients = Vec::new();
+    for task in busy {
+        let (c, r) = task.await.expect("client task");
+        let n = r.unwrap_or_else(|e| panic!("{e}\n{}", proxy.log_text()));
+        assert!(n > 0);
+        clients.push(c);
+    }
+    assert!(
+        spread,
+        "no session left the busy thread\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(
+        thread_sessions(&proxy, 0).unwrap_or(0.0) + thread_sessions(&proxy, 1).unwrap_or(0.0),
+        4.0
+    );
+    // A trickle: a query per client every 100 ms, far under 60 % of the limit together.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let trickle: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(query_loop(c, Duration::from_millis(100), stop.clone())))
+        .collect();
+    let gathered = wait_for(Duration::from_secs(20), || async {
+        thread_sessions(&proxy, 0) == Some(4.0) && thread_sessions(&proxy, 1) == Some(0.0)
+    })
+    .await;
+    stop.cancel();
+    let mut clients = Vec::new();
+    for task in trickle {
+        let (c, r) = task.await.expect("client task");
+        r.unwrap_or_else(|e| panic!("{e}\n{}", proxy.log_text()));
+        clients.push(c);
+    }
+    assert!(gathered, "the sessions stayed apart\n{}", proxy.log_text());
+    assert_eq!(closed_total(&proxy), closed_before, "a move is not a close");
 }
