@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// How often the balancer measures and decides: long enough that a period's CPU time
 /// says something, short enough that a load's change is followed within a second.
@@ -104,12 +105,21 @@ pub(crate) async fn run(seats: Arc<Seats>, stop: CancellationToken) {
         at = now;
         let mut busy = Vec::with_capacity(last.len());
         for (t, last) in seats.threads.iter().zip(last.iter_mut()) {
-            let cpu = (t.home.get()).and_then(|(_, _, path)| cpu_time(path));
-            let used = match (cpu, *last) {
-                (Some(c), Some(l)) => u128::from(c.saturating_sub(l)),
-                _ => 0,
+            let Some(cpu) = t.home.get().and_then(|(_, _, path)| cpu_time(path)) else {
+                if t.home.get().is_none() {
+                    // Not started yet: measured from the next period.
+                    busy.push(0);
+                    continue;
+                }
+                tracing::warn!(
+                    "cannot read the relay threads' CPU time (/proc/thread-self/schedstat): \
+                     sessions spread over the threads instead of packing"
+                );
+                seats.unmeasured();
+                return;
             };
-            *last = cpu;
+            let used = last.map_or(0, |l| u128::from(cpu.saturating_sub(l)));
+            *last = Some(cpu);
             let b = u32::try_from(used * 1000 / wall).unwrap_or(u32::MAX);
             t.busy.store(b, Ordering::Relaxed);
             busy.push(b);
@@ -178,19 +188,9 @@ pub(crate) fn hop(client: Stream, server: Stream, k: Known) -> Hop {
         let _ = HOME.try_with(|h| *h.borrow_mut() = Some(home));
         Hop::Stay(Box::new((client, server, k)))
     };
-    let seats = home.seat.seats().clone();
-    let from = home.seat.thread();
-    let to = seats.threads[from].dest.load(Ordering::Relaxed);
-    let target = seats.threads.get(to).filter(|_| to != from);
-    let Some((handle, tracker, _)) = target.and_then(|t| t.home.get()) else {
+    let Some((to, handle, token)) = target(&home.seat) else {
         return stay(home, client, server, k);
     };
-    // Counted by the target thread's tracker before anything else: a stopping thread
-    // (closed tracker) takes no session, and one that takes it waits for it.
-    let token = tracker.token();
-    if tracker.is_closed() {
-        return stay(home, client, server, k);
-    }
     let (c, s) = match (client, server) {
         (Stream::Plain(c), Stream::Plain(s)) => (c, s),
         (client, server) => return stay(home, client, server, k),
@@ -203,27 +203,42 @@ pub(crate) fn hop(client: Stream, server: Stream, k: Known) -> Hop {
     home.ctx.metrics.rebalanced.inc();
     let ctx = home.ctx.clone();
     let resume = async move {
-        let sockets = (
-            tokio::net::TcpStream::from_std(c),
-            tokio::net::TcpStream::from_std(s),
-        );
-        let reason = match sockets {
-            (Ok(c), Ok(s)) => {
-                let (c, s) = (Stream::Plain(c), Some(Stream::Plain(s)));
-                crate::session::run_from(c, s, k, &ctx).await
-            }
-            _ => {
-                tracing::warn!("cannot take a session's sockets on its new relay thread");
-                crate::metrics::CloseReason::IoError
-            }
-        };
-        crate::conn::count_close(&ctx, reason);
+        resume((c, s), k, &ctx).await;
         drop(token);
     };
+    // Boxed: the session's future would otherwise contain itself (it runs `hop`).
     let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
         Box::pin(HOME.scope(RefCell::new(Some(home)), resume));
     drop(handle.spawn(task));
     Hop::Gone
+}
+
+/// The thread the balancer named for this seat's sessions, its runtime, and a place in its
+/// tracker: taken before anything else, so a stopping thread (closed tracker) takes no
+/// session, and one that takes it waits for it.
+fn target(seat: &Seat) -> Option<(usize, tokio::runtime::Handle, TaskTrackerToken)> {
+    let seats = seat.seats();
+    let from = seat.thread();
+    let to = seats.threads[from].dest.load(Ordering::Relaxed);
+    let (handle, tracker, _) = seats.threads.get(to).filter(|_| to != from)?.home.get()?;
+    let token = tracker.token();
+    (!tracker.is_closed()).then(|| (to, handle.clone(), token))
+}
+
+/// The session's relay on its new thread, to its end.
+async fn resume((c, s): (std::net::TcpStream, std::net::TcpStream), k: Known, ctx: &Ctx) {
+    use tokio::net::TcpStream;
+    let reason = match (TcpStream::from_std(c), TcpStream::from_std(s)) {
+        (Ok(c), Ok(s)) => {
+            let (c, s) = (Stream::Plain(c), Some(Stream::Plain(s)));
+            crate::session::run_from(c, s, k, ctx).await
+        }
+        _ => {
+            tracing::warn!("cannot take a session's sockets on its new relay thread");
+            crate::metrics::CloseReason::IoError
+        }
+    };
+    crate::conn::count_close(ctx, reason);
 }
 
 #[cfg(test)]
@@ -262,6 +277,37 @@ mod tests {
             let limit = if i == cases.len() - 1 { 0 } else { 750 };
             assert_eq!(&plan(busy, sessions, limit), want, "{busy:?} {sessions:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_threads_cpu_time_sessions_spread() {
+        let metrics = crate::metrics::Metrics::default();
+        let seats = Seats::new(2, (0, 750), &metrics, "test");
+        for t in &seats.threads {
+            let home = (
+                tokio::runtime::Handle::current(),
+                tokio_util::task::TaskTracker::new(),
+                std::path::PathBuf::from("/nonexistent/schedstat"),
+            );
+            assert!(t.home.set(home).is_ok());
+        }
+        assert!(seats.packing());
+        // It gives up at its first measure.
+        run(seats.clone(), CancellationToken::new()).await;
+        assert!(!seats.packing());
+        let (a, b) = (seats.take(), seats.take());
+        assert_eq!((a.thread(), b.thread()), (0, 1), "spread");
+    }
+
+    #[test]
+    fn a_thread_reads_its_own_cpu_time() {
+        let path = own_schedstat().expect("/proc/thread-self");
+        let before = cpu_time(&path).expect("schedstat");
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(20) {
+            std::hint::black_box(0u64);
+        }
+        assert!(cpu_time(&path).expect("schedstat") > before);
     }
 
     proptest! {

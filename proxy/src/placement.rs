@@ -10,7 +10,7 @@
 
 use crate::metrics::{Metrics, ThreadLabel};
 use prometheus_client::metrics::gauge::Gauge;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio_util::task::TaskTracker;
 
@@ -70,6 +70,8 @@ pub struct Seats {
     fill: usize,
     /// `--relay-busy` in thousandths of a core (0: spread, no moves).
     pub(crate) busy_limit: u32,
+    /// Cleared when the threads' CPU time cannot be read: sessions spread instead.
+    measured: AtomicBool,
     pub(crate) threads: Vec<Thread>,
 }
 
@@ -96,13 +98,24 @@ impl Seats {
             counts,
             fill,
             busy_limit,
+            measured: AtomicBool::new(true),
             threads,
         })
     }
 
-    /// Whether sessions are packed and moved (more than one thread, a busy limit).
+    /// Whether sessions are packed and moved (more than one thread, a busy limit, and the
+    /// threads' CPU time can be read).
     pub(crate) fn packing(&self) -> bool {
-        self.busy_limit > 0 && self.threads.len() > 1
+        self.busy_limit > 0 && self.threads.len() > 1 && self.measured.load(Ordering::Relaxed)
+    }
+
+    /// The threads' CPU time cannot be read (no schedstat in this kernel, a hidden /proc):
+    /// packing would keep every session on the first thread, so they spread from now on.
+    pub(crate) fn unmeasured(&self) {
+        self.measured.store(false, Ordering::Relaxed);
+        for t in &self.threads {
+            t.quota.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The sessions each thread holds now.
