@@ -56,8 +56,9 @@ struct Args {
     /// threads at transaction boundaries as the load changes (a thread over it gives part
     /// of its sessions to the least busy; a light load gathers them back on the first).
     /// One thread serving a load uses less CPU per transaction than several sharing it
-    /// (measured: 18.4 against 22.0 us at pgbench -S -c16, docs/benchmarks.md). 0: spread
-    /// sessions evenly over the threads when they connect and never move them
+    /// (measured: 11.7 against 13.3 us at pgbench -S -c16, docs/benchmarks.md). Plaintext
+    /// sessions move; a TLS session keeps its thread. 0: spread sessions evenly over the
+    /// threads when they connect and never move them
     #[arg(long, default_value_t = 0.75, value_parser = parse_busy)]
     relay_busy: f64,
     /// With --relay-busy 0 only: sessions the first relay thread takes before new ones go
