@@ -2,8 +2,9 @@
 //! thread accepts and places each session on a thread (`placement`); a session placed
 //! elsewhere is handed over as a socket before anything is read, so both its sockets stay
 //! on one thread. The first thread also runs the balancer (`balance`), which moves
-//! sessions between threads at their transaction boundaries. The listener opens only while discovery says so (after the first store read;
-//! closed while fenced with --stop-listening). Connections over the limit get 53300.
+//! sessions between threads at their transaction boundaries. The listener opens only while
+//! discovery says so (after the first store read; closed while fenced with
+//! --stop-listening). Connections over the limit get 53300.
 
 use crate::balance::{Home, HOME};
 use crate::conn::{self, Ctx};
