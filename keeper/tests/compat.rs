@@ -313,23 +313,30 @@ async fn a_stolon_users_cluster_runs_unchanged() {
 }
 
 /// Point 3: TCP keepalive is on for the proxy's client sockets by default, as Go's listener
-/// turns it on (`ss -o` shows the keepalive timer on the accepted socket).
+/// turns it on (`ss -o` shows the keepalive timer on the accepted socket). Until the client
+/// acknowledges the session's first answer, `ss` shows the retransmission timer instead:
+/// polled until the keepalive one shows.
 async fn proxy_sockets_have_keepalive(port: u16) {
     let _c = connect(port).await.expect("session through the proxy");
-    let out = Command::new("ss")
-        .args([
-            "-tno",
-            "state",
-            "established",
-            &format!("( sport = :{port} )"),
-        ])
-        .output()
-        .expect("ss");
-    let t = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        t.contains("keepalive"),
-        "no keepalive timer on the proxy's socket:\n{t}"
-    );
+    let mut t = String::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let out = Command::new("ss")
+            .args([
+                "-tno",
+                "state",
+                "established",
+                &format!("( sport = :{port} )"),
+            ])
+            .output()
+            .expect("ss");
+        t = String::from_utf8_lossy(&out.stdout).into_owned();
+        if t.contains("keepalive") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no keepalive timer on the proxy's socket:\n{t}");
 }
 
 fn start_go_style_keeper(env: &Env, k: &mut KeeperProc, metrics: &str, with_id: bool) {
