@@ -103,27 +103,14 @@ pub(crate) async fn run(seats: Arc<Seats>, stop: CancellationToken) {
         let now = Instant::now();
         let wall = now.duration_since(at).as_nanos().max(1);
         at = now;
-        let mut busy = Vec::with_capacity(last.len());
-        for (t, last) in seats.threads.iter().zip(last.iter_mut()) {
-            let Some(cpu) = t.home.get().and_then(|(_, _, path)| cpu_time(path)) else {
-                if t.home.get().is_none() {
-                    // Not started yet: measured from the next period.
-                    busy.push(0);
-                    continue;
-                }
-                tracing::warn!(
-                    "cannot read the relay threads' CPU time (/proc/thread-self/schedstat): \
-                     sessions spread over the threads instead of packing"
-                );
-                seats.unmeasured();
-                return;
-            };
-            let used = last.map_or(0, |l| u128::from(cpu.saturating_sub(l)));
-            *last = Some(cpu);
-            let b = u32::try_from(used * 1000 / wall).unwrap_or(u32::MAX);
-            t.busy.store(b, Ordering::Relaxed);
-            busy.push(b);
-        }
+        let Some(busy) = measure(&seats, &mut last, wall) else {
+            tracing::warn!(
+                "cannot read the relay threads' CPU time (/proc/thread-self/schedstat): \
+                 sessions spread over the threads instead of packing"
+            );
+            seats.unmeasured();
+            return;
+        };
         let decision = plan(&busy, &seats.counts(), seats.busy_limit);
         for (i, t) in seats.threads.iter().enumerate() {
             let quota = match &decision {
@@ -133,12 +120,33 @@ pub(crate) async fn run(seats: Arc<Seats>, stop: CancellationToken) {
                 }
                 _ => 0,
             };
-            t.quota.store(quota, Ordering::Relaxed);
+            // Release: a session that takes a leave (`Thread::take_leave`) sees its `dest`.
+            t.quota.store(quota, Ordering::Release);
         }
         if let Some(m) = decision {
             tracing::debug!(?busy, ?m, "relay threads: sessions move");
         }
     }
+}
+
+/// Each relay thread's CPU use since the last measure (`last`, updated), in thousandths of
+/// a core over `wall` nanoseconds, also kept for placing new sessions; a thread not
+/// started yet counts 0. `None` if a started thread's CPU time cannot be read.
+fn measure(seats: &Seats, last: &mut [Option<u64>], wall: u128) -> Option<Vec<u32>> {
+    let mut busy = Vec::with_capacity(last.len());
+    for (t, last) in seats.threads.iter().zip(last.iter_mut()) {
+        let Some((_, _, path)) = t.home.get() else {
+            busy.push(0);
+            continue;
+        };
+        let cpu = cpu_time(path)?;
+        let used = last.map_or(0, |l| u128::from(cpu.saturating_sub(l)));
+        *last = Some(cpu);
+        let b = u32::try_from(used * 1000 / wall).unwrap_or(u32::MAX);
+        t.busy.store(b, Ordering::Relaxed);
+        busy.push(b);
+    }
+    Some(busy)
 }
 
 /// What a session's task owns besides the session: its seat, its place under the
