@@ -162,9 +162,10 @@ fn closed_total(proxy: &Proxy) -> f64 {
         .sum()
 }
 
-/// A client running `select $1 + 7` in a loop, every answer checked, pausing `pause`
-/// between queries, until `stop`; gives the client back with the queries it ran or the
-/// first error.
+/// A client running `select $1 + 7` and `select $1 + 8` in a loop, the two pipelined (a
+/// session with a request in flight must not move), every answer checked, pausing `pause`
+/// between pairs, until `stop`; gives the client back with the pairs it ran or the first
+/// error.
 async fn query_loop(
     c: tokio_postgres::Client,
     pause: Duration,
@@ -173,10 +174,15 @@ async fn query_loop(
     let mut n = 0u64;
     while !stop.is_cancelled() {
         let i = (n % 1000) as i32;
-        match c.query_one("select $1::int + 7", &[&i]).await {
-            Ok(row) if row.get::<_, i32>(0) == i + 7 => {}
-            Ok(_) => return (c, Err(format!("query {n}: a wrong answer"))),
-            Err(e) => return (c, Err(format!("query {n}: {e}"))),
+        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&i];
+        let pair = tokio::join!(
+            c.query_one("select $1::int + 7", params),
+            c.query_one("select $1::int + 8", params)
+        );
+        match pair {
+            (Ok(a), Ok(b)) if a.get::<_, i32>(0) == i + 7 && b.get::<_, i32>(0) == i + 8 => {}
+            (Ok(_), Ok(_)) => return (c, Err(format!("pair {n}: a wrong answer"))),
+            (Err(e), _) | (_, Err(e)) => return (c, Err(format!("pair {n}: {e}"))),
         }
         n += 1;
         if !pause.is_zero() {
