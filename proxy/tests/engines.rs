@@ -80,18 +80,10 @@ fn thread_sessions(proxy: &Proxy, thread: usize) -> Option<f64> {
     labeled_metric(proxy, "stolon_proxy_relay_thread_sessions", &label)
 }
 
-/// Placement without packing: with `--relay-fill 2` on two threads, the first two sessions stay on the
-/// accepting thread, the third is handed to the other and relays real traffic there, and a
-/// session's end gives its seat back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_first_thread_fills_then_another_serves_the_rest() {
-    let s = Setup::new(1).await;
-    let proxy = spawn_routed(
-        &s,
-        &["--threads", "2", "--relay-busy", "0", "--relay-fill", "2"],
-    )
-    .await;
-    // The routing probe's sessions have ended (each gives its seat back).
+/// A proxy started with `args` (two relay threads), once the routing probe's sessions
+/// have ended (each gives its seat back).
+async fn on_two_threads(s: &Setup, args: &[&str]) -> Proxy {
+    let proxy = spawn_routed(s, args).await;
     assert!(
         wait_for(Duration::from_secs(5), || async {
             thread_sessions(&proxy, 0) == Some(0.0) && thread_sessions(&proxy, 1) == Some(0.0)
@@ -100,6 +92,17 @@ async fn the_first_thread_fills_then_another_serves_the_rest() {
         "{}",
         proxy.log_text()
     );
+    proxy
+}
+
+/// Placement without packing: with `--relay-fill 2` on two threads, the first two sessions stay on the
+/// accepting thread, the third is handed to the other and relays real traffic there, and a
+/// session's end gives its seat back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_thread_fills_then_another_serves_the_rest() {
+    let s = Setup::new(1).await;
+    let args = ["--threads", "2", "--relay-busy", "0", "--relay-fill", "2"];
+    let proxy = on_two_threads(&s, &args).await;
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(proxy.connect().await.expect("connect"));
@@ -131,13 +134,7 @@ async fn the_first_thread_fills_then_another_serves_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_packing_sessions_spread_over_the_threads() {
     let s = Setup::new(1).await;
-    let proxy = spawn_routed(&s, &["--threads", "2", "--relay-busy", "0"]).await;
-    assert!(
-        wait_for(Duration::from_secs(5), || async {
-            thread_sessions(&proxy, 0) == Some(0.0) && thread_sessions(&proxy, 1) == Some(0.0)
-        })
-        .await
-    );
+    let proxy = on_two_threads(&s, &["--threads", "2", "--relay-busy", "0"]).await;
     let a = proxy.connect().await.expect("connect");
     let b = proxy.connect().await.expect("connect");
     assert_eq!(thread_sessions(&proxy, 0), Some(1.0));
@@ -200,13 +197,7 @@ async fn query_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_thread_hands_sessions_over_and_a_light_load_gathers_them_back() {
     let s = Setup::new(1).await;
-    let proxy = spawn_routed(&s, &["--threads", "2", "--relay-busy", "0.02"]).await;
-    assert!(
-        wait_for(Duration::from_secs(5), || async {
-            thread_sessions(&proxy, 0) == Some(0.0) && thread_sessions(&proxy, 1) == Some(0.0)
-        })
-        .await
-    );
+    let proxy = on_two_threads(&s, &["--threads", "2", "--relay-busy", "0.02"]).await;
     let closed_before = closed_total(&proxy);
     let mut clients = Vec::new();
     for _ in 0..4 {
