@@ -439,6 +439,9 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         })
     };
     let shared = shared_for(None);
+    if args.relay_fill > 0 && args.relay_busy > 0.0 {
+        tracing::warn!("--relay-fill applies only with --relay-busy 0 (sessions spread): ignored");
+    }
     let listen = Listen {
         addr,
         engine: args.engine,

@@ -251,3 +251,23 @@ async fn a_busy_thread_hands_sessions_over_and_a_light_load_gathers_them_back() 
     assert!(gathered, "the sessions stayed apart\n{}", proxy.log_text());
     assert_eq!(closed_total(&proxy), closed_before, "a move is not a close");
 }
+
+/// `--relay-fill` applies to the spread only: while packing it changes nothing (three
+/// sessions on the first thread, where a fill of 2 would hand the third over), and the log
+/// says it is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_while_packing_is_ignored_and_logged() {
+    let s = Setup::new(1).await;
+    let proxy = on_two_threads(&s, &["--threads", "2", "--relay-fill", "2"]).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(proxy.connect().await.expect("connect"));
+    }
+    assert_eq!(thread_sessions(&proxy, 0), Some(3.0));
+    assert_eq!(thread_sessions(&proxy, 1), Some(0.0));
+    let log = proxy.log_text();
+    assert!(
+        log.contains("--relay-fill applies only with --relay-busy 0"),
+        "{log}"
+    );
+}
