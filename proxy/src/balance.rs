@@ -189,7 +189,7 @@ pub(crate) enum Hop {
 
 /// Moves the session to the thread the balancer named for this one.
 pub(crate) fn hop(client: Stream, server: Stream, k: Known) -> Hop {
-    let Some(home) = HOME.try_with(|h| h.borrow_mut().take()).ok().flatten() else {
+    let Some(mut home) = HOME.try_with(|h| h.borrow_mut().take()).ok().flatten() else {
         return Hop::Stay(Box::new((client, server, k)));
     };
     let stay = |home: Home, client, server, k| {

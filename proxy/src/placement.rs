@@ -3,10 +3,11 @@
 //! balancer's last period is under `--relay-busy` (of one core), and the balancer
 //! (`balance`) moves sessions between threads at their transaction boundaries as the load
 //! changes: one thread serving a load spends less CPU per transaction than two sharing it
-//! (each wake-up serves more ready sockets, fewer threads sleep and wake: 18.4 against 22.0
-//! us at `pgbench -S -c16`), and a thread that gets busy hands part of its sessions to the
-//! least busy. With `--relay-busy 0` sessions are spread instead and never move: each goes
-//! to the thread with the fewest, or to the first until it holds `--relay-fill`.
+//! (each wake-up serves more ready sockets, fewer threads sleep and wake: 11.7 against 13.3
+//! us at `pgbench -S -c16`, docs/benchmarks.md), and a thread that gets busy hands part of
+//! its sessions to the least busy. With `--relay-busy 0` sessions are spread instead and
+//! never move: each goes to the thread with the fewest, or to the first until it holds
+//! `--relay-fill`.
 
 use crate::metrics::{Metrics, ThreadLabel};
 use prometheus_client::metrics::gauge::Gauge;
@@ -137,7 +138,7 @@ impl Seats {
         self.counts[thread].inc();
         Seat {
             seats: self.clone(),
-            thread: AtomicUsize::new(thread),
+            thread,
         }
     }
 }
@@ -146,12 +147,12 @@ impl Seats {
 /// it was refused).
 pub struct Seat {
     seats: Arc<Seats>,
-    thread: AtomicUsize,
+    thread: usize,
 }
 
 impl Seat {
     pub fn thread(&self) -> usize {
-        self.thread.load(Ordering::Relaxed)
+        self.thread
     }
 
     pub(crate) fn seats(&self) -> &Arc<Seats> {
@@ -159,8 +160,8 @@ impl Seat {
     }
 
     /// The session now runs on thread `to`.
-    pub(crate) fn moved_to(&self, to: usize) {
-        let from = self.thread.swap(to, Ordering::Relaxed);
+    pub(crate) fn moved_to(&mut self, to: usize) {
+        let from = std::mem::replace(&mut self.thread, to);
         self.seats.counts[from].dec();
         self.seats.counts[to].inc();
     }
@@ -231,7 +232,7 @@ mod tests {
         let metrics = Metrics::default();
         let seats = Seats::new(2, (0, 750), &metrics, "test");
         assert!(seats.packing());
-        let (a, b) = (seats.take(), seats.take());
+        let (mut a, b) = (seats.take(), seats.take());
         assert_eq!((a.thread(), b.thread()), (0, 0), "packed while not busy");
         seats.threads[0].busy.store(800, Ordering::Relaxed);
         let c = seats.take();
