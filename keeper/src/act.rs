@@ -614,6 +614,13 @@ impl Keeper {
         let session = self.session(Duration::from_secs(2)).await?;
         let done = self.promote_on(session.client()).await;
         self.give_back(session, done.is_ok());
+        if done.is_ok() {
+            // What this round publishes with its convergence must be the promoted state:
+            // the sentinel and the standbys take a converged master's timeline as proof
+            // (`Db::forks_standby`), and the state observed before the promotion has the
+            // old one.
+            self.query_state().await;
+        }
         done
     }
 

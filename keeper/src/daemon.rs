@@ -561,6 +561,7 @@ impl Keeper {
                     // and such a standby was left waiting forever (CI caught it).
                     timeline: st.timeline,
                     xlog_pos: st.xlog_pos,
+                    history: st.history,
                 }),
                 // Cannot answer: keep fencing decisions on the last known role.
                 None => match &self.instance.state {
@@ -569,6 +570,7 @@ impl Keeper {
                         pending_restart: false,
                         timeline: 0,
                         xlog_pos: 0,
+                        history: Vec::new(),
                     }),
                     _ => return None,
                 },
@@ -592,7 +594,7 @@ impl Keeper {
         })
     }
 
-    async fn query_state(&mut self) -> Option<PgState> {
+    pub(crate) async fn query_state(&mut self) -> Option<PgState> {
         self.instance.answering = false;
         let limit = self.request_timeout();
         let data_dir = self.settings.layout.pg_data();

@@ -66,6 +66,8 @@ pub struct Running {
     /// Its timeline and WAL position (0 when unknown).
     pub timeline: u64,
     pub xlog_pos: u64,
+    /// Its timeline's history file (empty on timeline 1 or when unknown).
+    pub history: Vec<crate::model::TimelineHistoryEntry>,
 }
 
 /// What the keeper observes locally.
@@ -334,7 +336,7 @@ fn resync(db: &Db, from: String) -> Vec<PgAction> {
 fn forked_from_followed(cd: &ClusterData, db: &Db, r: &Running) -> bool {
     followed_db(db)
         .and_then(|m| cd.dbs.get(m))
-        .is_some_and(|m| m.status.forked_from(r.timeline, r.xlog_pos))
+        .is_some_and(|m| m.forks_standby(r.timeline, r.xlog_pos, &r.history))
 }
 
 /// The data directory holds this db: bring the running instance to the wanted role and

@@ -54,6 +54,7 @@ fn local(data: DataState, running: Option<PgRole>) -> LocalObserved {
             pending_restart: false,
             timeline: 0,
             xlog_pos: 0,
+            history: Vec::new(),
         }),
         config_current: true,
         fenced: false,
@@ -132,6 +133,7 @@ fn plan_table() {
             pending_restart: true,
             timeline: 0,
             xlog_pos: 0,
+            history: Vec::new(),
         }),
         ..local(holds("d1"), None)
     };
@@ -324,6 +326,52 @@ fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt(
     for (name, tl, pos, rewind, want) in cases {
         let (cd, l) = standby_at(tl, pos, rewind);
         assert_eq!(run(Some(&cd), 0, &l), want, "{name}");
+    }
+}
+
+/// A standby already on the timeline its master's fresh promotion began, while the master's
+/// status still reports the timeline before it (its keeper has not reported since): it
+/// follows. The same standby against a master that converged, or one whose history
+/// branched before where the master was seen, is rebuilt (CI caught a standby rebuilt after
+/// every switchover where it was quicker to follow than the master's keeper to report).
+#[test]
+fn a_standby_ahead_of_a_master_that_has_not_reported_its_promotion_follows() {
+    let rebuilt = vec![
+        Stop(StopMode::Fast),
+        ClearData,
+        BaseBackup { from_db: from("m") },
+        WriteConfig,
+        Start,
+        SyncSlots,
+        Converged(7),
+    ];
+    let follows = vec![SyncSlots, Converged(7)];
+    let branch = |at: u64| {
+        vec![crate::model::TimelineHistoryEntry {
+            timeline_id: 1,
+            switch_point: at,
+            reason: String::new(),
+        }]
+    };
+    #[rustfmt::skip]
+    let cases = [
+        ("branched where the master was seen, master settling", false, branch(5000), &follows),
+        ("branched after, master settling", false, branch(6000), &follows),
+        ("branched where the master was seen, master converged", true, branch(5000), &rebuilt),
+        ("branched before where the master was seen", false, branch(4000), &rebuilt),
+        ("no history known", false, Vec::new(), &rebuilt),
+    ];
+    for (name, converged, history, want) in cases {
+        let (mut cd, mut l) = standby_at(2, 6000, false);
+        let m = cd.dbs.get_mut("m").expect("master");
+        m.status.timeline_id = 1;
+        m.status.x_log_pos = 5000;
+        m.status.timelines_history.clear();
+        m.status.current_generation = if converged { m.generation } else { 0 };
+        if let Some(r) = l.running.as_mut() {
+            r.history = history;
+        }
+        assert_eq!(&run(Some(&cd), 0, &l), want, "{name}");
     }
 }
 

@@ -355,6 +355,27 @@ pub struct DbStatus {
     pub extra: Map<String, Value>,
 }
 
+impl Db {
+    /// Whether a standby at `(timeline, pos)`, whose own timeline history is `history`, has
+    /// diverged from this master (`DbStatus::forked_from`), with one exception: while this
+    /// db has not converged on its spec (its promotion is being acted on), its status can
+    /// still be the one from before the promotion, and a standby that already follows the
+    /// new timeline looks exactly like that: on a later timeline, branched from this db's
+    /// reported one at or after the position this db reported. Such a standby is not
+    /// rebuilt on that evidence; once this db reports again, the fork is proven or not.
+    pub fn forks_standby(&self, timeline: u64, pos: u64, history: &[TimelineHistoryEntry]) -> bool {
+        let m = &self.status;
+        if !m.forked_from(timeline, pos) {
+            return false;
+        }
+        let settling = m.current_generation != self.generation;
+        let follows_a_promotion = timeline > m.timeline_id
+            && (history.iter())
+                .any(|h| h.timeline_id == m.timeline_id && h.switch_point >= m.x_log_pos);
+        !(settling && follows_a_promotion)
+    }
+}
+
 impl DbStatus {
     /// Whether a history at `(timeline, pos)` has diverged from this (master's) one: it is
     /// on an older timeline and went past the point where this one switched away from it,

@@ -294,6 +294,7 @@ fn local() -> impl Strategy<Value = LocalObserved> {
                     pending_restart,
                     timeline,
                     xlog_pos,
+                    history: Vec::new(),
                 }),
                 config_current,
                 fenced,

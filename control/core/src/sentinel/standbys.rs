@@ -19,11 +19,10 @@ pub(super) fn wal_file_start(name: &str) -> Option<u64> {
     Some((log << 32) + seg * SEGMENT)
 }
 
-/// Whether `db`'s history has diverged from the master's (see `DbStatus::forked_from`).
+/// Whether `db`'s history has diverged from the master's (see `Db::forks_standby`).
 pub(super) fn forked(master: &Db, db: &Db) -> bool {
-    master
-        .status
-        .forked_from(db.status.timeline_id, db.status.x_log_pos)
+    let s = &db.status;
+    master.forks_standby(s.timeline_id, s.x_log_pos, &s.timelines_history)
 }
 
 impl Round<'_> {

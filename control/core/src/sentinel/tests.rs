@@ -727,6 +727,38 @@ fn a_forked_standby_is_resynced_at_once_without_rewind_and_later_with_it() {
     }
 }
 
+/// A standby that follows its master's fresh promotion can report the new timeline before
+/// the master's keeper does: while the master has not converged on its spec it is kept (its
+/// history branched where the master was last seen); once the master, converged, still
+/// reports the old timeline, the fork is proven and it is removed.
+#[test]
+fn a_standby_ahead_of_a_master_settling_on_its_promotion_is_kept_until_proven_forked() {
+    let mut w = cluster(test_spec(), 3);
+    let master = w.master().to_string();
+    let (x, generation) = (
+        w.cd.dbs[&master].status.x_log_pos,
+        w.cd.dbs[&master].generation,
+    );
+    let k0 = w.keeper("k0");
+    k0.converges = false;
+    k0.generation = generation - 1;
+    let k1 = w.keeper("k1");
+    k1.timeline = 2;
+    k1.history = vec![crate::model::TimelineHistoryEntry {
+        timeline_id: 1,
+        switch_point: x,
+        reason: "promoted".into(),
+    }];
+    k1.xlog = x + 100;
+    let standby = db_uid(&w, "k1");
+    w.step(S);
+    assert!(w.cd.dbs.contains_key(&standby), "{:#?}", w.reasons);
+    assert!(!w.has_reason(ReasonKind::DbRemoved));
+    w.keeper("k0").generation = generation;
+    w.step(S);
+    assert!(!w.cd.dbs.contains_key(&standby), "{:#?}", w.reasons);
+}
+
 #[test]
 fn a_standby_that_needs_wal_the_master_no_longer_has_is_resynced() {
     let mut w = cluster(test_spec(), 2);
