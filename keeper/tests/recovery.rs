@@ -112,6 +112,23 @@ async fn pitr_from_a_base_backup_and_archived_wal() {
         async || can_write(k.port.0).await.then_some(()),
     )
     .await;
+    // PostgreSQL takes writes before the keeper's start has created the replication role
+    // the base backup below logs in as (CI once ran it in between).
+    wait_for(
+        &src,
+        "the replication role",
+        Duration::from_secs(30),
+        async || {
+            let c = connect(k.port.0).await.ok()?;
+            let n = (c
+                .query("SELECT 1 FROM pg_roles WHERE rolname = 'repluser'", &[])
+                .await)
+                .ok()?
+                .len();
+            (n == 1).then_some(())
+        },
+    )
+    .await;
     // archive_mode needs a restart: wait until the keeper runs with it.
     let c = connect(k.port.0).await.expect("connect");
     c.batch_execute("ALTER SYSTEM RESET ALL")
