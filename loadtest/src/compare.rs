@@ -57,6 +57,10 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut targets = vec![Target::direct(&pg)];
     for (engine, uid) in opts.engines.iter().zip(&uids) {
+        if let Some(mode) = engine.strip_prefix("proto-") {
+            targets.push(targets::relay_proto(pg.port(), mode)?);
+            continue;
+        }
         targets.push(targets::stolon_proxy(
             &etcd,
             "bench",

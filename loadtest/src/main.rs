@@ -4,11 +4,13 @@
 //!   ha:      what clients see of switchovers and failovers, stolon-proxy and HAProxy side by side
 //!   swarm:   what N proxies cost the store and the sentinel, and master changes with N proxies
 //!   store:   an etcd round trip through the daemons' store client and etcd-client's stock one
+//!   relay-proto: a bare TCP relay (tokio task per session, or one epoll loop), a floor for compare
 
 mod compare;
 mod ha;
 mod pgbench;
 mod procstat;
+mod relay_proto;
 mod security;
 mod sever;
 mod store_rtt;
@@ -41,7 +43,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         scale: u32,
         /// stolon-proxy engines to run (comma list; `engine:threads` pins the thread count,
-        /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking; `+moves-switchover` with --session-moves switchover; `+terminate` last; an `@NAME` suffix after all runs the build stolon-proxy-NAME kept beside loadtest, for an A/B of two builds)
+        /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking; `+moves-switchover` with --session-moves switchover; `+terminate` last; an `@NAME` suffix after all runs the build stolon-proxy-NAME kept beside loadtest, for an A/B of two builds; `proto-tokio` and `proto-epoll` run `loadtest relay-proto` instead, a bare TCP relay)
         #[arg(long, default_value = "tokio-tpc", value_delimiter = ',')]
         engines: Vec<String>,
         /// Leave out HAProxy and PgBouncer
@@ -62,6 +64,19 @@ enum Cmd {
         /// Also write the table to this file
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+    },
+    /// A bare TCP relay to one PostgreSQL (no protocol, no routing): the floor `compare`
+    /// runs as engines `proto-tokio` and `proto-epoll`, to tell the runtime's cost from the
+    /// proxy's own work. Runs until killed
+    RelayProto {
+        #[arg(long, value_enum)]
+        mode: relay_proto::Mode,
+        /// Port to listen on (127.0.0.1)
+        #[arg(long)]
+        listen: u16,
+        /// PostgreSQL's port (127.0.0.1)
+        #[arg(long)]
+        backend: u16,
     },
     /// Sever time with N open sessions, and proxy memory per idle session
     Sever {
@@ -202,6 +217,11 @@ fn humantime_ms(s: &str) -> Result<std::time::Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
+        Cmd::RelayProto {
+            mode,
+            listen,
+            backend,
+        } => relay_proto::run(mode, listen, backend),
         Cmd::Compare {
             rounds,
             seconds,

@@ -175,6 +175,28 @@ pub fn stolon_proxy(
     })
 }
 
+/// `loadtest relay-proto --mode MODE`: a bare TCP relay to PostgreSQL on `pg_port`.
+pub fn relay_proto(pg_port: u16, mode: &str) -> Result<Target> {
+    let port = free_port();
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["relay-proto", "--mode", mode, "--listen"])
+        .arg(port.0.to_string())
+        .arg("--backend")
+        .arg(pg_port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut child = ChildGuard::spawn("relay-proto", &mut cmd).context("starting relay-proto")?;
+    wait_port(port.0, &mut child, "relay-proto")?;
+    Ok(Target {
+        name: format!("proto-{mode}"),
+        port: port.0,
+        pid: Some(child.pid()),
+        _guard: Some(child),
+        _port: Some(port),
+        _dir: None,
+    })
+}
+
 /// HAProxy in TCP mode; `threads` sets `nbthread` (default: HAProxy's own, one per core).
 pub fn haproxy(pg_port: u16, threads: Option<u32>) -> Result<Target> {
     let dir = testkit::temp_dir("haproxy")?;

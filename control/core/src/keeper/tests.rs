@@ -279,9 +279,9 @@ fn standby_at(timeline: u64, pos: u64, rewind: bool) -> (ClusterData, LocalObser
     (cd, l)
 }
 
-#[test]
-fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt() {
-    let rebuilt = vec![
+/// A running standby's plan when it is rebuilt from master db "m" (no pg_rewind).
+fn rebuilt_from_m() -> Vec<PgAction> {
+    vec![
         Stop(StopMode::Fast),
         ClearData,
         BaseBackup { from_db: from("m") },
@@ -289,7 +289,12 @@ fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt(
         Start,
         SyncSlots,
         Converged(7),
-    ];
+    ]
+}
+
+#[test]
+fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt() {
+    let rebuilt = rebuilt_from_m();
     let rewound = vec![
         Stop(StopMode::Fast),
         Rewind { from_db: from("m") },
@@ -336,15 +341,7 @@ fn a_running_standby_whose_history_forked_from_the_master_is_rewound_or_rebuilt(
 /// every switchover where it was quicker to follow than the master's keeper to report).
 #[test]
 fn a_standby_ahead_of_a_master_that_has_not_reported_its_promotion_follows() {
-    let rebuilt = vec![
-        Stop(StopMode::Fast),
-        ClearData,
-        BaseBackup { from_db: from("m") },
-        WriteConfig,
-        Start,
-        SyncSlots,
-        Converged(7),
-    ];
+    let rebuilt = rebuilt_from_m();
     let follows = vec![SyncSlots, Converged(7)];
     let branch = |at: u64| {
         vec![crate::model::TimelineHistoryEntry {

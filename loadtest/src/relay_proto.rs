@@ -1,0 +1,189 @@
+//! `loadtest relay-proto`: a bare TCP relay to one PostgreSQL, no protocol, no routing, as a
+//! floor for `compare` (engines `proto-tokio` and `proto-epoll`). It answers one question
+//! of issue 19: how much of stolon-proxy's CPU per transaction is the runtime (a tokio task
+//! per session, as the proxy's relay threads run them) and how much the proxy's own work,
+//! against one raw epoll loop (PgBouncer's shape). Not a product: it never stops by itself
+//! and handles a destination that cannot take a write by blocking on it.
+
+use anyhow::{Context, Result};
+use rustix::event::epoll;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Mode {
+    /// A tokio current-thread runtime, a task per session (both directions in it).
+    Tokio,
+    /// One thread, one epoll set, edge-triggered, no task.
+    Epoll,
+}
+
+pub fn run(mode: Mode, listen: u16, backend: u16) -> Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", listen)).context("bind")?;
+    match mode {
+        Mode::Tokio => tokio_relay(listener, backend),
+        Mode::Epoll => epoll_relay(listener, backend),
+    }
+}
+
+fn tokio_relay(listener: TcpListener, backend: u16) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async move {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        loop {
+            let (client, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                else {
+                    return;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let _ = tokio::join!(one_way(&client, &server), one_way(&server, &client));
+            });
+        }
+    })
+}
+
+/// Copies until EOF or an error: each read written on before the next.
+async fn one_way(src: &tokio::net::TcpStream, dst: &tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if src.readable().await.is_err() {
+            return;
+        }
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        };
+        let mut off = 0;
+        while off < n {
+            if dst.writable().await.is_err() {
+                return;
+            }
+            match dst.try_write(&buf[off..n]) {
+                Ok(w) => off += w,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+const LISTENER: u64 = u64::MAX;
+
+fn epoll_relay(listener: TcpListener, backend: u16) -> Result<()> {
+    listener.set_nonblocking(true)?;
+    let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    epoll::add(
+        &ep,
+        &listener,
+        epoll::EventData::new_u64(LISTENER),
+        epoll::EventFlags::IN,
+    )?;
+    let mut sessions: Vec<Option<(TcpStream, TcpStream)>> = Vec::new();
+    let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        events.clear();
+        match epoll::wait(&ep, rustix::buffer::spare_capacity(&mut events), None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        for key in events.iter().map(|e| e.data.u64()) {
+            if key == LISTENER {
+                accept_all(&listener, backend, &ep, &mut sessions)?;
+                continue;
+            }
+            let idx = (key / 2) as usize;
+            let Some((client, server)) = sessions.get(idx).and_then(|s| s.as_ref()) else {
+                continue;
+            };
+            let (src, dst) = if key % 2 == 0 {
+                (client, server)
+            } else {
+                (server, client)
+            };
+            if !copy_ready(src, dst, &mut buf) {
+                // Dropping the sockets closes them, which takes them out of the set.
+                sessions[idx] = None;
+            }
+        }
+    }
+}
+
+fn accept_all(
+    listener: &TcpListener,
+    backend: u16,
+    ep: &impl std::os::fd::AsFd,
+    sessions: &mut Vec<Option<(TcpStream, TcpStream)>>,
+) -> Result<()> {
+    loop {
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let Ok(server) = TcpStream::connect(("127.0.0.1", backend)) else {
+            continue;
+        };
+        for s in [&client, &server] {
+            s.set_nonblocking(true)?;
+            s.set_nodelay(true)?;
+        }
+        let idx = match sessions.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                sessions.push(None);
+                sessions.len() - 1
+            }
+        };
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ET;
+        let key = idx as u64 * 2;
+        epoll::add(ep, &client, epoll::EventData::new_u64(key), flags)?;
+        epoll::add(ep, &server, epoll::EventData::new_u64(key + 1), flags)?;
+        sessions[idx] = Some((client, server));
+    }
+}
+
+/// Copies what `src` has to `dst`; false when the session is over. A read shorter than the
+/// buffer emptied the socket (edge-triggered: a later arrival raises a new event).
+fn copy_ready(mut src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> bool {
+    loop {
+        let n = match src.read(buf) {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        };
+        if !write_all_waiting(dst, &buf[..n]) {
+            return false;
+        }
+        if n < buf.len() {
+            return true;
+        }
+    }
+}
+
+/// Writes all of `bytes`, waiting (blocking the loop: rare with small messages) while the
+/// destination cannot take more.
+fn write_all_waiting(mut dst: &TcpStream, mut bytes: &[u8]) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    while !bytes.is_empty() {
+        match dst.write(bytes) {
+            Ok(0) => return false,
+            Ok(w) => bytes = &bytes[w..],
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if poll(&mut [PollFd::new(&dst, PollFlags::OUT)], None).is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
