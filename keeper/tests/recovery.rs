@@ -29,6 +29,8 @@ async fn a_wiped_master_data_dir_is_refused_and_the_standby_takes_over() {
             "pgParameters": {"fsync": "off"}}"#,
     );
     let mut k1 = env.keeper("k1", &["--priority", "5"]);
+    // The first master is k1: init picks among the keepers alive at the time.
+    wait_primary(&env, &k1, Duration::from_secs(60)).await;
     let k2 = env.keeper("k2", &[]);
     wait_for(
         &env,

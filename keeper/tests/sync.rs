@@ -45,6 +45,8 @@ async fn sync_standby_slots_restart_and_restricted_access() {
     let env = Env::new().await;
     let _sentinel = env.sentinel(SPEC);
     let k1 = env.keeper("k1", &["--priority", "5"]);
+    // The first master is k1: init picks among the keepers alive at the time.
+    wait_primary(&env, &k1, Duration::from_secs(60)).await;
     let mut k2 = env.keeper("k2", &[]);
     let c = wait_for(
         &env,

@@ -350,6 +350,16 @@ pub async fn in_recovery(port: u16) -> Option<bool> {
         .map(|r| r.get(0))
 }
 
+/// Waits until the keeper's PostgreSQL runs as a primary: the cluster was initialised on it.
+/// Init picks among the keepers it has seen alive, so a test that wants a given keeper as
+/// its first master starts the others only after this.
+pub async fn wait_primary(env: &Env, k: &KeeperProc, timeout: Duration) {
+    wait_for(env, "the first master", timeout, async || {
+        (in_recovery(k.port.0).await == Some(false)).then_some(())
+    })
+    .await;
+}
+
 /// `GET path` on `addr` (a keeper's or sentinel's metrics listener): the status code and the
 /// whole response.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
