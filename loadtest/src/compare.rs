@@ -3,7 +3,7 @@
 //! proxy's CPU time per transaction is read from /proc.
 
 use crate::pgbench::{self, Outcome, Workload, WORKLOADS};
-use crate::procstat::cpu_seconds;
+use crate::procstat::{cpu_times, sleeps};
 use crate::targets::{self, Target};
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -27,6 +27,10 @@ struct Sample {
     round: usize,
     outcome: Outcome,
     cpu_us_per_tx: Option<f64>,
+    /// The user-space part of it.
+    user_us_per_tx: Option<f64>,
+    /// Voluntary context switches of the proxy process per transaction (its wake-ups).
+    sleeps_per_tx: Option<f64>,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -94,19 +98,28 @@ pub fn run(opts: &Options) -> Result<()> {
             let n = targets.len();
             for i in 0..n {
                 let t = &targets[(i + round) % n];
-                let cpu0 = t.pid.map(cpu_seconds);
+                let cpu0 = t.pid.map(cpu_times);
+                let sleeps0 = t.pid.map(sleeps);
                 let outcome = pgbench::run(t.port, &login, w, opts.seconds)?;
-                let cpu_us_per_tx = t
-                    .pid
-                    .zip(cpu0)
-                    .map(|(pid, c0)| (cpu_seconds(pid) - c0) * 1e6 / outcome.transactions.max(1.0));
+                let per_tx = |v: f64| v * 1e6 / outcome.transactions.max(1.0);
+                let used = t.pid.zip(cpu0).map(|(pid, (u0, s0))| {
+                    let (u, s) = cpu_times(pid);
+                    (u - u0, s - s0)
+                });
+                let cpu_us_per_tx = used.map(|(u, s)| per_tx(u + s));
+                let user_us_per_tx = used.map(|(u, _)| per_tx(u));
+                let sleeps_per_tx = t.pid.zip(sleeps0).map(|(pid, s0)| {
+                    sleeps(pid).saturating_sub(s0) as f64 / outcome.transactions.max(1.0)
+                });
                 eprintln!(
-                    "round {round} {:<22} {:<16} tps {:>9.1}  lat {:>7.3} ms  cpu/tx {}",
+                    "round {round} {:<22} {:<16} tps {:>9.1}  lat {:>7.3} ms  cpu/tx {} (user {})  sleeps/tx {}",
                     w.name,
                     t.name,
                     outcome.tps,
                     outcome.latency_ms,
-                    cpu_us_per_tx.map_or("-".into(), |c| format!("{c:.1} us"))
+                    cpu_us_per_tx.map_or("-".into(), |c| format!("{c:.1} us")),
+                    user_us_per_tx.map_or("-".into(), |c| format!("{c:.1}")),
+                    sleeps_per_tx.map_or("-".into(), |c| format!("{c:.2}"))
                 );
                 samples
                     .entry((w.name, t.name.clone()))
@@ -115,6 +128,8 @@ pub fn run(opts: &Options) -> Result<()> {
                         round,
                         outcome,
                         cpu_us_per_tx,
+                        user_us_per_tx,
+                        sleeps_per_tx,
                     });
             }
         }
@@ -146,6 +161,15 @@ fn write_clusterdata(etcd: &testkit::Etcd, pg_port: u16, uids: &[String]) -> Res
     })
 }
 
+/// The median of `v` to `digits` decimals, or "-" when nothing was measured.
+fn median_or_dash(v: Vec<f64>, digits: usize) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.digits$}", median(v))
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -167,8 +191,8 @@ fn summarise(
 ) -> String {
     let mut out = format!(
         "### stolon-proxy vs direct / HAProxy / PgBouncer: {} rounds x {} s, pgbench scale {}, clients {:?}\n\n\
-         | workload | target | TPS ratio to direct: median (min-max) | median TPS | added latency (ms) | CPU per tx (us) |\n\
-         |---|---|---|---|---|---|\n",
+         | workload | target | TPS ratio to direct: median (min-max) | median TPS | added latency (ms) | CPU per tx (us) | of it user (us) | sleeps per tx |\n\
+         |---|---|---|---|---|---|---|---|\n",
         opts.rounds, opts.seconds, opts.scale, opts.security
     );
     for w in workloads {
@@ -192,11 +216,13 @@ fn summarise(
                 .filter_map(|s| by_round(s).map(|d| s.outcome.latency_ms - d.latency_ms))
                 .collect();
             let cpu: Vec<f64> = ss.iter().filter_map(|s| s.cpu_us_per_tx).collect();
+            let user: Vec<f64> = ss.iter().filter_map(|s| s.user_us_per_tx).collect();
+            let sleeps: Vec<f64> = ss.iter().filter_map(|s| s.sleeps_per_tx).collect();
             let (lo, hi) = ratios
                 .iter()
                 .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
             out += &format!(
-                "| {} | {} | {:.3} ({:.3}-{:.3}) | {:.0} | {:.4} | {} |\n",
+                "| {} | {} | {:.3} ({:.3}-{:.3}) | {:.0} | {:.4} | {} | {} | {} |\n",
                 w.name,
                 t.name,
                 median(ratios.clone()),
@@ -204,11 +230,9 @@ fn summarise(
                 hi,
                 median(ss.iter().map(|s| s.outcome.tps).collect()),
                 median(added),
-                if cpu.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{:.1}", median(cpu))
-                }
+                median_or_dash(cpu, 1),
+                median_or_dash(user, 1),
+                median_or_dash(sleeps, 2),
             );
         }
     }

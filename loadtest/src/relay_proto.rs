@@ -34,41 +34,33 @@ fn tokio_relay(listener: TcpListener, backend: u16) -> Result<()> {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         loop {
-            let (client, _) = listener.accept().await?;
+            let (mut client, _) = listener.accept().await?;
             tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
                 else {
                     return;
                 };
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
-                let _ = tokio::join!(one_way(&client, &server), one_way(&server, &client));
+                let ((cr, cw), (sr, sw)) = (client.split(), server.split());
+                tokio::join!(one_way(cr, sw), one_way(sr, cw));
             });
         }
     })
 }
 
-/// Copies until EOF or an error: each read written on before the next.
-async fn one_way(src: &tokio::net::TcpStream, dst: &tokio::net::TcpStream) {
+/// Copies until EOF or an error: each read written on before the next. Through tokio's
+/// `AsyncRead`, which takes a short read as the socket drained (as the proxy's relay does),
+/// so a message costs one recv, not a second one that finds nothing.
+async fn one_way(mut src: tokio::net::tcp::ReadHalf<'_>, mut dst: tokio::net::tcp::WriteHalf<'_>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if src.readable().await.is_err() {
-            return;
-        }
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            Err(_) => return,
-        };
-        let mut off = 0;
-        while off < n {
-            if dst.writable().await.is_err() {
-                return;
-            }
-            match dst.try_write(&buf[off..n]) {
-                Ok(w) => off += w,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => return,
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if dst.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
             }
         }
     }
