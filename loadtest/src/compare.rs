@@ -98,39 +98,21 @@ pub fn run(opts: &Options) -> Result<()> {
             let n = targets.len();
             for i in 0..n {
                 let t = &targets[(i + round) % n];
-                let cpu0 = t.pid.map(cpu_times);
-                let sleeps0 = t.pid.map(sleeps);
-                let outcome = pgbench::run(t.port, &login, w, opts.seconds)?;
-                let per_tx = |v: f64| v * 1e6 / outcome.transactions.max(1.0);
-                let used = t.pid.zip(cpu0).map(|(pid, (u0, s0))| {
-                    let (u, s) = cpu_times(pid);
-                    (u - u0, s - s0)
-                });
-                let cpu_us_per_tx = used.map(|(u, s)| per_tx(u + s));
-                let user_us_per_tx = used.map(|(u, _)| per_tx(u));
-                let sleeps_per_tx = t.pid.zip(sleeps0).map(|(pid, s0)| {
-                    sleeps(pid).saturating_sub(s0) as f64 / outcome.transactions.max(1.0)
-                });
+                let sample = measure(round, t, w, &login, opts.seconds)?;
                 eprintln!(
                     "round {round} {:<22} {:<16} tps {:>9.1}  lat {:>7.3} ms  cpu/tx {} (user {})  sleeps/tx {}",
                     w.name,
                     t.name,
-                    outcome.tps,
-                    outcome.latency_ms,
-                    cpu_us_per_tx.map_or("-".into(), |c| format!("{c:.1} us")),
-                    user_us_per_tx.map_or("-".into(), |c| format!("{c:.1}")),
-                    sleeps_per_tx.map_or("-".into(), |c| format!("{c:.2}"))
+                    sample.outcome.tps,
+                    sample.outcome.latency_ms,
+                    (sample.cpu_us_per_tx).map_or("-".into(), |c| format!("{c:.1} us")),
+                    (sample.user_us_per_tx).map_or("-".into(), |c| format!("{c:.1}")),
+                    (sample.sleeps_per_tx).map_or("-".into(), |c| format!("{c:.2}"))
                 );
                 samples
                     .entry((w.name, t.name.clone()))
                     .or_default()
-                    .push(Sample {
-                        round,
-                        outcome,
-                        cpu_us_per_tx,
-                        user_us_per_tx,
-                        sleeps_per_tx,
-                    });
+                    .push(sample);
             }
         }
     }
@@ -141,6 +123,32 @@ pub fn run(opts: &Options) -> Result<()> {
         std::fs::write(out, &report)?;
     }
     Ok(())
+}
+
+/// One pgbench run of `w` against `t`, with the target process's CPU time and sleeps over it.
+fn measure(
+    round: usize,
+    t: &Target,
+    w: &Workload,
+    login: &pgbench::Login,
+    seconds: u32,
+) -> Result<Sample> {
+    let cpu0 = t.pid.map(cpu_times);
+    let sleeps0 = t.pid.map(sleeps);
+    let outcome = pgbench::run(t.port, login, w, seconds)?;
+    let per_tx = |v: f64| v / outcome.transactions.max(1.0);
+    let used = t.pid.zip(cpu0).map(|(pid, (u0, s0))| {
+        let (u, s) = cpu_times(pid);
+        (u - u0, s - s0)
+    });
+    Ok(Sample {
+        round,
+        outcome,
+        cpu_us_per_tx: used.map(|(u, s)| per_tx((u + s) * 1e6)),
+        user_us_per_tx: used.map(|(u, _)| per_tx(u * 1e6)),
+        sleeps_per_tx: (t.pid.zip(sleeps0))
+            .map(|(pid, s0)| per_tx(sleeps(pid).saturating_sub(s0) as f64)),
+    })
 }
 
 fn write_clusterdata(etcd: &testkit::Etcd, pg_port: u16, uids: &[String]) -> Result<()> {
