@@ -69,7 +69,9 @@ async fn a_state_session_sees_a_new_wal_position_and_no_answer_once_stopped() {
     let c = conn(&pg);
     let data = pg.data_dir();
     let (before, s, _) = observe(None, &c, &data, LIMIT, LONG).await.expect("first");
-    pg.psql("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i")
+    // Committed with a flush: the test PostgreSQL runs synchronous_commit=off, where the
+    // write position (what the round reads) moves only when the WAL writer next runs.
+    pg.psql("SET synchronous_commit = on; CREATE TABLE t AS SELECT generate_series(1, 1000) AS i")
         .expect("write");
     let (after, s, reused) = observe(Some(s), &c, &data, LIMIT, LONG)
         .await
