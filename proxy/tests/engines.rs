@@ -190,14 +190,14 @@ async fn query_loop(
 }
 
 /// Packing (the default): every session starts on the first thread while it is not busy;
-/// with a busy limit a busy thread passes (here 2 % of a core), part of them move to the
+/// with a busy limit a busy thread passes (here 5 % of a core), part of them move to the
 /// other thread at transaction boundaries, their clients seeing nothing but right answers,
 /// and when the load falls to a trickle they gather back on the first thread. A move is
 /// no close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_thread_hands_sessions_over_and_a_light_load_gathers_them_back() {
     let s = Setup::new(1).await;
-    let proxy = on_two_threads(&s, &["--threads", "2", "--relay-busy", "0.02"]).await;
+    let proxy = on_two_threads(&s, &["--threads", "2", "--relay-busy", "0.05"]).await;
     let closed_before = closed_total(&proxy);
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -231,11 +231,13 @@ async fn a_busy_thread_hands_sessions_over_and_a_light_load_gathers_them_back() 
         thread_sessions(&proxy, 0).unwrap_or(0.0) + thread_sessions(&proxy, 1).unwrap_or(0.0),
         4.0
     );
-    // A trickle: a query per client every 100 ms, far under 60 % of the limit together.
+    // A trickle: a pair of queries per client every 250 ms, under 60 % of the limit
+    // together even in a debug build on a loaded machine (CI measured a pair every 100 ms
+    // at 36 thousandths of a core there, over 60 % of a 2 % limit).
     let stop = tokio_util::sync::CancellationToken::new();
     let trickle: Vec<_> = clients
         .into_iter()
-        .map(|c| tokio::spawn(query_loop(c, Duration::from_millis(100), stop.clone())))
+        .map(|c| tokio::spawn(query_loop(c, Duration::from_millis(250), stop.clone())))
         .collect();
     let gathered = wait_for(Duration::from_secs(20), || async {
         thread_sessions(&proxy, 0) == Some(4.0) && thread_sessions(&proxy, 1) == Some(0.0)
