@@ -43,7 +43,8 @@ pub struct Move {
 /// - Gather: the whole load is under `GATHER_PERCENT` of the limit: the sessions of the
 ///   busiest other thread holding any go back to the first.
 /// - Spread: the busiest thread is over the limit and the least busy has room (a quarter
-///   of the limit less): enough of its sessions to even the two leave for the least busy.
+///   of the limit less): enough of its sessions to even the two leave for the least busy,
+///   never so many that the receiver would end up as busy as the giver was.
 pub fn plan(busy: &[u32], sessions: &[i64], limit: u32) -> Option<Move> {
     if busy.len() < 2 || busy.len() != sessions.len() || limit == 0 {
         return None;
@@ -66,11 +67,18 @@ pub fn plan(busy: &[u32], sessions: &[i64], limit: u32) -> Option<Move> {
         return None;
     }
     // Half the difference, as a share of the busiest thread's sessions (rounded up).
-    let n = (sessions[hi] * (b_hi - b_lo) + 2 * b_hi - 1) / (2 * b_hi);
+    let n = ((sessions[hi] * (b_hi - b_lo) + 2 * b_hi - 1) / (2 * b_hi)).clamp(1, sessions[hi] - 1);
+    // No move if, at the busiest thread's load per session, the receiver would end up at
+    // least as busy as the giver is now: it would only swap which thread is over the limit,
+    // and the next period would move the sessions back (seen with two sessions a thread).
+    // Rounding up to whole sessions overshoots that far only for a single session.
+    if b_lo * sessions[hi] + n * b_hi >= b_hi * sessions[hi] {
+        return None;
+    }
     Some(Move {
         from: hi,
         to: lo,
-        sessions: n.clamp(1, sessions[hi] - 1),
+        sessions: n,
     })
 }
 
@@ -277,6 +285,10 @@ mod tests {
             (&[300, 0], &[16, 0], None),
             // The busiest may be another thread.
             (&[100, 900, 0], &[2, 10, 0], mv(1, 2, 5)),
+            // Two sessions each: one more would put the receiver where the giver was (and
+            // the next period would send it back).
+            (&[790, 560], &[2, 2], None),
+            (&[960, 400], &[3, 1], mv(0, 1, 1)),
             // One thread, or no limit: never.
             (&[950], &[16], None),
             (&[950, 0], &[16, 0], None),
@@ -338,6 +350,9 @@ mod tests {
                 } else {
                     prop_assert!(busy[m.from] > limit && busy[m.to] < busy[m.from]);
                     prop_assert!(m.sessions < sessions[m.from]);
+                    // The receiver ends below the giver's load, at its load per session.
+                    let (b_from, b_to) = (i64::from(busy[m.from]), i64::from(busy[m.to]));
+                    prop_assert!(b_to * sessions[m.from] + m.sessions * b_from < b_from * sessions[m.from]);
                 }
             }
         }
