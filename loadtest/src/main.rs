@@ -43,7 +43,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         scale: u32,
         /// stolon-proxy engines to run (comma list; `engine:threads` pins the thread count,
-        /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking; `+moves-switchover` with --session-moves switchover; `+terminate` last; an `@NAME` suffix after all runs the build stolon-proxy-NAME kept beside loadtest, for an A/B of two builds; `proto-tokio` and `proto-epoll` run `loadtest relay-proto` instead, a bare TCP relay)
+        /// a `+no-drain` suffix runs it with --drain-timeout 0: no transaction tracking; `+moves-switchover` with --session-moves switchover; `+terminate` last; an `@NAME` suffix after all runs the build stolon-proxy-NAME kept beside loadtest, for an A/B of two builds; `proto-tokio` and `proto-epoll` run `loadtest relay-proto` instead, a bare TCP relay, and `@NAME` after them the wrapper loadtest-NAME beside loadtest)
         #[arg(long, default_value = "tokio-tpc", value_delimiter = ',')]
         engines: Vec<String>,
         /// Leave out HAProxy and PgBouncer

@@ -176,9 +176,17 @@ pub fn stolon_proxy(
 }
 
 /// `loadtest relay-proto --mode MODE`: a bare TCP relay to PostgreSQL on `pg_port`.
-pub fn relay_proto(pg_port: u16, mode: &str) -> Result<Target> {
+pub fn relay_proto(pg_port: u16, spec: &str) -> Result<Target> {
     let port = free_port();
-    let mut cmd = Command::new(std::env::current_exe()?);
+    // `MODE@NAME` runs `loadtest-NAME` beside loadtest (a wrapper: under a profiler, say).
+    let (mode, program) = match spec.split_once('@') {
+        Some((mode, name)) => (
+            mode,
+            std::env::current_exe()?.with_file_name(format!("loadtest-{name}")),
+        ),
+        None => (spec, std::env::current_exe()?),
+    };
+    let mut cmd = Command::new(program);
     cmd.args(["relay-proto", "--mode", mode, "--listen"])
         .arg(port.0.to_string())
         .arg("--backend")
@@ -188,7 +196,7 @@ pub fn relay_proto(pg_port: u16, mode: &str) -> Result<Target> {
     let mut child = ChildGuard::spawn("relay-proto", &mut cmd).context("starting relay-proto")?;
     wait_port(port.0, &mut child, "relay-proto")?;
     Ok(Target {
-        name: format!("proto-{mode}"),
+        name: format!("proto-{spec}"),
         port: port.0,
         pid: Some(child.pid()),
         _guard: Some(child),
