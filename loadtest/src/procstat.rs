@@ -39,11 +39,7 @@ pub fn sleeps(pid: u32) -> u64 {
     };
     tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
+        .filter_map(|s| status_number(&s, "voluntary_ctxt_switches:"))
         .sum()
 }
 
@@ -51,10 +47,31 @@ pub fn sleeps(pid: u32) -> u64 {
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
+        .and_then(|s| status_number(&s, "VmRSS:"))
         .unwrap_or(0)
+}
+
+/// The number after `key` on its line of a /proc status file ("VmRSS:   1234 kB" gives 1234).
+fn status_number(status: &str, key: &str) -> Option<u64> {
+    let rest = status.lines().find_map(|l| l.strip_prefix(key))?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_numbers_are_read_by_their_exact_key() {
+        let status = "Name:\tx\nVmRSS:\t    4108 kB\nvoluntary_ctxt_switches:\t1168\n\
+                      nonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(status_number(status, "VmRSS:"), Some(4108));
+        assert_eq!(
+            status_number(status, "voluntary_ctxt_switches:"),
+            Some(1168)
+        );
+        assert_eq!(status_number(status, "VmSwap:"), None);
+        let me = std::process::id();
+        assert!(rss_kib(me) > 0 && sleeps(me) > 0);
+    }
 }
