@@ -16,6 +16,10 @@ pub enum Mode {
     Tokio,
     /// One thread, one epoll set, edge-triggered, no task.
     Epoll,
+    /// A tokio current-thread runtime whose one relay task owns an epoll set of its own
+    /// (edge-triggered), nested in tokio's: the shape of a relay lane inside the proxy's
+    /// runtime, which keeps its timers and tokens in tokio.
+    Nested,
 }
 
 pub fn run(mode: Mode, listen: u16, backend: u16) -> Result<()> {
@@ -23,6 +27,7 @@ pub fn run(mode: Mode, listen: u16, backend: u16) -> Result<()> {
     match mode {
         Mode::Tokio => tokio_relay(listener, backend),
         Mode::Epoll => epoll_relay(listener, backend),
+        Mode::Nested => nested_relay(listener, backend),
     }
 }
 
@@ -67,6 +72,94 @@ async fn one_way(mut src: tokio::net::tcp::ReadHalf<'_>, mut dst: tokio::net::tc
 }
 
 const LISTENER: u64 = u64::MAX;
+
+fn nested_relay(listener: TcpListener, backend: u16) -> Result<()> {
+    use std::sync::{Arc, Mutex};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let ep = Arc::new(epoll::create(epoll::CreateFlags::CLOEXEC)?);
+    let sessions: Arc<Mutex<Vec<Option<(TcpStream, TcpStream)>>>> = Arc::default();
+    rt.block_on(async move {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        // The deprecated safe constructor: the set's descriptor is owned by what it holds.
+        #[allow(deprecated)]
+        let lane = tokio::io::unix::AsyncFd::new(ep.clone())?;
+        let lane_sessions = sessions.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let Ok(mut ready) = lane.readable().await else {
+                    return;
+                };
+                if !drain_set(lane.get_ref(), &lane_sessions, &mut buf) {
+                    return;
+                }
+                ready.clear_ready();
+            }
+        });
+        loop {
+            let (client, _) = listener.accept().await?;
+            let client = client.into_std()?;
+            let Ok(server) = TcpStream::connect(("127.0.0.1", backend)) else {
+                continue;
+            };
+            add_session(&*ep, &mut sessions.lock().expect("lock"), client, server)?;
+        }
+    })
+}
+
+thread_local! {
+    /// The set's events (`epoll::Event` holds a pointer, so it cannot live in a task).
+    static EVENTS: std::cell::RefCell<Vec<epoll::Event>> =
+        std::cell::RefCell::new(Vec::with_capacity(256));
+}
+
+type Sessions = Vec<Option<(TcpStream, TcpStream)>>;
+
+/// Relays every event the nested set has; false if it cannot be read.
+fn drain_set(
+    ep: &impl std::os::fd::AsFd,
+    sessions: &std::sync::Mutex<Sessions>,
+    buf: &mut [u8],
+) -> bool {
+    EVENTS.with_borrow_mut(|events| loop {
+        events.clear();
+        let spare = rustix::buffer::spare_capacity(&mut *events);
+        if epoll::wait(ep, spare, Some(&rustix::event::Timespec::default())).is_err() {
+            return false;
+        }
+        let Ok(mut all) = sessions.lock() else {
+            return false;
+        };
+        relay_events(events, &mut all, buf);
+        if events.len() < events.capacity() {
+            return true;
+        }
+    })
+}
+
+fn relay_events(
+    events: &[epoll::Event],
+    sessions: &mut [Option<(TcpStream, TcpStream)>],
+    buf: &mut [u8],
+) {
+    for key in events.iter().map(|e| e.data.u64()) {
+        let idx = (key / 2) as usize;
+        let Some((client, server)) = sessions.get(idx).and_then(|s| s.as_ref()) else {
+            continue;
+        };
+        let (src, dst) = if key % 2 == 0 {
+            (client, server)
+        } else {
+            (server, client)
+        };
+        if !copy_ready(src, dst, buf) {
+            sessions[idx] = None;
+        }
+    }
+}
 
 fn epoll_relay(listener: TcpListener, backend: u16) -> Result<()> {
     listener.set_nonblocking(true)?;
@@ -123,6 +216,17 @@ fn accept_all(
         let Ok(server) = TcpStream::connect(("127.0.0.1", backend)) else {
             continue;
         };
+        add_session(ep, sessions, client, server)?;
+    }
+}
+
+fn add_session(
+    ep: &impl std::os::fd::AsFd,
+    sessions: &mut Vec<Option<(TcpStream, TcpStream)>>,
+    client: TcpStream,
+    server: TcpStream,
+) -> Result<()> {
+    {
         for s in [&client, &server] {
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
@@ -140,6 +244,7 @@ fn accept_all(
         epoll::add(ep, &server, epoll::EventData::new_u64(key + 1), flags)?;
         sessions[idx] = Some((client, server));
     }
+    Ok(())
 }
 
 /// Copies what `src` has to `dst`; false when the session is over. A read shorter than the

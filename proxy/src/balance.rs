@@ -147,7 +147,8 @@ fn measure(seats: &Seats, last: &mut [Option<u64>], wall: u128) -> Option<Vec<u3
             busy.push(0);
             continue;
         };
-        let cpu = cpu_time(path)?;
+        let rail = t.rail.get().map_or(Some(0), |p| cpu_time(p))?;
+        let cpu = cpu_time(path)? + rail;
         let used = last.map_or(0, |l| u128::from(cpu.saturating_sub(l)));
         *last = Some(cpu);
         let b = u32::try_from(used * 1000 / wall).unwrap_or(u32::MAX);

@@ -17,6 +17,7 @@ pub mod peers;
 pub mod pipe;
 pub mod placement;
 pub mod protocol;
+mod rail;
 pub mod relay;
 pub mod route;
 pub mod server;

@@ -61,6 +61,13 @@ struct Args {
     /// threads when they connect and never move them
     #[arg(long, default_value_t = 0.75, value_parser = parse_busy)]
     relay_busy: f64,
+    /// Plaintext sessions are relayed between their stops by a raw epoll loop, a thread of
+    /// its own beside each relay thread, instead of by their tokio tasks: less CPU per
+    /// transaction (measured, docs/benchmarks.md). TLS sessions, session starts, drains and
+    /// moves stay in tokio either way (true/false)
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true")]
+    relay_rail: bool,
     /// With --relay-busy 0 only: sessions the first relay thread takes before new ones go
     /// to the thread with the fewest (0, the default: always the fewest)
     #[arg(long, default_value_t = 0)]
@@ -453,6 +460,7 @@ async fn run(args: Args, addr: SocketAddr, uid: String) -> anyhow::Result<()> {
         fill: args.relay_fill,
         busy: (args.relay_busy * 1000.0).round() as u32,
         grace: args.shutdown_grace,
+        rail: args.relay_rail,
     };
     let mut engines = server::start(&listen, shared)?;
     if let Some(ro_port) = args.ro_port {

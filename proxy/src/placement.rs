@@ -49,6 +49,9 @@ pub(crate) struct Thread {
     /// Set when the thread starts: its runtime, its sessions' tracker and where the
     /// kernel counts its CPU time.
     pub home: OnceLock<(tokio::runtime::Handle, TaskTracker, std::path::PathBuf)>,
+    /// Where the kernel counts the CPU time of the thread's relay rail (`rail`), if it
+    /// has one: its sessions' relay, counted as the thread's.
+    pub rail: OnceLock<std::path::PathBuf>,
 }
 
 impl Thread {

@@ -11,6 +11,7 @@ use crate::conn::{self, Ctx};
 use crate::metrics::CloseReason;
 use crate::placement::{Seat, Seats};
 use crate::protocol::sqlstate;
+use crate::rail::Rail;
 use socket2::{Domain, Socket, Type};
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ pub struct Listen {
     pub busy: u32,
     /// How long SIGTERM waits for sessions to end.
     pub grace: Duration,
+    /// Plaintext sessions relay on each thread's rail (`rail`) between their stops.
+    pub rail: bool,
 }
 
 pub struct Shared {
@@ -125,11 +128,25 @@ pub fn start(
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let rail = match listen.rail {
+            true => Some(Rail::start(i, &seats)?),
+            false => None,
+        };
         let (shared, seats) = (shared.clone(), seats.clone());
+        let thread = move || {
+            if let Some(rail) = &rail {
+                Rail::set_here(rail.clone());
+            }
+            rt.block_on(run_thread(addr, shared, grace, work, (seats, i)));
+            // Its sessions have ended or the grace ran out.
+            if let Some(rail) = rail {
+                rail.stop();
+            }
+        };
         handles.push(
             std::thread::Builder::new()
                 .name(format!("relay-{i}"))
-                .spawn(move || rt.block_on(run_thread(addr, shared, grace, work, (seats, i))))?,
+                .spawn(thread)?,
         );
     }
     Ok(handles)

@@ -83,9 +83,13 @@ pub(crate) async fn run_from(
             return CloseReason::Severed;
         };
         let (movable, lane) = (k.may_move(), (&k.route, &k.lane));
-        let tx = Mutex::new(k.tx);
+        let tx = Arc::new(Mutex::new(k.tx));
         let (reason, c, s) = relay_once(client, s, lane, movable, &tx, ctx).await;
-        k.tx = tx.into_inner().unwrap_or_else(|p| p.into_inner());
+        // The rail lets go of its handle before the session leaves it.
+        k.tx = match Arc::try_unwrap(tx) {
+            Ok(tx) => tx.into_inner().unwrap_or_else(|p| p.into_inner()),
+            Err(shared) => shared.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
         let Some(c) = c else {
             // Its sockets are being cut by a sever.
             return CloseReason::Severed;
@@ -215,15 +219,20 @@ async fn relay_once(
     server: Stream,
     (route, lane): (&Arc<Route>, &Lane),
     movable: bool,
-    tx: &Mutex<TxState>,
+    tx: &Arc<Mutex<TxState>>,
     ctx: &Ctx,
 ) -> (CloseReason, Option<Stream>, Option<Stream>) {
     let metrics = &ctx.metrics;
-    match (client, server) {
+    match (client, server, crate::rail::Rail::here()) {
+        // Plaintext on a thread with a relay rail: relayed there between its stops.
+        (Stream::Plain(c), Stream::Plain(s), Some(rail)) => {
+            let lanes = (route, lane);
+            crate::rail::relay_once(&rail, (c, s), lanes, movable, tx, ctx).await
+        }
         // Plaintext both ways: the readiness relay, with no copy into a stream buffer; the
         // lane's sever shuts the sockets down through shared handles (no descriptor more).
         // A movable session's client socket is not the sever's: it may move.
-        (Stream::Plain(c), Stream::Plain(s)) => {
+        (Stream::Plain(c), Stream::Plain(s), None) => {
             // The balancer may ask this thread for sessions (plain ones can move).
             let here = crate::balance::this_thread();
             let thread = here.as_ref().map(|(seats, i)| &seats.threads[*i]);
@@ -234,7 +243,7 @@ async fn relay_once(
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
                 let d = (signal.is_some() || movable || thread.is_some()).then_some(Drain {
                     signal,
-                    tx,
+                    tx: &**tx,
                     movable,
                     thread,
                 });
@@ -246,7 +255,7 @@ async fn relay_once(
             (reason, c, s)
         }
         // A TLS side owns its socket: the sever gets duplicates of the descriptors.
-        (mut client, mut server) => {
+        (mut client, mut server, _) => {
             let fds = client
                 .as_fd()
                 .try_clone_to_owned()
@@ -261,7 +270,7 @@ async fn relay_once(
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
                 let d = (signal.is_some() || movable).then_some(Drain {
                     signal,
-                    tx,
+                    tx: &**tx,
                     movable,
                     thread: None,
                 });
