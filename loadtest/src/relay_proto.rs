@@ -79,7 +79,7 @@ fn nested_relay(listener: TcpListener, backend: u16) -> Result<()> {
         .enable_io()
         .build()?;
     let ep = Arc::new(epoll::create(epoll::CreateFlags::CLOEXEC)?);
-    let sessions: Arc<Mutex<Vec<Option<(TcpStream, TcpStream)>>>> = Arc::default();
+    let sessions: Arc<Mutex<Sessions>> = Arc::default();
     rt.block_on(async move {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;

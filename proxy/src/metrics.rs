@@ -69,6 +69,8 @@ pub struct Metrics {
     pub active: Gauge,
     /// Sessions on each relay thread (see `placement`).
     pub relay_sessions: Family<ThreadLabel, Gauge>,
+    /// Sessions on a relay thread's rail now (`rail`).
+    pub rail_sessions: Gauge,
     /// Sessions the balancer moved to another relay thread.
     pub rebalanced: Counter,
     pub closed: Family<ReasonLabel, Counter>,
@@ -161,6 +163,12 @@ impl Metrics {
             "relay_thread_sessions",
             "Sessions open now on each relay thread, by listener",
             self.relay_sessions.clone(),
+        );
+        r.register(
+            "relay_rail_sessions",
+            "Plaintext sessions relayed now by the relay threads' epoll rails (the rest of the \
+             open sessions relay in their tokio tasks: TLS, starts, drains, moves)",
+            self.rail_sessions.clone(),
         );
         r.register(
             "relay_sessions_rebalanced",

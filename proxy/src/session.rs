@@ -243,7 +243,7 @@ async fn relay_once(
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
                 let d = (signal.is_some() || movable || thread.is_some()).then_some(Drain {
                     signal,
-                    tx: &**tx,
+                    tx,
                     movable,
                     thread,
                 });
@@ -270,7 +270,7 @@ async fn relay_once(
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
                 let d = (signal.is_some() || movable).then_some(Drain {
                     signal,
-                    tx: &**tx,
+                    tx,
                     movable,
                     thread: None,
                 });

@@ -34,6 +34,9 @@ pub(super) struct Entry {
     pending: [Vec<u8>; 2],
     /// A direction's source reached EOF (passed on as a half-close).
     eof: [bool; 2],
+    /// A socket (client, server) whose peer has closed or failed: its end is queued behind
+    /// its bytes, so a short read no longer means a new event will come for it.
+    closing: [bool; 2],
     unflushed: [u64; 2],
     /// The server's unasked error came: the session leaves once what came before it is
     /// written.
@@ -48,6 +51,7 @@ impl Entry {
             done,
             pending: [Vec::new(), Vec::new()],
             eof: [false; 2],
+            closing: [false; 2],
             unflushed: [0; 2],
             lost: false,
         }
@@ -63,7 +67,9 @@ impl Entry {
 
     /// `side` (0 client, 1 server) is ready for something: what waits to be written to it
     /// goes, then what it has to read. `Some`: the session leaves the rail.
-    fn on_ready(&mut self, side: usize, buf: &mut [u8]) -> Option<End> {
+    fn on_ready(&mut self, side: usize, flags: epoll::EventFlags, buf: &mut [u8]) -> Option<End> {
+        let ended = epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | epoll::EventFlags::ERR;
+        self.closing[side] |= flags.intersects(ended);
         // The direction writing to `side` is the other one than the one reading from it.
         let into = 1 - side;
         if !self.pending[into].is_empty() {
@@ -122,8 +128,9 @@ impl Entry {
             if let Some(end) = self.after_chunk(dir) {
                 return Some(end);
             }
-            // A short read emptied the socket: its next bytes raise a new event.
-            if n < buf.len() {
+            // A short read emptied the socket: its next bytes raise a new event (not its
+            // end, if that came with the bytes read: then it is read as well).
+            if n < buf.len() && !self.closing[dir] {
                 return None;
             }
         }
@@ -184,14 +191,18 @@ impl Entry {
     fn count(&mut self, dir: usize, n: u64) {
         self.unflushed[dir] += n;
         if self.unflushed[dir] >= METRIC_FLUSH {
-            self.s.metrics.add_bytes(direction(dir), self.unflushed[dir]);
+            self.s
+                .metrics
+                .add_bytes(direction(dir), self.unflushed[dir]);
             self.unflushed[dir] = 0;
         }
     }
 
     fn flush_metrics(&mut self) {
         for dir in [C2S, S2C] {
-            self.s.metrics.add_bytes(direction(dir), self.unflushed[dir]);
+            self.s
+                .metrics
+                .add_bytes(direction(dir), self.unflushed[dir]);
             self.unflushed[dir] = 0;
         }
     }
@@ -274,7 +285,7 @@ pub(super) fn run(rail: &Rail) -> io::Result<()> {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
-        for key in events.iter().map(|e| e.data.u64()) {
+        for (key, flags) in events.iter().map(|e| (e.data.u64(), e.flags)) {
             if key == WAKE {
                 if !commands(rail, &mut all) {
                     return Ok(());
@@ -285,7 +296,7 @@ pub(super) fn run(rail: &Rail) -> io::Result<()> {
             let Some(Some(entry)) = all.slots.get_mut(slot) else {
                 continue;
             };
-            if let Some(end) = entry.on_ready(side, &mut buf) {
+            if let Some(end) = entry.on_ready(side, flags, &mut buf) {
                 leave(rail, &mut all, slot, Back::End(end));
             }
         }
@@ -346,6 +357,7 @@ fn enter(rail: &Rail, all: &mut Slots, entry: Box<Entry>) {
         )
     });
     let id = entry.id;
+    entry.s.metrics.rail_sessions.inc();
     all.slots[slot] = Some(entry);
     all.by_id.insert(id, slot);
     if let Err(e) = added {
@@ -365,7 +377,10 @@ fn leave(rail: &Rail, all: &mut Slots, slot: usize, back: Back) {
     let _ = epoll::delete(&rail.ep, &*entry.s.client);
     let _ = epoll::delete(&rail.ep, &*entry.s.server);
     entry.flush_metrics();
-    let Entry { s, done, pending, .. } = *entry;
+    entry.s.metrics.rail_sessions.dec();
+    let Entry {
+        s, done, pending, ..
+    } = *entry;
     drop(s);
     let _ = done.send(Left { back, pending });
 }

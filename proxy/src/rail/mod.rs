@@ -12,6 +12,8 @@
 //! drain's signal); after a drain's signal it relays on in tokio until it ends.
 
 mod lane;
+#[cfg(test)]
+mod tests;
 
 use crate::conn::{in_lane, Ctx, Lane};
 use crate::metrics::{CloseReason, Metrics};
