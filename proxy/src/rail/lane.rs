@@ -18,7 +18,11 @@ use std::net::{Shutdown, TcpStream};
 pub(super) const WAKE: u64 = u64::MAX;
 
 /// Large enough that a big result set moves in few syscalls (as `pipe`'s).
-const READ_BUF: usize = 64 * 1024;
+pub(super) const READ_BUF: usize = 64 * 1024;
+
+/// Reads of one socket per turn: a session streaming a big result or a COPY gives the
+/// others their turn every this many reads (1 MiB), as tokio's budget did for its task.
+pub(super) const TURN: usize = 16;
 
 /// Client to server (index 0) and server to client (1).
 const C2S: usize = 0;
@@ -41,6 +45,9 @@ pub(super) struct Entry {
     /// The server's unasked error came: the session leaves once what came before it is
     /// written.
     lost: bool,
+    /// A socket (client, server) had more to read when its turn ended: the loop comes
+    /// back to it.
+    again: [bool; 2],
 }
 
 impl Entry {
@@ -54,6 +61,7 @@ impl Entry {
             closing: [false; 2],
             unflushed: [0; 2],
             lost: false,
+            again: [false; 2],
         }
     }
 
@@ -104,7 +112,10 @@ impl Entry {
     /// Relays what `dir`'s source has, until it would block, its destination cannot take
     /// more, or the session leaves.
     fn pump(&mut self, dir: usize, buf: &mut [u8]) -> Option<End> {
-        while !self.eof[dir] && self.pending[dir].is_empty() && !self.lost {
+        for _ in 0..TURN {
+            if self.eof[dir] || !self.pending[dir].is_empty() || self.lost {
+                return None;
+            }
             let src = self.socks(dir).0;
             let n = match rustix::net::recv(src, &mut *buf, rustix::net::RecvFlags::empty()) {
                 Ok((0, _)) => return self.at_eof(dir),
@@ -134,6 +145,8 @@ impl Entry {
                 return None;
             }
         }
+        // No new event comes for what is left unread.
+        self.again[dir] = true;
         None
     }
 
@@ -269,9 +282,31 @@ fn send_some(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
 /// The rail's sessions, by slot (a socket's key is twice its slot, plus one for the
 /// server's) and by id (what a task asks back with).
 #[derive(Default)]
-struct Slots {
+pub(super) struct Slots {
     slots: Vec<Option<Box<Entry>>>,
     by_id: HashMap<u64, usize>,
+}
+
+#[cfg(test)]
+impl Slots {
+    /// One session in slot 0, outside any epoll set (a test drives it).
+    pub(super) fn with(entry: Entry) -> Slots {
+        Slots {
+            by_id: HashMap::from([(entry.id, 0)]),
+            slots: vec![Some(Box::new(entry))],
+        }
+    }
+
+    /// Bytes slot `slot`'s session relayed in `dir` so far.
+    pub(super) fn relayed(&self, slot: usize, dir: usize) -> u64 {
+        let Some(Some(e)) = self.slots.get(slot) else {
+            return 0;
+        };
+        let label = crate::metrics::DirectionLabel {
+            direction: direction(dir),
+        };
+        e.s.metrics.bytes.get_or_create(&label).get() + e.unflushed[dir]
+    }
 }
 
 /// The loop: until the rail is stopped. Err: the set cannot be waited on.
@@ -279,9 +314,18 @@ pub(super) fn run(rail: &Rail) -> io::Result<()> {
     let mut all = Slots::default();
     let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
     let mut buf = vec![0u8; READ_BUF].into_boxed_slice();
+    // Sockets whose turn ended with bytes left: served after the next events, which are
+    // then only looked for, not waited for.
+    let (mut again, mut next) = (Vec::new(), Vec::new());
+    let now = rustix::event::Timespec::default();
     loop {
         events.clear();
-        match epoll::wait(&rail.ep, rustix::buffer::spare_capacity(&mut events), None) {
+        let timeout = (!again.is_empty()).then_some(&now);
+        match epoll::wait(
+            &rail.ep,
+            rustix::buffer::spare_capacity(&mut events),
+            timeout,
+        ) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
@@ -292,13 +336,39 @@ pub(super) fn run(rail: &Rail) -> io::Result<()> {
                 }
                 continue;
             }
-            let (slot, side) = ((key / 2) as usize, (key % 2) as usize);
-            let Some(Some(entry)) = all.slots.get_mut(slot) else {
-                continue;
-            };
-            if let Some(end) = entry.on_ready(side, flags, &mut buf) {
-                leave(rail, &mut all, slot, Back::End(end));
-            }
+            ready(rail, &mut all, (key, flags), &mut buf, &mut next);
+        }
+        for key in again.drain(..) {
+            ready(
+                rail,
+                &mut all,
+                (key, epoll::EventFlags::empty()),
+                &mut buf,
+                &mut next,
+            );
+        }
+        std::mem::swap(&mut again, &mut next);
+    }
+}
+
+/// Relays what socket `key` is ready for; `again` gets it if its turn ended first.
+pub(super) fn ready(
+    rail: &Rail,
+    all: &mut Slots,
+    (key, flags): (u64, epoll::EventFlags),
+    buf: &mut [u8],
+    again: &mut Vec<u64>,
+) {
+    let (slot, side) = ((key / 2) as usize, (key % 2) as usize);
+    let Some(Some(entry)) = all.slots.get_mut(slot) else {
+        return;
+    };
+    if let Some(end) = entry.on_ready(side, flags, buf) {
+        return leave(rail, all, slot, Back::End(end));
+    }
+    for (side, more) in entry.again.iter_mut().enumerate() {
+        if std::mem::take(more) {
+            again.push(slot as u64 * 2 + side as u64);
         }
     }
 }

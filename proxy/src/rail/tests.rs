@@ -260,3 +260,51 @@ async fn a_stopped_rail_takes_no_session() {
     let left = ride_within(&t, t.session(None, false), &token, None).await;
     assert!(matches!(left.back, Back::Asked));
 }
+
+#[test]
+fn a_socket_with_more_to_read_gives_up_its_turn_and_is_served_again() {
+    let t = setup();
+    // Room for the whole transfer on the way in and out: no write waits.
+    socket2::SockRef::from(&*t.server)
+        .set_recv_buffer_size(8 << 20)
+        .expect("rcvbuf");
+    socket2::SockRef::from(&*t.client)
+        .set_send_buffer_size(8 << 20)
+        .expect("sndbuf");
+    let (mut db, mut app) = (
+        t.db.try_clone().expect("dup"),
+        t.app.try_clone().expect("dup"),
+    );
+    let total = 4 << 20;
+    let writer = std::thread::spawn(move || db.write_all(&vec![7u8; total]).expect("send"));
+    // Wait until more than a turn's worth is queued at the proxy's server socket.
+    let turn = lane::TURN * lane::READ_BUF;
+    let mut peek = vec![0u8; turn + 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    while rustix::net::recv(&*t.server, &mut peek[..], flags).map_or(0, |(n, _)| n) <= turn {
+        std::thread::yield_now();
+    }
+    let reader = std::thread::spawn(move || read_exactly(&mut app, total).len());
+    let (done, _left) = tokio::sync::oneshot::channel();
+    let entry = lane::Entry::new(0, t.session(None, false), done);
+    let mut buf = vec![0u8; lane::READ_BUF];
+    let mut more = Vec::new();
+    let mut all = lane::Slots::with(entry);
+    let server_ready = (1, rustix::event::epoll::EventFlags::IN);
+    lane::ready(&t.rail, &mut all, server_ready, &mut buf, &mut more);
+    assert_eq!(
+        more,
+        vec![1],
+        "its turn ended with bytes left: served again"
+    );
+    assert_eq!(all.relayed(0, 1), turn as u64, "a turn's reads, no more");
+    // The rest, as the loop serves it (the writer may still be writing).
+    while all.relayed(0, 1) < total as u64 {
+        more.clear();
+        let client_ready = (0, rustix::event::epoll::EventFlags::OUT);
+        lane::ready(&t.rail, &mut all, client_ready, &mut buf, &mut more);
+        lane::ready(&t.rail, &mut all, server_ready, &mut buf, &mut more);
+    }
+    writer.join().expect("writer");
+    assert_eq!(reader.join().expect("reader"), total);
+}
