@@ -74,6 +74,61 @@ async fn refuses_to_share_a_port_another_process_listens_on() {
     assert!(text.contains("cannot listen on"), "{text}");
 }
 
+/// Plaintext sessions relay on the relay threads' rails between their stops, and a sever
+/// cuts them there at once; `--relay-rail false` leaves them in their tokio tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_sessions_ride_the_rail_and_a_sever_cuts_them_there() {
+    let s = Setup::new(1).await;
+    let proxy = spawn_routed(&s, &["--threads", "2"]).await;
+    let on_rail = |p: &Proxy| metric(p, "stolon_proxy_relay_rail_sessions");
+    let clients = [
+        proxy.connect().await.expect("connect"),
+        proxy.connect().await.expect("connect"),
+    ];
+    for c in &clients {
+        for i in 0..50 {
+            let row = c
+                .query_one("select $1::int + 1", &[&i])
+                .await
+                .expect("query");
+            assert_eq!(row.get::<_, i32>(0), i + 1);
+        }
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            on_rail(&proxy) == Some(2.0)
+        })
+        .await,
+        "both sessions on a rail: {:?}",
+        on_rail(&proxy)
+    );
+    s.route_to("", &["p1"], 2).await;
+    for c in &clients {
+        assert!(
+            wait_for(Duration::from_secs(3), || async {
+                c.simple_query("select 1").await.is_err()
+            })
+            .await,
+            "severed"
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            on_rail(&proxy) == Some(0.0)
+        })
+        .await,
+        "{:?}",
+        on_rail(&proxy)
+    );
+
+    let s = Setup::new(1).await;
+    let proxy = spawn_routed(&s, &["--relay-rail", "false"]).await;
+    let c = proxy.connect().await.expect("connect");
+    let row = c.query_one("select 41 + 1", &[]).await.expect("query");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert_eq!(on_rail(&proxy), Some(0.0), "in tokio");
+}
+
 /// The sessions the proxy reports on relay thread `thread`.
 fn thread_sessions(proxy: &Proxy, thread: usize) -> Option<f64> {
     let label = format!("thread=\"{thread}\"");
