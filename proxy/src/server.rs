@@ -1,4 +1,6 @@
-//! Listeners and the relay engine: one current-thread runtime per relay thread. The first
+//! Listeners and the relay engine: one current-thread runtime per relay thread, each with
+//! its rail beside it (`rail`: a raw epoll loop that relays the thread's plaintext sessions
+//! between their stops). The first
 //! thread accepts and places each session on a thread (`placement`); a session placed
 //! elsewhere is handed over as a socket before anything is read, so both its sockets stay
 //! on one thread. The first thread also runs the balancer (`balance`), which moves
