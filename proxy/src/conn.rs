@@ -718,6 +718,7 @@ fn close_reason(end: End, l: &LaneRefs<'_>) -> CloseReason {
         End::Inspect => CloseReason::Inspect,
         End::ServerLost => CloseReason::ServerLost,
         End::Rebalance => CloseReason::Rebalance,
+        End::Rail => CloseReason::Rail,
         End::Error(e) => {
             tracing::debug!(error = %e, "relay ended with an error");
             CloseReason::IoError

@@ -40,6 +40,8 @@ pub enum CloseReason {
     ServerLost,
     /// Not a close (never counted): the session moved to another relay thread.
     Rebalance,
+    /// Not a close (never counted): the session goes on its relay thread's rail.
+    Rail,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

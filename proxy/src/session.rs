@@ -109,6 +109,10 @@ pub(crate) async fn run_from(
                 }
             }
         }
+        if reason == CloseReason::Rail {
+            // On the rail from the next relay on (the same thread, the same sockets).
+            continue;
+        }
         let since = std::time::Instant::now();
         let result = match (reason, server.as_mut()) {
             (CloseReason::Inspect, Some(s)) => {
@@ -223,8 +227,15 @@ async fn relay_once(
     ctx: &Ctx,
 ) -> (CloseReason, Option<Stream>, Option<Stream>) {
     let metrics = &ctx.metrics;
-    match (client, server, crate::rail::Rail::here()) {
-        // Plaintext on a thread with a relay rail: relayed there between its stops.
+    // A plaintext session on a thread with a rail is relayed there between its stops, once
+    // it has shown it lasts; until then it stops for it (`Drain::to_rail`).
+    let rail = crate::rail::Rail::here();
+    let lasted = || {
+        tx.lock()
+            .is_ok_and(|t| t.activity >= crate::relay::RAIL_AFTER)
+    };
+    let to_rail = rail.is_some();
+    match (client, server, rail.filter(|_| lasted())) {
         (Stream::Plain(c), Stream::Plain(s), Some(rail)) => {
             let lanes = (route, lane);
             crate::rail::relay_once(&rail, (c, s), lanes, movable, tx, ctx).await
@@ -241,11 +252,13 @@ async fn relay_once(
             let handles = (client_handle, s.clone() as SocketHandle);
             let (cr, sr) = (&c, &s);
             let reason = in_lane(route, lane, ctx, handles, |token, signal| async move {
-                let d = (signal.is_some() || movable || thread.is_some()).then_some(Drain {
+                let tracked = signal.is_some() || movable || thread.is_some() || to_rail;
+                let d = tracked.then_some(Drain {
                     signal,
                     tx,
                     movable,
                     thread,
+                    to_rail,
                 });
                 relay(cr, sr, token, d, metrics).await
             })
@@ -273,6 +286,7 @@ async fn relay_once(
                     tx,
                     movable,
                     thread: None,
+                    to_rail: false,
                 });
                 crate::relay::relay_streams(c, s, (&cfd, &sfd), token, d, metrics).await
             })

@@ -74,8 +74,9 @@ async fn refuses_to_share_a_port_another_process_listens_on() {
     assert!(text.contains("cannot listen on"), "{text}");
 }
 
-/// Plaintext sessions relay on the relay threads' rails between their stops, and a sever
-/// cuts them there at once; `--relay-rail false` leaves them in their tokio tasks.
+/// Plaintext sessions relay on the relay threads' rails between their stops once they have
+/// lasted (`relay::RAIL_AFTER` reads: 100 queries are more), and a sever cuts them there at
+/// once; a short session stays in tokio; `--relay-rail false` leaves them all there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_sessions_ride_the_rail_and_a_sever_cuts_them_there() {
     let s = Setup::new(1).await;
@@ -86,7 +87,7 @@ async fn plaintext_sessions_ride_the_rail_and_a_sever_cuts_them_there() {
         proxy.connect().await.expect("connect"),
     ];
     for c in &clients {
-        for i in 0..50 {
+        for i in 0..100 {
             let row = c
                 .query_one("select $1::int + 1", &[&i])
                 .await

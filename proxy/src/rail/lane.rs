@@ -165,11 +165,11 @@ impl Entry {
         Some(match stop {
             Stop::Inspect => End::Inspect,
             Stop::Rebalance => End::Rebalance,
-            // Not without the drain's signal, which the rail does not watch (the task
-            // takes the session back when it comes).
+            // Not here: it needs the drain's signal, which the rail does not watch (the
+            // task takes the session back when it comes).
             Stop::Drained => End::Drained,
             Stop::Lost => End::ServerLost,
-            Stop::Eof => return None,
+            Stop::Eof | Stop::Rail => return None,
         })
     }
 
@@ -238,6 +238,7 @@ fn drain(s: &Session) -> Option<Drain<'_>> {
         tx: s.tx.as_deref()?,
         movable: s.movable,
         thread: s.thread.as_ref().map(|(seats, i)| &seats.threads[*i]),
+        to_rail: false,
     })
 }
 

@@ -201,6 +201,7 @@ pub(crate) async fn relay_once(
                     tx,
                     movable,
                     thread,
+                    to_rail: false,
                 });
                 in_tokio((cr, sr), left.pending, token, d, metrics).await
             }
