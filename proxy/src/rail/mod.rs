@@ -6,10 +6,12 @@
 //! runs outside the runtime. The runtime keeps everything else: the startup, TLS
 //! sessions, a drain's quiet ticks, inspections, moves between threads and servers.
 //!
-//! A session enters the rail with its sockets out of tokio's reactor, and leaves it when
-//! its relay ends or stops at a transaction boundary (for the balancer, an inspection),
-//! when its server's unasked error comes, or when its task takes it back (a sever, a
-//! drain's signal); after a drain's signal it relays on in tokio until it ends.
+//! A session enters the rail at a transaction boundary once it has lasted
+//! (`relay::RAIL_AFTER` reads in tokio first: a connection per transaction would pay the
+//! hand-overs for nothing), with its sockets out of tokio's reactor. It leaves the rail
+//! when its relay ends or stops at a transaction boundary (for the balancer, an
+//! inspection), when its server's unasked error comes, or when its task takes it back (a
+//! sever, a drain's signal); after a drain's signal it relays on in tokio until it ends.
 
 mod lane;
 #[cfg(test)]
