@@ -24,7 +24,8 @@ pub(super) const READ_BUF: usize = 64 * 1024;
 /// others their turn every this many reads (1 MiB), as tokio's budget did for its task.
 pub(super) const TURN: usize = 16;
 
-/// Client to server (index 0) and server to client (1).
+/// Client to server (index 0) and server to client (1): a direction's index is its source
+/// socket's (0 the client, 1 the server), and `1 - side` the direction writing to `side`.
 const C2S: usize = 0;
 const S2C: usize = 1;
 
