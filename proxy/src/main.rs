@@ -61,10 +61,11 @@ struct Args {
     /// threads when they connect and never move them
     #[arg(long, default_value_t = 0.75, value_parser = parse_busy)]
     relay_busy: f64,
-    /// Plaintext sessions are relayed between their stops by a raw epoll loop, a thread of
-    /// its own beside each relay thread, instead of by their tokio tasks: less CPU per
-    /// transaction (measured, docs/benchmarks.md). TLS sessions, session starts, drains and
-    /// moves stay in tokio either way (true/false)
+    /// Plaintext sessions that have lasted a few dozen transactions are relayed between
+    /// their stops by a raw epoll loop, a thread of its own beside each relay thread,
+    /// instead of by their tokio tasks: less CPU per transaction (measured,
+    /// docs/benchmarks.md). TLS sessions, session starts, drains and moves stay in tokio
+    /// either way (true/false)
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true")]
     relay_rail: bool,
