@@ -146,18 +146,24 @@ fn relay_events(
     buf: &mut [u8],
 ) {
     for key in events.iter().map(|e| e.data.u64()) {
-        let idx = (key / 2) as usize;
-        let Some((client, server)) = sessions.get(idx).and_then(|s| s.as_ref()) else {
-            continue;
-        };
-        let (src, dst) = if key % 2 == 0 {
-            (client, server)
-        } else {
-            (server, client)
-        };
-        if !copy_ready(src, dst, buf) {
-            sessions[idx] = None;
-        }
+        relay_key(key, sessions, buf);
+    }
+}
+
+/// Relays what socket `key` has (2i: session i's client, 2i+1 its server).
+fn relay_key(key: u64, sessions: &mut [Option<(TcpStream, TcpStream)>], buf: &mut [u8]) {
+    let idx = (key / 2) as usize;
+    let Some((client, server)) = sessions.get(idx).and_then(|s| s.as_ref()) else {
+        return;
+    };
+    let (src, dst) = if key.is_multiple_of(2) {
+        (client, server)
+    } else {
+        (server, client)
+    };
+    if !copy_ready(src, dst, buf) {
+        // Dropping the sockets closes them, which takes them out of the set.
+        sessions[idx] = None;
     }
 }
 
@@ -184,19 +190,7 @@ fn epoll_relay(listener: TcpListener, backend: u16) -> Result<()> {
                 accept_all(&listener, backend, &ep, &mut sessions)?;
                 continue;
             }
-            let idx = (key / 2) as usize;
-            let Some((client, server)) = sessions.get(idx).and_then(|s| s.as_ref()) else {
-                continue;
-            };
-            let (src, dst) = if key % 2 == 0 {
-                (client, server)
-            } else {
-                (server, client)
-            };
-            if !copy_ready(src, dst, &mut buf) {
-                // Dropping the sockets closes them, which takes them out of the set.
-                sessions[idx] = None;
-            }
+            relay_key(key, &mut sessions, &mut buf);
         }
     }
 }
