@@ -145,13 +145,18 @@ fn relay_events(
     sessions: &mut [Option<(TcpStream, TcpStream)>],
     buf: &mut [u8],
 ) {
-    for key in events.iter().map(|e| e.data.u64()) {
-        relay_key(key, sessions, buf);
+    for e in events {
+        relay_key(e, sessions, buf);
     }
 }
 
-/// Relays what socket `key` has (2i: session i's client, 2i+1 its server).
-fn relay_key(key: u64, sessions: &mut [Option<(TcpStream, TcpStream)>], buf: &mut [u8]) {
+/// Relays what the event's socket has (key 2i: session i's client, 2i+1 its server).
+fn relay_key(e: &epoll::Event, sessions: &mut [Option<(TcpStream, TcpStream)>], buf: &mut [u8]) {
+    let key = e.data.u64();
+    // Its end came with its last bytes: read to the end, not only to a short read.
+    let ended = epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | epoll::EventFlags::ERR;
+    let flags = e.flags;
+    let closing = flags.intersects(ended);
     let idx = (key / 2) as usize;
     let Some((client, server)) = sessions.get(idx).and_then(|s| s.as_ref()) else {
         return;
@@ -161,7 +166,7 @@ fn relay_key(key: u64, sessions: &mut [Option<(TcpStream, TcpStream)>], buf: &mu
     } else {
         (server, client)
     };
-    if !copy_ready(src, dst, buf) {
+    if !copy_ready(src, dst, buf, closing) {
         // Dropping the sockets closes them, which takes them out of the set.
         sessions[idx] = None;
     }
@@ -185,12 +190,13 @@ fn epoll_relay(listener: TcpListener, backend: u16) -> Result<()> {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
-        for key in events.iter().map(|e| e.data.u64()) {
+        for e in &events {
+            let key = e.data.u64();
             if key == LISTENER {
                 accept_all(&listener, backend, &ep, &mut sessions)?;
                 continue;
             }
-            relay_key(key, &mut sessions, &mut buf);
+            relay_key(e, &mut sessions, &mut buf);
         }
     }
 }
@@ -242,8 +248,9 @@ fn add_session(
 }
 
 /// Copies what `src` has to `dst`; false when the session is over. A read shorter than the
-/// buffer emptied the socket (edge-triggered: a later arrival raises a new event).
-fn copy_ready(mut src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> bool {
+/// buffer emptied the socket (edge-triggered: a later arrival raises a new event), unless
+/// its end was already queued (`closing`): then no event comes for it, so it is read too.
+fn copy_ready(mut src: &TcpStream, dst: &TcpStream, buf: &mut [u8], closing: bool) -> bool {
     loop {
         let n = match src.read(buf) {
             Ok(0) => return false,
@@ -254,7 +261,7 @@ fn copy_ready(mut src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> bool {
         if !write_all_waiting(dst, &buf[..n]) {
             return false;
         }
-        if n < buf.len() {
+        if n < buf.len() && !closing {
             return true;
         }
     }
