@@ -465,7 +465,8 @@ async fn tick(quiet: &mut Option<Quiet>) {
     }
 }
 
-async fn wait_signal(signal: Option<&CancellationToken>) {
+/// Until `signal` (a drain's) comes; forever without one.
+pub(crate) async fn wait_signal(signal: Option<&CancellationToken>) {
     match signal {
         Some(s) => s.cancelled().await,
         None => std::future::pending().await,

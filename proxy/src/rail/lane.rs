@@ -66,14 +66,6 @@ impl Entry {
         }
     }
 
-    fn socks(&self, dir: usize) -> (&TcpStream, &TcpStream) {
-        socks(&self.s, dir)
-    }
-
-    fn drain(&self) -> Option<Drain<'_>> {
-        drain(&self.s)
-    }
-
     /// `side` (0 client, 1 server) is ready for something: what waits to be written to it
     /// goes, then what it has to read. `Some`: the session leaves the rail.
     fn on_ready(&mut self, side: usize, flags: epoll::EventFlags, buf: &mut [u8]) -> Option<End> {
@@ -98,7 +90,7 @@ impl Entry {
     /// written at once.
     fn flush(&mut self, dir: usize) -> Option<End> {
         let mut bytes = std::mem::take(&mut self.pending[dir]);
-        let off = match send_some(self.socks(dir).1, &bytes) {
+        let off = match send_some(socks(&self.s, dir).1, &bytes) {
             Ok(off) => off,
             Err(e) => return Some(self.error(dir, e)),
         };
@@ -117,7 +109,7 @@ impl Entry {
             if self.eof[dir] || !self.pending[dir].is_empty() || self.lost {
                 return None;
             }
-            let src = self.socks(dir).0;
+            let src = socks(&self.s, dir).0;
             let n = match rustix::net::recv(src, &mut *buf, rustix::net::RecvFlags::empty()) {
                 Ok((0, _)) => return self.at_eof(dir),
                 Ok((n, _)) => n,
@@ -128,7 +120,7 @@ impl Entry {
             };
             let (upto, lost) = track(&self.s, dir, &buf[..n]);
             self.lost |= lost;
-            let off = match send_some(self.socks(dir).1, &buf[..upto]) {
+            let off = match send_some(socks(&self.s, dir).1, &buf[..upto]) {
                 Ok(off) => off,
                 Err(e) => return Some(self.error(dir, e)),
             };
@@ -159,7 +151,7 @@ impl Entry {
         if dir != S2C {
             return None;
         }
-        let stop = self.drain()?.stop_after_chunk()?;
+        let stop = drain(&self.s)?.stop_after_chunk()?;
         if has_unread(&*self.s.client) {
             return None;
         }
@@ -183,7 +175,7 @@ impl Entry {
             return Some(End::ServerLost);
         }
         self.eof[dir] = true;
-        let (_, dst) = self.socks(dir);
+        let (_, dst) = socks(&self.s, dir);
         let _ = dst.shutdown(Shutdown::Write);
         match (self.eof[C2S], self.eof[S2C]) {
             (true, true) if dir == C2S => Some(End::ClientClosed),

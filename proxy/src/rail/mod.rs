@@ -234,12 +234,6 @@ async fn ride(
         };
     }
     let mut asking = AskBack(Some((rail, id)));
-    let wait_signal = async {
-        match signal {
-            Some(s) => s.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         biased;
         l = &mut left => {
@@ -247,7 +241,7 @@ async fn ride(
             return l.unwrap_or_else(|_| gone());
         }
         _ = token.cancelled() => {}
-        _ = wait_signal => {}
+        _ = crate::relay::wait_signal(signal) => {}
     }
     asking.ask();
     left.await.unwrap_or_else(|_| gone())

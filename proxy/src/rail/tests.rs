@@ -48,6 +48,12 @@ fn setup() -> Setup {
 }
 
 impl Setup {
+    /// The application's and the database's ends, for a test thread.
+    fn far(&self) -> (std::net::TcpStream, std::net::TcpStream) {
+        let dup = |s: &std::net::TcpStream| s.try_clone().expect("dup");
+        (dup(&self.app), dup(&self.db))
+    }
+
     fn session(&self, tx: Option<&Arc<Mutex<TxState>>>, movable: bool) -> Session {
         Session {
             client: self.client.clone(),
@@ -93,10 +99,7 @@ fn ready_idle() -> Vec<u8> {
 #[tokio::test]
 async fn bytes_go_both_ways_and_each_end_is_passed_on_as_a_half_close() {
     let t = setup();
-    let (mut app, mut db) = (
-        t.app.try_clone().expect("dup"),
-        t.db.try_clone().expect("dup"),
-    );
+    let (mut app, mut db) = t.far();
     let far = std::thread::spawn(move || {
         app.write_all(b"hello").expect("send");
         assert_eq!(read_exactly(&mut db, 5), b"hello");
@@ -135,10 +138,7 @@ async fn bytes_go_both_ways_and_each_end_is_passed_on_as_a_half_close() {
 #[tokio::test]
 async fn a_reader_slower_than_its_server_gets_every_byte_in_order() {
     let t = setup();
-    let (mut app, mut db) = (
-        t.app.try_clone().expect("dup"),
-        t.db.try_clone().expect("dup"),
-    );
+    let (mut app, mut db) = t.far();
     const LEN: usize = 16 << 20;
     let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
     let expect = data.clone();
@@ -165,10 +165,7 @@ async fn a_reader_slower_than_its_server_gets_every_byte_in_order() {
 async fn a_drain_takes_the_session_back_with_what_the_rail_still_held() {
     let t = setup();
     let tx = Arc::new(Mutex::new(TxState::new(Start::Startup, &[])));
-    let (mut app, mut db) = (
-        t.app.try_clone().expect("dup"),
-        t.db.try_clone().expect("dup"),
-    );
+    let (mut app, mut db) = t.far();
     let (token, signal) = (CancellationToken::new(), CancellationToken::new());
     let session = t.session(Some(&tx), false);
     let ride = ride_within(&t, session, &token, Some(&signal));
@@ -215,7 +212,7 @@ async fn a_drain_takes_the_session_back_with_what_the_rail_still_held() {
 async fn a_movable_sessions_server_end_leaves_its_client_open() {
     let t = setup();
     let tx = Arc::new(Mutex::new(TxState::new(Start::Startup, &[])));
-    let mut app = t.app.try_clone().expect("dup");
+    let (mut app, _) = t.far();
     t.db.shutdown(Shutdown::Both).expect("server goes away");
     let token = CancellationToken::new();
     let left = ride_within(&t, t.session(Some(&tx), true), &token, None).await;
@@ -232,10 +229,7 @@ async fn the_balancer_takes_a_session_at_its_transaction_boundary() {
     t.seats.threads[0]
         .quota
         .store(1, std::sync::atomic::Ordering::Release);
-    let (mut app, mut db) = (
-        t.app.try_clone().expect("dup"),
-        t.db.try_clone().expect("dup"),
-    );
+    let (mut app, mut db) = t.far();
     let far = std::thread::spawn(move || {
         // Inside a transaction first: no leave taken.
         db.write_all(&[b'Z', 0, 0, 0, 5, b'T']).expect("send");
@@ -271,10 +265,7 @@ fn a_socket_with_more_to_read_gives_up_its_turn_and_is_served_again() {
     socket2::SockRef::from(&*t.client)
         .set_send_buffer_size(8 << 20)
         .expect("sndbuf");
-    let (mut db, mut app) = (
-        t.db.try_clone().expect("dup"),
-        t.app.try_clone().expect("dup"),
-    );
+    let (mut app, mut db) = t.far();
     let total = 4 << 20;
     let writer = std::thread::spawn(move || db.write_all(&vec![7u8; total]).expect("send"));
     // Wait until more than a turn's worth is queued at the proxy's server socket.
